@@ -1,0 +1,76 @@
+//! The one record the kernel program sends per TCP state transition.
+
+/// `TransitionRecord::flags`: `dwell_ns` holds the time spent in `oldstate`. Unset on a first
+/// sighting (a socket created or accepted just now, or older than the tracer), where the stay
+/// is unknown; an unknown stay is never reported as 0.
+pub const FLAG_DWELL_KNOWN: u8 = 1 << 0;
+/// `TransitionRecord::flags`: `owner_tgid`/`owner_comm` name the process that owns the socket,
+/// captured at a transition that ran in that process's context (connect, listen, close).
+pub const FLAG_OWNER_KNOWN: u8 = 1 << 1;
+/// `TransitionRecord::flags`: the kernel skipped the main program for this event because it
+/// was already running on this CPU, and the standby program delivered it instead.
+pub const FLAG_RESCUED: u8 = 1 << 2;
+
+/// Address family values as the tracepoint reports them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+/// `protocol` values as the tracepoint reports them.
+pub const IPPROTO_TCP: u16 = 6;
+pub const IPPROTO_MPTCP: u16 = 262;
+
+/// One TCP state transition, as written by the kernel program into its ring-buffer slot.
+///
+/// Addresses are raw network-order bytes; an IPv4 address fills the first 4 bytes and the rest
+/// are zero. Ports are host byte order, as the tracepoint stores them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransitionRecord {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// The kernel address of the `struct sock`; unique while the socket lives, reused after CLOSE.
+    pub skaddr: u64,
+    /// Nanoseconds spent in `oldstate`, valid when `FLAG_DWELL_KNOWN` is set.
+    pub dwell_ns: u64,
+    /// Thread id of the task that was running when the transition happened (often unrelated
+    /// to the socket: many transitions run in softirq context).
+    pub pid: u32,
+    /// Process id (tgid) of that task.
+    pub tgid: u32,
+    /// Process id of the socket's owner, valid when `FLAG_OWNER_KNOWN` is set.
+    pub owner_tgid: u32,
+    /// Inode number of the socket's network namespace (0 when it could not be read).
+    pub netns: u32,
+    /// `comm` of the running task, NUL-padded.
+    pub comm: [u8; 16],
+    /// `comm` of the owner, NUL-padded, valid when `FLAG_OWNER_KNOWN` is set.
+    pub owner_comm: [u8; 16],
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub protocol: u16,
+    pub oldstate: u8,
+    pub newstate: u8,
+    pub flags: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Bytes of one record in the ring buffer (the kernel adds its own 8-byte header).
+pub const RECORD_SIZE: usize = 120;
+const _: () = assert!(size_of::<TransitionRecord>() == RECORD_SIZE);
+const _: () = assert!(align_of::<TransitionRecord>() == 8);
+
+impl TransitionRecord {
+    pub const fn dwell_known(&self) -> bool {
+        self.flags & FLAG_DWELL_KNOWN != 0
+    }
+
+    pub const fn owner_known(&self) -> bool {
+        self.flags & FLAG_OWNER_KNOWN != 0
+    }
+
+    pub const fn rescued(&self) -> bool {
+        self.flags & FLAG_RESCUED != 0
+    }
+}

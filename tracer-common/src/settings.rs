@@ -1,0 +1,128 @@
+//! Load-time settings, per-socket map values and per-CPU counters.
+
+/// Most ports a kernel-side port filter holds (`--port`, `--sport`, `--dport` each).
+pub const MAX_FILTER_PORTS: usize = 8;
+
+/// An offset that could not be resolved from the kernel's BTF: the program skips that read.
+pub const OFFSET_UNKNOWN: u32 = u32::MAX;
+
+/// Emission filter evaluated in the kernel. It only decides whether a record is sent: the
+/// per-socket state is tracked for every socket, so durations stay right for the ones shown.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelFilter {
+    /// Either side's port must be one of these (when `port_count > 0`).
+    pub ports: [u16; MAX_FILTER_PORTS],
+    /// The local port must be one of these (when `sport_count > 0`).
+    pub sports: [u16; MAX_FILTER_PORTS],
+    /// The remote port must be one of these (when `dport_count > 0`).
+    pub dports: [u16; MAX_FILTER_PORTS],
+    pub port_count: u8,
+    pub sport_count: u8,
+    pub dport_count: u8,
+    pub _pad: u8,
+    /// `AF_INET` or `AF_INET6` to keep only that family; 0 keeps both.
+    pub family: u16,
+    /// Bit `1 << state` set: keep transitions whose old or new state is that state; 0 keeps all.
+    pub state_mask: u16,
+}
+
+impl KernelFilter {
+    pub const ALL: Self = Self {
+        ports: [0; MAX_FILTER_PORTS],
+        sports: [0; MAX_FILTER_PORTS],
+        dports: [0; MAX_FILTER_PORTS],
+        port_count: 0,
+        sport_count: 0,
+        dport_count: 0,
+        _pad: 0,
+        family: 0,
+        state_mask: 0,
+    };
+}
+
+/// Settings the loader writes into the program's read-only globals before loading it, so one
+/// compiled object serves every configuration and the verifier prunes disabled branches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelSettings {
+    pub filter: KernelFilter,
+    /// 1: also trace MPTCP subflow-level sockets (protocol 262).
+    pub trace_mptcp: u8,
+    pub _pad: [u8; 3],
+    /// Offset of `sock_common.skc_net` (a `struct net *`) in `struct sock`, from BTF.
+    pub sk_net_offset: u32,
+    /// Offset of `net.ns.inum` in `struct net`, from BTF.
+    pub net_inum_offset: u32,
+    /// Offset of `task_struct.group_leader`, from BTF: the owner is named by its process's
+    /// main thread, as `ps` and `ss -p` do, not by the thread that made the call.
+    pub task_group_leader_offset: u32,
+    /// Offset of `task_struct.comm`, from BTF.
+    pub task_comm_offset: u32,
+    pub _pad2: u32,
+    /// 0: wake the reader for every record it has not caught up with (the kernel's default).
+    /// Otherwise: send records without a wakeup, and force one only when this many bytes are
+    /// waiting; the reader also polls on a timer. Saves a wakeup (and the interrupt nesting it
+    /// causes) per record at high rates.
+    pub wakeup_batch_bytes: u64,
+}
+
+impl KernelSettings {
+    pub const DEFAULT: Self = Self {
+        filter: KernelFilter::ALL,
+        trace_mptcp: 0,
+        _pad: [0; 3],
+        sk_net_offset: OFFSET_UNKNOWN,
+        net_inum_offset: OFFSET_UNKNOWN,
+        task_group_leader_offset: OFFSET_UNKNOWN,
+        task_comm_offset: OFFSET_UNKNOWN,
+        _pad2: 0,
+        wakeup_batch_bytes: 0,
+    };
+}
+
+const _: () = assert!(size_of::<KernelFilter>() == 56);
+const _: () = assert!(size_of::<KernelSettings>() == 88);
+
+/// Value of the per-socket LRU map, keyed by `skaddr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketState {
+    /// When the socket entered its current state (`bpf_ktime_get_ns`).
+    pub entered_ns: u64,
+    /// Owner's tgid, 0 while unknown.
+    pub owner_tgid: u32,
+    /// Network namespace inode, read once at first sighting.
+    pub netns: u32,
+    pub owner_comm: [u8; 16],
+}
+
+const _: () = assert!(size_of::<SocketState>() == 32);
+
+/// Per-CPU counters, one slot per program (`COUNTERS_MAIN`, `COUNTERS_STANDBY`), so a program
+/// interrupted on its CPU by the other never races on a counter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    /// Times the program ran, for any protocol.
+    pub seen: u64,
+    /// Of those, transitions of sockets that are not traced (not TCP, or MPTCP when disabled).
+    pub other_protocol: u64,
+    /// Records sent to the ring buffer.
+    pub emitted: u64,
+    /// Transitions that did not pass the kernel-side filter (not lost: not wanted).
+    pub filtered: u64,
+    /// Records that could not be reserved because the ring buffer was full: lost.
+    pub ringbuf_full: u64,
+    /// Per-socket map updates that failed: the record was sent, but the socket's next
+    /// transition will report an unknown duration and owner.
+    pub map_update_failed: u64,
+    /// Transitions seen with no map entry for a socket whose old state implies it existed
+    /// before (not a first sighting by creation or accept): socket older than the tracer, or
+    /// its entry was evicted from the LRU map, or its earlier transition was lost.
+    pub untracked_sightings: u64,
+}
+
+pub const COUNTERS_MAIN: u32 = 0;
+pub const COUNTERS_STANDBY: u32 = 1;
+pub const COUNTER_SLOTS: u32 = 2;
