@@ -1,0 +1,316 @@
+//! Turning one state transition into per-socket state and a ring-buffer record, whatever
+//! program (and so whatever source of fields) saw it.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
+    },
+};
+use tracer_common::{
+    KernelCounters, SocketState, TcpState, TransitionRecord,
+    record::{FLAG_DWELL_KNOWN, FLAG_OWNER_KNOWN, IPPROTO_MPTCP, IPPROTO_TCP, RECORD_SIZE},
+    settings::{KernelFilter, MAX_FILTER_PORTS, OFFSET_UNKNOWN},
+};
+
+use aya_log_ebpf::warn;
+
+use crate::{COUNTERS, EVENTS, SETTINGS, SOCKETS};
+
+/// Highest state number this build knows (`TCP_NEW_SYN_RECV`).
+const MAX_STATE: i32 = TcpState::NewSynRecv as i32;
+
+/// Reads one field of the read-only `SETTINGS` global. A volatile read keeps the compiler from
+/// folding in the compiled default; the verifier still sees the loaded (frozen) value.
+macro_rules! setting {
+    ($($field:ident).+) => {
+        // SAFETY: `SETTINGS` is a plain-data static; the loader fills it before load.
+        unsafe { core::ptr::read_volatile(&raw const SETTINGS.$($field).+) }
+    };
+}
+
+/// Where a program gets a transition's fields from.
+pub trait Transition {
+    fn protocol(&self) -> u16;
+    fn skaddr(&self) -> u64;
+    /// (old, new) as the kernel numbers them.
+    fn states(&self) -> (i32, i32);
+    /// (local, remote), host byte order.
+    fn ports(&self) -> (u16, u16);
+    fn family(&self) -> u16;
+    /// (local, remote) as raw network-order bytes packed in two u64s; IPv4 in the first 4 bytes.
+    fn addresses(&self, family: u16) -> ([u64; 2], [u64; 2]);
+}
+
+const CLOSE: u8 = TcpState::Close as u8;
+const LISTEN: u8 = TcpState::Listen as u8;
+
+/// The socket is new to the kernel here: created (CLOSE -> SYN_SENT by connect, CLOSE -> LISTEN
+/// by listen) or cloned from a listener on accept (LISTEN -> SYN_RECV). It has no earlier stay,
+/// and a map entry under its address belongs to a previous socket whose CLOSE was missed.
+#[inline(always)]
+fn is_creation(old: u8, new: u8) -> bool {
+    old == CLOSE || (old == LISTEN && new == TcpState::SynRecv as u8)
+}
+
+/// Transitions that only run in a system call of the process holding the socket (connect,
+/// listen, close, shutdown), never in softirq: the running task is the owner.
+#[inline(always)]
+fn runs_in_owner_context(old: u8, new: u8) -> bool {
+    const ESTABLISHED: u8 = TcpState::Established as u8;
+    const SYN_SENT: u8 = TcpState::SynSent as u8;
+    const FIN_WAIT1: u8 = TcpState::FinWait1 as u8;
+    const CLOSE_WAIT: u8 = TcpState::CloseWait as u8;
+    const LAST_ACK: u8 = TcpState::LastAck as u8;
+    matches!(
+        (old, new),
+        (CLOSE, SYN_SENT)
+            | (CLOSE, LISTEN)
+            | (LISTEN, CLOSE)
+            | (ESTABLISHED, FIN_WAIT1)
+            | (CLOSE_WAIT, LAST_ACK)
+    )
+}
+
+#[inline(always)]
+pub fn handle_transition<C: EbpfContext, T: Transition>(
+    ctx: &C,
+    source: &T,
+    counter_slot: u32,
+    record_flags: u8,
+) {
+    let Some(counters) = COUNTERS.get_ptr_mut(counter_slot) else {
+        return;
+    };
+    // SAFETY: a per-CPU slot of this program; the kernel never runs this program nested on one
+    // CPU, and the other program has its own slot.
+    let counters = unsafe { &mut *counters };
+    counters.seen += 1;
+    let protocol = source.protocol();
+    if protocol != IPPROTO_TCP && !(protocol == IPPROTO_MPTCP && setting!(trace_mptcp) != 0) {
+        counters.other_protocol += 1;
+        return;
+    }
+
+    let skaddr = source.skaddr();
+    let (old, new) = source.states();
+    if !(1..=MAX_STATE).contains(&old) || !(1..=MAX_STATE).contains(&new) {
+        // Delivered anyway, with the raw numbers; userspace shows them as STATE_<n>.
+        warn!(
+            ctx,
+            "unexpected TCP state numbers {} -> {}: is this kernel newer than tcpstate?", old, new
+        );
+    }
+    let (old, new) = (old as u8, new as u8);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+
+    let tracked = track_socket(skaddr, old, new, now, tgid, &comm, counters);
+
+    let (sport, dport) = source.ports();
+    let family = source.family();
+    if !passes(&setting!(filter), family, sport, dport, old, new) {
+        counters.filtered += 1;
+        return;
+    }
+    let Some(mut slot) = EVENTS.reserve::<TransitionRecord>(0) else {
+        counters.ringbuf_full += 1;
+        return;
+    };
+    let (saddr, daddr) = source.addresses(family);
+    // SAFETY: the slot is `size_of::<TransitionRecord>()` bytes reserved for us, 8-aligned.
+    unsafe {
+        slot.as_mut_ptr().write(TransitionRecord {
+            ts_ns: now,
+            skaddr,
+            dwell_ns: tracked.dwell_ns,
+            pid: pid_tgid as u32,
+            tgid,
+            owner_tgid: tracked.owner_tgid,
+            netns: tracked.netns,
+            comm,
+            owner_comm: tracked.owner_comm,
+            saddr: core::mem::transmute::<[u64; 2], [u8; 16]>(saddr),
+            daddr: core::mem::transmute::<[u64; 2], [u8; 16]>(daddr),
+            sport,
+            dport,
+            family,
+            protocol,
+            oldstate: old,
+            newstate: new,
+            flags: tracked.flags | record_flags,
+            _pad: [0; 5],
+        });
+    }
+    slot.submit(wakeup_flags());
+    counters.emitted += 1;
+}
+
+/// What the per-socket map knows about a transition's socket.
+struct Tracked {
+    dwell_ns: u64,
+    owner_tgid: u32,
+    netns: u32,
+    owner_comm: [u8; 16],
+    flags: u8,
+}
+
+/// Updates the socket's map entry for this transition and returns what the record reports.
+#[inline(always)]
+fn track_socket(
+    skaddr: u64,
+    old: u8,
+    new: u8,
+    now: u64,
+    tgid: u32,
+    comm: &[u8; 16],
+    counters: &mut KernelCounters,
+) -> Tracked {
+    let creation = is_creation(old, new);
+    let owner_context = runs_in_owner_context(old, new);
+    let process_comm = if owner_context { process_comm(comm) } else { *comm };
+    let existing = if creation { None } else { SOCKETS.get_ptr_mut(skaddr) };
+    let mut tracked = match existing {
+        Some(entry) => {
+            // SAFETY: a live value of the map; the socket lock serializes its transitions.
+            let entry = unsafe { &mut *entry };
+            if owner_context {
+                entry.owner_tgid = tgid;
+                entry.owner_comm = process_comm;
+            }
+            let tracked = Tracked {
+                dwell_ns: now.saturating_sub(entry.entered_ns),
+                owner_tgid: entry.owner_tgid,
+                netns: entry.netns,
+                owner_comm: entry.owner_comm,
+                flags: FLAG_DWELL_KNOWN,
+            };
+            if new == CLOSE {
+                // The kernel reuses the address for a later socket.
+                let _ = SOCKETS.remove(skaddr);
+            } else {
+                entry.entered_ns = now;
+            }
+            tracked
+        }
+        None => {
+            if !creation {
+                counters.untracked_sightings += 1;
+            }
+            let (owner_tgid, owner_comm) =
+                if owner_context { (tgid, process_comm) } else { (0, [0; 16]) };
+            let tracked = Tracked {
+                dwell_ns: 0,
+                owner_tgid,
+                netns: read_netns(skaddr),
+                owner_comm,
+                flags: 0,
+            };
+            if new != CLOSE {
+                let entry =
+                    SocketState { entered_ns: now, owner_tgid, netns: tracked.netns, owner_comm };
+                if SOCKETS.insert(skaddr, entry, 0).is_err() {
+                    counters.map_update_failed += 1;
+                }
+            }
+            tracked
+        }
+    };
+    if tracked.owner_tgid != 0 {
+        tracked.flags |= FLAG_OWNER_KNOWN;
+    }
+    tracked
+}
+
+/// The socket's network namespace inode (`sk->__sk_common.skc_net.net->ns.inum`), with the
+/// offsets the loader resolved from the kernel's BTF; 0 when they are unknown.
+#[inline(always)]
+fn read_netns(skaddr: u64) -> u32 {
+    let sk_net = setting!(sk_net_offset);
+    let inum = setting!(net_inum_offset);
+    if sk_net == OFFSET_UNKNOWN || inum == OFFSET_UNKNOWN {
+        return 0;
+    }
+    // SAFETY: probe reads fault safely on a bad address.
+    let net: u64 =
+        unsafe { bpf_probe_read_kernel((skaddr + u64::from(sk_net)) as *const u64) }.unwrap_or(0);
+    if net == 0 {
+        return 0;
+    }
+    unsafe { bpf_probe_read_kernel((net + u64::from(inum)) as *const u32) }.unwrap_or(0)
+}
+
+/// `comm` of the current process's main thread (`current->group_leader->comm`); the calling
+/// thread's `comm` when the offsets are unknown or the read fails.
+#[inline(always)]
+fn process_comm(thread_comm: &[u8; 16]) -> [u8; 16] {
+    let leader_offset = setting!(task_group_leader_offset);
+    let comm_offset = setting!(task_comm_offset);
+    if leader_offset == OFFSET_UNKNOWN || comm_offset == OFFSET_UNKNOWN {
+        return *thread_comm;
+    }
+    // SAFETY: probe reads fault safely on a bad address.
+    let task = unsafe { bpf_get_current_task() };
+    let Ok(leader) =
+        (unsafe { bpf_probe_read_kernel((task + u64::from(leader_offset)) as *const u64) })
+    else {
+        return *thread_comm;
+    };
+    unsafe { bpf_probe_read_kernel((leader + u64::from(comm_offset)) as *const [u8; 16]) }
+        .unwrap_or(*thread_comm)
+}
+
+#[inline(always)]
+fn passes(filter: &KernelFilter, family: u16, sport: u16, dport: u16, old: u8, new: u8) -> bool {
+    if filter.family != 0 && filter.family != family {
+        return false;
+    }
+    if filter.state_mask != 0 {
+        let states = (1u32 << (old & 15)) | (1u32 << (new & 15));
+        if u32::from(filter.state_mask) & states == 0 {
+            return false;
+        }
+    }
+    (filter.port_count == 0 || any_port(&filter.ports, filter.port_count, sport, dport))
+        && (filter.sport_count == 0 || any_port(&filter.sports, filter.sport_count, sport, sport))
+        && (filter.dport_count == 0 || any_port(&filter.dports, filter.dport_count, dport, dport))
+}
+
+#[inline(always)]
+fn any_port(ports: &[u16; MAX_FILTER_PORTS], count: u8, a: u16, b: u16) -> bool {
+    let mut i = 0;
+    while i < MAX_FILTER_PORTS {
+        if i >= usize::from(count) {
+            return false;
+        }
+        if ports[i] == a || ports[i] == b {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Records go out without a wakeup unless `wakeup_batch_bytes` are waiting: the reader drains
+/// on a timer anyway, and a wakeup per record costs an interrupt that can nest network
+/// processing (and so another transition) inside this program.
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    /// A few records' worth: several CPUs crossing the threshold at once each may wake.
+    const WINDOW: u64 = 4 * (RECORD_SIZE as u64 + 8);
+    let batch = setting!(wakeup_batch_bytes);
+    if batch == 0 {
+        return 0;
+    }
+    let waiting = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+    // `batch` is a power of two: wake each time the backlog crosses a multiple of it.
+    if waiting >= batch && waiting & (batch - 1) < WINDOW {
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
+    }
+}
