@@ -1,0 +1,14 @@
+//! tcpstate: TCP state transitions from the kernel tracepoint `sock:inet_sock_set_state`,
+//! streamed live (`watch`).
+//!
+//! Data flows one way: the kernel program (`tracer-ebpf`) writes one record per transition to
+//! a BPF ring buffer; [`probe`] loads and attaches it, [`reader`] drains the ring in batches,
+//! and the commands consume the records.
+
+pub mod cli;
+pub mod clock;
+pub mod event;
+pub mod probe;
+pub mod reader;
+pub mod signals;
+pub mod watch;

@@ -1,0 +1,160 @@
+//! Struct member offsets from the running kernel's BTF, for the few kernel structures the
+//! program reads beyond the tracepoint record (a socket's network namespace).
+//!
+//! Rust eBPF programs get no CO-RE relocations, so the loader resolves offsets here and hands
+//! them to the program as read-only globals.
+
+use std::path::Path;
+
+use btf_rs::{Btf, Type};
+use thiserror::Error;
+
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, Error)]
+pub enum BtfError {
+    #[error(
+        "cannot read the kernel's BTF at {VMLINUX_BTF}: {0}. tcpstate needs a kernel built with \
+         CONFIG_DEBUG_INFO_BTF=y (standard on current distributions)"
+    )]
+    Unavailable(String),
+    #[error("kernel BTF has no `{path}` in struct {type_name}: {reason}")]
+    NoMember { type_name: String, path: String, reason: String },
+}
+
+/// The kernel's type information.
+pub struct KernelBtf(Btf);
+
+impl KernelBtf {
+    pub fn load() -> Result<Self, BtfError> {
+        Self::from_file(Path::new(VMLINUX_BTF))
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, BtfError> {
+        Btf::from_file(path).map(Self).map_err(|error| BtfError::Unavailable(error.to_string()))
+    }
+
+    /// Byte offset of `path` (dot-separated members, e.g. `__sk_common.skc_net`) in struct
+    /// `type_name`. Anonymous structs and unions along the way are searched as C does.
+    pub fn offset_of(&self, type_name: &str, path: &str) -> Result<u32, BtfError> {
+        let no_member = |reason: String| BtfError::NoMember {
+            type_name: type_name.to_owned(),
+            path: path.to_owned(),
+            reason,
+        };
+        let mut current = self
+            .0
+            .resolve_types_by_name(type_name)
+            .map_err(|e| no_member(e.to_string()))?
+            .into_iter()
+            .find(|ty| matches!(ty, Type::Struct(_)))
+            .ok_or_else(|| no_member("no such struct".to_owned()))?;
+        let mut bits = 0;
+        for name in path.split('.') {
+            let (member_bits, member_type) = self
+                .find_member(&current, name, 0)
+                .ok_or_else(|| no_member(format!("no member `{name}`")))?;
+            bits += member_bits;
+            current = member_type;
+        }
+        if bits % 8 != 0 {
+            return Err(no_member("a bitfield, not byte-addressable".to_owned()));
+        }
+        Ok(bits / 8)
+    }
+
+    /// Finds member `name` in the struct or union `ty`, descending into anonymous members.
+    /// Returns its bit offset from the start of `ty` and its type with typedefs and
+    /// qualifiers stripped.
+    fn find_member(&self, ty: &Type, name: &str, depth: usize) -> Option<(u32, Type)> {
+        const MAX_ANONYMOUS_NESTING: usize = 8;
+        let (Type::Struct(st) | Type::Union(st)) = self.strip(ty.clone())? else {
+            return None;
+        };
+        for member in &st.members {
+            let member_name = self.0.resolve_name(member).unwrap_or_default();
+            let member_type = self.strip(self.0.resolve_chained_type(member).ok()?)?;
+            if member_name == name {
+                return Some((member.bit_offset(), member_type));
+            }
+            if member_name.is_empty()
+                && depth < MAX_ANONYMOUS_NESTING
+                && let Some((inner, found)) = self.find_member(&member_type, name, depth + 1)
+            {
+                return Some((member.bit_offset() + inner, found));
+            }
+        }
+        None
+    }
+
+    /// Follows typedefs, const, volatile and type tags to the underlying type.
+    fn strip(&self, mut ty: Type) -> Option<Type> {
+        for _ in 0..16 {
+            match &ty {
+                Type::Typedef(t) => ty = self.0.resolve_chained_type(t).ok()?,
+                Type::Const(t) => ty = self.0.resolve_chained_type(t).ok()?,
+                Type::Volatile(t) => ty = self.0.resolve_chained_type(t).ok()?,
+                Type::TypeTag(t) => ty = self.0.resolve_chained_type(t).ok()?,
+                Type::Restrict(t) => ty = self.0.resolve_chained_type(t).ok()?,
+                _ => return Some(ty),
+            }
+        }
+        None
+    }
+}
+
+/// Offsets the program needs to read a socket's network namespace inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetnsOffsets {
+    /// `struct sock` → `__sk_common.skc_net.net` (a `struct net *`).
+    pub sk_net: u32,
+    /// `struct net` → `ns.inum`.
+    pub net_inum: u32,
+}
+
+impl NetnsOffsets {
+    pub fn resolve(btf: &KernelBtf) -> Result<Self, BtfError> {
+        Ok(Self {
+            sk_net: btf.offset_of("sock", "__sk_common.skc_net.net")?,
+            net_inum: btf.offset_of("net", "ns.inum")?,
+        })
+    }
+}
+
+/// Offsets the program needs to name a process by its main thread's `comm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskOffsets {
+    pub group_leader: u32,
+    pub comm: u32,
+}
+
+impl TaskOffsets {
+    pub fn resolve(btf: &KernelBtf) -> Result<Self, BtfError> {
+        Ok(Self {
+            group_leader: btf.offset_of("task_struct", "group_leader")?,
+            comm: btf.offset_of("task_struct", "comm")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads this machine's kernel BTF: the offsets must be where `struct sock` and `struct
+    /// net` put them, and a wrong path must be an error naming it.
+    #[test]
+    fn resolves_socket_namespace_offsets_from_running_kernel() {
+        let btf = match KernelBtf::load() {
+            Ok(btf) => btf,
+            Err(error) => panic!("this test needs the kernel's BTF: {error}"),
+        };
+        let offsets = NetnsOffsets::resolve(&btf).expect("netns offsets");
+        // skc_net follows the 4-tuple, family, state, flags and hash fields in sock_common.
+        assert!(offsets.sk_net >= 40 && offsets.sk_net < 136, "{offsets:?}");
+        assert_eq!(offsets.sk_net % 8, 0, "a pointer is 8-aligned: {offsets:?}");
+        assert_eq!(btf.offset_of("sock_common", "skc_family").unwrap(), 16);
+        let error = btf.offset_of("sock", "__sk_common.no_such_member").unwrap_err();
+        assert!(error.to_string().contains("no_such_member"), "{error}");
+    }
+}

@@ -1,0 +1,332 @@
+//! Loading and attaching the kernel program, and reading what it counts.
+//!
+//! `Probe::attach` runs every check that can fail with a useful message before the kernel is
+//! involved (privileges, kernel version, tracefs, the tracepoint's layout, BTF), then loads the
+//! embedded eBPF object with the run's settings and attaches it.
+
+pub mod btf;
+pub mod format;
+pub mod preflight;
+pub mod stats;
+
+use std::{fs, io, os::fd::AsFd as _, path::PathBuf};
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{MapData, MapError, PerCpuArray, RingBuf},
+    programs::{ProgramError, TracePoint},
+};
+use thiserror::Error;
+use tracer_common::{
+    KernelCounters, KernelSettings,
+    settings::{COUNTERS_MAIN, COUNTERS_STANDBY, KernelFilter},
+    tracepoint,
+};
+
+use self::{
+    btf::{BtfError, KernelBtf, NetnsOffsets, TaskOffsets},
+    format::FormatMismatch,
+    preflight::PreflightError,
+    stats::ProgramStats,
+};
+
+/// The kernel program, built by `build.rs` and embedded: one binary to ship.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+
+const MAIN_PROGRAM: &str = "inet_sock_set_state";
+
+/// Settings of one probe instance.
+#[derive(Debug, Clone)]
+pub struct ProbeOptions {
+    /// Ring-buffer size in bytes: a power of two, at least one page.
+    pub ring_bytes: u32,
+    /// Capacity of the kernel's per-socket LRU map.
+    pub socket_map_entries: u32,
+    pub trace_mptcp: bool,
+    pub filter: KernelFilter,
+    /// See `KernelSettings::wakeup_batch_bytes`; rounded down to a power of two. `None`: an
+    /// eighth of the ring, so the reader wakes well before the ring fills.
+    pub wakeup_batch_bytes: Option<u64>,
+    /// Read the tracepoint's layout from this file instead of tracefs (for tests).
+    pub format_file: Option<PathBuf>,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        Self {
+            ring_bytes: 4 << 20,
+            socket_map_entries: 1 << 18,
+            trace_mptcp: false,
+            filter: KernelFilter::ALL,
+            wakeup_batch_bytes: None,
+            format_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error(
+        "the kernel has no tracepoint {}:{} (reading {path}: {source}); tcpstate needs Linux 4.16 \
+         or newer with CONFIG_NET and tracepoints enabled",
+        tracepoint::CATEGORY,
+        tracepoint::NAME
+    )]
+    TracepointMissing { path: String, source: io::Error },
+    #[error(
+        "refusing to attach: {0}. tcpstate would decode garbage on this kernel; please report \
+         the output of `uname -r` and that format file"
+    )]
+    FormatMismatch(FormatMismatch),
+    #[error("loading the eBPF object failed")]
+    Load(#[source] EbpfError),
+    #[error("the kernel rejected program `{program}`")]
+    LoadProgram {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching `{program}` to {target} failed")]
+    Attach {
+        program: &'static str,
+        target: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map `{map}` of the eBPF object: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error(
+        "eBPF object has no `{0}`: the object and the binary were built from different sources"
+    )]
+    Missing(&'static str),
+    #[error("reading the kernel's statistics of program `{program}`")]
+    Stats {
+        program: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What the kernel side delivered and what it could not, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Delivery {
+    /// Transitions of traced sockets the program handled (before filtering).
+    pub handled: u64,
+    /// Records sent to the ring buffer.
+    pub emitted: u64,
+    /// Transitions the kernel-side filter dropped on purpose.
+    pub filtered: u64,
+    /// Lost: no room in the ring buffer.
+    pub ringbuf_full: u64,
+    /// Lost: the kernel skipped the program (already running on that CPU) and no standby
+    /// program delivered the transition. An upper bound: it also counts untraced protocols.
+    pub recursion_misses: u64,
+    /// Transitions the standby program delivered after the kernel skipped the main one.
+    pub rescued: u64,
+    /// Not lost, but degraded: the per-socket map could not take an entry, so that socket's
+    /// next transition has no duration or owner.
+    pub map_update_failed: u64,
+    /// Transitions of sockets the map did not know (older than the probe, evicted, or whose
+    /// earlier transition was lost).
+    pub untracked_sightings: u64,
+}
+
+impl Delivery {
+    /// Transitions that were not delivered, whatever the cause.
+    pub fn lost(&self) -> u64 {
+        self.ringbuf_full + self.recursion_misses
+    }
+}
+
+/// The attached kernel program and its maps. Dropping it detaches the program.
+pub struct Probe {
+    ebpf: Ebpf,
+    counters: PerCpuArray<MapData, KernelCounters>,
+    ring: Option<RingBuf<MapData>>,
+}
+
+impl Probe {
+    /// Checks the host, loads the program with `options` and attaches it.
+    pub fn attach(options: &ProbeOptions) -> Result<Self, ProbeError> {
+        preflight::check_privileges()?;
+        let kernel = preflight::check_kernel_version()?;
+        let tracefs = preflight::ensure_tracefs()?;
+        let format_path = options.format_file.clone().unwrap_or_else(|| {
+            tracefs.join("events").join(tracepoint::CATEGORY).join(tracepoint::NAME).join("format")
+        });
+        let format_text = fs::read_to_string(&format_path).map_err(|source| {
+            ProbeError::TracepointMissing { path: format_path.display().to_string(), source }
+        })?;
+        format::check(&format_text).map_err(ProbeError::FormatMismatch)?;
+        let btf = KernelBtf::load()?;
+        let netns = NetnsOffsets::resolve(&btf)?;
+        let task = TaskOffsets::resolve(&btf)?;
+        drop(btf);
+        preflight::raise_memlock_if_needed(kernel);
+
+        let settings = KernelSettings {
+            filter: options.filter,
+            trace_mptcp: u8::from(options.trace_mptcp),
+            sk_net_offset: netns.sk_net,
+            net_inum_offset: netns.net_inum,
+            task_group_leader_offset: task.group_leader,
+            task_comm_offset: task.comm,
+            wakeup_batch_bytes: power_of_two_floor(
+                options.wakeup_batch_bytes.unwrap_or(u64::from(options.ring_bytes) / 8),
+            ),
+            ..KernelSettings::DEFAULT
+        };
+        let mut ebpf = EbpfLoader::new()
+            .override_global("SETTINGS", &settings, true)
+            .map_max_entries("EVENTS", options.ring_bytes)
+            .map_max_entries("SOCKETS", options.socket_map_entries)
+            .load(EBPF_OBJECT)
+            .map_err(ProbeError::Load)?;
+        forward_kernel_logs(&mut ebpf);
+
+        let program: &mut TracePoint = ebpf
+            .program_mut(MAIN_PROGRAM)
+            .ok_or(ProbeError::Missing(MAIN_PROGRAM))?
+            .try_into()
+            .map_err(|source| ProbeError::LoadProgram { program: MAIN_PROGRAM, source })?;
+        program
+            .load()
+            .map_err(|source| ProbeError::LoadProgram { program: MAIN_PROGRAM, source })?;
+        program.attach(tracepoint::CATEGORY, tracepoint::NAME).map_err(|source| {
+            ProbeError::Attach {
+                program: MAIN_PROGRAM,
+                target: format!("tracepoint {}:{}", tracepoint::CATEGORY, tracepoint::NAME),
+                source,
+            }
+        })?;
+
+        log::info!(
+            "attached to tracepoint {}:{} (ring buffer {} KiB, {} kernel socket slots)",
+            tracepoint::CATEGORY,
+            tracepoint::NAME,
+            options.ring_bytes >> 10,
+            options.socket_map_entries
+        );
+        let ring = take_map(&mut ebpf, "EVENTS", RingBuf::try_from)?;
+        let counters = take_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?;
+        Ok(Self { ebpf, counters, ring: Some(ring) })
+    }
+
+    /// The ring buffer the program writes records to; can be taken once.
+    pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
+        self.ring.take()
+    }
+
+    /// Reads the per-CPU counters and the kernel's recursion misses.
+    pub fn delivery(&self) -> Result<Delivery, ProbeError> {
+        let sum = |slot: u32| -> Result<KernelCounters, ProbeError> {
+            let per_cpu = self
+                .counters
+                .get(&slot, 0)
+                .map_err(|source| ProbeError::Map { map: "COUNTERS", source })?;
+            Ok(per_cpu.iter().fold(KernelCounters::default(), add_counters))
+        };
+        let main = sum(COUNTERS_MAIN)?;
+        let standby = sum(COUNTERS_STANDBY)?;
+        let misses = self.main_stats()?.recursion_misses;
+        Ok(Delivery {
+            handled: main.seen - main.other_protocol + standby.seen - standby.other_protocol,
+            emitted: main.emitted + standby.emitted,
+            filtered: main.filtered + standby.filtered,
+            ringbuf_full: main.ringbuf_full + standby.ringbuf_full,
+            recursion_misses: misses.saturating_sub(standby.seen),
+            rescued: standby.seen - standby.other_protocol,
+            map_update_failed: main.map_update_failed + standby.map_update_failed,
+            untracked_sightings: main.untracked_sightings + standby.untracked_sightings,
+        })
+    }
+
+    /// The kernel's statistics of the main program.
+    pub fn main_stats(&self) -> Result<ProgramStats, ProbeError> {
+        let stats_error = |source| ProbeError::Stats { program: MAIN_PROGRAM, source };
+        let program = self.ebpf.program(MAIN_PROGRAM).ok_or(ProbeError::Missing(MAIN_PROGRAM))?;
+        let fd = program.fd().map_err(|e| stats_error(io::Error::other(e.to_string())))?;
+        stats::program_stats(fd.as_fd()).map_err(stats_error)
+    }
+}
+
+fn take_map<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    convert: impl FnOnce(aya::maps::Map) -> Result<T, MapError>,
+) -> Result<T, ProbeError> {
+    let map = ebpf.take_map(name).ok_or(ProbeError::Missing(name))?;
+    convert(map).map_err(|source| ProbeError::Map { map: name, source })
+}
+
+fn add_counters(total: KernelCounters, cpu: &KernelCounters) -> KernelCounters {
+    let KernelCounters {
+        seen,
+        other_protocol,
+        emitted,
+        filtered,
+        ringbuf_full,
+        map_update_failed,
+        untracked_sightings,
+    } = *cpu;
+    KernelCounters {
+        seen: total.seen + seen,
+        other_protocol: total.other_protocol + other_protocol,
+        emitted: total.emitted + emitted,
+        filtered: total.filtered + filtered,
+        ringbuf_full: total.ringbuf_full + ringbuf_full,
+        map_update_failed: total.map_update_failed + map_update_failed,
+        untracked_sightings: total.untracked_sightings + untracked_sightings,
+    }
+}
+
+/// The kernel program checks the backlog against this with a mask.
+fn power_of_two_floor(value: u64) -> u64 {
+    if value == 0 { 0 } else { 1 << (63 - value.leading_zeros()) }
+}
+
+/// Kernel-side `warn!` lines (an unexpected kernel) go to this process's log, when a tokio
+/// runtime is there to poll them.
+fn forward_kernel_logs(ebpf: &mut Ebpf) {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return;
+    }
+    match aya_log::EbpfLogger::init(ebpf) {
+        // SAFETY: the logger owns its ring-buffer fd for as long as the AsyncFd holds it.
+        Ok(logger) => match unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        } {
+            Ok(mut logger) => {
+                tokio::spawn(async move {
+                    while let Ok(mut guard) = logger.readable_mut().await {
+                        guard.get_inner_mut().flush();
+                        guard.clear_ready();
+                    }
+                });
+            }
+            Err(error) => log::debug!("kernel log forwarding unavailable: {error}"),
+        },
+        Err(error) => log::debug!("kernel log forwarding unavailable: {error}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wakeup_batch_rounds_down_to_power_of_two() {
+        assert_eq!(power_of_two_floor(0), 0);
+        assert_eq!(power_of_two_floor(1), 1);
+        assert_eq!(power_of_two_floor(300_000), 262_144);
+        assert_eq!(power_of_two_floor(262_144), 262_144);
+    }
+}

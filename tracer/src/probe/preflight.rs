@@ -1,0 +1,147 @@
+//! Checks and fixes before loading: privileges, kernel version, tracefs, memlock. Each failure
+//! says what is wrong and what to do about it.
+
+use std::{
+    ffi::CString,
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use thiserror::Error;
+
+/// Where tracefs is normally mounted, and where an older layout exposes it.
+const TRACEFS_MOUNTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+
+#[derive(Debug, Error)]
+pub enum PreflightError {
+    #[error(
+        "tcpstate needs root, or the capabilities CAP_BPF and CAP_PERFMON (missing: {missing}). \
+         Run it with sudo, or grant them: setcap cap_bpf,cap_perfmon,cap_net_admin,cap_sys_admin+ep \
+         \"$(command -v tcpstate)\""
+    )]
+    NotPermitted { missing: String },
+    #[error("kernel {release} is too old: tcpstate needs the BPF ring buffer (Linux 5.8 or newer)")]
+    KernelTooOld { release: String },
+    #[error(
+        "tracefs is not mounted and mounting it at {path} failed ({source}). Mount it yourself: \
+         mount -t tracefs nodev /sys/kernel/tracing"
+    )]
+    TracefsMount { path: String, source: io::Error },
+}
+
+/// Linux capability numbers (`include/uapi/linux/capability.h`).
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Effective capabilities of this process, from `/proc/self/status`.
+fn effective_capabilities() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("CapEff:").map(str::trim).map(str::to_owned))
+        })
+        .and_then(|hex| u64::from_str_radix(&hex, 16).ok())
+        .unwrap_or(0)
+}
+
+/// Loading and attaching a tracing program needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN,
+/// which implies both on kernels before 5.8 split them out).
+pub fn check_privileges() -> Result<(), PreflightError> {
+    let caps = effective_capabilities();
+    let has = |cap: u32| caps & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return Ok(());
+    }
+    let missing: Vec<_> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|&(cap, _)| !has(cap))
+        .map(|(_, name)| name)
+        .collect();
+    Err(PreflightError::NotPermitted { missing: missing.join(", ") })
+}
+
+/// The running kernel's release string and (major, minor).
+pub fn kernel_release() -> (String, (u32, u32)) {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let version = parse_release(&release).unwrap_or((0, 0));
+    (release, version)
+}
+
+fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+pub fn check_kernel_version() -> Result<(u32, u32), PreflightError> {
+    let (release, version) = kernel_release();
+    if version < (5, 8) {
+        return Err(PreflightError::KernelTooOld { release });
+    }
+    Ok(version)
+}
+
+fn is_mounted(path: &Path) -> bool {
+    path.join("events").is_dir()
+}
+
+/// Finds tracefs (aya reads tracepoint ids from it), mounting it where it is not mounted:
+/// on some distributions nothing mounts it at boot.
+pub fn ensure_tracefs() -> Result<PathBuf, PreflightError> {
+    if let Some(found) = TRACEFS_MOUNTS.iter().map(Path::new).find(|p| is_mounted(p)) {
+        return Ok(found.to_path_buf());
+    }
+    let target = Path::new(TRACEFS_MOUNTS[0]);
+    let c = |s: &str| CString::new(s).expect("no NUL in constant");
+    let target_c = c(TRACEFS_MOUNTS[0]);
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
+    let ret = unsafe {
+        libc::mount(
+            c("nodev").as_ptr(),
+            target_c.as_ptr(),
+            c("tracefs").as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if ret != 0 {
+        return Err(PreflightError::TracefsMount {
+            path: target.display().to_string(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    log::info!("mounted tracefs at {}", target.display());
+    Ok(target.to_path_buf())
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK instead of the memory cgroup; the
+/// default limit is too small for the ring buffer there.
+pub fn raise_memlock_if_needed(kernel: (u32, u32)) {
+    if kernel >= (5, 11) {
+        return;
+    }
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: a valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        log::warn!(
+            "could not raise RLIMIT_MEMLOCK ({}); loading may fail with EPERM on this kernel",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kernel_releases() {
+        assert_eq!(parse_release("6.18.44-fc-v595"), Some((6, 18)));
+        assert_eq!(parse_release("5.4.0-150-generic"), Some((5, 4)));
+        assert_eq!(parse_release("garbage"), None);
+    }
+}

@@ -1,0 +1,68 @@
+//! Draining the ring buffer: woken by the kernel when a batch is waiting, and on a timer for
+//! the records that arrived without a wakeup.
+
+use std::{io, time::Duration};
+
+use aya::maps::{MapData, RingBuf};
+use tokio::io::unix::AsyncFd;
+use tracer_common::{DecodeError, TransitionRecord};
+
+/// Reads records from the probe's ring buffer.
+pub struct RecordReader {
+    ring: AsyncFd<RingBuf<MapData>>,
+    poll_interval: Duration,
+}
+
+/// Most records handed out per `next_batch` call, so one call cannot starve other tasks.
+const MAX_BATCH: usize = 1 << 16;
+
+impl RecordReader {
+    /// `poll_interval` bounds how long a record can wait when the kernel sends no wakeup
+    /// (see `ProbeOptions::wakeup_batch_bytes`).
+    pub fn new(ring: RingBuf<MapData>, poll_interval: Duration) -> io::Result<Self> {
+        // SAFETY: the RingBuf owns its map fd and keeps it open until it is dropped with the
+        // AsyncFd.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
+        Ok(Self { ring, poll_interval })
+    }
+
+    /// Waits for a wakeup or the poll interval, whichever comes first, then passes every
+    /// waiting record to `sink`. Returns how many items were read.
+    pub async fn next_batch(
+        &mut self,
+        mut sink: impl FnMut(Result<TransitionRecord, DecodeError>),
+    ) -> io::Result<usize> {
+        match tokio::time::timeout(self.poll_interval, self.ring.readable_mut()).await {
+            Ok(guard) => {
+                let mut guard = guard?;
+                let count = drain(guard.get_inner_mut(), &mut sink);
+                if count < MAX_BATCH {
+                    guard.clear_ready();
+                }
+                Ok(count)
+            }
+            Err(_elapsed) => Ok(drain(self.ring.get_mut(), &mut sink)),
+        }
+    }
+
+    /// Reads whatever is waiting, without waiting.
+    pub fn drain_now(
+        &mut self,
+        mut sink: impl FnMut(Result<TransitionRecord, DecodeError>),
+    ) -> usize {
+        drain(self.ring.get_mut(), &mut sink)
+    }
+}
+
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    sink: &mut impl FnMut(Result<TransitionRecord, DecodeError>),
+) -> usize {
+    let mut count = 0;
+    while count < MAX_BATCH {
+        let Some(item) = ring.next() else { break };
+        sink(TransitionRecord::decode(&item));
+        count += 1;
+    }
+    count
+}

@@ -1,0 +1,394 @@
+//! `tcpstate watch`: a live, filterable stream of transitions, in aligned columns or JSON lines.
+
+use std::{
+    borrow::Cow,
+    io::{self, BufWriter, Write},
+    net::IpAddr,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use tracer_common::{
+    TransitionRecord,
+    record::{AF_INET, AF_INET6},
+    settings::{KernelFilter, MAX_FILTER_PORTS},
+};
+
+use crate::{
+    cli::{ProbeArgs, WatchArgs},
+    clock::WallClock,
+    event::{TransitionExt as _, comm_str},
+    probe::{Delivery, Probe, ProbeOptions},
+    reader::RecordReader,
+};
+
+/// How long a record may wait in the ring before the reader looks without a wakeup.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How often lost records are reported while running.
+const LOSS_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
+impl ProbeArgs {
+    pub fn probe_options(&self, filter: KernelFilter) -> ProbeOptions {
+        ProbeOptions {
+            ring_bytes: self.ring_bytes,
+            socket_map_entries: self.kernel_sockets,
+            trace_mptcp: self.mptcp,
+            filter,
+            wakeup_batch_bytes: None,
+            format_file: self.tracepoint_format.clone(),
+        }
+    }
+}
+
+impl WatchArgs {
+    /// The part of the filter that runs in the kernel: ports, family, states.
+    pub fn kernel_filter(&self) -> KernelFilter {
+        fn port_list(list: &[u16]) -> ([u16; MAX_FILTER_PORTS], u8) {
+            let mut out = [0; MAX_FILTER_PORTS];
+            for (slot, port) in out.iter_mut().zip(list) {
+                *slot = *port;
+            }
+            (out, list.len().min(MAX_FILTER_PORTS) as u8)
+        }
+        let (ports, port_count) = port_list(&self.ports);
+        let (sports, sport_count) = port_list(&self.sports);
+        let (dports, dport_count) = port_list(&self.dports);
+        KernelFilter {
+            ports,
+            sports,
+            dports,
+            port_count,
+            sport_count,
+            dport_count,
+            family: if self.ipv4 {
+                AF_INET
+            } else if self.ipv6 {
+                AF_INET6
+            } else {
+                0
+            },
+            state_mask: self.states.iter().fold(0, |mask, state| mask | state.mask_bit()),
+            ..KernelFilter::ALL
+        }
+    }
+
+    /// Wide enough for the families shown; longer IPv6 addresses push the row right.
+    fn address_width(&self) -> usize {
+        if self.ipv4 {
+            21
+        } else if self.ipv6 {
+            47
+        } else {
+            25
+        }
+    }
+
+    /// The part of the filter that runs here: addresses.
+    fn keeps(&self, record: &TransitionRecord) -> bool {
+        self.addrs.is_empty() || {
+            let (local, remote) = (record.ip(&record.saddr), record.ip(&record.daddr));
+            self.addrs.iter().any(|addr| *addr == local || *addr == remote)
+        }
+    }
+}
+
+pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
+    let mut probe = Probe::attach(&args.probe.probe_options(args.kernel_filter()))?;
+    let ring = probe.take_ring().context("ring buffer already taken")?;
+    let mut reader = RecordReader::new(ring, POLL_INTERVAL).context("watching the ring buffer")?;
+    let mut session = Session {
+        printer: Printer::new(args.json, args.address_width(), io::stdout().lock()),
+        losses: LossReporter::default(),
+        printed: 0,
+        limit: args.count.unwrap_or(u64::MAX),
+        outcome: Ok(()),
+        args: &args,
+    };
+    session.outcome = session.printer.header();
+
+    let deadline =
+        args.duration.map(|secs| tokio::time::Instant::now() + Duration::from_secs(secs));
+    let mut report = tokio::time::interval(LOSS_REPORT_INTERVAL);
+    report.tick().await;
+    let stop = crate::signals::shutdown()?;
+    tokio::pin!(stop);
+    while !session.done() {
+        tokio::select! {
+            batch = reader.next_batch(|item| session.accept(item)) => {
+                batch.context("reading the ring buffer")?;
+            }
+            _ = &mut stop => break,
+            _ = sleep_until(deadline) => break,
+            _ = report.tick() => session.losses.report(&probe.delivery()?, false),
+        }
+        session.flush();
+    }
+    // Whatever arrived before the stop is still shown.
+    reader.drain_now(|item| session.accept(item));
+    session.flush();
+    session.losses.report(&probe.delivery()?, true);
+    match session.outcome {
+        Err(error) if error.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing to standard output"),
+    }
+}
+
+/// One `watch` run's output state.
+struct Session<'a, W: Write> {
+    args: &'a WatchArgs,
+    printer: Printer<W>,
+    losses: LossReporter,
+    printed: u64,
+    limit: u64,
+    /// The first write error; output stops there (e.g. a closed pipe).
+    outcome: io::Result<()>,
+}
+
+impl<W: Write> Session<'_, W> {
+    fn accept(&mut self, item: Result<TransitionRecord, tracer_common::DecodeError>) {
+        if self.done() {
+            return;
+        }
+        match item {
+            Ok(record) if self.args.keeps(&record) => {
+                self.outcome = self.printer.print(&record);
+                self.printed += 1;
+            }
+            Ok(_) => {}
+            Err(error) => self.losses.malformed(error),
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.printed >= self.limit || self.outcome.is_err()
+    }
+
+    fn flush(&mut self) {
+        if self.outcome.is_ok() {
+            self.outcome = self.printer.out.flush();
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes transitions as aligned columns or JSON lines.
+struct Printer<W: Write> {
+    json: bool,
+    /// Column width of an address:port: IPv4 fits 21, bracketed IPv6 up to 47.
+    address_width: usize,
+    out: BufWriter<W>,
+    clock: WallClock,
+}
+
+/// One JSON line: exactly these keys, in this order.
+#[derive(Serialize)]
+struct JsonTransition<'a> {
+    ts_ns: u64,
+    skaddr: String,
+    pid: u32,
+    comm: Cow<'a, str>,
+    owner_pid: Option<u32>,
+    owner_comm: Option<Cow<'a, str>>,
+    family: &'static str,
+    saddr: IpAddr,
+    sport: u16,
+    daddr: IpAddr,
+    dport: u16,
+    old: String,
+    new: String,
+    dwell_ns: Option<u64>,
+}
+
+impl<W: Write> Printer<W> {
+    fn new(json: bool, address_width: usize, out: W) -> Self {
+        Self {
+            json,
+            address_width,
+            out: BufWriter::with_capacity(64 << 10, out),
+            clock: WallClock::now(),
+        }
+    }
+
+    fn header(&mut self) -> io::Result<()> {
+        if !self.json {
+            let width = self.address_width;
+            writeln!(
+                self.out,
+                "{:<12} {:>7} {:<16} {:<width$} {:<width$} {:<27} {:>10}",
+                "TIME", "PID", "COMM", "LOCAL", "REMOTE", "TRANSITION", "MS"
+            )?;
+            self.out.flush()?;
+        }
+        Ok(())
+    }
+
+    fn print(&mut self, record: &TransitionRecord) -> io::Result<()> {
+        if self.json {
+            let owner = record.owner();
+            let line = JsonTransition {
+                ts_ns: record.ts_ns,
+                skaddr: format!("{:#x}", record.skaddr),
+                pid: record.tgid,
+                comm: comm_str(&record.comm),
+                owner_pid: owner.as_ref().map(|(pid, _)| *pid),
+                owner_comm: owner.map(|(_, comm)| comm),
+                family: record.family_name(),
+                saddr: record.ip(&record.saddr),
+                sport: record.sport,
+                daddr: record.ip(&record.daddr),
+                dport: record.dport,
+                old: record.old_state().to_string(),
+                new: record.new_state().to_string(),
+                dwell_ns: record.dwell().map(|_| record.dwell_ns),
+            };
+            serde_json::to_writer(&mut self.out, &line)?;
+            writeln!(self.out)
+        } else {
+            // The owner when known: in softirq the running task is unrelated to the socket.
+            let (pid, comm) = match record.owner() {
+                Some((pid, comm)) => (pid.to_string(), comm),
+                None => ("-".to_owned(), Cow::Borrowed("-")),
+            };
+            let ms = record
+                .dwell()
+                .map_or_else(|| "-".to_owned(), |d| format!("{:.3}", d.as_secs_f64() * 1e3));
+            let width = self.address_width;
+            writeln!(
+                self.out,
+                "{:<12} {:>7} {:<16} {:<width$} {:<width$} {:<27} {:>10}",
+                self.clock.time_of_day(record.ts_ns),
+                pid,
+                comm,
+                record.local().to_string(),
+                record.remote().to_string(),
+                format!("{} -> {}", record.old_state(), record.new_state()),
+                ms
+            )
+        }
+    }
+}
+
+/// Reports lost records on stderr: while running when the count grew, and at exit.
+#[derive(Default)]
+struct LossReporter {
+    reported_lost: u64,
+    malformed: u64,
+}
+
+impl LossReporter {
+    fn malformed(&mut self, error: tracer_common::DecodeError) {
+        if self.malformed == 0 {
+            log::error!("{error}");
+        }
+        self.malformed += 1;
+    }
+
+    fn report(&mut self, delivery: &Delivery, at_exit: bool) {
+        let lost = delivery.lost();
+        if lost > self.reported_lost || (at_exit && (lost > 0 || self.malformed > 0)) {
+            eprintln!(
+                "tcpstate: {lost} transitions lost{} (ring buffer full: {}, kernel skipped the \
+                 program: {}); {} malformed records; {} per-socket map updates failed",
+                if at_exit { " in total" } else { " so far" },
+                delivery.ringbuf_full,
+                delivery.recursion_misses,
+                self.malformed,
+                delivery.map_update_failed,
+            );
+            self.reported_lost = lost;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracer_common::record::{FLAG_DWELL_KNOWN, FLAG_OWNER_KNOWN, IPPROTO_TCP};
+
+    use super::*;
+
+    fn record() -> TransitionRecord {
+        TransitionRecord {
+            ts_ns: 5_000_000_000,
+            skaddr: 0xffff_8881_0000_1000,
+            dwell_ns: 1_500_000,
+            pid: 11,
+            tgid: 10,
+            owner_tgid: 20,
+            netns: 1,
+            comm: *b"swapper/0\0\0\0\0\0\0\0",
+            owner_comm: *b"server\0\0\0\0\0\0\0\0\0\0",
+            saddr: [0; 16],
+            daddr: [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            sport: 443,
+            dport: 51000,
+            family: AF_INET6,
+            protocol: IPPROTO_TCP,
+            oldstate: 1,
+            newstate: 8,
+            flags: FLAG_DWELL_KNOWN | FLAG_OWNER_KNOWN,
+            _pad: [0; 5],
+        }
+    }
+
+    #[test]
+    fn json_line_has_exactly_the_documented_keys() {
+        let mut printer = Printer::new(true, 25, Vec::new());
+        printer.print(&record()).unwrap();
+        let out = printer.out.into_inner().unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let keys: Vec<_> = value.as_object().unwrap().keys().cloned().collect();
+        let mut expected = vec![
+            "ts_ns",
+            "skaddr",
+            "pid",
+            "comm",
+            "owner_pid",
+            "owner_comm",
+            "family",
+            "saddr",
+            "sport",
+            "daddr",
+            "dport",
+            "old",
+            "new",
+            "dwell_ns",
+        ];
+        expected.sort_unstable();
+        let mut keys_sorted = keys.clone();
+        keys_sorted.sort_unstable();
+        assert_eq!(keys_sorted, expected);
+        assert_eq!(value["skaddr"], "0xffff888100001000");
+        assert_eq!(value["daddr"], "fe80::1");
+        assert_eq!(value["saddr"], "::");
+        assert_eq!(value["old"], "ESTABLISHED");
+        assert_eq!(value["new"], "CLOSE_WAIT");
+        assert_eq!(value["owner_comm"], "server");
+        assert_eq!(value["dwell_ns"], 1_500_000);
+    }
+
+    #[test]
+    fn unknowns_are_null_in_json_and_dash_in_columns() {
+        let mut unknown = record();
+        unknown.flags = 0;
+        let mut printer = Printer::new(true, 25, Vec::new());
+        printer.print(&unknown).unwrap();
+        let value: serde_json::Value =
+            serde_json::from_slice(&printer.out.into_inner().unwrap()).unwrap();
+        assert!(value["dwell_ns"].is_null());
+        assert!(value["owner_pid"].is_null());
+        assert!(value["owner_comm"].is_null());
+
+        let mut printer = Printer::new(false, 25, Vec::new());
+        printer.print(&unknown).unwrap();
+        let line = String::from_utf8(printer.out.into_inner().unwrap()).unwrap();
+        assert!(line.contains("[fe80::1]:51000"), "{line}");
+        assert!(line.trim_end().ends_with(" -"), "{line}");
+    }
+}
