@@ -1,0 +1,51 @@
+//! Running commands: echo them, check their exit status, say which one failed.
+
+use std::process::{Command, Output};
+
+use anyhow::{Context as _, bail};
+
+/// `cargo`, as the one that runs this xtask.
+pub fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn describe(command: &Command) -> String {
+    let mut text = command.get_program().to_string_lossy().into_owned();
+    for arg in command.get_args() {
+        text.push(' ');
+        text.push_str(&arg.to_string_lossy());
+    }
+    text
+}
+
+/// Runs `command` with inherited stdio; fails with the command line when it does not succeed.
+pub fn run_checked(command: &mut Command) -> anyhow::Result<()> {
+    let text = describe(command);
+    eprintln!("xtask: {text}");
+    let status = command.status().with_context(|| format!("could not start `{text}`"))?;
+    if !status.success() {
+        bail!("`{text}` failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs `command` and captures its output; `None` when it cannot start.
+pub fn capture(command: &mut Command) -> Option<Output> {
+    command.output().ok()
+}
+
+/// A root-only command: as is when root, through sudo otherwise.
+pub fn as_root(program: &str) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        let mut sudo = Command::new("sudo");
+        sudo.arg(program);
+        sudo
+    }
+}

@@ -1,0 +1,115 @@
+//! Project tasks: `cargo xtask setup | build | run | test | lint`.
+//!
+//! Every task that builds runs `setup` first, so a fresh machine needs nothing but the repo,
+//! rustup and the package registries.
+
+mod cmd;
+mod setup;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::cmd::{cargo, run_checked};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run and test tcpstate")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build needs and is missing: rust-src, LLVM 22, bpf-linker 0.13.
+    Setup,
+    /// Build the release binary at target/release/tcpstate.
+    Build,
+    /// Build, then run `tcpstate ARGS` as root (through sudo when not root); default `run`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Check formatting and lints, then run every test against the real kernel, as root.
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// `cargo fmt --check` and clippy with warnings denied.
+    Lint,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root).context("entering the workspace")?;
+    match cli.task {
+        Task::Setup => setup::build_prerequisites(&root),
+        Task::Build => {
+            setup::build_prerequisites(&root)?;
+            build_release()
+        }
+        Task::Run { args } => {
+            setup::build_prerequisites(&root)?;
+            build_release()?;
+            let args = if args.is_empty() { vec!["run".to_owned()] } else { args };
+            run_as_root(&root.join("target/release/tcpstate"), &args)
+        }
+        Task::Test { filter } => {
+            setup::build_prerequisites(&root)?;
+            setup::test_prerequisites()?;
+            lint()?;
+            test(filter.as_deref())
+        }
+        Task::Lint => {
+            setup::build_prerequisites(&root)?;
+            lint()
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    let xtask_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    xtask_dir.parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn build_release() -> anyhow::Result<()> {
+    run_checked(cargo().args(["build", "--release", "--package", "tracer"]))
+}
+
+fn lint() -> anyhow::Result<()> {
+    run_checked(cargo().args(["fmt", "--all", "--check"]))
+        .context("formatting differs: run `cargo fmt --all`")?;
+    run_checked(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
+}
+
+/// Runs unit and integration tests in release mode (the binary under test is the one shipped).
+/// Integration tests load the real program and share the machine's TCP stack, so they run one
+/// at a time.
+fn test(filter: Option<&str>) -> anyhow::Result<()> {
+    let mut command = cargo();
+    command.args(["test", "--release"]);
+    if !cmd::is_root() {
+        // The tests load eBPF programs: run the test binaries (not the build) as root.
+        command.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+    }
+    command.args(["--", "--test-threads=1"]);
+    if let Some(filter) = filter {
+        command.arg(filter);
+    }
+    run_checked(&mut command)
+}
+
+fn run_as_root(binary: &std::path::Path, args: &[String]) -> anyhow::Result<()> {
+    let mut command = if cmd::is_root() {
+        std::process::Command::new(binary)
+    } else {
+        let mut sudo = std::process::Command::new("sudo");
+        sudo.arg("-E").arg(binary);
+        sudo
+    };
+    command.args(args);
+    let status = command.status().with_context(|| format!("starting {}", binary.display()))?;
+    std::process::exit(status.code().unwrap_or(1));
+}

@@ -1,0 +1,169 @@
+//! Installing what is missing, idempotently: checks first, so a machine that has everything
+//! returns in well under a second.
+
+use std::{fs, path::Path, process::Command, sync::Once};
+
+use anyhow::{Context as _, bail};
+
+use crate::cmd::{as_root, capture, run_checked};
+
+/// LLVM major that the pinned rustc emits bitcode for; bpf-linker must be built against it.
+const LLVM_MAJOR: u32 = 22;
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages bpf-linker builds against (LLVM 22 from bookworm-security).
+const LLVM_PACKAGES: [&str; 4] = ["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
+/// Tests run a real Prometheus (`prometheus`, with `promtool`) and network namespaces (`ip`).
+const TEST_PACKAGES: [&str; 2] = ["prometheus", "iproute2"];
+
+/// Everything `cargo build` needs for the eBPF crate.
+pub fn build_prerequisites(root: &Path) -> anyhow::Result<()> {
+    let toolchain = pinned_toolchain(root)?;
+    ensure_components(&toolchain)?;
+    if !bpf_linker_is_usable() {
+        ensure_packages(&LLVM_PACKAGES, "LLVM 22 development libraries (for bpf-linker)")?;
+        install_bpf_linker(&toolchain)?;
+        if !bpf_linker_is_usable() {
+            bail!(
+                "bpf-linker {BPF_LINKER_VERSION} was installed but is not on PATH or not linked \
+                 against LLVM {LLVM_MAJOR}; make sure ~/.cargo/bin is on PATH"
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn test_prerequisites() -> anyhow::Result<()> {
+    ensure_packages(&TEST_PACKAGES, "test tools (Prometheus, iproute2)")
+}
+
+/// The toolchain `rust-toolchain.toml` pins.
+pub fn pinned_toolchain(root: &Path) -> anyhow::Result<String> {
+    let path = root.join("rust-toolchain.toml");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .find_map(|line| {
+            let value = line.trim().strip_prefix("channel")?.trim().strip_prefix('=')?;
+            Some(value.trim().trim_matches('"').to_owned())
+        })
+        .with_context(|| format!("no channel in {}", path.display()))
+}
+
+/// rustup does not add the toolchain file's components by itself when auto-install is off.
+fn ensure_components(toolchain: &str) -> anyhow::Result<()> {
+    let installed = capture(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        toolchain,
+    ]))
+    .context("rustup is required (https://rustup.rs)")?;
+    if !installed.status.success() {
+        bail!(
+            "toolchain {toolchain} (pinned in rust-toolchain.toml) is not installed: run \
+             `rustup toolchain install {toolchain}`"
+        );
+    }
+    let installed = String::from_utf8_lossy(&installed.stdout);
+    let missing: Vec<_> = ["rust-src", "clippy", "rustfmt"]
+        .into_iter()
+        .filter(|component| {
+            !installed
+                .lines()
+                .any(|line| line == *component || line.starts_with(&format!("{component}-")))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    run_checked(
+        Command::new("rustup").args(["component", "add", "--toolchain", toolchain]).args(&missing),
+    )
+}
+
+fn bpf_linker_is_usable() -> bool {
+    let Some(version) = capture(Command::new("bpf-linker").arg("--version")) else {
+        return false;
+    };
+    if !String::from_utf8_lossy(&version.stdout).trim().ends_with(BPF_LINKER_VERSION) {
+        return false;
+    }
+    // Dynamically linked against Debian's LLVM: check it is the right major, and present.
+    let Ok(path) = which("bpf-linker") else { return false };
+    match capture(Command::new("ldd").arg(&path)) {
+        Some(ldd) => {
+            let text = String::from_utf8_lossy(&ldd.stdout);
+            let llvm: Vec<_> = text.lines().filter(|line| line.contains("libLLVM")).collect();
+            llvm.is_empty()
+                || llvm.iter().all(|line| {
+                    (line.contains(&format!("libLLVM.so.{LLVM_MAJOR}"))
+                        || line.contains(&format!("libLLVM-{LLVM_MAJOR}")))
+                        && !line.contains("not found")
+                })
+        }
+        None => true,
+    }
+}
+
+fn which(program: &str) -> anyhow::Result<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+        .with_context(|| format!("{program} not found on PATH"))
+}
+
+fn install_bpf_linker(toolchain: &str) -> anyhow::Result<()> {
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about 90 s)"
+    );
+    run_checked(
+        Command::new("rustup")
+            .args(["run", toolchain, "cargo", "install", "--force", "--locked"])
+            .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
+            .args(["--no-default-features", "--features", &format!("llvm-{LLVM_MAJOR}")])
+            // Without it the build script searches /usr/lib64 and fails to find -lLLVM.
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+    )
+}
+
+fn package_installed(package: &str) -> bool {
+    capture(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_some_and(|out| out.status.success() && out.stdout.starts_with(b"install ok installed"))
+}
+
+/// Installs the Debian packages that are missing; on a host without apt, says what to install.
+fn ensure_packages(packages: &[&str], what: &str) -> anyhow::Result<()> {
+    let missing: Vec<_> = packages.iter().copied().filter(|p| !package_installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if which("apt-get").is_err() {
+        bail!(
+            "{what} are missing ({}) and this host has no apt-get. Install the equivalent \
+             packages with your package manager (LLVM {LLVM_MAJOR} with development files, then \
+             `LLVM_PREFIX=<its prefix> cargo install bpf-linker@{BPF_LINKER_VERSION} \
+             --no-default-features --features llvm-{LLVM_MAJOR}`)",
+            missing.join(" ")
+        );
+    }
+    apt_update_once()?;
+    run_checked(
+        as_root("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("installing {what}"))
+}
+
+/// A fresh machine's package lists may be stale (LLVM 22 comes from bookworm-security).
+fn apt_update_once() -> anyhow::Result<()> {
+    static UPDATE: Once = Once::new();
+    let mut result = Ok(());
+    UPDATE.call_once(|| {
+        result = run_checked(as_root("apt-get").args(["update", "-q"]));
+    });
+    result
+}
