@@ -1,7 +1,11 @@
 //! Command-line interface: subcommands, flags, their environment variables, and validation.
 //! A value outside its range is a usage error (exit status 2) that names the flag and the range.
 
-use std::{net::IpAddr, path::PathBuf};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use clap::{Args, Parser, Subcommand};
 use tracer_common::TcpState;
@@ -20,8 +24,42 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon: aggregate every transition and serve Prometheus metrics and a JSON API.
+    Run(RunArgs),
     /// Stream TCP state transitions as they happen, until Ctrl-C, --duration or --count.
     Watch(WatchArgs),
+}
+
+/// The daemon's default address: loopback only, so nothing is exposed without a decision.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9977";
+/// Most `--port-label` ports: each adds series to two metric families.
+pub const MAX_PORT_LABELS: usize = 32;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Address and port of the HTTP endpoint (/metrics, /healthz, /api/...). Loopback by
+    /// default; use 0.0.0.0:9977 to let a remote Prometheus scrape it.
+    #[arg(long, env = "TCPSTATE_LISTEN", default_value = DEFAULT_LISTEN, value_name = "ADDR:PORT")]
+    pub listen: SocketAddr,
+
+    /// Most sockets the daemon tracks (1000 to 50000000); beyond it, sockets are evicted and
+    /// counted in tcpstate_table_evictions_total. About 200 bytes each.
+    #[arg(long, env = "TCPSTATE_MAX_SOCKETS", default_value_t = 1_000_000, value_parser = parse_max_sockets, value_name = "N")]
+    pub max_sockets: usize,
+
+    /// How often the table is compared with a fresh sock_diag dump and repaired, in seconds
+    /// (1 to 3600; `30s`, `2m` also work). TIME_WAIT counts are sampled at the same pace.
+    #[arg(long, env = "TCPSTATE_RECONCILE_INTERVAL", default_value = "30", value_parser = parse_reconcile_interval, value_name = "SECS")]
+    pub reconcile_interval: Duration,
+
+    /// Add a `port` label for this local port to tcpstate_transitions_total and
+    /// tcpstate_sockets (repeatable, up to 32; comma-separated in the environment). All
+    /// other ports are port="other".
+    #[arg(long = "port-label", env = "TCPSTATE_PORT_LABELS", value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT")]
+    pub port_labels: Vec<u16>,
+
+    #[command(flatten)]
+    pub probe: ProbeArgs,
 }
 
 /// Settings of the kernel probe, shared by every command that loads it.
@@ -117,6 +155,41 @@ pub fn parse_size(value: &str) -> Result<u64, String> {
     number.checked_mul(1 << shift).ok_or_else(|| "size too large".to_owned())
 }
 
+/// Parses seconds: a plain number (`90`, `0.5`) or with a unit (`90s`, `2m`, `1h`).
+pub fn parse_seconds(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let split = value.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let number: f64 = number.parse().map_err(|_| "expected seconds, e.g. 30 or 2m".to_owned())?;
+    let scale = match unit {
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("unknown unit `{unit}`; use s, m or h")),
+    };
+    Duration::try_from_secs_f64(number * scale).map_err(|_| "out of range".to_owned())
+}
+
+fn seconds_in(value: &str, min: f64, max: f64) -> Result<Duration, String> {
+    let duration = parse_seconds(value)?;
+    if !(min..=max).contains(&duration.as_secs_f64()) {
+        return Err(format!("must be from {min} to {max} seconds"));
+    }
+    Ok(duration)
+}
+
+fn parse_reconcile_interval(value: &str) -> Result<Duration, String> {
+    seconds_in(value, 1.0, 3600.0)
+}
+
+fn parse_max_sockets(value: &str) -> Result<usize, String> {
+    let n: usize = value.parse().map_err(|_| "expected a whole number".to_owned())?;
+    if !(1000..=50_000_000).contains(&n) {
+        return Err("must be from 1000 to 50000000".to_owned());
+    }
+    Ok(n)
+}
+
 const MIN_RING_BYTES: u64 = 4096;
 const MAX_RING_BYTES: u64 = 1 << 30;
 
@@ -134,6 +207,15 @@ fn parse_ring_bytes(value: &str) -> Result<u32, String> {
 /// error, if any.
 pub fn validate(cli: &Cli) -> Result<(), String> {
     match &cli.command {
+        Command::Run(args) => {
+            if args.port_labels.len() > MAX_PORT_LABELS {
+                return Err(format!(
+                    "--port-label is given {} ports; at most {MAX_PORT_LABELS} are supported",
+                    args.port_labels.len()
+                ));
+            }
+            Ok(())
+        }
         Command::Watch(args) => {
             let max = tracer_common::settings::MAX_FILTER_PORTS;
             for (flag, ports) in
@@ -170,6 +252,17 @@ mod tests {
         assert!(parse_ring_bytes("3M").is_err());
         assert!(parse_ring_bytes("2K").is_err());
         assert!(parse_ring_bytes("2G").is_err());
+    }
+
+    #[test]
+    fn seconds_parse_plain_and_suffixed() {
+        assert_eq!(parse_seconds("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_seconds("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_seconds("0.5"), Ok(Duration::from_millis(500)));
+        assert!(parse_seconds("2x").is_err());
+        assert!(parse_seconds("").is_err());
+        assert!(parse_reconcile_interval("0").is_err());
+        assert!(parse_reconcile_interval("2h").is_err());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! tcpstate: TCP state transitions from the kernel tracepoint `sock:inet_sock_set_state`,
-//! streamed live (`watch`).
+//! streamed live (`watch`) or aggregated by a daemon (`run`) into Prometheus metrics.
 //!
 //! Data flows one way: the kernel program (`tracer-ebpf`) writes one record per transition to
 //! a BPF ring buffer; [`probe`] loads and attaches it, [`reader`] drains the ring in batches,
@@ -7,8 +7,11 @@
 
 pub mod cli;
 pub mod clock;
+pub mod daemon;
 pub mod event;
+pub mod netns;
 pub mod probe;
 pub mod reader;
 pub mod signals;
+pub mod sockdiag;
 pub mod watch;

@@ -10,11 +10,24 @@ fn main() -> ExitCode {
     if let Err(message) = cli::validate(&cli) {
         Cli::command().error(clap::error::ErrorKind::ArgumentConflict, message).exit();
     }
-    env_logger::Builder::from_env(env_logger::Env::new().filter_or("TCPSTATE_LOG", "warn"))
+    // The daemon reports what it does; the interactive commands keep stderr for problems.
+    let default_level = match cli.command {
+        Command::Run(_) => "info",
+        Command::Watch(_) => "warn",
+    };
+    env_logger::Builder::from_env(env_logger::Env::new().filter_or("TCPSTATE_LOG", default_level))
         .format_timestamp_millis()
         .init();
 
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    // Two workers for the daemon: the ring-buffer reader and the HTTP endpoint do not wait on
+    // each other. The other commands need one.
+    let runtime = match cli.command {
+        Command::Run(_) => {
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+        }
+        _ => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("tcpstate: error: starting the async runtime: {error}");
@@ -23,6 +36,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Run(args) => tracer::daemon::run(args).await,
             Command::Watch(args) => tracer::watch::run(args).await,
         }
     });

@@ -266,3 +266,230 @@ pub fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
 pub fn half_close(stream: &TcpStream) {
     stream.shutdown(Shutdown::Write).unwrap();
 }
+
+/// A minimal HTTP/1.1 response.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// Sends one request and reads the whole response (the server closes: `Connection: close`).
+/// Reading to EOF before closing makes each request's own TCP transitions deterministic.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> HttpResponse {
+    let mut stream = TcpStream::connect(addr).expect("connecting to the HTTP endpoint");
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("reading the response");
+    let text = String::from_utf8(raw).expect("UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a complete response");
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let body = if headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v == "chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    HttpResponse { status, headers, body }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").expect("chunk size");
+        let size = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
+    http_request(addr, "GET", path, &[])
+}
+
+/// A running `tcpstate run`, serving on a port the kernel picked.
+pub struct Daemon {
+    pub process: Tcpstate,
+    pub addr: SocketAddr,
+}
+
+impl Daemon {
+    pub fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut full = vec!["run"];
+        if !args.contains(&"--listen") && !env.iter().any(|(k, _)| *k == "TCPSTATE_LISTEN") {
+            full.extend(["--listen", "127.0.0.1:0"]);
+        }
+        full.extend(args);
+        let mut process = Tcpstate::start_with_env(&full, env);
+        let line = process.wait_for_stderr("serving http://", Duration::from_secs(30));
+        let addr = line
+            .split("serving http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("no address in `{line}`"));
+        Self { process, addr }
+    }
+
+    pub fn get(&self, path: &str) -> HttpResponse {
+        http_get(self.addr, path)
+    }
+
+    /// Scrapes /metrics (Prometheus text format) and parses it with a real exposition parser.
+    pub fn scrape(&self) -> Metrics {
+        let response = self.get("/metrics");
+        assert_eq!(response.status, 200, "{}", response.body);
+        Metrics::parse(&response.body)
+    }
+
+    pub fn stop(self) -> Finished {
+        self.process.interrupt()
+    }
+}
+
+/// A parsed scrape.
+pub struct Metrics {
+    pub text: String,
+    pub scrape: prometheus_parse::Scrape,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Self {
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        let scrape = prometheus_parse::Scrape::parse(lines).expect("valid exposition format");
+        Self { text: text.to_owned(), scrape }
+    }
+
+    fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = &'a prometheus_parse::Sample> {
+        self.scrape.samples.iter().filter(move |s| {
+            s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+        })
+    }
+
+    /// The value of the one sample with these labels; 0 when absent (a counter not yet seen).
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let found: Vec<_> = self.matching(name, labels).collect();
+        assert!(found.len() <= 1, "{name}{labels:?} matches {} samples", found.len());
+        found.first().map_or(0.0, |s| match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            other => panic!("{name} is not a plain value: {other:?}"),
+        })
+    }
+
+    /// Sum over every sample of `name` with these labels.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.matching(name, labels)
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => *v,
+                _ => 0.0,
+            })
+            .sum()
+    }
+
+    /// (count, sum, cumulative buckets) of a histogram series.
+    pub fn histogram(&self, name: &str, labels: &[(&str, &str)]) -> (f64, f64, Vec<(f64, f64)>) {
+        let count = self.value(&format!("{name}_count"), labels);
+        let sum = self.value(&format!("{name}_sum"), labels);
+        let buckets = self
+            .matching(name, labels)
+            .find_map(|s| match &s.value {
+                prometheus_parse::Value::Histogram(h) => {
+                    Some(h.iter().map(|b| (b.less_than, b.count)).collect())
+                }
+                _ => None,
+            })
+            .unwrap_or_default();
+        (count, sum, buckets)
+    }
+}
+
+/// A network namespace for one test, removed when dropped.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn create(tag: &str) -> Self {
+        let name = format!("tcpstate-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
+        let ok = |args: &[&str]| {
+            let status = Command::new("ip").args(args).status().expect("ip (iproute2)");
+            assert!(status.success(), "ip {args:?} failed");
+        };
+        ok(&["netns", "add", &name]);
+        ok(&["-n", &name, "link", "set", "lo", "up"]);
+        Self { name }
+    }
+
+    /// Runs `f` on a thread inside the namespace; sockets it creates live there.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        use std::os::fd::AsRawFd as _;
+        let file = std::fs::File::open(format!("/run/netns/{}", self.name)).unwrap();
+        thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: setns on a valid namespace fd; only this thread moves.
+                    let ret = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
+                    f()
+                })
+                .join()
+                .unwrap()
+        })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}

@@ -1,0 +1,415 @@
+//! Aggregation of transition records: counts per (old, new), completed stays per state, and
+//! the live socket table; seeding and reconciliation from `sock_diag` dumps.
+
+use std::collections::{HashMap, HashSet};
+
+use tracer_common::{TcpState, TransitionRecord};
+
+use super::{
+    gauges::{PortLabels, STATE_SLOTS, slot},
+    table::{Owner, SocketKey, SocketTable},
+};
+use crate::{netns::NamespaceDump, sockdiag::DiagSocket};
+
+/// Upper bounds of the stay histogram's buckets, in seconds: log-spaced (1-3-10) from 10 µs to
+/// 1000 s, then one hour.
+pub const DURATION_BUCKETS: [f64; 18] = [
+    1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0,
+    1000.0, 3600.0,
+];
+
+/// Completed stays in one state whose length is exactly known.
+#[derive(Clone, Debug, Default)]
+pub struct StayHistogram {
+    /// Per bucket (not cumulative); the last slot is +Inf.
+    pub buckets: [u64; DURATION_BUCKETS.len() + 1],
+    pub sum_ns: u128,
+    pub count: u64,
+}
+
+impl StayHistogram {
+    fn observe(&mut self, ns: u64) {
+        let seconds = ns as f64 / 1e9;
+        let bucket = DURATION_BUCKETS.partition_point(|&bound| bound < seconds);
+        self.buckets[bucket] += 1;
+        self.sum_ns += u128::from(ns);
+        self.count += 1;
+    }
+}
+
+const CLOSE: u8 = TcpState::Close as u8;
+
+/// States the tracepoint never reports: their gauges come from dumps only.
+pub const SAMPLED_STATES: [TcpState; 2] = [TcpState::TimeWait, TcpState::NewSynRecv];
+
+/// Whether a dump's socket in `state` belongs in the table (the tracepoint reports its
+/// transitions); CLOSE sockets are not in dumps, sampled states are counted separately.
+fn tracked_state(state: u8) -> bool {
+    matches!(TcpState::from_u8(state), Some(s) if s != TcpState::Close && !SAMPLED_STATES.contains(&s))
+}
+
+/// Same rule as the kernel program: a socket created by connect/listen, or cloned on accept.
+fn is_creation(old: u8, new: u8) -> bool {
+    old == CLOSE || (old == TcpState::Listen as u8 && new == TcpState::SynRecv as u8)
+}
+
+/// What one reconciliation changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileOutcome {
+    /// Tracked sockets no dump lists any more (their CLOSE was never seen).
+    pub removed: u64,
+    /// Sockets a dump lists that the table lacked.
+    pub added: u64,
+    /// Sockets whose state the dump contradicted.
+    pub repaired: u64,
+    pub namespaces: usize,
+}
+
+impl ReconcileOutcome {
+    pub fn corrections(&self) -> u64 {
+        self.removed + self.added + self.repaired
+    }
+}
+
+pub struct Aggregator {
+    labels: PortLabels,
+    /// [label][old][new]
+    transitions: Vec<[[u64; STATE_SLOTS]; STATE_SLOTS]>,
+    stays: [StayHistogram; STATE_SLOTS],
+    table: SocketTable,
+    events: u64,
+    malformed: u64,
+    corrections: u64,
+    namespaces: usize,
+    /// Records stamped before this came from sockets a dump may already have listed.
+    dedupe_until_ns: u64,
+    /// While a dump is running: keys of sockets closed since it started.
+    closed_during_dump: Option<HashSet<SocketKey>>,
+}
+
+impl Aggregator {
+    pub fn new(max_sockets: usize, labels: PortLabels) -> Self {
+        Self {
+            transitions: vec![[[0; STATE_SLOTS]; STATE_SLOTS]; labels.len()],
+            stays: std::array::from_fn(|_| StayHistogram::default()),
+            table: SocketTable::new(max_sockets, labels.clone()),
+            labels,
+            events: 0,
+            malformed: 0,
+            corrections: 0,
+            namespaces: 0,
+            dedupe_until_ns: 0,
+            closed_during_dump: None,
+        }
+    }
+
+    pub fn labels(&self) -> &PortLabels {
+        &self.labels
+    }
+
+    pub fn table(&self) -> &SocketTable {
+        &self.table
+    }
+
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    pub fn malformed(&self) -> u64 {
+        self.malformed
+    }
+
+    pub fn corrections(&self) -> u64 {
+        self.corrections
+    }
+
+    pub fn namespaces(&self) -> usize {
+        self.namespaces
+    }
+
+    pub fn transitions(&self, label: usize, old: usize, new: usize) -> u64 {
+        self.transitions[label][old][new]
+    }
+
+    pub fn stays(&self, state: usize) -> &StayHistogram {
+        &self.stays[state]
+    }
+
+    pub fn count_malformed(&mut self) {
+        self.malformed += 1;
+    }
+
+    /// Applies one transition record.
+    pub fn apply(&mut self, r: &TransitionRecord) {
+        self.events += 1;
+        let (old, new) = (r.oldstate, r.newstate);
+        self.transitions[self.labels.index(r.sport)][slot(old)][slot(new)] += 1;
+        if r.dwell_known() {
+            self.stays[slot(old)].observe(r.dwell_ns);
+        }
+
+        let ts = r.ts_ns;
+        let key = SocketKey::from_record(r);
+        if is_creation(old, new) {
+            // An entry under this address belongs to an earlier socket whose CLOSE was lost.
+            self.table.remove(r.skaddr, ts);
+        } else if !self.table.contains(r.skaddr) {
+            // Older than the daemon: known from a dump by its 4-tuple, until now.
+            self.table.adopt_seeded(&key, r.skaddr);
+        }
+        if ts <= self.dedupe_until_ns && key.complete() {
+            // A dump that ran while this socket changed state may have listed it too.
+            self.table.drop_seeded_duplicate(&key, ts);
+        }
+        if new == CLOSE {
+            self.table.remove(r.skaddr, ts);
+            if let Some(closed) = &mut self.closed_during_dump {
+                closed.insert(key);
+            }
+        } else {
+            let owner = r.owner_known().then_some(Owner { pid: r.owner_tgid, comm: r.owner_comm });
+            self.table.enter_state(r.skaddr, key, new, ts, owner);
+        }
+    }
+
+    /// Call when a dump starts: closes seen from now on are remembered, so the dump's
+    /// possibly older view does not resurrect those sockets.
+    pub fn begin_dump(&mut self) {
+        self.closed_during_dump = Some(HashSet::new());
+    }
+
+    /// Makes the table agree with dumps taken between `started_ns` and `finished_ns`.
+    /// Sockets in namespaces that were not dumped are left alone. Entries that changed since
+    /// the dump started are trusted over it. `count` is false for the initial seeding, which
+    /// corrects nothing.
+    pub fn reconcile(
+        &mut self,
+        dumps: &[NamespaceDump],
+        started_ns: u64,
+        finished_ns: u64,
+        count: bool,
+    ) -> ReconcileOutcome {
+        let closed = self.closed_during_dump.take().unwrap_or_default();
+        let now = finished_ns;
+        let mut outcome = ReconcileOutcome { namespaces: dumps.len(), ..Default::default() };
+        let covered: HashSet<u32> = dumps.iter().map(|d| d.inode).collect();
+
+        let mut listed: HashMap<SocketKey, Vec<&DiagSocket>> = HashMap::new();
+        let mut sampled = vec![vec![0i64; self.labels.len()]; SAMPLED_STATES.len()];
+        for dump in dumps {
+            for socket in &dump.sockets {
+                if let Some(i) = SAMPLED_STATES.iter().position(|s| *s as u8 == socket.state) {
+                    sampled[i][self.labels.index(socket.local.port())] += 1;
+                } else if tracked_state(socket.state) {
+                    listed
+                        .entry(SocketKey::from_diag(dump.inode, socket))
+                        .or_default()
+                        .push(socket);
+                }
+            }
+        }
+        for (state, per_label) in SAMPLED_STATES.iter().zip(&sampled) {
+            self.table.gauges_mut().set_sampled(*state as u8, per_label, now);
+        }
+
+        for id in self.table.ids() {
+            let Some(tracked) = self.table.get(id) else { continue };
+            if !covered.contains(&tracked.key.netns) {
+                continue;
+            }
+            let changed_since_dump = tracked.last_seen_ns >= started_ns;
+            let (key, state) = (tracked.key, tracked.state);
+            match listed.get_mut(&key).and_then(Vec::pop) {
+                Some(socket) => {
+                    self.table.set_inode(id, socket.inode);
+                    if socket.state != state && !changed_since_dump {
+                        self.table.repair_state(id, socket.state, now);
+                        outcome.repaired += 1;
+                    }
+                }
+                None if !changed_since_dump => {
+                    self.table.remove(id, now);
+                    outcome.removed += 1;
+                }
+                None => {}
+            }
+        }
+        for (key, sockets) in listed {
+            if closed.contains(&key) {
+                continue;
+            }
+            for socket in sockets {
+                self.table.insert_seeded(key, socket.state, socket.inode, now);
+                outcome.added += 1;
+            }
+        }
+        self.dedupe_until_ns = finished_ns;
+        self.namespaces = dumps.len();
+        if count {
+            self.corrections += outcome.corrections();
+        }
+        outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use tracer_common::{
+        TcpState::*,
+        record::{AF_INET, FLAG_DWELL_KNOWN, IPPROTO_TCP},
+    };
+
+    use super::*;
+
+    const NETNS: u32 = 4_026_531_840;
+
+    fn record(skaddr: u64, ts: u64, old: TcpState, new: TcpState, sport: u16) -> TransitionRecord {
+        TransitionRecord {
+            ts_ns: ts,
+            skaddr,
+            dwell_ns: 500,
+            pid: 0,
+            tgid: 0,
+            owner_tgid: 0,
+            netns: NETNS,
+            comm: [0; 16],
+            owner_comm: [0; 16],
+            saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            daddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            sport,
+            dport: 80,
+            family: AF_INET,
+            protocol: IPPROTO_TCP,
+            oldstate: old as u8,
+            newstate: new as u8,
+            flags: if old == Close { 0 } else { FLAG_DWELL_KNOWN },
+            _pad: [0; 5],
+        }
+    }
+
+    fn diag(state: TcpState, sport: u16) -> DiagSocket {
+        DiagSocket {
+            family: AF_INET,
+            state: state as u8,
+            local: SocketAddr::from(([127, 0, 0, 1], sport)),
+            remote: SocketAddr::from(([127, 0, 0, 1], 80)),
+            inode: 1,
+            uid: 0,
+        }
+    }
+
+    fn dump(sockets: Vec<DiagSocket>) -> Vec<NamespaceDump> {
+        vec![NamespaceDump { inode: NETNS, sockets }]
+    }
+
+    const A: u64 = 0xffff_8880_0000_1000;
+
+    #[test]
+    fn counts_transitions_and_completed_stays() {
+        let mut agg = Aggregator::new(100, PortLabels::none());
+        agg.apply(&record(A, 1, Close, SynSent, 0));
+        agg.apply(&record(A, 2, SynSent, Established, 1000));
+        agg.apply(&record(A, 3, Established, FinWait1, 1000));
+        assert_eq!(agg.transitions(0, Close as usize, SynSent as usize), 1);
+        assert_eq!(agg.stays(Close as usize).count, 0, "first sightings have no stay");
+        assert_eq!(agg.stays(SynSent as usize).count, 1);
+        assert_eq!(agg.table().gauges().count(FinWait1 as u8), 1);
+        agg.apply(&record(A, 4, FinWait1, FinWait2, 1000));
+        agg.apply(&record(A, 5, FinWait2, Close, 1000));
+        assert!(agg.table().is_empty());
+        assert_eq!(agg.events(), 5);
+    }
+
+    #[test]
+    fn seeded_socket_moves_between_gauges_once() {
+        let mut agg = Aggregator::new(100, PortLabels::none());
+        agg.reconcile(&dump(vec![diag(Established, 1000)]), 10, 20, false);
+        assert_eq!(agg.table().gauges().count(Established as u8), 1);
+        agg.apply(&record(A, 30, Established, CloseWait, 1000));
+        assert_eq!(agg.table().gauges().count(Established as u8), 0);
+        assert_eq!(agg.table().gauges().count(CloseWait as u8), 1);
+        assert_eq!(agg.table().len(), 1);
+    }
+
+    #[test]
+    fn a_socket_created_during_the_seed_dump_is_counted_once() {
+        let mut agg = Aggregator::new(100, PortLabels::none());
+        // Created at t=5 and established at t=6, while the dump ran (t=4..8) and listed it.
+        agg.reconcile(&dump(vec![diag(Established, 1000)]), 4, 8, false);
+        agg.apply(&record(A, 5, Close, SynSent, 0));
+        agg.apply(&record(A, 6, SynSent, Established, 1000));
+        assert_eq!(agg.table().len(), 1);
+        assert_eq!(agg.table().gauges().count(Established as u8), 1);
+    }
+
+    #[test]
+    fn reconciliation_removes_adds_and_repairs_and_counts() {
+        let mut agg = Aggregator::new(100, PortLabels::none());
+        agg.apply(&record(A, 1, Close, SynSent, 0));
+        agg.apply(&record(A, 2, SynSent, Established, 1000)); // gone without CLOSE
+        agg.apply(&record(A + 8, 1, Close, SynSent, 0));
+        agg.apply(&record(A + 8, 2, SynSent, Established, 2000)); // now CLOSE_WAIT
+        agg.begin_dump();
+        let outcome = agg.reconcile(
+            &dump(vec![diag(CloseWait, 2000), diag(Established, 3000), diag(TimeWait, 4000)]),
+            10,
+            20,
+            true,
+        );
+        assert_eq!(outcome, ReconcileOutcome { removed: 1, added: 1, repaired: 1, namespaces: 1 });
+        assert_eq!(agg.corrections(), 3);
+        let gauges = agg.table().gauges();
+        assert_eq!(gauges.count(Established as u8), 1);
+        assert_eq!(gauges.count(CloseWait as u8), 1);
+        assert_eq!(gauges.count(TimeWait as u8), 1, "sampled from the dump");
+        // A second pass over the same dump finds nothing to correct.
+        agg.begin_dump();
+        let again = agg.reconcile(
+            &dump(vec![diag(CloseWait, 2000), diag(Established, 3000), diag(TimeWait, 4000)]),
+            30,
+            40,
+            true,
+        );
+        assert_eq!(again.corrections(), 0);
+    }
+
+    #[test]
+    fn sockets_of_namespaces_not_dumped_are_kept() {
+        let mut agg = Aggregator::new(100, PortLabels::none());
+        let mut other = record(A, 1, Close, SynSent, 0);
+        other.netns = 99;
+        agg.apply(&other);
+        agg.begin_dump();
+        let outcome = agg.reconcile(&dump(vec![]), 10, 20, true);
+        assert_eq!(outcome.removed, 0);
+        assert_eq!(agg.table().len(), 1);
+    }
+
+    #[test]
+    fn a_socket_closed_while_the_dump_ran_is_not_resurrected() {
+        let mut agg = Aggregator::new(100, PortLabels::none());
+        agg.apply(&record(A, 1, Close, SynSent, 0));
+        agg.apply(&record(A, 2, SynSent, Established, 1000));
+        agg.begin_dump();
+        agg.apply(&record(A, 15, Established, FinWait1, 1000));
+        agg.apply(&record(A, 16, FinWait1, FinWait2, 1000));
+        agg.apply(&record(A, 17, FinWait2, Close, 1000));
+        let outcome = agg.reconcile(&dump(vec![diag(Established, 1000)]), 10, 20, true);
+        assert_eq!(outcome.added, 0);
+        assert!(agg.table().is_empty());
+    }
+
+    #[test]
+    fn histogram_buckets_are_log_spaced() {
+        let mut h = StayHistogram::default();
+        h.observe(5_000); // 5 µs: first bucket (<= 10 µs)
+        h.observe(2_000_000_000); // 2 s: the 3 s bucket
+        h.observe(7_200_000_000_000); // 2 h: +Inf
+        assert_eq!(h.buckets[0], 1);
+        assert_eq!(h.buckets[DURATION_BUCKETS.iter().position(|&b| b == 3.0).unwrap()], 1);
+        assert_eq!(h.buckets[DURATION_BUCKETS.len()], 1);
+        assert_eq!(h.count, 3);
+    }
+}

@@ -1,0 +1,354 @@
+//! The HTTP endpoint: `/metrics`, `/healthz`, `/api/sockets`. Loopback by default; bounded
+//! concurrent connections, idle and request timeouts; errors are JSON with a reason.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use axum::{
+    Json, Router,
+    extract::{Query, State, rejection::QueryRejection},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{MethodRouter, get},
+};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::{Instant, Sleep},
+};
+use tracer_common::TcpState;
+
+use super::{Shared, metrics::Exporter, table::Tracked};
+use crate::{clock::monotonic_ns, event::comm_str};
+
+/// Connections served at once; further clients wait in the kernel's accept queue.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A connection that sends or receives nothing for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A request that takes longer gets 408.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default and largest `limit` of `/api/sockets`.
+pub const DEFAULT_SOCKET_LIMIT: usize = 100_000;
+pub const MAX_SOCKET_LIMIT: usize = 10_000_000;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub shared: Arc<Shared>,
+    pub exporter: Arc<Exporter>,
+    /// Asks the reader to apply what is waiting in the ring before a response is built.
+    pub flush: tokio::sync::mpsc::Sender<super::Flush>,
+}
+
+/// Longest a request waits for the reader to catch up before answering with what it has.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl AppState {
+    /// Every transition that happened before the request is counted in its response.
+    pub async fn catch_up(&self) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if self.flush.send(done).await.is_ok() {
+            let _ = tokio::time::timeout(FLUSH_TIMEOUT, wait).await;
+        }
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", only_get(get(metrics)))
+        .route("/healthz", only_get(get(healthz)))
+        .route("/api/sockets", only_get(get(sockets)))
+        .fallback(not_found)
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .with_state(state)
+}
+
+/// Every endpoint is read-only: other methods get 405 with an `Allow` header.
+pub fn only_get(route: MethodRouter<AppState>) -> MethodRouter<AppState> {
+    route.fallback(|| async {
+        let mut response =
+            error(StatusCode::METHOD_NOT_ALLOWED, "only GET (and HEAD) is allowed here");
+        response.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        response
+    })
+}
+
+pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    #[derive(Serialize)]
+    struct ErrorBody {
+        error: String,
+    }
+    (status, Json(ErrorBody { error: message.into() })).into_response()
+}
+
+async fn not_found() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "no such endpoint; try /metrics, /healthz, /api/sockets or /api/leaks",
+    )
+}
+
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = super::metrics::Format::negotiate(accept);
+    state.catch_up().await;
+    let exporter = state.exporter.clone();
+    // Encoding scans the socket table: keep it off the async workers.
+    match tokio::task::spawn_blocking(move || exporter.render(format)).await {
+        Ok(Ok(body)) => ([(header::CONTENT_TYPE, format.content_type())], body).into_response(),
+        _ => error(StatusCode::INTERNAL_SERVER_ERROR, "encoding the metrics failed"),
+    }
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    #[derive(Serialize)]
+    struct Health {
+        status: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    }
+    match state.shared.status().unhealthy_reason(monotonic_ns()) {
+        None => (StatusCode::OK, Json(Health { status: "ok", reason: None })).into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Health { status: "unhealthy", reason: Some(reason) }),
+        )
+            .into_response(),
+    }
+}
+
+/// `/api/sockets` query: `state` (a state name, optional) and `limit`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketsQuery {
+    state: Option<String>,
+    limit: Option<usize>,
+}
+
+/// One socket as `/api/sockets` lists it.
+#[derive(Debug, Serialize)]
+pub struct SocketView {
+    pub state: String,
+    pub age_seconds: f64,
+    /// True when the socket is older than what the daemon saw of it (known from a dump).
+    pub age_is_lower_bound: bool,
+    pub family: &'static str,
+    pub local_address: String,
+    pub local_port: u16,
+    pub remote_address: String,
+    pub remote_port: u16,
+    pub netns: u32,
+    pub owner_pid: Option<u32>,
+    pub owner_comm: Option<String>,
+    pub inode: Option<u32>,
+}
+
+impl SocketView {
+    pub fn new(tracked: &Tracked, now: u64) -> Self {
+        let local = tracked.key.local();
+        let remote = tracked.key.remote();
+        Self {
+            state: crate::event::StateName::from_raw(tracked.state).to_string(),
+            age_seconds: now.saturating_sub(tracked.entered_ns) as f64 / 1e9,
+            age_is_lower_bound: !tracked.entered_exact,
+            family: tracked.key.family_name(),
+            local_address: local.ip().to_string(),
+            local_port: local.port(),
+            remote_address: remote.ip().to_string(),
+            remote_port: remote.port(),
+            netns: tracked.key.netns,
+            owner_pid: tracked.owner.map(|o| o.pid),
+            owner_comm: tracked.owner.map(|o| comm_str(&o.comm).into_owned()),
+            inode: (tracked.inode != 0).then_some(tracked.inode),
+        }
+    }
+}
+
+/// Parses a state name for a query parameter; the error lists the valid names.
+pub fn parse_state_param(name: &str) -> Result<TcpState, String> {
+    crate::cli::parse_state(name).map_err(|message| format!("state={name}: {message}"))
+}
+
+async fn sockets(
+    State(state): State<AppState>,
+    query: Result<Query<SocketsQuery>, QueryRejection>,
+) -> Response {
+    let Query(query) = match query {
+        Ok(query) => query,
+        Err(rejection) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("{}; parameters: state=NAME, limit=N", rejection.body_text()),
+            );
+        }
+    };
+    let wanted = match query.state.as_deref().map(parse_state_param).transpose() {
+        Ok(wanted) => wanted,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let limit = query.limit.unwrap_or(DEFAULT_SOCKET_LIMIT);
+    if !(1..=MAX_SOCKET_LIMIT).contains(&limit) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be from 1 to {MAX_SOCKET_LIMIT}"),
+        );
+    }
+    state.catch_up().await;
+    let shared = state.shared.clone();
+    let listing = tokio::task::spawn_blocking(move || {
+        let now = monotonic_ns();
+        let agg = shared.aggregator();
+        let mut matching: Vec<&Tracked> = agg
+            .table()
+            .iter()
+            .map(|(_, tracked)| tracked)
+            .filter(|tracked| wanted.is_none_or(|state| tracked.state == state as u8))
+            .collect();
+        // Oldest first: the interesting ones when something is stuck.
+        matching.sort_unstable_by_key(|tracked| tracked.entered_ns);
+        let views: Vec<SocketView> =
+            matching.into_iter().take(limit).map(|tracked| SocketView::new(tracked, now)).collect();
+        serde_json::to_vec(&views)
+    })
+    .await;
+    match listing {
+        Ok(Ok(body)) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        _ => error(StatusCode::INTERNAL_SERVER_ERROR, "listing sockets failed"),
+    }
+}
+
+/// Binds the endpoint; a busy or forbidden address is an error that names the flag.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|error| {
+        let hint = match error.kind() {
+            io::ErrorKind::AddrInUse => {
+                "the address is already in use (another tcpstate?); choose another with --listen ADDR:PORT"
+            }
+            io::ErrorKind::AddrNotAvailable => "no local interface has that address; check --listen",
+            io::ErrorKind::PermissionDenied => "not permitted to bind it; check --listen",
+            _ => "check --listen",
+        };
+        anyhow::anyhow!("cannot serve HTTP on {addr}: {error}; {hint}")
+    })
+}
+
+/// A listener that serves at most `MAX_CONNECTIONS` connections at once and closes idle ones.
+pub struct BoundedListener {
+    listener: TcpListener,
+    slots: Arc<Semaphore>,
+}
+
+impl BoundedListener {
+    pub fn new(listener: TcpListener) -> Self {
+        Self { listener, slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)) }
+    }
+}
+
+impl axum::serve::Listener for BoundedListener {
+    type Io = BoundedConnection;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let permit =
+            self.slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    let connection = BoundedConnection {
+                        stream,
+                        _permit: permit,
+                        idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
+                    };
+                    return (connection, addr);
+                }
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    log::warn!("accepting an HTTP connection failed: {error}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.listener.local_addr()
+    }
+}
+
+/// An accepted connection holding one of the listener's slots until it closes.
+pub struct BoundedConnection {
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+    idle: Pin<Box<Sleep>>,
+}
+
+impl BoundedConnection {
+    fn check_idle(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if self.idle.as_mut().poll(cx).is_ready() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "HTTP connection idle"));
+        }
+        Ok(())
+    }
+
+    fn progress(&mut self) {
+        self.idle.as_mut().reset(Instant::now() + IDLE_TIMEOUT);
+    }
+}
+
+impl AsyncRead for BoundedConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match Pin::new(&mut self.stream).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                self.progress();
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                self.check_idle(cx)?;
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl AsyncWrite for BoundedConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.stream).poll_write(cx, buf) {
+            Poll::Ready(result) => {
+                self.progress();
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                self.check_idle(cx)?;
+                Poll::Pending
+            }
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,345 @@
+//! The Prometheus exposition: a `prometheus-client` collector that reads the aggregator at
+//! scrape time (nothing is updated per event), encoded as OpenMetrics or, for clients that do
+//! not ask for it, the classic Prometheus text format.
+
+use std::{collections::HashMap, fmt, sync::Arc};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use tracer_common::TcpState;
+
+use super::{
+    Shared,
+    aggregate::{DURATION_BUCKETS, SAMPLED_STATES},
+    gauges::slot,
+};
+use crate::clock::monotonic_ns;
+
+/// States that have gauges: all but CLOSE (a socket leaves the table when it closes).
+fn gauge_states() -> impl Iterator<Item = TcpState> {
+    TcpState::ALL.into_iter().filter(|s| *s != TcpState::Close)
+}
+
+/// States with completed stays: those the tracepoint reports a socket entering and leaving.
+fn stay_states() -> impl Iterator<Item = TcpState> {
+    gauge_states().filter(|s| !SAMPLED_STATES.contains(s))
+}
+
+/// Label values are escaped as the exposition formats require.
+pub fn escape_label_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[derive(Debug)]
+struct TcpstateCollector {
+    shared: Arc<Shared>,
+}
+
+impl Collector for TcpstateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let now = monotonic_ns();
+        let status = self.shared.status();
+        let agg = self.shared.aggregator();
+        let labels = agg.labels().clone();
+        let label_sets: Vec<Vec<(&str, String)>> = (0..labels.len())
+            .map(|i| if labels.enabled() { vec![("port", labels.value(i))] } else { vec![] })
+            .collect();
+        let with = |base: &[(&'static str, String)], label: usize| {
+            let mut set: Vec<(&str, String)> = base.to_vec();
+            set.extend(label_sets[label].iter().cloned());
+            set
+        };
+
+        let mut family = encoder.encode_descriptor(
+            "tcpstate_transitions",
+            "TCP state transitions, by old (from) and new (to) state",
+            None,
+            MetricType::Counter,
+        )?;
+        for label in 0..labels.len() {
+            for from in TcpState::ALL {
+                for to in TcpState::ALL {
+                    let count = agg.transitions(label, slot(from as u8), slot(to as u8));
+                    if count > 0 {
+                        let set =
+                            with(&[("from", from.name().into()), ("to", to.name().into())], label);
+                        ConstCounter::new(count).encode(family.encode_family(&set)?)?;
+                    }
+                }
+            }
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "tcpstate_state_duration_seconds",
+            "Completed stays in each state whose length is exactly known (first sightings and \
+             sockets older than the daemon are left out)",
+            None,
+            MetricType::Histogram,
+        )?;
+        for state in stay_states() {
+            let stays = agg.stays(slot(state as u8));
+            let mut buckets: Vec<(f64, u64)> =
+                DURATION_BUCKETS.iter().copied().zip(stays.buckets.iter().copied()).collect();
+            buckets.push((f64::MAX, stays.buckets[DURATION_BUCKETS.len()]));
+            let set = [("state", state.name())];
+            family
+                .encode_family(&set)?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    stays.sum_ns as f64 / 1e9,
+                    stays.count,
+                    &buckets,
+                    None,
+                )?;
+        }
+
+        let gauges = agg.table().gauges();
+        let mut family = encoder.encode_descriptor(
+            "tcpstate_state_seconds",
+            "Socket-seconds spent in each state since the daemon started, including sockets \
+             still in it (TIME_WAIT and NEW_SYN_RECV from sampled counts)",
+            None,
+            MetricType::Counter,
+        )?;
+        for state in gauge_states() {
+            let seconds = gauges.seconds(state as u8, now);
+            ConstCounter::new(seconds).encode(family.encode_family(&[("state", state.name())])?)?;
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "tcpstate_sockets",
+            "Sockets in each state now (TIME_WAIT and NEW_SYN_RECV sampled from sock_diag at \
+             each reconciliation)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for label in 0..labels.len() {
+            for state in gauge_states() {
+                let set = with(&[("state", state.name().into())], label);
+                let count = gauges.count_for_label(label, state as u8).max(0);
+                ConstGauge::new(count).encode(family.encode_family(&set)?)?;
+            }
+        }
+
+        let mut oldest = [None::<u64>; super::gauges::STATE_SLOTS];
+        for (_, tracked) in agg.table().iter() {
+            let entry = &mut oldest[slot(tracked.state)];
+            *entry = Some(entry.map_or(tracked.entered_ns, |o| o.min(tracked.entered_ns)));
+        }
+        let mut family = encoder.encode_descriptor(
+            "tcpstate_state_oldest_age_seconds",
+            "Age of the longest stay in progress in each state (a lower bound for sockets older \
+             than the daemon); absent when no socket is in the state",
+            None,
+            MetricType::Gauge,
+        )?;
+        for state in gauge_states() {
+            if let Some(entered) = oldest[slot(state as u8)] {
+                let age = now.saturating_sub(entered) as f64 / 1e9;
+                ConstGauge::new(age).encode(family.encode_family(&[("state", state.name())])?)?;
+            }
+        }
+
+        let delivery = status.delivery;
+        counter(&mut encoder, "tcpstate_events", "Transition records received", agg.events())?;
+        let mut family = encoder.encode_descriptor(
+            "tcpstate_events_lost",
+            "Transitions not delivered, by cause: ringbuf_full (no room in the ring buffer), \
+             recursion (the kernel skipped the program while it ran on that CPU), malformed",
+            None,
+            MetricType::Counter,
+        )?;
+        for (cause, value) in [
+            ("ringbuf_full", delivery.ringbuf_full),
+            ("recursion", delivery.recursion_misses),
+            ("malformed", agg.malformed()),
+        ] {
+            ConstCounter::new(value).encode(family.encode_family(&[("cause", cause)])?)?;
+        }
+        counter(
+            &mut encoder,
+            "tcpstate_kernel_map_update_failures",
+            "Per-socket kernel map updates that failed (the socket's next duration is unknown)",
+            delivery.map_update_failed,
+        )?;
+        gauge(
+            &mut encoder,
+            "tcpstate_tracked_sockets",
+            "Sockets in the daemon's table",
+            agg.table().len() as i64,
+        )?;
+        counter(
+            &mut encoder,
+            "tcpstate_table_evictions",
+            "Sockets dropped from the table because it held --max-sockets",
+            agg.table().evictions(),
+        )?;
+        counter(
+            &mut encoder,
+            "tcpstate_reconcile_corrections",
+            "Table entries a sock_diag reconciliation added, removed or repaired",
+            agg.corrections(),
+        )?;
+        gauge(
+            &mut encoder,
+            "tcpstate_network_namespaces",
+            "Network namespaces the last reconciliation dumped",
+            agg.namespaces() as i64,
+        )?;
+        drop(agg);
+
+        let version = escape_label_value(env!("CARGO_PKG_VERSION"));
+        let info = encoder.encode_descriptor(
+            "tcpstate_build",
+            "tcpstate build information",
+            None,
+            MetricType::Info,
+        )?;
+        prometheus_client::metrics::info::Info::new([("version", version)]).encode(info)?;
+        Ok(())
+    }
+}
+
+fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    ConstCounter::new(value).encode(metric)
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> fmt::Result {
+    let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    ConstGauge::new(value).encode(metric)
+}
+
+/// Which exposition format a scraper gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    OpenMetrics,
+    PrometheusText,
+}
+
+impl Format {
+    /// OpenMetrics when the `Accept` header asks for it (Prometheus does), the classic text
+    /// format otherwise (curl, older scrapers).
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        let wants_openmetrics = accept.is_some_and(|accept| {
+            accept.split(',').any(|part| {
+                let mut params = part.split(';').map(str::trim);
+                params.next() == Some("application/openmetrics-text")
+                    && !params.any(|p| p.replace(' ', "") == "q=0")
+            })
+        });
+        if wants_openmetrics { Self::OpenMetrics } else { Self::PrometheusText }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Self::PrometheusText => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// The registry the HTTP endpoint encodes.
+pub struct Exporter {
+    registry: Registry,
+}
+
+impl Exporter {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(TcpstateCollector { shared }));
+        Self { registry }
+    }
+
+    pub fn render(&self, format: Format) -> Result<String, fmt::Error> {
+        let mut openmetrics = String::with_capacity(16 << 10);
+        prometheus_client::encoding::text::encode(&mut openmetrics, &self.registry)?;
+        Ok(match format {
+            Format::OpenMetrics => openmetrics,
+            Format::PrometheusText => to_prometheus_text(&openmetrics),
+        })
+    }
+}
+
+/// Rewrites OpenMetrics text as Prometheus text format 0.0.4: counter and info families take
+/// their samples' names (`_total`, `_info`), info becomes a gauge, and there is no `# EOF`.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut renamed: HashMap<&str, (&str, &str)> = HashMap::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            match rest.split_once(' ') {
+                Some((name, "counter")) => renamed.insert(name, ("_total", "counter")),
+                Some((name, "info")) => renamed.insert(name, ("_info", "gauge")),
+                _ => None,
+            };
+        }
+    }
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let rewritten = ["# TYPE ", "# HELP "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            let (suffix, kind) = renamed.get(name)?;
+            let tail = if *prefix == "# TYPE " { kind } else { tail };
+            Some(format!("{prefix}{name}{suffix} {tail}"))
+        });
+        match rewritten {
+            Some(line) => out.push_str(&line),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation_follows_the_accept_header() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::negotiate(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(Format::negotiate(Some("*/*")), Format::PrometheusText);
+        assert_eq!(Format::negotiate(None), Format::PrometheusText);
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text; q=0")),
+            Format::PrometheusText
+        );
+    }
+
+    #[test]
+    fn openmetrics_is_rewritten_as_classic_text() {
+        let om = "# HELP x_events Events.\n# TYPE x_events counter\nx_events_total 3\n\
+                  # HELP x_build Build.\n# TYPE x_build info\nx_build_info{version=\"1\"} 1\n\
+                  # HELP x_sockets Sockets.\n# TYPE x_sockets gauge\nx_sockets 2\n# EOF\n";
+        let text = to_prometheus_text(om);
+        assert_eq!(
+            text,
+            "# HELP x_events_total Events.\n# TYPE x_events_total counter\nx_events_total 3\n\
+             # HELP x_build_info Build.\n# TYPE x_build_info gauge\nx_build_info{version=\"1\"} 1\n\
+             # HELP x_sockets Sockets.\n# TYPE x_sockets gauge\nx_sockets 2\n"
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label_value(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape_label_value("a\nb"), "a\\nb");
+    }
+}

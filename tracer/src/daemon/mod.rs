@@ -1,0 +1,231 @@
+//! `tcpstate run`: the daemon. Loads the probe, seeds the socket table from `sock_diag`,
+//! aggregates every transition, reconciles with fresh dumps, and serves it all over HTTP.
+//!
+//! One task owns the ring buffer and applies records to the aggregator in batches; HTTP
+//! handlers read the aggregator under the same lock, at scrape time only.
+
+pub mod aggregate;
+pub mod gauges;
+pub mod http;
+pub mod metrics;
+pub mod table;
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tracer_common::{TransitionRecord, settings::KernelFilter};
+
+use self::{aggregate::Aggregator, gauges::PortLabels};
+use crate::{
+    cli::RunArgs,
+    clock::monotonic_ns,
+    netns::{self, NamespaceDump},
+    probe::{Delivery, Probe},
+    reader::RecordReader,
+};
+
+/// How long a record may wait in the ring when the kernel sends no wakeup.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the kernel's counters are read and health is judged.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// The reader is "stalled" when it has not run for this long.
+const STALL_AFTER_NS: u64 = 5_000_000_000;
+/// Ring-buffer overflows this recent make `/healthz` report unhealthy.
+const OVERFLOW_WINDOW_NS: u64 = 60_000_000_000;
+/// How long shutdown waits for HTTP connections to finish.
+const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_millis(800);
+
+/// A request to apply every record waiting in the ring now; answered when done.
+pub type Flush = tokio::sync::oneshot::Sender<()>;
+
+/// Reader health and kernel counters, refreshed every `STATUS_INTERVAL`.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    pub delivery: Delivery,
+    /// When the reader last finished a batch (monotonic ns).
+    pub last_read_ns: u64,
+    /// (when, ring-buffer overflows so far) samples over `OVERFLOW_WINDOW_NS`.
+    overflow_history: VecDeque<(u64, u64)>,
+}
+
+impl Status {
+    /// Why the daemon is not keeping up, if it is not.
+    pub fn unhealthy_reason(&self, now: u64) -> Option<String> {
+        if self.last_read_ns == 0 || now.saturating_sub(self.last_read_ns) > STALL_AFTER_NS {
+            return Some("the ring-buffer reader has not run for more than 5 s".to_owned());
+        }
+        let oldest = self.overflow_history.front().map_or(0, |&(_, lost)| lost);
+        let recent = self.delivery.ringbuf_full.saturating_sub(oldest);
+        (recent > 0).then(|| {
+            format!(
+                "{recent} transitions lost to a full ring buffer in the last minute; raise \
+                 --ring-bytes"
+            )
+        })
+    }
+
+    fn record_delivery(&mut self, delivery: Delivery, now: u64) {
+        self.delivery = delivery;
+        self.overflow_history.push_back((now, delivery.ringbuf_full));
+        while self.overflow_history.front().is_some_and(|&(t, _)| now - t > OVERFLOW_WINDOW_NS) {
+            self.overflow_history.pop_front();
+        }
+    }
+}
+
+/// State shared by the reader task and the HTTP handlers.
+#[derive(Debug)]
+pub struct Shared {
+    aggregator: Mutex<Aggregator>,
+    status: Mutex<Status>,
+}
+
+impl std::fmt::Debug for Aggregator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Aggregator").field("tracked", &self.table().len()).finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub fn new(aggregator: Aggregator) -> Self {
+        Self { aggregator: Mutex::new(aggregator), status: Mutex::new(Status::default()) }
+    }
+
+    /// The aggregator; a panic elsewhere while holding it leaves it usable (counts only).
+    pub fn aggregator(&self) -> MutexGuard<'_, Aggregator> {
+        self.aggregator.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn status(&self) -> Status {
+        self.status.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn update_status(&self, update: impl FnOnce(&mut Status)) {
+        update(&mut self.status.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+}
+
+/// Dumps every network namespace off the async workers; returns when it started and ended.
+async fn dump_namespaces() -> anyhow::Result<(Vec<NamespaceDump>, u64, u64)> {
+    let started = monotonic_ns();
+    let dumps = tokio::task::spawn_blocking(netns::dump_all).await.context("sock_diag dump")?;
+    Ok((dumps, started, monotonic_ns()))
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let stop = crate::signals::shutdown()?;
+    tokio::pin!(stop);
+    // Bind first: a busy port fails before anything touches the kernel.
+    let listener = http::bind(args.listen).await?;
+    let listen = listener.local_addr()?;
+
+    let mut probe = Probe::attach(&args.probe.probe_options(KernelFilter::ALL))?;
+    let ring = probe.take_ring().context("ring buffer already taken")?;
+    let mut reader = RecordReader::new(ring, POLL_INTERVAL).context("watching the ring buffer")?;
+
+    let labels = PortLabels::new(args.port_labels.clone());
+    let shared = Arc::new(Shared::new(Aggregator::new(args.max_sockets, labels)));
+    shared.aggregator().begin_dump();
+    let (dumps, started, finished) = dump_namespaces().await?;
+    let seeded = shared.aggregator().reconcile(&dumps, started, finished, false);
+    log::info!(
+        "tcpstate {} attached to tracepoint sock:inet_sock_set_state; serving http://{listen}/metrics; \
+         seeded {} existing sockets from {} network namespaces",
+        env!("CARGO_PKG_VERSION"),
+        seeded.added,
+        seeded.namespaces
+    );
+
+    let (flush_requests, mut flushes) = tokio::sync::mpsc::channel::<Flush>(16);
+    let state = http::AppState {
+        shared: shared.clone(),
+        exporter: Arc::new(metrics::Exporter::new(shared.clone())),
+        flush: flush_requests,
+    };
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    shared.update_status(|status| status.last_read_ns = monotonic_ns());
+    let server = tokio::spawn(async move {
+        axum::serve(http::BoundedListener::new(listener), http::router(state))
+            .with_graceful_shutdown(async {
+                let _ = http_stopped.await;
+            })
+            .await
+    });
+
+    let mut batch: Vec<TransitionRecord> = Vec::new();
+    let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
+    let mut reconcile_tick = tokio::time::interval(args.reconcile_interval);
+    reconcile_tick.tick().await;
+    let mut pending_dump = None;
+    let mut malformed = 0u64;
+    loop {
+        tokio::select! {
+            read = reader.next_batch(|item| match item {
+                Ok(record) => batch.push(record),
+                Err(_) => malformed += 1,
+            }) => {
+                read.context("reading the ring buffer")?;
+                apply(&shared, &mut batch, &mut malformed);
+            }
+            Some(flush) = flushes.recv() => {
+                reader.drain_now(|item| match item {
+                    Ok(record) => batch.push(record),
+                    Err(_) => malformed += 1,
+                });
+                apply(&shared, &mut batch, &mut malformed);
+                let _ = flush.send(());
+            }
+            _ = status_tick.tick() => {
+                let delivery = probe.delivery()?;
+                shared.update_status(|status| status.record_delivery(delivery, monotonic_ns()));
+            }
+            _ = reconcile_tick.tick(), if pending_dump.is_none() => {
+                shared.aggregator().begin_dump();
+                pending_dump = Some(tokio::spawn(dump_namespaces()));
+            }
+            dump = async { pending_dump.as_mut().expect("guarded").await }, if pending_dump.is_some() => {
+                pending_dump = None;
+                let (dumps, started, finished) = dump.context("sock_diag dump task")??;
+                // Everything the kernel sent before the dump ended is applied first.
+                reader.drain_now(|item| match item {
+                    Ok(record) => batch.push(record),
+                    Err(_) => malformed += 1,
+                });
+                apply(&shared, &mut batch, &mut malformed);
+                let outcome = shared.aggregator().reconcile(&dumps, started, finished, true);
+                log::debug!("reconciled with {} namespaces: {outcome:?}", outcome.namespaces);
+            }
+            _ = &mut stop => break,
+        }
+        shared.update_status(|status| status.last_read_ns = monotonic_ns());
+    }
+
+    log::info!("stopping: detaching the probe");
+    let _ = http_stop.send(());
+    drop(probe);
+    log::debug!("probe detached");
+    match tokio::time::timeout(HTTP_SHUTDOWN_GRACE, server).await {
+        Ok(Ok(result)) => result.context("HTTP server")?,
+        Ok(Err(join)) => return Err(join).context("HTTP server task"),
+        Err(_elapsed) => log::debug!("closing HTTP connections still open"),
+    }
+    log::debug!("HTTP server stopped");
+    Ok(())
+}
+
+fn apply(shared: &Shared, batch: &mut Vec<TransitionRecord>, malformed: &mut u64) {
+    if batch.is_empty() && *malformed == 0 {
+        return;
+    }
+    let mut agg = shared.aggregator();
+    for record in batch.drain(..) {
+        agg.apply(&record);
+    }
+    for _ in 0..std::mem::take(malformed) {
+        agg.count_malformed();
+    }
+}

@@ -1,0 +1,397 @@
+//! The live socket table: every socket the daemon knows, its state, since when, and its owner;
+//! per-state gauges kept in step with it.
+//!
+//! Sockets seen on the tracepoint are keyed by their kernel address (`skaddr`). Sockets known
+//! only from a `sock_diag` dump (older than the daemon) have no address yet: they get a
+//! synthetic id and are indexed by namespace and 4-tuple until their first transition names
+//! them.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use tracer_common::{
+    TransitionRecord,
+    record::{AF_INET, AF_INET6},
+};
+
+use super::gauges::{PortLabels, StateGauges};
+use crate::sockdiag::DiagSocket;
+
+/// A socket's identity in the absence of its kernel address: namespace and 4-tuple.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SocketKey {
+    pub netns: u32,
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+fn ip_bytes(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut bytes = [0; 16];
+            bytes[..4].copy_from_slice(&v4.octets());
+            bytes
+        }
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+impl SocketKey {
+    pub fn from_record(r: &TransitionRecord) -> Self {
+        Self {
+            netns: r.netns,
+            family: r.family,
+            sport: r.sport,
+            dport: r.dport,
+            saddr: r.saddr,
+            daddr: r.daddr,
+        }
+    }
+
+    pub fn from_diag(netns: u32, socket: &DiagSocket) -> Self {
+        Self {
+            netns,
+            family: socket.family,
+            sport: socket.local.port(),
+            dport: socket.remote.port(),
+            saddr: ip_bytes(socket.local.ip()),
+            daddr: ip_bytes(socket.remote.ip()),
+        }
+    }
+
+    fn ip(&self, raw: &[u8; 16]) -> IpAddr {
+        if self.family == AF_INET6 {
+            IpAddr::V6(Ipv6Addr::from(*raw))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+        }
+    }
+
+    pub fn local(&self) -> SocketAddr {
+        SocketAddr::new(self.ip(&self.saddr), self.sport)
+    }
+
+    pub fn remote(&self) -> SocketAddr {
+        SocketAddr::new(self.ip(&self.daddr), self.dport)
+    }
+
+    /// A connecting socket reports local port 0 until connect() picks one: such a key cannot
+    /// match a dump yet.
+    pub fn complete(&self) -> bool {
+        self.sport != 0
+    }
+
+    pub fn family_name(&self) -> &'static str {
+        match self.family {
+            AF_INET => "inet",
+            AF_INET6 => "inet6",
+            _ => "unknown",
+        }
+    }
+}
+
+/// The process that owns a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    pub comm: [u8; 16],
+}
+
+/// What the daemon knows about one live socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tracked {
+    pub key: SocketKey,
+    pub state: u8,
+    /// When it entered `state` (CLOCK_MONOTONIC ns).
+    pub entered_ns: u64,
+    /// False while the socket is known only from a dump: `entered_ns` is then when the daemon
+    /// first saw it in that state, a lower bound of its stay.
+    pub entered_exact: bool,
+    /// Last time a transition or a dump said something about it.
+    pub last_seen_ns: u64,
+    pub owner: Option<Owner>,
+    /// Socket inode from the last dump (0 until one lists it).
+    pub inode: u32,
+}
+
+/// Identifier of a table entry: the kernel address for traced sockets; below
+/// `SEEDED_ID_LIMIT` for sockets known only from a dump (kernel addresses have the top bit
+/// set on every 64-bit architecture Linux runs BPF on).
+pub type SocketId = u64;
+const SEEDED_ID_LIMIT: u64 = 1 << 62;
+
+pub struct SocketTable {
+    sockets: HashMap<SocketId, Tracked>,
+    seeded: HashMap<SocketKey, Vec<SocketId>>,
+    next_seeded_id: SocketId,
+    capacity: usize,
+    evictions: u64,
+    gauges: StateGauges,
+}
+
+impl SocketTable {
+    pub fn new(capacity: usize, labels: PortLabels) -> Self {
+        Self {
+            sockets: HashMap::new(),
+            seeded: HashMap::new(),
+            next_seeded_id: 1,
+            capacity,
+            evictions: 0,
+            gauges: StateGauges::new(labels),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    pub fn gauges(&self) -> &StateGauges {
+        &self.gauges
+    }
+
+    pub fn gauges_mut(&mut self) -> &mut StateGauges {
+        &mut self.gauges
+    }
+
+    pub fn get(&self, id: SocketId) -> Option<&Tracked> {
+        self.sockets.get(&id)
+    }
+
+    pub fn contains(&self, id: SocketId) -> bool {
+        self.sockets.contains_key(&id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (SocketId, &Tracked)> {
+        self.sockets.iter().map(|(id, t)| (*id, t))
+    }
+
+    pub fn ids(&self) -> Vec<SocketId> {
+        self.sockets.keys().copied().collect()
+    }
+
+    /// Adds a socket, evicting another when the table is full.
+    pub fn insert(&mut self, id: SocketId, tracked: Tracked, ts: u64) {
+        if self.sockets.len() >= self.capacity && !self.sockets.contains_key(&id) {
+            self.evict_one(ts);
+        }
+        self.gauges.add(tracked.key.sport, tracked.state, 1, ts);
+        if id < SEEDED_ID_LIMIT {
+            self.seeded.entry(tracked.key).or_default().push(id);
+        }
+        if let Some(previous) = self.sockets.insert(id, tracked) {
+            self.gauges.add(previous.key.sport, previous.state, -1, ts);
+        }
+    }
+
+    /// Adds a socket known only from a dump.
+    pub fn insert_seeded(&mut self, key: SocketKey, state: u8, inode: u32, now: u64) {
+        let id = self.next_seeded_id;
+        self.next_seeded_id += 1;
+        let tracked = Tracked {
+            key,
+            state,
+            entered_ns: now,
+            entered_exact: false,
+            last_seen_ns: now,
+            owner: None,
+            inode,
+        };
+        self.insert(id, tracked, now);
+    }
+
+    pub fn remove(&mut self, id: SocketId, ts: u64) -> Option<Tracked> {
+        let tracked = self.sockets.remove(&id)?;
+        self.gauges.add(tracked.key.sport, tracked.state, -1, ts);
+        if id < SEEDED_ID_LIMIT {
+            self.unindex_seeded(&tracked.key, id);
+        }
+        Some(tracked)
+    }
+
+    fn unindex_seeded(&mut self, key: &SocketKey, id: SocketId) {
+        if let Some(ids) = self.seeded.get_mut(key) {
+            ids.retain(|&other| other != id);
+            if ids.is_empty() {
+                self.seeded.remove(key);
+            }
+        }
+    }
+
+    /// Gives a socket known only from a dump the kernel address a transition revealed.
+    /// Returns whether there was one with that key.
+    pub fn adopt_seeded(&mut self, key: &SocketKey, skaddr: SocketId) -> bool {
+        let Some(id) = self.seeded.get(key).and_then(|ids| ids.first().copied()) else {
+            return false;
+        };
+        self.unindex_seeded(key, id);
+        if let Some(tracked) = self.sockets.remove(&id) {
+            self.sockets.insert(skaddr, tracked);
+        }
+        true
+    }
+
+    /// Drops a dump-only entry with this key: the socket is tracked under its address already.
+    pub fn drop_seeded_duplicate(&mut self, key: &SocketKey, ts: u64) -> bool {
+        match self.seeded.get(key).and_then(|ids| ids.first().copied()) {
+            Some(id) => self.remove(id, ts).is_some(),
+            None => false,
+        }
+    }
+
+    /// Moves socket `id` to `state` at `ts`, with a new key (ports fill in as a socket
+    /// connects), recording an owner when one is given. Creates the entry when absent.
+    pub fn enter_state(
+        &mut self,
+        id: SocketId,
+        key: SocketKey,
+        state: u8,
+        ts: u64,
+        owner: Option<Owner>,
+    ) {
+        match self.sockets.get_mut(&id) {
+            Some(tracked) => {
+                self.gauges.add(tracked.key.sport, tracked.state, -1, ts);
+                self.gauges.add(key.sport, state, 1, ts);
+                tracked.key = key;
+                tracked.state = state;
+                tracked.entered_ns = ts;
+                tracked.entered_exact = true;
+                tracked.last_seen_ns = ts;
+                if owner.is_some() {
+                    tracked.owner = owner;
+                }
+            }
+            None => {
+                let tracked = Tracked {
+                    key,
+                    state,
+                    entered_ns: ts,
+                    entered_exact: true,
+                    last_seen_ns: ts,
+                    owner,
+                    inode: 0,
+                };
+                self.insert(id, tracked, ts);
+            }
+        }
+    }
+
+    /// Repairs a socket's state from a dump: the stay in it is a lower bound from now.
+    pub fn repair_state(&mut self, id: SocketId, state: u8, now: u64) {
+        if let Some(tracked) = self.sockets.get_mut(&id) {
+            self.gauges.add(tracked.key.sport, tracked.state, -1, now);
+            self.gauges.add(tracked.key.sport, state, 1, now);
+            tracked.state = state;
+            tracked.entered_ns = now;
+            tracked.entered_exact = false;
+            tracked.last_seen_ns = now;
+        }
+    }
+
+    pub fn set_inode(&mut self, id: SocketId, inode: u32) {
+        if let Some(tracked) = self.sockets.get_mut(&id) {
+            tracked.inode = inode;
+        }
+    }
+
+    /// At capacity: drop an arbitrary socket (hash order), preferring one known only from a
+    /// dump, and count it. Gauges stay consistent with the table; the evicted socket is
+    /// simply not tracked any more.
+    fn evict_one(&mut self, ts: u64) {
+        let victim = self
+            .seeded
+            .values()
+            .next()
+            .and_then(|ids| ids.first().copied())
+            .or_else(|| self.sockets.keys().next().copied());
+        if let Some(victim) = victim {
+            self.remove(victim, ts);
+            self.evictions += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracer_common::TcpState;
+
+    use super::*;
+
+    fn key(sport: u16) -> SocketKey {
+        SocketKey {
+            netns: 1,
+            family: AF_INET,
+            sport,
+            dport: 80,
+            saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            daddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        }
+    }
+
+    const EST: u8 = TcpState::Established as u8;
+    const CW: u8 = TcpState::CloseWait as u8;
+    const SKADDR: u64 = 0xffff_8880_0000_1000;
+
+    #[test]
+    fn gauges_follow_state_changes_and_removal() {
+        let mut table = SocketTable::new(10, PortLabels::none());
+        table.enter_state(SKADDR, key(1000), EST, 10, None);
+        assert_eq!(table.gauges().count(EST), 1);
+        table.enter_state(SKADDR, key(1000), CW, 20, None);
+        assert_eq!((table.gauges().count(EST), table.gauges().count(CW)), (0, 1));
+        assert!(table.remove(SKADDR, 30).is_some());
+        assert_eq!(table.gauges().count(CW), 0);
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn seeded_sockets_are_adopted_by_key_without_double_counting() {
+        let mut table = SocketTable::new(10, PortLabels::none());
+        table.insert_seeded(key(1000), EST, 77, 5);
+        assert_eq!(table.gauges().count(EST), 1);
+        assert!(table.adopt_seeded(&key(1000), SKADDR));
+        assert_eq!(table.gauges().count(EST), 1);
+        let tracked = table.get(SKADDR).unwrap();
+        assert!(!tracked.entered_exact);
+        assert_eq!(tracked.inode, 77);
+        table.enter_state(SKADDR, key(1000), CW, 9, None);
+        assert_eq!((table.gauges().count(EST), table.gauges().count(CW)), (0, 1));
+        assert!(table.get(SKADDR).unwrap().entered_exact);
+        assert!(!table.adopt_seeded(&key(1000), SKADDR + 8), "adopted once only");
+    }
+
+    #[test]
+    fn a_full_table_evicts_and_counts() {
+        let mut table = SocketTable::new(2, PortLabels::none());
+        table.enter_state(SKADDR, key(1), EST, 1, None);
+        table.enter_state(SKADDR + 8, key(2), EST, 1, None);
+        table.enter_state(SKADDR + 16, key(3), EST, 1, None);
+        assert_eq!(table.len(), 2);
+        assert_eq!(table.evictions(), 1);
+        assert_eq!(table.gauges().count(EST), 2);
+    }
+
+    #[test]
+    fn duplicates_of_a_traced_socket_are_dropped() {
+        let mut table = SocketTable::new(10, PortLabels::none());
+        table.insert_seeded(key(1000), EST, 0, 5);
+        table.enter_state(SKADDR, key(1000), EST, 6, None);
+        assert_eq!(table.gauges().count(EST), 2);
+        assert!(table.drop_seeded_duplicate(&key(1000), 7));
+        assert_eq!(table.gauges().count(EST), 1);
+        assert_eq!(table.len(), 1);
+    }
+}

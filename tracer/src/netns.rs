@@ -1,0 +1,132 @@
+//! Network namespaces: which exist, and running a `sock_diag` dump inside one.
+//!
+//! The tracepoint sees sockets of every namespace; a dump sees only the namespace of the
+//! thread that makes it. To reconcile containers' sockets too, the daemon finds every
+//! namespace (through the processes in /proc and the bind mounts `ip netns` makes under
+//! /run/netns) and dumps each from a short-lived thread that joined it.
+
+use std::{
+    collections::BTreeMap,
+    fs::{self, File},
+    io,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+};
+
+use crate::sockdiag::{DiagSocket, dump_tcp};
+
+/// A network namespace, by the inode the kernel program reports (`net->ns.inum`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    pub inode: u32,
+    /// A file that refers to it: `/proc/<pid>/ns/net` or `/run/netns/<name>`.
+    pub path: PathBuf,
+}
+
+fn inode_of(path: &Path) -> Option<u32> {
+    fs::metadata(path).ok().and_then(|m| u32::try_from(m.ino()).ok())
+}
+
+/// This process's network namespace.
+pub fn own() -> io::Result<Namespace> {
+    let path = PathBuf::from("/proc/self/ns/net");
+    let inode = inode_of(&path).ok_or_else(|| io::Error::other("cannot stat /proc/self/ns/net"))?;
+    Ok(Namespace { inode, path })
+}
+
+/// Every network namespace reachable from here, once each, this process's first.
+pub fn enumerate() -> Vec<Namespace> {
+    let mut found: BTreeMap<u32, PathBuf> = BTreeMap::new();
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Ok(entries) = fs::read_dir("/run/netns") {
+        candidates.extend(entries.flatten().map(|e| e.path()));
+    }
+    if let Ok(entries) = fs::read_dir("/proc") {
+        candidates.extend(
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+                .map(|e| e.path().join("ns/net")),
+        );
+    }
+    for path in candidates {
+        if let Some(inode) = inode_of(&path) {
+            found.entry(inode).or_insert(path);
+        }
+    }
+    let own = own().ok();
+    let mut namespaces: Vec<_> =
+        found.into_iter().map(|(inode, path)| Namespace { inode, path }).collect();
+    if let Some(own) = own {
+        namespaces.retain(|ns| ns.inode != own.inode);
+        namespaces.insert(0, own);
+    }
+    namespaces
+}
+
+/// Dumps the TCP sockets of `namespace`.
+pub fn dump_in(namespace: &Namespace) -> io::Result<Vec<DiagSocket>> {
+    if own().is_ok_and(|own| own.inode == namespace.inode) {
+        return dump_tcp();
+    }
+    let file = File::open(&namespace.path)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on a valid namespace fd; it changes only this thread, which
+                // ends right after the dump.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                dump_tcp()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("namespace dump thread panicked")))
+    })
+}
+
+/// A dump of one namespace.
+#[derive(Debug)]
+pub struct NamespaceDump {
+    pub inode: u32,
+    pub sockets: Vec<DiagSocket>,
+}
+
+/// Dumps every namespace; namespaces that vanish or refuse are skipped (and logged at debug):
+/// the caller treats only the dumped ones as known.
+pub fn dump_all() -> Vec<NamespaceDump> {
+    enumerate()
+        .into_iter()
+        .filter_map(|ns| match dump_in(&ns) {
+            Ok(sockets) => Some(NamespaceDump { inode: ns.inode, sockets }),
+            Err(error) => {
+                log::debug!(
+                    "skipping network namespace {} ({}): {error}",
+                    ns.inode,
+                    ns.path.display()
+                );
+                None
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+
+    /// A real dump of this namespace finds a listener this test opens, in LISTEN state.
+    #[test]
+    fn dump_of_own_namespace_sees_a_fresh_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let own = own().unwrap();
+        let dump = dump_in(&own).unwrap();
+        let found = dump.iter().find(|s| s.local == addr).expect("listener in dump");
+        assert_eq!(found.state, tracer_common::TcpState::Listen as u8);
+        assert_ne!(found.inode, 0);
+        assert!(enumerate().first().is_some_and(|ns| ns.inode == own.inode));
+    }
+}

@@ -1,0 +1,526 @@
+//! `tcpstate run`, end to end: real program, real sockets, real HTTP, a real Prometheus.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    io::Read as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{Closer, Daemon, Metrics, NetNs, V4, V6, require_root, run_tcpstate};
+use socket2::{Domain, Socket, Type};
+use tracer_common::TcpState::{self, *};
+
+const TRANSITIONS: &str = "tcpstate_transitions_total";
+const SOCKETS: &str = "tcpstate_sockets";
+
+/// Transitions of one side of a connection, by who closes first.
+fn client_side(closer: Closer) -> Vec<(TcpState, TcpState)> {
+    let mut t = vec![(Close, SynSent), (SynSent, Established)];
+    t.extend(match closer {
+        Closer::Client => [(Established, FinWait1), (FinWait1, FinWait2), (FinWait2, Close)],
+        Closer::Server => [(Established, CloseWait), (CloseWait, LastAck), (LastAck, Close)],
+    });
+    t
+}
+
+fn server_side(closer: Closer) -> Vec<(TcpState, TcpState)> {
+    let mut t = vec![(Listen, SynRecv), (SynRecv, Established)];
+    t.extend(match closer {
+        Closer::Client => [(Established, CloseWait), (CloseWait, LastAck), (LastAck, Close)],
+        Closer::Server => [(Established, FinWait1), (FinWait1, FinWait2), (FinWait2, Close)],
+    });
+    t
+}
+
+/// A client socket bound to a port now, connected later: its port can be labelled before
+/// the daemon starts.
+fn bound_client(ip: IpAddr) -> (Socket, u16) {
+    let socket =
+        Socket::new(Domain::for_address(SocketAddr::new(ip, 0)), Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::new(ip, 0).into()).unwrap();
+    let port = socket.local_addr().unwrap().as_socket().unwrap().port();
+    (socket, port)
+}
+
+/// Connects `client` to `listener`, holds the connection for `hold`, then closes it with
+/// `closer` going first and waits until both sides are done.
+fn run_connection(client: Socket, listener: &TcpListener, closer: Closer, hold: Duration) {
+    client.connect(&listener.local_addr().unwrap().into()).unwrap();
+    let client: TcpStream = client.into();
+    let (server, _) = listener.accept().unwrap();
+    thread::sleep(hold);
+    let (first, second) = match closer {
+        Closer::Client => (client, server),
+        Closer::Server => (server, client),
+    };
+    drop(first);
+    common::wait_for_eof(&second);
+    drop(second);
+}
+
+fn delta(after: &Metrics, before: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
+    after.value(name, labels) - before.value(name, labels)
+}
+
+#[test]
+fn counters_and_histograms_match_a_known_set_of_connections() {
+    require_root();
+    let l4 = TcpListener::bind((V4, 0)).unwrap();
+    let l6 = TcpListener::bind((V6, 0)).unwrap();
+    let mut plan = Vec::new(); // (family ip, listener, closer, client socket, client port)
+    for (ip, listener) in [(V4, &l4), (V6, &l6)] {
+        for closer in [Closer::Client, Closer::Client, Closer::Server, Closer::Server] {
+            let (socket, port) = bound_client(ip);
+            plan.push((listener, closer, socket, port));
+        }
+    }
+    let mut ports: Vec<u16> =
+        vec![l4.local_addr().unwrap().port(), l6.local_addr().unwrap().port()];
+    ports.extend(plan.iter().map(|p| p.3));
+    let port_args: Vec<String> = ports.iter().map(u16::to_string).collect();
+    let mut args = Vec::new();
+    for port in &port_args {
+        args.extend(["--port-label", port.as_str()]);
+    }
+    let daemon = Daemon::start(&args);
+    let before = daemon.scrape();
+
+    let mut expected: HashMap<u16, Vec<(TcpState, TcpState)>> = HashMap::new();
+    const HOLD: Duration = Duration::from_millis(50);
+    for (listener, closer, socket, port) in plan {
+        expected.entry(port).or_default().extend(client_side(closer));
+        expected
+            .entry(listener.local_addr().unwrap().port())
+            .or_default()
+            .extend(server_side(closer));
+        run_connection(socket, listener, closer, HOLD);
+    }
+    thread::sleep(Duration::from_millis(100));
+    let after = daemon.scrape();
+
+    // Exact deltas for every (from, to) pair, per labelled port.
+    for (port, transitions) in &expected {
+        let port = port.to_string();
+        for from in TcpState::ALL {
+            for to in TcpState::ALL {
+                let want = transitions.iter().filter(|t| **t == (from, to)).count() as f64;
+                let labels = [("from", from.name()), ("to", to.name()), ("port", port.as_str())];
+                let got = delta(&after, &before, TRANSITIONS, &labels);
+                assert_eq!(got, want, "port {port}: {} -> {}", from.name(), to.name());
+            }
+        }
+    }
+
+    // Completed stays: 8 connections give 8 stays in SYN_SENT, SYN_RECV, each closing state,
+    // and 16 in ESTABLISHED (both sides), each at least HOLD long.
+    let histogram = "tcpstate_state_duration_seconds";
+    for (state, ours) in [
+        (SynSent, 8.0),
+        (SynRecv, 8.0),
+        (Established, 16.0),
+        (FinWait1, 8.0),
+        (FinWait2, 8.0),
+        (CloseWait, 8.0),
+        (LastAck, 8.0),
+    ] {
+        let labels = [("state", state.name())];
+        let (count_after, sum_after, buckets_after) = after.histogram(histogram, &labels);
+        let (count_before, sum_before, buckets_before) = before.histogram(histogram, &labels);
+        let count = count_after - count_before;
+        // Other traffic on the host adds stays; it cannot remove ours, and no more stays can
+        // complete than transitions leave the state.
+        let leaving = after.sum(TRANSITIONS, &[("from", state.name())])
+            - before.sum(TRANSITIONS, &[("from", state.name())]);
+        assert!(count >= ours, "{}: {count} stays, ours alone are {ours}", state.name());
+        assert!(count <= leaving, "{}: {count} stays but {leaving} departures", state.name());
+        let inf = |buckets: &[(f64, f64)]| buckets.last().map_or(0.0, |b| b.1);
+        assert_eq!(inf(&buckets_after) - inf(&buckets_before), count, "+Inf bucket is the count");
+        if state == Established {
+            let sum = sum_after - sum_before;
+            assert!(sum >= 16.0 * HOLD.as_secs_f64(), "ESTABLISHED stays sum to {sum} s");
+            // Our 16 stays lasted at least 50 ms: none of them is in the buckets up to 30 ms.
+            let at = |buckets: &[(f64, f64)], le: f64| {
+                buckets.iter().find(|b| (b.0 - le).abs() < 1e-12).map_or(0.0, |b| b.1)
+            };
+            let short = at(&buckets_after, 0.03) - at(&buckets_before, 0.03);
+            assert!(short <= count - 16.0, "{short} short stays of {count}");
+        }
+    }
+    let finished = daemon.stop();
+    assert!(finished.status.success(), "{:?}", finished.stderr);
+}
+
+#[test]
+fn sockets_older_than_the_daemon_are_seeded_and_move_between_gauges_once() {
+    require_root();
+    let listener = TcpListener::bind((V4, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let mut pairs: Vec<(TcpStream, TcpStream)> = (0..3)
+        .map(|_| {
+            let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            (client, server)
+        })
+        .collect();
+    let daemon = Daemon::start(&["--port-label", &port]);
+    let gauge = |m: &Metrics, state: TcpState| {
+        m.value(SOCKETS, &[("state", state.name()), ("port", &port)])
+    };
+
+    let first = daemon.scrape();
+    assert_eq!(gauge(&first, Established), 3.0);
+    assert_eq!(gauge(&first, Listen), 1.0);
+    let listed = daemon.get("/api/sockets?state=ESTABLISHED").json();
+    let ours: Vec<_> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["local_port"].as_u64() == Some(u64::from(listener.local_addr().unwrap().port()))
+        })
+        .collect();
+    assert_eq!(ours.len(), 3, "{listed}");
+    assert!(ours.iter().all(|s| s["age_is_lower_bound"] == true), "{ours:?}");
+
+    // The client hangs up: the server side moves ESTABLISHED -> CLOSE_WAIT, counted once.
+    let (client, server) = pairs.pop().unwrap();
+    drop(client);
+    common::wait_for_eof(&server);
+    thread::sleep(Duration::from_millis(50));
+    let second = daemon.scrape();
+    assert_eq!(gauge(&second, Established), 2.0);
+    assert_eq!(gauge(&second, CloseWait), 1.0);
+    let moved = [("from", "ESTABLISHED"), ("to", "CLOSE_WAIT"), ("port", port.as_str())];
+    assert_eq!(delta(&second, &first, TRANSITIONS, &moved), 1.0);
+
+    drop(server);
+    thread::sleep(Duration::from_millis(50));
+    let third = daemon.scrape();
+    assert_eq!(gauge(&third, CloseWait), 0.0);
+    assert_eq!(gauge(&third, Established), 2.0);
+    drop(pairs);
+    daemon.stop();
+}
+
+/// Counts sockets in `state` on local port `port` with `ss`, iproute2's own sock_diag client.
+fn ss_count(state: &str, port: &str) -> f64 {
+    let output = Command::new("ss")
+        .args(["-Htn", "state", state, "sport", "=", &format!(":{port}")])
+        .output()
+        .expect("ss (iproute2)");
+    assert!(output.status.success());
+    String::from_utf8_lossy(&output.stdout).lines().filter(|l| !l.trim().is_empty()).count() as f64
+}
+
+#[test]
+fn close_wait_and_established_gauges_agree_with_ss() {
+    require_root();
+    let listener = TcpListener::bind((V4, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let daemon = Daemon::start(&["--port-label", &port]);
+    const CLOSE_WAIT: usize = 5;
+    const ESTABLISHED: usize = 7;
+    let mut held = Vec::new();
+    for i in 0..CLOSE_WAIT + ESTABLISHED {
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        if i < CLOSE_WAIT {
+            drop(client); // the server never closes: CLOSE_WAIT
+            common::wait_for_eof(&server);
+            held.push((None, server));
+        } else {
+            held.push((Some(client), server));
+        }
+    }
+    thread::sleep(Duration::from_millis(50));
+    let metrics = daemon.scrape();
+    for (state, name, want) in
+        [(CloseWait, "close-wait", CLOSE_WAIT), (Established, "established", ESTABLISHED)]
+    {
+        let gauge = metrics.value(SOCKETS, &[("state", state.name()), ("port", &port)]);
+        assert_eq!(gauge, ss_count(name, &port), "{} against ss", state.name());
+        assert_eq!(gauge, want as f64);
+    }
+    drop(held);
+    daemon.stop();
+}
+
+#[test]
+fn sockets_in_another_namespace_are_tracked_apart_and_survive_reconciliation() {
+    require_root();
+    let ns = NetNs::create("netns");
+    let server_port = common::free_port();
+    let client_port = common::free_port();
+    let pair = move || {
+        let listener = TcpListener::bind((V4, server_port)).unwrap();
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket.set_reuse_address(true).unwrap();
+        socket.bind(&SocketAddr::new(V4, client_port).into()).unwrap();
+        socket.connect(&listener.local_addr().unwrap().into()).unwrap();
+        let client: TcpStream = socket.into();
+        let (server, _) = listener.accept().unwrap();
+        (listener, client, server)
+    };
+    // In the namespace before the daemon starts (found by dumping every namespace), and the
+    // same 4-tuple in the root namespace after (seen on the tracepoint).
+    let inside = ns.run(pair);
+    let (sp, cp) = (server_port.to_string(), client_port.to_string());
+    let daemon =
+        Daemon::start(&["--port-label", &sp, "--port-label", &cp, "--reconcile-interval", "1"]);
+    let outside = pair();
+    thread::sleep(Duration::from_millis(2600)); // two reconciliations
+    let metrics = daemon.scrape();
+    for port in [&sp, &cp] {
+        let established = metrics.value(SOCKETS, &[("state", "ESTABLISHED"), ("port", port)]);
+        assert_eq!(established, 2.0, "port {port}: one socket per namespace");
+    }
+    assert!(metrics.value("tcpstate_network_namespaces", &[]) >= 2.0);
+    let listed = daemon.get("/api/sockets?state=ESTABLISHED").json();
+    let ours: Vec<_> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["local_port"].as_u64() == Some(u64::from(server_port)))
+        .collect();
+    assert_eq!(ours.len(), 2, "{listed}");
+    assert_ne!(ours[0]["netns"], ours[1]["netns"], "two namespaces: {ours:?}");
+
+    // Closing the root namespace's pair leaves the namespace's alone.
+    drop(outside);
+    thread::sleep(Duration::from_millis(1500));
+    let metrics = daemon.scrape();
+    assert_eq!(metrics.value(SOCKETS, &[("state", "ESTABLISHED"), ("port", &sp)]), 1.0);
+    drop(inside);
+    daemon.stop();
+}
+
+#[test]
+fn reconciliation_repairs_drift_after_lost_records() {
+    require_root();
+    let listener = TcpListener::bind((V4, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    // One page of ring: 31 records fit.
+    let daemon =
+        Daemon::start(&["--port-label", &port, "--ring-bytes", "4K", "--reconcile-interval", "1"]);
+    let before = daemon.scrape();
+    // Freeze the daemon so the ring overflows: these transitions are lost for sure.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(daemon.process.pid() as i32, libc::SIGSTOP) };
+    const HELD: usize = 40;
+    let mut held = Vec::new();
+    for _ in 0..HELD {
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        held.push((client, server));
+    }
+    for _ in 0..20 {
+        common::one_connection(&listener, V4, Closer::Client);
+    }
+    unsafe { libc::kill(daemon.process.pid() as i32, libc::SIGCONT) };
+    thread::sleep(Duration::from_millis(2500));
+    let after = daemon.scrape();
+    let lost = delta(&after, &before, "tcpstate_events_lost_total", &[("cause", "ringbuf_full")]);
+    assert!(lost > 0.0, "the frozen daemon must have lost records");
+    let established = after.value(SOCKETS, &[("state", "ESTABLISHED"), ("port", &port)]);
+    assert_eq!(established, ss_count("established", &port));
+    assert_eq!(established, HELD as f64);
+    let repairs = delta(&after, &before, "tcpstate_reconcile_corrections_total", &[]);
+    assert!(repairs > 0.0, "repairs are counted");
+    let health = daemon.get("/healthz");
+    assert_eq!(health.status, 503, "a recent overflow makes /healthz say so: {}", health.body);
+    assert!(health.json()["reason"].as_str().unwrap().contains("--ring-bytes"));
+    drop(held);
+    daemon.stop();
+}
+
+#[test]
+fn promtool_accepts_the_exposition() {
+    require_root();
+    let listener = TcpListener::bind((V4, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let daemon = Daemon::start(&["--port-label", &port]);
+    common::one_connection(&listener, V4, Closer::Client);
+    let body = daemon.get("/metrics").body;
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; `cargo xtask test` installs it)");
+    use std::io::Write as _;
+    promtool.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let output = promtool.wait_with_output().unwrap();
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success() && complaints.trim().is_empty(), "promtool: {complaints}");
+    daemon.stop();
+}
+
+#[test]
+fn a_real_prometheus_scrapes_the_daemon() {
+    require_root();
+    let listener = TcpListener::bind((V4, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let daemon = Daemon::start(&["--port-label", &port]);
+    for _ in 0..3 {
+        common::one_connection(&listener, V4, Closer::Client);
+    }
+    let dir = std::env::temp_dir().join(format!("tcpstate-prometheus-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  \
+             - job_name: tcpstate\n    static_configs:\n      - targets: ['{}']\n",
+            daemon.addr
+        ),
+    )
+    .unwrap();
+    let web = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), common::free_port());
+    let mut prometheus = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address={web}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("prometheus (Debian package prometheus; `cargo xtask test` installs it)");
+    let query = format!(
+        "/api/v1/query?query=tcpstate_transitions_total%7Bfrom%3D%22LISTEN%22%2Cto%3D%22SYN_RECV%22%2Cport%3D%22{port}%22%7D"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    let found = loop {
+        if Instant::now() > deadline {
+            break None;
+        }
+        thread::sleep(Duration::from_millis(500));
+        if TcpStream::connect(web).is_err() {
+            continue;
+        }
+        let response = common::http_get(web, &query);
+        last = response.body.clone();
+        if response.status != 200 {
+            continue;
+        }
+        let json = response.json();
+        if let Some(value) = json["data"]["result"][0]["value"][1].as_str() {
+            break Some(value.to_owned());
+        }
+    };
+    let _ = prometheus.kill();
+    let mut stderr = String::new();
+    let _ = prometheus.stderr.take().unwrap().read_to_string(&mut stderr);
+    let _ = prometheus.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(found.as_deref(), Some("3"), "last answer: {last}\nprometheus log:\n{stderr}");
+    daemon.stop();
+}
+
+#[test]
+fn http_endpoint_answers_errors_in_json_and_negotiates_formats() {
+    require_root();
+    let daemon = Daemon::start(&[]);
+    let health = daemon.get("/healthz");
+    assert_eq!((health.status, health.json()["status"].as_str()), (200, Some("ok")));
+
+    let missing = daemon.get("/nope");
+    assert_eq!(missing.status, 404);
+    assert!(missing.json()["error"].is_string());
+    let post = common::http_request(daemon.addr, "POST", "/metrics", &[("Content-Length", "0")]);
+    assert_eq!(post.status, 405);
+    assert_eq!(post.header("allow"), Some("GET, HEAD"));
+    for bad in [
+        "/api/sockets?state=BOGUS",
+        "/api/sockets?limit=0",
+        "/api/sockets?limit=x",
+        "/api/sockets?nope=1",
+    ] {
+        let response = daemon.get(bad);
+        assert_eq!(response.status, 400, "{bad}: {}", response.body);
+        assert!(response.json()["error"].is_string(), "{bad}");
+    }
+    let listing = daemon.get("/api/sockets?state=listen&limit=1");
+    assert_eq!(listing.status, 200);
+    assert!(listing.json().as_array().unwrap().len() <= 1);
+
+    let classic = daemon.get("/metrics");
+    assert!(classic.header("content-type").unwrap().starts_with("text/plain; version=0.0.4"));
+    assert!(!classic.body.contains("# EOF"));
+    let openmetrics = common::http_request(
+        daemon.addr,
+        "GET",
+        "/metrics",
+        &[("Accept", "application/openmetrics-text;version=1.0.0,text/plain;q=0.5")],
+    );
+    assert!(
+        openmetrics.header("content-type").unwrap().starts_with("application/openmetrics-text")
+    );
+    assert!(openmetrics.body.ends_with("# EOF\n"));
+    assert!(openmetrics.body.contains("tcpstate_build_info{version="));
+
+    // SIGTERM (systemd, Kubernetes) detaches and exits 0 within 2 s.
+    let started = Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(daemon.process.pid() as i32, libc::SIGTERM) };
+    let finished = daemon.process.finish();
+    assert!(finished.status.success(), "{:?}", finished.stderr);
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+}
+
+#[test]
+fn configuration_errors_are_usage_errors_naming_the_flag() {
+    for (args, needle) in [
+        (vec!["run", "--max-sockets", "5"], "--max-sockets"),
+        (vec!["run", "--reconcile-interval", "0"], "--reconcile-interval"),
+        (vec!["run", "--reconcile-interval", "soon"], "--reconcile-interval"),
+        (vec!["run", "--port-label", "0"], "--port-label"),
+        (vec!["run", "--listen", "localhost"], "--listen"),
+    ] {
+        let finished = run_tcpstate(&args);
+        let stderr = finished.stderr.join("\n");
+        assert_eq!(finished.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    let env = Command::new(common::tcpstate_bin())
+        .arg("run")
+        .env("TCPSTATE_MAX_SOCKETS", "12")
+        .output()
+        .unwrap();
+    assert_eq!(env.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&env.stderr).contains("--max-sockets"));
+}
+
+#[test]
+fn a_busy_port_is_an_error_naming_the_flag_and_env_configures_the_daemon() {
+    require_root();
+    let busy = TcpListener::bind((V4, 0)).unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let finished = run_tcpstate(&["run", "--listen", &addr]);
+    let stderr = finished.stderr.join("\n");
+    assert_eq!(finished.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--listen") && stderr.contains("in use"), "{stderr}");
+
+    let port = common::free_port().to_string();
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let daemon = Daemon::start_with_env(
+        &[],
+        &[("TCPSTATE_LISTEN", &listen), ("TCPSTATE_PORT_LABELS", &port)],
+    );
+    assert_eq!(daemon.addr.to_string(), listen);
+    let metrics = daemon.scrape();
+    assert_eq!(metrics.value(SOCKETS, &[("state", "LISTEN"), ("port", &port)]), 0.0);
+    assert!(metrics.text.contains(&format!("port=\"{port}\"")));
+    daemon.stop();
+}
