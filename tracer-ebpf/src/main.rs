@@ -13,16 +13,16 @@ mod transition;
 
 use aya_ebpf::{
     EbpfContext as _,
-    macros::{map, tracepoint},
+    macros::{fexit, map, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{FExitContext, TracePointContext},
 };
 use tracer_common::{
     KernelCounters, KernelSettings, SocketState,
     settings::{COUNTER_SLOTS, COUNTERS_MAIN},
     tracepoint as tp,
 };
-use transition::{Transition, handle_transition};
+use transition::{Transition, claim_owner, handle_transition};
 
 /// Load-time settings; the loader overrides this read-only global before loading.
 #[unsafe(no_mangle)]
@@ -44,6 +44,19 @@ static COUNTERS: PerCpuArray<KernelCounters> = PerCpuArray::with_max_entries(COU
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     handle_transition(&ctx, &FormatRecord(&ctx), COUNTERS_MAIN, 0);
+    0
+}
+
+/// accept() returns a socket whose transitions so far all ran in softirq: the process that
+/// accepts it is its owner. Optional: when this cannot attach, owners of accepted sockets come
+/// from /proc in userspace.
+#[fexit(function = "inet_csk_accept")]
+pub fn accept_owner(ctx: FExitContext) -> i32 {
+    if let Ok(accepted) = ctx.ret::<u64>()
+        && accepted != 0
+    {
+        claim_owner(accepted);
+    }
     0
 }
 

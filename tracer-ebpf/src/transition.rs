@@ -150,6 +150,22 @@ pub fn handle_transition<C: EbpfContext, T: Transition>(
     counters.emitted += 1;
 }
 
+/// Records the current process as the owner of a tracked socket (called in its context).
+#[inline(always)]
+pub fn claim_owner(skaddr: u64) {
+    let Some(entry) = SOCKETS.get_ptr_mut(skaddr) else {
+        return;
+    };
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let comm = process_comm(&bpf_get_current_comm().unwrap_or([0; 16]));
+    // SAFETY: a live value of the map; a racing update of the same socket only changes which
+    // of two owners the next record names.
+    unsafe {
+        (*entry).owner_tgid = tgid;
+        (*entry).owner_comm = comm;
+    }
+}
+
 /// What the per-socket map knows about a transition's socket.
 struct Tracked {
     dwell_ns: u64,

@@ -28,6 +28,30 @@ pub enum Command {
     Run(RunArgs),
     /// Stream TCP state transitions as they happen, until Ctrl-C, --duration or --count.
     Watch(WatchArgs),
+    /// List CLOSE_WAIT leaks and the processes holding them, from the daemon or, when none
+    /// answers, a one-shot snapshot. Exit status: 0 no leaks, 1 leaks, 2 usage error, 3 failure.
+    Leaks(LeaksArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LeaksArgs {
+    /// The daemon to ask (its --listen address).
+    #[arg(
+        long,
+        env = "TCPSTATE_DAEMON",
+        default_value = "http://127.0.0.1:9977",
+        value_name = "URL"
+    )]
+    pub daemon: crate::leaks::command::DaemonUrl,
+
+    /// Print the report as JSON (the daemon's /api/leaks format).
+    #[arg(long)]
+    pub json: bool,
+
+    /// In snapshot mode, how long a socket must have been in CLOSE_WAIT to count as leaked
+    /// (seconds, or with s/m/h). A daemon applies its own setting.
+    #[arg(long, env = "TCPSTATE_CLOSE_WAIT_THRESHOLD", default_value = "60", value_parser = parse_close_wait_threshold, value_name = "SECS")]
+    pub close_wait_threshold: Duration,
 }
 
 /// The daemon's default address: loopback only, so nothing is exposed without a decision.
@@ -55,6 +79,11 @@ pub struct RunArgs {
     /// Add a `port` label for this local port to tcpstate_transitions_total and
     /// tcpstate_sockets (repeatable, up to 32; comma-separated in the environment). All
     /// other ports are port="other".
+    /// A socket in CLOSE_WAIT for longer than this is a leak: its process never closed it
+    /// after the peer hung up. Seconds (0.1 to 604800), or with s/m/h: `90`, `2m`.
+    #[arg(long, env = "TCPSTATE_CLOSE_WAIT_THRESHOLD", default_value = "60", value_parser = parse_close_wait_threshold, value_name = "SECS")]
+    pub close_wait_threshold: Duration,
+
     #[arg(long = "port-label", env = "TCPSTATE_PORT_LABELS", value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT")]
     pub port_labels: Vec<u16>,
 
@@ -182,6 +211,10 @@ fn parse_reconcile_interval(value: &str) -> Result<Duration, String> {
     seconds_in(value, 1.0, 3600.0)
 }
 
+fn parse_close_wait_threshold(value: &str) -> Result<Duration, String> {
+    seconds_in(value, 0.1, 604_800.0)
+}
+
 fn parse_max_sockets(value: &str) -> Result<usize, String> {
     let n: usize = value.parse().map_err(|_| "expected a whole number".to_owned())?;
     if !(1000..=50_000_000).contains(&n) {
@@ -216,6 +249,7 @@ pub fn validate(cli: &Cli) -> Result<(), String> {
             }
             Ok(())
         }
+        Command::Leaks(_) => Ok(()),
         Command::Watch(args) => {
             let max = tracer_common::settings::MAX_FILTER_PORTS;
             for (flag, ports) in

@@ -13,7 +13,7 @@ fn main() -> ExitCode {
     // The daemon reports what it does; the interactive commands keep stderr for problems.
     let default_level = match cli.command {
         Command::Run(_) => "info",
-        Command::Watch(_) => "warn",
+        Command::Watch(_) | Command::Leaks(_) => "warn",
     };
     env_logger::Builder::from_env(env_logger::Env::new().filter_or("TCPSTATE_LOG", default_level))
         .format_timestamp_millis()
@@ -34,14 +34,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
+    let result: anyhow::Result<ExitCode> = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => tracer::daemon::run(args).await,
-            Command::Watch(args) => tracer::watch::run(args).await,
+            Command::Run(args) => tracer::daemon::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Watch(args) => tracer::watch::run(args).await.map(|()| ExitCode::SUCCESS),
+            // Its exit status carries the answer (0 no leaks, 1 leaks, 3 failure).
+            Command::Leaks(args) => Ok(tracer::leaks::command::run(args).await),
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("tcpstate: error: {error:#}");
             ExitCode::FAILURE

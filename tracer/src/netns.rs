@@ -15,6 +15,9 @@ use std::{
 
 use crate::sockdiag::{DiagSocket, dump_tcp};
 
+/// A `sock_diag` dump of the calling thread's namespace.
+pub type Dumper = fn() -> io::Result<Vec<DiagSocket>>;
+
 /// A network namespace, by the inode the kernel program reports (`net->ns.inum`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Namespace {
@@ -66,8 +69,13 @@ pub fn enumerate() -> Vec<Namespace> {
 
 /// Dumps the TCP sockets of `namespace`.
 pub fn dump_in(namespace: &Namespace) -> io::Result<Vec<DiagSocket>> {
+    dump_in_with(namespace, dump_tcp)
+}
+
+/// Runs `dump` inside `namespace`.
+pub fn dump_in_with(namespace: &Namespace, dump: Dumper) -> io::Result<Vec<DiagSocket>> {
     if own().is_ok_and(|own| own.inode == namespace.inode) {
-        return dump_tcp();
+        return dump();
     }
     let file = File::open(&namespace.path)?;
     std::thread::scope(|scope| {
@@ -78,7 +86,7 @@ pub fn dump_in(namespace: &Namespace) -> io::Result<Vec<DiagSocket>> {
                 if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(io::Error::last_os_error());
                 }
-                dump_tcp()
+                dump()
             })
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("namespace dump thread panicked")))
@@ -95,9 +103,14 @@ pub struct NamespaceDump {
 /// Dumps every namespace; namespaces that vanish or refuse are skipped (and logged at debug):
 /// the caller treats only the dumped ones as known.
 pub fn dump_all() -> Vec<NamespaceDump> {
+    dump_all_with(dump_tcp)
+}
+
+/// Runs `dump` in every namespace.
+pub fn dump_all_with(dump: Dumper) -> Vec<NamespaceDump> {
     enumerate()
         .into_iter()
-        .filter_map(|ns| match dump_in(&ns) {
+        .filter_map(|ns| match dump_in_with(&ns, dump) {
             Ok(sockets) => Some(NamespaceDump { inode: ns.inode, sockets }),
             Err(error) => {
                 log::debug!(

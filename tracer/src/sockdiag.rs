@@ -12,9 +12,10 @@ use netlink_packet_core::{
 use netlink_packet_sock_diag::{
     SockDiagMessage,
     constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, nlas::Nla},
 };
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
+use tracer_common::TcpState;
 
 /// One TCP socket from a dump.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,21 +30,62 @@ pub struct DiagSocket {
     /// what `/proc/<pid>/fd/*` links to as `socket:[inode]`.
     pub inode: u32,
     pub uid: u32,
+    /// Milliseconds since the socket last received an ACK (`tcpi_last_ack_recv`), for
+    /// CLOSE_WAIT sockets: the peer's FIN carried the last one it will send, so this is a lower
+    /// bound of the time spent in CLOSE_WAIT.
+    pub since_last_ack_ms: Option<u32>,
 }
 
-/// Dumps every TCP socket of the current network namespace, IPv4 then IPv6.
-pub fn dump_tcp() -> io::Result<Vec<DiagSocket>> {
+/// Every state bit, NEW_SYN_RECV (request sockets) included, which the crate's flags lack.
+fn all_states() -> StateFlags {
+    StateFlags::from_bits_retain(StateFlags::all().bits() | 1 << TcpState::NewSynRecv as u32)
+}
+
+fn open() -> io::Result<Socket> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&NetlinkAddr::new(0, 0))?;
+    Ok(socket)
+}
+
+/// Dumps every TCP socket of the current network namespace, IPv4 then IPv6. CLOSE_WAIT
+/// sockets come with `since_last_ack_ms`; asking it of every socket would make a dump of a
+/// busy host several times larger.
+pub fn dump_tcp() -> io::Result<Vec<DiagSocket>> {
+    let socket = open()?;
     let mut sockets = Vec::new();
+    let others = all_states().difference(StateFlags::CLOSE_WAIT);
     for family in [AF_INET, AF_INET6] {
-        dump_family(&socket, family, &mut sockets)?;
+        dump_family(&socket, family, others.clone(), ExtensionFlags::empty(), &mut sockets)?;
+        dump_family(&socket, family, StateFlags::CLOSE_WAIT, ExtensionFlags::INFO, &mut sockets)?;
     }
     Ok(sockets)
 }
 
-fn dump_family(socket: &Socket, family: u8, out: &mut Vec<DiagSocket>) -> io::Result<()> {
+/// Dumps the CLOSE_WAIT sockets of the current network namespace only.
+pub fn dump_close_wait() -> io::Result<Vec<DiagSocket>> {
+    let socket = open()?;
+    let mut sockets = Vec::new();
+    for family in [AF_INET, AF_INET6] {
+        dump_family(&socket, family, StateFlags::CLOSE_WAIT, ExtensionFlags::INFO, &mut sockets)?;
+    }
+    Ok(sockets)
+}
+
+/// `tcpi_last_ack_recv` from a raw `struct tcp_info` (offset 56 since Linux 2.6; stable uAPI).
+fn last_ack_recv_ms(tcp_info: &[u8]) -> Option<u32> {
+    const OFFSET: usize = 56;
+    let bytes = tcp_info.get(OFFSET..OFFSET + 4)?;
+    Some(u32::from_ne_bytes(bytes.try_into().ok()?))
+}
+
+fn dump_family(
+    socket: &Socket,
+    family: u8,
+    states: StateFlags,
+    extensions: ExtensionFlags,
+    out: &mut Vec<DiagSocket>,
+) -> io::Result<()> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     let mut request = NetlinkMessage::new(
@@ -51,8 +93,8 @@ fn dump_family(socket: &Socket, family: u8, out: &mut Vec<DiagSocket>) -> io::Re
         SockDiagMessage::InetRequest(InetRequest {
             family,
             protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::empty(),
-            states: StateFlags::all(),
+            extensions,
+            states,
             socket_id: if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() },
         })
         .into(),
@@ -72,6 +114,10 @@ fn dump_family(socket: &Socket, family: u8, out: &mut Vec<DiagSocket>) -> io::Re
             let length = message.header.length as usize;
             match message.payload {
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                    let since_last_ack_ms = response.nlas.iter().find_map(|nla| match nla {
+                        Nla::TcpInfo(info) => last_ack_recv_ms(info),
+                        _ => None,
+                    });
                     let header = &response.header;
                     out.push(DiagSocket {
                         family: u16::from(header.family),
@@ -86,6 +132,7 @@ fn dump_family(socket: &Socket, family: u8, out: &mut Vec<DiagSocket>) -> io::Re
                         ),
                         inode: header.inode,
                         uid: header.uid,
+                        since_last_ack_ms,
                     });
                 }
                 NetlinkPayload::Done(_) => return Ok(()),
@@ -97,5 +144,37 @@ fn dump_family(socket: &Socket, family: u8, out: &mut Vec<DiagSocket>) -> io::Re
             }
             offset += length;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::Read as _,
+        net::{TcpListener, TcpStream},
+        thread,
+        time::Duration,
+    };
+
+    use super::*;
+
+    /// A real CLOSE_WAIT socket: its dump entry says how long since the peer's FIN.
+    #[test]
+    fn close_wait_sockets_report_time_since_the_last_ack() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        drop(client);
+        assert_eq!(server.read(&mut [0u8; 1]).unwrap(), 0, "the peer's FIN");
+        thread::sleep(Duration::from_millis(300));
+        let local = server.local_addr().unwrap();
+        let dump = dump_close_wait().unwrap();
+        let ours = dump.iter().find(|s| s.local == local).expect("our CLOSE_WAIT socket");
+        assert_eq!(ours.state, TcpState::CloseWait as u8);
+        let silent = ours.since_last_ack_ms.expect("tcp_info");
+        assert!((300..5_000).contains(&silent), "{silent} ms since the FIN");
+        let all = dump_tcp().unwrap();
+        assert!(all.iter().any(|s| s.local == local && s.since_last_ack_ms.is_some()));
+        assert!(all.iter().any(|s| s.local == listener.local_addr().unwrap() && s.since_last_ack_ms.is_none()));
     }
 }

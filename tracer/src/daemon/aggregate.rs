@@ -53,6 +53,17 @@ fn is_creation(old: u8, new: u8) -> bool {
     old == CLOSE || (old == TcpState::Listen as u8 && new == TcpState::SynRecv as u8)
 }
 
+/// The earliest moment a dumped socket is known to have been in its state: for CLOSE_WAIT,
+/// when the peer's last ACK (its FIN, or later) arrived; otherwise when the dump saw it.
+fn entered_at(socket: &DiagSocket, now: u64) -> u64 {
+    match socket.since_last_ack_ms {
+        Some(ms) if socket.state == TcpState::CloseWait as u8 => {
+            now.saturating_sub(u64::from(ms) * 1_000_000)
+        }
+        _ => now,
+    }
+}
+
 /// What one reconciliation changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReconcileOutcome {
@@ -133,6 +144,11 @@ impl Aggregator {
 
     pub fn stays(&self, state: usize) -> &StayHistogram {
         &self.stays[state]
+    }
+
+    /// Records a socket's inode learned from a dump.
+    pub fn set_inode(&mut self, id: super::table::SocketId, inode: u32) {
+        self.table.set_inode(id, inode);
     }
 
     pub fn count_malformed(&mut self) {
@@ -223,7 +239,7 @@ impl Aggregator {
                 Some(socket) => {
                     self.table.set_inode(id, socket.inode);
                     if socket.state != state && !changed_since_dump {
-                        self.table.repair_state(id, socket.state, now);
+                        self.table.repair_state(id, socket.state, entered_at(socket, now), now);
                         outcome.repaired += 1;
                     }
                 }
@@ -239,7 +255,13 @@ impl Aggregator {
                 continue;
             }
             for socket in sockets {
-                self.table.insert_seeded(key, socket.state, socket.inode, now);
+                self.table.insert_seeded(
+                    key,
+                    socket.state,
+                    socket.inode,
+                    entered_at(socket, now),
+                    now,
+                );
                 outcome.added += 1;
             }
         }
@@ -297,6 +319,7 @@ mod tests {
             remote: SocketAddr::from(([127, 0, 0, 1], 80)),
             inode: 1,
             uid: 0,
+            since_last_ack_ms: None,
         }
     }
 
@@ -373,6 +396,18 @@ mod tests {
             true,
         );
         assert_eq!(again.corrections(), 0);
+    }
+
+    #[test]
+    fn a_seeded_close_wait_socket_is_dated_by_the_peers_last_ack() {
+        let mut agg = Aggregator::new(100, PortLabels::none());
+        let mut socket = diag(CloseWait, 1000);
+        socket.since_last_ack_ms = Some(90_000);
+        let now = 100_000_000_000;
+        agg.reconcile(&dump(vec![socket]), now - 10, now, false);
+        let (_, tracked) = agg.table().iter().next().unwrap();
+        assert_eq!(tracked.entered_ns, now - 90_000_000_000);
+        assert!(!tracked.entered_exact, "still a lower bound");
     }
 
     #[test]

@@ -66,6 +66,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", only_get(get(metrics)))
         .route("/healthz", only_get(get(healthz)))
         .route("/api/sockets", only_get(get(sockets)))
+        .route("/api/leaks", only_get(get(leaks)))
         .fallback(not_found)
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -126,6 +127,14 @@ async fn healthz(State(state): State<AppState>) -> Response {
         )
             .into_response(),
     }
+}
+
+/// The latest leak evaluation (at most a second old): per process, its leaked sockets.
+async fn leaks(State(state): State<AppState>, query: axum::extract::RawQuery) -> Response {
+    if query.0.is_some_and(|q| !q.is_empty()) {
+        return error(StatusCode::BAD_REQUEST, "/api/leaks takes no parameters");
+    }
+    Json(state.shared.leaks().report).into_response()
 }
 
 /// `/api/sockets` query: `state` (a state name, optional) and `limit`.

@@ -152,6 +152,8 @@ impl Collector for TcpstateCollector {
             }
         }
 
+        let close_wait_oldest = oldest[slot(TcpState::CloseWait as u8)]
+            .map_or(0.0, |entered| now.saturating_sub(entered) as f64 / 1e9);
         let delivery = status.delivery;
         counter(&mut encoder, "tcpstate_events", "Transition records received", agg.events())?;
         let mut family = encoder.encode_descriptor(
@@ -199,6 +201,35 @@ impl Collector for TcpstateCollector {
             agg.namespaces() as i64,
         )?;
         drop(agg);
+
+        let leaks = self.shared.leaks();
+        let mut family = encoder.encode_descriptor(
+            "tcpstate_close_wait_leaked_sockets",
+            "Sockets in CLOSE_WAIT for longer than --close-wait-threshold, by the comm of the \
+             process holding them: the 20 processes with most, the rest summed as comm=\"other\"",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (comm, count) in &leaks.by_comm {
+            let set = [("comm", escape_label_value(comm))];
+            ConstGauge::new(*count as i64).encode(family.encode_family(&set)?)?;
+        }
+        let gauge_f64 = |encoder: &mut DescriptorEncoder, name: &str, help: &str, value: f64| {
+            let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value).encode(metric)
+        };
+        gauge_f64(
+            &mut encoder,
+            "tcpstate_close_wait_oldest_age_seconds",
+            "Age of the oldest socket in CLOSE_WAIT (0 when there is none)",
+            close_wait_oldest,
+        )?;
+        gauge_f64(
+            &mut encoder,
+            "tcpstate_close_wait_threshold_seconds",
+            "The --close-wait-threshold beyond which a CLOSE_WAIT socket counts as leaked",
+            leaks.report.threshold_seconds,
+        )?;
 
         let version = escape_label_value(env!("CARGO_PKG_VERSION"));
         let info = encoder.encode_descriptor(

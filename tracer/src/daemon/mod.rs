@@ -7,6 +7,7 @@
 pub mod aggregate;
 pub mod gauges;
 pub mod http;
+pub mod leak_watch;
 pub mod metrics;
 pub mod table;
 
@@ -19,7 +20,11 @@ use std::{
 use anyhow::Context as _;
 use tracer_common::{TransitionRecord, settings::KernelFilter};
 
-use self::{aggregate::Aggregator, gauges::PortLabels};
+use self::{
+    aggregate::Aggregator,
+    gauges::PortLabels,
+    leak_watch::{LeakState, LeakWatch},
+};
 use crate::{
     cli::RunArgs,
     clock::monotonic_ns,
@@ -82,6 +87,7 @@ impl Status {
 pub struct Shared {
     aggregator: Mutex<Aggregator>,
     status: Mutex<Status>,
+    leaks: Mutex<LeakState>,
 }
 
 impl std::fmt::Debug for Aggregator {
@@ -91,8 +97,21 @@ impl std::fmt::Debug for Aggregator {
 }
 
 impl Shared {
-    pub fn new(aggregator: Aggregator) -> Self {
-        Self { aggregator: Mutex::new(aggregator), status: Mutex::new(Status::default()) }
+    pub fn new(aggregator: Aggregator, leaks: LeakState) -> Self {
+        Self {
+            aggregator: Mutex::new(aggregator),
+            status: Mutex::new(Status::default()),
+            leaks: Mutex::new(leaks),
+        }
+    }
+
+    /// The latest leak evaluation.
+    pub fn leaks(&self) -> LeakState {
+        self.leaks.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn set_leaks(&self, state: LeakState) {
+        *self.leaks.lock().unwrap_or_else(PoisonError::into_inner) = state;
     }
 
     /// The aggregator; a panic elsewhere while holding it leaves it usable (counts only).
@@ -128,7 +147,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut reader = RecordReader::new(ring, POLL_INTERVAL).context("watching the ring buffer")?;
 
     let labels = PortLabels::new(args.port_labels.clone());
-    let shared = Arc::new(Shared::new(Aggregator::new(args.max_sockets, labels)));
+    let shared = Arc::new(Shared::new(
+        Aggregator::new(args.max_sockets, labels),
+        LeakState::new(args.close_wait_threshold),
+    ));
     shared.aggregator().begin_dump();
     let (dumps, started, finished) = dump_namespaces().await?;
     let seeded = shared.aggregator().reconcile(&dumps, started, finished, false);
@@ -155,6 +177,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             })
             .await
     });
+
+    let leak_watch = tokio::spawn(watch_leaks(shared.clone(), args.close_wait_threshold));
 
     let mut batch: Vec<TransitionRecord> = Vec::new();
     let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
@@ -205,6 +229,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     log::info!("stopping: detaching the probe");
+    leak_watch.abort();
     let _ = http_stop.send(());
     drop(probe);
     log::debug!("probe detached");
@@ -215,6 +240,31 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     log::debug!("HTTP server stopped");
     Ok(())
+}
+
+/// Evaluates leaks every second, off the async workers.
+async fn watch_leaks(shared: Arc<Shared>, threshold: Duration) {
+    let mut watch = LeakWatch::new(threshold);
+    let mut tick = tokio::time::interval(leak_watch::EVALUATION_INTERVAL);
+    loop {
+        tick.tick().await;
+        let task_shared = shared.clone();
+        let evaluated = tokio::task::spawn_blocking(move || {
+            let state = watch.evaluate(&task_shared);
+            (watch, state)
+        })
+        .await;
+        match evaluated {
+            Ok((returned, state)) => {
+                watch = returned;
+                shared.set_leaks(state);
+            }
+            Err(error) => {
+                log::error!("leak detection stopped: {error}");
+                return;
+            }
+        }
+    }
 }
 
 fn apply(shared: &Shared, batch: &mut Vec<TransitionRecord>, malformed: &mut u64) {

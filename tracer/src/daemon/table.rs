@@ -196,14 +196,21 @@ impl SocketTable {
         }
     }
 
-    /// Adds a socket known only from a dump.
-    pub fn insert_seeded(&mut self, key: SocketKey, state: u8, inode: u32, now: u64) {
+    /// Adds a socket known only from a dump, in `state` since at least `entered_ns`.
+    pub fn insert_seeded(
+        &mut self,
+        key: SocketKey,
+        state: u8,
+        inode: u32,
+        entered_ns: u64,
+        now: u64,
+    ) {
         let id = self.next_seeded_id;
         self.next_seeded_id += 1;
         let tracked = Tracked {
             key,
             state,
-            entered_ns: now,
+            entered_ns,
             entered_exact: false,
             last_seen_ns: now,
             owner: None,
@@ -289,13 +296,13 @@ impl SocketTable {
         }
     }
 
-    /// Repairs a socket's state from a dump: the stay in it is a lower bound from now.
-    pub fn repair_state(&mut self, id: SocketId, state: u8, now: u64) {
+    /// Repairs a socket's state from a dump: in `state` since at least `entered_ns`.
+    pub fn repair_state(&mut self, id: SocketId, state: u8, entered_ns: u64, now: u64) {
         if let Some(tracked) = self.sockets.get_mut(&id) {
             self.gauges.add(tracked.key.sport, tracked.state, -1, now);
             self.gauges.add(tracked.key.sport, state, 1, now);
             tracked.state = state;
-            tracked.entered_ns = now;
+            tracked.entered_ns = entered_ns;
             tracked.entered_exact = false;
             tracked.last_seen_ns = now;
         }
@@ -360,7 +367,7 @@ mod tests {
     #[test]
     fn seeded_sockets_are_adopted_by_key_without_double_counting() {
         let mut table = SocketTable::new(10, PortLabels::none());
-        table.insert_seeded(key(1000), EST, 77, 5);
+        table.insert_seeded(key(1000), EST, 77, 5, 5);
         assert_eq!(table.gauges().count(EST), 1);
         assert!(table.adopt_seeded(&key(1000), SKADDR));
         assert_eq!(table.gauges().count(EST), 1);
@@ -387,7 +394,7 @@ mod tests {
     #[test]
     fn duplicates_of_a_traced_socket_are_dropped() {
         let mut table = SocketTable::new(10, PortLabels::none());
-        table.insert_seeded(key(1000), EST, 0, 5);
+        table.insert_seeded(key(1000), EST, 0, 5, 5);
         table.enter_state(SKADDR, key(1000), EST, 6, None);
         assert_eq!(table.gauges().count(EST), 2);
         assert!(table.drop_seeded_duplicate(&key(1000), 7));

@@ -14,7 +14,7 @@ use std::{fs, io, os::fd::AsFd as _, path::PathBuf};
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{MapData, MapError, PerCpuArray, RingBuf},
-    programs::{ProgramError, TracePoint},
+    programs::{FExit, ProgramError, TracePoint},
 };
 use thiserror::Error;
 use tracer_common::{
@@ -34,6 +34,8 @@ use self::{
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
 const MAIN_PROGRAM: &str = "inet_sock_set_state";
+const ACCEPT_PROGRAM: &str = "accept_owner";
+const ACCEPT_FUNCTION: &str = "inet_csk_accept";
 
 /// Settings of one probe instance.
 #[derive(Debug, Clone)]
@@ -208,6 +210,12 @@ impl Probe {
             }
         })?;
 
+        if let Err(error) = attach_accept_owner(&mut ebpf) {
+            log::info!(
+                "owners of accepted sockets will come from /proc only: attaching fexit to \
+                 {ACCEPT_FUNCTION} failed: {error:#}"
+            );
+        }
         log::info!(
             "attached to tracepoint {}:{} (ring buffer {} KiB, {} kernel socket slots)",
             tracepoint::CATEGORY,
@@ -256,6 +264,16 @@ impl Probe {
         let fd = program.fd().map_err(|e| stats_error(io::Error::other(e.to_string())))?;
         stats::program_stats(fd.as_fd()).map_err(stats_error)
     }
+}
+
+/// The optional fexit program that names the owner of an accepted socket.
+fn attach_accept_owner(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let btf = aya::Btf::from_sys_fs()?;
+    let program: &mut FExit =
+        ebpf.program_mut(ACCEPT_PROGRAM).ok_or(ProbeError::Missing(ACCEPT_PROGRAM))?.try_into()?;
+    program.load(ACCEPT_FUNCTION, &btf)?;
+    program.attach()?;
+    Ok(())
 }
 
 fn take_map<T>(

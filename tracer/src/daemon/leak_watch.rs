@@ -1,0 +1,214 @@
+//! The daemon's CLOSE_WAIT leak detector: once a second, sockets in CLOSE_WAIT for longer
+//! than the threshold are grouped by the process holding them; a process starting to leak,
+//! crossing a power of two, or clearing is logged once, not once per socket per second.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use tracer_common::TcpState;
+
+use super::{Shared, table::SocketKey};
+use crate::{
+    clock::monotonic_ns,
+    leaks::{Candidate, LeakReport, OwnerResolver, ProcessLeak, Source, human_age},
+    netns, sockdiag,
+};
+
+/// How often the detector looks.
+pub const EVALUATION_INTERVAL: Duration = Duration::from_secs(1);
+/// At most one /proc walk, and one sock_diag dump for missing inodes, this often.
+const LOOKUP_INTERVAL: Duration = Duration::from_secs(5);
+/// Most processes with their own `comm` label in tcpstate_close_wait_leaked_sockets.
+pub const TOP_PROCESSES: usize = 20;
+/// A process that stopped leaking keeps a 0 sample this long, so the metric returns to 0.
+const CLEARED_RETENTION: Duration = Duration::from_secs(600);
+
+/// What the exporter needs of the latest evaluation.
+#[derive(Clone, Debug)]
+pub struct LeakState {
+    pub report: LeakReport,
+    /// (comm, leaked sockets): the top processes, "other" for the rest, and recently cleared
+    /// ones at 0.
+    pub by_comm: Vec<(String, u64)>,
+}
+
+impl LeakState {
+    pub fn new(threshold: Duration) -> Self {
+        Self { report: LeakReport::empty(Source::Daemon, threshold), by_comm: Vec::new() }
+    }
+}
+
+/// What was last logged about a leaking process.
+struct Logged {
+    comm: String,
+    /// floor(log2) of the largest count logged: the next log is at the next power of two.
+    power: u32,
+}
+
+pub struct LeakWatch {
+    threshold: Duration,
+    resolver: OwnerResolver,
+    last_inode_dump: Option<Instant>,
+    logged: HashMap<Option<u32>, Logged>,
+    cleared: HashMap<String, Instant>,
+}
+
+impl LeakWatch {
+    pub fn new(threshold: Duration) -> Self {
+        Self {
+            threshold,
+            resolver: OwnerResolver::new(LOOKUP_INTERVAL),
+            last_inode_dump: None,
+            logged: HashMap::new(),
+            cleared: HashMap::new(),
+        }
+    }
+
+    /// One evaluation (blocking: reads /proc, may dump sock_diag).
+    pub fn evaluate(&mut self, shared: &Shared) -> LeakState {
+        let now = monotonic_ns();
+        let threshold_ns = self.threshold.as_nanos() as u64;
+        let mut candidates: Vec<(u64, Candidate)> = {
+            let agg = shared.aggregator();
+            agg.table()
+                .iter()
+                .filter(|(_, t)| t.state == TcpState::CloseWait as u8)
+                .filter(|(_, t)| now.saturating_sub(t.entered_ns) >= threshold_ns)
+                .map(|(id, t)| {
+                    let candidate = Candidate {
+                        key: t.key,
+                        age_ns: now.saturating_sub(t.entered_ns),
+                        age_is_lower_bound: !t.entered_exact,
+                        kernel_owner: t.owner.map(|o| o.pid),
+                        inode: t.inode,
+                    };
+                    (id, candidate)
+                })
+                .collect()
+        };
+        self.fill_missing_inodes(shared, &mut candidates);
+        let report = self.resolver.report(
+            candidates.into_iter().map(|(_, c)| c).collect(),
+            Source::Daemon,
+            self.threshold,
+        );
+        self.log_changes(&report);
+        let by_comm = self.by_comm(&report);
+        LeakState { report, by_comm }
+    }
+
+    /// Sockets seen only on the tracepoint have no inode until a dump lists them; /proc needs
+    /// it to find their owner. Dumps CLOSE_WAIT sockets (cheap) when some are missing.
+    fn fill_missing_inodes(&mut self, shared: &Shared, candidates: &mut [(u64, Candidate)]) {
+        let missing: HashMap<SocketKey, usize> = candidates
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, c))| c.inode == 0 && c.kernel_owner.is_none())
+            .map(|(i, (_, c))| (c.key, i))
+            .collect();
+        if missing.is_empty()
+            || self.last_inode_dump.is_some_and(|at| at.elapsed() < LOOKUP_INTERVAL)
+        {
+            return;
+        }
+        self.last_inode_dump = Some(Instant::now());
+        let dumps = netns::dump_all_with(sockdiag::dump_close_wait);
+        let mut agg = shared.aggregator();
+        for dump in &dumps {
+            for socket in &dump.sockets {
+                let key = SocketKey::from_diag(dump.inode, socket);
+                if let Some(&i) = missing.get(&key) {
+                    let (id, candidate) = &mut candidates[i];
+                    candidate.inode = socket.inode;
+                    agg.set_inode(*id, socket.inode);
+                }
+            }
+        }
+    }
+
+    fn log_changes(&mut self, report: &LeakReport) {
+        let mut present = HashSet::new();
+        for process in &report.processes {
+            present.insert(process.pid);
+            let power = process.count.max(1).ilog2();
+            match self.logged.get_mut(&process.pid) {
+                None => {
+                    log::warn!(
+                        "CLOSE_WAIT leak started: {}{}",
+                        describe(process),
+                        details(process)
+                    );
+                    self.logged.insert(
+                        process.pid,
+                        Logged { comm: process.comm_or_unknown().to_owned(), power },
+                    );
+                    self.cleared.remove(process.comm_or_unknown());
+                }
+                Some(logged) if power > logged.power => {
+                    log::warn!(
+                        "CLOSE_WAIT leak growing: {}{}",
+                        describe(process),
+                        details(process)
+                    );
+                    logged.power = power;
+                }
+                Some(_) => {}
+            }
+        }
+        let gone: Vec<_> =
+            self.logged.keys().filter(|pid| !present.contains(*pid)).copied().collect();
+        for pid in gone {
+            if let Some(logged) = self.logged.remove(&pid) {
+                let who = pid.map_or_else(|| "unknown owner".to_owned(), |p| format!("pid {p}"));
+                log::warn!(
+                    "CLOSE_WAIT leak cleared: {who} ({}) holds no socket in CLOSE_WAIT past {} any more",
+                    logged.comm,
+                    human_age(self.threshold.as_secs_f64())
+                );
+                self.cleared.insert(logged.comm, Instant::now());
+            }
+        }
+    }
+
+    /// Leaked sockets per `comm`, bounded: the top processes by count, "other" for the rest,
+    /// and 0 for processes that cleared recently (absent ones would only go stale).
+    fn by_comm(&mut self, report: &LeakReport) -> Vec<(String, u64)> {
+        let mut per_comm: HashMap<String, u64> = HashMap::new();
+        for process in &report.processes {
+            *per_comm.entry(process.comm_or_unknown().to_owned()).or_default() +=
+                process.count as u64;
+        }
+        let mut ranked: Vec<(String, u64)> = per_comm.into_iter().collect();
+        ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let other: u64 = ranked.iter().skip(TOP_PROCESSES).map(|(_, n)| n).sum();
+        ranked.truncate(TOP_PROCESSES);
+        self.cleared.retain(|_, at| at.elapsed() < CLEARED_RETENTION);
+        let mut zeros: Vec<_> =
+            self.cleared.keys().filter(|c| !ranked.iter().any(|(r, _)| r == *c)).cloned().collect();
+        zeros.sort();
+        zeros.truncate(TOP_PROCESSES);
+        ranked.extend(zeros.into_iter().map(|comm| (comm, 0)));
+        ranked.push(("other".to_owned(), other));
+        ranked
+    }
+}
+
+fn describe(process: &ProcessLeak) -> String {
+    let pid = process.pid.map_or_else(|| "unknown pid".to_owned(), |p| format!("pid {p}"));
+    format!(
+        "{pid} ({}) holds {} sockets in CLOSE_WAIT, oldest {}",
+        process.comm_or_unknown(),
+        process.count,
+        human_age(process.oldest_age_seconds)
+    )
+}
+
+fn details(process: &ProcessLeak) -> String {
+    let ports: Vec<String> = process.local_ports().iter().take(5).map(u16::to_string).collect();
+    let peers: Vec<String> =
+        process.top_peers(3).into_iter().map(|(addr, n)| format!("{addr} ({n})")).collect();
+    let cmdline = process.cmdline.as_deref().filter(|c| !c.is_empty()).unwrap_or("-");
+    format!("; local ports {}; top peers {}; cmdline: {cmdline}", ports.join(","), peers.join(", "))
+}

@@ -1,0 +1,254 @@
+//! `tcpstate leaks`: the leak table of a running daemon, or of a one-shot snapshot when no
+//! daemon answers. Exit status 0 without leaks, 1 with leaks, 2 on a usage error, 3 when
+//! neither the daemon nor a snapshot could tell.
+
+use std::{
+    fmt::{self, Write as _},
+    process::ExitCode,
+    str::FromStr,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use http_body_util::{BodyExt as _, Empty};
+use hyper::{Request, StatusCode, body::Bytes};
+use hyper_util::rt::TokioIo;
+
+use super::{Candidate, LeakReport, OwnerResolver, Source, human_age, plural};
+use crate::{cli::LeaksArgs, daemon::table::SocketKey, netns, sockdiag};
+
+/// How long to wait for a daemon before falling back to a snapshot.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A daemon's HTTP address: `http://HOST:PORT`, or just `HOST:PORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonUrl {
+    pub host: String,
+    pub port: u16,
+}
+
+impl FromStr for DaemonUrl {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        if value.starts_with("https://") {
+            return Err("https is not supported: the daemon serves plain HTTP".to_owned());
+        }
+        let rest = value.strip_prefix("http://").unwrap_or(value).trim_end_matches('/');
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| "expected http://HOST:PORT, e.g. http://127.0.0.1:9977".to_owned())?;
+        let port = port.parse().map_err(|_| format!("`{port}` is not a port number"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains('/') {
+            return Err("expected http://HOST:PORT, e.g. http://127.0.0.1:9977".to_owned());
+        }
+        Ok(Self { host: host.to_owned(), port })
+    }
+}
+
+impl fmt::Display for DaemonUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "http://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "http://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Why the daemon's report could not be had.
+enum FetchError {
+    /// Nothing answers there: take a snapshot instead.
+    Unreachable(String),
+    /// Something answered, but not with a report: a real error.
+    Failed(anyhow::Error),
+}
+
+async fn fetch(url: &DaemonUrl) -> Result<LeakReport, FetchError> {
+    let connect = tokio::net::TcpStream::connect((url.host.as_str(), url.port));
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => return Err(FetchError::Unreachable(error.to_string())),
+        Err(_) => return Err(FetchError::Unreachable("no answer within 2 s".to_owned())),
+    };
+    let exchange = async {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("HTTP handshake")?;
+        tokio::spawn(connection);
+        let request = Request::get("/api/leaks")
+            .header(hyper::header::HOST, format!("{}:{}", url.host, url.port))
+            .body(Empty::<Bytes>::new())?;
+        let response = sender.send_request(request).await.context("sending the request")?;
+        let status = response.status();
+        let body = response.into_body().collect().await.context("reading the response")?.to_bytes();
+        if status != StatusCode::OK {
+            bail!("{url}/api/leaks answered {status}: {}", String::from_utf8_lossy(&body));
+        }
+        serde_json::from_slice::<LeakReport>(&body)
+            .with_context(|| format!("{url}/api/leaks did not answer with a leak report"))
+    };
+    match tokio::time::timeout(RESPONSE_TIMEOUT, exchange).await {
+        Ok(result) => result.map_err(FetchError::Failed),
+        Err(_) => Err(FetchError::Failed(anyhow::anyhow!("{url} did not answer within 15 s"))),
+    }
+}
+
+/// A one-shot look without a daemon: CLOSE_WAIT sockets of every namespace, dated by the time
+/// since their peer's last ACK (a lower bound of their stay), owners from /proc.
+pub fn snapshot(threshold: Duration) -> LeakReport {
+    let threshold_ms = threshold.as_millis();
+    let candidates = netns::dump_all_with(sockdiag::dump_close_wait)
+        .into_iter()
+        .flat_map(|dump| {
+            dump.sockets.into_iter().filter_map(move |socket| {
+                let silent_ms = socket.since_last_ack_ms?;
+                (u128::from(silent_ms) >= threshold_ms).then(|| Candidate {
+                    key: SocketKey::from_diag(dump.inode, &socket),
+                    age_ns: u64::from(silent_ms) * 1_000_000,
+                    age_is_lower_bound: true,
+                    kernel_owner: None,
+                    inode: socket.inode,
+                })
+            })
+        })
+        .collect();
+    OwnerResolver::new(Duration::ZERO).report(candidates, Source::Snapshot, threshold)
+}
+
+/// The leak table, as aligned text.
+pub fn render(report: &LeakReport) -> String {
+    let mut out = String::new();
+    let threshold = human_age(report.threshold_seconds);
+    if report.processes.is_empty() {
+        let _ = writeln!(
+            out,
+            "No CLOSE_WAIT leaks: no socket has been in CLOSE_WAIT for over {threshold}."
+        );
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{} leaked in CLOSE_WAIT (over {threshold}) by {}:",
+        plural(report.leaked_sockets, "socket", "sockets"),
+        plural(report.processes.len(), "process", "processes")
+    );
+    let endpoint = |ip: &str, port: u16| {
+        if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") }
+    };
+    for process in &report.processes {
+        let pid = process.pid.map_or_else(|| "?".to_owned(), |p| p.to_string());
+        let _ = writeln!(
+            out,
+            "\nPID {pid} {}: {}, oldest {}",
+            process.comm_or_unknown(),
+            plural(process.count, "socket", "sockets"),
+            human_age(process.oldest_age_seconds)
+        );
+        if process.pid.is_none() {
+            let _ =
+                writeln!(out, "  owner unknown: no process holds a descriptor for these sockets");
+        }
+        if let Some(cmdline) = process.cmdline.as_deref().filter(|c| !c.is_empty()) {
+            let _ = writeln!(out, "  cmdline: {cmdline}");
+        }
+        if let Some(cgroup) = &process.cgroup {
+            let _ = writeln!(out, "  cgroup:  {cgroup}");
+        }
+        const SHOWN: usize = 10;
+        let rows: Vec<(String, String, String)> = process
+            .sockets
+            .iter()
+            .take(SHOWN)
+            .map(|socket| {
+                let age = human_age(socket.age_seconds);
+                (
+                    endpoint(&socket.local_address, socket.local_port),
+                    endpoint(&socket.remote_address, socket.remote_port),
+                    if socket.age_is_lower_bound { format!(">={age}") } else { age },
+                )
+            })
+            .collect();
+        let local = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max(5);
+        let remote = rows.iter().map(|r| r.1.len()).max().unwrap_or(0).max(6);
+        let _ = writeln!(out, "  {:<local$}  {:<remote$}  {:>10}", "LOCAL", "REMOTE", "AGE");
+        for (l, r, age) in rows {
+            let _ = writeln!(out, "  {l:<local$}  {r:<remote$}  {age:>10}");
+        }
+        if process.sockets.len() > SHOWN {
+            let _ = writeln!(out, "  ... and {} more", process.sockets.len() - SHOWN);
+        }
+    }
+    out
+}
+
+pub async fn run(args: LeaksArgs) -> ExitCode {
+    const LEAKS: u8 = 1;
+    const FAILED: u8 = 3;
+    let report = match fetch(&args.daemon).await {
+        Ok(report) => report,
+        Err(FetchError::Failed(error)) => {
+            eprintln!("tcpstate: error: {error:#}");
+            return ExitCode::from(FAILED);
+        }
+        Err(FetchError::Unreachable(reason)) => {
+            eprintln!(
+                "tcpstate: no daemon at {} ({reason}); taking a one-shot snapshot instead. Ages \
+                 are lower bounds: the time since each socket's peer last sent an ACK.",
+                args.daemon
+            );
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                eprintln!(
+                    "tcpstate: not root: other users' processes and other network namespaces \
+                     are not visible"
+                );
+            }
+            let threshold = args.close_wait_threshold;
+            match tokio::task::spawn_blocking(move || snapshot(threshold)).await {
+                Ok(report) => report,
+                Err(error) => {
+                    eprintln!("tcpstate: error: snapshot failed: {error}");
+                    return ExitCode::from(FAILED);
+                }
+            }
+        }
+    };
+    let printed = if args.json {
+        serde_json::to_string_pretty(&report).map(|json| println!("{json}"))
+    } else {
+        print!("{}", render(&report));
+        Ok(())
+    };
+    if let Err(error) = printed {
+        eprintln!("tcpstate: error: {error}");
+        return ExitCode::from(FAILED);
+    }
+    if report.leaked_sockets > 0 { ExitCode::from(LEAKS) } else { ExitCode::SUCCESS }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn daemon_urls_parse() {
+        let url: DaemonUrl = "http://127.0.0.1:9977".parse().unwrap();
+        assert_eq!(url, DaemonUrl { host: "127.0.0.1".into(), port: 9977 });
+        assert_eq!("localhost:80/".parse::<DaemonUrl>().unwrap().port, 80);
+        let v6: DaemonUrl = "http://[::1]:9977".parse().unwrap();
+        assert_eq!(v6.host, "::1");
+        assert_eq!(v6.to_string(), "http://[::1]:9977");
+        assert!("https://x:1".parse::<DaemonUrl>().is_err());
+        assert!("http://x".parse::<DaemonUrl>().is_err());
+        assert!("http://x:99999".parse::<DaemonUrl>().is_err());
+    }
+
+    #[test]
+    fn an_empty_report_says_so() {
+        let text = render(&LeakReport::empty(Source::Daemon, Duration::from_secs(60)));
+        assert!(text.starts_with("No CLOSE_WAIT leaks"), "{text}");
+    }
+}

@@ -1,0 +1,264 @@
+//! CLOSE_WAIT leaks: sockets whose peer hung up long ago while the local process never closed
+//! them. This module holds the report (what the daemon serves at /api/leaks and `tcpstate
+//! leaks` prints) and how it names the processes; `command` is `tcpstate leaks` itself.
+
+pub mod command;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    daemon::table::SocketKey,
+    owners::{ProcessCache, scan_socket_holders},
+};
+
+/// Where a report comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The daemon, which saw most sockets enter CLOSE_WAIT: exact ages where it did.
+    Daemon,
+    /// A one-shot snapshot: every age is a lower bound.
+    Snapshot,
+}
+
+/// One leaked socket.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LeakedSocket {
+    pub family: String,
+    pub local_address: String,
+    pub local_port: u16,
+    pub remote_address: String,
+    pub remote_port: u16,
+    pub age_seconds: f64,
+    /// True when the socket was older than what was observed of it.
+    pub age_is_lower_bound: bool,
+    pub netns: u32,
+    pub inode: Option<u32>,
+}
+
+/// The leaked sockets of one process (or of no known process, `pid` null).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProcessLeak {
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub cmdline: Option<String>,
+    pub cgroup: Option<String>,
+    pub count: usize,
+    pub oldest_age_seconds: f64,
+    /// Oldest first.
+    pub sockets: Vec<LeakedSocket>,
+}
+
+impl ProcessLeak {
+    /// Distinct local ports, ascending.
+    pub fn local_ports(&self) -> Vec<u16> {
+        let ports: std::collections::BTreeSet<u16> =
+            self.sockets.iter().map(|s| s.local_port).collect();
+        ports.into_iter().collect()
+    }
+
+    /// Remote addresses with the most leaked sockets, most first.
+    pub fn top_peers(&self, n: usize) -> Vec<(String, usize)> {
+        let mut peers: BTreeMap<&str, usize> = BTreeMap::new();
+        for socket in &self.sockets {
+            *peers.entry(&socket.remote_address).or_default() += 1;
+        }
+        let mut peers: Vec<_> = peers.into_iter().map(|(a, c)| (a.to_owned(), c)).collect();
+        peers.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        peers.truncate(n);
+        peers
+    }
+
+    pub fn comm_or_unknown(&self) -> &str {
+        self.comm.as_deref().unwrap_or("unknown")
+    }
+}
+
+/// Every leak at one moment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LeakReport {
+    pub source: Source,
+    pub threshold_seconds: f64,
+    pub leaked_sockets: usize,
+    /// Most leaked sockets first.
+    pub processes: Vec<ProcessLeak>,
+}
+
+impl LeakReport {
+    pub fn empty(source: Source, threshold: Duration) -> Self {
+        Self {
+            source,
+            threshold_seconds: threshold.as_secs_f64(),
+            leaked_sockets: 0,
+            processes: Vec::new(),
+        }
+    }
+}
+
+/// A socket past the threshold, before its owner is resolved.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub key: SocketKey,
+    pub age_ns: u64,
+    pub age_is_lower_bound: bool,
+    /// The owner the kernel program captured in the owner's own system call.
+    pub kernel_owner: Option<u32>,
+    /// Socket inode from sock_diag, 0 when unknown.
+    pub inode: u32,
+}
+
+/// Names the processes holding leaked sockets. Owners the kernel captured are used while
+/// those processes live; the others are looked up by inode in /proc, at most once per
+/// `scan_interval`, and only for sockets that need it.
+pub struct OwnerResolver {
+    processes: ProcessCache,
+    holders: HashMap<u32, u32>,
+    last_scan: Option<Instant>,
+    scan_interval: Duration,
+}
+
+impl OwnerResolver {
+    pub fn new(scan_interval: Duration) -> Self {
+        Self {
+            processes: ProcessCache::default(),
+            holders: HashMap::new(),
+            last_scan: None,
+            scan_interval,
+        }
+    }
+
+    pub fn report(
+        &mut self,
+        candidates: Vec<Candidate>,
+        source: Source,
+        threshold: Duration,
+    ) -> LeakReport {
+        let mut owners: Vec<Option<u32>> = candidates
+            .iter()
+            .map(|c| c.kernel_owner.filter(|&pid| self.processes.get(pid).is_some()))
+            .collect();
+        let unresolved: HashSet<u32> = candidates
+            .iter()
+            .zip(&owners)
+            .filter(|(c, owner)| owner.is_none() && c.inode != 0)
+            .map(|(c, _)| c.inode)
+            .collect();
+        let missing = unresolved.iter().any(|inode| !self.holders.contains_key(inode));
+        let may_scan = self.last_scan.is_none_or(|at| at.elapsed() >= self.scan_interval);
+        if missing && may_scan {
+            self.holders = scan_socket_holders(&unresolved);
+            self.last_scan = Some(Instant::now());
+        }
+        for (candidate, owner) in candidates.iter().zip(owners.iter_mut()) {
+            if owner.is_none() {
+                *owner = self.holders.get(&candidate.inode).copied();
+            }
+        }
+
+        let mut by_owner: HashMap<Option<u32>, Vec<&Candidate>> = HashMap::new();
+        for (candidate, owner) in candidates.iter().zip(&owners) {
+            by_owner.entry(*owner).or_default().push(candidate);
+        }
+        let live: HashSet<u32> = by_owner.keys().flatten().copied().collect();
+        let mut processes: Vec<ProcessLeak> = by_owner
+            .into_iter()
+            .map(|(pid, mut sockets)| {
+                sockets.sort_by_key(|c| std::cmp::Reverse(c.age_ns));
+                let info = pid.and_then(|pid| self.processes.get(pid));
+                ProcessLeak {
+                    pid,
+                    comm: info.as_ref().map(|i| i.comm.clone()),
+                    cmdline: info.as_ref().map(|i| i.cmdline.clone()),
+                    cgroup: info.and_then(|i| i.cgroup),
+                    count: sockets.len(),
+                    oldest_age_seconds: sockets.first().map_or(0.0, |s| s.age_ns as f64 / 1e9),
+                    sockets: sockets.into_iter().map(leaked_socket).collect(),
+                }
+            })
+            .collect();
+        processes.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.pid.cmp(&b.pid)));
+        self.processes.retain(&live);
+        LeakReport {
+            source,
+            threshold_seconds: threshold.as_secs_f64(),
+            leaked_sockets: candidates.len(),
+            processes,
+        }
+    }
+}
+
+fn leaked_socket(candidate: &Candidate) -> LeakedSocket {
+    let (local, remote) = (candidate.key.local(), candidate.key.remote());
+    LeakedSocket {
+        family: candidate.key.family_name().to_owned(),
+        local_address: local.ip().to_string(),
+        local_port: local.port(),
+        remote_address: remote.ip().to_string(),
+        remote_port: remote.port(),
+        age_seconds: candidate.age_ns as f64 / 1e9,
+        age_is_lower_bound: candidate.age_is_lower_bound,
+        netns: candidate.key.netns,
+        inode: (candidate.inode != 0).then_some(candidate.inode),
+    }
+}
+
+/// "1 process", "3 processes".
+pub fn plural(count: usize, one: &str, many: &str) -> String {
+    format!("{count} {}", if count == 1 { one } else { many })
+}
+
+/// `1h 02m`, `2m 03s`, `4.2s`: ages as people read them.
+pub fn human_age(seconds: f64) -> String {
+    let whole = seconds as u64;
+    match whole {
+        0..60 => format!("{seconds:.1}s"),
+        60..3600 => format!("{}m {:02}s", whole / 60, whole % 60),
+        3600..86_400 => format!("{}h {:02}m", whole / 3600, whole % 3600 / 60),
+        _ => format!("{}d {:02}h", whole / 86_400, whole % 86_400 / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_naturally() {
+        assert_eq!(human_age(4.25), "4.2s");
+        assert_eq!(human_age(123.0), "2m 03s");
+        assert_eq!(human_age(3720.0), "1h 02m");
+        assert_eq!(human_age(90_000.0), "1d 01h");
+    }
+
+    #[test]
+    fn peers_and_ports_summarize_a_process() {
+        let socket = |port: u16, peer: &str| LeakedSocket {
+            family: "inet".into(),
+            local_address: "10.0.0.1".into(),
+            local_port: port,
+            remote_address: peer.into(),
+            remote_port: 40_000,
+            age_seconds: 1.0,
+            age_is_lower_bound: false,
+            netns: 1,
+            inode: None,
+        };
+        let leak = ProcessLeak {
+            pid: Some(1),
+            comm: None,
+            cmdline: None,
+            cgroup: None,
+            count: 3,
+            oldest_age_seconds: 1.0,
+            sockets: vec![socket(80, "10.0.0.9"), socket(443, "10.0.0.8"), socket(80, "10.0.0.9")],
+        };
+        assert_eq!(leak.local_ports(), vec![80, 443]);
+        assert_eq!(leak.top_peers(1), vec![("10.0.0.9".to_owned(), 2)]);
+        assert_eq!(leak.comm_or_unknown(), "unknown");
+    }
+}

@@ -1,0 +1,114 @@
+//! Who holds a socket, from /proc: the processes whose file descriptors link to its inode
+//! (`socket:[inode]`), as `ss -p` finds them, and what those processes are.
+//!
+//! Walking every process's descriptors is the expensive part; callers do it only for sockets
+//! whose owner the kernel program could not capture, and not more often than they choose.
+
+use std::collections::{HashMap, HashSet};
+
+use procfs::process::{FDTarget, Process};
+use serde::{Deserialize, Serialize};
+
+/// A process, as a leak report names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub comm: String,
+    /// Arguments joined by spaces; empty for kernel threads.
+    pub cmdline: String,
+    /// The cgroup v2 path (or the first v1 hierarchy's), when the process has one.
+    pub cgroup: Option<String>,
+}
+
+impl ProcessInfo {
+    /// Reads /proc/<pid>; `None` when the process is gone or unreadable.
+    pub fn read(pid: u32) -> Option<(Self, u64)> {
+        let process = Process::new(pid as i32).ok()?;
+        let stat = process.stat().ok()?;
+        let cmdline = process.cmdline().map(|args| args.join(" ")).unwrap_or_default();
+        let cgroup = process.cgroups().ok().and_then(|groups| {
+            let groups = groups.0;
+            groups
+                .iter()
+                .find(|g| g.hierarchy == 0)
+                .or(groups.first())
+                .map(|g| g.pathname.clone())
+                .filter(|path| !path.is_empty())
+        });
+        Some((Self { pid, comm: stat.comm, cmdline, cgroup }, stat.starttime))
+    }
+}
+
+/// Maps socket inodes to the first process (lowest pid) holding a descriptor for each of
+/// `wanted`; stops early once all are found.
+pub fn scan_socket_holders(wanted: &HashSet<u32>) -> HashMap<u32, u32> {
+    let mut found = HashMap::new();
+    if wanted.is_empty() {
+        return found;
+    }
+    let Ok(processes) = procfs::process::all_processes() else { return found };
+    let mut processes: Vec<Process> = processes.flatten().collect();
+    processes.sort_by_key(Process::pid);
+    for process in processes {
+        let Ok(fds) = process.fd() else { continue };
+        for fd in fds.flatten() {
+            if let FDTarget::Socket(inode) = fd.target
+                && let Ok(inode) = u32::try_from(inode)
+                && wanted.contains(&inode)
+            {
+                found.entry(inode).or_insert(process.pid() as u32);
+            }
+        }
+        if found.len() == wanted.len() {
+            break;
+        }
+    }
+    found
+}
+
+/// Process details, cached by pid and checked against the process start time so a reused
+/// pid is not mistaken for the old process.
+#[derive(Default)]
+pub struct ProcessCache {
+    by_pid: HashMap<u32, (ProcessInfo, u64)>,
+}
+
+impl ProcessCache {
+    /// The live process `pid`, if it exists.
+    pub fn get(&mut self, pid: u32) -> Option<ProcessInfo> {
+        let start = Process::new(pid as i32).ok()?.stat().ok()?.starttime;
+        if let Some((info, cached_start)) = self.by_pid.get(&pid)
+            && *cached_start == start
+        {
+            return Some(info.clone());
+        }
+        let (info, start) = ProcessInfo::read(pid)?;
+        self.by_pid.insert(pid, (info.clone(), start));
+        Some(info)
+    }
+
+    /// Forgets every pid not in `keep`.
+    pub fn retain(&mut self, keep: &HashSet<u32>) {
+        self.by_pid.retain(|pid, _| keep.contains(pid));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::TcpListener, os::unix::fs::MetadataExt as _};
+
+    use super::*;
+
+    #[test]
+    fn finds_this_process_holding_its_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        use std::os::fd::AsRawFd as _;
+        let link = std::fs::metadata(format!("/proc/self/fd/{}", listener.as_raw_fd())).unwrap();
+        let inode = u32::try_from(link.ino()).unwrap();
+        let holders = scan_socket_holders(&HashSet::from([inode]));
+        assert_eq!(holders.get(&inode), Some(&std::process::id()));
+        let info = ProcessCache::default().get(std::process::id()).unwrap();
+        assert_eq!(info.comm, std::fs::read_to_string("/proc/self/comm").unwrap().trim());
+        assert!(!info.cmdline.is_empty());
+    }
+}

@@ -1,0 +1,273 @@
+//! CLOSE_WAIT leak detection with real processes that own real sockets: the daemon's log,
+//! /api/leaks, `tcpstate leaks` (daemon and snapshot modes), the metric, and the alert rules.
+
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::{TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{Daemon, V4, require_root, run_tcpstate};
+use serde_json::Value;
+
+/// A separate process with its own `comm` (set with prctl), that holds sockets:
+/// `leak` accepts and never closes, `polite` closes on EOF, `client` connects and keeps its
+/// socket. SIGUSR1 makes it close everything it holds.
+const HELPER: &str = r#"
+import ctypes, signal, socket, sys, threading
+mode, comm = sys.argv[1], sys.argv[2]
+ctypes.CDLL(None).prctl(15, comm.encode(), 0, 0, 0)
+held = []
+def close_all(*_):
+    for s in held:
+        s.close()
+    held.clear()
+    print("closed", flush=True)
+signal.signal(signal.SIGUSR1, close_all)
+if mode in ("leak", "polite"):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(128)
+    print(server.getsockname()[1], flush=True)
+    while True:
+        conn, _ = server.accept()
+        if mode == "polite":
+            threading.Thread(target=lambda c=conn: (c.recv(1), c.close()), daemon=True).start()
+        else:
+            held.append(conn)
+else:
+    conn = socket.create_connection(("127.0.0.1", int(sys.argv[3])))
+    held.append(conn)
+    print(conn.getsockname()[1], flush=True)
+    while True:
+        signal.pause()
+"#;
+
+struct Helper {
+    child: Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    /// The port it listens on (server modes) or connected from (client mode).
+    port: u16,
+}
+
+impl Helper {
+    fn start(mode: &str, comm: &str, extra: &[&str]) -> Self {
+        let script = common::temp_file("helper.py", HELPER);
+        let python = if std::path::Path::new("/usr/bin/python3").exists() {
+            "/usr/bin/python3"
+        } else {
+            "python3"
+        };
+        let mut child = Command::new(python)
+            .arg(&script)
+            .args([mode, comm])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs the helper process");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let port = lines.next().expect("helper's first line").unwrap().parse().unwrap();
+        Self { child, lines, port }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Makes it close every socket it holds, and waits until it has.
+    fn close_all(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGUSR1) };
+        assert_eq!(self.lines.next().unwrap().unwrap(), "closed");
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Opens `count` connections to `port` and closes this side: the server side gets the FIN.
+fn hang_up_on(port: u16, count: usize) {
+    for _ in 0..count {
+        let stream = TcpStream::connect((V4, port)).unwrap();
+        drop(stream);
+    }
+}
+
+fn process(report: &Value, pid: u32) -> Option<&Value> {
+    report["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"].as_u64() == Some(u64::from(pid)))
+}
+
+/// Polls `/api/leaks` until `done` holds (the detector runs once a second).
+fn leaks_until(daemon: &Daemon, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let report = daemon.get("/api/leaks").json();
+        if done(&report) || Instant::now() > deadline {
+            return report;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn leaked_metric(daemon: &Daemon, comm: &str) -> f64 {
+    daemon.scrape().value("tcpstate_close_wait_leaked_sockets", &[("comm", comm)])
+}
+
+#[test]
+fn a_leaking_server_is_named_by_pid_and_comm_everywhere() {
+    require_root();
+    let daemon = Daemon::start(&["--close-wait-threshold", "1"]);
+    let mut leaky = Helper::start("leak", "lk-server", &[]);
+    let polite = Helper::start("polite", "polite-server", &[]);
+    hang_up_on(leaky.port, 3);
+    hang_up_on(polite.port, 3);
+
+    let report = leaks_until(&daemon, Duration::from_secs(10), |r| {
+        process(r, leaky.pid()).is_some_and(|p| p["count"] == 3)
+    });
+    let leak =
+        process(&report, leaky.pid()).unwrap_or_else(|| panic!("no leak reported: {report:#}"));
+    assert_eq!(leak["comm"], "lk-server");
+    assert!(leak["cmdline"].as_str().unwrap().contains("helper.py"), "{leak}");
+    assert!(leak["cgroup"].is_string(), "{leak}");
+    let sockets = leak["sockets"].as_array().unwrap();
+    assert_eq!(sockets.len(), 3);
+    for socket in sockets {
+        assert_eq!(socket["local_port"].as_u64(), Some(u64::from(leaky.port)));
+        assert_eq!(socket["age_is_lower_bound"], false, "seen entering CLOSE_WAIT: {socket}");
+        assert!(socket["age_seconds"].as_f64().unwrap() >= 1.0);
+    }
+    assert!(
+        process(&report, polite.pid()).is_none(),
+        "the polite server is not a leak: {report:#}"
+    );
+    assert_eq!(leaked_metric(&daemon, "lk-server"), 3.0);
+    assert_eq!(leaked_metric(&daemon, "polite-server"), 0.0);
+
+    let addr = format!("http://{}", daemon.addr);
+    let cli = run_tcpstate(&["leaks", "--daemon", &addr, "--json"]);
+    assert_eq!(cli.status.code(), Some(1), "leaks present: {:?}", cli.stderr);
+    let printed: Value = serde_json::from_str(&cli.stdout.join("\n")).unwrap();
+    let from_cli = process(&printed, leaky.pid()).expect("tcpstate leaks --json lists the process");
+    assert_eq!(from_cli["comm"], "lk-server");
+    assert_eq!(from_cli["count"], 3);
+    let table = run_tcpstate(&["leaks", "--daemon", &addr]);
+    let text = table.stdout.join("\n");
+    assert!(text.contains(&format!("PID {} lk-server: 3 sockets", leaky.pid())), "{text}");
+
+    // It finally closes them: the leak clears, the metric returns to 0, the log says so.
+    leaky.close_all();
+    let report =
+        leaks_until(&daemon, Duration::from_secs(10), |r| process(r, leaky.pid()).is_none());
+    assert!(process(&report, leaky.pid()).is_none(), "{report:#}");
+    assert_eq!(leaked_metric(&daemon, "lk-server"), 0.0);
+    let finished = daemon.stop();
+    let log = finished.stderr.join("\n");
+    let pid = format!("pid {} (lk-server)", leaky.pid());
+    assert!(log.contains(&format!("CLOSE_WAIT leak started: {pid} holds 3 sockets")), "{log}");
+    assert!(log.contains(&format!("CLOSE_WAIT leak cleared: {pid}")), "{log}");
+    assert_eq!(log.matches("CLOSE_WAIT leak started").count(), 1, "logged once, not per second");
+}
+
+#[test]
+fn a_client_that_keeps_its_socket_after_the_server_closed_is_named() {
+    require_root();
+    let daemon = Daemon::start(&["--close-wait-threshold", "1"]);
+    let listener = TcpListener::bind((V4, 0)).unwrap();
+    let client =
+        Helper::start("client", "lk-client", &[&listener.local_addr().unwrap().port().to_string()]);
+    let (server, _) = listener.accept().unwrap();
+    drop(server); // the server hangs up; the client never closes
+    let report =
+        leaks_until(&daemon, Duration::from_secs(10), |r| process(r, client.pid()).is_some());
+    let leak = process(&report, client.pid()).unwrap_or_else(|| panic!("{report:#}"));
+    assert_eq!(leak["comm"], "lk-client");
+    assert_eq!(leak["count"], 1);
+    assert_eq!(leak["sockets"][0]["local_port"].as_u64(), Some(u64::from(client.port)));
+    daemon.stop();
+}
+
+#[test]
+fn a_socket_in_close_wait_before_the_daemon_started_is_a_lower_bound_with_its_owner() {
+    require_root();
+    let leaky = Helper::start("leak", "lk-older", &[]);
+    hang_up_on(leaky.port, 2);
+    thread::sleep(Duration::from_millis(1500));
+    let daemon = Daemon::start(&["--close-wait-threshold", "1"]);
+    let report = leaks_until(&daemon, Duration::from_secs(10), |r| {
+        process(r, leaky.pid()).is_some_and(|p| p["count"] == 2)
+    });
+    let leak = process(&report, leaky.pid()).unwrap_or_else(|| panic!("{report:#}"));
+    assert_eq!(leak["comm"], "lk-older");
+    for socket in leak["sockets"].as_array().unwrap() {
+        assert_eq!(socket["age_is_lower_bound"], true, "{socket}");
+        // Dated by the peer's FIN, not by the daemon's start.
+        assert!(socket["age_seconds"].as_f64().unwrap() >= 1.4, "{socket}");
+    }
+    daemon.stop();
+}
+
+#[test]
+fn leaks_command_exit_status_with_a_daemon_and_in_snapshot_mode() {
+    require_root();
+    let leaky = Helper::start("leak", "lk-snapshot", &[]);
+    hang_up_on(leaky.port, 2);
+    thread::sleep(Duration::from_millis(1200));
+
+    // No daemon there: a snapshot, which says so and finds the process through /proc.
+    let nowhere = format!("http://127.0.0.1:{}", common::free_port());
+    let snapshot =
+        run_tcpstate(&["leaks", "--daemon", &nowhere, "--close-wait-threshold", "1", "--json"]);
+    assert_eq!(snapshot.status.code(), Some(1), "{:?}", snapshot.stderr);
+    assert!(snapshot.stderr.join("\n").contains("one-shot snapshot"), "{:?}", snapshot.stderr);
+    let report: Value = serde_json::from_str(&snapshot.stdout.join("\n")).unwrap();
+    assert_eq!(report["source"], "snapshot");
+    let leak = process(&report, leaky.pid()).unwrap_or_else(|| panic!("{report:#}"));
+    assert_eq!(leak["comm"], "lk-snapshot");
+    assert_eq!(leak["count"], 2);
+    assert!(leak["sockets"].as_array().unwrap().iter().all(|s| s["age_is_lower_bound"] == true));
+    let calm = run_tcpstate(&["leaks", "--daemon", &nowhere, "--close-wait-threshold", "1h"]);
+    assert_eq!(calm.status.code(), Some(0), "no socket is that old: {:?}", calm.stdout);
+    assert!(calm.stdout.join("\n").contains("No CLOSE_WAIT leaks"));
+
+    // A daemon whose threshold nothing has reached yet: exit 0.
+    let daemon = Daemon::start(&["--close-wait-threshold", "1h"]);
+    let addr = format!("http://{}", daemon.addr);
+    let none = run_tcpstate(&["leaks", "--daemon", &addr]);
+    assert_eq!(none.status.code(), Some(0), "{:?} {:?}", none.stdout, none.stderr);
+    daemon.stop();
+
+    for bad in
+        [vec!["leaks", "--daemon", "https://x:1"], vec!["leaks", "--close-wait-threshold", "0"]]
+    {
+        assert_eq!(run_tcpstate(&bad).status.code(), Some(2), "{bad:?}");
+    }
+}
+
+#[test]
+fn alert_rules_pass_promtool() {
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheus/alerts.yml");
+    let output = Command::new("promtool")
+        .args(["check", "rules", rules])
+        .output()
+        .expect("promtool (Debian package prometheus; `cargo xtask test` installs it)");
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("SUCCESS: 4 rules found"));
+}
