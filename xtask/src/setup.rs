@@ -14,8 +14,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages bpf-linker builds against (LLVM 22 from bookworm-security).
 const LLVM_PACKAGES: [&str; 4] = ["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
 /// Tests run a real Prometheus (`prometheus`, with `promtool`), network namespaces and `ss`
-/// (`iproute2`), and leaking helper processes (`python3`).
-const TEST_PACKAGES: [&str; 3] = ["prometheus", "iproute2", "python3"];
+/// (`iproute2`), leaking helper processes (`python3`) and check the unit (`systemd-analyze`).
+const TEST_PACKAGES: [&str; 4] = ["prometheus", "iproute2", "python3", "systemd"];
 
 /// Everything `cargo build` needs for the eBPF crate.
 pub fn build_prerequisites(root: &Path) -> anyhow::Result<()> {
@@ -35,7 +35,7 @@ pub fn build_prerequisites(root: &Path) -> anyhow::Result<()> {
 }
 
 pub fn test_prerequisites() -> anyhow::Result<()> {
-    ensure_packages(&TEST_PACKAGES, "test tools (Prometheus, iproute2, python3)")
+    ensure_packages(&TEST_PACKAGES, "test tools (Prometheus, iproute2, python3, systemd)")
 }
 
 /// The toolchain `rust-toolchain.toml` pins.
