@@ -100,21 +100,29 @@ fn counters_and_histograms_match_a_known_set_of_connections() {
             .extend(server_side(closer));
         run_connection(socket, listener, closer, HOLD);
     }
-    thread::sleep(Duration::from_millis(100));
-    let after = daemon.scrape();
-
     // Exact deltas for every (from, to) pair, per labelled port.
-    for (port, transitions) in &expected {
-        let port = port.to_string();
-        for from in TcpState::ALL {
-            for to in TcpState::ALL {
-                let want = transitions.iter().filter(|t| **t == (from, to)).count() as f64;
-                let labels = [("from", from.name()), ("to", to.name()), ("port", port.as_str())];
-                let got = delta(&after, &before, TRANSITIONS, &labels);
-                assert_eq!(got, want, "port {port}: {} -> {}", from.name(), to.name());
+    let after = common::eventually(Duration::from_secs(10), || {
+        let after = daemon.scrape();
+        for (port, transitions) in &expected {
+            let port = port.to_string();
+            for from in TcpState::ALL {
+                for to in TcpState::ALL {
+                    let want = transitions.iter().filter(|t| **t == (from, to)).count() as f64;
+                    let labels =
+                        [("from", from.name()), ("to", to.name()), ("port", port.as_str())];
+                    let got = delta(&after, &before, TRANSITIONS, &labels);
+                    if got != want {
+                        return Err(format!(
+                            "port {port}: {} -> {}: {got}, want {want}",
+                            from.name(),
+                            to.name()
+                        ));
+                    }
+                }
             }
         }
-    }
+        Ok(after)
+    });
 
     // Completed stays: 8 connections give 8 stays in SYN_SENT, SYN_RECV, each closing state,
     // and 16 in ESTABLISHED (both sides), each at least HOLD long.
@@ -175,6 +183,17 @@ fn sockets_older_than_the_daemon_are_seeded_and_move_between_gauges_once() {
     let first = daemon.scrape();
     assert_eq!(gauge(&first, Established), 3.0);
     assert_eq!(gauge(&first, Listen), 1.0);
+    let settled = |want: &[(TcpState, f64)]| {
+        common::eventually(Duration::from_secs(10), || {
+            let m = daemon.scrape();
+            match want.iter().find(|(state, n)| gauge(&m, *state) != *n) {
+                Some((state, n)) => {
+                    Err(format!("{}: {}, want {n}", state.name(), gauge(&m, *state)))
+                }
+                None => Ok(m),
+            }
+        })
+    };
     let listed = daemon.get("/api/sockets?state=ESTABLISHED").json();
     let ours: Vec<_> = listed
         .as_array()
@@ -191,18 +210,12 @@ fn sockets_older_than_the_daemon_are_seeded_and_move_between_gauges_once() {
     let (client, server) = pairs.pop().unwrap();
     drop(client);
     common::wait_for_eof(&server);
-    thread::sleep(Duration::from_millis(50));
-    let second = daemon.scrape();
-    assert_eq!(gauge(&second, Established), 2.0);
-    assert_eq!(gauge(&second, CloseWait), 1.0);
+    let second = settled(&[(Established, 2.0), (CloseWait, 1.0)]);
     let moved = [("from", "ESTABLISHED"), ("to", "CLOSE_WAIT"), ("port", port.as_str())];
     assert_eq!(delta(&second, &first, TRANSITIONS, &moved), 1.0);
 
     drop(server);
-    thread::sleep(Duration::from_millis(50));
-    let third = daemon.scrape();
-    assert_eq!(gauge(&third, CloseWait), 0.0);
-    assert_eq!(gauge(&third, Established), 2.0);
+    settled(&[(CloseWait, 0.0), (Established, 2.0)]);
     drop(pairs);
     daemon.stop();
 }
@@ -237,15 +250,19 @@ fn close_wait_and_established_gauges_agree_with_ss() {
             held.push((Some(client), server));
         }
     }
-    thread::sleep(Duration::from_millis(50));
-    let metrics = daemon.scrape();
-    for (state, name, want) in
-        [(CloseWait, "close-wait", CLOSE_WAIT), (Established, "established", ESTABLISHED)]
-    {
-        let gauge = metrics.value(SOCKETS, &[("state", state.name()), ("port", &port)]);
-        assert_eq!(gauge, ss_count(name, &port), "{} against ss", state.name());
-        assert_eq!(gauge, want as f64);
-    }
+    common::eventually(Duration::from_secs(10), || {
+        let metrics = daemon.scrape();
+        for (state, name, want) in
+            [(CloseWait, "close-wait", CLOSE_WAIT), (Established, "established", ESTABLISHED)]
+        {
+            let gauge = metrics.value(SOCKETS, &[("state", state.name()), ("port", &port)]);
+            let ss = ss_count(name, &port);
+            if gauge != ss || gauge != want as f64 {
+                return Err(format!("{}: gauge {gauge}, ss {ss}, held {want}", state.name()));
+            }
+        }
+        Ok(())
+    });
     drop(held);
     daemon.stop();
 }
@@ -277,7 +294,10 @@ fn sockets_in_another_namespace_are_tracked_apart_and_survive_reconciliation() {
     let metrics = daemon.scrape();
     for port in [&sp, &cp] {
         let established = metrics.value(SOCKETS, &[("state", "ESTABLISHED"), ("port", port)]);
-        assert_eq!(established, 2.0, "port {port}: one socket per namespace");
+        assert_eq!(
+            established, 2.0,
+            "port {port}: one socket per namespace, after reconciliations"
+        );
     }
     assert!(metrics.value("tcpstate_network_namespaces", &[]) >= 2.0);
     let listed = daemon.get("/api/sockets?state=ESTABLISHED").json();
@@ -290,11 +310,18 @@ fn sockets_in_another_namespace_are_tracked_apart_and_survive_reconciliation() {
     assert_eq!(ours.len(), 2, "{listed}");
     assert_ne!(ours[0]["netns"], ours[1]["netns"], "two namespaces: {ours:?}");
 
-    // Closing the root namespace's pair leaves the namespace's alone.
+    // Closing the root namespace's pair leaves the namespace's alone, reconciliations included.
     drop(outside);
     thread::sleep(Duration::from_millis(1500));
-    let metrics = daemon.scrape();
-    assert_eq!(metrics.value(SOCKETS, &[("state", "ESTABLISHED"), ("port", &sp)]), 1.0);
+    common::eventually(Duration::from_secs(10), || {
+        let established =
+            daemon.scrape().value(SOCKETS, &[("state", "ESTABLISHED"), ("port", &sp)]);
+        if established == 1.0 {
+            Ok(())
+        } else {
+            Err(format!("{established} ESTABLISHED on {sp}, want 1"))
+        }
+    });
     drop(inside);
     daemon.stop();
 }
@@ -323,12 +350,18 @@ fn reconciliation_repairs_drift_after_lost_records() {
     }
     unsafe { libc::kill(daemon.process.pid() as i32, libc::SIGCONT) };
     thread::sleep(Duration::from_millis(2500));
-    let after = daemon.scrape();
+    let after = common::eventually(Duration::from_secs(10), || {
+        let after = daemon.scrape();
+        let established = after.value(SOCKETS, &[("state", "ESTABLISHED"), ("port", &port)]);
+        let ss = ss_count("established", &port);
+        if established == ss && established == HELD as f64 {
+            Ok(after)
+        } else {
+            Err(format!("gauge {established}, ss {ss}, held {HELD}"))
+        }
+    });
     let lost = delta(&after, &before, "tcpstate_events_lost_total", &[("cause", "ringbuf_full")]);
     assert!(lost > 0.0, "the frozen daemon must have lost records");
-    let established = after.value(SOCKETS, &[("state", "ESTABLISHED"), ("port", &port)]);
-    assert_eq!(established, ss_count("established", &port));
-    assert_eq!(established, HELD as f64);
     let repairs = delta(&after, &before, "tcpstate_reconcile_corrections_total", &[]);
     assert!(repairs > 0.0, "repairs are counted");
     let health = daemon.get("/healthz");

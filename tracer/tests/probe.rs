@@ -111,11 +111,13 @@ fn exact_sequences(ip: IpAddr) {
     let (accepted, _) = listener.accept().unwrap();
     common::wait_for_eof(&accepted);
     drop(accepted);
-    let lifetime = started.elapsed();
 
     capture.collect_until(Duration::from_secs(5), |records| {
         records.iter().filter(|r| r.new_state() == StateName::Known(Close)).count() >= 2
     });
+    // Both sockets lived within this span: the last transitions (the final ACKs) can come
+    // after the test closed its side, e.g. after a retransmission.
+    let lifetime = started.elapsed();
     let records = &capture.records;
     let client_skaddr = records
         .iter()
@@ -145,10 +147,14 @@ fn exact_sequences(ip: IpAddr) {
         assert_eq!(r.remote(), client_addr, "accepted record {i} remote");
     }
 
-    // First sightings have no duration; every later record has one, and they add up.
+    // First sightings have no duration; every later record has one, each stay runs from the
+    // previous transition to this one, and together they fit in the socket's lifetime.
     for sequence in [&client, &accepted] {
         assert_eq!(sequence[0].dwell(), None, "first sighting must not report a duration");
         assert!(sequence[1..].iter().all(|r| r.dwell().is_some()), "later records have durations");
+        for pair in sequence.windows(2) {
+            assert_eq!(pair[1].dwell_ns, pair[1].ts_ns - pair[0].ts_ns, "stay ends where it began");
+        }
         let total: Duration = sequence.iter().filter_map(|r| r.dwell()).sum();
         assert!(total <= lifetime, "stays sum to {total:?}, more than the {lifetime:?} lifetime");
     }

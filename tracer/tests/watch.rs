@@ -73,7 +73,7 @@ fn json_output_and_every_filter_select_what_they_say() {
     let alt_source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 
     // Ground truth: every record of this test's traffic.
-    let all = Tcpstate::start(&["watch", "--json", "--port", &p, "--port", &q]);
+    let mut all = Tcpstate::start(&["watch", "--json", "--port", &p, "--port", &q]);
     let filtered: Vec<(&str, Vec<&str>, Predicate)> = vec![
         (
             "--port",
@@ -109,11 +109,15 @@ fn json_output_and_every_filter_select_what_they_say() {
     one_connection(&p6, V6, Closer::Client);
     one_connection(&q4, V4, Closer::Server);
     one_connection(&q4, alt_source, Closer::Client);
-    std::thread::sleep(Duration::from_millis(300));
+    // Once the unfiltered watcher has all 50, every transition has happened; each watcher
+    // drains what it has left when interrupted.
+    let mut seen = Vec::new();
+    all.stdout_lines(50, Duration::from_secs(10), &mut seen);
 
     let truth = all.interrupt();
     assert!(truth.status.success(), "{:?}", truth.stderr);
-    let truth = parse_lines(&truth.stdout);
+    seen.extend(truth.stdout);
+    let truth = parse_lines(&seen);
     assert_eq!(truth.len(), 50, "5 connections x 10 transitions: {truth:#?}");
     let ours: HashSet<_> = truth.iter().map(identity).collect();
 

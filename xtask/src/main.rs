@@ -89,7 +89,8 @@ fn lint() -> anyhow::Result<()> {
 /// at a time.
 fn test(filter: Option<&str>) -> anyhow::Result<()> {
     let mut command = cargo();
-    command.args(["test", "--release"]);
+    // Every failing test binary is reported, not only the first.
+    command.args(["test", "--release", "--no-fail-fast"]);
     if !cmd::is_root() {
         // The tests load eBPF programs: run the test binaries (not the build) as root.
         command.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");

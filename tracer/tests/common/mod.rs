@@ -493,3 +493,17 @@ impl Drop for NetNs {
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// Retries `attempt` until it succeeds or `timeout` passes, then panics with its last
+/// complaint. Kernel work (the last ACK of a close, a retransmission) can land after the
+/// test's own calls return; a fixed sleep would make such a test flaky.
+pub fn eventually<T>(timeout: Duration, mut attempt: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match attempt() {
+            Ok(value) => return value,
+            Err(complaint) if Instant::now() > deadline => panic!("{complaint}"),
+            Err(_) => thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
