@@ -41,6 +41,43 @@ impl KernelFilter {
     };
 }
 
+/// Where the standby program finds the tracepoint's fields in `struct sock` (and the
+/// `struct inet_sock` that begins with it), from BTF; byte offsets, as the tracepoint's own
+/// assignment reads them. `u16::MAX` where unknown (the standby is then not attached).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockOffsets {
+    /// `sk->__sk_common.skc_family` (u16).
+    pub family: u16,
+    /// `sk->sk_protocol` (u16).
+    pub protocol: u16,
+    /// `inet_sk(sk)->inet_sport` (be16).
+    pub sport: u16,
+    /// `sk->__sk_common.skc_dport` (be16).
+    pub dport: u16,
+    /// `inet_sk(sk)->inet_saddr` (be32).
+    pub saddr: u16,
+    /// `sk->__sk_common.skc_daddr` (be32).
+    pub daddr: u16,
+    /// `sk->__sk_common.skc_v6_rcv_saddr` (16 bytes).
+    pub saddr_v6: u16,
+    /// `sk->__sk_common.skc_v6_daddr` (16 bytes).
+    pub daddr_v6: u16,
+}
+
+impl SockOffsets {
+    pub const UNKNOWN: Self = Self {
+        family: u16::MAX,
+        protocol: u16::MAX,
+        sport: u16::MAX,
+        dport: u16::MAX,
+        saddr: u16::MAX,
+        daddr: u16::MAX,
+        saddr_v6: u16::MAX,
+        daddr_v6: u16::MAX,
+    };
+}
+
 /// Settings the loader writes into the program's read-only globals before loading it, so one
 /// compiled object serves every configuration and the verifier prunes disabled branches.
 #[repr(C)]
@@ -60,6 +97,8 @@ pub struct KernelSettings {
     /// Offset of `task_struct.comm`, from BTF.
     pub task_comm_offset: u32,
     pub _pad2: u32,
+    /// For the standby program, which reads a transition from the socket itself.
+    pub sock: SockOffsets,
     /// 0: wake the reader for every record it has not caught up with (the kernel's default).
     /// Otherwise: send records without a wakeup, and force one only when this many bytes are
     /// waiting; the reader also polls on a timer. Saves a wakeup (and the interrupt nesting it
@@ -77,12 +116,14 @@ impl KernelSettings {
         task_group_leader_offset: OFFSET_UNKNOWN,
         task_comm_offset: OFFSET_UNKNOWN,
         _pad2: 0,
+        sock: SockOffsets::UNKNOWN,
         wakeup_batch_bytes: 0,
     };
 }
 
 const _: () = assert!(size_of::<KernelFilter>() == 56);
-const _: () = assert!(size_of::<KernelSettings>() == 88);
+const _: () = assert!(size_of::<SockOffsets>() == 16);
+const _: () = assert!(size_of::<KernelSettings>() == 104);
 
 /// Value of the per-socket LRU map, keyed by `skaddr`.
 #[repr(C)]
@@ -121,6 +162,32 @@ pub struct KernelCounters {
     /// before (not a first sighting by creation or accept): socket older than the tracer, or
     /// its entry was evicted from the LRU map, or its earlier transition was lost.
     pub untracked_sightings: u64,
+    /// Main program only: runs that found the standby had already delivered this transition.
+    pub deduplicated: u64,
+}
+
+/// How many recent transitions each program remembers per CPU (`RecentTransitions`).
+pub const RECENT: usize = 4;
+
+/// Per CPU, the last transitions each program delivered, by `transition_id`: the standby
+/// delivers a transition only when the main program has not, and the main program skips one
+/// the standby already delivered, so neither the kernel skipping a program nor the order in
+/// which the two run can lose or duplicate a transition.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecentTransitions {
+    pub handled: [u64; RECENT],
+    pub rescued: [u64; RECENT],
+    pub handled_next: u32,
+    pub rescued_next: u32,
+}
+
+const _: () = assert!(size_of::<RecentTransitions>() == 72);
+
+/// Identifies a transition among the few a CPU handles at once: the socket's address (whose
+/// top bits are all ones in the kernel half) with the two states folded into those bits.
+pub const fn transition_id(skaddr: u64, old: u8, new: u8) -> u64 {
+    skaddr ^ ((old as u64) << 56) ^ ((new as u64) << 48)
 }
 
 pub const COUNTERS_MAIN: u32 = 0;

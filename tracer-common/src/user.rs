@@ -2,14 +2,18 @@
 
 use core::fmt;
 
-use crate::{KernelCounters, KernelSettings, RECORD_SIZE, SocketState, TransitionRecord};
+use crate::{
+    KernelCounters, KernelSettings, RECORD_SIZE, SocketState, TransitionRecord,
+    settings::RecentTransitions,
+};
 
-// SAFETY: all four are `#[repr(C)]`, `Copy`, made only of integers and byte arrays, with the
+// SAFETY: all five are `#[repr(C)]`, `Copy`, made only of integers and byte arrays, with the
 // padding spelled out as fields (sizes asserted where they are defined): any bit pattern is valid.
 unsafe impl aya::Pod for TransitionRecord {}
 unsafe impl aya::Pod for SocketState {}
 unsafe impl aya::Pod for KernelCounters {}
 unsafe impl aya::Pod for KernelSettings {}
+unsafe impl aya::Pod for RecentTransitions {}
 
 /// A ring-buffer item that is not a `TransitionRecord`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

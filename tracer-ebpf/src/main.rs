@@ -4,6 +4,15 @@
 //! Per event the work is bounded and small: a few loads from the tracepoint record, one LRU
 //! hash lookup and update keyed by the socket's address, one ring-buffer reservation. Every
 //! event that cannot be delivered is counted per CPU; the loader reads the counters.
+//!
+//! Two programs share the work. The main one runs on the classic tracepoint and reads the
+//! record the tracepoint built. The kernel skips it when the tracepoint fires while a tracing
+//! program already runs on that CPU (network processing in an interrupt that landed inside
+//! it). The standby, on the same tracepoint's BTF flavour, which the kernel skips only when
+//! *it* is already running, delivers exactly the transitions the main program has not: each
+//! program remembers, per CPU, the last few transitions it delivered and leaves alone the ones
+//! the other did.
+
 // On the host (clippy, `cargo check --workspace`) this is an empty std binary: the program
 // only means something for the bpf target.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -13,16 +22,20 @@ mod transition;
 
 use aya_ebpf::{
     EbpfContext as _,
-    macros::{fexit, map, tracepoint},
+    helpers::bpf_probe_read_kernel,
+    macros::{btf_tracepoint, fexit, map, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
-    programs::{FExitContext, TracePointContext},
+    programs::{BtfTracePointContext, FExitContext, TracePointContext},
 };
 use tracer_common::{
     KernelCounters, KernelSettings, SocketState,
-    settings::{COUNTER_SLOTS, COUNTERS_MAIN},
+    record::{AF_INET6, FLAG_RESCUED},
+    settings::{
+        self, COUNTER_SLOTS, COUNTERS_MAIN, COUNTERS_STANDBY, RecentTransitions, transition_id,
+    },
     tracepoint as tp,
 };
-use transition::{Transition, claim_owner, handle_transition};
+use transition::{Transition, claim_owner, handle_transition, setting};
 
 /// Load-time settings; the loader overrides this read-only global before loading.
 #[unsafe(no_mangle)]
@@ -41,9 +54,59 @@ static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(1 <<
 #[map]
 static COUNTERS: PerCpuArray<KernelCounters> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
+/// Per CPU: the transitions each program delivered last.
+#[map]
+static RECENT: PerCpuArray<RecentTransitions> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn seen_in(ids: &[u64; settings::RECENT], id: u64) -> bool {
+    ids[0] == id || ids[1] == id || ids[2] == id || ids[3] == id
+}
+
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    handle_transition(&ctx, &FormatRecord(&ctx), COUNTERS_MAIN, 0);
+    let record = FormatRecord(&ctx);
+    let (old, new) = record.states();
+    let id = transition_id(record.skaddr(), old as u8, new as u8);
+    if let Some(recent) = RECENT.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; a program nested on this CPU only ever writes the other
+        // history, or this one in whole words.
+        let recent = unsafe { &mut *recent };
+        if seen_in(&recent.rescued, id) {
+            if let Some(counters) = COUNTERS.get_ptr_mut(COUNTERS_MAIN) {
+                // SAFETY: this program's per-CPU slot.
+                unsafe { (*counters).deduplicated += 1 };
+            }
+            return 0;
+        }
+        recent.handled[(recent.handled_next as usize) % settings::RECENT] = id;
+        recent.handled_next = recent.handled_next.wrapping_add(1);
+    }
+    handle_transition(&ctx, &record, COUNTERS_MAIN, 0);
+    0
+}
+
+/// Delivers the transitions the main program did not: it runs for every transition, and one
+/// the main program has not delivered on this CPU is one the kernel skipped it for.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn standby(ctx: BtfTracePointContext) -> i32 {
+    // Read as a plain number: the verifier allows no arithmetic on the typed pointer the
+    // argument would be, and the id and the field reads need some.
+    // SAFETY: the context holds the tracepoint's arguments as u64s; a probe read cannot fault.
+    let sk: u64 = unsafe { bpf_probe_read_kernel(ctx.as_ptr().cast::<u64>()) }.unwrap_or(0);
+    let source = SockFields { sk, oldstate: ctx.arg(1), newstate: ctx.arg(2) };
+    let id = transition_id(source.sk, source.oldstate as u8, source.newstate as u8);
+    let Some(recent) = RECENT.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slot, as in the main program.
+    let recent = unsafe { &mut *recent };
+    if seen_in(&recent.handled, id) {
+        return 0;
+    }
+    recent.rescued[(recent.rescued_next as usize) % settings::RECENT] = id;
+    recent.rescued_next = recent.rescued_next.wrapping_add(1);
+    handle_transition(&ctx, &source, COUNTERS_STANDBY, FLAG_RESCUED);
     0
 }
 
@@ -107,7 +170,7 @@ impl Transition for FormatRecord<'_> {
 
     #[inline(always)]
     fn addresses(&self, family: u16) -> ([u64; 2], [u64; 2]) {
-        if family == tracer_common::record::AF_INET6 {
+        if family == AF_INET6 {
             (
                 [self.load(tp::SADDR_V6), self.load_at::<u64>(tp::SADDR_V6.offset + 8)],
                 [self.load(tp::DADDR_V6), self.load_at::<u64>(tp::DADDR_V6.offset + 8)],
@@ -117,6 +180,63 @@ impl Transition for FormatRecord<'_> {
                 [u64::from(self.load::<u32>(tp::SADDR)), 0],
                 [u64::from(self.load::<u32>(tp::DADDR)), 0],
             )
+        }
+    }
+}
+
+/// The same fields, read from the socket the way the tracepoint's own assignment does
+/// (offsets resolved from BTF by the loader). Slower, probe reads; used only for rescues.
+struct SockFields {
+    sk: u64,
+    oldstate: i32,
+    newstate: i32,
+}
+
+impl SockFields {
+    #[inline(always)]
+    fn read<T: Copy + Default>(&self, offset: u16) -> T {
+        // SAFETY: probe reads fault safely; a bad read yields the default.
+        unsafe { bpf_probe_read_kernel((self.sk + u64::from(offset)) as *const T) }
+            .unwrap_or_default()
+    }
+}
+
+impl Transition for SockFields {
+    #[inline(always)]
+    fn protocol(&self) -> u16 {
+        self.read(setting!(sock.protocol))
+    }
+
+    #[inline(always)]
+    fn skaddr(&self) -> u64 {
+        self.sk
+    }
+
+    #[inline(always)]
+    fn states(&self) -> (i32, i32) {
+        (self.oldstate, self.newstate)
+    }
+
+    #[inline(always)]
+    fn ports(&self) -> (u16, u16) {
+        let sport: u16 = self.read(setting!(sock.sport));
+        let dport: u16 = self.read(setting!(sock.dport));
+        (u16::from_be(sport), u16::from_be(dport))
+    }
+
+    #[inline(always)]
+    fn family(&self) -> u16 {
+        self.read(setting!(sock.family))
+    }
+
+    #[inline(always)]
+    fn addresses(&self, family: u16) -> ([u64; 2], [u64; 2]) {
+        if family == AF_INET6 {
+            (self.read(setting!(sock.saddr_v6)), self.read(setting!(sock.daddr_v6)))
+        } else {
+            let saddr: u32 = self.read(setting!(sock.saddr));
+            let daddr: u32 = self.read(setting!(sock.daddr));
+            ([u64::from(saddr), 0], [u64::from(daddr), 0])
         }
     }
 }

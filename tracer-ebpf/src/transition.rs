@@ -1,21 +1,24 @@
 //! Turning one state transition into per-socket state and a ring-buffer record, whatever
 //! program (and so whatever source of fields) saw it.
+//!
+//! The record is written field by field into its reserved slot, and the 16-byte names are
+//! copied as two u64 words: byte arrays moved through the stack compile to a load and a store
+//! per byte in BPF.
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
-        bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::bpf_get_current_comm,
     },
 };
+use aya_log_ebpf::warn;
 use tracer_common::{
     KernelCounters, SocketState, TcpState, TransitionRecord,
     record::{FLAG_DWELL_KNOWN, FLAG_OWNER_KNOWN, IPPROTO_MPTCP, IPPROTO_TCP, RECORD_SIZE},
     settings::{KernelFilter, MAX_FILTER_PORTS, OFFSET_UNKNOWN},
 };
-
-use aya_log_ebpf::warn;
 
 use crate::{COUNTERS, EVENTS, SETTINGS, SOCKETS};
 
@@ -30,6 +33,10 @@ macro_rules! setting {
         unsafe { core::ptr::read_volatile(&raw const SETTINGS.$($field).+) }
     };
 }
+pub(crate) use setting;
+
+/// A task name, as two words: copied with two loads and stores.
+pub type Comm = [u64; 2];
 
 /// Where a program gets a transition's fields from.
 pub trait Transition {
@@ -74,6 +81,13 @@ fn runs_in_owner_context(old: u8, new: u8) -> bool {
     )
 }
 
+/// The running task's name, into `out` (8-aligned, 16 bytes).
+#[inline(always)]
+fn current_comm(out: *mut Comm) {
+    // SAFETY: `out` points at 16 writable bytes; the helper NUL-pads and never writes more.
+    unsafe { bpf_get_current_comm(out.cast(), 16) };
+}
+
 #[inline(always)]
 pub fn handle_transition<C: EbpfContext, T: Transition>(
     ctx: &C,
@@ -104,66 +118,56 @@ pub fn handle_transition<C: EbpfContext, T: Transition>(
         );
     }
     let (old, new) = (old as u8, new as u8);
+    // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
-
-    let tracked = track_socket(skaddr, old, new, now, tgid, &comm, counters);
-
     let (sport, dport) = source.ports();
     let family = source.family();
-    if !passes(&setting!(filter), family, sport, dport, old, new) {
+
+    // Reserve first, so the names go straight into the record.
+    let mut slot = None;
+    if passes(&setting!(filter), family, sport, dport, old, new) {
+        slot = EVENTS.reserve::<TransitionRecord>(0);
+        if slot.is_none() {
+            counters.ringbuf_full += 1;
+        }
+    } else {
         counters.filtered += 1;
-        return;
     }
-    let Some(mut slot) = EVENTS.reserve::<TransitionRecord>(0) else {
-        counters.ringbuf_full += 1;
+    let record: Option<*mut TransitionRecord> = slot.as_mut().map(|s| s.as_mut_ptr());
+
+    let tracked = track_socket(skaddr, old, new, now, tgid, counters);
+
+    let (Some(slot), Some(rec)) = (slot, record) else {
         return;
     };
     let (saddr, daddr) = source.addresses(family);
-    // SAFETY: the slot is `size_of::<TransitionRecord>()` bytes reserved for us, 8-aligned.
+    // SAFETY: `rec` is the 8-aligned slot of `size_of::<TransitionRecord>()` bytes reserved
+    // above; every field is written before submit.
     unsafe {
-        slot.as_mut_ptr().write(TransitionRecord {
-            ts_ns: now,
-            skaddr,
-            dwell_ns: tracked.dwell_ns,
-            pid: pid_tgid as u32,
-            tgid,
-            owner_tgid: tracked.owner_tgid,
-            netns: tracked.netns,
-            comm,
-            owner_comm: tracked.owner_comm,
-            saddr: core::mem::transmute::<[u64; 2], [u8; 16]>(saddr),
-            daddr: core::mem::transmute::<[u64; 2], [u8; 16]>(daddr),
-            sport,
-            dport,
-            family,
-            protocol,
-            oldstate: old,
-            newstate: new,
-            flags: tracked.flags | record_flags,
-            _pad: [0; 5],
-        });
+        (*rec).ts_ns = now;
+        (*rec).skaddr = skaddr;
+        (*rec).dwell_ns = tracked.dwell_ns;
+        (*rec).pid = pid_tgid as u32;
+        (*rec).tgid = tgid;
+        (*rec).owner_tgid = tracked.owner_tgid;
+        (*rec).netns = tracked.netns;
+        current_comm((&raw mut (*rec).comm).cast());
+        *(&raw mut (*rec).owner_comm).cast::<Comm>() = tracked.owner_comm;
+        *(&raw mut (*rec).saddr).cast::<[u64; 2]>() = saddr;
+        *(&raw mut (*rec).daddr).cast::<[u64; 2]>() = daddr;
+        (*rec).sport = sport;
+        (*rec).dport = dport;
+        (*rec).family = family;
+        (*rec).protocol = protocol;
+        (*rec).oldstate = old;
+        (*rec).newstate = new;
+        (*rec).flags = tracked.flags | record_flags;
+        (*rec)._pad = [0; 5];
     }
     slot.submit(wakeup_flags());
     counters.emitted += 1;
-}
-
-/// Records the current process as the owner of a tracked socket (called in its context).
-#[inline(always)]
-pub fn claim_owner(skaddr: u64) {
-    let Some(entry) = SOCKETS.get_ptr_mut(skaddr) else {
-        return;
-    };
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let comm = process_comm(&bpf_get_current_comm().unwrap_or([0; 16]));
-    // SAFETY: a live value of the map; a racing update of the same socket only changes which
-    // of two owners the next record names.
-    unsafe {
-        (*entry).owner_tgid = tgid;
-        (*entry).owner_comm = comm;
-    }
 }
 
 /// What the per-socket map knows about a transition's socket.
@@ -171,7 +175,7 @@ struct Tracked {
     dwell_ns: u64,
     owner_tgid: u32,
     netns: u32,
-    owner_comm: [u8; 16],
+    owner_comm: Comm,
     flags: u8,
 }
 
@@ -183,26 +187,28 @@ fn track_socket(
     new: u8,
     now: u64,
     tgid: u32,
-    comm: &[u8; 16],
     counters: &mut KernelCounters,
 ) -> Tracked {
     let creation = is_creation(old, new);
     let owner_context = runs_in_owner_context(old, new);
-    let process_comm = if owner_context { process_comm(comm) } else { *comm };
     let existing = if creation { None } else { SOCKETS.get_ptr_mut(skaddr) };
     let mut tracked = match existing {
         Some(entry) => {
-            // SAFETY: a live value of the map; the socket lock serializes its transitions.
+            // SAFETY: a live value of the map (8-aligned); the socket lock serializes its
+            // transitions.
             let entry = unsafe { &mut *entry };
+            let owner_comm = (&raw mut entry.owner_comm).cast::<Comm>();
             if owner_context {
                 entry.owner_tgid = tgid;
-                entry.owner_comm = process_comm;
+                // SAFETY: 8-aligned map value field.
+                unsafe { *owner_comm = process_comm() };
             }
             let tracked = Tracked {
                 dwell_ns: now.saturating_sub(entry.entered_ns),
                 owner_tgid: entry.owner_tgid,
                 netns: entry.netns,
-                owner_comm: entry.owner_comm,
+                // SAFETY: as above.
+                owner_comm: unsafe { *owner_comm },
                 flags: FLAG_DWELL_KNOWN,
             };
             if new == CLOSE {
@@ -218,7 +224,7 @@ fn track_socket(
                 counters.untracked_sightings += 1;
             }
             let (owner_tgid, owner_comm) =
-                if owner_context { (tgid, process_comm) } else { (0, [0; 16]) };
+                if owner_context { (tgid, process_comm()) } else { (0, [0; 2]) };
             let tracked = Tracked {
                 dwell_ns: 0,
                 owner_tgid,
@@ -227,8 +233,14 @@ fn track_socket(
                 flags: 0,
             };
             if new != CLOSE {
-                let entry =
-                    SocketState { entered_ns: now, owner_tgid, netns: tracked.netns, owner_comm };
+                let mut entry = SocketState {
+                    entered_ns: now,
+                    owner_tgid,
+                    netns: tracked.netns,
+                    owner_comm: [0; 16],
+                };
+                // SAFETY: the field is 8-aligned in a stack value of an 8-aligned type.
+                unsafe { *(&raw mut entry.owner_comm).cast::<Comm>() = owner_comm };
                 if SOCKETS.insert(skaddr, entry, 0).is_err() {
                     counters.map_update_failed += 1;
                 }
@@ -240,6 +252,22 @@ fn track_socket(
         tracked.flags |= FLAG_OWNER_KNOWN;
     }
     tracked
+}
+
+/// Records the current process as the owner of a tracked socket (called in its context).
+#[inline(always)]
+pub fn claim_owner(skaddr: u64) {
+    let Some(entry) = SOCKETS.get_ptr_mut(skaddr) else {
+        return;
+    };
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let comm = process_comm();
+    // SAFETY: a live, 8-aligned value of the map; a racing update of the same socket only
+    // changes which of two owners the next record names.
+    unsafe {
+        (*entry).owner_tgid = tgid;
+        *(&raw mut (*entry).owner_comm).cast::<Comm>() = comm;
+    }
 }
 
 /// The socket's network namespace inode (`sk->__sk_common.skc_net.net->ns.inum`), with the
@@ -260,24 +288,26 @@ fn read_netns(skaddr: u64) -> u32 {
     unsafe { bpf_probe_read_kernel((net + u64::from(inum)) as *const u32) }.unwrap_or(0)
 }
 
-/// `comm` of the current process's main thread (`current->group_leader->comm`); the calling
-/// thread's `comm` when the offsets are unknown or the read fails.
+/// `comm` of the current process's main thread (`current->group_leader->comm`), as `ps`
+/// names the process; the calling thread's when the offsets are unknown or the read fails.
 #[inline(always)]
-fn process_comm(thread_comm: &[u8; 16]) -> [u8; 16] {
+fn process_comm() -> Comm {
     let leader_offset = setting!(task_group_leader_offset);
     let comm_offset = setting!(task_comm_offset);
-    if leader_offset == OFFSET_UNKNOWN || comm_offset == OFFSET_UNKNOWN {
-        return *thread_comm;
+    if leader_offset != OFFSET_UNKNOWN && comm_offset != OFFSET_UNKNOWN {
+        // SAFETY: probe reads fault safely on a bad address.
+        let task = unsafe { bpf_get_current_task() };
+        if let Ok(leader) =
+            unsafe { bpf_probe_read_kernel((task + u64::from(leader_offset)) as *const u64) }
+            && let Ok(comm) =
+                unsafe { bpf_probe_read_kernel((leader + u64::from(comm_offset)) as *const Comm) }
+        {
+            return comm;
+        }
     }
-    // SAFETY: probe reads fault safely on a bad address.
-    let task = unsafe { bpf_get_current_task() };
-    let Ok(leader) =
-        (unsafe { bpf_probe_read_kernel((task + u64::from(leader_offset)) as *const u64) })
-    else {
-        return *thread_comm;
-    };
-    unsafe { bpf_probe_read_kernel((leader + u64::from(comm_offset)) as *const [u8; 16]) }
-        .unwrap_or(*thread_comm)
+    let mut comm = [0; 2];
+    current_comm(&mut comm);
+    comm
 }
 
 #[inline(always)]

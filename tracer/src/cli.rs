@@ -122,6 +122,11 @@ pub struct WatchArgs {
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     pub duration: Option<u64>,
 
+    /// At exit, print one line of delivery statistics to stderr: records read and shown,
+    /// transitions lost by cause, kernel-side counts (key=value, for scripts).
+    #[arg(long)]
+    pub stats: bool,
+
     /// Stop after printing this many transitions.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,

@@ -37,6 +37,7 @@ impl ProbeArgs {
             filter,
             wakeup_batch_bytes: None,
             format_file: self.tracepoint_format.clone(),
+            standby_first: false,
         }
     }
 }
@@ -100,6 +101,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     let mut session = Session {
         printer: Printer::new(args.json, args.address_width(), io::stdout().lock()),
         losses: LossReporter::default(),
+        read: 0,
         printed: 0,
         limit: args.count.unwrap_or(u64::MAX),
         outcome: Ok(()),
@@ -127,7 +129,23 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     // Whatever arrived before the stop is still shown.
     reader.drain_now(|item| session.accept(item));
     session.flush();
-    session.losses.report(&probe.delivery()?, true);
+    let delivery = probe.delivery()?;
+    session.losses.report(&delivery, true);
+    if args.stats {
+        eprintln!(
+            "tcpstate watch stats: read={} shown={} lost_ringbuf_full={} lost_recursion={} \
+             malformed={} map_update_failed={} handled={} filtered={} rescued={}",
+            session.read,
+            session.printed,
+            delivery.ringbuf_full,
+            delivery.recursion_misses,
+            session.losses.malformed,
+            delivery.map_update_failed,
+            delivery.handled,
+            delivery.filtered,
+            delivery.rescued,
+        );
+    }
     match session.outcome {
         Err(error) if error.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         other => other.context("writing to standard output"),
@@ -139,6 +157,8 @@ struct Session<'a, W: Write> {
     args: &'a WatchArgs,
     printer: Printer<W>,
     losses: LossReporter,
+    /// Records read from the ring, shown or not.
+    read: u64,
     printed: u64,
     limit: u64,
     /// The first write error; output stops there (e.g. a closed pipe).
@@ -150,6 +170,7 @@ impl<W: Write> Session<'_, W> {
         if self.done() {
             return;
         }
+        self.read += 1;
         match item {
             Ok(record) if self.args.keeps(&record) => {
                 self.outcome = self.printer.print(&record);

@@ -32,15 +32,18 @@ struct Capture {
 
 impl Capture {
     fn on_port(port: u16, ring_bytes: u32) -> Self {
+        Self::with_options(port, ProbeOptions { ring_bytes, ..ProbeOptions::default() })
+    }
+
+    fn with_options(port: u16, options: ProbeOptions) -> Self {
         require_root();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let _guard = runtime.enter();
         let mut filter = KernelFilter::ALL;
         filter.ports[0] = port;
         filter.port_count = 1;
-        let mut probe =
-            Probe::attach(&ProbeOptions { filter, ring_bytes, ..ProbeOptions::default() })
-                .unwrap_or_else(|error| panic!("attaching the probe: {error:?}"));
+        let mut probe = Probe::attach(&ProbeOptions { filter, ..options })
+            .unwrap_or_else(|error| panic!("attaching the probe: {error:?}"));
         let reader =
             RecordReader::new(probe.take_ring().unwrap(), Duration::from_millis(10)).unwrap();
         Self { runtime, probe, reader, records: Vec::new() }
@@ -87,12 +90,27 @@ const CLIENT_CLOSES_FIRST_SERVER: [(TcpState, TcpState); 5] = [
     (LastAck, Close),
 ];
 
+/// Which program delivers the records.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// The main program, reading the tracepoint's record.
+    Main,
+    /// The standby, reading the socket itself: attached first, it delivers everything and
+    /// the main program skips what it delivered.
+    Standby,
+}
+
 /// One connection, client closes first after holding it open for a while: the exact
 /// sequences BUILD.md documents, with addresses, ports, durations and owners checked.
-fn exact_sequences(ip: IpAddr) {
+fn exact_sequences(ip: IpAddr, path: Path) {
     let listener = TcpListener::bind((ip, 0)).unwrap();
     let server = listener.local_addr().unwrap();
-    let mut capture = Capture::on_port(server.port(), 1 << 20);
+    let options = ProbeOptions {
+        ring_bytes: 1 << 20,
+        standby_first: path == Path::Standby,
+        ..ProbeOptions::default()
+    };
+    let mut capture = Capture::with_options(server.port(), options);
 
     const HOLD: Duration = Duration::from_millis(30);
     let client_thread = thread::Builder::new().name("tcpstate-client".into());
@@ -173,6 +191,11 @@ fn exact_sequences(ip: IpAddr) {
     assert_eq!(client[0].tgid, pid);
     assert_eq!(comm_str(&client[0].comm), thread_comm);
 
+    let rescued = client.iter().chain(&accepted).filter(|r| r.rescued()).count();
+    match path {
+        Path::Main => assert_eq!(rescued, 0, "the main program delivers"),
+        Path::Standby => assert_eq!(rescued, 10, "the standby delivers, nothing twice"),
+    }
     let delivery = capture.delivery();
     assert_eq!(delivery.lost(), 0, "{delivery:?}");
     assert!(delivery.emitted >= 10, "{delivery:?}");
@@ -180,12 +203,23 @@ fn exact_sequences(ip: IpAddr) {
 
 #[test]
 fn ipv4_connection_yields_exact_sequences_durations_and_owner() {
-    exact_sequences(V4);
+    exact_sequences(V4, Path::Main);
 }
 
 #[test]
 fn ipv6_connection_yields_exact_sequences_durations_and_owner() {
-    exact_sequences(V6);
+    exact_sequences(V6, Path::Main);
+}
+
+/// The standby reads the same fields from the socket that the tracepoint's record holds.
+#[test]
+fn standby_delivers_the_same_records_from_the_socket_v4() {
+    exact_sequences(V4, Path::Standby);
+}
+
+#[test]
+fn standby_delivers_the_same_records_from_the_socket_v6() {
+    exact_sequences(V6, Path::Standby);
 }
 
 /// The ten transitions one connection makes when the client closes first.
@@ -249,9 +283,13 @@ fn burst_of_connections_is_delivered_or_counted_as_lost() {
     let delivered = records.len();
     let missing = expected - delivered;
     eprintln!(
-        "burst: {CONNECTIONS} connections, {expected} transitions expected, {delivered} delivered, \
-         {missing} missing; counted: ring buffer full {}, recursion misses {}, map failures {}",
-        delivery.ringbuf_full, delivery.recursion_misses, delivery.map_update_failed
+        "burst: {CONNECTIONS} connections, {expected} transitions expected, {delivered} delivered \
+         ({} by the standby), {missing} missing; counted: ring buffer full {}, recursion misses {}, \
+         map failures {}",
+        records.iter().filter(|r| r.rescued()).count(),
+        delivery.ringbuf_full,
+        delivery.recursion_misses,
+        delivery.map_update_failed
     );
     assert!(
         missing as u64 <= delivery.lost(),
@@ -259,4 +297,10 @@ fn burst_of_connections_is_delivered_or_counted_as_lost() {
         delivery.lost()
     );
     assert_eq!(delivery.emitted as usize, delivered, "every emitted record was read: {delivery:?}");
+    if delivery.lost() == 0 {
+        // Nothing lost: every connection made exactly its ten transitions, none twice.
+        for kind in &kinds {
+            assert_eq!(per_kind.get(kind), Some(&CONNECTIONS), "{kind:?}");
+        }
+    }
 }

@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask setup | build | run | test | lint`.
+//! Project tasks: `cargo xtask setup | build | run | test | lint | bench`.
 //!
 //! Every task that builds runs `setup` first, so a fresh machine needs nothing but the repo,
 //! rustup and the package registries.
 
+mod bench;
 mod cmd;
 mod setup;
 
@@ -14,7 +15,7 @@ use clap::{Parser, Subcommand};
 use crate::cmd::{cargo, run_checked};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Build, run and test tcpstate")]
+#[command(name = "cargo xtask", about = "Build, run, test and benchmark tcpstate")]
 struct Cli {
     #[command(subcommand)]
     task: Task,
@@ -38,12 +39,22 @@ enum Task {
     },
     /// `cargo fmt --check` and clippy with warnings denied.
     Lint,
+    /// Measure throughput, loss, CPU and memory side by side with libbpf-tools tcpstates;
+    /// records the table in BENCHMARKS.md. Needs root.
+    Bench(bench::BenchArgs),
+    /// The benchmark's load generator (run inside its network namespace).
+    #[command(hide = true, subcommand)]
+    Loadgen(bench::load::LoadCommand),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let root = workspace_root();
-    std::env::set_current_dir(&root).context("entering the workspace")?;
+    if let Task::Loadgen(_) = cli.task {
+        // Runs inside the benchmark's namespace, from the xtask binary; no workspace needed.
+    } else {
+        std::env::set_current_dir(&root).context("entering the workspace")?;
+    }
     match cli.task {
         Task::Setup => setup::build_prerequisites(&root),
         Task::Build => {
@@ -66,6 +77,13 @@ fn main() -> anyhow::Result<()> {
             setup::build_prerequisites(&root)?;
             lint()
         }
+        Task::Bench(args) => {
+            setup::build_prerequisites(&root)?;
+            setup::bench_prerequisites()?;
+            build_release()?;
+            bench::run(&root, &args)
+        }
+        Task::Loadgen(command) => bench::load::run(command),
     }
 }
 

@@ -17,6 +17,9 @@ const LLVM_PACKAGES: [&str; 4] = ["llvm-22-dev", "libpolly-22-dev", "libzstd-dev
 /// (`iproute2`), leaking helper processes (`python3`) and check the unit (`systemd-analyze`).
 const TEST_PACKAGES: [&str; 4] = ["prometheus", "iproute2", "python3", "systemd"];
 
+/// The benchmark's peer (`tcpstates`) and the reader of eBPF program statistics (`bpftool`).
+const BENCH_PACKAGES: [&str; 2] = ["libbpf-tools", "bpftool"];
+
 /// Everything `cargo build` needs for the eBPF crate.
 pub fn build_prerequisites(root: &Path) -> anyhow::Result<()> {
     let toolchain = pinned_toolchain(root)?;
@@ -36,6 +39,10 @@ pub fn build_prerequisites(root: &Path) -> anyhow::Result<()> {
 
 pub fn test_prerequisites() -> anyhow::Result<()> {
     ensure_packages(&TEST_PACKAGES, "test tools (Prometheus, iproute2, python3, systemd)")
+}
+
+pub fn bench_prerequisites() -> anyhow::Result<()> {
+    ensure_packages(&BENCH_PACKAGES, "benchmark tools (libbpf-tools, bpftool)")
 }
 
 /// The toolchain `rust-toolchain.toml` pins.

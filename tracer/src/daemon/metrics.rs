@@ -172,6 +172,12 @@ impl Collector for TcpstateCollector {
         }
         counter(
             &mut encoder,
+            "tcpstate_events_rescued",
+            "Transitions the kernel skipped the main program for, delivered by the standby program",
+            delivery.rescued,
+        )?;
+        counter(
+            &mut encoder,
             "tcpstate_kernel_map_update_failures",
             "Per-socket kernel map updates that failed (the socket's next duration is unknown)",
             delivery.map_update_failed,

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use btf_rs::{Btf, Type};
 use thiserror::Error;
+use tracer_common::settings::SockOffsets;
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -137,6 +138,40 @@ impl TaskOffsets {
     }
 }
 
+impl KernelBtf {
+    fn offset_u16(&self, type_name: &str, path: &str) -> Result<u16, BtfError> {
+        let offset = self.offset_of(type_name, path)?;
+        u16::try_from(offset).map_err(|_| BtfError::NoMember {
+            type_name: type_name.to_owned(),
+            path: path.to_owned(),
+            reason: format!("offset {offset} is too large"),
+        })
+    }
+}
+
+/// Where the tracepoint's assignment reads each field, for the standby program, which reads
+/// them from the socket itself.
+pub fn sock_offsets(btf: &KernelBtf) -> Result<SockOffsets, BtfError> {
+    // `inet_sk(sk)` is a cast: struct inet_sock begins with its struct sock.
+    if btf.offset_of("inet_sock", "sk")? != 0 {
+        return Err(BtfError::NoMember {
+            type_name: "inet_sock".to_owned(),
+            path: "sk".to_owned(),
+            reason: "struct sock is not at its start".to_owned(),
+        });
+    }
+    Ok(SockOffsets {
+        family: btf.offset_u16("sock", "__sk_common.skc_family")?,
+        protocol: btf.offset_u16("sock", "sk_protocol")?,
+        sport: btf.offset_u16("inet_sock", "inet_sport")?,
+        dport: btf.offset_u16("sock", "__sk_common.skc_dport")?,
+        saddr: btf.offset_u16("inet_sock", "inet_saddr")?,
+        daddr: btf.offset_u16("sock", "__sk_common.skc_daddr")?,
+        saddr_v6: btf.offset_u16("sock", "__sk_common.skc_v6_rcv_saddr")?,
+        daddr_v6: btf.offset_u16("sock", "__sk_common.skc_v6_daddr")?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +189,9 @@ mod tests {
         assert!(offsets.sk_net >= 40 && offsets.sk_net < 136, "{offsets:?}");
         assert_eq!(offsets.sk_net % 8, 0, "a pointer is 8-aligned: {offsets:?}");
         assert_eq!(btf.offset_of("sock_common", "skc_family").unwrap(), 16);
+        let sock = sock_offsets(&btf).expect("the standby's offsets");
+        assert_eq!(sock.family, 16, "skc_family follows the addresses and hashes");
+        assert!(sock.sport > sock.family, "inet_sport lies in inet_sock, after struct sock");
         let error = btf.offset_of("sock", "__sk_common.no_such_member").unwrap_err();
         assert!(error.to_string().contains("no_such_member"), "{error}");
     }

@@ -14,12 +14,12 @@ use std::{fs, io, os::fd::AsFd as _, path::PathBuf};
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{MapData, MapError, PerCpuArray, RingBuf},
-    programs::{FExit, ProgramError, TracePoint},
+    programs::{BtfTracePoint, FExit, ProgramError, TracePoint},
 };
 use thiserror::Error;
 use tracer_common::{
     KernelCounters, KernelSettings,
-    settings::{COUNTERS_MAIN, COUNTERS_STANDBY, KernelFilter},
+    settings::{COUNTERS_MAIN, COUNTERS_STANDBY, KernelFilter, SockOffsets},
     tracepoint,
 };
 
@@ -34,6 +34,7 @@ use self::{
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
 const MAIN_PROGRAM: &str = "inet_sock_set_state";
+const STANDBY_PROGRAM: &str = "standby";
 const ACCEPT_PROGRAM: &str = "accept_owner";
 const ACCEPT_FUNCTION: &str = "inet_csk_accept";
 
@@ -51,6 +52,9 @@ pub struct ProbeOptions {
     pub wakeup_batch_bytes: Option<u64>,
     /// Read the tracepoint's layout from this file instead of tracefs (for tests).
     pub format_file: Option<PathBuf>,
+    /// Attach the standby program before the main one, so it runs first and delivers every
+    /// transition (for tests of the standby's path; the main program then skips them all).
+    pub standby_first: bool,
 }
 
 impl Default for ProbeOptions {
@@ -62,6 +66,7 @@ impl Default for ProbeOptions {
             filter: KernelFilter::ALL,
             wakeup_batch_bytes: None,
             format_file: None,
+            standby_first: false,
         }
     }
 }
@@ -171,6 +176,10 @@ impl Probe {
         let btf = KernelBtf::load()?;
         let netns = NetnsOffsets::resolve(&btf)?;
         let task = TaskOffsets::resolve(&btf)?;
+        let sock = btf::sock_offsets(&btf);
+        if let Err(error) = &sock {
+            log::debug!("standby offsets: {error}");
+        }
         drop(btf);
         preflight::raise_memlock_if_needed(kernel);
 
@@ -181,12 +190,16 @@ impl Probe {
             net_inum_offset: netns.net_inum,
             task_group_leader_offset: task.group_leader,
             task_comm_offset: task.comm,
+            sock: *sock.as_ref().unwrap_or(&SockOffsets::UNKNOWN),
             wakeup_batch_bytes: power_of_two_floor(
                 options.wakeup_batch_bytes.unwrap_or(u64::from(options.ring_bytes) / 8),
             ),
             ..KernelSettings::DEFAULT
         };
+        // Parsed once: the loader, the standby and the fexit program all need it.
+        let kernel_btf = aya::Btf::from_sys_fs().ok();
         let mut ebpf = EbpfLoader::new()
+            .btf(kernel_btf.as_ref())
             .override_global("SETTINGS", &settings, true)
             .map_max_entries("EVENTS", options.ring_bytes)
             .map_max_entries("SOCKETS", options.socket_map_entries)
@@ -194,23 +207,23 @@ impl Probe {
             .map_err(ProbeError::Load)?;
         forward_kernel_logs(&mut ebpf);
 
-        let program: &mut TracePoint = ebpf
-            .program_mut(MAIN_PROGRAM)
-            .ok_or(ProbeError::Missing(MAIN_PROGRAM))?
-            .try_into()
-            .map_err(|source| ProbeError::LoadProgram { program: MAIN_PROGRAM, source })?;
-        program
-            .load()
-            .map_err(|source| ProbeError::LoadProgram { program: MAIN_PROGRAM, source })?;
-        program.attach(tracepoint::CATEGORY, tracepoint::NAME).map_err(|source| {
-            ProbeError::Attach {
-                program: MAIN_PROGRAM,
-                target: format!("tracepoint {}:{}", tracepoint::CATEGORY, tracepoint::NAME),
-                source,
-            }
-        })?;
-
-        if let Err(error) = attach_accept_owner(&mut ebpf) {
+        // The tracepoint calls its programs in the order they were attached: the standby
+        // goes second, so it only sees transitions after the main program had its chance.
+        let mut standby = Err(anyhow::anyhow!("not attached"));
+        if options.standby_first {
+            standby = attach_standby(&mut ebpf, kernel_btf.as_ref(), sock.as_ref().ok());
+        }
+        attach_main(&mut ebpf)?;
+        if !options.standby_first {
+            standby = attach_standby(&mut ebpf, kernel_btf.as_ref(), sock.as_ref().ok());
+        }
+        if let Err(error) = &standby {
+            log::warn!(
+                "no standby program: transitions the kernel skips the main program for will \
+                 be counted as lost, not delivered ({error:#})"
+            );
+        }
+        if let Err(error) = attach_accept_owner(&mut ebpf, kernel_btf.as_ref()) {
             log::info!(
                 "owners of accepted sockets will come from /proc only: attaching fexit to \
                  {ACCEPT_FUNCTION} failed: {error:#}"
@@ -225,6 +238,8 @@ impl Probe {
         );
         let ring = take_map(&mut ebpf, "EVENTS", RingBuf::try_from)?;
         let counters = take_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?;
+        drop(kernel_btf);
+        release_freed_memory();
         Ok(Self { ebpf, counters, ring: Some(ring) })
     }
 
@@ -245,13 +260,16 @@ impl Probe {
         let main = sum(COUNTERS_MAIN)?;
         let standby = sum(COUNTERS_STANDBY)?;
         let misses = self.main_stats()?.recursion_misses;
+        // The standby delivers what the kernel skipped the main program for, and, should it
+        // run first, what the main program then skips as already delivered.
+        let rescued = standby.seen.saturating_sub(main.deduplicated);
         Ok(Delivery {
             handled: main.seen - main.other_protocol + standby.seen - standby.other_protocol,
             emitted: main.emitted + standby.emitted,
             filtered: main.filtered + standby.filtered,
             ringbuf_full: main.ringbuf_full + standby.ringbuf_full,
-            recursion_misses: misses.saturating_sub(standby.seen),
-            rescued: standby.seen - standby.other_protocol,
+            recursion_misses: misses.saturating_sub(rescued),
+            rescued,
             map_update_failed: main.map_update_failed + standby.map_update_failed,
             untracked_sightings: main.untracked_sightings + standby.untracked_sightings,
         })
@@ -266,12 +284,48 @@ impl Probe {
     }
 }
 
+fn attach_main(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(MAIN_PROGRAM)
+        .ok_or(ProbeError::Missing(MAIN_PROGRAM))?
+        .try_into()
+        .map_err(|source| ProbeError::LoadProgram { program: MAIN_PROGRAM, source })?;
+    program.load().map_err(|source| ProbeError::LoadProgram { program: MAIN_PROGRAM, source })?;
+    program.attach(tracepoint::CATEGORY, tracepoint::NAME).map_err(|source| {
+        ProbeError::Attach {
+            program: MAIN_PROGRAM,
+            target: format!("tracepoint {}:{}", tracepoint::CATEGORY, tracepoint::NAME),
+            source,
+        }
+    })?;
+    Ok(())
+}
+
+/// The standby program, on the tracepoint's BTF flavour; it needs the socket's field offsets.
+fn attach_standby(
+    ebpf: &mut Ebpf,
+    btf: Option<&aya::Btf>,
+    sock: Option<&SockOffsets>,
+) -> anyhow::Result<()> {
+    if sock.is_none() {
+        anyhow::bail!("the kernel's BTF lacks the socket fields it reads");
+    }
+    let btf = btf.ok_or_else(|| anyhow::anyhow!("no kernel BTF"))?;
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(STANDBY_PROGRAM)
+        .ok_or(ProbeError::Missing(STANDBY_PROGRAM))?
+        .try_into()?;
+    program.load(tracepoint::NAME, btf)?;
+    program.attach()?;
+    Ok(())
+}
+
 /// The optional fexit program that names the owner of an accepted socket.
-fn attach_accept_owner(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    let btf = aya::Btf::from_sys_fs()?;
+fn attach_accept_owner(ebpf: &mut Ebpf, btf: Option<&aya::Btf>) -> anyhow::Result<()> {
+    let btf = btf.ok_or_else(|| anyhow::anyhow!("no kernel BTF"))?;
     let program: &mut FExit =
         ebpf.program_mut(ACCEPT_PROGRAM).ok_or(ProbeError::Missing(ACCEPT_PROGRAM))?.try_into()?;
-    program.load(ACCEPT_FUNCTION, &btf)?;
+    program.load(ACCEPT_FUNCTION, btf)?;
     program.attach()?;
     Ok(())
 }
@@ -294,6 +348,7 @@ fn add_counters(total: KernelCounters, cpu: &KernelCounters) -> KernelCounters {
         ringbuf_full,
         map_update_failed,
         untracked_sightings,
+        deduplicated,
     } = *cpu;
     KernelCounters {
         seen: total.seen + seen,
@@ -303,7 +358,15 @@ fn add_counters(total: KernelCounters, cpu: &KernelCounters) -> KernelCounters {
         ringbuf_full: total.ringbuf_full + ringbuf_full,
         map_update_failed: total.map_update_failed + map_update_failed,
         untracked_sightings: total.untracked_sightings + untracked_sightings,
+        deduplicated: total.deduplicated + deduplicated,
     }
+}
+
+/// Parsing the kernel's BTF twice (ours and aya's) takes tens of MiB, freed right after
+/// loading; hand those pages back so a long-running daemon does not keep them resident.
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only returns free heap memory to the system.
+    unsafe { libc::malloc_trim(0) };
 }
 
 /// The kernel program checks the backlog against this with a mask.

@@ -1,0 +1,220 @@
+//! The load generator: a loopback connection storm with its own server, run inside the
+//! benchmark's network namespace (`ip netns exec NS xtask loadgen ...`).
+//!
+//! Clients connect and close at once (the client closes first, as most short requests do);
+//! the server accepts, reads to EOF and closes. Clients bind to many addresses in 127.0.0.0/8
+//! with IP_BIND_ADDRESS_NO_PORT, so hundreds of thousands of TIME_WAIT sockets never exhaust
+//! the ephemeral ports.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+
+#[derive(Subcommand, Debug)]
+pub enum LoadCommand {
+    /// Connect and close as fast as possible (or at --rate), for --seconds or --max connections;
+    /// prints `connections seconds` when done.
+    Storm(StormArgs),
+    /// Open --connections connections and hold them until stdin closes; prints `ready N`.
+    Hold(HoldArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StormArgs {
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    #[arg(long, default_value_t = u64::MAX)]
+    pub max: u64,
+    #[arg(long, default_value_t = 2)]
+    pub clients: usize,
+    /// Connections per second over all clients; 0: as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    #[arg(long)]
+    pub port: u16,
+}
+
+#[derive(Args, Debug)]
+pub struct HoldArgs {
+    #[arg(long)]
+    pub connections: usize,
+    #[arg(long)]
+    pub port: u16,
+}
+
+/// Client source addresses: 127.0.1.1 .. 127.0.250.250.
+fn source(i: u64) -> IpAddr {
+    let n = i % (250 * 250);
+    IpAddr::V4(Ipv4Addr::new(127, 0, (n / 250 + 1) as u8, (n % 250 + 1) as u8))
+}
+
+fn connect_from(source: IpAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and an int option of the right size.
+    let ret = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect(&target.into())?;
+    Ok(socket.into())
+}
+
+fn listen(port: u16) -> anyhow::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())?;
+    socket.listen(65_535)?;
+    Ok(socket.into())
+}
+
+/// Accepts until `stop`; each connection is read to EOF and closed (`hold` keeps them).
+fn serve(listener: TcpListener, stop: Arc<AtomicBool>, hold: bool) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    listener.set_nonblocking(true).expect("nonblocking listener");
+    let mut buf = [0u8; 64];
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((mut stream, _)) => {
+                if hold {
+                    held.push(stream);
+                } else {
+                    stream.set_nonblocking(false).ok();
+                    while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_micros(200));
+            }
+            Err(e) => eprintln!("loadgen: accept: {e}"),
+        }
+    }
+    held
+}
+
+pub fn run(command: LoadCommand) -> anyhow::Result<()> {
+    match command {
+        LoadCommand::Storm(args) => storm(&args),
+        LoadCommand::Hold(args) => hold(&args),
+    }
+}
+
+fn storm(args: &StormArgs) -> anyhow::Result<()> {
+    let listener = listen(args.port)?;
+    let target = listener.local_addr()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    // Two acceptors, so one slow close never stalls the accept queue.
+    let servers: Vec<_> = (0..2)
+        .map(|_| {
+            let listener = listener.try_clone().expect("listener clone");
+            let stop = stop.clone();
+            thread::spawn(move || serve(listener, stop, false))
+        })
+        .collect();
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(args.seconds);
+    let per_client_interval =
+        (args.rate > 0).then(|| Duration::from_secs_f64(args.clients as f64 / args.rate as f64));
+    let clients: Vec<_> = (0..args.clients)
+        .map(|c| {
+            let done = done.clone();
+            let max = args.max;
+            thread::spawn(move || {
+                let mut i = c as u64 * 1_000_003;
+                let mut next = Instant::now();
+                while Instant::now() < deadline && done.load(Ordering::Relaxed) < max {
+                    if let Some(interval) = per_client_interval {
+                        next += interval;
+                        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                            thread::sleep(wait);
+                        }
+                    }
+                    match connect_from(source(i), target) {
+                        Ok(stream) => {
+                            drop(stream);
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => eprintln!("loadgen: connect: {e}"),
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("client thread");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // Let the server see the last FINs.
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for server in servers {
+        server.join().expect("server thread");
+    }
+    println!("{} {elapsed:.3}", done.load(Ordering::Relaxed));
+    Ok(())
+}
+
+/// Connections one `hold` process can keep: both ends of each are its descriptors, and only
+/// the soft limit can be raised (to the hard one) without CAP_SYS_RESOURCE.
+pub fn max_held_connections() -> usize {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: a valid rlimit to fill.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    (limit.rlim_max.min(1 << 20) as usize).saturating_sub(256) / 2
+}
+
+fn hold(args: &HoldArgs) -> anyhow::Result<()> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid rlimit structs.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    limit.rlim_cur = limit.rlim_max;
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("raising RLIMIT_NOFILE");
+    }
+    if args.connections > max_held_connections() {
+        anyhow::bail!("one process can hold at most {} connections", max_held_connections());
+    }
+    let listener = listen(args.port)?;
+    let target = listener.local_addr()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = {
+        let stop = stop.clone();
+        thread::spawn(move || serve(listener, stop, true))
+    };
+    let mut clients = Vec::with_capacity(args.connections);
+    for i in 0..args.connections as u64 {
+        clients.push(connect_from(source(i), target).context("connecting")?);
+    }
+    thread::sleep(Duration::from_millis(500));
+    println!("ready {}", clients.len());
+    std::io::stdout().flush()?;
+    // Hold until the parent closes our stdin.
+    let _ = std::io::stdin().read(&mut [0u8; 1]);
+    stop.store(true, Ordering::Relaxed);
+    let held = server.join().expect("server thread");
+    drop(held);
+    drop(clients);
+    Ok(())
+}
