@@ -100,10 +100,10 @@ pub struct KernelSettings {
     /// For the standby program, which reads a transition from the socket itself.
     pub sock: SockOffsets,
     /// 0: wake the reader for every record it has not caught up with (the kernel's default).
-    /// Otherwise: send records without a wakeup, and force one only when this many bytes are
-    /// waiting; the reader also polls on a timer. Saves a wakeup (and the interrupt nesting it
-    /// causes) per record at high rates.
-    pub wakeup_batch_bytes: u64,
+    /// Otherwise a power of two: send records without a wakeup, and force one every this many
+    /// records a CPU sends; the reader also polls on a timer. Saves a wakeup (and the interrupt
+    /// nesting it causes) per record at high rates.
+    pub wakeup_every: u64,
 }
 
 impl KernelSettings {
@@ -117,7 +117,7 @@ impl KernelSettings {
         task_comm_offset: OFFSET_UNKNOWN,
         _pad2: 0,
         sock: SockOffsets::UNKNOWN,
-        wakeup_batch_bytes: 0,
+        wakeup_every: 0,
     };
 }
 

@@ -7,7 +7,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::bpf_get_current_comm,
@@ -16,7 +16,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use tracer_common::{
     KernelCounters, SocketState, TcpState, TransitionRecord,
-    record::{FLAG_DWELL_KNOWN, FLAG_OWNER_KNOWN, IPPROTO_MPTCP, IPPROTO_TCP, RECORD_SIZE},
+    record::{FLAG_DWELL_KNOWN, FLAG_OWNER_KNOWN, IPPROTO_MPTCP, IPPROTO_TCP},
     settings::{KernelFilter, MAX_FILTER_PORTS, OFFSET_UNKNOWN},
 };
 
@@ -81,9 +81,23 @@ fn runs_in_owner_context(old: u8, new: u8) -> bool {
     )
 }
 
-/// The running task's name, into `out` (8-aligned, 16 bytes).
+/// The running task's name, into `out` (8-aligned, 16 bytes): read straight from
+/// `current->comm` with the offset from BTF (the comm helper copies byte by byte and costs
+/// several times more); the helper when the offset is unknown.
 #[inline(always)]
 fn current_comm(out: *mut Comm) {
+    let comm_offset = setting!(task_comm_offset);
+    if comm_offset != OFFSET_UNKNOWN {
+        // SAFETY: probe reads fault safely.
+        let task = unsafe { bpf_get_current_task() };
+        if let Ok(comm) =
+            unsafe { bpf_probe_read_kernel((task + u64::from(comm_offset)) as *const Comm) }
+        {
+            // SAFETY: `out` points at 16 writable, 8-aligned bytes.
+            unsafe { *out = comm };
+            return;
+        }
+    }
     // SAFETY: `out` points at 16 writable bytes; the helper NUL-pads and never writes more.
     unsafe { bpf_get_current_comm(out.cast(), 16) };
 }
@@ -166,8 +180,8 @@ pub fn handle_transition<C: EbpfContext, T: Transition>(
         (*rec).flags = tracked.flags | record_flags;
         (*rec)._pad = [0; 5];
     }
-    slot.submit(wakeup_flags());
     counters.emitted += 1;
+    slot.submit(wakeup_flags(counters.emitted));
 }
 
 /// What the per-socket map knows about a transition's socket.
@@ -341,20 +355,18 @@ fn any_port(ports: &[u16; MAX_FILTER_PORTS], count: u8, a: u16, b: u16) -> bool 
     false
 }
 
-/// Records go out without a wakeup unless `wakeup_batch_bytes` are waiting: the reader drains
-/// on a timer anyway, and a wakeup per record costs an interrupt that can nest network
-/// processing (and so another transition) inside this program.
+/// Records go out without a wakeup, except every `wakeup_every` records a CPU has sent: the
+/// reader drains on a timer anyway, and a wakeup per record costs an interrupt that can nest
+/// network processing (and so another transition) inside this program. Counting per CPU costs
+/// nothing; asking the ring how full it is would cost a helper call per record.
 #[inline(always)]
-fn wakeup_flags() -> u64 {
-    /// A few records' worth: several CPUs crossing the threshold at once each may wake.
-    const WINDOW: u64 = 4 * (RECORD_SIZE as u64 + 8);
-    let batch = setting!(wakeup_batch_bytes);
-    if batch == 0 {
+fn wakeup_flags(emitted_on_this_cpu: u64) -> u64 {
+    let every = setting!(wakeup_every);
+    if every == 0 {
         return 0;
     }
-    let waiting = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
-    // `batch` is a power of two: wake each time the backlog crosses a multiple of it.
-    if waiting >= batch && waiting & (batch - 1) < WINDOW {
+    // A power of two (the loader makes it so).
+    if emitted_on_this_cpu & (every - 1) == 0 {
         u64::from(BPF_RB_FORCE_WAKEUP)
     } else {
         u64::from(BPF_RB_NO_WAKEUP)

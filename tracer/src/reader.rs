@@ -13,8 +13,9 @@ pub struct RecordReader {
     poll_interval: Duration,
 }
 
-/// Most records handed out per `next_batch` call, so one call cannot starve other tasks.
-const MAX_BATCH: usize = 1 << 16;
+/// Most records handed out per `next_batch` call, so one call cannot starve other tasks and a
+/// caller's batch buffer stays small (8192 records are under 1 MiB).
+const MAX_BATCH: usize = 1 << 13;
 
 impl RecordReader {
     /// `poll_interval` bounds how long a record can wait when the kernel sends no wakeup

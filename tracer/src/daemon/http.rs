@@ -184,6 +184,26 @@ impl SocketView {
     }
 }
 
+/// A response this large leaves memory the allocator keeps unless asked to give it back.
+const LARGE_RESPONSE: usize = 1 << 20;
+
+/// Serializes sockets as a JSON list without first building their views.
+struct Listing<'a> {
+    sockets: &'a [&'a Tracked],
+    now: u64,
+}
+
+impl Serialize for Listing<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq as _;
+        let mut seq = serializer.serialize_seq(Some(self.sockets.len()))?;
+        for tracked in self.sockets {
+            seq.serialize_element(&SocketView::new(tracked, self.now))?;
+        }
+        seq.end()
+    }
+}
+
 /// Parses a state name for a query parameter; the error lists the valid names.
 pub fn parse_state_param(name: &str) -> Result<TcpState, String> {
     crate::cli::parse_state(name).map_err(|message| format!("state={name}: {message}"))
@@ -226,13 +246,18 @@ async fn sockets(
             .collect();
         // Oldest first: the interesting ones when something is stuck.
         matching.sort_unstable_by_key(|tracked| tracked.entered_ns);
-        let views: Vec<SocketView> =
-            matching.into_iter().take(limit).map(|tracked| SocketView::new(tracked, now)).collect();
-        serde_json::to_vec(&views)
+        matching.truncate(limit);
+        // Written one socket at a time: no list of views as large as the answer.
+        serde_json::to_vec(&Listing { sockets: &matching, now })
     })
     .await;
     match listing {
-        Ok(Ok(body)) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Ok(Ok(body)) => {
+            if body.len() > LARGE_RESPONSE {
+                state.shared.note_large_allocation();
+            }
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
         _ => error(StatusCode::INTERNAL_SERVER_ERROR, "listing sockets failed"),
     }
 }

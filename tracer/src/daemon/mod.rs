@@ -88,6 +88,8 @@ pub struct Shared {
     aggregator: Mutex<Aggregator>,
     status: Mutex<Status>,
     leaks: Mutex<LeakState>,
+    /// Set after a large response; the next status tick returns freed memory to the system.
+    large_allocation: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Aggregator {
@@ -102,6 +104,19 @@ impl Shared {
             aggregator: Mutex::new(aggregator),
             status: Mutex::new(Status::default()),
             leaks: Mutex::new(leaks),
+            large_allocation: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// A response of many MiB was built: its memory, freed once sent, is best handed back.
+    pub fn note_large_allocation(&self) {
+        self.large_allocation.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn release_memory_if_needed(&self) {
+        if self.large_allocation.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            // SAFETY: malloc_trim only returns free heap memory to the system.
+            unsafe { libc::malloc_trim(0) };
         }
     }
 
@@ -206,6 +221,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = status_tick.tick() => {
                 let delivery = probe.delivery()?;
                 shared.update_status(|status| status.record_delivery(delivery, monotonic_ns()));
+                shared.release_memory_if_needed();
             }
             _ = reconcile_tick.tick(), if pending_dump.is_none() => {
                 shared.aggregator().begin_dump();

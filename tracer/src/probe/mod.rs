@@ -47,8 +47,9 @@ pub struct ProbeOptions {
     pub socket_map_entries: u32,
     pub trace_mptcp: bool,
     pub filter: KernelFilter,
-    /// See `KernelSettings::wakeup_batch_bytes`; rounded down to a power of two. `None`: an
-    /// eighth of the ring, so the reader wakes well before the ring fills.
+    /// Bytes of records a CPU sends between two forced wakeups of the reader (see
+    /// `KernelSettings::wakeup_every`). `None`: an eighth of the ring shared among the CPUs,
+    /// so the reader wakes well before the ring fills. 0: a wakeup for every record.
     pub wakeup_batch_bytes: Option<u64>,
     /// Read the tracepoint's layout from this file instead of tracefs (for tests).
     pub format_file: Option<PathBuf>,
@@ -191,9 +192,10 @@ impl Probe {
             task_group_leader_offset: task.group_leader,
             task_comm_offset: task.comm,
             sock: *sock.as_ref().unwrap_or(&SockOffsets::UNKNOWN),
-            wakeup_batch_bytes: power_of_two_floor(
-                options.wakeup_batch_bytes.unwrap_or(u64::from(options.ring_bytes) / 8),
-            ),
+            wakeup_every: wakeup_every(options.wakeup_batch_bytes.unwrap_or_else(|| {
+                let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+                u64::from(options.ring_bytes) / 8 / cpus
+            })),
             ..KernelSettings::DEFAULT
         };
         // Parsed once: the loader, the standby and the fexit program all need it.
@@ -369,9 +371,15 @@ fn release_freed_memory() {
     unsafe { libc::malloc_trim(0) };
 }
 
-/// The kernel program checks the backlog against this with a mask.
-fn power_of_two_floor(value: u64) -> u64 {
-    if value == 0 { 0 } else { 1 << (63 - value.leading_zeros()) }
+/// Records per CPU between forced wakeups for `batch_bytes` of records: a power of two (the
+/// kernel program tests it with a mask), at least 1; 0 when `batch_bytes` is 0.
+fn wakeup_every(batch_bytes: u64) -> u64 {
+    const SLOT: u64 = tracer_common::RECORD_SIZE as u64 + 8;
+    match batch_bytes / SLOT {
+        0 if batch_bytes == 0 => 0,
+        0 => 1,
+        records => 1 << (63 - records.leading_zeros()),
+    }
 }
 
 /// Kernel-side `warn!` lines (an unexpected kernel) go to this process's log, when a tokio
@@ -404,10 +412,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wakeup_batch_rounds_down_to_power_of_two() {
-        assert_eq!(power_of_two_floor(0), 0);
-        assert_eq!(power_of_two_floor(1), 1);
-        assert_eq!(power_of_two_floor(300_000), 262_144);
-        assert_eq!(power_of_two_floor(262_144), 262_144);
+    fn wakeups_come_every_power_of_two_records() {
+        assert_eq!(wakeup_every(0), 0);
+        assert_eq!(wakeup_every(1), 1);
+        assert_eq!(wakeup_every(512 << 10), 4096);
+        assert_eq!(wakeup_every(300_000), 2048);
     }
 }

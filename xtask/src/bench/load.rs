@@ -88,8 +88,14 @@ fn listen(port: u16) -> anyhow::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// Accepts until `stop`; each connection is read to EOF and closed (`hold` keeps them).
-fn serve(listener: TcpListener, stop: Arc<AtomicBool>, hold: bool) -> Vec<TcpStream> {
+/// Accepts until `stop`; each connection is read to EOF and closed and counted in `served`
+/// (`hold` keeps them instead).
+fn serve(
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicU64>,
+    hold: bool,
+) -> Vec<TcpStream> {
     let mut held = Vec::new();
     listener.set_nonblocking(true).expect("nonblocking listener");
     let mut buf = [0u8; 64];
@@ -101,10 +107,12 @@ fn serve(listener: TcpListener, stop: Arc<AtomicBool>, hold: bool) -> Vec<TcpStr
                 } else {
                     stream.set_nonblocking(false).ok();
                     while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+                    drop(stream);
                 }
+                served.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                thread::sleep(Duration::from_micros(200));
+                thread::sleep(Duration::from_micros(50));
             }
             Err(e) => eprintln!("loadgen: accept: {e}"),
         }
@@ -123,12 +131,13 @@ fn storm(args: &StormArgs) -> anyhow::Result<()> {
     let listener = listen(args.port)?;
     let target = listener.local_addr()?;
     let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
     // Two acceptors, so one slow close never stalls the accept queue.
     let servers: Vec<_> = (0..2)
         .map(|_| {
             let listener = listener.try_clone().expect("listener clone");
-            let stop = stop.clone();
-            thread::spawn(move || serve(listener, stop, false))
+            let (stop, served) = (stop.clone(), served.clone());
+            thread::spawn(move || serve(listener, stop, served, false))
         })
         .collect();
     let done = Arc::new(AtomicU64::new(0));
@@ -166,8 +175,14 @@ fn storm(args: &StormArgs) -> anyhow::Result<()> {
         client.join().expect("client thread");
     }
     let elapsed = started.elapsed().as_secs_f64();
-    // Let the server see the last FINs.
-    thread::sleep(Duration::from_millis(300));
+    // Every connection completes its close before the listener goes away: a connection still
+    // in the accept queue then would be reset, with other transitions than the rest.
+    let total = done.load(Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served.load(Ordering::Relaxed) < total && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    thread::sleep(Duration::from_millis(100));
     stop.store(true, Ordering::Relaxed);
     for server in servers {
         server.join().expect("server thread");
@@ -201,7 +216,7 @@ fn hold(args: &HoldArgs) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let server = {
         let stop = stop.clone();
-        thread::spawn(move || serve(listener, stop, true))
+        thread::spawn(move || serve(listener, stop, Arc::new(AtomicU64::new(0)), true))
     };
     let mut clients = Vec::with_capacity(args.connections);
     for i in 0..args.connections as u64 {

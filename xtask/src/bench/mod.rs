@@ -75,7 +75,10 @@ impl Config {
 struct Outcome {
     connections: u64,
     seconds: f64,
+    /// Transitions the connections made (connections × transitions per connection).
     expected: u64,
+    /// Times the tracepoint fired for the tracer over the same window: what it should deliver.
+    firings: u64,
     delivered: u64,
     tracer_cpu: f64,
     lost_buffer: u64,
@@ -83,7 +86,10 @@ struct Outcome {
     lost_recursion: u64,
     rescued: u64,
     prog: ProgStats,
+    standby: ProgStats,
     peak_rss: u64,
+    /// Transitions of the tracer's own traffic during the window (the daemon's scrapes).
+    expected_extra: u64,
 }
 
 impl Outcome {
@@ -232,8 +238,29 @@ impl Tracer {
         self.stderr.lock().unwrap().iter().any(|l| l.contains(needle))
     }
 
-    fn prog_stats(&self) -> anyhow::Result<ProgStats> {
-        Ok(measure::sum(&measure::programs()?, &self.programs))
+    /// Statistics of the main program(s) and of the standby (zero when there is none).
+    fn prog_stats(&self) -> anyhow::Result<(ProgStats, ProgStats)> {
+        let programs = measure::programs()?;
+        let (standby, main): (HashSet<u64>, HashSet<u64>) = self
+            .programs
+            .iter()
+            .partition(|id| programs.get(id).is_some_and(|(name, _)| name == "standby"));
+        Ok((measure::sum(&programs, &main), measure::sum(&programs, &standby)))
+    }
+
+    /// Times the tracepoint fired for this tracer since its programs loaded: every run of its
+    /// main program plus every run the kernel skipped. The standby runs for the same firings,
+    /// so it is left out.
+    fn firings(&self) -> anyhow::Result<u64> {
+        let programs = measure::programs()?;
+        let main: HashSet<u64> = self
+            .programs
+            .iter()
+            .copied()
+            .filter(|id| programs.get(id).is_some_and(|(name, _)| name != "standby"))
+            .collect();
+        let stats = measure::sum(&programs, &main);
+        Ok(stats.run_cnt + stats.recursion_misses)
     }
 
     /// Waits until the output stops growing: the tracer has written what it received.
@@ -366,6 +393,7 @@ impl Bench<'_> {
                 thread::sleep(Duration::from_millis(500));
                 let cpu_before = measure::cpu_seconds(tracer.pid())?;
                 let prog_before = tracer.prog_stats()?;
+                let firings_before = tracer.firings()?;
                 let (before, _) = measure::http_get(addr, "/metrics")?;
                 let scraping = Arc::new(AtomicBool::new(true));
                 let scrapes = Arc::new(AtomicU64::new(0));
@@ -385,17 +413,21 @@ impl Bench<'_> {
                 scraper.join().expect("scraper");
                 thread::sleep(Duration::from_millis(500));
                 let (after, _) = measure::http_get(addr, "/metrics")?;
+                // The first scrape's opening transitions came after the first count of
+                // firings but before its render; the last one's closing ones after its render
+                // but before the last count: one scrape's 10 transitions the firings include
+                // and the delivered count does not.
+                outcome.firings = (tracer.firings()? - firings_before).saturating_sub(10);
                 outcome.tracer_cpu = measure::cpu_seconds(tracer.pid())? - cpu_before;
-                outcome.prog = delta(tracer.prog_stats()?, prog_before);
+                (outcome.prog, outcome.standby) = deltas(tracer.prog_stats()?, prog_before);
                 outcome.peak_rss = measure::memory(tracer.pid())?.0;
                 let change = |name: &str, labels: &[&str]| {
                     (measure::metric(&after, name, labels) - measure::metric(&before, name, labels))
                         as u64
                 };
-                // Each scrape is itself a connection to the daemon: 10 transitions, of the
-                // scrapes in between and half of each of the two measuring ones.
-                let own = 10 * (scrapes.load(Ordering::Relaxed) + 1);
-                outcome.delivered = change("tcpstate_events_total", &[]).saturating_sub(own);
+                outcome.delivered = change("tcpstate_events_total", &[]);
+                // The scrapes are connections too; they are not part of the storm.
+                outcome.expected_extra = 10 * (scrapes.load(Ordering::Relaxed) + 1);
                 outcome.lost_buffer =
                     change("tcpstate_events_lost_total", &["cause=\"ringbuf_full\""]);
                 outcome.lost_recursion =
@@ -409,14 +441,18 @@ impl Bench<'_> {
                 thread::sleep(Duration::from_millis(500));
                 let cpu_before = measure::cpu_seconds(tracer.pid())?;
                 let prog_before = tracer.prog_stats()?;
+                let firings_before = tracer.firings()?;
+                tracer.settle();
                 let lines_before = tracer.lines.load(Ordering::Relaxed);
                 (outcome.connections, outcome.seconds) = self.run_storm(seconds, 0)?;
                 tracer.settle();
+                outcome.firings = tracer.firings()? - firings_before;
+                tracer.settle();
+                outcome.delivered = tracer.lines.load(Ordering::Relaxed) - lines_before;
                 outcome.tracer_cpu = measure::cpu_seconds(tracer.pid())? - cpu_before;
-                outcome.prog = delta(tracer.prog_stats()?, prog_before);
+                (outcome.prog, outcome.standby) = deltas(tracer.prog_stats()?, prog_before);
                 outcome.peak_rss = measure::memory(tracer.pid())?.0;
-                let (stderr, lines) = tracer.stop()?;
-                outcome.delivered = lines - lines_before;
+                let (stderr, _) = tracer.stop()?;
                 let stats = stderr
                     .iter()
                     .find(|l| l.starts_with("tcpstate watch stats:"))
@@ -443,8 +479,11 @@ impl Bench<'_> {
                 (outcome.connections, outcome.seconds) = self.run_storm(seconds, 0)?;
                 thread::sleep(Duration::from_millis(1500));
                 outcome.tracer_cpu = measure::cpu_seconds(tracer.pid())? - cpu_before;
-                outcome.prog = delta(tracer.prog_stats()?, prog_before);
+                (outcome.prog, outcome.standby) = deltas(tracer.prog_stats()?, prog_before);
                 outcome.peak_rss = measure::memory(tracer.pid())?.0;
+                // Its output reaches the pipe only at exit: count everything since it loaded,
+                // against every firing since it loaded.
+                outcome.firings = tracer.firings()?;
                 let (stderr, lines) = tracer.stop()?;
                 outcome.delivered = lines.saturating_sub(1);
                 // "lost N events on CPU #C" from its perf buffer callback.
@@ -538,6 +577,10 @@ impl Bench<'_> {
     }
 }
 
+fn deltas(after: (ProgStats, ProgStats), before: (ProgStats, ProgStats)) -> (ProgStats, ProgStats) {
+    (delta(after.0, before.0), delta(after.1, before.1))
+}
+
 fn delta(after: ProgStats, before: ProgStats) -> ProgStats {
     ProgStats {
         run_time_ns: after.run_time_ns.saturating_sub(before.run_time_ns),
@@ -629,10 +672,11 @@ fn render(
     let _ = writeln!(
         out,
         "| configuration | connections/s | vs bare | tracer CPU s per M transitions | \
-         transitions expected | delivered | lost | lost, counted (buffer / map / recursion) | \
-         in-kernel ns per call | peak RSS |"
+         transitions (tracepoint firings) | delivered | lost | lost, as the tool counts it \
+         (buffer / map / recursion) | in-kernel ns per call: main (standby) | in-kernel ns per \
+         transition | peak RSS |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
     for config in Config::ALL {
         let runs: Vec<&Outcome> =
             outcomes.iter().filter(|(c, _)| *c == config).map(|(_, o)| o).collect();
@@ -643,50 +687,78 @@ fn render(
         if config == Config::Bare {
             let _ = writeln!(
                 out,
-                "| {} | {rate:.0} ({min:.0}–{max:.0}) | 1.00 | – | – | – | – | – | – | – |",
+                "| {} | {rate:.0} ({min:.0}–{max:.0}) | 1.00 | – | – | – | – | – | – | – | – |",
                 config.label()
             );
             continue;
         }
         let mut cpu: Vec<f64> =
             runs.iter().map(|o| o.tracer_cpu / (o.delivered.max(1) as f64 / 1e6)).collect();
-        let expected: u64 = runs.iter().map(|o| o.expected).sum();
+        let firings: u64 = runs.iter().map(|o| o.firings).sum();
         let delivered: u64 = runs.iter().map(|o| o.delivered).sum();
-        let lost = expected.saturating_sub(delivered);
+        let lost = firings.saturating_sub(delivered);
         let buffer: u64 = runs.iter().map(|o| o.lost_buffer).sum();
         let map = runs.iter().map(|o| o.lost_map).sum::<Option<u64>>();
         let recursion: u64 = runs.iter().map(|o| o.lost_recursion).sum();
-        let mut ns: Vec<f64> = runs
+        let per_call = |stats: &dyn Fn(&Outcome) -> ProgStats| {
+            let mut ns: Vec<f64> = runs
+                .iter()
+                .map(|o| stats(o))
+                .filter(|s| s.run_cnt > 0)
+                .map(|s| s.run_time_ns as f64 / s.run_cnt as f64)
+                .collect();
+            (!ns.is_empty()).then(|| median(&mut ns))
+        };
+        let main_ns = per_call(&|o| o.prog);
+        let standby_ns = per_call(&|o| o.standby);
+        let calls = match (main_ns, standby_ns) {
+            (Some(m), Some(s)) => format!("{m:.0} ({s:.0})"),
+            (Some(m), None) => format!("{m:.0}"),
+            _ => "–".to_owned(),
+        };
+        let mut per_transition: Vec<f64> = runs
             .iter()
-            .filter(|o| o.prog.run_cnt > 0)
-            .map(|o| o.prog.run_time_ns as f64 / o.prog.run_cnt as f64)
+            .filter(|o| o.firings > 0)
+            .map(|o| (o.prog.run_time_ns + o.standby.run_time_ns) as f64 / o.firings as f64)
             .collect();
-        let ns = if ns.is_empty() { "–".to_owned() } else { format!("{:.0}", median(&mut ns)) };
+        let per_transition = if per_transition.is_empty() {
+            "–".to_owned()
+        } else {
+            format!("{:.0}", median(&mut per_transition))
+        };
         let rss = runs.iter().map(|o| o.peak_rss).max().unwrap_or(0);
         let rescued: u64 = runs.iter().map(|o| o.rescued).sum();
-        let rescued = if rescued > 0 {
-            format!(" ({rescued} rescued by the standby)")
-        } else {
-            String::new()
-        };
+        let rescued =
+            if rescued > 0 { format!(" ({rescued} by the standby)") } else { String::new() };
         let _ = writeln!(
             out,
-            "| {} | {rate:.0} ({min:.0}–{max:.0}) | {:.2} | {:.2} | {expected} | {delivered}{rescued} | {lost} ({:.4} %) | {buffer} / {} / {recursion} | {ns} | {} |",
+            "| {} | {rate:.0} ({min:.0}–{max:.0}) | {:.2} | {:.2} | {firings} | {delivered}{rescued} | {lost} ({:.4} %) | {buffer} / {} / {recursion} | {calls} | {per_transition} | {} |",
             config.label(),
             rate / bare_median,
             median(&mut cpu),
-            lost as f64 * 100.0 / expected.max(1) as f64,
+            lost as f64 * 100.0 / firings.max(1) as f64,
             map.map_or_else(|| "–".to_owned(), |m| m.to_string()),
             mib(rss),
         );
     }
+    let connections: u64 = outcomes.iter().map(|(_, o)| o.connections).sum();
+    let storm: u64 = outcomes
+        .iter()
+        .filter(|(c, _)| *c != Config::Bare)
+        .map(|(_, o)| o.expected + o.expected_extra)
+        .sum();
+    let fired: u64 = outcomes.iter().map(|(_, o)| o.firings).sum();
     let _ = writeln!(
         out,
-        "\nDelivered: transitions the tracer output (`watch`, `tcpstates`: lines, counted by the \
-         bench through a pipe; `run`: `tcpstate_events_total`, less its own scrapes). Lost: \
-         expected minus delivered; counted: what the tool itself reports (`tcpstates`: its \
-         \"lost N events\" lines and the kernel's recursion_misses for its program). In-kernel \
-         time: `run_time_ns / run_cnt` of the tracer's programs with kernel.bpf_stats_enabled=1."
+        "\nTransitions: every firing of the tracepoint while the tracer was attached (its main \
+         program's runs plus the runs the kernel skipped); the storms' {connections} connections \
+         account for {storm} of the {fired} under tracers, the rest is other traffic on the \
+         host. Delivered: what the tracer output (`watch`, `tcpstates`: lines, counted through a \
+         pipe; `run`: `tcpstate_events_total`). Lost: firings minus delivered; counted: what the \
+         tool itself reports (`tcpstates`: its \"lost N events\" lines and the kernel's \
+         recursion_misses for its program). In-kernel time: `run_time_ns / run_cnt` with \
+         kernel.bpf_stats_enabled=1, which itself adds about 80 ns to every run (an empty \
+         program measures that); per transition: both programs' time over the firings."
     );
     if let Some(points) = scale {
         let _ = writeln!(
