@@ -208,7 +208,25 @@ struct Printer<W: Write> {
     clock: WallClock,
 }
 
-/// One JSON line: exactly these keys, in this order.
+/// The keys of a `--json` line, in order (documented in the README; scripts rely on them).
+pub const JSON_KEYS: [&str; 14] = [
+    "ts_ns",
+    "skaddr",
+    "pid",
+    "comm",
+    "owner_pid",
+    "owner_comm",
+    "family",
+    "saddr",
+    "sport",
+    "daddr",
+    "dport",
+    "old",
+    "new",
+    "dwell_ns",
+];
+
+/// One JSON line: exactly the keys of `JSON_KEYS`, in this order.
 #[derive(Serialize)]
 struct JsonTransition<'a> {
     ts_ns: u64,
@@ -365,22 +383,7 @@ mod tests {
         let out = printer.out.into_inner().unwrap();
         let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
         let keys: Vec<_> = value.as_object().unwrap().keys().cloned().collect();
-        let mut expected = vec![
-            "ts_ns",
-            "skaddr",
-            "pid",
-            "comm",
-            "owner_pid",
-            "owner_comm",
-            "family",
-            "saddr",
-            "sport",
-            "daddr",
-            "dport",
-            "old",
-            "new",
-            "dwell_ns",
-        ];
+        let mut expected = JSON_KEYS.to_vec();
         expected.sort_unstable();
         let mut keys_sorted = keys.clone();
         keys_sorted.sort_unstable();

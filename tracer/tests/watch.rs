@@ -11,23 +11,7 @@ use std::{
 
 use common::{Closer, Tcpstate, V4, V6, one_connection, require_root, run_tcpstate};
 use serde_json::Value;
-
-const JSON_KEYS: [&str; 14] = [
-    "ts_ns",
-    "skaddr",
-    "pid",
-    "comm",
-    "owner_pid",
-    "owner_comm",
-    "family",
-    "saddr",
-    "sport",
-    "daddr",
-    "dport",
-    "old",
-    "new",
-    "dwell_ns",
-];
+use tracer::watch::JSON_KEYS;
 
 fn parse_lines(lines: &[String]) -> Vec<Value> {
     lines

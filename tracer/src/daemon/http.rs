@@ -339,15 +339,14 @@ impl BoundedConnection {
     fn progress(&mut self) {
         self.idle.as_mut().reset(Instant::now() + IDLE_TIMEOUT);
     }
-}
 
-impl AsyncRead for BoundedConnection {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
+    /// Any progress restarts the idle clock; waiting too long fails the connection.
+    fn watch_idle<T>(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match Pin::new(&mut self.stream).poll_read(cx, buf) {
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match poll {
             Poll::Ready(result) => {
                 self.progress();
                 Poll::Ready(result)
@@ -360,22 +359,25 @@ impl AsyncRead for BoundedConnection {
     }
 }
 
+impl AsyncRead for BoundedConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.stream).poll_read(cx, buf);
+        self.watch_idle(cx, poll)
+    }
+}
+
 impl AsyncWrite for BoundedConnection {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.stream).poll_write(cx, buf) {
-            Poll::Ready(result) => {
-                self.progress();
-                Poll::Ready(result)
-            }
-            Poll::Pending => {
-                self.check_idle(cx)?;
-                Poll::Pending
-            }
-        }
+        let poll = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.watch_idle(cx, poll)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -359,6 +359,16 @@ impl Bench<'_> {
         Ok((connections, elapsed))
     }
 
+    /// `tcpstate run` on a free loopback port, started and settled.
+    fn daemon(&self) -> anyhow::Result<(Tracer, SocketAddr)> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let mut command = Command::new(&self.tcpstate);
+        command.args(["run", "--listen", &addr.to_string()]).env("TCPSTATE_LOG", "info");
+        let tracer = Tracer::start(command, |t| t.stderr_contains("serving http://"))?;
+        thread::sleep(Duration::from_millis(500));
+        Ok((tracer, addr))
+    }
+
     fn watch(&self, extra: &[&str]) -> anyhow::Result<Tracer> {
         let mut command = Command::new(&self.tcpstate);
         command.args(["watch", "--json", "--stats"]).args(extra).env("TCPSTATE_LOG", "info");
@@ -385,12 +395,7 @@ impl Bench<'_> {
                 (outcome.connections, outcome.seconds) = self.run_storm(seconds, 0)?;
             }
             Config::Daemon => {
-                let port = free_port()?;
-                let addr = SocketAddr::from(([127, 0, 0, 1], port));
-                let mut command = Command::new(&self.tcpstate);
-                command.args(["run", "--listen", &addr.to_string()]).env("TCPSTATE_LOG", "info");
-                let tracer = Tracer::start(command, |t| t.stderr_contains("serving http://"))?;
-                thread::sleep(Duration::from_millis(500));
+                let (tracer, addr) = self.daemon()?;
                 let cpu_before = measure::cpu_seconds(tracer.pid())?;
                 let prog_before = tracer.prog_stats()?;
                 let firings_before = tracer.firings()?;
@@ -505,12 +510,7 @@ impl Bench<'_> {
     /// endpoints take with that many.
     fn scale(&self) -> anyhow::Result<Vec<ScalePoint>> {
         fresh_namespace()?;
-        let port = free_port()?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut command = Command::new(&self.tcpstate);
-        command.args(["run", "--listen", &addr.to_string()]).env("TCPSTATE_LOG", "info");
-        let tracer = Tracer::start(command, |t| t.stderr_contains("serving http://"))?;
-        thread::sleep(Duration::from_millis(500));
+        let (tracer, addr) = self.daemon()?;
         let idle_rss = measure::memory(tracer.pid())?.1;
         let mut points = Vec::new();
         let mut holders: Vec<(Child, ChildStdin)> = Vec::new();
