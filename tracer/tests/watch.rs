@@ -207,12 +207,21 @@ fn bad_flags_are_usage_errors_naming_the_flag() {
 #[test]
 fn without_privileges_the_error_says_what_is_missing() {
     require_root();
+    // A copy the unprivileged user can execute wherever the checkout lives.
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = std::env::temp_dir().join(format!("tcpstate-unprivileged-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let binary = dir.join("tcpstate");
+    std::fs::copy(common::tcpstate_bin(), &binary).unwrap();
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
     let output = std::process::Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
-        .arg(common::tcpstate_bin())
+        .arg(&binary)
         .args(["watch", "--duration", "1"])
         .output()
         .expect("setpriv (util-linux) runs the binary unprivileged");
+    let _ = std::fs::remove_dir_all(&dir);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("CAP_BPF") && stderr.contains("sudo"), "{stderr}");
