@@ -113,6 +113,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         args,
     };
     let _stats = BpfStats::enable()?;
+    let _namespace = NamespaceCleanup;
     let started = Instant::now();
 
     eprintln!("bench: measuring transitions per connection at a low rate");
@@ -301,6 +302,15 @@ impl Drop for Tracer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Deletes the benchmark's namespace when the benchmark ends, however it ends.
+struct NamespaceCleanup;
+
+impl Drop for NamespaceCleanup {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", NETNS]).stderr(Stdio::null()).status();
     }
 }
 
