@@ -101,7 +101,7 @@ pub struct Aggregator {
 impl Aggregator {
     pub fn new(max_sockets: usize, labels: PortLabels) -> Self {
         Self {
-            transitions: vec![[[0; STATE_SLOTS]; STATE_SLOTS]; labels.len()],
+            transitions: vec![[[0; STATE_SLOTS]; STATE_SLOTS]; labels.values()],
             stays: std::array::from_fn(|_| StayHistogram::default()),
             table: SocketTable::new(max_sockets, labels.clone()),
             labels,
@@ -211,7 +211,7 @@ impl Aggregator {
         let covered: HashSet<u32> = dumps.iter().map(|d| d.inode).collect();
 
         let mut listed: HashMap<SocketKey, Vec<&DiagSocket>> = HashMap::new();
-        let mut sampled = vec![vec![0i64; self.labels.len()]; SAMPLED_STATES.len()];
+        let mut sampled = vec![vec![0i64; self.labels.values()]; SAMPLED_STATES.len()];
         for dump in dumps {
             for socket in &dump.sockets {
                 if let Some(i) = SAMPLED_STATES.iter().position(|s| *s as u8 == socket.state) {

@@ -32,12 +32,8 @@ impl PortLabels {
     }
 
     /// Number of label values (configured ports plus "other").
-    pub fn len(&self) -> usize {
+    pub fn values(&self) -> usize {
         self.ports.len() + 1
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     pub fn index(&self, local_port: u16) -> usize {
@@ -71,7 +67,7 @@ pub struct StateGauges {
 impl StateGauges {
     pub fn new(labels: PortLabels) -> Self {
         Self {
-            by_label: vec![[0; STATE_SLOTS]; labels.len()],
+            by_label: vec![[0; STATE_SLOTS]; labels.values()],
             labels,
             total: [0; STATE_SLOTS],
             clocks: [StateClock::default(); STATE_SLOTS],

@@ -54,7 +54,7 @@ impl Collector for TcpstateCollector {
         let status = self.shared.status();
         let agg = self.shared.aggregator();
         let labels = agg.labels().clone();
-        let label_sets: Vec<Vec<(&str, String)>> = (0..labels.len())
+        let label_sets: Vec<Vec<(&str, String)>> = (0..labels.values())
             .map(|i| if labels.enabled() { vec![("port", labels.value(i))] } else { vec![] })
             .collect();
         let with = |base: &[(&'static str, String)], label: usize| {
@@ -69,7 +69,7 @@ impl Collector for TcpstateCollector {
             None,
             MetricType::Counter,
         )?;
-        for label in 0..labels.len() {
+        for label in 0..labels.values() {
             for from in TcpState::ALL {
                 for to in TcpState::ALL {
                     let count = agg.transitions(label, slot(from as u8), slot(to as u8));
@@ -125,7 +125,7 @@ impl Collector for TcpstateCollector {
             None,
             MetricType::Gauge,
         )?;
-        for label in 0..labels.len() {
+        for label in 0..labels.values() {
             for state in gauge_states() {
                 let set = with(&[("state", state.name().into())], label);
                 let count = gauges.count_for_label(label, state as u8).max(0);
