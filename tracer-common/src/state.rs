@@ -92,6 +92,15 @@ impl TcpState {
     }
 }
 
+/// The transition brings a socket into existence for the tracer: created (CLOSE -> SYN_SENT by
+/// connect, CLOSE -> LISTEN by listen) or cloned from a listener on accept (LISTEN ->
+/// SYN_RECV). It has no earlier stay, and anything known under its address belongs to an
+/// earlier socket whose CLOSE was missed. Kernel program and daemon apply the same rule.
+pub const fn creates_socket(old: u8, new: u8) -> bool {
+    old == TcpState::Close as u8
+        || (old == TcpState::Listen as u8 && new == TcpState::SynRecv as u8)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

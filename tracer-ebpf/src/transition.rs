@@ -18,6 +18,7 @@ use tracer_common::{
     KernelCounters, SocketState, TcpState, TransitionRecord,
     record::{FLAG_DWELL_KNOWN, FLAG_OWNER_KNOWN, IPPROTO_MPTCP, IPPROTO_TCP},
     settings::{KernelFilter, MAX_FILTER_PORTS, OFFSET_UNKNOWN},
+    state::creates_socket,
 };
 
 use crate::{COUNTERS, EVENTS, SETTINGS, SOCKETS};
@@ -53,14 +54,6 @@ pub trait Transition {
 
 const CLOSE: u8 = TcpState::Close as u8;
 const LISTEN: u8 = TcpState::Listen as u8;
-
-/// The socket is new to the kernel here: created (CLOSE -> SYN_SENT by connect, CLOSE -> LISTEN
-/// by listen) or cloned from a listener on accept (LISTEN -> SYN_RECV). It has no earlier stay,
-/// and a map entry under its address belongs to a previous socket whose CLOSE was missed.
-#[inline(always)]
-fn is_creation(old: u8, new: u8) -> bool {
-    old == CLOSE || (old == LISTEN && new == TcpState::SynRecv as u8)
-}
 
 /// Transitions that only run in a system call of the process holding the socket (connect,
 /// listen, close, shutdown), never in softirq: the running task is the owner.
@@ -203,7 +196,7 @@ fn track_socket(
     tgid: u32,
     counters: &mut KernelCounters,
 ) -> Tracked {
-    let creation = is_creation(old, new);
+    let creation = creates_socket(old, new);
     let owner_context = runs_in_owner_context(old, new);
     let existing = if creation { None } else { SOCKETS.get_ptr_mut(skaddr) };
     let mut tracked = match existing {

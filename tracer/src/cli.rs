@@ -8,7 +8,9 @@ use std::{
 };
 
 use clap::{Args, Parser, Subcommand};
-use tracer_common::TcpState;
+use tracer_common::{TcpState, settings::KernelFilter};
+
+use crate::probe::ProbeOptions;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -110,6 +112,21 @@ pub struct ProbeArgs {
     /// Read the tracepoint layout from this file instead of tracefs (testing the layout check).
     #[arg(long, hide = true, value_name = "FILE")]
     pub tracepoint_format: Option<PathBuf>,
+}
+
+impl ProbeArgs {
+    /// The probe these flags describe, with `filter` deciding which records are sent.
+    pub fn probe_options(&self, filter: KernelFilter) -> ProbeOptions {
+        ProbeOptions {
+            ring_bytes: self.ring_bytes,
+            socket_map_entries: self.kernel_sockets,
+            trace_mptcp: self.mptcp,
+            filter,
+            wakeup_batch_bytes: None,
+            format_file: self.tracepoint_format.clone(),
+            standby_first: false,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

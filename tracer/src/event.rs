@@ -34,6 +34,36 @@ impl fmt::Display for StateName {
     }
 }
 
+/// An address as records and socket keys hold it: raw network-order bytes, IPv4 in the first 4.
+pub fn ip_from_raw(family: u16, raw: &[u8; 16]) -> IpAddr {
+    if family == AF_INET6 {
+        IpAddr::V6(Ipv6Addr::from(*raw))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+    }
+}
+
+/// The inverse of `ip_from_raw`.
+pub fn ip_to_raw(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut bytes = [0; 16];
+            bytes[..4].copy_from_slice(&v4.octets());
+            bytes
+        }
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// `inet`, `inet6`, as output and the API name families.
+pub fn family_name(family: u16) -> &'static str {
+    match family {
+        AF_INET => "inet",
+        AF_INET6 => "inet6",
+        _ => "unknown",
+    }
+}
+
 /// The text of a NUL-padded kernel `comm`.
 pub fn comm_str(comm: &[u8; 16]) -> Cow<'_, str> {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
@@ -63,11 +93,7 @@ impl TransitionExt for TransitionRecord {
     }
 
     fn ip(&self, raw: &[u8; 16]) -> IpAddr {
-        if self.family == AF_INET6 {
-            IpAddr::V6(Ipv6Addr::from(*raw))
-        } else {
-            IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
-        }
+        ip_from_raw(self.family, raw)
     }
 
     fn local(&self) -> SocketAddr {
@@ -87,11 +113,7 @@ impl TransitionExt for TransitionRecord {
     }
 
     fn family_name(&self) -> &'static str {
-        match self.family {
-            AF_INET => "inet",
-            AF_INET6 => "inet6",
-            _ => "unknown",
-        }
+        family_name(self.family)
     }
 }
 

@@ -16,10 +16,10 @@ use tracer_common::{
 };
 
 use crate::{
-    cli::{ProbeArgs, WatchArgs},
+    cli::WatchArgs,
     clock::WallClock,
     event::{TransitionExt as _, comm_str},
-    probe::{Delivery, Probe, ProbeOptions},
+    probe::{Delivery, Probe},
     reader::RecordReader,
 };
 
@@ -27,20 +27,6 @@ use crate::{
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// How often lost records are reported while running.
 const LOSS_REPORT_INTERVAL: Duration = Duration::from_secs(10);
-
-impl ProbeArgs {
-    pub fn probe_options(&self, filter: KernelFilter) -> ProbeOptions {
-        ProbeOptions {
-            ring_bytes: self.ring_bytes,
-            socket_map_entries: self.kernel_sockets,
-            trace_mptcp: self.mptcp,
-            filter,
-            wakeup_batch_bytes: None,
-            format_file: self.tracepoint_format.clone(),
-            standby_first: false,
-        }
-    }
-}
 
 impl WatchArgs {
     /// The part of the filter that runs in the kernel: ports, family, states.

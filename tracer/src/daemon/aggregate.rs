@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use tracer_common::{TcpState, TransitionRecord};
+use tracer_common::{TcpState, TransitionRecord, state::creates_socket};
 
 use super::{
     gauges::{PortLabels, STATE_SLOTS, slot},
@@ -46,11 +46,6 @@ pub const SAMPLED_STATES: [TcpState; 2] = [TcpState::TimeWait, TcpState::NewSynR
 /// transitions); CLOSE sockets are not in dumps, sampled states are counted separately.
 fn tracked_state(state: u8) -> bool {
     matches!(TcpState::from_u8(state), Some(s) if s != TcpState::Close && !SAMPLED_STATES.contains(&s))
-}
-
-/// Same rule as the kernel program: a socket created by connect/listen, or cloned on accept.
-fn is_creation(old: u8, new: u8) -> bool {
-    old == CLOSE || (old == TcpState::Listen as u8 && new == TcpState::SynRecv as u8)
 }
 
 /// The earliest moment a dumped socket is known to have been in its state: for CLOSE_WAIT,
@@ -151,8 +146,8 @@ impl Aggregator {
         self.table.set_inode(id, inode);
     }
 
-    pub fn count_malformed(&mut self) {
-        self.malformed += 1;
+    pub fn count_malformed(&mut self, records: u64) {
+        self.malformed += records;
     }
 
     /// Applies one transition record.
@@ -166,7 +161,7 @@ impl Aggregator {
 
         let ts = r.ts_ns;
         let key = SocketKey::from_record(r);
-        if is_creation(old, new) {
+        if creates_socket(old, new) {
             // An entry under this address belongs to an earlier socket whose CLOSE was lost.
             self.table.remove(r.skaddr, ts);
         } else if !self.table.contains(r.skaddr) {

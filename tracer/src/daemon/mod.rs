@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tracer_common::{TransitionRecord, settings::KernelFilter};
+use tracer_common::{DecodeError, TransitionRecord, settings::KernelFilter};
 
 use self::{
     aggregate::Aggregator,
@@ -195,27 +195,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let leak_watch = tokio::spawn(watch_leaks(shared.clone(), args.close_wait_threshold));
 
-    let mut batch: Vec<TransitionRecord> = Vec::new();
+    let mut batch = Batch::default();
     let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
     let mut reconcile_tick = tokio::time::interval(args.reconcile_interval);
     reconcile_tick.tick().await;
     let mut pending_dump = None;
-    let mut malformed = 0u64;
     loop {
         tokio::select! {
-            read = reader.next_batch(|item| match item {
-                Ok(record) => batch.push(record),
-                Err(_) => malformed += 1,
-            }) => {
+            read = reader.next_batch(|item| batch.collect(item)) => {
                 read.context("reading the ring buffer")?;
-                apply(&shared, &mut batch, &mut malformed);
+                batch.apply(&shared);
             }
             Some(flush) = flushes.recv() => {
-                reader.drain_now(|item| match item {
-                    Ok(record) => batch.push(record),
-                    Err(_) => malformed += 1,
-                });
-                apply(&shared, &mut batch, &mut malformed);
+                reader.drain_now(|item| batch.collect(item));
+                batch.apply(&shared);
                 let _ = flush.send(());
             }
             _ = status_tick.tick() => {
@@ -231,11 +224,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 pending_dump = None;
                 let (dumps, started, finished) = dump.context("sock_diag dump task")??;
                 // Everything the kernel sent before the dump ended is applied first.
-                reader.drain_now(|item| match item {
-                    Ok(record) => batch.push(record),
-                    Err(_) => malformed += 1,
-                });
-                apply(&shared, &mut batch, &mut malformed);
+                reader.drain_now(|item| batch.collect(item));
+                batch.apply(&shared);
                 let outcome = shared.aggregator().reconcile(&dumps, started, finished, true);
                 log::debug!("reconciled with {} namespaces: {outcome:?}", outcome.namespaces);
             }
@@ -283,15 +273,29 @@ async fn watch_leaks(shared: Arc<Shared>, threshold: Duration) {
     }
 }
 
-fn apply(shared: &Shared, batch: &mut Vec<TransitionRecord>, malformed: &mut u64) {
-    if batch.is_empty() && *malformed == 0 {
-        return;
+/// Records read from the ring, held so the aggregator is locked once per batch, not per record.
+#[derive(Default)]
+struct Batch {
+    records: Vec<TransitionRecord>,
+    malformed: u64,
+}
+
+impl Batch {
+    fn collect(&mut self, item: Result<TransitionRecord, DecodeError>) {
+        match item {
+            Ok(record) => self.records.push(record),
+            Err(_) => self.malformed += 1,
+        }
     }
-    let mut agg = shared.aggregator();
-    for record in batch.drain(..) {
-        agg.apply(&record);
-    }
-    for _ in 0..std::mem::take(malformed) {
-        agg.count_malformed();
+
+    fn apply(&mut self, shared: &Shared) {
+        if self.records.is_empty() && self.malformed == 0 {
+            return;
+        }
+        let mut agg = shared.aggregator();
+        for record in self.records.drain(..) {
+            agg.apply(&record);
+        }
+        agg.count_malformed(std::mem::take(&mut self.malformed));
     }
 }

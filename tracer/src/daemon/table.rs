@@ -6,18 +6,15 @@
 //! synthetic id and are indexed by namespace and 4-tuple until their first transition names
 //! them.
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-};
+use std::{collections::HashMap, net::SocketAddr};
 
-use tracer_common::{
-    TransitionRecord,
-    record::{AF_INET, AF_INET6},
-};
+use tracer_common::TransitionRecord;
 
 use super::gauges::{PortLabels, StateGauges};
-use crate::sockdiag::DiagSocket;
+use crate::{
+    event::{family_name, ip_from_raw, ip_to_raw},
+    sockdiag::DiagSocket,
+};
 
 /// A socket's identity in the absence of its kernel address: namespace and 4-tuple.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -28,17 +25,6 @@ pub struct SocketKey {
     pub dport: u16,
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
-}
-
-fn ip_bytes(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => {
-            let mut bytes = [0; 16];
-            bytes[..4].copy_from_slice(&v4.octets());
-            bytes
-        }
-        IpAddr::V6(v6) => v6.octets(),
-    }
 }
 
 impl SocketKey {
@@ -59,25 +45,17 @@ impl SocketKey {
             family: socket.family,
             sport: socket.local.port(),
             dport: socket.remote.port(),
-            saddr: ip_bytes(socket.local.ip()),
-            daddr: ip_bytes(socket.remote.ip()),
-        }
-    }
-
-    fn ip(&self, raw: &[u8; 16]) -> IpAddr {
-        if self.family == AF_INET6 {
-            IpAddr::V6(Ipv6Addr::from(*raw))
-        } else {
-            IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+            saddr: ip_to_raw(socket.local.ip()),
+            daddr: ip_to_raw(socket.remote.ip()),
         }
     }
 
     pub fn local(&self) -> SocketAddr {
-        SocketAddr::new(self.ip(&self.saddr), self.sport)
+        SocketAddr::new(ip_from_raw(self.family, &self.saddr), self.sport)
     }
 
     pub fn remote(&self) -> SocketAddr {
-        SocketAddr::new(self.ip(&self.daddr), self.dport)
+        SocketAddr::new(ip_from_raw(self.family, &self.daddr), self.dport)
     }
 
     /// A connecting socket reports local port 0 until connect() picks one: such a key cannot
@@ -87,11 +65,7 @@ impl SocketKey {
     }
 
     pub fn family_name(&self) -> &'static str {
-        match self.family {
-            AF_INET => "inet",
-            AF_INET6 => "inet6",
-            _ => "unknown",
-        }
+        family_name(self.family)
     }
 }
 
@@ -333,7 +307,7 @@ impl SocketTable {
 
 #[cfg(test)]
 mod tests {
-    use tracer_common::TcpState;
+    use tracer_common::{TcpState, record::AF_INET};
 
     use super::*;
 

@@ -23,6 +23,16 @@ pub enum BtfError {
     NoMember { type_name: String, path: String, reason: String },
 }
 
+impl BtfError {
+    fn no_member(type_name: &str, path: &str, reason: impl Into<String>) -> Self {
+        Self::NoMember {
+            type_name: type_name.to_owned(),
+            path: path.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
 /// The kernel's type information.
 pub struct KernelBtf(Btf);
 
@@ -38,11 +48,7 @@ impl KernelBtf {
     /// Byte offset of `path` (dot-separated members, e.g. `__sk_common.skc_net`) in struct
     /// `type_name`. Anonymous structs and unions along the way are searched as C does.
     pub fn offset_of(&self, type_name: &str, path: &str) -> Result<u32, BtfError> {
-        let no_member = |reason: String| BtfError::NoMember {
-            type_name: type_name.to_owned(),
-            path: path.to_owned(),
-            reason,
-        };
+        let no_member = |reason: String| BtfError::no_member(type_name, path, reason);
         let mut current = self
             .0
             .resolve_types_by_name(type_name)
@@ -141,10 +147,8 @@ impl TaskOffsets {
 impl KernelBtf {
     fn offset_u16(&self, type_name: &str, path: &str) -> Result<u16, BtfError> {
         let offset = self.offset_of(type_name, path)?;
-        u16::try_from(offset).map_err(|_| BtfError::NoMember {
-            type_name: type_name.to_owned(),
-            path: path.to_owned(),
-            reason: format!("offset {offset} is too large"),
+        u16::try_from(offset).map_err(|_| {
+            BtfError::no_member(type_name, path, format!("offset {offset} is too large"))
         })
     }
 }
@@ -154,11 +158,7 @@ impl KernelBtf {
 pub fn sock_offsets(btf: &KernelBtf) -> Result<SockOffsets, BtfError> {
     // `inet_sk(sk)` is a cast: struct inet_sock begins with its struct sock.
     if btf.offset_of("inet_sock", "sk")? != 0 {
-        return Err(BtfError::NoMember {
-            type_name: "inet_sock".to_owned(),
-            path: "sk".to_owned(),
-            reason: "struct sock is not at its start".to_owned(),
-        });
+        return Err(BtfError::no_member("inet_sock", "sk", "struct sock is not at its start"));
     }
     Ok(SockOffsets {
         family: btf.offset_u16("sock", "__sk_common.skc_family")?,
