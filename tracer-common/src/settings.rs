@@ -96,7 +96,10 @@ pub struct KernelSettings {
     pub task_group_leader_offset: u32,
     /// Offset of `task_struct.comm`, from BTF.
     pub task_comm_offset: u32,
-    pub _pad2: u32,
+    /// The accept hook reads `inet_csk_accept`'s return value from this 8-byte slot of its
+    /// context: the function's parameter count, from BTF (4 before Linux 6.10, 2 since).
+    /// Read directly, because `bpf_get_func_ret` only exists from Linux 5.17.
+    pub accept_ret_slot: u32,
     /// For the standby program, which reads a transition from the socket itself.
     pub sock: SockOffsets,
     /// 0: wake the reader for every record it has not caught up with (the kernel's default).
@@ -115,7 +118,7 @@ impl KernelSettings {
         net_inum_offset: OFFSET_UNKNOWN,
         task_group_leader_offset: OFFSET_UNKNOWN,
         task_comm_offset: OFFSET_UNKNOWN,
-        _pad2: 0,
+        accept_ret_slot: OFFSET_UNKNOWN,
         sock: SockOffsets::UNKNOWN,
         wakeup_every: 0,
     };

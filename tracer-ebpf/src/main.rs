@@ -31,7 +31,8 @@ use tracer_common::{
     KernelCounters, KernelSettings, SocketState,
     record::{AF_INET6, FLAG_RESCUED},
     settings::{
-        self, COUNTER_SLOTS, COUNTERS_MAIN, COUNTERS_STANDBY, RecentTransitions, transition_id,
+        self, COUNTER_SLOTS, COUNTERS_MAIN, COUNTERS_STANDBY, OFFSET_UNKNOWN, RecentTransitions,
+        transition_id,
     },
     tracepoint as tp,
 };
@@ -58,9 +59,37 @@ static COUNTERS: PerCpuArray<KernelCounters> = PerCpuArray::with_max_entries(COU
 #[map]
 static RECENT: PerCpuArray<RecentTransitions> = PerCpuArray::with_max_entries(1, 0);
 
+/// Finds `id` among the remembered transitions and forgets it: each delivery by one program
+/// is matched by the other once. A transition the other program never matches (it was skipped)
+/// leaves a stale entry, overwritten in turn when no slot is free.
 #[inline(always)]
-fn seen_in(ids: &[u64; settings::RECENT], id: u64) -> bool {
-    ids[0] == id || ids[1] == id || ids[2] == id || ids[3] == id
+fn take(ids: &mut [u64; settings::RECENT], id: u64) -> bool {
+    let mut i = 0;
+    while i < settings::RECENT {
+        if ids[i] == id {
+            ids[i] = 0;
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Remembers `id` in a free slot. Between the two programs' runs for one firing, an interrupt
+/// can run whole transitions (both programs, each pairing its own entries): taking a free slot
+/// rather than the next in turn keeps those from overwriting the pending one.
+#[inline(always)]
+fn remember(ids: &mut [u64; settings::RECENT], next: &mut u32, id: u64) {
+    let mut i = 0;
+    while i < settings::RECENT {
+        if ids[i] == 0 {
+            ids[i] = id;
+            return;
+        }
+        i += 1;
+    }
+    ids[(*next as usize) % settings::RECENT] = id;
+    *next = next.wrapping_add(1);
 }
 
 #[tracepoint]
@@ -72,15 +101,14 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         // SAFETY: this CPU's slot; a program nested on this CPU only ever writes the other
         // history, or this one in whole words.
         let recent = unsafe { &mut *recent };
-        if seen_in(&recent.rescued, id) {
+        if take(&mut recent.rescued, id) {
             if let Some(counters) = COUNTERS.get_ptr_mut(COUNTERS_MAIN) {
                 // SAFETY: this program's per-CPU slot.
                 unsafe { (*counters).deduplicated += 1 };
             }
             return 0;
         }
-        recent.handled[(recent.handled_next as usize) % settings::RECENT] = id;
-        recent.handled_next = recent.handled_next.wrapping_add(1);
+        remember(&mut recent.handled, &mut recent.handled_next, id);
     }
     handle_transition(&ctx, &record, COUNTERS_MAIN, 0);
     0
@@ -101,11 +129,10 @@ pub fn standby(ctx: BtfTracePointContext) -> i32 {
     };
     // SAFETY: this CPU's slot, as in the main program.
     let recent = unsafe { &mut *recent };
-    if seen_in(&recent.handled, id) {
+    if take(&mut recent.handled, id) {
         return 0;
     }
-    recent.rescued[(recent.rescued_next as usize) % settings::RECENT] = id;
-    recent.rescued_next = recent.rescued_next.wrapping_add(1);
+    remember(&mut recent.rescued, &mut recent.rescued_next, id);
     handle_transition(&ctx, &source, COUNTERS_STANDBY, FLAG_RESCUED);
     0
 }
@@ -115,7 +142,16 @@ pub fn standby(ctx: BtfTracePointContext) -> i32 {
 /// from /proc in userspace.
 #[fexit(function = "inet_csk_accept")]
 pub fn accept_owner(ctx: FExitContext) -> i32 {
-    if let Ok(accepted) = ctx.ret::<u64>()
+    let slot = setting!(accept_ret_slot);
+    if slot == OFFSET_UNKNOWN {
+        return 0;
+    }
+    // The return value follows the arguments in the context. A probe read rather than a
+    // context load: the verifier only allows context loads at constant offsets.
+    // SAFETY: the context holds the arguments and the return value as u64s; a probe read
+    // cannot fault.
+    let ret = unsafe { ctx.as_ptr().cast::<u64>().add(slot as usize) };
+    if let Ok(accepted) = unsafe { bpf_probe_read_kernel(ret) }
         && accepted != 0
     {
         claim_owner(accepted);

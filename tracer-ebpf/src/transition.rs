@@ -132,23 +132,20 @@ pub fn handle_transition<C: EbpfContext, T: Transition>(
     let (sport, dport) = source.ports();
     let family = source.family();
 
-    // Reserve first, so the names go straight into the record.
-    let mut slot = None;
-    if passes(&setting!(filter), family, sport, dport, old, new) {
-        slot = EVENTS.reserve::<TransitionRecord>(0);
-        if slot.is_none() {
-            counters.ringbuf_full += 1;
-        }
-    } else {
-        counters.filtered += 1;
-    }
-    let record: Option<*mut TransitionRecord> = slot.as_mut().map(|s| s.as_mut_ptr());
-
     let tracked = track_socket(skaddr, old, new, now, tgid, counters);
-
-    let (Some(slot), Some(rec)) = (slot, record) else {
+    if !passes(&setting!(filter), family, sport, dport, old, new) {
+        counters.filtered += 1;
+        return;
+    }
+    // One null check of the reservation, dominating every use of it: kernels before 6.3 do
+    // not know a checked ring-buffer pointer is non-null, so a second check (an `Option`
+    // matched twice) makes them explore a "null" path where the slot is never released, and
+    // they refuse the program ("Unreleased reference").
+    let Some(mut slot) = EVENTS.reserve::<TransitionRecord>(0) else {
+        counters.ringbuf_full += 1;
         return;
     };
+    let rec = slot.as_mut_ptr();
     let (saddr, daddr) = source.addresses(family);
     // SAFETY: `rec` is the 8-aligned slot of `size_of::<TransitionRecord>()` bytes reserved
     // above; every field is written before submit.

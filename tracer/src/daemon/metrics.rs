@@ -237,6 +237,19 @@ impl Collector for TcpstateCollector {
             leaks.report.threshold_seconds,
         )?;
 
+        let mut family = encoder.encode_descriptor(
+            "tcpstate_probe_info",
+            "The probe's programs and whether each runs on this kernel (main: required; \
+             standby: delivers what the kernel skips the main program for; accept_owner: names \
+             owners of accepted sockets)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for status in &status.parts {
+            let set = [("program", status.part.name()), ("active", bool_label(status.active()))];
+            ConstGauge::new(1).encode(family.encode_family(&set)?)?;
+        }
+
         let version = escape_label_value(env!("CARGO_PKG_VERSION"));
         let info = encoder.encode_descriptor(
             "tcpstate_build",
@@ -247,6 +260,10 @@ impl Collector for TcpstateCollector {
         prometheus_client::metrics::info::Info::new([("version", version)]).encode(info)?;
         Ok(())
     }
+}
+
+const fn bool_label(value: bool) -> &'static str {
+    if value { "true" } else { "false" }
 }
 
 fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {

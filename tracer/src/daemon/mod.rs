@@ -29,7 +29,7 @@ use crate::{
     cli::RunArgs,
     clock::monotonic_ns,
     netns::{self, NamespaceDump},
-    probe::{Delivery, Probe},
+    probe::{Delivery, PartStatus, Probe},
     reader::RecordReader,
 };
 
@@ -51,6 +51,8 @@ pub type Flush = tokio::sync::oneshot::Sender<()>;
 #[derive(Clone, Debug, Default)]
 pub struct Status {
     pub delivery: Delivery,
+    /// Which of the probe's programs run on this kernel; set once at start.
+    pub parts: Vec<PartStatus>,
     /// When the reader last finished a batch (monotonic ns).
     pub last_read_ns: u64,
     /// (when, ring-buffer overflows so far) samples over `OVERFLOW_WINDOW_NS`.
@@ -166,6 +168,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Aggregator::new(args.max_sockets, labels),
         LeakState::new(args.close_wait_threshold),
     ));
+    shared.update_status(|status| status.parts = probe.parts().to_vec());
     shared.aggregator().begin_dump();
     let (dumps, started, finished) = dump_namespaces().await?;
     let seeded = shared.aggregator().reconcile(&dumps, started, finished, false);

@@ -21,6 +21,8 @@ pub enum BtfError {
     Unavailable(String),
     #[error("kernel BTF has no `{path}` in struct {type_name}: {reason}")]
     NoMember { type_name: String, path: String, reason: String },
+    #[error("kernel BTF has no function `{name}`: {reason}")]
+    NoFunction { name: String, reason: String },
 }
 
 impl BtfError {
@@ -68,6 +70,20 @@ impl KernelBtf {
             return Err(no_member("a bitfield, not byte-addressable".to_owned()));
         }
         Ok(bits / 8)
+    }
+
+    /// How many parameters kernel function `name` takes.
+    pub fn parameter_count(&self, name: &str) -> Result<u32, BtfError> {
+        let no_function = |reason: String| BtfError::NoFunction { name: name.to_owned(), reason };
+        let types = self.0.resolve_types_by_name(name).map_err(|e| no_function(e.to_string()))?;
+        let Some(Type::Func(func)) = types.into_iter().find(|ty| matches!(ty, Type::Func(_)))
+        else {
+            return Err(no_function("no such function".to_owned()));
+        };
+        match self.0.resolve_chained_type(&func) {
+            Ok(Type::FuncProto(proto)) => Ok(proto.parameters.len() as u32),
+            _ => Err(no_function("its type is not a function prototype".to_owned())),
+        }
     }
 
     /// Finds member `name` in the struct or union `ty`, descending into anonymous members.
@@ -192,6 +208,10 @@ mod tests {
         let sock = sock_offsets(&btf).expect("the standby's offsets");
         assert_eq!(sock.family, 16, "skc_family follows the addresses and hashes");
         assert!(sock.sport > sock.family, "inet_sport lies in inet_sock, after struct sock");
+        // 4 parameters before Linux 6.10, 2 since (flags, err and kern moved into a struct).
+        let accept_parameters = btf.parameter_count("inet_csk_accept").unwrap();
+        assert!([2, 4].contains(&accept_parameters), "{accept_parameters}");
+        assert!(btf.parameter_count("no_such_function_in_any_kernel").is_err());
         let error = btf.offset_of("sock", "__sk_common.no_such_member").unwrap_err();
         assert!(error.to_string().contains("no_such_member"), "{error}");
     }

@@ -19,7 +19,7 @@ use aya::{
 use thiserror::Error;
 use tracer_common::{
     KernelCounters, KernelSettings,
-    settings::{COUNTERS_MAIN, COUNTERS_STANDBY, KernelFilter, SockOffsets},
+    settings::{COUNTERS_MAIN, COUNTERS_STANDBY, KernelFilter, OFFSET_UNKNOWN, SockOffsets},
     tracepoint,
 };
 
@@ -92,12 +92,11 @@ pub enum ProbeError {
     FormatMismatch(FormatMismatch),
     #[error("loading the eBPF object failed")]
     Load(#[source] EbpfError),
-    #[error("the kernel rejected program `{program}`")]
-    LoadProgram {
-        program: &'static str,
-        #[source]
-        source: ProgramError,
-    },
+    #[error(
+        "the kernel rejected program `{program}`: {reason}. Please report `uname -r` and this \
+         message; `TCPSTATE_LOG=debug` prints the verifier's whole log"
+    )]
+    LoadProgram { program: &'static str, reason: String },
     #[error("attaching `{program}` to {target} failed")]
     Attach {
         program: &'static str,
@@ -154,11 +153,67 @@ impl Delivery {
     }
 }
 
+/// The programs of the probe. The main one is required; the others each add something the
+/// daemon can do without, and on a kernel that refuses one it runs degraded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Records every transition from the classic tracepoint.
+    Main,
+    /// Delivers the transitions the kernel skips the main program for.
+    Standby,
+    /// Names the owner of an accepted socket when accept() returns it.
+    AcceptOwner,
+}
+
+impl Part {
+    pub const ALL: [Self; 3] = [Self::Main, Self::Standby, Self::AcceptOwner];
+
+    /// The name in logs and in `tcpstate_probe_info{program}`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Main => "main",
+            Self::Standby => "standby",
+            Self::AcceptOwner => "accept_owner",
+        }
+    }
+
+    /// What tcpstate does without it.
+    pub const fn without(self) -> &'static str {
+        match self {
+            Self::Main => "nothing can be traced",
+            Self::Standby => {
+                "transitions the kernel skips the main program for (it was already running on \
+                 that CPU) are counted as lost in tcpstate_events_lost{cause=\"recursion\"}, \
+                 not delivered"
+            }
+            Self::AcceptOwner => {
+                "owners of accepted sockets come from /proc (scanned when a leak needs a name); \
+                 their transitions before the owner closes them show no owner"
+            }
+        }
+    }
+}
+
+/// Whether one part of the probe runs, and why not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartStatus {
+    pub part: Part,
+    /// `None` when active; otherwise what kept it from loading or attaching.
+    pub unavailable: Option<String>,
+}
+
+impl PartStatus {
+    pub fn active(&self) -> bool {
+        self.unavailable.is_none()
+    }
+}
+
 /// The attached kernel program and its maps. Dropping it detaches the program.
 pub struct Probe {
     ebpf: Ebpf,
     counters: PerCpuArray<MapData, KernelCounters>,
     ring: Option<RingBuf<MapData>>,
+    parts: Vec<PartStatus>,
 }
 
 impl Probe {
@@ -178,9 +233,7 @@ impl Probe {
         let netns = NetnsOffsets::resolve(&btf)?;
         let task = TaskOffsets::resolve(&btf)?;
         let sock = btf::sock_offsets(&btf);
-        if let Err(error) = &sock {
-            log::debug!("standby offsets: {error}");
-        }
+        let accept_parameters = btf.parameter_count(ACCEPT_FUNCTION);
         drop(btf);
         preflight::raise_memlock_if_needed(kernel);
 
@@ -191,6 +244,7 @@ impl Probe {
             net_inum_offset: netns.net_inum,
             task_group_leader_offset: task.group_leader,
             task_comm_offset: task.comm,
+            accept_ret_slot: *accept_parameters.as_ref().unwrap_or(&OFFSET_UNKNOWN),
             sock: *sock.as_ref().unwrap_or(&SockOffsets::UNKNOWN),
             wakeup_every: wakeup_every(options.wakeup_batch_bytes.unwrap_or_else(|| {
                 let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
@@ -211,25 +265,32 @@ impl Probe {
 
         // The tracepoint calls its programs in the order they were attached: the standby
         // goes second, so it only sees transitions after the main program had its chance.
-        let mut standby = Err(anyhow::anyhow!("not attached"));
+        let mut standby = Err("not attached".to_owned());
         if options.standby_first {
-            standby = attach_standby(&mut ebpf, kernel_btf.as_ref(), sock.as_ref().ok());
+            standby = attach_standby(&mut ebpf, kernel_btf.as_ref(), sock.as_ref());
         }
         attach_main(&mut ebpf)?;
         if !options.standby_first {
-            standby = attach_standby(&mut ebpf, kernel_btf.as_ref(), sock.as_ref().ok());
+            standby = attach_standby(&mut ebpf, kernel_btf.as_ref(), sock.as_ref());
         }
-        if let Err(error) = &standby {
-            log::warn!(
-                "no standby program: transitions the kernel skips the main program for will \
-                 be counted as lost, not delivered ({error:#})"
-            );
-        }
-        if let Err(error) = attach_accept_owner(&mut ebpf, kernel_btf.as_ref()) {
-            log::info!(
-                "owners of accepted sockets will come from /proc only: attaching fexit to \
-                 {ACCEPT_FUNCTION} failed: {error:#}"
-            );
+        let accept_owner = match &accept_parameters {
+            Ok(_) => attach_accept_owner(&mut ebpf, kernel_btf.as_ref()),
+            Err(error) => Err(error.to_string()),
+        };
+        let parts = vec![
+            PartStatus { part: Part::Main, unavailable: None },
+            PartStatus { part: Part::Standby, unavailable: standby.err() },
+            PartStatus { part: Part::AcceptOwner, unavailable: accept_owner.err() },
+        ];
+        for status in &parts {
+            if let Some(reason) = &status.unavailable {
+                let part = status.part;
+                log::warn!(
+                    "running without the {} program ({reason}): {}",
+                    part.name(),
+                    part.without()
+                );
+            }
         }
         log::info!(
             "attached to tracepoint {}:{} (ring buffer {} KiB, {} kernel socket slots)",
@@ -242,7 +303,12 @@ impl Probe {
         let counters = take_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?;
         drop(kernel_btf);
         release_freed_memory();
-        Ok(Self { ebpf, counters, ring: Some(ring) })
+        Ok(Self { ebpf, counters, ring: Some(ring), parts })
+    }
+
+    /// Which programs run on this kernel.
+    pub fn parts(&self) -> &[PartStatus] {
+        &self.parts
     }
 
     /// The ring buffer the program writes records to; can be taken once.
@@ -287,12 +353,16 @@ impl Probe {
 }
 
 fn attach_main(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    let refused = |source: ProgramError| ProbeError::LoadProgram {
+        program: MAIN_PROGRAM,
+        reason: refusal(MAIN_PROGRAM, &source),
+    };
     let program: &mut TracePoint = ebpf
         .program_mut(MAIN_PROGRAM)
         .ok_or(ProbeError::Missing(MAIN_PROGRAM))?
         .try_into()
-        .map_err(|source| ProbeError::LoadProgram { program: MAIN_PROGRAM, source })?;
-    program.load().map_err(|source| ProbeError::LoadProgram { program: MAIN_PROGRAM, source })?;
+        .map_err(refused)?;
+    program.load().map_err(refused)?;
     program.attach(tracepoint::CATEGORY, tracepoint::NAME).map_err(|source| {
         ProbeError::Attach {
             program: MAIN_PROGRAM,
@@ -307,29 +377,86 @@ fn attach_main(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
 fn attach_standby(
     ebpf: &mut Ebpf,
     btf: Option<&aya::Btf>,
-    sock: Option<&SockOffsets>,
-) -> anyhow::Result<()> {
-    if sock.is_none() {
-        anyhow::bail!("the kernel's BTF lacks the socket fields it reads");
-    }
-    let btf = btf.ok_or_else(|| anyhow::anyhow!("no kernel BTF"))?;
+    sock: Result<&SockOffsets, &BtfError>,
+) -> Result<(), String> {
+    sock.map_err(ToString::to_string)?;
+    let btf = btf.ok_or("no kernel BTF")?;
+    let refused = |error: ProgramError| refusal(STANDBY_PROGRAM, &error);
     let program: &mut BtfTracePoint = ebpf
         .program_mut(STANDBY_PROGRAM)
-        .ok_or(ProbeError::Missing(STANDBY_PROGRAM))?
-        .try_into()?;
-    program.load(tracepoint::NAME, btf)?;
-    program.attach()?;
+        .ok_or("the eBPF object has no standby program")?
+        .try_into()
+        .map_err(refused)?;
+    program.load(tracepoint::NAME, btf).map_err(refused)?;
+    program.attach().map_err(refused)?;
     Ok(())
 }
 
 /// The optional fexit program that names the owner of an accepted socket.
-fn attach_accept_owner(ebpf: &mut Ebpf, btf: Option<&aya::Btf>) -> anyhow::Result<()> {
-    let btf = btf.ok_or_else(|| anyhow::anyhow!("no kernel BTF"))?;
-    let program: &mut FExit =
-        ebpf.program_mut(ACCEPT_PROGRAM).ok_or(ProbeError::Missing(ACCEPT_PROGRAM))?.try_into()?;
-    program.load(ACCEPT_FUNCTION, btf)?;
-    program.attach()?;
+fn attach_accept_owner(ebpf: &mut Ebpf, btf: Option<&aya::Btf>) -> Result<(), String> {
+    let btf = btf.ok_or("no kernel BTF")?;
+    let refused = |error: ProgramError| refusal(ACCEPT_PROGRAM, &error);
+    let program: &mut FExit = ebpf
+        .program_mut(ACCEPT_PROGRAM)
+        .ok_or("the eBPF object has no accept hook")?
+        .try_into()
+        .map_err(refused)?;
+    program.load(ACCEPT_FUNCTION, btf).map_err(refused)?;
+    program.attach().map_err(refused)?;
     Ok(())
+}
+
+/// Why the kernel refused a program, in a line: the verifier's verdict, not its whole log
+/// (thousands of lines, whose first lines are notes, not the reason). The log goes to the
+/// debug log.
+fn refusal(program: &str, error: &ProgramError) -> String {
+    match error {
+        ProgramError::LoadError { io_error, verifier_log } => {
+            let log = verifier_log.to_string();
+            log::debug!("verifier log of program `{program}`:\n{log}");
+            match verifier_verdict(&log) {
+                Some(verdict) => format!("{io_error}; the verifier says: {verdict}"),
+                None => io_error.to_string(),
+            }
+        }
+        other => {
+            let mut text = other.to_string();
+            let mut source = std::error::Error::source(other);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            text
+        }
+    }
+}
+
+/// The last line of a verifier log that is not statistics: where the verifier gave up.
+fn verifier_verdict(log: &str) -> Option<&str> {
+    const STATISTICS: [&str; 4] = ["verification time", "stack depth", "processed ", "max_states"];
+    log.lines()
+        .map(str::trim)
+        .rev()
+        .find(|line| !line.is_empty() && !STATISTICS.iter().any(|s| line.starts_with(s)))
+}
+
+/// Program names (as the kernel keeps them, 15 bytes) of known tracers of this tracepoint:
+/// tcpstate's own two, libbpf-tools' and BCC's `tcpstates`.
+const KNOWN_TRACERS: [&str; 4] =
+    ["inet_sock_set_s", "standby", "handle_set_stat", "tracepoint__soc"];
+
+/// Programs of other known tracers of `sock:inet_sock_set_state` loaded in the kernel now (as
+/// `name (id N)`): another tcpstate, or a `tcpstates`. Called before attaching, every match is
+/// someone else's. They change the order in which the tracepoint calls programs.
+pub fn other_tracers() -> Vec<String> {
+    aya::programs::loaded_programs()
+        .flatten()
+        .filter_map(|info| {
+            let name = info.name_as_str()?;
+            KNOWN_TRACERS.contains(&name).then(|| format!("{name} (id {})", info.id()))
+        })
+        .collect()
 }
 
 fn take_map<T>(
@@ -410,6 +537,15 @@ fn forward_kernel_logs(ebpf: &mut Ebpf) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_verdict_is_the_last_line_before_the_statistics() {
+        let log = "arg#0 type is not a struct\nUnrecognized arg#0 type PTR\n0: (bf) r6 = r1\n\
+                   Unreleased reference id=15 alloc_insn=767\nverification time 97610 usec\n\
+                   stack depth 344+0\nprocessed 2032 insns (limit 1000000) max_states_per_insn 2\n";
+        assert_eq!(verifier_verdict(log), Some("Unreleased reference id=15 alloc_insn=767"));
+        assert_eq!(verifier_verdict("\n"), None);
+    }
 
     #[test]
     fn wakeups_come_every_power_of_two_records() {
