@@ -4,6 +4,7 @@ use core::fmt;
 
 use crate::{
     KernelCounters, KernelSettings, RECORD_SIZE, SocketState, TransitionRecord,
+    record::{AF_INET, AF_INET6},
     settings::RecentTransitions,
 };
 
@@ -45,7 +46,10 @@ impl TransitionRecord {
         }
         // SAFETY: the length is exactly `size_of::<Self>()` and every bit pattern is a valid
         // `TransitionRecord` (see the `Pod` impl above).
-        Ok(unsafe { bytes.as_ptr().cast::<Self>().read_unaligned() })
+        let mut record = unsafe { bytes.as_ptr().cast::<Self>().read_unaligned() };
+        (record.family, record.saddr, record.daddr) =
+            unmap_ipv4(record.family, record.saddr, record.daddr);
+        Ok(record)
     }
 
     /// The record's bytes, as the kernel program writes them (for tests and tools).
@@ -55,9 +59,65 @@ impl TransitionRecord {
     }
 }
 
+/// An IPv4 connection on a dual-stack IPv6 socket (`[::]` listener, `IPV6_V6ONLY=0`) is shown
+/// as the IPv4 connection it is: when every address is v4-mapped (`::ffff:a.b.c.d`) or
+/// unspecified and at least one is mapped, the family becomes `AF_INET` and the addresses
+/// plain IPv4 (raw layout: 4 bytes, then zeros). Everything else is returned as it is.
+pub fn unmap_ipv4(family: u16, saddr: [u8; 16], daddr: [u8; 16]) -> (u16, [u8; 16], [u8; 16]) {
+    const MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+    let mapped = |raw: &[u8; 16]| raw[..12] == MAPPED_PREFIX;
+    let unspecified = |raw: &[u8; 16]| raw.iter().all(|&b| b == 0);
+    if family != AF_INET6
+        || !(mapped(&saddr) || mapped(&daddr))
+        || !(mapped(&saddr) || unspecified(&saddr))
+        || !(mapped(&daddr) || unspecified(&daddr))
+    {
+        return (family, saddr, daddr);
+    }
+    let ipv4 = |raw: [u8; 16]| {
+        let mut out = [0; 16];
+        if mapped(&raw) {
+            out[..4].copy_from_slice(&raw[12..]);
+        }
+        out
+    };
+    (AF_INET, ipv4(saddr), ipv4(daddr))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn v4_mapped_connections_become_ipv4() {
+        let mapped = |a: [u8; 4]| {
+            let mut raw = [0; 16];
+            raw[10] = 0xff;
+            raw[11] = 0xff;
+            raw[12..].copy_from_slice(&a);
+            raw
+        };
+        let v4 = |a: [u8; 4]| {
+            let mut raw = [0; 16];
+            raw[..4].copy_from_slice(&a);
+            raw
+        };
+        let loopback = [127, 0, 0, 1];
+        assert_eq!(
+            unmap_ipv4(AF_INET6, mapped(loopback), mapped([10, 1, 2, 3])),
+            (AF_INET, v4(loopback), v4([10, 1, 2, 3]))
+        );
+        assert_eq!(
+            unmap_ipv4(AF_INET6, mapped(loopback), [0; 16]),
+            (AF_INET, v4(loopback), [0; 16])
+        );
+        // A dual-stack listener on [::] and a real IPv6 peer stay IPv6.
+        assert_eq!(unmap_ipv4(AF_INET6, [0; 16], [0; 16]), (AF_INET6, [0; 16], [0; 16]));
+        let mut v6 = [0; 16];
+        v6[15] = 1;
+        assert_eq!(unmap_ipv4(AF_INET6, v6, mapped(loopback)), (AF_INET6, v6, mapped(loopback)));
+        assert_eq!(unmap_ipv4(AF_INET, v4(loopback), [0; 16]), (AF_INET, v4(loopback), [0; 16]));
+    }
 
     fn sample() -> TransitionRecord {
         TransitionRecord {

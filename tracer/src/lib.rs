@@ -5,6 +5,7 @@
 //! a BPF ring buffer; [`probe`] loads and attaches it, [`reader`] drains the ring in batches,
 //! and the commands consume the records.
 
+pub mod accepted;
 pub mod cli;
 pub mod clock;
 pub mod daemon;

@@ -108,10 +108,23 @@ pub fn dump_all() -> Vec<NamespaceDump> {
 
 /// Runs `dump` in every namespace.
 pub fn dump_all_with(dump: Dumper) -> Vec<NamespaceDump> {
+    let own = own().ok().map(|ns| ns.inode);
     enumerate()
         .into_iter()
         .filter_map(|ns| match dump_in_with(&ns, dump) {
             Ok(sockets) => Some(NamespaceDump { inode: ns.inode, sockets }),
+            Err(error) if Some(ns.inode) == own => {
+                // Not a namespace that vanished: sock_diag does not work on this host.
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    log::warn!(
+                        "sock_diag dump failed ({error}): socket gauges count only sockets seen \
+                         changing state since tcpstate started, and TIME_WAIT is not counted. \
+                         Load the kernel's socket diagnostics: modprobe tcp_diag"
+                    );
+                });
+                None
+            }
             Err(error) => {
                 log::debug!(
                     "skipping network namespace {} ({}): {error}",

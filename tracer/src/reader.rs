@@ -7,10 +7,13 @@ use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 use tracer_common::{DecodeError, TransitionRecord};
 
+use crate::{accepted::AcceptedAddresses, clock::monotonic_ns};
+
 /// Reads records from the probe's ring buffer.
 pub struct RecordReader {
     ring: AsyncFd<RingBuf<MapData>>,
     poll_interval: Duration,
+    accepted: AcceptedAddresses,
 }
 
 /// Most records handed out per `next_batch` call, so one call cannot starve other tasks and a
@@ -24,7 +27,7 @@ impl RecordReader {
         // SAFETY: the RingBuf owns its map fd and keeps it open until it is dropped with the
         // AsyncFd.
         let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
-        Ok(Self { ring, poll_interval })
+        Ok(Self { ring, poll_interval, accepted: AcceptedAddresses::default() })
     }
 
     /// Waits for a wakeup or the poll interval, whichever comes first, then passes every
@@ -33,16 +36,17 @@ impl RecordReader {
         &mut self,
         mut sink: impl FnMut(Result<TransitionRecord, DecodeError>),
     ) -> io::Result<usize> {
-        match tokio::time::timeout(self.poll_interval, self.ring.readable_mut()).await {
+        let Self { ring, poll_interval, accepted } = self;
+        match tokio::time::timeout(*poll_interval, ring.readable_mut()).await {
             Ok(guard) => {
                 let mut guard = guard?;
-                let count = drain(guard.get_inner_mut(), &mut sink);
+                let count = drain(guard.get_inner_mut(), accepted, &mut sink);
                 if count < MAX_BATCH {
                     guard.clear_ready();
                 }
                 Ok(count)
             }
-            Err(_elapsed) => Ok(drain(self.ring.get_mut(), &mut sink)),
+            Err(_elapsed) => Ok(drain(ring.get_mut(), accepted, &mut sink)),
         }
     }
 
@@ -51,19 +55,26 @@ impl RecordReader {
         &mut self,
         mut sink: impl FnMut(Result<TransitionRecord, DecodeError>),
     ) -> usize {
-        drain(self.ring.get_mut(), &mut sink)
+        drain(self.ring.get_mut(), &mut self.accepted, &mut sink)
     }
 }
 
+/// Reads up to `MAX_BATCH` items; records of accepted sockets may wait for their next one
+/// (`accepted`), and leave when it comes or they expire.
 fn drain(
     ring: &mut RingBuf<MapData>,
+    accepted: &mut AcceptedAddresses,
     sink: &mut impl FnMut(Result<TransitionRecord, DecodeError>),
 ) -> usize {
     let mut count = 0;
     while count < MAX_BATCH {
         let Some(item) = ring.next() else { break };
-        sink(TransitionRecord::decode(&item));
+        match TransitionRecord::decode(&item) {
+            Ok(record) => accepted.push(record, |r| sink(Ok(r))),
+            Err(error) => sink(Err(error)),
+        }
         count += 1;
     }
+    accepted.expire(monotonic_ns(), |r| sink(Ok(r)));
     count
 }

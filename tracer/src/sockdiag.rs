@@ -15,7 +15,9 @@ use netlink_packet_sock_diag::{
     inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, nlas::Nla},
 };
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
-use tracer_common::TcpState;
+use tracer_common::{TcpState, unmap_ipv4};
+
+use crate::event::{ip_from_raw, ip_to_raw};
 
 /// One TCP socket from a dump.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,17 +121,17 @@ fn dump_family(
                         _ => None,
                     });
                     let header = &response.header;
+                    let id = &header.socket_id;
+                    let (family, saddr, daddr) = unmap_ipv4(
+                        u16::from(header.family),
+                        ip_to_raw(id.source_address),
+                        ip_to_raw(id.destination_address),
+                    );
                     out.push(DiagSocket {
-                        family: u16::from(header.family),
+                        family,
                         state: header.state,
-                        local: SocketAddr::new(
-                            header.socket_id.source_address,
-                            header.socket_id.source_port,
-                        ),
-                        remote: SocketAddr::new(
-                            header.socket_id.destination_address,
-                            header.socket_id.destination_port,
-                        ),
+                        local: SocketAddr::new(ip_from_raw(family, &saddr), id.source_port),
+                        remote: SocketAddr::new(ip_from_raw(family, &daddr), id.destination_port),
                         inode: header.inode,
                         uid: header.uid,
                         since_last_ack_ms,
