@@ -6,6 +6,7 @@
 mod bench;
 mod cmd;
 mod setup;
+mod vmtest;
 
 use std::path::PathBuf;
 
@@ -32,11 +33,18 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Check formatting and lints, then run every test against the real kernel, as root.
+    /// Check formatting and lints, run every test against this machine's kernel as root, then
+    /// the integration tests inside each stock kernel of the matrix (`vmtest`).
     Test {
         /// Only run tests whose name contains this.
         filter: Option<String>,
+        /// Skip the kernel matrix (the VMs): this machine's kernel only.
+        #[arg(long)]
+        host_only: bool,
     },
+    /// Boot Debian's stock kernels (5.10, 6.1, 6.12) in QEMU and run the integration tests
+    /// inside each.
+    Vmtest(vmtest::VmtestArgs),
     /// `cargo fmt --check` and clippy with warnings denied.
     Lint,
     /// Measure throughput, loss, CPU and memory side by side with libbpf-tools tcpstates;
@@ -67,11 +75,23 @@ fn main() -> anyhow::Result<()> {
             let args = if args.is_empty() { vec!["run".to_owned()] } else { args };
             run_as_root(&root.join("target/release/tcpstate"), &args)
         }
-        Task::Test { filter } => {
+        Task::Test { filter, host_only } => {
             setup::build_prerequisites(&root)?;
             setup::test_prerequisites()?;
             lint()?;
-            test(filter.as_deref())
+            let host = test(filter.as_deref());
+            if host_only {
+                return host;
+            }
+            // The matrix runs even when the host failed: both verdicts are worth having.
+            let matrix = vmtest::run(&root, &vmtest::VmtestArgs { kernels: Vec::new(), filter });
+            host.context("tests on this machine's kernel failed")?;
+            matrix
+        }
+        Task::Vmtest(args) => {
+            setup::build_prerequisites(&root)?;
+            setup::test_prerequisites()?;
+            vmtest::run(&root, &args)
         }
         Task::Lint => {
             setup::build_prerequisites(&root)?;

@@ -17,6 +17,11 @@ const LLVM_PACKAGES: [&str; 4] = ["llvm-22-dev", "libpolly-22-dev", "libzstd-dev
 /// (`iproute2`), leaking helper processes (`python3`) and check the unit (`systemd-analyze`).
 const TEST_PACKAGES: [&str; 4] = ["prometheus", "iproute2", "python3", "systemd"];
 
+/// The kernel matrix: the emulator, the initramfs' shell and archiver, module decompressors,
+/// and the key that signs Debian's suites.
+const VM_PACKAGES: [&str; 6] =
+    ["qemu-system-x86", "busybox-static", "cpio", "xz-utils", "zstd", "debian-archive-keyring"];
+
 /// The benchmark's peer (`tcpstates`) and the reader of eBPF program statistics (`bpftool`).
 const BENCH_PACKAGES: [&str; 2] = ["libbpf-tools", "bpftool"];
 
@@ -39,6 +44,10 @@ pub fn build_prerequisites(root: &Path) -> anyhow::Result<()> {
 
 pub fn test_prerequisites() -> anyhow::Result<()> {
     ensure_packages(&TEST_PACKAGES, "test tools (Prometheus, iproute2, python3, systemd)")
+}
+
+pub fn vm_prerequisites() -> anyhow::Result<()> {
+    ensure_packages(&VM_PACKAGES, "kernel matrix tools (QEMU, busybox, cpio)")
 }
 
 pub fn bench_prerequisites() -> anyhow::Result<()> {

@@ -1,0 +1,351 @@
+//! `cargo xtask vmtest`: the kernel matrix. Boots each stock kernel of `kernels::MATRIX` in a
+//! throwaway QEMU VM and runs the real integration test binaries inside it, as root.
+//!
+//! The guest mounts the host's root file system read-only over 9p and runs the very binaries
+//! `cargo test` built here (and python3, ss, promtool from the host), so a VM needs no image of
+//! its own: a kernel, a busybox initramfs and this machine's files.
+
+mod initramfs;
+mod kernels;
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{cmd::cargo, setup};
+use kernels::{KernelSource, MATRIX};
+
+#[derive(clap::Args, Debug, Default)]
+pub struct VmtestArgs {
+    /// Only the kernel of this version (5.10, 6.1 or 6.12); repeat for several. Default: all.
+    #[arg(long = "kernel", value_name = "VERSION")]
+    pub kernels: Vec<String>,
+    /// Only tests whose name contains this.
+    pub filter: Option<String>,
+}
+
+/// What every kernel of the matrix must run; the tests assert it (`TCPSTATE_TEST_EXPECT_PARTS`)
+/// and the README's support table says the same.
+const EXPECTED_PARTS: &str = "main,standby,accept_owner";
+
+/// Tests that check flags, files or this host's privileges rather than the kernel: they run on
+/// the host only.
+const HOST_ONLY_TESTS: [&str; 6] = [
+    "bad_flags_are_usage_errors_naming_the_flag",
+    "configuration_errors_are_usage_errors_naming_the_flag",
+    "a_moved_tracepoint_field_is_refused_by_name",
+    "alert_rules_pass_promtool",
+    "without_privileges_the_error_says_what_is_missing",
+    "http_endpoint_answers_errors_in_json",
+];
+/// Test binaries with nothing for the kernel: deploy files.
+const HOST_ONLY_BINARIES: [&str; 1] = ["deploy"];
+
+/// A guest with 2 CPUs (the kernel's per-CPU paths run concurrently) and room for the tests.
+const GUEST_CPUS: &str = "2";
+const GUEST_MEMORY: &str = "2048";
+/// Longest a VM may run before it is stopped and counted as failed.
+const VM_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+
+pub fn run(root: &Path, args: &VmtestArgs) -> anyhow::Result<()> {
+    let selected: Vec<&KernelSource> = if args.kernels.is_empty() {
+        MATRIX.iter().collect()
+    } else {
+        let mut selected = Vec::new();
+        for wanted in &args.kernels {
+            let Some(source) = MATRIX.iter().find(|k| k.name == wanted) else {
+                let names: Vec<_> = MATRIX.iter().map(|k| k.name).collect();
+                bail!("no kernel {wanted} in the matrix; choose from {}", names.join(", "));
+            };
+            selected.push(source);
+        }
+        selected
+    };
+    setup::vm_prerequisites()?;
+    let binaries = test_binaries()?;
+    let cache = root.join("target/vmtest");
+    fs::create_dir_all(&cache)?;
+
+    let mut results = Vec::new();
+    for source in selected {
+        let started = Instant::now();
+        let outcome = run_kernel(&cache, source, &binaries, args.filter.as_deref());
+        results.push((source, outcome, started.elapsed()));
+    }
+
+    eprintln!("\nvmtest: kernel matrix");
+    let mut failed = Vec::new();
+    for (source, outcome, elapsed) in &results {
+        match outcome {
+            Ok(run) if run.failures().is_empty() => eprintln!(
+                "vmtest: {:<22} {:<26} passed: {} tests in {} binaries ({:.0} s; programs active: {EXPECTED_PARTS})",
+                source.distribution,
+                run.release,
+                run.passed(),
+                run.binaries.len(),
+                elapsed.as_secs_f64()
+            ),
+            Ok(run) => {
+                eprintln!(
+                    "vmtest: {:<22} {:<26} FAILED: {}",
+                    source.distribution,
+                    run.release,
+                    run.failures().join(", ")
+                );
+                failed.push(source.name);
+            }
+            Err(error) => {
+                eprintln!("vmtest: {:<22} could not run: {error:#}", source.distribution);
+                failed.push(source.name);
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("the kernel matrix failed on {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// An integration test binary `cargo test` built: (name, path).
+fn test_binaries() -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let output = cargo()
+        .args(["test", "--release", "--package", "tracer", "--tests", "--no-run"])
+        .args(["--message-format", "json-render-diagnostics"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("building the test binaries")?;
+    if !output.status.success() {
+        bail!("building the test binaries failed");
+    }
+    let mut binaries = Vec::new();
+    for line in output.stdout.split(|&b| b == b'\n') {
+        let Ok(message) = serde_json::from_slice::<serde_json::Value>(line) else { continue };
+        let is_integration_test = message["target"]["kind"]
+            .as_array()
+            .is_some_and(|kinds| kinds.iter().any(|k| k == "test"));
+        if let (true, Some(name), Some(path)) = (
+            is_integration_test,
+            message["target"]["name"].as_str(),
+            message["executable"].as_str(),
+        ) && !HOST_ONLY_BINARIES.contains(&name)
+        {
+            binaries.push((name.to_owned(), PathBuf::from(path)));
+        }
+    }
+    if binaries.is_empty() {
+        bail!("cargo built no integration test binaries");
+    }
+    Ok(binaries)
+}
+
+/// One test binary's run inside a VM.
+struct BinaryRun {
+    name: String,
+    exit_code: Option<i32>,
+    /// libtest's `test result:` line.
+    summary: String,
+    output: Vec<String>,
+}
+
+struct KernelRun {
+    release: String,
+    binaries: Vec<BinaryRun>,
+}
+
+impl KernelRun {
+    fn failures(&self) -> Vec<String> {
+        self.binaries
+            .iter()
+            .filter(|b| b.exit_code != Some(0))
+            .map(|b| format!("{} (exit {:?})", b.name, b.exit_code))
+            .collect()
+    }
+
+    fn passed(&self) -> u64 {
+        self.binaries
+            .iter()
+            .filter_map(|b| {
+                let after = b.summary.split("ok. ").nth(1)?;
+                after.split(' ').next()?.parse::<u64>().ok()
+            })
+            .sum()
+    }
+}
+
+fn run_kernel(
+    cache: &Path,
+    source: &KernelSource,
+    binaries: &[(String, PathBuf)],
+    filter: Option<&str>,
+) -> anyhow::Result<KernelRun> {
+    let kernel = kernels::fetch(cache, source)?;
+    let work = cache.join("run").join(source.name);
+    fs::create_dir_all(&work)?;
+    let initrd = work.join("initramfs.cpio");
+    initramfs::build(&kernel, &work.join("initramfs"), &initrd)?;
+    // The guest reads the script through the host's root: an absolute path outside the
+    // directories it mounts over (tmp, run, root, var/tmp).
+    let script = fs::canonicalize(&work)?.join("guest.sh");
+    fs::write(&script, guest_script(binaries, filter))?;
+
+    eprintln!(
+        "vmtest: booting {} ({}) under QEMU software emulation",
+        kernel.release, source.distribution
+    );
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-cpu", "max", "-m", GUEST_MEMORY, "-smp", GUEST_CPUS])
+        .args(["-nographic", "-no-reboot", "-kernel"])
+        .arg(&kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args([
+            "-virtfs",
+            "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
+        ])
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 panic=-1 quiet loglevel=3 tcpstate.script={}",
+            script.display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting qemu-system-x86_64 (package qemu-system-x86)")?;
+    let stdout = qemu.stdout.take().context("qemu stdout")?;
+    let (lines, received) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut log = fs::File::create(work.join("console.log"))?;
+    let deadline = Instant::now() + VM_TIMEOUT;
+    let mut parser = ConsoleParser::default();
+    loop {
+        match received.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                let line = line.trim_end_matches('\r').to_owned();
+                writeln!(log, "{line}")?;
+                if let Some(progress) = parser.feed(&line) {
+                    eprintln!("vmtest[{}]: {progress}", source.name);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let _ = qemu.kill();
+                parser.timed_out = true;
+                break;
+            }
+        }
+    }
+    let _ = qemu.wait();
+    let log_path = work.join("console.log");
+    let run = parser.finish(&log_path)?;
+    for binary in run.binaries.iter().filter(|b| b.exit_code != Some(0)) {
+        eprintln!(
+            "vmtest: ---- {} on {}: test binary `{}` failed (exit {:?}); its output:",
+            source.distribution, run.release, binary.name, binary.exit_code
+        );
+        for line in &binary.output {
+            eprintln!("{line}");
+        }
+        eprintln!("vmtest: ---- end of `{}` on {}", binary.name, run.release);
+    }
+    Ok(run)
+}
+
+/// The shell script the guest runs: each test binary, one test at a time, as root.
+fn guest_script(binaries: &[(String, PathBuf)], filter: Option<&str>) -> String {
+    let mut script = String::from("set +e\n");
+    script.push_str(&format!("export TCPSTATE_TEST_EXPECT_PARTS={EXPECTED_PARTS}\n"));
+    script.push_str("export RUST_BACKTRACE=1\n");
+    let skips: String = HOST_ONLY_TESTS.iter().map(|t| format!(" --skip {t}")).collect();
+    let filter = filter.map(|f| format!(" '{}'", f.replace('\'', ""))).unwrap_or_default();
+    for (name, path) in binaries {
+        script.push_str(&format!(
+            "echo VMTEST-BEGIN {name}\n{} --test-threads=1{skips}{filter} 2>&1\necho VMTEST-END {name} rc=$?\n",
+            path.display()
+        ));
+    }
+    script
+}
+
+/// Reads the guest's console: which binary runs, its output and exit status.
+#[derive(Default)]
+struct ConsoleParser {
+    release: Option<String>,
+    binaries: Vec<BinaryRun>,
+    current: Option<BinaryRun>,
+    done: bool,
+    timed_out: bool,
+}
+
+impl ConsoleParser {
+    /// Takes one line; returns what is worth showing as progress.
+    fn feed(&mut self, line: &str) -> Option<String> {
+        // The first line carries the firmware's terminal escapes before the marker.
+        let line = line.find("VMTEST-").map_or(line, |at| &line[at..]);
+        if let Some(release) = line.strip_prefix("VMTEST-KERNEL ") {
+            self.release = Some(release.trim().to_owned());
+            return Some(format!("kernel {} up", release.trim()));
+        }
+        if let Some(name) = line.strip_prefix("VMTEST-BEGIN ") {
+            self.current = Some(BinaryRun {
+                name: name.trim().to_owned(),
+                exit_code: None,
+                summary: String::new(),
+                output: Vec::new(),
+            });
+            return None;
+        }
+        if let Some(rest) = line.strip_prefix("VMTEST-END ") {
+            let mut binary = self.current.take()?;
+            binary.exit_code = rest.split("rc=").nth(1).and_then(|c| c.trim().parse().ok());
+            let progress = format!("{}: {}", binary.name, binary.summary);
+            self.binaries.push(binary);
+            return Some(progress);
+        }
+        if line.starts_with("VMTEST-DONE") {
+            self.done = true;
+            return None;
+        }
+        let current = self.current.as_mut()?;
+        current.output.push(line.to_owned());
+        if line.starts_with("test result:") {
+            current.summary = line.to_owned();
+        }
+        (line.starts_with("test ") && (line.ends_with(" ok") || line.contains("FAILED")))
+            .then(|| line.to_owned())
+    }
+
+    fn finish(mut self, log: &Path) -> anyhow::Result<KernelRun> {
+        let Some(release) = self.release else {
+            bail!("the VM never started its tests; console output in {}", log.display());
+        };
+        if let Some(mut unfinished) = self.current.take() {
+            unfinished.output.push(if self.timed_out {
+                format!("(stopped: the VM ran longer than {} s)", VM_TIMEOUT.as_secs())
+            } else {
+                "(the VM ended while this binary ran)".to_owned()
+            });
+            self.binaries.push(unfinished);
+        }
+        if !self.done && self.binaries.is_empty() {
+            bail!("the VM ended before any test ran; console output in {}", log.display());
+        }
+        Ok(KernelRun { release, binaries: self.binaries })
+    }
+}
