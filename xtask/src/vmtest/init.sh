@@ -13,13 +13,16 @@ for module in $(cat /modules/order); do
 done
 
 script=$(sed -n 's/.*tcpstate.script=\([^ ]*\).*/\1/p' /proc/cmdline)
+# Directories the host lets the guest cover with tmpfs: none of them holds the workspace.
+scratch=$(sed -n 's/.*tcpstate.tmpfs=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
 if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 host /host; then
     echo "vmtest: mounting the host's root over 9p failed"
     poweroff -f
 fi
 for fs in proc sys dev; do mount --bind "/$fs" "/host/$fs"; done
 # What the tests write: scratch space, network namespaces, HOME.
-for dir in tmp run root var/tmp; do mount -t tmpfs "$dir" "/host/$dir"; done
+for dir in $scratch; do mount -t tmpfs scratch "/host$dir"; done
+tmpdir=$(echo $scratch | cut -d' ' -f1)
 mount -t tracefs tracefs /host/sys/kernel/tracing
 mount -t bpf bpf /host/sys/fs/bpf
 # As systemd does on a host: without it, 5.10 lists no cgroup for a process at all.
@@ -28,6 +31,6 @@ mount -t devpts devpts /host/dev/pts 2>/dev/null
 
 echo "VMTEST-KERNEL $(uname -r)"
 chroot /host /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    HOME=/root TMPDIR=/tmp /bin/sh -c "ip link set lo up && cd /tmp && . $script"
+    HOME="$tmpdir" TMPDIR="$tmpdir" /bin/sh -c "ip link set lo up && cd $tmpdir && . $script"
 echo "VMTEST-DONE rc=$?"
 poweroff -f

@@ -49,6 +49,11 @@ const HOST_ONLY_TESTS: [&str; 6] = [
 /// Test binaries with nothing for the kernel: deploy files.
 const HOST_ONLY_BINARIES: [&str; 1] = ["deploy"];
 
+/// Directories the guest covers with tmpfs (written by the tests: scratch files, network
+/// namespaces under /run), the first one its TMPDIR and HOME; any that holds the workspace is
+/// left alone, or the guest could not see the test binaries.
+const GUEST_SCRATCH: [&str; 4] = ["/tmp", "/var/tmp", "/run", "/root"];
+
 /// A guest with 2 CPUs (the kernel's per-CPU paths run concurrently) and room for the tests.
 const GUEST_CPUS: &str = "2";
 const GUEST_MEMORY: &str = "2048";
@@ -195,6 +200,8 @@ fn run_kernel(
     // directories it mounts over (tmp, run, root, var/tmp).
     let script = fs::canonicalize(&work)?.join("guest.sh");
     fs::write(&script, guest_script(binaries, filter))?;
+    let scratch: Vec<&str> =
+        GUEST_SCRATCH.into_iter().filter(|dir| !script.starts_with(dir)).collect();
 
     eprintln!(
         "vmtest: booting {} ({}) under QEMU software emulation",
@@ -212,8 +219,9 @@ fn run_kernel(
         ])
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 panic=-1 quiet loglevel=3 tcpstate.script={}",
-            script.display()
+            "console=ttyS0 panic=-1 quiet loglevel=3 tcpstate.script={} tcpstate.tmpfs={}",
+            script.display(),
+            scratch.join(",")
         ))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -253,7 +261,8 @@ fn run_kernel(
     }
     let _ = qemu.wait();
     let log_path = work.join("console.log");
-    let run = parser.finish(&log_path)?;
+    let expected: Vec<&str> = binaries.iter().map(|(name, _)| name.as_str()).collect();
+    let run = parser.finish(&log_path, &expected)?;
     for binary in run.binaries.iter().filter(|b| b.exit_code != Some(0)) {
         eprintln!(
             "vmtest: ---- {} on {}: test binary `{}` failed (exit {:?}); its output:",
@@ -318,9 +327,9 @@ impl ConsoleParser {
             self.binaries.push(binary);
             return Some(progress);
         }
-        if line.starts_with("VMTEST-DONE") {
+        if let Some(rest) = line.strip_prefix("VMTEST-DONE") {
             self.done = true;
-            return None;
+            return Some(format!("guest script ended ({})", rest.trim()));
         }
         let current = self.current.as_mut()?;
         current.output.push(line.to_owned());
@@ -331,7 +340,9 @@ impl ConsoleParser {
             .then(|| line.to_owned())
     }
 
-    fn finish(mut self, log: &Path) -> anyhow::Result<KernelRun> {
+    /// The run, with every binary of `expected` that never reported counted as failed: a
+    /// kernel where nothing ran has not passed.
+    fn finish(mut self, log: &Path, expected: &[&str]) -> anyhow::Result<KernelRun> {
         let Some(release) = self.release else {
             bail!("the VM never started its tests; console output in {}", log.display());
         };
@@ -343,9 +354,65 @@ impl ConsoleParser {
             });
             self.binaries.push(unfinished);
         }
-        if !self.done && self.binaries.is_empty() {
-            bail!("the VM ended before any test ran; console output in {}", log.display());
+        for name in expected {
+            if !self.binaries.iter().any(|b| b.name == *name) {
+                self.binaries.push(BinaryRun {
+                    name: (*name).to_owned(),
+                    exit_code: None,
+                    summary: String::new(),
+                    output: vec![format!(
+                        "(never ran in the VM; console output in {})",
+                        log.display()
+                    )],
+                });
+            }
         }
         Ok(KernelRun { release, binaries: self.binaries })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(lines: &[&str], expected: &[&str]) -> KernelRun {
+        let mut parser = ConsoleParser::default();
+        for line in lines {
+            parser.feed(line);
+        }
+        parser.finish(Path::new("console.log"), expected).unwrap()
+    }
+
+    #[test]
+    fn a_binary_that_never_ran_fails_the_kernel() {
+        let run = parse(&["\x1b[2JVMTEST-KERNEL 6.1.0-56-amd64", "VMTEST-DONE rc=2"], &["probe"]);
+        assert_eq!(run.release, "6.1.0-56-amd64");
+        assert_eq!(run.failures(), ["probe (exit None)"]);
+    }
+
+    #[test]
+    fn passing_binaries_are_counted() {
+        let run = parse(
+            &[
+                "VMTEST-KERNEL 5.10.0-32-amd64",
+                "VMTEST-BEGIN probe",
+                "test a ... ok",
+                "test result: ok. 11 passed; 0 failed; 0 ignored",
+                "VMTEST-END probe rc=0",
+                "VMTEST-BEGIN leaks",
+                "test result: FAILED. 3 passed; 1 failed; 0 ignored",
+                "VMTEST-END leaks rc=101",
+                "VMTEST-DONE rc=0",
+            ],
+            &["probe", "leaks"],
+        );
+        assert_eq!(run.passed(), 11);
+        assert_eq!(run.failures(), ["leaks (exit Some(101))"]);
+    }
+
+    #[test]
+    fn a_vm_that_never_booted_is_an_error() {
+        let parser = ConsoleParser::default();
+        assert!(parser.finish(Path::new("console.log"), &["probe"]).is_err());
     }
 }
