@@ -192,6 +192,16 @@ pub fn sock_offsets(btf: &KernelBtf) -> Result<SockOffsets, BtfError> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_kernel_without_btf_is_refused_naming_the_option() {
+        let Err(error) = KernelBtf::from_file(Path::new("/nonexistent/vmlinux")) else {
+            panic!("a missing BTF file must be an error");
+        };
+        let message = error.to_string();
+        assert!(message.contains("CONFIG_DEBUG_INFO_BTF=y"), "{message}");
+        assert!(!message.contains('\n'), "one sentence: {message}");
+    }
+
     /// Reads this machine's kernel BTF: the offsets must be where `struct sock` and `struct
     /// net` put them, and a wrong path must be an error naming it.
     #[test]

@@ -78,11 +78,16 @@ fn parse_release(release: &str) -> Option<(u32, u32)> {
 }
 
 pub fn check_kernel_version() -> Result<(u32, u32), PreflightError> {
-    let (release, version) = kernel_release();
-    if version < (5, 8) {
-        return Err(PreflightError::KernelTooOld { release });
+    let (release, _) = kernel_release();
+    check_release(&release)
+}
+
+/// The BPF ring buffer came with Linux 5.8.
+fn check_release(release: &str) -> Result<(u32, u32), PreflightError> {
+    match parse_release(release) {
+        Some(version) if version >= (5, 8) => Ok(version),
+        _ => Err(PreflightError::KernelTooOld { release: release.to_owned() }),
     }
-    Ok(version)
 }
 
 fn is_mounted(path: &Path) -> bool {
@@ -143,5 +148,18 @@ mod tests {
         assert_eq!(parse_release("6.18.44-fc-v595"), Some((6, 18)));
         assert_eq!(parse_release("5.4.0-150-generic"), Some((5, 4)));
         assert_eq!(parse_release("garbage"), None);
+    }
+
+    #[test]
+    fn a_kernel_without_the_ring_buffer_is_refused_in_one_sentence() {
+        assert_eq!(check_release("5.10.0-32-amd64").unwrap(), (5, 10));
+        assert_eq!(check_release("5.8.0").unwrap(), (5, 8));
+        let error = check_release("5.4.0-150-generic").unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "kernel 5.4.0-150-generic is too old: tcpstate needs the BPF ring buffer (Linux 5.8 \
+             or newer)"
+        );
+        assert!(check_release("garbage").is_err());
     }
 }
