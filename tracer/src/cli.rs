@@ -24,6 +24,17 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Command {
+    /// The subcommand's name on the command line.
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Self::Run(_) => "run",
+            Self::Watch(_) => "watch",
+            Self::Leaks(_) => "leaks",
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: aggregate every transition and serve Prometheus metrics and a JSON API.
@@ -65,7 +76,7 @@ pub const MAX_PORT_LABELS: usize = 32;
 pub struct RunArgs {
     /// Address and port of the HTTP endpoint (/metrics, /healthz, /api/...). Loopback by
     /// default; use 0.0.0.0:9977 to let a remote Prometheus scrape it.
-    #[arg(long, env = "TCPSTATE_LISTEN", default_value = DEFAULT_LISTEN, value_name = "ADDR:PORT")]
+    #[arg(long, env = "TCPSTATE_LISTEN", default_value = DEFAULT_LISTEN, value_parser = parse_listen, value_name = "IP:PORT")]
     pub listen: SocketAddr,
 
     /// Most sockets the daemon tracks (1000 to 50000000); beyond it, sockets are evicted and
@@ -78,14 +89,14 @@ pub struct RunArgs {
     #[arg(long, env = "TCPSTATE_RECONCILE_INTERVAL", default_value = "30", value_parser = parse_reconcile_interval, value_name = "SECS")]
     pub reconcile_interval: Duration,
 
-    /// Add a `port` label for this local port to tcpstate_transitions_total and
-    /// tcpstate_sockets (repeatable, up to 32; comma-separated in the environment). All
-    /// other ports are port="other".
     /// A socket in CLOSE_WAIT for longer than this is a leak: its process never closed it
     /// after the peer hung up. Seconds (0.1 to 604800), or with s/m/h: `90`, `2m`.
     #[arg(long, env = "TCPSTATE_CLOSE_WAIT_THRESHOLD", default_value = "60", value_parser = parse_close_wait_threshold, value_name = "SECS")]
     pub close_wait_threshold: Duration,
 
+    /// Add a `port` label for this local port to tcpstate_transitions_total and
+    /// tcpstate_sockets (repeatable, up to 32; comma-separated in the environment). All
+    /// other ports are port="other".
     #[arg(long = "port-label", env = "TCPSTATE_PORT_LABELS", value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT")]
     pub port_labels: Vec<u16>,
 
@@ -136,7 +147,7 @@ pub struct WatchArgs {
     pub json: bool,
 
     /// Stop after this many seconds.
-    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
+    #[arg(long, value_name = "SECS", value_parser = parse_watch_duration)]
     pub duration: Option<u64>,
 
     /// At exit, print one line of delivery statistics to stderr: records read and shown,
@@ -145,19 +156,19 @@ pub struct WatchArgs {
     pub stats: bool,
 
     /// Stop after printing this many transitions.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", value_parser = parse_count)]
     pub count: Option<u64>,
 
     /// Keep transitions where either port is PORT (repeatable, up to 8). Runs in the kernel.
-    #[arg(long = "port", value_name = "PORT")]
+    #[arg(long = "port", value_name = "PORT", value_parser = parse_port)]
     pub ports: Vec<u16>,
 
     /// Keep transitions whose local port is PORT (repeatable, up to 8). Runs in the kernel.
-    #[arg(long = "sport", value_name = "PORT")]
+    #[arg(long = "sport", value_name = "PORT", value_parser = parse_port)]
     pub sports: Vec<u16>,
 
     /// Keep transitions whose remote port is PORT (repeatable, up to 8). Runs in the kernel.
-    #[arg(long = "dport", value_name = "PORT")]
+    #[arg(long = "dport", value_name = "PORT", value_parser = parse_port)]
     pub dports: Vec<u16>,
 
     /// Keep transitions where either address is IP (repeatable). Runs in userspace.
@@ -179,6 +190,50 @@ pub struct WatchArgs {
 
     #[command(flatten)]
     pub probe: ProbeArgs,
+}
+
+/// Parses `--listen`: an IP address and a port, no host names (resolving one at start would make
+/// the daemon depend on DNS).
+fn parse_listen(value: &str) -> Result<SocketAddr, String> {
+    const FORM: &str =
+        "expected IP:PORT, e.g. 127.0.0.1:9977 or [::1]:9977; host names are not resolved";
+    if let Ok(address) = value.parse::<SocketAddr>() {
+        return Ok(address);
+    }
+    let Some((ip, port)) = value.rsplit_once(':') else {
+        return Err(format!("no port: {FORM}"));
+    };
+    let ip = ip.trim_start_matches('[').trim_end_matches(']');
+    if ip.parse::<IpAddr>().is_err() {
+        return Err(format!("`{ip}` is not an IP address: {FORM}"));
+    }
+    if port.parse::<u16>().is_err() {
+        return Err(format!("`{port}` is not a port (0 to 65535): {FORM}"));
+    }
+    Err(FORM.to_owned())
+}
+
+/// A port to filter on: 1 to 65535 (no socket a filter could match has port 0).
+fn parse_port(value: &str) -> Result<u16, String> {
+    match value.parse::<u16>() {
+        Ok(0) | Err(_) => Err("expected a port from 1 to 65535".to_owned()),
+        Ok(port) => Ok(port),
+    }
+}
+
+fn parse_count(value: &str) -> Result<u64, String> {
+    match value.parse::<u64>() {
+        Ok(0) | Err(_) => Err("expected a number of transitions, at least 1".to_owned()),
+        Ok(count) => Ok(count),
+    }
+}
+
+/// At most a year.
+fn parse_watch_duration(value: &str) -> Result<u64, String> {
+    match value.parse::<u64>() {
+        Ok(seconds @ 1..=31_536_000) => Ok(seconds),
+        _ => Err("expected whole seconds from 1 to 31536000 (a year)".to_owned()),
+    }
 }
 
 /// Parses a TCP state name for a flag.
@@ -319,6 +374,52 @@ mod tests {
         assert!(parse_seconds("").is_err());
         assert!(parse_reconcile_interval("0").is_err());
         assert!(parse_reconcile_interval("2h").is_err());
+    }
+
+    #[test]
+    fn listen_errors_name_the_expected_form() {
+        assert_eq!(parse_listen("127.0.0.1:9977"), Ok("127.0.0.1:9977".parse().unwrap()));
+        assert_eq!(parse_listen("[::1]:0"), Ok("[::1]:0".parse().unwrap()));
+        for bad in ["localhost:9977", "127.0.0.1", "127.0.0.1:99999", "[::1]", ""] {
+            let error = parse_listen(bad).unwrap_err();
+            assert!(error.contains("expected IP:PORT, e.g. 127.0.0.1:9977"), "{bad}: {error}");
+        }
+        assert!(parse_listen("localhost:9977").unwrap_err().contains("`localhost` is not an IP"));
+        assert!(parse_listen("127.0.0.1:99999").unwrap_err().contains("`99999` is not a port"));
+    }
+
+    #[test]
+    fn ports_and_counts_start_at_one() {
+        assert_eq!(parse_port("443"), Ok(443));
+        assert!(parse_port("0").unwrap_err().contains("from 1 to 65535"));
+        assert!(parse_port("70000").is_err());
+        assert_eq!(parse_count("1"), Ok(1));
+        assert_eq!(parse_count("0").unwrap_err(), "expected a number of transitions, at least 1");
+        assert!(parse_watch_duration("0").is_err());
+    }
+
+    /// Every flag of every subcommand has help of its own: a doc comment that slipped to
+    /// the next field shows up here as a flag without help, or two flags sharing one.
+    #[test]
+    fn every_flag_has_its_own_help() {
+        use clap::CommandFactory as _;
+        let mut cli = Cli::command();
+        cli.build();
+        for command in cli.get_subcommands() {
+            let mut seen: Vec<(String, String)> = Vec::new();
+            for arg in command.get_arguments().filter(|a| !a.is_hide_set()) {
+                let id = arg.get_id().to_string();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                assert!(!help.trim().is_empty(), "`{}` --{id} has no help", command.get_name());
+                if let Some((other, _)) = seen.iter().find(|(_, h)| *h == help) {
+                    panic!("`{}` --{id} shares its help with --{other}", command.get_name());
+                }
+                seen.push((id, help));
+            }
+        }
     }
 
     #[test]

@@ -8,7 +8,12 @@ use tracer::cli::{self, Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(message) = cli::validate(&cli) {
-        Cli::command().error(clap::error::ErrorKind::ArgumentConflict, message).exit();
+        // The usage shown is the subcommand's, as for errors clap finds itself.
+        let mut command = Cli::command();
+        command.build();
+        let name = cli.command.name();
+        let mut subcommand = command.find_subcommand_mut(name).cloned().unwrap_or(command);
+        subcommand.error(clap::error::ErrorKind::ArgumentConflict, message).exit();
     }
     // The daemon reports what it does; the interactive commands keep stderr for problems.
     let default_level = match cli.command {

@@ -520,6 +520,8 @@ fn configuration_errors_are_usage_errors_naming_the_flag() {
         (vec!["run", "--reconcile-interval", "soon"], "--reconcile-interval"),
         (vec!["run", "--port-label", "0"], "--port-label"),
         (vec!["run", "--listen", "localhost"], "--listen"),
+        (vec!["run", "--listen", "localhost:9977"], "expected IP:PORT, e.g. 127.0.0.1:9977"),
+        (vec!["run", "--listen", "127.0.0.1:99999"], "`99999` is not a port"),
     ] {
         let finished = run_tcpstate(&args);
         let stderr = finished.stderr.join("\n");
@@ -544,6 +546,7 @@ fn a_busy_port_is_an_error_naming_the_flag_and_env_configures_the_daemon() {
     let stderr = finished.stderr.join("\n");
     assert_eq!(finished.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("--listen") && stderr.contains("in use"), "{stderr}");
+    assert_eq!(stderr.matches("in use").count(), 1, "the cause, said once: {stderr}");
 
     let port = common::free_port().to_string();
     let listen = format!("127.0.0.1:{}", common::free_port());

@@ -187,6 +187,8 @@ fn bad_flags_are_usage_errors_naming_the_flag() {
         (vec!["watch", "--state", "BOGUS"], "CLOSE_WAIT"),
         (vec!["watch", "--ring-bytes", "3M"], "power of two"),
         (vec!["watch", "--duration", "0"], "--duration"),
+        (vec!["watch", "--count", "0"], "at least 1"),
+        (vec!["watch", "--port", "0"], "from 1 to 65535"),
         (vec!["watch", "-4", "-6"], "--ipv6"),
         (vec!["watch", "--no-such-flag"], "--no-such-flag"),
     ] {
@@ -200,8 +202,10 @@ fn bad_flags_are_usage_errors_naming_the_flag() {
         many.extend(["--port", "80"]);
     }
     let finished = run_tcpstate(&many);
+    let stderr = finished.stderr.join("\n");
     assert_eq!(finished.status.code(), Some(2));
-    assert!(finished.stderr.join("\n").contains("--port is given 9 times"));
+    assert!(stderr.contains("--port is given 9 times"), "{stderr}");
+    assert!(stderr.contains("Usage: tcpstate watch"), "the subcommand's usage: {stderr}");
 }
 
 #[test]
@@ -215,14 +219,23 @@ fn without_privileges_the_error_says_what_is_missing() {
     let binary = dir.join("tcpstate");
     std::fs::copy(common::tcpstate_bin(), &binary).unwrap();
     std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let output = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
-        .arg(&binary)
-        .args(["watch", "--duration", "1"])
-        .output()
-        .expect("setpriv (util-linux) runs the binary unprivileged");
-    let _ = std::fs::remove_dir_all(&dir);
+    let unprivileged = |args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+            .arg(&binary)
+            .args(args)
+            .output()
+            .expect("setpriv (util-linux) runs the binary unprivileged")
+    };
+    let output = unprivileged(&["watch", "--duration", "1"]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("CAP_BPF") && stderr.contains("sudo"), "{stderr}");
+    // The missing privileges are the cause, not the busy port the daemon would also meet.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let output = unprivileged(&["run", "--listen", &busy.local_addr().unwrap().to_string()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("CAP_BPF") && !stderr.contains("in use"), "{stderr}");
 }

@@ -265,15 +265,24 @@ async fn sockets(
 /// Binds the endpoint; a busy or forbidden address is an error that names the flag.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|error| {
-        let hint = match error.kind() {
+        // One cause, said once: the known ones in words, others as the system reports them.
+        let cause = match error.kind() {
             io::ErrorKind::AddrInUse => {
-                "the address is already in use (another tcpstate?); choose another with --listen ADDR:PORT"
+                "the port is already in use (another tcpstate?); choose another with --listen \
+                 IP:PORT"
+                    .to_owned()
             }
-            io::ErrorKind::AddrNotAvailable => "no local interface has that address; check --listen",
-            io::ErrorKind::PermissionDenied => "not permitted to bind it; check --listen",
-            _ => "check --listen",
+            io::ErrorKind::AddrNotAvailable => {
+                "no local interface has that address; check --listen".to_owned()
+            }
+            io::ErrorKind::PermissionDenied => {
+                "not permitted to bind it (ports below 1024 need CAP_NET_BIND_SERVICE); check \
+                 --listen"
+                    .to_owned()
+            }
+            _ => format!("{error}; check --listen"),
         };
-        anyhow::anyhow!("cannot serve HTTP on {addr}: {error}; {hint}")
+        anyhow::anyhow!("cannot serve HTTP on {addr}: {cause}")
     })
 }
 

@@ -155,7 +155,9 @@ async fn dump_namespaces() -> anyhow::Result<(Vec<NamespaceDump>, u64, u64)> {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let stop = crate::signals::shutdown()?;
     tokio::pin!(stop);
-    // Bind first: a busy port fails before anything touches the kernel.
+    // Privileges first: without them nothing else matters, a busy port included. Then bind:
+    // a busy port fails before anything touches the kernel.
+    crate::probe::preflight::check_privileges()?;
     let listener = http::bind(args.listen).await?;
     let listen = listener.local_addr()?;
 

@@ -414,6 +414,13 @@ fn refusal(program: &str, error: &ProgramError) -> String {
         ProgramError::LoadError { io_error, verifier_log } => {
             let log = verifier_log.to_string();
             log::debug!("verifier log of program `{program}`:\n{log}");
+            if io_error.raw_os_error() == Some(libc::EPERM) {
+                // Refused before verification: not a bug to report, a policy to know about.
+                return format!(
+                    "{io_error}: a security policy (kernel lockdown, an LSM) or missing \
+                     CAP_BPF/CAP_PERFMON forbids it"
+                );
+            }
             match verifier_verdict(&log) {
                 Some(verdict) => format!("{io_error}; the verifier says: {verdict}"),
                 None => io_error.to_string(),
