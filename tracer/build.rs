@@ -18,6 +18,11 @@ fn main() -> anyhow::Result<()> {
     // which lets the pinned stable toolchain accept it.
     // SAFETY: build scripts are single-threaded; nothing reads the environment concurrently.
     unsafe { env::set_var("RUSTC_BOOTSTRAP", "1") };
+    // aya-build passes every line the eBPF build prints on as a cargo warning: about 50
+    // "Compiling ..." lines on every build. A quiet sub-build prints only what matters:
+    // compiler errors and warnings still come through its JSON messages.
+    // SAFETY: as above.
+    unsafe { env::set_var("CARGO_TERM_QUIET", "true") };
     let ebpf_dir = workspace.join("tracer-ebpf");
     let ebpf_package = aya_build::Package {
         name: "tracer-ebpf",

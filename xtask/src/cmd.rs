@@ -49,3 +49,10 @@ pub fn as_root(program: &str) -> Command {
         sudo
     }
 }
+
+/// `PATH` with `dir` first.
+pub fn path_with(dir: &std::path::Path) -> std::ffi::OsString {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs = std::iter::once(dir.to_path_buf()).chain(std::env::split_paths(&path));
+    std::env::join_paths(dirs).unwrap_or(path)
+}

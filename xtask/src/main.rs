@@ -67,31 +67,32 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::build_prerequisites(&root),
         Task::Build => {
             setup::build_prerequisites(&root)?;
-            build_release()
+            build_release(&root)
         }
         Task::Run { args } => {
             setup::build_prerequisites(&root)?;
-            build_release()?;
+            build_release(&root)?;
             let args = if args.is_empty() { vec!["run".to_owned()] } else { args };
             run_as_root(&root.join("target/release/tcpstate"), &args)
         }
         Task::Test { filter, host_only } => {
             setup::build_prerequisites(&root)?;
-            setup::test_prerequisites()?;
+            let tools = setup::test_prerequisites(&root)?;
             lint()?;
-            let host = test(filter.as_deref());
+            let host = test(filter.as_deref(), &tools);
             if host_only {
                 return host;
             }
             // The matrix runs even when the host failed: both verdicts are worth having.
-            let matrix = vmtest::run(&root, &vmtest::VmtestArgs { kernels: Vec::new(), filter });
+            let args = vmtest::VmtestArgs { kernels: Vec::new(), filter };
+            let matrix = vmtest::run(&root, &args, &tools);
             host.context("tests on this machine's kernel failed")?;
             matrix
         }
         Task::Vmtest(args) => {
             setup::build_prerequisites(&root)?;
-            setup::test_prerequisites()?;
-            vmtest::run(&root, &args)
+            let tools = setup::test_prerequisites(&root)?;
+            vmtest::run(&root, &args, &tools)
         }
         Task::Lint => {
             setup::build_prerequisites(&root)?;
@@ -100,7 +101,7 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(args) => {
             setup::build_prerequisites(&root)?;
             setup::bench_prerequisites()?;
-            build_release()?;
+            build_release(&root)?;
             bench::run(&root, &args)
         }
         Task::Loadgen(command) => bench::load::run(command),
@@ -112,8 +113,52 @@ fn workspace_root() -> PathBuf {
     xtask_dir.parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
-fn build_release() -> anyhow::Result<()> {
-    run_checked(cargo().args(["build", "--release", "--package", "tracer"]))
+/// Builds the release binary. When nothing changed since the last build it prints nothing,
+/// so `cargo xtask run -- ARGS` shows only tcpstate's output.
+fn build_release(root: &std::path::Path) -> anyhow::Result<()> {
+    let mut command = cargo();
+    command.args(["build", "--release", "--package", "tracer"]);
+    if binary_is_newer_than_sources(root) {
+        // Most likely nothing to do; cargo still checks, quietly.
+        command.arg("--quiet");
+        let status = command.status().context("running cargo build")?;
+        anyhow::ensure!(status.success(), "`cargo build --release --package tracer` failed");
+        return Ok(());
+    }
+    eprintln!("xtask: building tcpstate (the first build takes about 4 minutes on 2 cores)");
+    run_checked(&mut command)
+}
+
+/// Whether `target/release/tcpstate` is newer than every source and manifest of the crates
+/// it is built from.
+fn binary_is_newer_than_sources(root: &std::path::Path) -> bool {
+    fn newest(path: &std::path::Path, newest_seen: &mut std::time::SystemTime) {
+        let Ok(metadata) = std::fs::metadata(path) else { return };
+        if metadata.is_dir() {
+            for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
+                newest(&entry.path(), newest_seen);
+            }
+        } else if let Ok(modified) = metadata.modified() {
+            *newest_seen = (*newest_seen).max(modified);
+        }
+    }
+    let Ok(built) = std::fs::metadata(root.join("target/release/tcpstate"))
+        .and_then(|metadata| metadata.modified())
+    else {
+        return false;
+    };
+    let mut sources = std::time::SystemTime::UNIX_EPOCH;
+    for part in [
+        "tracer",
+        "tracer-common",
+        "tracer-ebpf",
+        "Cargo.toml",
+        "Cargo.lock",
+        "rust-toolchain.toml",
+    ] {
+        newest(&root.join(part), &mut sources);
+    }
+    built > sources
 }
 
 fn lint() -> anyhow::Result<()> {
@@ -125,8 +170,9 @@ fn lint() -> anyhow::Result<()> {
 /// Runs unit and integration tests in release mode (the binary under test is the one shipped).
 /// Integration tests load the real program and share the machine's TCP stack, so they run one
 /// at a time.
-fn test(filter: Option<&str>) -> anyhow::Result<()> {
+fn test(filter: Option<&str>, tools: &std::path::Path) -> anyhow::Result<()> {
     let mut command = cargo();
+    command.env("PATH", cmd::path_with(tools));
     // Every failing test binary is reported, not only the first.
     command.args(["test", "--release", "--no-fail-fast"]);
     if !cmd::is_root() {

@@ -1,7 +1,12 @@
 //! Installing what is missing, idempotently: checks first, so a machine that has everything
 //! returns in well under a second.
 
-use std::{fs, path::Path, process::Command, sync::Once};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Once,
+};
 
 use anyhow::{Context as _, bail};
 
@@ -13,9 +18,13 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages bpf-linker builds against (LLVM 22 from bookworm-security).
 const LLVM_PACKAGES: [&str; 4] = ["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
-/// Tests run a real Prometheus (`prometheus`, with `promtool`), network namespaces and `ss`
-/// (`iproute2`), leaking helper processes (`python3`) and check the unit (`systemd-analyze`).
-const TEST_PACKAGES: [&str; 4] = ["prometheus", "iproute2", "python3", "systemd"];
+/// Tests use network namespaces and `ss` (`iproute2`), leaking helper processes (`python3`) and
+/// check the unit (`systemd-analyze`). Prometheus comes unpacked, not installed: see
+/// `test_tools`.
+const TEST_PACKAGES: [&str; 3] = ["iproute2", "python3", "systemd"];
+
+/// Debian's package with `prometheus` and `promtool`.
+const PROMETHEUS_PACKAGE: &str = "prometheus";
 
 /// The kernel matrix: the emulator, the initramfs' shell and archiver, module decompressors,
 /// and the key that signs Debian's suites.
@@ -42,8 +51,41 @@ pub fn build_prerequisites(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn test_prerequisites() -> anyhow::Result<()> {
-    ensure_packages(&TEST_PACKAGES, "test tools (Prometheus, iproute2, python3, systemd)")
+/// What the tests need; returns the directory to put first on their PATH.
+pub fn test_prerequisites(root: &Path) -> anyhow::Result<PathBuf> {
+    ensure_packages(&TEST_PACKAGES, "test tools (iproute2, python3, systemd)")?;
+    test_tools(root)
+}
+
+/// `prometheus` and `promtool`, unpacked from Debian's package into `target/tools`: installing
+/// the package would also enable and start a system-wide Prometheus service. The tests run a
+/// Prometheus of their own, only for as long as they need it.
+fn test_tools(root: &Path) -> anyhow::Result<PathBuf> {
+    let dir = root.join("target/tools").join(PROMETHEUS_PACKAGE);
+    let bin = dir.join("usr/bin");
+    if bin.join("prometheus").is_file() && bin.join("promtool").is_file() {
+        return Ok(bin);
+    }
+    eprintln!("xtask: unpacking Debian's {PROMETHEUS_PACKAGE} package for the tests (about 20 s)");
+    let download = root.join("target/tools/download");
+    let _ = fs::remove_dir_all(&download);
+    fs::create_dir_all(&download)?;
+    apt_update_once()?;
+    run_checked(
+        Command::new("apt-get")
+            .args(["-q", "-o", "APT::Sandbox::User=root", "download", PROMETHEUS_PACKAGE])
+            .current_dir(&download),
+    )
+    .context("downloading the prometheus package")?;
+    let deb = fs::read_dir(&download)?
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|path| path.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download left no .deb")?;
+    let _ = fs::remove_dir_all(&dir);
+    run_checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
+    fs::remove_dir_all(&download)?;
+    Ok(bin)
 }
 
 pub fn vm_prerequisites() -> anyhow::Result<()> {
@@ -133,7 +175,8 @@ fn which(program: &str) -> anyhow::Result<std::path::PathBuf> {
 
 fn install_bpf_linker(toolchain: &str) -> anyhow::Result<()> {
     eprintln!(
-        "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about 90 s)"
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about 2 \
+         minutes on 2 cores, once)"
     );
     run_checked(
         Command::new("rustup")
@@ -165,6 +208,7 @@ fn ensure_packages(packages: &[&str], what: &str) -> anyhow::Result<()> {
             missing.join(" ")
         );
     }
+    eprintln!("xtask: installing {what}: {} (a minute or two)", missing.join(" "));
     apt_update_once()?;
     run_checked(
         as_root("apt-get")

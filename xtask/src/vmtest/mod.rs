@@ -60,7 +60,8 @@ const GUEST_MEMORY: &str = "2048";
 /// Longest a VM may run before it is stopped and counted as failed.
 const VM_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
-pub fn run(root: &Path, args: &VmtestArgs) -> anyhow::Result<()> {
+/// Runs the matrix; `tools` (Prometheus, unpacked) goes first on the guest's PATH as on the host's.
+pub fn run(root: &Path, args: &VmtestArgs, tools: &Path) -> anyhow::Result<()> {
     let selected: Vec<&KernelSource> = if args.kernels.is_empty() {
         MATRIX.iter().collect()
     } else {
@@ -82,7 +83,7 @@ pub fn run(root: &Path, args: &VmtestArgs) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for source in selected {
         let started = Instant::now();
-        let outcome = run_kernel(&cache, source, &binaries, args.filter.as_deref());
+        let outcome = run_kernel(&cache, source, &binaries, args.filter.as_deref(), tools);
         results.push((source, outcome, started.elapsed()));
     }
 
@@ -190,6 +191,7 @@ fn run_kernel(
     source: &KernelSource,
     binaries: &[(String, PathBuf)],
     filter: Option<&str>,
+    tools: &Path,
 ) -> anyhow::Result<KernelRun> {
     let kernel = kernels::fetch(cache, source)?;
     let work = cache.join("run").join(source.name);
@@ -199,7 +201,7 @@ fn run_kernel(
     // The guest reads the script through the host's root: an absolute path outside the
     // directories it mounts over (tmp, run, root, var/tmp).
     let script = fs::canonicalize(&work)?.join("guest.sh");
-    fs::write(&script, guest_script(binaries, filter))?;
+    fs::write(&script, guest_script(binaries, filter, &fs::canonicalize(tools)?))?;
     let scratch: Vec<&str> =
         GUEST_SCRATCH.into_iter().filter(|dir| !script.starts_with(dir)).collect();
 
@@ -277,8 +279,9 @@ fn run_kernel(
 }
 
 /// The shell script the guest runs: each test binary, one test at a time, as root.
-fn guest_script(binaries: &[(String, PathBuf)], filter: Option<&str>) -> String {
+fn guest_script(binaries: &[(String, PathBuf)], filter: Option<&str>, tools: &Path) -> String {
     let mut script = String::from("set +e\n");
+    script.push_str(&format!("export PATH={}:$PATH\n", tools.display()));
     script.push_str(&format!("export TCPSTATE_TEST_EXPECT_PARTS={EXPECTED_PARTS}\n"));
     script.push_str("export RUST_BACKTRACE=1\n");
     let skips: String = HOST_ONLY_TESTS.iter().map(|t| format!(" --skip {t}")).collect();
