@@ -34,9 +34,6 @@ impl TcpState {
         Self::NewSynRecv,
     ];
 
-    /// One more than the largest state number: arrays indexed by state have this length.
-    pub const TABLE_LEN: usize = 13;
-
     pub const fn from_u8(value: u8) -> Option<Self> {
         match value {
             1 => Some(Self::Established),

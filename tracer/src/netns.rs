@@ -67,11 +67,6 @@ pub fn enumerate() -> Vec<Namespace> {
     namespaces
 }
 
-/// Dumps the TCP sockets of `namespace`.
-pub fn dump_in(namespace: &Namespace) -> io::Result<Vec<DiagSocket>> {
-    dump_in_with(namespace, dump_tcp)
-}
-
 /// Runs `dump` inside `namespace`.
 pub fn dump_in_with(namespace: &Namespace, dump: Dumper) -> io::Result<Vec<DiagSocket>> {
     if own().is_ok_and(|own| own.inode == namespace.inode) {
@@ -149,7 +144,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let own = own().unwrap();
-        let dump = dump_in(&own).unwrap();
+        let dump = dump_in_with(&own, dump_tcp).unwrap();
         let found = dump.iter().find(|s| s.local == addr).expect("listener in dump");
         assert_eq!(found.state, tracer_common::TcpState::Listen as u8);
         assert_ne!(found.inode, 0);
