@@ -89,6 +89,40 @@ impl TcpState {
     }
 }
 
+/// A name that is no TCP state; says which names are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownState;
+
+impl core::fmt::Display for UnknownState {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("unknown TCP state; expected one of ")?;
+        for (i, state) in TcpState::ALL.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            f.write_str(state.name())?;
+        }
+        Ok(())
+    }
+}
+
+impl core::error::Error for UnknownState {}
+
+/// Parses case-insensitively, `-` for `_` (`close-wait`).
+impl core::str::FromStr for TcpState {
+    type Err = UnknownState;
+
+    fn from_str(name: &str) -> Result<Self, UnknownState> {
+        Self::from_name(name).ok_or(UnknownState)
+    }
+}
+
+impl core::fmt::Display for TcpState {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.pad(self.name())
+    }
+}
+
 /// The transition brings a socket into existence for the tracer: created (CLOSE -> SYN_SENT by
 /// connect, CLOSE -> LISTEN by listen) or cloned from a listener on accept (LISTEN ->
 /// SYN_RECV). It has no earlier stay, and anything known under its address belongs to an
@@ -100,6 +134,9 @@ pub const fn creates_socket(old: u8, new: u8) -> bool {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+    use std::string::ToString as _;
+
     use super::*;
 
     #[test]
@@ -118,5 +155,10 @@ mod tests {
         assert_eq!(TcpState::from_name("Established"), Some(TcpState::Established));
         assert_eq!(TcpState::from_name("CLOSE_WAITX"), None);
         assert_eq!(TcpState::from_name(""), None);
+        assert_eq!("close-wait".parse::<TcpState>(), Ok(TcpState::CloseWait));
+        let error = "BOGUS".parse::<TcpState>().unwrap_err().to_string();
+        assert!(error.starts_with("unknown TCP state; expected one of ESTABLISHED, SYN_SENT"));
+        assert!(error.ends_with("CLOSING, NEW_SYN_RECV"), "{error}");
+        assert_eq!(TcpState::CloseWait.to_string(), "CLOSE_WAIT");
     }
 }

@@ -2,8 +2,10 @@
 //! A value outside its range is a usage error (exit status 2) that names the flag and the range.
 
 use std::{
+    fmt,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
+    str::FromStr,
     time::Duration,
 };
 
@@ -55,7 +57,7 @@ pub struct LeaksArgs {
         default_value = "http://127.0.0.1:9977",
         value_name = "URL"
     )]
-    pub daemon: crate::leaks::command::DaemonUrl,
+    pub daemon: DaemonUrl,
 
     /// Print the report as JSON (the daemon's /api/leaks format).
     #[arg(long)]
@@ -65,6 +67,43 @@ pub struct LeaksArgs {
     /// (seconds, or with s/m/h). A daemon applies its own setting.
     #[arg(long, env = "TCPSTATE_CLOSE_WAIT_THRESHOLD", default_value = "60", value_parser = parse_close_wait_threshold, value_name = "SECS")]
     pub close_wait_threshold: Duration,
+}
+
+/// A daemon's HTTP address: `http://HOST:PORT`, or just `HOST:PORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonUrl {
+    pub host: String,
+    pub port: u16,
+}
+
+impl FromStr for DaemonUrl {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        if value.starts_with("https://") {
+            return Err("https is not supported: the daemon serves plain HTTP".to_owned());
+        }
+        let rest = value.strip_prefix("http://").unwrap_or(value).trim_end_matches('/');
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| "expected http://HOST:PORT, e.g. http://127.0.0.1:9977".to_owned())?;
+        let port = port.parse().map_err(|_| format!("`{port}` is not a port number"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains('/') {
+            return Err("expected http://HOST:PORT, e.g. http://127.0.0.1:9977".to_owned());
+        }
+        Ok(Self { host: host.to_owned(), port })
+    }
+}
+
+impl fmt::Display for DaemonUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "http://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "http://{}:{}", self.host, self.port)
+        }
+    }
 }
 
 /// The daemon's default address: loopback only, so nothing is exposed without a decision.
@@ -238,10 +277,7 @@ fn parse_watch_duration(value: &str) -> Result<u64, String> {
 
 /// Parses a TCP state name for a flag.
 pub fn parse_state(value: &str) -> Result<TcpState, String> {
-    TcpState::from_name(value).ok_or_else(|| {
-        let names: Vec<_> = TcpState::ALL.iter().map(|s| s.name()).collect();
-        format!("unknown TCP state; expected one of {}", names.join(", "))
-    })
+    value.parse::<TcpState>().map_err(|error| error.to_string())
 }
 
 /// Parses a byte size with an optional binary suffix (K, M, G; `KiB` forms too).
@@ -374,6 +410,19 @@ mod tests {
         assert!(parse_seconds("").is_err());
         assert!(parse_reconcile_interval("0").is_err());
         assert!(parse_reconcile_interval("2h").is_err());
+    }
+
+    #[test]
+    fn daemon_urls_parse() {
+        let url: DaemonUrl = "http://127.0.0.1:9977".parse().unwrap();
+        assert_eq!(url, DaemonUrl { host: "127.0.0.1".into(), port: 9977 });
+        assert_eq!("localhost:80/".parse::<DaemonUrl>().unwrap().port, 80);
+        let v6: DaemonUrl = "http://[::1]:9977".parse().unwrap();
+        assert_eq!(v6.host, "::1");
+        assert_eq!(v6.to_string(), "http://[::1]:9977");
+        assert!("https://x:1".parse::<DaemonUrl>().is_err());
+        assert!("http://x".parse::<DaemonUrl>().is_err());
+        assert!("http://x:99999".parse::<DaemonUrl>().is_err());
     }
 
     #[test]

@@ -17,4 +17,5 @@ pub mod probe;
 pub mod reader;
 pub mod signals;
 pub mod sockdiag;
+pub mod socket;
 pub mod watch;

@@ -206,7 +206,7 @@ impl Serialize for Listing<'_> {
 
 /// Parses a state name for a query parameter; the error lists the valid names.
 pub fn parse_state_param(name: &str) -> Result<TcpState, String> {
-    crate::cli::parse_state(name).map_err(|message| format!("state={name}: {message}"))
+    name.parse::<TcpState>().map_err(|error| format!("state={name}: {error}"))
 }
 
 async fn sockets(

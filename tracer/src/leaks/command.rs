@@ -2,12 +2,7 @@
 //! daemon answers. Exit status 0 without leaks, 1 with leaks, 2 on a usage error, 3 when
 //! neither the daemon nor a snapshot could tell.
 
-use std::{
-    fmt::{self, Write as _},
-    process::ExitCode,
-    str::FromStr,
-    time::Duration,
-};
+use std::{fmt::Write as _, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, bail};
 use http_body_util::{BodyExt as _, Empty};
@@ -15,48 +10,15 @@ use hyper::{Request, StatusCode, body::Bytes};
 use hyper_util::rt::TokioIo;
 
 use super::{Candidate, LeakReport, OwnerResolver, Source, human_age, plural};
-use crate::{cli::LeaksArgs, daemon::table::SocketKey, netns, sockdiag};
+use crate::{
+    cli::{DaemonUrl, LeaksArgs},
+    netns, sockdiag,
+    socket::SocketKey,
+};
 
 /// How long to wait for a daemon before falling back to a snapshot.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// A daemon's HTTP address: `http://HOST:PORT`, or just `HOST:PORT`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DaemonUrl {
-    pub host: String,
-    pub port: u16,
-}
-
-impl FromStr for DaemonUrl {
-    type Err = String;
-
-    fn from_str(value: &str) -> Result<Self, String> {
-        if value.starts_with("https://") {
-            return Err("https is not supported: the daemon serves plain HTTP".to_owned());
-        }
-        let rest = value.strip_prefix("http://").unwrap_or(value).trim_end_matches('/');
-        let (host, port) = rest
-            .rsplit_once(':')
-            .ok_or_else(|| "expected http://HOST:PORT, e.g. http://127.0.0.1:9977".to_owned())?;
-        let port = port.parse().map_err(|_| format!("`{port}` is not a port number"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || host.contains('/') {
-            return Err("expected http://HOST:PORT, e.g. http://127.0.0.1:9977".to_owned());
-        }
-        Ok(Self { host: host.to_owned(), port })
-    }
-}
-
-impl fmt::Display for DaemonUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "http://[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "http://{}:{}", self.host, self.port)
-        }
-    }
-}
 
 /// Why the daemon's report could not be had.
 enum FetchError {
@@ -232,19 +194,6 @@ pub async fn run(args: LeaksArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn daemon_urls_parse() {
-        let url: DaemonUrl = "http://127.0.0.1:9977".parse().unwrap();
-        assert_eq!(url, DaemonUrl { host: "127.0.0.1".into(), port: 9977 });
-        assert_eq!("localhost:80/".parse::<DaemonUrl>().unwrap().port, 80);
-        let v6: DaemonUrl = "http://[::1]:9977".parse().unwrap();
-        assert_eq!(v6.host, "::1");
-        assert_eq!(v6.to_string(), "http://[::1]:9977");
-        assert!("https://x:1".parse::<DaemonUrl>().is_err());
-        assert!("http://x".parse::<DaemonUrl>().is_err());
-        assert!("http://x:99999".parse::<DaemonUrl>().is_err());
-    }
 
     #[test]
     fn an_empty_report_says_so() {

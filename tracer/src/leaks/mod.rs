@@ -12,8 +12,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    daemon::table::SocketKey,
     owners::{ProcessCache, scan_socket_holders},
+    socket::SocketKey,
 };
 
 /// Where a report comes from.
