@@ -181,11 +181,13 @@ pub const RECENT: usize = 4;
 pub struct RecentTransitions {
     pub handled: [u64; RECENT],
     pub rescued: [u64; RECENT],
-    pub handled_next: u32,
-    pub rescued_next: u32,
+    /// Entries in use in `handled` and `rescued`: each is a stack, newest last.
+    pub handled_len: u32,
+    pub rescued_len: u32,
 }
 
 const _: () = assert!(size_of::<RecentTransitions>() == 72);
+const _: () = assert!(RECENT.is_power_of_two());
 
 /// Identifies a transition among the few a CPU handles at once: the socket's address (whose
 /// top bits are all ones in the kernel half) with the two states folded into those bits.

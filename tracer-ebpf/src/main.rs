@@ -59,37 +59,36 @@ static COUNTERS: PerCpuArray<KernelCounters> = PerCpuArray::with_max_entries(COU
 #[map]
 static RECENT: PerCpuArray<RecentTransitions> = PerCpuArray::with_max_entries(1, 0);
 
-/// Finds `id` among the remembered transitions and forgets it: each delivery by one program
-/// is matched by the other once. A transition the other program never matches (it was skipped)
-/// leaves a stale entry, overwritten in turn when no slot is free.
+/// Looks for `id` among the remembered transitions, newest first, and forgets it with every
+/// entry remembered after it. Within one firing, whatever runs in the gap between the two
+/// programs (an interrupt's own transitions) completes before the second program runs, so
+/// entries above this firing's belong to runs whose partner the kernel skipped: stale.
 #[inline(always)]
-fn take(ids: &mut [u64; settings::RECENT], id: u64) -> bool {
-    let mut i = 0;
-    while i < settings::RECENT {
-        if ids[i] == id {
-            ids[i] = 0;
+fn take(ids: &[u64; settings::RECENT], len: &mut u32, id: u64) -> bool {
+    let mut i = settings::RECENT;
+    while i > 0 {
+        i -= 1;
+        if (i as u32) < *len && ids[i] == id {
+            *len = i as u32;
             return true;
         }
-        i += 1;
     }
     false
 }
 
-/// Remembers `id` in a free slot. Between the two programs' runs for one firing, an interrupt
-/// can run whole transitions (both programs, each pairing its own entries): taking a free slot
-/// rather than the next in turn keeps those from overwriting the pending one.
+/// Remembers `id` on top; when the stack is full, its oldest entry is dropped.
 #[inline(always)]
-fn remember(ids: &mut [u64; settings::RECENT], next: &mut u32, id: u64) {
-    let mut i = 0;
-    while i < settings::RECENT {
-        if ids[i] == 0 {
-            ids[i] = id;
-            return;
+fn remember(ids: &mut [u64; settings::RECENT], len: &mut u32, id: u64) {
+    if *len as usize >= settings::RECENT {
+        let mut i = 1;
+        while i < settings::RECENT {
+            ids[i - 1] = ids[i];
+            i += 1;
         }
-        i += 1;
+        *len = settings::RECENT as u32 - 1;
     }
-    ids[(*next as usize) % settings::RECENT] = id;
-    *next = next.wrapping_add(1);
+    ids[*len as usize & (settings::RECENT - 1)] = id;
+    *len += 1;
 }
 
 #[tracepoint]
@@ -97,20 +96,26 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let record = FormatRecord(&ctx);
     let (old, new) = record.states();
     let id = transition_id(record.skaddr(), old as u8, new as u8);
-    if let Some(recent) = RECENT.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot; a program nested on this CPU only ever writes the other
-        // history, or this one in whole words.
-        let recent = unsafe { &mut *recent };
-        if take(&mut recent.rescued, id) {
-            if let Some(counters) = COUNTERS.get_ptr_mut(COUNTERS_MAIN) {
-                // SAFETY: this program's per-CPU slot.
-                unsafe { (*counters).deduplicated += 1 };
-            }
-            return 0;
+    let Some(recent) = RECENT.get_ptr_mut(0) else {
+        handle_transition(&ctx, &record, COUNTERS_MAIN, 0);
+        return 0;
+    };
+    // SAFETY: this CPU's slot. Runs nested on this CPU (interrupts) only push and pop above
+    // what this run pushed, and are complete when it resumes.
+    let recent = unsafe { &mut *recent };
+    if take(&recent.rescued, &mut recent.rescued_len, id) {
+        if let Some(counters) = COUNTERS.get_ptr_mut(COUNTERS_MAIN) {
+            // SAFETY: this program's per-CPU slot.
+            unsafe { (*counters).deduplicated += 1 };
         }
-        remember(&mut recent.handled, &mut recent.handled_next, id);
+        return 0;
     }
+    let rescued_before = recent.rescued_len;
+    remember(&mut recent.handled, &mut recent.handled_len, id);
     handle_transition(&ctx, &record, COUNTERS_MAIN, 0);
+    // Standby runs nested in this one delivered what the kernel skipped this program for
+    // (it never nests in itself): no run of this program will claim those.
+    recent.rescued_len = recent.rescued_len.min(rescued_before);
     0
 }
 
@@ -129,11 +134,16 @@ pub fn standby(ctx: BtfTracePointContext) -> i32 {
     };
     // SAFETY: this CPU's slot, as in the main program.
     let recent = unsafe { &mut *recent };
-    if take(&mut recent.handled, id) {
+    if take(&recent.handled, &mut recent.handled_len, id) {
         return 0;
     }
-    remember(&mut recent.rescued, &mut recent.rescued_next, id);
+    let handled_before = recent.handled_len;
+    remember(&mut recent.rescued, &mut recent.rescued_len, id);
     handle_transition(&ctx, &source, COUNTERS_STANDBY, FLAG_RESCUED);
+    // Main runs nested in this one pushed entries for standby runs that kernels with a
+    // recursion guard for this program (6.4 on, roughly) skip: forget them. Where the nested
+    // standby did run, it already took its entry and this changes nothing.
+    recent.handled_len = recent.handled_len.min(handled_before);
     0
 }
 

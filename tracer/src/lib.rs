@@ -9,6 +9,7 @@ pub mod accepted;
 pub mod cli;
 pub mod clock;
 pub mod daemon;
+pub mod duplicates;
 pub mod event;
 pub mod leaks;
 pub mod netns;

@@ -379,6 +379,47 @@ fn expected_kinds() -> Vec<(StateName, StateName)> {
     kinds
 }
 
+/// The records of `kind` for connections that made it more than once, for a failure message.
+fn repeats(records: &[TransitionRecord], kind: (StateName, StateName)) -> String {
+    // The kernel reuses a socket's address: the 4-tuple tells connections apart.
+    let mut by_socket: HashMap<(u64, SocketAddr, SocketAddr), Vec<&TransitionRecord>> =
+        HashMap::new();
+    for r in records.iter().filter(|r| (r.old_state(), r.new_state()) == kind) {
+        by_socket.entry((r.skaddr, r.local(), r.remote())).or_default().push(r);
+    }
+    let repeated: Vec<String> = by_socket
+        .values()
+        .filter(|list| list.len() > 1)
+        .take(4)
+        .map(|list| {
+            let each: Vec<String> = list
+                .iter()
+                .map(|r| {
+                    format!(
+                        "ts {} local {} remote {} rescued {} pid {}",
+                        r.ts_ns,
+                        r.local(),
+                        r.remote(),
+                        r.rescued(),
+                        r.pid
+                    )
+                })
+                .collect();
+            format!("socket {:#x}: {}", list[0].skaddr, each.join(" / "))
+        })
+        .collect();
+    format!("repeated on one socket: [{}]", repeated.join("; "))
+}
+
+/// Children the kernel drops right after creating them: LISTEN -> SYN_RECV -> CLOSE, a real
+/// pair of transitions on top of the connection's ten. Seen under emulation with two CPUs,
+/// where a retransmitted last ACK of one handshake can be handled on both: both create a
+/// child, and the one that loses the insertion into the connection table is destroyed.
+fn lost_races(records: &[TransitionRecord]) -> usize {
+    let race = (StateName::Known(SynRecv), StateName::Known(Close));
+    records.iter().filter(|r| (r.old_state(), r.new_state()) == race).count()
+}
+
 #[test]
 fn burst_of_connections_is_delivered_or_counted_as_lost() {
     const CONNECTIONS: usize = 10_000;
@@ -410,11 +451,16 @@ fn burst_of_connections_is_delivered_or_counted_as_lost() {
     clients.join().unwrap();
     let _listener = server.join().unwrap();
     let lost = capture.delivery().lost() as usize;
-    capture.collect_until(Duration::from_secs(5), |records| records.len() + lost >= expected);
+    capture.collect_until(Duration::from_secs(5), |records| {
+        records.len().saturating_sub(2 * lost_races(records)) + lost >= expected
+    });
 
     let delivery = capture.delivery();
     let records = &capture.records;
     let kinds = expected_kinds();
+    // Besides each connection's ten, the kernel's own: a child that lost a race.
+    let races = lost_races(records);
+    let lost_race = (StateName::Known(SynRecv), StateName::Known(Close));
     let mut per_kind: HashMap<(StateName, StateName), usize> = HashMap::new();
     let mut unique = HashSet::new();
     for r in records {
@@ -423,20 +469,33 @@ fn burst_of_connections_is_delivered_or_counted_as_lost() {
             "duplicate record {r:?}"
         );
         let kind = (r.old_state(), r.new_state());
-        assert!(kinds.contains(&kind), "unexpected transition {kind:?}");
+        assert!(kinds.contains(&kind) || kind == lost_race, "unexpected transition {kind:?}");
         *per_kind.entry(kind).or_default() += 1;
     }
+    // Each child that lost a race also made LISTEN -> SYN_RECV.
+    let per_connection = |kind: &(StateName, StateName)| {
+        let extra = if kind.1 == StateName::Known(SynRecv) { races } else { 0 };
+        CONNECTIONS + extra
+    };
     for kind in &kinds {
         let n = per_kind.get(kind).copied().unwrap_or(0);
-        assert!(n <= CONNECTIONS, "{kind:?} arrived {n} times for {CONNECTIONS} connections");
+        let most = per_connection(kind);
+        assert!(
+            n <= most,
+            "{kind:?} arrived {n} times, at most {most} expected; {}",
+            repeats(records, *kind)
+        );
     }
-    let delivered = records.len();
-    let missing = expected - delivered;
+    let delivered = records.len().saturating_sub(2 * races);
+    let missing = expected.checked_sub(delivered).unwrap_or_else(|| {
+        panic!("{delivered} delivered, more than the {expected} transitions expected")
+    });
     eprintln!(
         "burst: {CONNECTIONS} connections, {expected} transitions expected, {delivered} delivered \
-         ({} by the standby), {missing} missing; counted: ring buffer full {}, recursion misses {}, \
-         map failures {}",
+         ({} by the standby), {missing} missing, {races} children that lost a race, {} second \
+         deliveries dropped; counted: ring buffer full {}, recursion misses {}, map failures {}",
         records.iter().filter(|r| r.rescued()).count(),
+        capture.reader.duplicates_dropped(),
         delivery.ringbuf_full,
         delivery.recursion_misses,
         delivery.map_update_failed
@@ -446,11 +505,15 @@ fn burst_of_connections_is_delivered_or_counted_as_lost() {
         "{missing} transitions missing but only {} counted as lost: {delivery:?}",
         delivery.lost()
     );
-    assert_eq!(delivery.emitted as usize, delivered, "every emitted record was read: {delivery:?}");
+    assert_eq!(
+        delivery.emitted as usize,
+        records.len(),
+        "every emitted record was read: {delivery:?}"
+    );
     if delivery.lost() == 0 {
         // Nothing lost: every connection made exactly its ten transitions, none twice.
         for kind in &kinds {
-            assert_eq!(per_kind.get(kind), Some(&CONNECTIONS), "{kind:?}");
+            assert_eq!(per_kind.get(kind), Some(&per_connection(kind)), "{kind:?}");
         }
     }
 }

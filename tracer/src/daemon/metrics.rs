@@ -178,6 +178,12 @@ impl Collector for TcpstateCollector {
         )?;
         counter(
             &mut encoder,
+            "tcpstate_events_duplicates_dropped",
+            "Second deliveries of one transition (by both kernel programs) the reader dropped",
+            status.duplicates_dropped,
+        )?;
+        counter(
+            &mut encoder,
             "tcpstate_kernel_map_update_failures",
             "Per-socket kernel map updates that failed (the socket's next duration is unknown)",
             delivery.map_update_failed,

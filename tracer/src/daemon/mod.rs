@@ -53,6 +53,8 @@ pub struct Status {
     pub delivery: Delivery,
     /// Which of the probe's programs run on this kernel; set once at start.
     pub parts: Vec<PartStatus>,
+    /// Second deliveries of one transition the reader dropped.
+    pub duplicates_dropped: u64,
     /// When the reader last finished a batch (monotonic ns).
     pub last_read_ns: u64,
     /// (when, ring-buffer overflows so far) samples over `OVERFLOW_WINDOW_NS`.
@@ -218,7 +220,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             _ = status_tick.tick() => {
                 let delivery = probe.delivery()?;
-                shared.update_status(|status| status.record_delivery(delivery, monotonic_ns()));
+                let duplicates = reader.duplicates_dropped();
+                shared.update_status(|status| {
+                    status.record_delivery(delivery, monotonic_ns());
+                    status.duplicates_dropped = duplicates;
+                });
                 shared.release_memory_if_needed();
             }
             _ = reconcile_tick.tick(), if pending_dump.is_none() => {
