@@ -56,3 +56,28 @@ pub fn path_with(dir: &std::path::Path) -> std::ffi::OsString {
     let dirs = std::iter::once(dir.to_path_buf()).chain(std::env::split_paths(&path));
     std::env::join_paths(dirs).unwrap_or(path)
 }
+
+/// Downloads Debian package `package` with `apt_get` (an `apt-get` command with its options
+/// set) through the empty directory `scratch`, and unpacks it into `into`, replacing what was
+/// there. Nothing is installed: no maintainer script runs.
+pub fn download_and_unpack(
+    mut apt_get: Command,
+    package: &str,
+    scratch: &std::path::Path,
+    into: &std::path::Path,
+) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(scratch);
+    std::fs::create_dir_all(scratch)?;
+    run_checked(apt_get.arg("download").arg(package).current_dir(scratch))
+        .with_context(|| format!("downloading Debian package {package}"))?;
+    let deb = std::fs::read_dir(scratch)?
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|path| path.extension().is_some_and(|e| e == "deb"))
+        .with_context(|| format!("apt-get download left no .deb of {package}"))?;
+    let _ = std::fs::remove_dir_all(into);
+    std::fs::create_dir_all(into)?;
+    run_checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(into))?;
+    std::fs::remove_dir_all(scratch)?;
+    Ok(())
+}

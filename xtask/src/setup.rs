@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::cmd::{as_root, capture, run_checked};
+use crate::cmd::{as_root, capture, download_and_unpack, run_checked};
 
 /// LLVM major that the pinned rustc emits bitcode for; bpf-linker must be built against it.
 const LLVM_MAJOR: u32 = 22;
@@ -67,24 +67,10 @@ fn test_tools(root: &Path) -> anyhow::Result<PathBuf> {
         return Ok(bin);
     }
     eprintln!("xtask: unpacking Debian's {PROMETHEUS_PACKAGE} package for the tests (about 20 s)");
-    let download = root.join("target/tools/download");
-    let _ = fs::remove_dir_all(&download);
-    fs::create_dir_all(&download)?;
     apt_update_once()?;
-    run_checked(
-        Command::new("apt-get")
-            .args(["-q", "-o", "APT::Sandbox::User=root", "download", PROMETHEUS_PACKAGE])
-            .current_dir(&download),
-    )
-    .context("downloading the prometheus package")?;
-    let deb = fs::read_dir(&download)?
-        .flatten()
-        .map(|entry| entry.path())
-        .find(|path| path.extension().is_some_and(|e| e == "deb"))
-        .context("apt-get download left no .deb")?;
-    let _ = fs::remove_dir_all(&dir);
-    run_checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
-    fs::remove_dir_all(&download)?;
+    let mut apt_get = Command::new("apt-get");
+    apt_get.args(["-q", "-o", "APT::Sandbox::User=root"]);
+    download_and_unpack(apt_get, PROMETHEUS_PACKAGE, &root.join("target/tools/download"), &dir)?;
     Ok(bin)
 }
 

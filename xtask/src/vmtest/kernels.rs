@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::cmd::{capture, run_checked};
+use crate::cmd::{capture, download_and_unpack, run_checked};
 
 /// One kernel of the matrix.
 pub struct KernelSource {
@@ -213,19 +213,7 @@ pub fn fetch(cache: &Path, source: &KernelSource) -> anyhow::Result<Kernel> {
     let unpacked = kernels.join(&image);
     if !unpacked.join("complete").exists() {
         eprintln!("vmtest: downloading {image} ({})", source.distribution);
-        let download = apt.dir.join("download");
-        let _ = fs::remove_dir_all(&download);
-        fs::create_dir_all(&download)?;
-        run_checked(apt.command("apt-get").arg("download").arg(&image).current_dir(&download))?;
-        let deb = fs::read_dir(&download)?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|e| e == "deb"))
-            .context("apt-get download left no .deb")?;
-        let _ = fs::remove_dir_all(&unpacked);
-        fs::create_dir_all(&unpacked)?;
-        run_checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
-        fs::remove_dir_all(&download)?;
+        download_and_unpack(apt.command("apt-get"), &image, &apt.dir.join("download"), &unpacked)?;
         fs::write(unpacked.join("complete"), "")?;
     }
     fs::write(kernels.join(format!("{}.current", source.name)), &image)?;
