@@ -1,13 +1,13 @@
 //! Dropping the second delivery of one transition.
 //!
 //! The main and standby programs agree, per CPU, on which of them delivers each transition
-//! (see the kernel program). Under heavy interrupt nesting that agreement can fail rarely
-//! (seen about once per 100,000 transitions in emulated 2-CPU VMs), and both deliver. One
-//! socket's transitions are serialized by its lock, and two consecutive transitions of one
-//! socket address never have the same (old, new) pair: a new socket at a reused address starts
-//! with a creation transition. So a record whose address and pair equal the last record seen
-//! for that address is a second delivery. Remembering the last `WINDOW` records is enough: the
-//! two deliveries come from one firing, microseconds to milliseconds apart.
+//! (see the kernel program). Under heavy interrupt nesting that agreement has failed, rarely
+//! (seen about once per 100,000 transitions in emulated 2-CPU VMs), and both delivered. Such a
+//! pair is one firing: same socket address, same (old, new), one record from each program
+//! (`rescued` differs), at most milliseconds apart. Two genuine transitions are never that: a
+//! socket's consecutive transitions differ in their pair, and even when records in between
+//! were lost (a full ring) and an address was reused, two deliveries by the same program, or
+//! far apart, are two transitions. Remembering the last `WINDOW` records is enough.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -15,12 +15,40 @@ use tracer_common::TransitionRecord;
 
 /// Records remembered: at 260,000 transitions per second, about 15 ms.
 const WINDOW: usize = 4096;
+/// Farthest apart the two deliveries of one firing can be: the second program runs when the
+/// interrupts that came in between are done.
+const MAX_APART_NS: u64 = 50_000_000;
+
+/// What is compared of a record.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    pair: (u8, u8),
+    rescued: bool,
+    ts_ns: u64,
+}
+
+impl Seen {
+    fn of(record: &TransitionRecord) -> Self {
+        Self {
+            pair: (record.oldstate, record.newstate),
+            rescued: record.rescued(),
+            ts_ns: record.ts_ns,
+        }
+    }
+
+    /// `later` is the other program's delivery of the same firing.
+    fn delivered_again_by(&self, later: &Self) -> bool {
+        self.pair == later.pair
+            && self.rescued != later.rescued
+            && self.ts_ns.abs_diff(later.ts_ns) <= MAX_APART_NS
+    }
+}
 
 #[derive(Default)]
 pub struct Duplicates {
-    /// Per socket address in `order`: the last (old, new) seen, and how many of its records
-    /// the window holds.
-    last: HashMap<u64, ((u8, u8), u32)>,
+    /// Per socket address in `order`: its last record, and how many of its records the
+    /// window holds.
+    last: HashMap<u64, (Seen, u32)>,
     /// Addresses in the order their records came, oldest first.
     order: VecDeque<u64>,
     dropped: u64,
@@ -29,13 +57,13 @@ pub struct Duplicates {
 impl Duplicates {
     /// Whether `record` is a second delivery of the last transition seen for its socket.
     pub fn is_repeat(&mut self, record: &TransitionRecord) -> bool {
-        let pair = (record.oldstate, record.newstate);
-        let entry = self.last.entry(record.skaddr).or_insert((pair, 0));
-        if entry.1 > 0 && entry.0 == pair {
+        let seen = Seen::of(record);
+        let entry = self.last.entry(record.skaddr).or_insert((seen, 0));
+        if entry.1 > 0 && entry.0.delivered_again_by(&seen) {
             self.dropped += 1;
             return true;
         }
-        *entry = (pair, entry.1 + 1);
+        *entry = (seen, entry.1 + 1);
         self.order.push_back(record.skaddr);
         if self.order.len() > WINDOW
             && let Some(oldest) = self.order.pop_front()
@@ -70,19 +98,37 @@ mod tests {
         r.skaddr = skaddr;
         r.oldstate = old as u8;
         r.newstate = new as u8;
+        r.ts_ns = 1_000_000_000;
+        r
+    }
+
+    fn by_standby(mut r: TransitionRecord, later_ns: u64) -> TransitionRecord {
+        r.flags |= tracer_common::record::FLAG_RESCUED;
+        r.ts_ns += later_ns;
         r
     }
 
     #[test]
-    fn a_second_delivery_is_dropped_and_a_reused_address_is_not() {
+    fn the_other_programs_delivery_of_one_firing_is_dropped() {
         let mut duplicates = Duplicates::default();
         assert!(!duplicates.is_repeat(&record(1, LastAck, Close)));
         assert!(!duplicates.is_repeat(&record(2, Close, SynSent)));
-        assert!(duplicates.is_repeat(&record(1, LastAck, Close)), "the same firing, twice");
-        // A new socket at address 1 starts with a creation, then may make the same moves.
-        assert!(!duplicates.is_repeat(&record(1, Listen, SynRecv)));
-        assert!(!duplicates.is_repeat(&record(1, SynRecv, Established)));
+        let again = by_standby(record(1, LastAck, Close), 1_600_000);
+        assert!(duplicates.is_repeat(&again), "the same firing, by the standby 1.6 ms later");
         assert_eq!(duplicates.dropped(), 1);
+    }
+
+    #[test]
+    fn genuine_transitions_are_kept_even_when_they_look_alike() {
+        let mut duplicates = Duplicates::default();
+        assert!(!duplicates.is_repeat(&record(1, Listen, SynRecv)));
+        // Records in between lost, the address reused: the same pair again, same program.
+        assert!(!duplicates.is_repeat(&record(1, Listen, SynRecv)));
+        // By the other program, but far too late to be the same firing.
+        let late = by_standby(record(1, Listen, SynRecv), MAX_APART_NS + 1);
+        assert!(!duplicates.is_repeat(&late));
+        assert!(!duplicates.is_repeat(&record(1, SynRecv, Established)));
+        assert_eq!(duplicates.dropped(), 0);
     }
 
     #[test]

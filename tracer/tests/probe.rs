@@ -505,10 +505,12 @@ fn burst_of_connections_is_delivered_or_counted_as_lost() {
         "{missing} transitions missing but only {} counted as lost: {delivery:?}",
         delivery.lost()
     );
+    // Second deliveries of one transition are dropped by the reader (and counted).
+    let dropped = capture.reader.duplicates_dropped() as usize;
     assert_eq!(
         delivery.emitted as usize,
-        records.len(),
-        "every emitted record was read: {delivery:?}"
+        records.len() + dropped,
+        "every emitted record was read, or dropped as a second delivery: {delivery:?}"
     );
     if delivery.lost() == 0 {
         // Nothing lost: every connection made exactly its ten transitions, none twice.

@@ -55,8 +55,8 @@ const HOST_ONLY_BINARIES: [&str; 1] = ["deploy"];
 const GUEST_SCRATCH: [&str; 4] = ["/tmp", "/var/tmp", "/run", "/root"];
 
 /// Guest CPUs, unless `TCPSTATE_VM_CPUS` says otherwise. One: with two emulated CPUs the burst
-/// test meets, about once in 200,000 transitions, a transition delivered under another's
-/// identity (see the README's open problems); `TCPSTATE_VM_CPUS=2 cargo xtask vmtest burst`
+/// test finds transitions handled twice and others not delivered nor counted, a few per
+/// 100,000 (the README's open problem); `TCPSTATE_VM_CPUS=2 cargo xtask vmtest burst`
 /// reproduces it.
 const GUEST_CPUS: &str = "1";
 const GUEST_MEMORY: &str = "2048";
