@@ -26,7 +26,7 @@ use kernels::{KernelSource, MATRIX};
 #[derive(clap::Args, Debug, Default)]
 pub struct VmtestArgs {
     /// Only the kernel of this version (5.10, 6.1 or 6.12); repeat for several. Default: all.
-    #[arg(long = "kernel", value_name = "VERSION")]
+    #[arg(long = "kernel", value_name = "VERSION", value_parser = parse_kernel)]
     pub kernels: Vec<String>,
     /// Only tests whose name contains this.
     pub filter: Option<String>,
@@ -63,20 +63,22 @@ const GUEST_MEMORY: &str = "2048";
 /// Longest a VM may run before it is stopped and counted as failed.
 const VM_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
+/// A `--kernel` value: one of the matrix's versions (a usage error otherwise, exit status 2).
+fn parse_kernel(value: &str) -> Result<String, String> {
+    if MATRIX.iter().any(|k| k.name == value) {
+        return Ok(value.to_owned());
+    }
+    let names: Vec<_> = MATRIX.iter().map(|k| k.name).collect();
+    Err(format!("no kernel {value} in the matrix; choose from {}", names.join(", ")))
+}
+
 /// Runs the matrix; `tools` (Prometheus, unpacked) goes first on the guest's PATH as on the host's.
 pub fn run(root: &Path, args: &VmtestArgs, tools: &Path) -> anyhow::Result<()> {
     let selected: Vec<&KernelSource> = if args.kernels.is_empty() {
         MATRIX.iter().collect()
     } else {
-        let mut selected = Vec::new();
-        for wanted in &args.kernels {
-            let Some(source) = MATRIX.iter().find(|k| k.name == wanted) else {
-                let names: Vec<_> = MATRIX.iter().map(|k| k.name).collect();
-                bail!("no kernel {wanted} in the matrix; choose from {}", names.join(", "));
-            };
-            selected.push(source);
-        }
-        selected
+        // `parse_kernel` accepted only names of the matrix.
+        MATRIX.iter().filter(|k| args.kernels.iter().any(|wanted| wanted == k.name)).collect()
     };
     setup::vm_prerequisites()?;
     let binaries = test_binaries()?;
@@ -415,6 +417,15 @@ mod tests {
         );
         assert_eq!(run.passed(), 11);
         assert_eq!(run.failures(), ["leaks (exit Some(101))"]);
+    }
+
+    #[test]
+    fn kernels_outside_the_matrix_are_usage_errors_naming_the_choices() {
+        assert_eq!(parse_kernel("6.1"), Ok("6.1".to_owned()));
+        assert_eq!(
+            parse_kernel("9.9").unwrap_err(),
+            "no kernel 9.9 in the matrix; choose from 5.10, 6.1, 6.12"
+        );
     }
 
     #[test]
