@@ -4,12 +4,14 @@
 //! (see the kernel program). Under heavy interrupt nesting that agreement has failed, rarely
 //! (seen about once per 100,000 transitions in emulated 2-CPU VMs), and both delivered. Such a
 //! pair is one firing: same socket address, same (old, new), one record from each program
-//! (`rescued` differs), at most milliseconds apart. Two genuine transitions are never that: a
-//! socket's consecutive transitions differ in their pair, and even when records in between
-//! were lost (a full ring) and an address was reused, two deliveries by the same program, or
-//! far apart, are two transitions. Remembering the last `WINDOW` records is enough.
-
-use std::collections::{HashMap, VecDeque};
+//! (`rescued` differs), at most milliseconds apart, and nothing else of that socket between
+//! them. Two genuine transitions are never that: a socket's consecutive transitions differ in
+//! their pair, and even when records in between were lost (a full ring) and an address was
+//! reused, two deliveries by the same program, or far apart, are two transitions.
+//!
+//! Every such pair includes a standby record, and those are rare (about one in 2,000), so the
+//! common path only writes the record into a fixed window; the search runs for standby
+//! records, and for main records while a standby record is recent.
 
 use tracer_common::TransitionRecord;
 
@@ -20,61 +22,89 @@ const WINDOW: usize = 4096;
 const MAX_APART_NS: u64 = 50_000_000;
 
 /// What is compared of a record.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
 struct Seen {
+    skaddr: u64,
     pair: (u8, u8),
-    rescued: bool,
     ts_ns: u64,
+    /// Position in the stream of records read.
+    sequence: u64,
 }
 
 impl Seen {
-    fn of(record: &TransitionRecord) -> Self {
-        Self {
-            pair: (record.oldstate, record.newstate),
-            rescued: record.rescued(),
-            ts_ns: record.ts_ns,
-        }
-    }
-
-    /// `later` is the other program's delivery of the same firing.
-    fn delivered_again_by(&self, later: &Self) -> bool {
-        self.pair == later.pair
-            && self.rescued != later.rescued
+    /// Whether `later`, delivered by the other program, is the same firing as `self`.
+    fn delivered_again_as(&self, later: &Self) -> bool {
+        self.skaddr == later.skaddr
+            && self.pair == later.pair
             && self.ts_ns.abs_diff(later.ts_ns) <= MAX_APART_NS
     }
 }
 
-#[derive(Default)]
 pub struct Duplicates {
-    /// Per socket address in `order`: its last record, and how many of its records the
-    /// window holds.
-    last: HashMap<u64, (Seen, u32)>,
-    /// Addresses in the order their records came, oldest first.
-    order: VecDeque<u64>,
+    /// The main program's last `WINDOW` records, a ring indexed by `sequence`.
+    handled: Box<[Seen]>,
+    /// The standby's records that are still the last of their socket, within the window.
+    rescued: Vec<Seen>,
+    /// Records read so far.
+    sequence: u64,
     dropped: u64,
 }
 
+impl Default for Duplicates {
+    fn default() -> Self {
+        Self {
+            handled: vec![Seen::default(); WINDOW].into_boxed_slice(),
+            rescued: Vec::new(),
+            sequence: 0,
+            dropped: 0,
+        }
+    }
+}
+
 impl Duplicates {
-    /// Whether `record` is a second delivery of the last transition seen for its socket.
+    /// Whether `record` is the other program's delivery of its socket's last transition.
     pub fn is_repeat(&mut self, record: &TransitionRecord) -> bool {
-        let seen = Seen::of(record);
-        let entry = self.last.entry(record.skaddr).or_insert((seen, 0));
-        if entry.1 > 0 && entry.0.delivered_again_by(&seen) {
+        self.sequence += 1;
+        let seen = Seen {
+            skaddr: record.skaddr,
+            pair: (record.oldstate, record.newstate),
+            ts_ns: record.ts_ns,
+            sequence: self.sequence,
+        };
+        let oldest_remembered = self.sequence.saturating_sub(WINDOW as u64);
+        self.rescued.retain(|r| r.sequence > oldest_remembered);
+        let pending = self.rescued.iter().position(|r| r.skaddr == seen.skaddr);
+        let repeat = if record.rescued() {
+            // The socket's last record, if the main program delivered it.
+            let last_handled = self.last_handled(seen.skaddr, oldest_remembered);
+            let is_last = |h: &Seen| pending.is_none_or(|p| self.rescued[p].sequence < h.sequence);
+            last_handled.is_some_and(|h| is_last(&h) && h.delivered_again_as(&seen))
+        } else {
+            pending.is_some_and(|p| self.rescued[p].delivered_again_as(&seen))
+        };
+        if let Some(p) = pending {
+            // No longer the socket's last record, or just matched.
+            self.rescued.swap_remove(p);
+        }
+        if repeat {
             self.dropped += 1;
-            return true;
+        } else if record.rescued() {
+            self.rescued.push(seen);
+        } else {
+            self.handled[(seen.sequence % WINDOW as u64) as usize] = seen;
         }
-        *entry = (seen, entry.1 + 1);
-        self.order.push_back(record.skaddr);
-        if self.order.len() > WINDOW
-            && let Some(oldest) = self.order.pop_front()
-            && let Some(old_entry) = self.last.get_mut(&oldest)
-        {
-            old_entry.1 -= 1;
-            if old_entry.1 == 0 {
-                self.last.remove(&oldest);
-            }
-        }
-        false
+        repeat
+    }
+
+    /// The newest of the main program's remembered records of `skaddr`.
+    fn last_handled(&self, skaddr: u64, oldest_remembered: u64) -> Option<Seen> {
+        (oldest_remembered + 1..self.sequence)
+            .rev()
+            .map(|sequence| (sequence, self.handled[(sequence % WINDOW as u64) as usize]))
+            // A slot whose sequence differs holds an older lap's record: that position was
+            // the standby's.
+            .find(|(sequence, h)| h.sequence == *sequence && h.skaddr == skaddr)
+            .map(|(_, h)| h)
     }
 
     /// Second deliveries dropped so far.
@@ -132,14 +162,40 @@ mod tests {
     }
 
     #[test]
+    fn either_program_may_deliver_first() {
+        let mut duplicates = Duplicates::default();
+        assert!(!duplicates.is_repeat(&by_standby(record(1, FinWait1, FinWait2), 0)));
+        assert!(!duplicates.is_repeat(&record(2, Close, SynSent)));
+        assert!(duplicates.is_repeat(&record(1, FinWait1, FinWait2)));
+        assert_eq!(duplicates.dropped(), 1);
+    }
+
+    #[test]
+    fn only_the_sockets_last_record_is_compared() {
+        let mut duplicates = Duplicates::default();
+        assert!(!duplicates.is_repeat(&record(1, Close, SynSent)));
+        assert!(!duplicates.is_repeat(&by_standby(record(1, SynSent, Established), 0)));
+        // Reused address, records lost in between: a genuine second (Close, SynSent).
+        assert!(!duplicates.is_repeat(&by_standby(record(1, Close, SynSent), 1_000)));
+        assert!(!duplicates.is_repeat(&record(1, SynSent, Established)));
+        assert_eq!(duplicates.dropped(), 0);
+    }
+
+    #[test]
     fn memory_stays_within_the_window() {
         let mut duplicates = Duplicates::default();
         for skaddr in 0..(3 * WINDOW as u64) {
-            assert!(!duplicates.is_repeat(&record(skaddr, Close, SynSent)));
+            assert!(!duplicates.is_repeat(&by_standby(record(skaddr, Close, SynSent), 0)));
         }
-        assert_eq!(duplicates.order.len(), WINDOW);
-        assert_eq!(duplicates.last.len(), WINDOW);
+        assert!(duplicates.rescued.len() <= WINDOW);
+        assert_eq!(duplicates.handled.len(), WINDOW);
         // Forgotten after the window: a record that old is not compared any more.
         assert!(!duplicates.is_repeat(&record(0, Close, SynSent)));
+        let first = record(7, Close, SynSent);
+        assert!(!duplicates.is_repeat(&first));
+        for skaddr in 0..(WINDOW as u64) {
+            assert!(!duplicates.is_repeat(&record(1_000_000 + skaddr, Close, SynSent)));
+        }
+        assert!(!duplicates.is_repeat(&by_standby(first, 0)), "out of the window");
     }
 }
