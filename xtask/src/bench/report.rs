@@ -1,0 +1,207 @@
+//! The bench's report: the Markdown table of every configuration's medians, and its place at
+//! the top of BENCHMARKS.md.
+
+use std::{fmt::Write as _, io::Write as _, path::Path, process::Command, thread, time::Duration};
+
+use super::run::ScalePoint;
+use super::{BenchArgs, Config, Outcome, measure::ProgStats};
+use crate::cmd::capture;
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let cpus = thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or_else(String::new, |kb| format!("{:.0} GiB", kb as f64 / 1_048_576.0));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpus} × {cpu}, {memory}, Linux {}", kernel.trim())
+}
+
+pub(super) fn render(
+    args: &BenchArgs,
+    per_connection: f64,
+    outcomes: &[(Config, Outcome)],
+    scale: Option<&[ScalePoint]>,
+    took: Duration,
+) -> String {
+    let mut out = String::new();
+    let commit = capture(Command::new("git").args(["rev-parse", "--short", "HEAD"]))
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let date = capture(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let _ = writeln!(out, "## {date}, commit {commit}\n");
+    let _ = writeln!(out, "- Machine: {}", machine());
+    let _ = writeln!(
+        out,
+        "- Command: `cargo xtask bench --rounds {} --seconds {} --clients {} --hold {}` (took {:.0} s)",
+        args.rounds,
+        args.seconds,
+        args.clients,
+        args.hold,
+        took.as_secs_f64()
+    );
+    let _ = writeln!(
+        out,
+        "- Storm: loopback, in a fresh network namespace per run, client closes first, {} client \
+         threads spread over 62,500 source addresses; {per_connection:.2} transitions per \
+         connection, measured at 1,000 connections/s. Medians over {} rounds, (min–max).\n",
+        args.clients, args.rounds
+    );
+    let bare: Vec<f64> =
+        outcomes.iter().filter(|(c, _)| *c == Config::Bare).map(|(_, o)| o.rate()).collect();
+    let bare_median = median(&mut bare.clone());
+    let _ = writeln!(
+        out,
+        "| configuration | connections/s | vs bare | tracer CPU s per M transitions | \
+         transitions (tracepoint firings) | delivered | lost | lost, as the tool counts it \
+         (buffer / map / recursion) | in-kernel ns per call: main (standby) | in-kernel ns per \
+         transition | peak RSS |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
+    for config in Config::ALL {
+        let runs: Vec<&Outcome> =
+            outcomes.iter().filter(|(c, _)| *c == config).map(|(_, o)| o).collect();
+        let mut rates: Vec<f64> = runs.iter().map(|o| o.rate()).collect();
+        let (min, max) =
+            rates.iter().fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+        let rate = median(&mut rates);
+        if config == Config::Bare {
+            let _ = writeln!(
+                out,
+                "| {} | {rate:.0} ({min:.0}–{max:.0}) | 1.00 | – | – | – | – | – | – | – | – |",
+                config.label()
+            );
+            continue;
+        }
+        let mut cpu: Vec<f64> =
+            runs.iter().map(|o| o.tracer_cpu / (o.delivered.max(1) as f64 / 1e6)).collect();
+        let firings: u64 = runs.iter().map(|o| o.firings).sum();
+        let delivered: u64 = runs.iter().map(|o| o.delivered).sum();
+        let lost = firings.saturating_sub(delivered);
+        let buffer: u64 = runs.iter().map(|o| o.lost_buffer).sum();
+        let map = runs.iter().map(|o| o.lost_map).sum::<Option<u64>>();
+        let recursion: u64 = runs.iter().map(|o| o.lost_recursion).sum();
+        let per_call = |stats: &dyn Fn(&Outcome) -> ProgStats| {
+            let mut ns: Vec<f64> = runs
+                .iter()
+                .map(|o| stats(o))
+                .filter(|s| s.run_cnt > 0)
+                .map(|s| s.run_time_ns as f64 / s.run_cnt as f64)
+                .collect();
+            (!ns.is_empty()).then(|| median(&mut ns))
+        };
+        let main_ns = per_call(&|o| o.prog);
+        let standby_ns = per_call(&|o| o.standby);
+        let calls = match (main_ns, standby_ns) {
+            (Some(m), Some(s)) => format!("{m:.0} ({s:.0})"),
+            (Some(m), None) => format!("{m:.0}"),
+            _ => "–".to_owned(),
+        };
+        let mut per_transition: Vec<f64> = runs
+            .iter()
+            .filter(|o| o.firings > 0)
+            .map(|o| (o.prog.run_time_ns + o.standby.run_time_ns) as f64 / o.firings as f64)
+            .collect();
+        let per_transition = if per_transition.is_empty() {
+            "–".to_owned()
+        } else {
+            format!("{:.0}", median(&mut per_transition))
+        };
+        let rss = runs.iter().map(|o| o.peak_rss).max().unwrap_or(0);
+        let rescued: u64 = runs.iter().map(|o| o.rescued).sum();
+        let rescued =
+            if rescued > 0 { format!(" ({rescued} by the standby)") } else { String::new() };
+        let _ = writeln!(
+            out,
+            "| {} | {rate:.0} ({min:.0}–{max:.0}) | {:.2} | {:.2} | {firings} | {delivered}{rescued} | {lost} ({:.4} %) | {buffer} / {} / {recursion} | {calls} | {per_transition} | {} |",
+            config.label(),
+            rate / bare_median,
+            median(&mut cpu),
+            lost as f64 * 100.0 / firings.max(1) as f64,
+            map.map_or_else(|| "–".to_owned(), |m| m.to_string()),
+            mib(rss),
+        );
+    }
+    let connections: u64 = outcomes.iter().map(|(_, o)| o.connections).sum();
+    let storm: u64 = outcomes
+        .iter()
+        .filter(|(c, _)| *c != Config::Bare)
+        .map(|(_, o)| o.expected + o.expected_extra)
+        .sum();
+    let fired: u64 = outcomes.iter().map(|(_, o)| o.firings).sum();
+    let _ = writeln!(
+        out,
+        "\nTransitions: every firing of the tracepoint while the tracer was attached (its main \
+         program's runs plus the runs the kernel skipped); the storms' {connections} connections \
+         account for {storm} of the {fired} under tracers, the rest is other traffic on the \
+         host. Delivered: what the tracer output (`watch`, `tcpstates`: lines, counted through a \
+         pipe; `run`: `tcpstate_events_total`). Lost: firings minus delivered; counted: what the \
+         tool itself reports (`tcpstates`: its \"lost N events\" lines and the kernel's \
+         recursion_misses for its program). In-kernel time: `run_time_ns / run_cnt` with \
+         kernel.bpf_stats_enabled=1, which itself adds about 80 ns to every run (an empty \
+         program measures that); per transition: both programs' time over the firings."
+    );
+    if let Some(points) = scale {
+        let _ = writeln!(
+            out,
+            "\nScale run, `tcpstate run` with connections held open (both ends on this host, so two sockets each):\n"
+        );
+        let _ = writeln!(
+            out,
+            "| connections | tracked sockets | daemon RSS | per tracked socket | `/metrics` (median of 5) | `/api/sockets?state=ESTABLISHED` | RSS after that listing |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+        for p in points {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.0} B | {:.1} ms | {:.0} ms ({} sockets, {:.1} MiB) | {} |",
+                p.connections,
+                p.tracked,
+                mib(p.rss),
+                p.per_socket,
+                p.metrics.as_secs_f64() * 1e3,
+                p.listing.as_secs_f64() * 1e3,
+                p.listed,
+                p.listing_bytes as f64 / (1 << 20) as f64,
+                mib(p.rss_after_listing),
+            );
+        }
+    }
+    out
+}
+
+/// Puts the newest report first, keeping every earlier one below it.
+pub(super) fn record(path: &Path, report: &str) -> anyhow::Result<()> {
+    const HEADER: &str = "# Benchmarks\n\nEvery table here comes from `cargo xtask bench` \
+        (as root); the newest is first and earlier ones stay below, so the history of the \
+        numbers is visible. Notes under a table say what was found and changed.\n\n";
+    let existing = std::fs::read_to_string(path).unwrap_or_default();
+    let earlier = existing.strip_prefix(HEADER).unwrap_or(&existing);
+    let mut file = std::fs::File::create(path)?;
+    write!(file, "{HEADER}{report}\n{earlier}")?;
+    Ok(())
+}

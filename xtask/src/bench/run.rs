@@ -1,0 +1,350 @@
+//! Running the storms and the scale run: a fresh network namespace, the load generator, and
+//! each configuration's tracer measured around them.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use super::tracers::Tracer;
+use super::{
+    BenchArgs, Config, Outcome, load,
+    measure::{self, ProgStats},
+};
+
+const NETNS: &str = "tcpstate-bench";
+const STORM_PORT: u16 = 5001;
+const TCPSTATES: &str = "/usr/sbin/tcpstates";
+
+pub(super) struct Bench<'a> {
+    tcpstate: PathBuf,
+    xtask: PathBuf,
+    args: &'a BenchArgs,
+}
+
+/// Deletes the benchmark's namespace when the benchmark ends, however it ends.
+pub(super) struct NamespaceCleanup;
+
+impl Drop for NamespaceCleanup {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", NETNS]).stderr(Stdio::null()).status();
+    }
+}
+
+/// A fresh network namespace for one run: an empty TCP table, TIME_WAIT room for the storm.
+fn fresh_namespace() -> anyhow::Result<()> {
+    let _ = Command::new("ip").args(["netns", "del", NETNS]).stderr(Stdio::null()).status();
+    // The previous namespace's sockets are torn down in the background; let that finish.
+    thread::sleep(Duration::from_millis(1500));
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let status = Command::new(args[0]).args(&args[1..]).stdout(Stdio::null()).status()?;
+        if !status.success() {
+            bail!("{args:?} failed");
+        }
+        Ok(())
+    };
+    run(&["ip", "netns", "add", NETNS])?;
+    run(&["ip", "-n", NETNS, "link", "set", "lo", "up"])?;
+    for setting in [
+        "net.ipv4.tcp_max_tw_buckets=4000000",
+        "net.ipv4.ip_local_port_range=1024 65535",
+        "net.core.somaxconn=65535",
+        "net.ipv4.tcp_max_syn_backlog=65535",
+    ] {
+        run(&["ip", "netns", "exec", NETNS, "sysctl", "-q", "-w", setting])?;
+    }
+    Ok(())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl<'a> Bench<'a> {
+    pub(super) fn new(root: &Path, args: &'a BenchArgs) -> anyhow::Result<Self> {
+        Ok(Self {
+            tcpstate: root.join("target/release/tcpstate"),
+            xtask: std::env::current_exe().context("the xtask binary")?,
+            args,
+        })
+    }
+}
+
+impl Bench<'_> {
+    fn loadgen(&self) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", NETNS]).arg(&self.xtask).arg("loadgen");
+        command
+    }
+
+    /// Runs a storm in the namespace; returns (connections, seconds).
+    fn run_storm(&self, seconds: f64, rate: u64) -> anyhow::Result<(u64, f64)> {
+        let output = self
+            .loadgen()
+            .args(["storm", "--seconds", &seconds.to_string(), "--rate", &rate.to_string()])
+            .args(["--clients", &self.args.clients.to_string(), "--port", &STORM_PORT.to_string()])
+            .stderr(Stdio::inherit())
+            .output()
+            .context("running the load generator")?;
+        if !output.status.success() {
+            bail!("load generator failed");
+        }
+        let text = String::from_utf8(output.stdout)?;
+        let mut parts = text.split_whitespace();
+        let connections = parts.next().context("connections")?.parse()?;
+        let elapsed = parts.next().context("seconds")?.parse()?;
+        Ok((connections, elapsed))
+    }
+
+    /// `tcpstate run` on a free loopback port, started and settled.
+    fn daemon(&self) -> anyhow::Result<(Tracer, SocketAddr)> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let mut command = Command::new(&self.tcpstate);
+        command.args(["run", "--listen", &addr.to_string()]).env("TCPSTATE_LOG", "info");
+        let tracer = Tracer::start(command, |t| t.stderr_contains("serving http://"))?;
+        thread::sleep(Duration::from_millis(500));
+        Ok((tracer, addr))
+    }
+
+    fn watch(&self, extra: &[&str]) -> anyhow::Result<Tracer> {
+        let mut command = Command::new(&self.tcpstate);
+        command.args(["watch", "--json", "--stats"]).args(extra).env("TCPSTATE_LOG", "info");
+        Tracer::start(command, |t| t.stderr_contains("attached to tracepoint"))
+    }
+
+    /// Counts what one connection produces, with the port filter so nothing else counts.
+    pub(super) fn transitions_per_connection(&self) -> anyhow::Result<f64> {
+        fresh_namespace()?;
+        let tracer = self.watch(&["--port", &STORM_PORT.to_string()])?;
+        let (connections, _) = self.run_storm(2.0, 1000)?;
+        tracer.settle();
+        let (_, lines) = tracer.stop()?;
+        // The listener's own CLOSE -> LISTEN and LISTEN -> CLOSE are not per connection.
+        Ok((lines.saturating_sub(2)) as f64 / connections as f64)
+    }
+
+    pub(super) fn storm(&self, config: Config, per_connection: f64) -> anyhow::Result<Outcome> {
+        fresh_namespace()?;
+        let seconds = self.args.seconds;
+        let mut outcome = Outcome::default();
+        match config {
+            Config::Bare => {
+                (outcome.connections, outcome.seconds) = self.run_storm(seconds, 0)?;
+            }
+            Config::Daemon => {
+                let (tracer, addr) = self.daemon()?;
+                let cpu_before = measure::cpu_seconds(tracer.pid())?;
+                let prog_before = tracer.prog_stats()?;
+                let firings_before = tracer.firings()?;
+                let (before, _) = measure::http_get(addr, "/metrics")?;
+                let scraping = Arc::new(AtomicBool::new(true));
+                let scrapes = Arc::new(AtomicU64::new(0));
+                let scraper = {
+                    let (scraping, scrapes) = (scraping.clone(), scrapes.clone());
+                    thread::spawn(move || {
+                        while scraping.load(Ordering::Relaxed) {
+                            thread::sleep(Duration::from_secs(1));
+                            if measure::http_get(addr, "/metrics").is_ok() {
+                                scrapes.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    })
+                };
+                (outcome.connections, outcome.seconds) = self.run_storm(seconds, 0)?;
+                scraping.store(false, Ordering::Relaxed);
+                scraper.join().expect("scraper");
+                thread::sleep(Duration::from_millis(500));
+                let (after, _) = measure::http_get(addr, "/metrics")?;
+                // The first scrape's opening transitions came after the first count of
+                // firings but before its render; the last one's closing ones after its render
+                // but before the last count: one scrape's 10 transitions the firings include
+                // and the delivered count does not.
+                outcome.firings = (tracer.firings()? - firings_before).saturating_sub(10);
+                outcome.tracer_cpu = measure::cpu_seconds(tracer.pid())? - cpu_before;
+                (outcome.prog, outcome.standby) = deltas(tracer.prog_stats()?, prog_before);
+                outcome.peak_rss = measure::memory(tracer.pid())?.0;
+                let change = |name: &str, labels: &[&str]| {
+                    (measure::metric(&after, name, labels) - measure::metric(&before, name, labels))
+                        as u64
+                };
+                outcome.delivered = change("tcpstate_events_total", &[]);
+                // The scrapes are connections too; they are not part of the storm.
+                outcome.expected_extra = 10 * (scrapes.load(Ordering::Relaxed) + 1);
+                outcome.lost_buffer =
+                    change("tcpstate_events_lost_total", &["cause=\"ringbuf_full\""]);
+                outcome.lost_recursion =
+                    change("tcpstate_events_lost_total", &["cause=\"recursion\""]);
+                outcome.lost_map = Some(change("tcpstate_kernel_map_update_failures_total", &[]));
+                outcome.rescued = change("tcpstate_events_rescued_total", &[]);
+                tracer.stop()?;
+            }
+            Config::Watch => {
+                let tracer = self.watch(&[])?;
+                thread::sleep(Duration::from_millis(500));
+                let cpu_before = measure::cpu_seconds(tracer.pid())?;
+                let prog_before = tracer.prog_stats()?;
+                let firings_before = tracer.firings()?;
+                tracer.settle();
+                let lines_before = tracer.lines.load(Ordering::Relaxed);
+                (outcome.connections, outcome.seconds) = self.run_storm(seconds, 0)?;
+                tracer.settle();
+                outcome.firings = tracer.firings()? - firings_before;
+                tracer.settle();
+                outcome.delivered = tracer.lines.load(Ordering::Relaxed) - lines_before;
+                outcome.tracer_cpu = measure::cpu_seconds(tracer.pid())? - cpu_before;
+                (outcome.prog, outcome.standby) = deltas(tracer.prog_stats()?, prog_before);
+                outcome.peak_rss = measure::memory(tracer.pid())?.0;
+                let (stderr, _) = tracer.stop()?;
+                let stats = stderr
+                    .iter()
+                    .find(|l| l.starts_with("tcpstate watch stats:"))
+                    .context("watch --stats line")?;
+                let field = |key: &str| -> u64 {
+                    stats
+                        .split_whitespace()
+                        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0)
+                };
+                outcome.lost_buffer = field("lost_ringbuf_full");
+                outcome.lost_recursion = field("lost_recursion");
+                outcome.lost_map = Some(field("map_update_failed"));
+                outcome.rescued = field("rescued");
+            }
+            Config::Tcpstates => {
+                // Its output to a pipe is block-buffered: it is ready once its program is
+                // loaded, and its lines are counted when it exits (its header is one).
+                let tracer = Tracer::start(Command::new(TCPSTATES), |_| true)?;
+                thread::sleep(Duration::from_millis(1000));
+                let cpu_before = measure::cpu_seconds(tracer.pid())?;
+                let prog_before = tracer.prog_stats()?;
+                (outcome.connections, outcome.seconds) = self.run_storm(seconds, 0)?;
+                thread::sleep(Duration::from_millis(1500));
+                outcome.tracer_cpu = measure::cpu_seconds(tracer.pid())? - cpu_before;
+                (outcome.prog, outcome.standby) = deltas(tracer.prog_stats()?, prog_before);
+                outcome.peak_rss = measure::memory(tracer.pid())?.0;
+                // Its output reaches the pipe only at exit: count everything since it loaded,
+                // against every firing since it loaded.
+                outcome.firings = tracer.firings()?;
+                let (stderr, lines) = tracer.stop()?;
+                outcome.delivered = lines.saturating_sub(1);
+                // "lost N events on CPU #C" from its perf buffer callback.
+                outcome.lost_buffer = stderr
+                    .iter()
+                    .filter_map(|l| {
+                        l.strip_prefix("lost ")?.split_whitespace().next()?.parse::<u64>().ok()
+                    })
+                    .sum();
+                outcome.lost_recursion = outcome.prog.recursion_misses;
+            }
+        }
+        // The listener's CLOSE -> LISTEN and LISTEN -> CLOSE come on top of the connections'.
+        outcome.expected = (outcome.connections as f64 * per_connection).round() as u64 + 2;
+        Ok(outcome)
+    }
+
+    /// Holds connections open under the daemon: memory per tracked socket and how long the
+    /// endpoints take with that many.
+    pub(super) fn scale(&self) -> anyhow::Result<Vec<ScalePoint>> {
+        fresh_namespace()?;
+        let (tracer, addr) = self.daemon()?;
+        let idle_rss = measure::memory(tracer.pid())?.1;
+        let mut points = Vec::new();
+        let mut holders: Vec<(Child, ChildStdin)> = Vec::new();
+        let per_process = load::max_held_connections();
+        let mut held = 0;
+        let mut next_port = STORM_PORT + 1;
+        for target in [self.args.hold / 2, self.args.hold] {
+            eprintln!("bench: scale run: holding {target} connections");
+            while held < target {
+                let count = (target - held).min(per_process);
+                let mut holder = self
+                    .loadgen()
+                    .args([
+                        "hold",
+                        "--connections",
+                        &count.to_string(),
+                        "--port",
+                        &next_port.to_string(),
+                    ])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()?;
+                next_port += 1;
+                let mut ready = String::new();
+                BufReader::new(holder.stdout.take().expect("piped")).read_line(&mut ready)?;
+                if !ready.starts_with("ready") {
+                    bail!("the load generator could not hold {count} connections");
+                }
+                let stdin = holder.stdin.take().expect("piped");
+                holders.push((holder, stdin));
+                held += count;
+            }
+            thread::sleep(Duration::from_secs(2));
+            let (metrics, _) = measure::http_get(addr, "/metrics")?;
+            let tracked = measure::metric(&metrics, "tcpstate_tracked_sockets", &[]) as u64;
+            let mut metrics_times: Vec<Duration> = (0..5)
+                .map(|_| measure::http_get(addr, "/metrics").map(|(_, t)| t))
+                .collect::<Result<_, _>>()?;
+            metrics_times.sort();
+            let rss_before_listing = measure::memory(tracer.pid())?.1;
+            let (listing, listing_time) =
+                measure::http_get(addr, "/api/sockets?state=ESTABLISHED")?;
+            let listed =
+                serde_json::from_str::<serde_json::Value>(&listing)?.as_array().map_or(0, Vec::len);
+            points.push(ScalePoint {
+                connections: held,
+                tracked,
+                rss: rss_before_listing,
+                per_socket: (rss_before_listing.saturating_sub(idle_rss)) as f64
+                    / tracked.max(1) as f64,
+                metrics: metrics_times[2],
+                listing: listing_time,
+                listed,
+                listing_bytes: listing.len(),
+                rss_after_listing: measure::memory(tracer.pid())?.1,
+            });
+        }
+        for (mut holder, stdin) in holders {
+            drop(stdin);
+            let _ = holder.wait();
+        }
+        tracer.stop()?;
+        Ok(points)
+    }
+}
+
+fn deltas(after: (ProgStats, ProgStats), before: (ProgStats, ProgStats)) -> (ProgStats, ProgStats) {
+    (delta(after.0, before.0), delta(after.1, before.1))
+}
+
+fn delta(after: ProgStats, before: ProgStats) -> ProgStats {
+    ProgStats {
+        run_time_ns: after.run_time_ns.saturating_sub(before.run_time_ns),
+        run_cnt: after.run_cnt.saturating_sub(before.run_cnt),
+        recursion_misses: after.recursion_misses.saturating_sub(before.recursion_misses),
+    }
+}
+
+/// One measurement of the scale run.
+pub struct ScalePoint {
+    pub(super) connections: usize,
+    pub(super) tracked: u64,
+    pub(super) rss: u64,
+    pub(super) per_socket: f64,
+    pub(super) metrics: Duration,
+    pub(super) listing: Duration,
+    pub(super) listed: usize,
+    pub(super) listing_bytes: usize,
+    pub(super) rss_after_listing: u64,
+}
