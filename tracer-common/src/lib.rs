@@ -18,4 +18,4 @@ pub use record::{RECORD_SIZE, TransitionRecord};
 pub use settings::{KernelCounters, KernelSettings, SocketState};
 pub use state::TcpState;
 #[cfg(feature = "user")]
-pub use user::{DecodeError, unmap_ipv4};
+pub use user::{DecodeError, ip_from_raw, ip_to_raw, unmap_ipv4};

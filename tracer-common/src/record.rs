@@ -1,5 +1,7 @@
 //! The one record the kernel program sends per TCP state transition.
 
+use crate::TcpState;
+
 /// `TransitionRecord::flags`: `dwell_ns` holds the time spent in `oldstate`. Unset on a first
 /// sighting (a socket created or accepted just now, or older than the tracer), where the stay
 /// is unknown; an unknown stay is never reported as 0.
@@ -50,8 +52,8 @@ pub struct TransitionRecord {
     pub dport: u16,
     pub family: u16,
     pub protocol: u16,
-    pub oldstate: u8,
-    pub newstate: u8,
+    pub oldstate: TcpState,
+    pub newstate: TcpState,
     pub flags: u8,
     pub _pad: [u8; 5],
 }

@@ -1,5 +1,7 @@
 //! Load-time settings, per-socket map values and per-CPU counters.
 
+use crate::TcpState;
+
 /// Most ports a kernel-side port filter holds (`--port`, `--sport`, `--dport` each).
 pub const MAX_FILTER_PORTS: usize = 8;
 
@@ -191,8 +193,8 @@ const _: () = assert!(RECENT.is_power_of_two());
 
 /// Identifies a transition among the few a CPU handles at once: the socket's address (whose
 /// top bits are all ones in the kernel half) with the two states folded into those bits.
-pub const fn transition_id(skaddr: u64, old: u8, new: u8) -> u64 {
-    skaddr ^ ((old as u64) << 56) ^ ((new as u64) << 48)
+pub const fn transition_id(skaddr: u64, old: TcpState, new: TcpState) -> u64 {
+    skaddr ^ ((old.number() as u64) << 56) ^ ((new.number() as u64) << 48)
 }
 
 pub const COUNTERS_MAIN: u32 = 0;

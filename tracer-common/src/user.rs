@@ -1,9 +1,12 @@
 //! Userspace side of the shared types: `Pod` markers for aya, and record decoding.
 
-use core::fmt;
+use core::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use crate::{
-    KernelCounters, KernelSettings, RECORD_SIZE, SocketState, TransitionRecord,
+    KernelCounters, KernelSettings, RECORD_SIZE, SocketState, TcpState, TransitionRecord,
     record::{AF_INET, AF_INET6},
     settings::RecentTransitions,
 };
@@ -15,6 +18,34 @@ unsafe impl aya::Pod for SocketState {}
 unsafe impl aya::Pod for KernelCounters {}
 unsafe impl aya::Pod for KernelSettings {}
 unsafe impl aya::Pod for RecentTransitions {}
+
+/// A state is its name in JSON (`"CLOSE_WAIT"`, `"STATE_13"`), written without allocating.
+impl serde::Serialize for TcpState {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TcpState {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Name;
+        impl serde::de::Visitor<'_> for Name {
+            type Value = TcpState;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a TCP state name such as CLOSE_WAIT")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<TcpState, E> {
+                if let Some(number) = name.strip_prefix("STATE_").and_then(|n| n.parse().ok()) {
+                    return Ok(TcpState::from_kernel(number));
+                }
+                name.parse().map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_str(Name)
+    }
+}
 
 /// A ring-buffer item that is not a `TransitionRecord`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +87,27 @@ impl TransitionRecord {
     pub fn as_bytes(&self) -> &[u8] {
         // SAFETY: `Self` is `repr(C)` with no implicit padding, so all its bytes are initialized.
         unsafe { core::slice::from_raw_parts((self as *const Self).cast::<u8>(), RECORD_SIZE) }
+    }
+}
+
+/// An address as records and socket keys hold it: raw network-order bytes, IPv4 in the first 4.
+pub fn ip_from_raw(family: u16, raw: &[u8; 16]) -> IpAddr {
+    if family == AF_INET6 {
+        IpAddr::V6(Ipv6Addr::from(*raw))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+    }
+}
+
+/// The inverse of `ip_from_raw`.
+pub fn ip_to_raw(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut bytes = [0; 16];
+            bytes[..4].copy_from_slice(&v4.octets());
+            bytes
+        }
+        IpAddr::V6(v6) => v6.octets(),
     }
 }
 
@@ -136,8 +188,8 @@ mod tests {
             dport: 80,
             family: crate::record::AF_INET6,
             protocol: crate::record::IPPROTO_TCP,
-            oldstate: 2,
-            newstate: 1,
+            oldstate: crate::TcpState::SYN_SENT,
+            newstate: crate::TcpState::ESTABLISHED,
             flags: crate::record::FLAG_DWELL_KNOWN,
             _pad: [0; 5],
         }

@@ -28,7 +28,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, FExitContext, TracePointContext},
 };
 use tracer_common::{
-    KernelCounters, KernelSettings, SocketState,
+    KernelCounters, KernelSettings, SocketState, TcpState,
     record::{AF_INET6, FLAG_RESCUED},
     settings::{
         self, COUNTER_SLOTS, COUNTERS_MAIN, COUNTERS_STANDBY, OFFSET_UNKNOWN, RecentTransitions,
@@ -95,7 +95,7 @@ fn remember(ids: &mut [u64; settings::RECENT], len: &mut u32, id: u64) {
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let record = FormatRecord(&ctx);
     let (old, new) = record.states();
-    let id = transition_id(record.skaddr(), old as u8, new as u8);
+    let id = transition_id(record.skaddr(), old, new);
     let Some(recent) = RECENT.get_ptr_mut(0) else {
         handle_transition(&ctx, &record, COUNTERS_MAIN, 0);
         return 0;
@@ -127,8 +127,9 @@ pub fn standby(ctx: BtfTracePointContext) -> i32 {
     // argument would be, and the id and the field reads need some.
     // SAFETY: the context holds the tracepoint's arguments as u64s; a probe read cannot fault.
     let sk: u64 = unsafe { bpf_probe_read_kernel(ctx.as_ptr().cast::<u64>()) }.unwrap_or(0);
-    let source = SockFields { sk, oldstate: ctx.arg(1), newstate: ctx.arg(2) };
-    let id = transition_id(source.sk, source.oldstate as u8, source.newstate as u8);
+    let state = |n| TcpState::from_kernel(ctx.arg::<i32>(n) as u8);
+    let source = SockFields { sk, oldstate: state(1), newstate: state(2) };
+    let id = transition_id(source.sk, source.oldstate, source.newstate);
     let Some(recent) = RECENT.get_ptr_mut(0) else {
         return 0;
     };
@@ -200,8 +201,9 @@ impl Transition for FormatRecord<'_> {
     }
 
     #[inline(always)]
-    fn states(&self) -> (i32, i32) {
-        (self.load(tp::OLDSTATE), self.load(tp::NEWSTATE))
+    fn states(&self) -> (TcpState, TcpState) {
+        let number = |field| TcpState::from_kernel(self.load::<i32>(field) as u8);
+        (number(tp::OLDSTATE), number(tp::NEWSTATE))
     }
 
     #[inline(always)]
@@ -234,8 +236,8 @@ impl Transition for FormatRecord<'_> {
 /// (offsets resolved from BTF by the loader). Slower, probe reads; used only for rescues.
 struct SockFields {
     sk: u64,
-    oldstate: i32,
-    newstate: i32,
+    oldstate: TcpState,
+    newstate: TcpState,
 }
 
 impl SockFields {
@@ -259,7 +261,7 @@ impl Transition for SockFields {
     }
 
     #[inline(always)]
-    fn states(&self) -> (i32, i32) {
+    fn states(&self) -> (TcpState, TcpState) {
         (self.oldstate, self.newstate)
     }
 

@@ -18,13 +18,9 @@ use tracer_common::{
     KernelCounters, SocketState, TcpState, TransitionRecord,
     record::{FLAG_DWELL_KNOWN, FLAG_OWNER_KNOWN, IPPROTO_MPTCP, IPPROTO_TCP},
     settings::{KernelFilter, MAX_FILTER_PORTS, OFFSET_UNKNOWN},
-    state::creates_socket,
 };
 
 use crate::{COUNTERS, EVENTS, SETTINGS, SOCKETS};
-
-/// Highest state number this build knows (`TCP_NEW_SYN_RECV`).
-const MAX_STATE: i32 = TcpState::NewSynRecv as i32;
 
 /// Reads one field of the read-only `SETTINGS` global. A volatile read keeps the compiler from
 /// folding in the compiled default; the verifier still sees the loaded (frozen) value.
@@ -43,8 +39,7 @@ pub type Comm = [u64; 2];
 pub trait Transition {
     fn protocol(&self) -> u16;
     fn skaddr(&self) -> u64;
-    /// (old, new) as the kernel numbers them.
-    fn states(&self) -> (i32, i32);
+    fn states(&self) -> (TcpState, TcpState);
     /// (local, remote), host byte order.
     fn ports(&self) -> (u16, u16);
     fn family(&self) -> u16;
@@ -52,25 +47,18 @@ pub trait Transition {
     fn addresses(&self, family: u16) -> ([u64; 2], [u64; 2]);
 }
 
-const CLOSE: u8 = TcpState::Close as u8;
-const LISTEN: u8 = TcpState::Listen as u8;
-
 /// Transitions that only run in a system call of the process holding the socket (connect,
 /// listen, close, shutdown), never in softirq: the running task is the owner.
 #[inline(always)]
-fn runs_in_owner_context(old: u8, new: u8) -> bool {
-    const ESTABLISHED: u8 = TcpState::Established as u8;
-    const SYN_SENT: u8 = TcpState::SynSent as u8;
-    const FIN_WAIT1: u8 = TcpState::FinWait1 as u8;
-    const CLOSE_WAIT: u8 = TcpState::CloseWait as u8;
-    const LAST_ACK: u8 = TcpState::LastAck as u8;
+fn runs_in_owner_context(old: TcpState, new: TcpState) -> bool {
+    use TcpState as S;
     matches!(
         (old, new),
-        (CLOSE, SYN_SENT)
-            | (CLOSE, LISTEN)
-            | (LISTEN, CLOSE)
-            | (ESTABLISHED, FIN_WAIT1)
-            | (CLOSE_WAIT, LAST_ACK)
+        (S::CLOSE, S::SYN_SENT)
+            | (S::CLOSE, S::LISTEN)
+            | (S::LISTEN, S::CLOSE)
+            | (S::ESTABLISHED, S::FIN_WAIT1)
+            | (S::CLOSE_WAIT, S::LAST_ACK)
     )
 }
 
@@ -117,14 +105,15 @@ pub fn handle_transition<C: EbpfContext, T: Transition>(
 
     let skaddr = source.skaddr();
     let (old, new) = source.states();
-    if !(1..=MAX_STATE).contains(&old) || !(1..=MAX_STATE).contains(&new) {
-        // Delivered anyway, with the raw numbers; userspace shows them as STATE_<n>.
+    if !old.is_known() || !new.is_known() {
+        // Delivered anyway, with the kernel's numbers; userspace shows them as STATE_<n>.
         warn!(
             ctx,
-            "unexpected TCP state numbers {} -> {}: is this kernel newer than tcpstate?", old, new
+            "unexpected TCP state numbers {} -> {}: is this kernel newer than tcpstate?",
+            old.number(),
+            new.number()
         );
     }
-    let (old, new) = (old as u8, new as u8);
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -187,13 +176,13 @@ struct Tracked {
 #[inline(always)]
 fn track_socket(
     skaddr: u64,
-    old: u8,
-    new: u8,
+    old: TcpState,
+    new: TcpState,
     now: u64,
     tgid: u32,
     counters: &mut KernelCounters,
 ) -> Tracked {
-    let creation = creates_socket(old, new);
+    let creation = TcpState::creates_socket(old, new);
     let owner_context = runs_in_owner_context(old, new);
     let existing = if creation { None } else { SOCKETS.get_ptr_mut(skaddr) };
     let mut tracked = match existing {
@@ -215,7 +204,7 @@ fn track_socket(
                 owner_comm: unsafe { *owner_comm },
                 flags: FLAG_DWELL_KNOWN,
             };
-            if new == CLOSE {
+            if new == TcpState::CLOSE {
                 // The kernel reuses the address for a later socket.
                 let _ = SOCKETS.remove(skaddr);
             } else {
@@ -236,7 +225,7 @@ fn track_socket(
                 owner_comm,
                 flags: 0,
             };
-            if new != CLOSE {
+            if new != TcpState::CLOSE {
                 let mut entry = SocketState {
                     entered_ns: now,
                     owner_tgid,
@@ -315,15 +304,19 @@ fn process_comm() -> Comm {
 }
 
 #[inline(always)]
-fn passes(filter: &KernelFilter, family: u16, sport: u16, dport: u16, old: u8, new: u8) -> bool {
+fn passes(
+    filter: &KernelFilter,
+    family: u16,
+    sport: u16,
+    dport: u16,
+    old: TcpState,
+    new: TcpState,
+) -> bool {
     if filter.family != 0 && filter.family != family {
         return false;
     }
-    if filter.state_mask != 0 {
-        let states = (1u32 << (old & 15)) | (1u32 << (new & 15));
-        if u32::from(filter.state_mask) & states == 0 {
-            return false;
-        }
+    if filter.state_mask != 0 && filter.state_mask & (old.mask_bit() | new.mask_bit()) == 0 {
+        return false;
     }
     (filter.port_count == 0 || any_port(&filter.ports, filter.port_count, sport, dport))
         && (filter.sport_count == 0 || any_port(&filter.sports, filter.sport_count, sport, sport))

@@ -22,8 +22,8 @@ pub struct AcceptedAddresses {
 
 /// A `LISTEN -> SYN_RECV` record without the peer: the kernel had not filled it in yet.
 fn lacks_peer(record: &TransitionRecord) -> bool {
-    record.oldstate == TcpState::Listen as u8
-        && record.newstate == TcpState::SynRecv as u8
+    record.oldstate == TcpState::LISTEN
+        && record.newstate == TcpState::SYN_RECV
         && record.dport == 0
 }
 
@@ -76,8 +76,8 @@ mod tests {
         let mut r = TransitionRecord::decode(&[0; tracer_common::RECORD_SIZE]).unwrap();
         r.skaddr = skaddr;
         r.ts_ns = ts_ns;
-        r.oldstate = old as u8;
-        r.newstate = new as u8;
+        r.oldstate = old;
+        r.newstate = new;
         r.family = AF_INET;
         r.sport = 80;
         r.dport = dport;
@@ -88,23 +88,23 @@ mod tests {
     fn the_first_record_takes_the_addresses_of_the_next() {
         let mut accepted = AcceptedAddresses::default();
         let mut out = Vec::new();
-        accepted.push(record(1, 10, TcpState::Listen, TcpState::SynRecv, 0), |r| out.push(r));
+        accepted.push(record(1, 10, TcpState::LISTEN, TcpState::SYN_RECV, 0), |r| out.push(r));
         assert!(out.is_empty(), "waits for its socket's next record");
-        let mut next = record(1, 11, TcpState::SynRecv, TcpState::Established, 5555);
+        let mut next = record(1, 11, TcpState::SYN_RECV, TcpState::ESTABLISHED, 5555);
         next.daddr[..4].copy_from_slice(&[127, 0, 0, 9]);
-        accepted.push(record(2, 11, TcpState::Close, TcpState::SynSent, 80), |r| out.push(r));
+        accepted.push(record(2, 11, TcpState::CLOSE, TcpState::SYN_SENT, 80), |r| out.push(r));
         accepted.push(next, |r| out.push(r));
         let order: Vec<_> = out.iter().map(|r| (r.skaddr, r.ts_ns)).collect();
         assert_eq!(order, [(2, 11), (1, 10), (1, 11)]);
         assert_eq!((out[1].dport, out[1].daddr[..4].to_vec()), (5555, vec![127, 0, 0, 9]));
-        assert_eq!(out[1].oldstate, TcpState::Listen as u8, "only addresses are taken");
+        assert_eq!(out[1].oldstate, TcpState::LISTEN, "only addresses are taken");
     }
 
     #[test]
     fn a_record_whose_socket_goes_quiet_goes_out_as_it_is() {
         let mut accepted = AcceptedAddresses::default();
         let mut out = Vec::new();
-        accepted.push(record(1, 1_000, TcpState::Listen, TcpState::SynRecv, 0), |r| out.push(r));
+        accepted.push(record(1, 1_000, TcpState::LISTEN, TcpState::SYN_RECV, 0), |r| out.push(r));
         accepted.expire(1_000 + MAX_WAIT_NS / 2, |r| out.push(r));
         assert!(out.is_empty());
         accepted.expire(1_001 + MAX_WAIT_NS, |r| out.push(r));
@@ -116,7 +116,7 @@ mod tests {
     fn complete_records_pass_straight_through() {
         let mut accepted = AcceptedAddresses::default();
         let mut out = Vec::new();
-        accepted.push(record(1, 1, TcpState::Listen, TcpState::SynRecv, 4000), |r| out.push(r));
+        accepted.push(record(1, 1, TcpState::LISTEN, TcpState::SYN_RECV, 4000), |r| out.push(r));
         assert_eq!(out.len(), 1);
     }
 }

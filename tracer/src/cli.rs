@@ -224,7 +224,7 @@ pub struct WatchArgs {
 
     /// Keep transitions whose old or new state is NAME, e.g. CLOSE_WAIT (repeatable).
     /// Runs in the kernel.
-    #[arg(long = "state", value_name = "NAME", value_parser = parse_state)]
+    #[arg(long = "state", value_name = "NAME")]
     pub states: Vec<TcpState>,
 
     #[command(flatten)]
@@ -273,11 +273,6 @@ fn parse_watch_duration(value: &str) -> Result<u64, String> {
         Ok(seconds @ 1..=31_536_000) => Ok(seconds),
         _ => Err("expected whole seconds from 1 to 31536000 (a year)".to_owned()),
     }
-}
-
-/// Parses a TCP state name for a flag.
-pub fn parse_state(value: &str) -> Result<TcpState, String> {
-    value.parse::<TcpState>().map_err(|error| error.to_string())
 }
 
 /// Parses a byte size with an optional binary suffix (K, M, G; `KiB` forms too).

@@ -13,7 +13,7 @@
 //! common path only writes the record into a fixed window; the search runs for standby
 //! records, and for main records while a standby record is recent.
 
-use tracer_common::TransitionRecord;
+use tracer_common::{TcpState, TransitionRecord};
 
 /// Records remembered: at 260,000 transitions per second, about 15 ms.
 const WINDOW: usize = 4096;
@@ -25,7 +25,7 @@ const MAX_APART_NS: u64 = 50_000_000;
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
 struct Seen {
     skaddr: u64,
-    pair: (u8, u8),
+    pair: (TcpState, TcpState),
     ts_ns: u64,
     /// Position in the stream of records read.
     sequence: u64,
@@ -115,7 +115,7 @@ impl Duplicates {
 
 #[cfg(test)]
 mod tests {
-    use tracer_common::{RECORD_SIZE, TcpState::*};
+    use tracer_common::{RECORD_SIZE, TcpState as S};
 
     use super::*;
 
@@ -126,8 +126,8 @@ mod tests {
     ) -> TransitionRecord {
         let mut r = TransitionRecord::decode(&[0; RECORD_SIZE]).unwrap();
         r.skaddr = skaddr;
-        r.oldstate = old as u8;
-        r.newstate = new as u8;
+        r.oldstate = old;
+        r.newstate = new;
         r.ts_ns = 1_000_000_000;
         r
     }
@@ -141,9 +141,9 @@ mod tests {
     #[test]
     fn the_other_programs_delivery_of_one_firing_is_dropped() {
         let mut duplicates = Duplicates::default();
-        assert!(!duplicates.is_repeat(&record(1, LastAck, Close)));
-        assert!(!duplicates.is_repeat(&record(2, Close, SynSent)));
-        let again = by_standby(record(1, LastAck, Close), 1_600_000);
+        assert!(!duplicates.is_repeat(&record(1, S::LAST_ACK, S::CLOSE)));
+        assert!(!duplicates.is_repeat(&record(2, S::CLOSE, S::SYN_SENT)));
+        let again = by_standby(record(1, S::LAST_ACK, S::CLOSE), 1_600_000);
         assert!(duplicates.is_repeat(&again), "the same firing, by the standby 1.6 ms later");
         assert_eq!(duplicates.dropped(), 1);
     }
@@ -151,33 +151,33 @@ mod tests {
     #[test]
     fn genuine_transitions_are_kept_even_when_they_look_alike() {
         let mut duplicates = Duplicates::default();
-        assert!(!duplicates.is_repeat(&record(1, Listen, SynRecv)));
+        assert!(!duplicates.is_repeat(&record(1, S::LISTEN, S::SYN_RECV)));
         // Records in between lost, the address reused: the same pair again, same program.
-        assert!(!duplicates.is_repeat(&record(1, Listen, SynRecv)));
+        assert!(!duplicates.is_repeat(&record(1, S::LISTEN, S::SYN_RECV)));
         // By the other program, but far too late to be the same firing.
-        let late = by_standby(record(1, Listen, SynRecv), MAX_APART_NS + 1);
+        let late = by_standby(record(1, S::LISTEN, S::SYN_RECV), MAX_APART_NS + 1);
         assert!(!duplicates.is_repeat(&late));
-        assert!(!duplicates.is_repeat(&record(1, SynRecv, Established)));
+        assert!(!duplicates.is_repeat(&record(1, S::SYN_RECV, S::ESTABLISHED)));
         assert_eq!(duplicates.dropped(), 0);
     }
 
     #[test]
     fn either_program_may_deliver_first() {
         let mut duplicates = Duplicates::default();
-        assert!(!duplicates.is_repeat(&by_standby(record(1, FinWait1, FinWait2), 0)));
-        assert!(!duplicates.is_repeat(&record(2, Close, SynSent)));
-        assert!(duplicates.is_repeat(&record(1, FinWait1, FinWait2)));
+        assert!(!duplicates.is_repeat(&by_standby(record(1, S::FIN_WAIT1, S::FIN_WAIT2), 0)));
+        assert!(!duplicates.is_repeat(&record(2, S::CLOSE, S::SYN_SENT)));
+        assert!(duplicates.is_repeat(&record(1, S::FIN_WAIT1, S::FIN_WAIT2)));
         assert_eq!(duplicates.dropped(), 1);
     }
 
     #[test]
     fn only_the_sockets_last_record_is_compared() {
         let mut duplicates = Duplicates::default();
-        assert!(!duplicates.is_repeat(&record(1, Close, SynSent)));
-        assert!(!duplicates.is_repeat(&by_standby(record(1, SynSent, Established), 0)));
-        // Reused address, records lost in between: a genuine second (Close, SynSent).
-        assert!(!duplicates.is_repeat(&by_standby(record(1, Close, SynSent), 1_000)));
-        assert!(!duplicates.is_repeat(&record(1, SynSent, Established)));
+        assert!(!duplicates.is_repeat(&record(1, S::CLOSE, S::SYN_SENT)));
+        assert!(!duplicates.is_repeat(&by_standby(record(1, S::SYN_SENT, S::ESTABLISHED), 0)));
+        // Reused address, records lost in between: a genuine second (S::CLOSE, S::SYN_SENT).
+        assert!(!duplicates.is_repeat(&by_standby(record(1, S::CLOSE, S::SYN_SENT), 1_000)));
+        assert!(!duplicates.is_repeat(&record(1, S::SYN_SENT, S::ESTABLISHED)));
         assert_eq!(duplicates.dropped(), 0);
     }
 
@@ -185,16 +185,16 @@ mod tests {
     fn memory_stays_within_the_window() {
         let mut duplicates = Duplicates::default();
         for skaddr in 0..(3 * WINDOW as u64) {
-            assert!(!duplicates.is_repeat(&by_standby(record(skaddr, Close, SynSent), 0)));
+            assert!(!duplicates.is_repeat(&by_standby(record(skaddr, S::CLOSE, S::SYN_SENT), 0)));
         }
         assert!(duplicates.rescued.len() <= WINDOW);
         assert_eq!(duplicates.handled.len(), WINDOW);
         // Forgotten after the window: a record that old is not compared any more.
-        assert!(!duplicates.is_repeat(&record(0, Close, SynSent)));
-        let first = record(7, Close, SynSent);
+        assert!(!duplicates.is_repeat(&record(0, S::CLOSE, S::SYN_SENT)));
+        let first = record(7, S::CLOSE, S::SYN_SENT);
         assert!(!duplicates.is_repeat(&first));
         for skaddr in 0..(WINDOW as u64) {
-            assert!(!duplicates.is_repeat(&record(1_000_000 + skaddr, Close, SynSent)));
+            assert!(!duplicates.is_repeat(&record(1_000_000 + skaddr, S::CLOSE, S::SYN_SENT)));
         }
         assert!(!duplicates.is_repeat(&by_standby(first, 0)), "out of the window");
     }

@@ -15,17 +15,14 @@ use netlink_packet_sock_diag::{
     inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, nlas::Nla},
 };
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
-use tracer_common::{TcpState, unmap_ipv4};
-
-use crate::event::{ip_from_raw, ip_to_raw};
+use tracer_common::{TcpState, ip_from_raw, ip_to_raw, unmap_ipv4};
 
 /// One TCP socket from a dump.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiagSocket {
     /// `AF_INET` or `AF_INET6`.
     pub family: u16,
-    /// Kernel state number (`TcpState`).
-    pub state: u8,
+    pub state: TcpState,
     pub local: SocketAddr,
     pub remote: SocketAddr,
     /// Inode of the socket's file (0 for TIME_WAIT and request sockets, which have none):
@@ -40,7 +37,7 @@ pub struct DiagSocket {
 
 /// Every state bit, NEW_SYN_RECV (request sockets) included, which the crate's flags lack.
 fn all_states() -> StateFlags {
-    StateFlags::from_bits_retain(StateFlags::all().bits() | 1 << TcpState::NewSynRecv as u32)
+    StateFlags::from_bits_retain(StateFlags::all().bits() | 1 << TcpState::NEW_SYN_RECV.number())
 }
 
 fn open() -> io::Result<Socket> {
@@ -129,7 +126,7 @@ fn dump_family(
                     );
                     out.push(DiagSocket {
                         family,
-                        state: header.state,
+                        state: TcpState::from_kernel(header.state),
                         local: SocketAddr::new(ip_from_raw(family, &saddr), id.source_port),
                         remote: SocketAddr::new(ip_from_raw(family, &daddr), id.destination_port),
                         inode: header.inode,
@@ -172,7 +169,7 @@ mod tests {
         let local = server.local_addr().unwrap();
         let dump = dump_close_wait().unwrap();
         let ours = dump.iter().find(|s| s.local == local).expect("our CLOSE_WAIT socket");
-        assert_eq!(ours.state, TcpState::CloseWait as u8);
+        assert_eq!(ours.state, TcpState::CLOSE_WAIT);
         let silent = ours.since_last_ack_ms.expect("tcp_info");
         assert!((300..5_000).contains(&silent), "{silent} ms since the FIN");
         let all = dump_tcp().unwrap();

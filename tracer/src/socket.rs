@@ -1,16 +1,57 @@
-//! A socket as the commands name it: its identity when its kernel address is not known (a
-//! socket seen only in a `sock_diag` dump), in one place for the daemon and the leak report.
+//! A socket as the commands name and show it: its identity when its kernel address is not
+//! known (a socket seen only in a `sock_diag` dump), and the one serializable view every
+//! listing uses (`/api/sockets`, `/api/leaks`, `tcpstate leaks`).
 
-use std::net::SocketAddr;
-
-use tracer_common::TransitionRecord;
-
-use crate::{
-    event::{family_name, ip_from_raw, ip_to_raw},
-    sockdiag::DiagSocket,
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
 };
 
-/// A socket's identity in the absence of its kernel address: namespace and 4-tuple.
+use serde::{Deserialize, Serialize};
+use tracer_common::{
+    TcpState, TransitionRecord, ip_from_raw, ip_to_raw,
+    record::{AF_INET, AF_INET6},
+};
+
+use crate::sockdiag::DiagSocket;
+
+/// An address family as output and the API name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Inet,
+    Inet6,
+    /// Neither: not a TCP/IP socket the tracepoint reports, kept rather than dropped.
+    Unknown,
+}
+
+impl Family {
+    pub fn from_raw(family: u16) -> Self {
+        match family {
+            AF_INET => Self::Inet,
+            AF_INET6 => Self::Inet6,
+            _ => Self::Unknown,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Inet => "inet",
+            Self::Inet6 => "inet6",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+/// A socket's identity in the absence of its kernel address: namespace and 4-tuple. Raw
+/// bytes, as records carry them (40 bytes a key, the table holds up to a million);
+/// `local()`/`remote()` give the addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SocketKey {
     pub netns: u32,
@@ -58,7 +99,99 @@ impl SocketKey {
         self.sport != 0
     }
 
-    pub fn family_name(&self) -> &'static str {
-        family_name(self.family)
+    pub fn family(&self) -> Family {
+        Family::from_raw(self.family)
+    }
+}
+
+/// The process a socket belongs to, as listings name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnerName {
+    pub pid: u32,
+    pub comm: String,
+}
+
+/// One socket as every listing shows it; the keys are documented in the README.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SocketView {
+    pub state: TcpState,
+    pub family: Family,
+    pub local_address: IpAddr,
+    pub local_port: u16,
+    pub remote_address: IpAddr,
+    pub remote_port: u16,
+    pub netns: u32,
+    pub age_seconds: f64,
+    /// True when the socket is older than what was observed of it (known from a dump).
+    pub age_is_lower_bound: bool,
+    pub owner_pid: Option<u32>,
+    pub owner_comm: Option<String>,
+    pub inode: Option<u32>,
+}
+
+impl SocketView {
+    /// `inode` 0 is unknown.
+    pub fn new(
+        key: &SocketKey,
+        state: TcpState,
+        age_ns: u64,
+        age_is_lower_bound: bool,
+        owner: Option<OwnerName>,
+        inode: u32,
+    ) -> Self {
+        let (local, remote) = (key.local(), key.remote());
+        let (owner_pid, owner_comm) = owner.map(|o| (o.pid, o.comm)).unzip();
+        Self {
+            state,
+            family: key.family(),
+            local_address: local.ip(),
+            local_port: local.port(),
+            remote_address: remote.ip(),
+            remote_port: remote.port(),
+            netns: key.netns,
+            age_seconds: age_ns as f64 / 1e9,
+            age_is_lower_bound,
+            owner_pid,
+            owner_comm,
+            inode: (inode != 0).then_some(inode),
+        }
+    }
+
+    pub fn local(&self) -> SocketAddr {
+        SocketAddr::new(self.local_address, self.local_port)
+    }
+
+    pub fn remote(&self) -> SocketAddr {
+        SocketAddr::new(self.remote_address, self.remote_port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_view_serializes_addresses_as_text_and_reads_back() {
+        let key = SocketKey {
+            netns: 7,
+            family: AF_INET6,
+            sport: 443,
+            dport: 50_000,
+            saddr: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            daddr: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+        };
+        let owner = OwnerName { pid: 42, comm: "nginx".into() };
+        let view =
+            SocketView::new(&key, TcpState::CLOSE_WAIT, 1_500_000_000, false, Some(owner), 0);
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["state"], "CLOSE_WAIT");
+        assert_eq!(json["family"], "inet6");
+        assert_eq!(json["local_address"], "fd00::1");
+        assert_eq!(json["age_seconds"], 1.5);
+        assert_eq!(json["owner_comm"], "nginx");
+        assert!(json["inode"].is_null());
+        assert_eq!(view.remote().to_string(), "[fd00::2]:50000");
+        let back: SocketView = serde_json::from_value(json).unwrap();
+        assert_eq!(back, view);
     }
 }

@@ -10,7 +10,7 @@ use std::{
 use anyhow::Context as _;
 use serde::Serialize;
 use tracer_common::{
-    TransitionRecord,
+    TcpState, TransitionRecord,
     record::{AF_INET, AF_INET6},
     settings::{KernelFilter, MAX_FILTER_PORTS},
 };
@@ -21,6 +21,7 @@ use crate::{
     event::{TransitionExt as _, comm_str},
     probe::{Delivery, Probe},
     reader::RecordReader,
+    socket::Family,
 };
 
 /// How long a record may wait in the ring before the reader looks without a wakeup.
@@ -221,13 +222,13 @@ struct JsonTransition<'a> {
     comm: Cow<'a, str>,
     owner_pid: Option<u32>,
     owner_comm: Option<Cow<'a, str>>,
-    family: &'static str,
+    family: Family,
     saddr: IpAddr,
     sport: u16,
     daddr: IpAddr,
     dport: u16,
-    old: String,
-    new: String,
+    old: TcpState,
+    new: TcpState,
     dwell_ns: Option<u64>,
 }
 
@@ -264,13 +265,13 @@ impl<W: Write> Printer<W> {
                 comm: comm_str(&record.comm),
                 owner_pid: owner.as_ref().map(|(pid, _)| *pid),
                 owner_comm: owner.map(|(_, comm)| comm),
-                family: record.family_name(),
+                family: record.family(),
                 saddr: record.ip(&record.saddr),
                 sport: record.sport,
                 daddr: record.ip(&record.daddr),
                 dport: record.dport,
-                old: record.old_state().to_string(),
-                new: record.new_state().to_string(),
+                old: record.oldstate,
+                new: record.newstate,
                 dwell_ns: record.dwell().map(|_| record.dwell_ns),
             };
             serde_json::to_writer(&mut self.out, &line)?;
@@ -293,7 +294,7 @@ impl<W: Write> Printer<W> {
                 comm,
                 record.local().to_string(),
                 record.remote().to_string(),
-                format!("{} -> {}", record.old_state(), record.new_state()),
+                format!("{} -> {}", record.oldstate, record.newstate),
                 ms
             )
         }
@@ -355,8 +356,8 @@ mod tests {
             dport: 51000,
             family: AF_INET6,
             protocol: IPPROTO_TCP,
-            oldstate: 1,
-            newstate: 8,
+            oldstate: TcpState::ESTABLISHED,
+            newstate: TcpState::CLOSE_WAIT,
             flags: FLAG_DWELL_KNOWN | FLAG_OWNER_KNOWN,
             _pad: [0; 5],
         }

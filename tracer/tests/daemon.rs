@@ -13,26 +13,39 @@ use std::{
 
 use common::{Closer, Daemon, Metrics, NetNs, V4, V6, require_root, run_tcpstate};
 use socket2::{Domain, Socket, Type};
-use tracer_common::TcpState::{self, *};
+use tracer_common::{TcpState, TcpState as S};
 
 const TRANSITIONS: &str = "tcpstate_transitions_total";
 const SOCKETS: &str = "tcpstate_sockets";
 
 /// Transitions of one side of a connection, by who closes first.
+/// The name of a state this build knows (every state the tests use).
+fn name(state: TcpState) -> &'static str {
+    state.name().expect("a known state")
+}
+
 fn client_side(closer: Closer) -> Vec<(TcpState, TcpState)> {
-    let mut t = vec![(Close, SynSent), (SynSent, Established)];
+    let mut t = vec![(S::CLOSE, S::SYN_SENT), (S::SYN_SENT, S::ESTABLISHED)];
     t.extend(match closer {
-        Closer::Client => [(Established, FinWait1), (FinWait1, FinWait2), (FinWait2, Close)],
-        Closer::Server => [(Established, CloseWait), (CloseWait, LastAck), (LastAck, Close)],
+        Closer::Client => {
+            [(S::ESTABLISHED, S::FIN_WAIT1), (S::FIN_WAIT1, S::FIN_WAIT2), (S::FIN_WAIT2, S::CLOSE)]
+        }
+        Closer::Server => {
+            [(S::ESTABLISHED, S::CLOSE_WAIT), (S::CLOSE_WAIT, S::LAST_ACK), (S::LAST_ACK, S::CLOSE)]
+        }
     });
     t
 }
 
 fn server_side(closer: Closer) -> Vec<(TcpState, TcpState)> {
-    let mut t = vec![(Listen, SynRecv), (SynRecv, Established)];
+    let mut t = vec![(S::LISTEN, S::SYN_RECV), (S::SYN_RECV, S::ESTABLISHED)];
     t.extend(match closer {
-        Closer::Client => [(Established, CloseWait), (CloseWait, LastAck), (LastAck, Close)],
-        Closer::Server => [(Established, FinWait1), (FinWait1, FinWait2), (FinWait2, Close)],
+        Closer::Client => {
+            [(S::ESTABLISHED, S::CLOSE_WAIT), (S::CLOSE_WAIT, S::LAST_ACK), (S::LAST_ACK, S::CLOSE)]
+        }
+        Closer::Server => {
+            [(S::ESTABLISHED, S::FIN_WAIT1), (S::FIN_WAIT1, S::FIN_WAIT2), (S::FIN_WAIT2, S::CLOSE)]
+        }
     });
     t
 }
@@ -108,14 +121,13 @@ fn counters_and_histograms_match_a_known_set_of_connections() {
             for from in TcpState::ALL {
                 for to in TcpState::ALL {
                     let want = transitions.iter().filter(|t| **t == (from, to)).count() as f64;
-                    let labels =
-                        [("from", from.name()), ("to", to.name()), ("port", port.as_str())];
+                    let labels = [("from", name(from)), ("to", name(to)), ("port", port.as_str())];
                     let got = delta(&after, &before, TRANSITIONS, &labels);
                     if got != want {
                         return Err(format!(
                             "port {port}: {} -> {}: {got}, want {want}",
-                            from.name(),
-                            to.name()
+                            name(from),
+                            name(to)
                         ));
                     }
                 }
@@ -128,27 +140,27 @@ fn counters_and_histograms_match_a_known_set_of_connections() {
     // and 16 in ESTABLISHED (both sides), each at least HOLD long.
     let histogram = "tcpstate_state_duration_seconds";
     for (state, ours) in [
-        (SynSent, 8.0),
-        (SynRecv, 8.0),
-        (Established, 16.0),
-        (FinWait1, 8.0),
-        (FinWait2, 8.0),
-        (CloseWait, 8.0),
-        (LastAck, 8.0),
+        (S::SYN_SENT, 8.0),
+        (S::SYN_RECV, 8.0),
+        (S::ESTABLISHED, 16.0),
+        (S::FIN_WAIT1, 8.0),
+        (S::FIN_WAIT2, 8.0),
+        (S::CLOSE_WAIT, 8.0),
+        (S::LAST_ACK, 8.0),
     ] {
-        let labels = [("state", state.name())];
+        let labels = [("state", name(state))];
         let (count_after, sum_after, buckets_after) = after.histogram(histogram, &labels);
         let (count_before, sum_before, buckets_before) = before.histogram(histogram, &labels);
         let count = count_after - count_before;
         // Other traffic on the host adds stays; it cannot remove ours, and no more stays can
         // complete than transitions leave the state.
-        let leaving = after.sum(TRANSITIONS, &[("from", state.name())])
-            - before.sum(TRANSITIONS, &[("from", state.name())]);
-        assert!(count >= ours, "{}: {count} stays, ours alone are {ours}", state.name());
-        assert!(count <= leaving, "{}: {count} stays but {leaving} departures", state.name());
+        let leaving = after.sum(TRANSITIONS, &[("from", name(state))])
+            - before.sum(TRANSITIONS, &[("from", name(state))]);
+        assert!(count >= ours, "{}: {count} stays, ours alone are {ours}", name(state));
+        assert!(count <= leaving, "{}: {count} stays but {leaving} departures", name(state));
         let inf = |buckets: &[(f64, f64)]| buckets.last().map_or(0.0, |b| b.1);
         assert_eq!(inf(&buckets_after) - inf(&buckets_before), count, "+Inf bucket is the count");
-        if state == Established {
+        if state == S::ESTABLISHED {
             let sum = sum_after - sum_before;
             assert!(sum >= 16.0 * HOLD.as_secs_f64(), "ESTABLISHED stays sum to {sum} s");
             // Our 16 stays lasted at least 50 ms: none of them is in the buckets up to 30 ms.
@@ -176,19 +188,18 @@ fn sockets_older_than_the_daemon_are_seeded_and_move_between_gauges_once() {
         })
         .collect();
     let daemon = Daemon::start(&["--port-label", &port]);
-    let gauge = |m: &Metrics, state: TcpState| {
-        m.value(SOCKETS, &[("state", state.name()), ("port", &port)])
-    };
+    let gauge =
+        |m: &Metrics, state: TcpState| m.value(SOCKETS, &[("state", name(state)), ("port", &port)]);
 
     let first = daemon.scrape();
-    assert_eq!(gauge(&first, Established), 3.0);
-    assert_eq!(gauge(&first, Listen), 1.0);
+    assert_eq!(gauge(&first, S::ESTABLISHED), 3.0);
+    assert_eq!(gauge(&first, S::LISTEN), 1.0);
     let settled = |want: &[(TcpState, f64)]| {
         common::eventually(Duration::from_secs(10), || {
             let m = daemon.scrape();
             match want.iter().find(|(state, n)| gauge(&m, *state) != *n) {
                 Some((state, n)) => {
-                    Err(format!("{}: {}, want {n}", state.name(), gauge(&m, *state)))
+                    Err(format!("{}: {}, want {n}", name(*state), gauge(&m, *state)))
                 }
                 None => Ok(m),
             }
@@ -210,12 +221,12 @@ fn sockets_older_than_the_daemon_are_seeded_and_move_between_gauges_once() {
     let (client, server) = pairs.pop().unwrap();
     drop(client);
     common::wait_for_eof(&server);
-    let second = settled(&[(Established, 2.0), (CloseWait, 1.0)]);
+    let second = settled(&[(S::ESTABLISHED, 2.0), (S::CLOSE_WAIT, 1.0)]);
     let moved = [("from", "ESTABLISHED"), ("to", "CLOSE_WAIT"), ("port", port.as_str())];
     assert_eq!(delta(&second, &first, TRANSITIONS, &moved), 1.0);
 
     drop(server);
-    settled(&[(CloseWait, 0.0), (Established, 2.0)]);
+    settled(&[(S::CLOSE_WAIT, 0.0), (S::ESTABLISHED, 2.0)]);
     drop(pairs);
     daemon.stop();
 }
@@ -252,13 +263,14 @@ fn close_wait_and_established_gauges_agree_with_ss() {
     }
     common::eventually(Duration::from_secs(10), || {
         let metrics = daemon.scrape();
-        for (state, name, want) in
-            [(CloseWait, "close-wait", CLOSE_WAIT), (Established, "established", ESTABLISHED)]
-        {
-            let gauge = metrics.value(SOCKETS, &[("state", state.name()), ("port", &port)]);
-            let ss = ss_count(name, &port);
+        for (state, ss_name, want) in [
+            (S::CLOSE_WAIT, "close-wait", CLOSE_WAIT),
+            (S::ESTABLISHED, "established", ESTABLISHED),
+        ] {
+            let gauge = metrics.value(SOCKETS, &[("state", name(state)), ("port", &port)]);
+            let ss = ss_count(ss_name, &port);
             if gauge != ss || gauge != want as f64 {
-                return Err(format!("{}: gauge {gauge}, ss {ss}, held {want}", state.name()));
+                return Err(format!("{}: gauge {gauge}, ss {ss}, held {want}", name(state)));
             }
         }
         Ok(())
@@ -310,7 +322,7 @@ fn sockets_in_another_namespace_are_tracked_apart_and_survive_reconciliation() {
     assert_eq!(ours.len(), 2, "{listed}");
     assert_ne!(ours[0]["netns"], ours[1]["netns"], "two namespaces: {ours:?}");
 
-    // Closing the root namespace's pair leaves the namespace's alone, reconciliations included.
+    // S::CLOSING the root namespace's pair leaves the namespace's alone, reconciliations included.
     drop(outside);
     thread::sleep(Duration::from_millis(1500));
     common::eventually(Duration::from_secs(10), || {

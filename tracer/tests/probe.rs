@@ -13,15 +13,11 @@ use std::{
 use common::{Closer, V4, V6, require_root};
 use socket2::{Domain, Socket, Type};
 use tracer::{
-    event::{StateName, TransitionExt as _, comm_str},
+    event::{TransitionExt as _, comm_str},
     probe::{Delivery, Part, Probe, ProbeOptions},
     reader::RecordReader,
 };
-use tracer_common::{
-    TcpState::{self, *},
-    TransitionRecord,
-    settings::KernelFilter,
-};
+use tracer_common::{TcpState, TcpState as S, TransitionRecord, settings::KernelFilter};
 
 /// The probe, filtered in the kernel to one port, with a reader.
 struct Capture {
@@ -68,41 +64,37 @@ impl Capture {
     }
 }
 
-fn states(records: &[&TransitionRecord]) -> Vec<(StateName, StateName)> {
-    records.iter().map(|r| (r.old_state(), r.new_state())).collect()
-}
-
-fn known(pairs: &[(TcpState, TcpState)]) -> Vec<(StateName, StateName)> {
-    pairs.iter().map(|&(a, b)| (StateName::Known(a), StateName::Known(b))).collect()
+fn states(records: &[&TransitionRecord]) -> Vec<(TcpState, TcpState)> {
+    records.iter().map(|r| (r.oldstate, r.newstate)).collect()
 }
 
 const CLIENT_CLOSES_FIRST_CLIENT: [(TcpState, TcpState); 5] = [
-    (Close, SynSent),
-    (SynSent, Established),
-    (Established, FinWait1),
-    (FinWait1, FinWait2),
-    (FinWait2, Close),
+    (S::CLOSE, S::SYN_SENT),
+    (S::SYN_SENT, S::ESTABLISHED),
+    (S::ESTABLISHED, S::FIN_WAIT1),
+    (S::FIN_WAIT1, S::FIN_WAIT2),
+    (S::FIN_WAIT2, S::CLOSE),
 ];
 const CLIENT_CLOSES_FIRST_SERVER: [(TcpState, TcpState); 5] = [
-    (Listen, SynRecv),
-    (SynRecv, Established),
-    (Established, CloseWait),
-    (CloseWait, LastAck),
-    (LastAck, Close),
+    (S::LISTEN, S::SYN_RECV),
+    (S::SYN_RECV, S::ESTABLISHED),
+    (S::ESTABLISHED, S::CLOSE_WAIT),
+    (S::CLOSE_WAIT, S::LAST_ACK),
+    (S::LAST_ACK, S::CLOSE),
 ];
 const SERVER_CLOSES_FIRST_CLIENT: [(TcpState, TcpState); 5] = [
-    (Close, SynSent),
-    (SynSent, Established),
-    (Established, CloseWait),
-    (CloseWait, LastAck),
-    (LastAck, Close),
+    (S::CLOSE, S::SYN_SENT),
+    (S::SYN_SENT, S::ESTABLISHED),
+    (S::ESTABLISHED, S::CLOSE_WAIT),
+    (S::CLOSE_WAIT, S::LAST_ACK),
+    (S::LAST_ACK, S::CLOSE),
 ];
 const SERVER_CLOSES_FIRST_SERVER: [(TcpState, TcpState); 5] = [
-    (Listen, SynRecv),
-    (SynRecv, Established),
-    (Established, FinWait1),
-    (FinWait1, FinWait2),
-    (FinWait2, Close),
+    (S::LISTEN, S::SYN_RECV),
+    (S::SYN_RECV, S::ESTABLISHED),
+    (S::ESTABLISHED, S::FIN_WAIT1),
+    (S::FIN_WAIT1, S::FIN_WAIT2),
+    (S::FIN_WAIT2, S::CLOSE),
 ];
 
 /// Which program delivers the records.
@@ -221,7 +213,7 @@ fn exact_sequences(addressing: Addressing, closer: Closer, path: Path) {
     let (client_addr, thread_comm) = client.join().unwrap();
 
     capture.collect_until(Duration::from_secs(10), |records| {
-        records.iter().filter(|r| r.new_state() == StateName::Known(Close)).count() >= 2
+        records.iter().filter(|r| r.newstate == S::CLOSE).count() >= 2
     });
     // Both sockets lived within this span: the last transitions (the final ACKs) can come
     // after the test closed its side, e.g. after a retransmission.
@@ -229,7 +221,7 @@ fn exact_sequences(addressing: Addressing, closer: Closer, path: Path) {
     let records = &capture.records;
     let client_skaddr = records
         .iter()
-        .find(|r| r.dport == server.port() && r.old_state() == StateName::Known(Close))
+        .find(|r| r.dport == server.port() && r.oldstate == S::CLOSE)
         .expect("the client's CLOSE -> SYN_SENT")
         .skaddr;
     let client: Vec<_> = records.iter().filter(|r| r.skaddr == client_skaddr).collect();
@@ -240,8 +232,8 @@ fn exact_sequences(addressing: Addressing, closer: Closer, path: Path) {
         Closer::Client => (CLIENT_CLOSES_FIRST_CLIENT, CLIENT_CLOSES_FIRST_SERVER),
         Closer::Server => (SERVER_CLOSES_FIRST_CLIENT, SERVER_CLOSES_FIRST_SERVER),
     };
-    assert_eq!(states(&client), known(&client_expected), "client sequence");
-    assert_eq!(states(&accepted), known(&server_expected), "accepted sequence");
+    assert_eq!(states(&client), client_expected.to_vec(), "client sequence");
+    assert_eq!(states(&accepted), server_expected.to_vec(), "accepted sequence");
 
     let family = if addressing == Addressing::V6 { "inet6" } else { "inet" };
     for (i, r) in client.iter().enumerate() {
@@ -253,12 +245,12 @@ fn exact_sequences(addressing: Addressing, closer: Closer, path: Path) {
             "client record {i} local {} (client {client_addr})",
             r.local()
         );
-        assert_eq!(r.family_name(), family, "client record {i}");
+        assert_eq!(r.family().name(), family, "client record {i}");
     }
     for (i, r) in accepted.iter().enumerate() {
         assert_eq!(r.local(), server, "accepted record {i} local");
         assert_eq!(r.remote(), client_addr, "accepted record {i} remote");
-        assert_eq!(r.family_name(), family, "accepted record {i}");
+        assert_eq!(r.family().name(), family, "accepted record {i}");
     }
 
     // First sightings have no duration; every later record has one, each stay runs from the
@@ -281,7 +273,7 @@ fn exact_sequences(addressing: Addressing, closer: Closer, path: Path) {
     let comm = common::process_comm();
     for r in &client {
         let (owner_pid, owner_comm) = r.owner().expect("client owner known");
-        assert_eq!((owner_pid, owner_comm.as_ref()), (pid, comm.as_str()), "{:?}", r.new_state());
+        assert_eq!((owner_pid, owner_comm.as_ref()), (pid, comm.as_str()), "{:?}", r.newstate);
     }
     // connect() ran in the client thread: the running task is that thread.
     assert_eq!(client[0].tgid, pid);
@@ -373,18 +365,18 @@ fn the_expected_programs_run_on_this_kernel() {
 }
 
 /// The ten transitions one connection makes when the client closes first.
-fn expected_kinds() -> Vec<(StateName, StateName)> {
-    let mut kinds = known(&CLIENT_CLOSES_FIRST_CLIENT);
-    kinds.extend(known(&CLIENT_CLOSES_FIRST_SERVER));
+fn expected_kinds() -> Vec<(TcpState, TcpState)> {
+    let mut kinds = CLIENT_CLOSES_FIRST_CLIENT.to_vec();
+    kinds.extend(CLIENT_CLOSES_FIRST_SERVER);
     kinds
 }
 
 /// The records of `kind` for connections that made it more than once, for a failure message.
-fn repeats(records: &[TransitionRecord], kind: (StateName, StateName)) -> String {
+fn repeats(records: &[TransitionRecord], kind: (TcpState, TcpState)) -> String {
     // The kernel reuses a socket's address: the 4-tuple tells connections apart.
     let mut by_socket: HashMap<(u64, SocketAddr, SocketAddr), Vec<&TransitionRecord>> =
         HashMap::new();
-    for r in records.iter().filter(|r| (r.old_state(), r.new_state()) == kind) {
+    for r in records.iter().filter(|r| (r.oldstate, r.newstate) == kind) {
         by_socket.entry((r.skaddr, r.local(), r.remote())).or_default().push(r);
     }
     let repeated: Vec<String> = by_socket
@@ -416,8 +408,8 @@ fn repeats(records: &[TransitionRecord], kind: (StateName, StateName)) -> String
 /// where a retransmitted last ACK of one handshake can be handled on both: both create a
 /// child, and the one that loses the insertion into the connection table is destroyed.
 fn lost_races(records: &[TransitionRecord]) -> usize {
-    let race = (StateName::Known(SynRecv), StateName::Known(Close));
-    records.iter().filter(|r| (r.old_state(), r.new_state()) == race).count()
+    let race = (S::SYN_RECV, S::CLOSE);
+    records.iter().filter(|r| (r.oldstate, r.newstate) == race).count()
 }
 
 #[test]
@@ -460,21 +452,21 @@ fn burst_of_connections_is_delivered_or_counted_as_lost() {
     let kinds = expected_kinds();
     // Besides each connection's ten, the kernel's own: a child that lost a race.
     let races = lost_races(records);
-    let lost_race = (StateName::Known(SynRecv), StateName::Known(Close));
-    let mut per_kind: HashMap<(StateName, StateName), usize> = HashMap::new();
+    let lost_race = (S::SYN_RECV, S::CLOSE);
+    let mut per_kind: HashMap<(TcpState, TcpState), usize> = HashMap::new();
     let mut unique = HashSet::new();
     for r in records {
         assert!(
             unique.insert((r.skaddr, r.ts_ns, r.oldstate, r.newstate)),
             "duplicate record {r:?}"
         );
-        let kind = (r.old_state(), r.new_state());
+        let kind = (r.oldstate, r.newstate);
         assert!(kinds.contains(&kind) || kind == lost_race, "unexpected transition {kind:?}");
         *per_kind.entry(kind).or_default() += 1;
     }
     // Each child that lost a race also made LISTEN -> SYN_RECV.
-    let per_connection = |kind: &(StateName, StateName)| {
-        let extra = if kind.1 == StateName::Known(SynRecv) { races } else { 0 };
+    let per_connection = |kind: &(TcpState, TcpState)| {
+        let extra = if kind.1 == S::SYN_RECV { races } else { 0 };
         CONNECTIONS + extra
     };
     for kind in &kinds {

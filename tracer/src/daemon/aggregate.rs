@@ -3,10 +3,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use tracer_common::{TcpState, TransitionRecord, state::creates_socket};
+use tracer_common::{TcpState, TransitionRecord};
 
 use super::{
-    gauges::{PortLabels, STATE_SLOTS, slot},
+    gauges::PortLabels,
     table::{Owner, SocketKey, SocketTable},
 };
 use crate::{netns::NamespaceDump, sockdiag::DiagSocket};
@@ -37,22 +37,20 @@ impl StayHistogram {
     }
 }
 
-const CLOSE: u8 = TcpState::Close as u8;
-
 /// States the tracepoint never reports: their gauges come from dumps only.
-pub const SAMPLED_STATES: [TcpState; 2] = [TcpState::TimeWait, TcpState::NewSynRecv];
+pub const SAMPLED_STATES: [TcpState; 2] = [TcpState::TIME_WAIT, TcpState::NEW_SYN_RECV];
 
 /// Whether a dump's socket in `state` belongs in the table (the tracepoint reports its
 /// transitions); CLOSE sockets are not in dumps, sampled states are counted separately.
-fn tracked_state(state: u8) -> bool {
-    matches!(TcpState::from_u8(state), Some(s) if s != TcpState::Close && !SAMPLED_STATES.contains(&s))
+fn tracked_state(state: TcpState) -> bool {
+    state.is_known() && state != TcpState::CLOSE && !SAMPLED_STATES.contains(&state)
 }
 
 /// The earliest moment a dumped socket is known to have been in its state: for CLOSE_WAIT,
 /// when the peer's last ACK (its FIN, or later) arrived; otherwise when the dump saw it.
 fn entered_at(socket: &DiagSocket, now: u64) -> u64 {
     match socket.since_last_ack_ms {
-        Some(ms) if socket.state == TcpState::CloseWait as u8 => {
+        Some(ms) if socket.state == TcpState::CLOSE_WAIT => {
             now.saturating_sub(u64::from(ms) * 1_000_000)
         }
         _ => now,
@@ -80,8 +78,8 @@ impl ReconcileOutcome {
 pub struct Aggregator {
     labels: PortLabels,
     /// [label][old][new]
-    transitions: Vec<[[u64; STATE_SLOTS]; STATE_SLOTS]>,
-    stays: [StayHistogram; STATE_SLOTS],
+    transitions: Vec<[[u64; TcpState::INDEXES]; TcpState::INDEXES]>,
+    stays: [StayHistogram; TcpState::INDEXES],
     table: SocketTable,
     events: u64,
     malformed: u64,
@@ -96,7 +94,7 @@ pub struct Aggregator {
 impl Aggregator {
     pub fn new(max_sockets: usize, labels: PortLabels) -> Self {
         Self {
-            transitions: vec![[[0; STATE_SLOTS]; STATE_SLOTS]; labels.values()],
+            transitions: vec![[[0; TcpState::INDEXES]; TcpState::INDEXES]; labels.values()],
             stays: std::array::from_fn(|_| StayHistogram::default()),
             table: SocketTable::new(max_sockets, labels.clone()),
             labels,
@@ -133,12 +131,12 @@ impl Aggregator {
         self.namespaces
     }
 
-    pub fn transitions(&self, label: usize, old: usize, new: usize) -> u64 {
-        self.transitions[label][old][new]
+    pub fn transitions(&self, label: usize, old: TcpState, new: TcpState) -> u64 {
+        self.transitions[label][old.index()][new.index()]
     }
 
-    pub fn stays(&self, state: usize) -> &StayHistogram {
-        &self.stays[state]
+    pub fn stays(&self, state: TcpState) -> &StayHistogram {
+        &self.stays[state.index()]
     }
 
     /// Records a socket's inode learned from a dump.
@@ -154,14 +152,14 @@ impl Aggregator {
     pub fn apply(&mut self, r: &TransitionRecord) {
         self.events += 1;
         let (old, new) = (r.oldstate, r.newstate);
-        self.transitions[self.labels.index(r.sport)][slot(old)][slot(new)] += 1;
+        self.transitions[self.labels.index(r.sport)][old.index()][new.index()] += 1;
         if r.dwell_known() {
-            self.stays[slot(old)].observe(r.dwell_ns);
+            self.stays[old.index()].observe(r.dwell_ns);
         }
 
         let ts = r.ts_ns;
         let key = SocketKey::from_record(r);
-        if creates_socket(old, new) {
+        if TcpState::creates_socket(old, new) {
             // An entry under this address belongs to an earlier socket whose CLOSE was lost.
             self.table.remove(r.skaddr, ts);
         } else if !self.table.contains(r.skaddr) {
@@ -172,7 +170,7 @@ impl Aggregator {
             // A dump that ran while this socket changed state may have listed it too.
             self.table.drop_seeded_duplicate(&key, ts);
         }
-        if new == CLOSE {
+        if new == TcpState::CLOSE {
             self.table.remove(r.skaddr, ts);
             if let Some(closed) = &mut self.closed_during_dump {
                 closed.insert(key);
@@ -209,7 +207,7 @@ impl Aggregator {
         let mut sampled = vec![vec![0i64; self.labels.values()]; SAMPLED_STATES.len()];
         for dump in dumps {
             for socket in &dump.sockets {
-                if let Some(i) = SAMPLED_STATES.iter().position(|s| *s as u8 == socket.state) {
+                if let Some(i) = SAMPLED_STATES.iter().position(|s| *s == socket.state) {
                     sampled[i][self.labels.index(socket.local.port())] += 1;
                 } else if tracked_state(socket.state) {
                     listed
@@ -220,7 +218,7 @@ impl Aggregator {
             }
         }
         for (state, per_label) in SAMPLED_STATES.iter().zip(&sampled) {
-            self.table.gauges_mut().set_sampled(*state as u8, per_label, now);
+            self.table.gauges_mut().set_sampled(*state, per_label, now);
         }
 
         for id in self.table.ids() {
@@ -274,7 +272,7 @@ mod tests {
     use std::net::SocketAddr;
 
     use tracer_common::{
-        TcpState::*,
+        TcpState as S,
         record::{AF_INET, FLAG_DWELL_KNOWN, IPPROTO_TCP},
     };
 
@@ -299,9 +297,9 @@ mod tests {
             dport: 80,
             family: AF_INET,
             protocol: IPPROTO_TCP,
-            oldstate: old as u8,
-            newstate: new as u8,
-            flags: if old == Close { 0 } else { FLAG_DWELL_KNOWN },
+            oldstate: old,
+            newstate: new,
+            flags: if old == S::CLOSE { 0 } else { FLAG_DWELL_KNOWN },
             _pad: [0; 5],
         }
     }
@@ -309,7 +307,7 @@ mod tests {
     fn diag(state: TcpState, sport: u16) -> DiagSocket {
         DiagSocket {
             family: AF_INET,
-            state: state as u8,
+            state,
             local: SocketAddr::from(([127, 0, 0, 1], sport)),
             remote: SocketAddr::from(([127, 0, 0, 1], 80)),
             inode: 1,
@@ -327,15 +325,15 @@ mod tests {
     #[test]
     fn counts_transitions_and_completed_stays() {
         let mut agg = Aggregator::new(100, PortLabels::none());
-        agg.apply(&record(A, 1, Close, SynSent, 0));
-        agg.apply(&record(A, 2, SynSent, Established, 1000));
-        agg.apply(&record(A, 3, Established, FinWait1, 1000));
-        assert_eq!(agg.transitions(0, Close as usize, SynSent as usize), 1);
-        assert_eq!(agg.stays(Close as usize).count, 0, "first sightings have no stay");
-        assert_eq!(agg.stays(SynSent as usize).count, 1);
-        assert_eq!(agg.table().gauges().count(FinWait1 as u8), 1);
-        agg.apply(&record(A, 4, FinWait1, FinWait2, 1000));
-        agg.apply(&record(A, 5, FinWait2, Close, 1000));
+        agg.apply(&record(A, 1, S::CLOSE, S::SYN_SENT, 0));
+        agg.apply(&record(A, 2, S::SYN_SENT, S::ESTABLISHED, 1000));
+        agg.apply(&record(A, 3, S::ESTABLISHED, S::FIN_WAIT1, 1000));
+        assert_eq!(agg.transitions(0, S::CLOSE, S::SYN_SENT), 1);
+        assert_eq!(agg.stays(S::CLOSE).count, 0, "first sightings have no stay");
+        assert_eq!(agg.stays(S::SYN_SENT).count, 1);
+        assert_eq!(agg.table().gauges().count(S::FIN_WAIT1), 1);
+        agg.apply(&record(A, 4, S::FIN_WAIT1, S::FIN_WAIT2, 1000));
+        agg.apply(&record(A, 5, S::FIN_WAIT2, S::CLOSE, 1000));
         assert!(agg.table().is_empty());
         assert_eq!(agg.events(), 5);
     }
@@ -343,11 +341,11 @@ mod tests {
     #[test]
     fn seeded_socket_moves_between_gauges_once() {
         let mut agg = Aggregator::new(100, PortLabels::none());
-        agg.reconcile(&dump(vec![diag(Established, 1000)]), 10, 20, false);
-        assert_eq!(agg.table().gauges().count(Established as u8), 1);
-        agg.apply(&record(A, 30, Established, CloseWait, 1000));
-        assert_eq!(agg.table().gauges().count(Established as u8), 0);
-        assert_eq!(agg.table().gauges().count(CloseWait as u8), 1);
+        agg.reconcile(&dump(vec![diag(S::ESTABLISHED, 1000)]), 10, 20, false);
+        assert_eq!(agg.table().gauges().count(S::ESTABLISHED), 1);
+        agg.apply(&record(A, 30, S::ESTABLISHED, S::CLOSE_WAIT, 1000));
+        assert_eq!(agg.table().gauges().count(S::ESTABLISHED), 0);
+        assert_eq!(agg.table().gauges().count(S::CLOSE_WAIT), 1);
         assert_eq!(agg.table().len(), 1);
     }
 
@@ -355,23 +353,27 @@ mod tests {
     fn a_socket_created_during_the_seed_dump_is_counted_once() {
         let mut agg = Aggregator::new(100, PortLabels::none());
         // Created at t=5 and established at t=6, while the dump ran (t=4..8) and listed it.
-        agg.reconcile(&dump(vec![diag(Established, 1000)]), 4, 8, false);
-        agg.apply(&record(A, 5, Close, SynSent, 0));
-        agg.apply(&record(A, 6, SynSent, Established, 1000));
+        agg.reconcile(&dump(vec![diag(S::ESTABLISHED, 1000)]), 4, 8, false);
+        agg.apply(&record(A, 5, S::CLOSE, S::SYN_SENT, 0));
+        agg.apply(&record(A, 6, S::SYN_SENT, S::ESTABLISHED, 1000));
         assert_eq!(agg.table().len(), 1);
-        assert_eq!(agg.table().gauges().count(Established as u8), 1);
+        assert_eq!(agg.table().gauges().count(S::ESTABLISHED), 1);
     }
 
     #[test]
     fn reconciliation_removes_adds_and_repairs_and_counts() {
         let mut agg = Aggregator::new(100, PortLabels::none());
-        agg.apply(&record(A, 1, Close, SynSent, 0));
-        agg.apply(&record(A, 2, SynSent, Established, 1000)); // gone without CLOSE
-        agg.apply(&record(A + 8, 1, Close, SynSent, 0));
-        agg.apply(&record(A + 8, 2, SynSent, Established, 2000)); // now CLOSE_WAIT
+        agg.apply(&record(A, 1, S::CLOSE, S::SYN_SENT, 0));
+        agg.apply(&record(A, 2, S::SYN_SENT, S::ESTABLISHED, 1000)); // gone without CLOSE
+        agg.apply(&record(A + 8, 1, S::CLOSE, S::SYN_SENT, 0));
+        agg.apply(&record(A + 8, 2, S::SYN_SENT, S::ESTABLISHED, 2000)); // now CLOSE_WAIT
         agg.begin_dump();
         let outcome = agg.reconcile(
-            &dump(vec![diag(CloseWait, 2000), diag(Established, 3000), diag(TimeWait, 4000)]),
+            &dump(vec![
+                diag(S::CLOSE_WAIT, 2000),
+                diag(S::ESTABLISHED, 3000),
+                diag(S::TIME_WAIT, 4000),
+            ]),
             10,
             20,
             true,
@@ -379,13 +381,17 @@ mod tests {
         assert_eq!(outcome, ReconcileOutcome { removed: 1, added: 1, repaired: 1, namespaces: 1 });
         assert_eq!(agg.corrections(), 3);
         let gauges = agg.table().gauges();
-        assert_eq!(gauges.count(Established as u8), 1);
-        assert_eq!(gauges.count(CloseWait as u8), 1);
-        assert_eq!(gauges.count(TimeWait as u8), 1, "sampled from the dump");
+        assert_eq!(gauges.count(S::ESTABLISHED), 1);
+        assert_eq!(gauges.count(S::CLOSE_WAIT), 1);
+        assert_eq!(gauges.count(S::TIME_WAIT), 1, "sampled from the dump");
         // A second pass over the same dump finds nothing to correct.
         agg.begin_dump();
         let again = agg.reconcile(
-            &dump(vec![diag(CloseWait, 2000), diag(Established, 3000), diag(TimeWait, 4000)]),
+            &dump(vec![
+                diag(S::CLOSE_WAIT, 2000),
+                diag(S::ESTABLISHED, 3000),
+                diag(S::TIME_WAIT, 4000),
+            ]),
             30,
             40,
             true,
@@ -396,7 +402,7 @@ mod tests {
     #[test]
     fn a_seeded_close_wait_socket_is_dated_by_the_peers_last_ack() {
         let mut agg = Aggregator::new(100, PortLabels::none());
-        let mut socket = diag(CloseWait, 1000);
+        let mut socket = diag(S::CLOSE_WAIT, 1000);
         socket.since_last_ack_ms = Some(90_000);
         let now = 100_000_000_000;
         agg.reconcile(&dump(vec![socket]), now - 10, now, false);
@@ -408,7 +414,7 @@ mod tests {
     #[test]
     fn sockets_of_namespaces_not_dumped_are_kept() {
         let mut agg = Aggregator::new(100, PortLabels::none());
-        let mut other = record(A, 1, Close, SynSent, 0);
+        let mut other = record(A, 1, S::CLOSE, S::SYN_SENT, 0);
         other.netns = 99;
         agg.apply(&other);
         agg.begin_dump();
@@ -420,13 +426,13 @@ mod tests {
     #[test]
     fn a_socket_closed_while_the_dump_ran_is_not_resurrected() {
         let mut agg = Aggregator::new(100, PortLabels::none());
-        agg.apply(&record(A, 1, Close, SynSent, 0));
-        agg.apply(&record(A, 2, SynSent, Established, 1000));
+        agg.apply(&record(A, 1, S::CLOSE, S::SYN_SENT, 0));
+        agg.apply(&record(A, 2, S::SYN_SENT, S::ESTABLISHED, 1000));
         agg.begin_dump();
-        agg.apply(&record(A, 15, Established, FinWait1, 1000));
-        agg.apply(&record(A, 16, FinWait1, FinWait2, 1000));
-        agg.apply(&record(A, 17, FinWait2, Close, 1000));
-        let outcome = agg.reconcile(&dump(vec![diag(Established, 1000)]), 10, 20, true);
+        agg.apply(&record(A, 15, S::ESTABLISHED, S::FIN_WAIT1, 1000));
+        agg.apply(&record(A, 16, S::FIN_WAIT1, S::FIN_WAIT2, 1000));
+        agg.apply(&record(A, 17, S::FIN_WAIT2, S::CLOSE, 1000));
+        let outcome = agg.reconcile(&dump(vec![diag(S::ESTABLISHED, 1000)]), 10, 20, true);
         assert_eq!(outcome.added, 0);
         assert!(agg.table().is_empty());
     }

@@ -1,14 +1,7 @@
 //! Sockets per state (optionally per chosen local port) and the time integral of those counts:
 //! the socket-seconds spent in each state, for sockets that left it and for those still in it.
 
-/// Slots for arrays indexed by a raw state number; numbers beyond are folded into slot 0,
-/// which no real state uses.
-pub const STATE_SLOTS: usize = 16;
-
-pub fn slot(state: u8) -> usize {
-    let state = usize::from(state);
-    if state < STATE_SLOTS { state } else { 0 }
-}
+use tracer_common::TcpState;
 
 /// The `port` label: configured local ports, everything else "other". Index 0 is "other".
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -59,18 +52,18 @@ struct StateClock {
 #[derive(Clone, Debug)]
 pub struct StateGauges {
     labels: PortLabels,
-    by_label: Vec<[i64; STATE_SLOTS]>,
-    total: [i64; STATE_SLOTS],
-    clocks: [StateClock; STATE_SLOTS],
+    by_label: Vec<[i64; TcpState::INDEXES]>,
+    total: [i64; TcpState::INDEXES],
+    clocks: [StateClock; TcpState::INDEXES],
 }
 
 impl StateGauges {
     pub fn new(labels: PortLabels) -> Self {
         Self {
-            by_label: vec![[0; STATE_SLOTS]; labels.values()],
+            by_label: vec![[0; TcpState::INDEXES]; labels.values()],
             labels,
-            total: [0; STATE_SLOTS],
-            clocks: [StateClock::default(); STATE_SLOTS],
+            total: [0; TcpState::INDEXES],
+            clocks: [StateClock::default(); TcpState::INDEXES],
         }
     }
 
@@ -92,8 +85,8 @@ impl StateGauges {
     }
 
     /// Adds `delta` sockets in `state` with local port `local_port`, at `ts`.
-    pub fn add(&mut self, local_port: u16, state: u8, delta: i64, ts: u64) {
-        let state = slot(state);
+    pub fn add(&mut self, local_port: u16, state: TcpState, delta: i64, ts: u64) {
+        let state = state.index();
         self.accrue(state, ts);
         self.by_label[self.labels.index(local_port)][state] += delta;
         self.total[state] += delta;
@@ -101,8 +94,8 @@ impl StateGauges {
 
     /// Replaces the counts of a state the tracepoint never reports (TIME_WAIT,
     /// NEW_SYN_RECV) with a dump's, per label.
-    pub fn set_sampled(&mut self, state: u8, per_label: &[i64], ts: u64) {
-        let state = slot(state);
+    pub fn set_sampled(&mut self, state: TcpState, per_label: &[i64], ts: u64) {
+        let state = state.index();
         self.accrue(state, ts);
         let mut total = 0;
         for (label, count) in self.by_label.iter_mut().zip(per_label) {
@@ -112,17 +105,17 @@ impl StateGauges {
         self.total[state] = total;
     }
 
-    pub fn count(&self, state: u8) -> i64 {
-        self.total[slot(state)]
+    pub fn count(&self, state: TcpState) -> i64 {
+        self.total[state.index()]
     }
 
-    pub fn count_for_label(&self, label: usize, state: u8) -> i64 {
-        self.by_label[label][slot(state)]
+    pub fn count_for_label(&self, label: usize, state: TcpState) -> i64 {
+        self.by_label[label][state.index()]
     }
 
     /// Socket-seconds spent in `state` up to `now`, including sockets still in it.
-    pub fn seconds(&self, state: u8, now: u64) -> f64 {
-        let state = slot(state);
+    pub fn seconds(&self, state: TcpState, now: u64) -> f64 {
+        let state = state.index();
         let clock = self.clocks[state];
         let open = if clock.since_ns != 0 && now > clock.since_ns {
             u128::try_from(self.total[state].max(0)).unwrap_or(0) * u128::from(now - clock.since_ns)
@@ -137,7 +130,7 @@ impl StateGauges {
 mod tests {
     use super::*;
 
-    const S: u8 = 8;
+    const S: TcpState = TcpState::CLOSE_WAIT;
 
     #[test]
     fn seconds_integrate_open_and_closed_stays() {

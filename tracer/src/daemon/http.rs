@@ -27,7 +27,11 @@ use tokio::{
 use tracer_common::TcpState;
 
 use super::{Shared, metrics::Exporter, table::Tracked};
-use crate::{clock::monotonic_ns, event::comm_str};
+use crate::{
+    clock::monotonic_ns,
+    event::comm_str,
+    socket::{OwnerName, SocketView},
+};
 
 /// Connections served at once; further clients wait in the kernel's accept queue.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -141,47 +145,21 @@ async fn leaks(State(state): State<AppState>, query: axum::extract::RawQuery) ->
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SocketsQuery {
-    state: Option<String>,
+    state: Option<TcpState>,
     limit: Option<usize>,
 }
 
-/// One socket as `/api/sockets` lists it.
-#[derive(Debug, Serialize)]
-pub struct SocketView {
-    pub state: String,
-    pub age_seconds: f64,
-    /// True when the socket is older than what the daemon saw of it (known from a dump).
-    pub age_is_lower_bound: bool,
-    pub family: &'static str,
-    pub local_address: String,
-    pub local_port: u16,
-    pub remote_address: String,
-    pub remote_port: u16,
-    pub netns: u32,
-    pub owner_pid: Option<u32>,
-    pub owner_comm: Option<String>,
-    pub inode: Option<u32>,
-}
-
-impl SocketView {
-    pub fn new(tracked: &Tracked, now: u64) -> Self {
-        let local = tracked.key.local();
-        let remote = tracked.key.remote();
-        Self {
-            state: crate::event::StateName::from_raw(tracked.state).to_string(),
-            age_seconds: now.saturating_sub(tracked.entered_ns) as f64 / 1e9,
-            age_is_lower_bound: !tracked.entered_exact,
-            family: tracked.key.family_name(),
-            local_address: local.ip().to_string(),
-            local_port: local.port(),
-            remote_address: remote.ip().to_string(),
-            remote_port: remote.port(),
-            netns: tracked.key.netns,
-            owner_pid: tracked.owner.map(|o| o.pid),
-            owner_comm: tracked.owner.map(|o| comm_str(&o.comm).into_owned()),
-            inode: (tracked.inode != 0).then_some(tracked.inode),
-        }
-    }
+fn view(tracked: &Tracked, now: u64) -> SocketView {
+    let owner =
+        tracked.owner.map(|o| OwnerName { pid: o.pid, comm: comm_str(&o.comm).into_owned() });
+    SocketView::new(
+        &tracked.key,
+        tracked.state,
+        now.saturating_sub(tracked.entered_ns),
+        !tracked.entered_exact,
+        owner,
+        tracked.inode,
+    )
 }
 
 /// A response this large leaves memory the allocator keeps unless asked to give it back.
@@ -198,15 +176,10 @@ impl Serialize for Listing<'_> {
         use serde::ser::SerializeSeq as _;
         let mut seq = serializer.serialize_seq(Some(self.sockets.len()))?;
         for tracked in self.sockets {
-            seq.serialize_element(&SocketView::new(tracked, self.now))?;
+            seq.serialize_element(&view(tracked, self.now))?;
         }
         seq.end()
     }
-}
-
-/// Parses a state name for a query parameter; the error lists the valid names.
-pub fn parse_state_param(name: &str) -> Result<TcpState, String> {
-    name.parse::<TcpState>().map_err(|error| format!("state={name}: {error}"))
 }
 
 async fn sockets(
@@ -222,10 +195,7 @@ async fn sockets(
             );
         }
     };
-    let wanted = match query.state.as_deref().map(parse_state_param).transpose() {
-        Ok(wanted) => wanted,
-        Err(message) => return error(StatusCode::BAD_REQUEST, message),
-    };
+    let wanted = query.state;
     let limit = query.limit.unwrap_or(DEFAULT_SOCKET_LIMIT);
     if !(1..=MAX_SOCKET_LIMIT).contains(&limit) {
         return error(
@@ -242,7 +212,7 @@ async fn sockets(
             .table()
             .iter()
             .map(|(_, tracked)| tracked)
-            .filter(|tracked| wanted.is_none_or(|state| tracked.state == state as u8))
+            .filter(|tracked| wanted.is_none_or(|state| tracked.state == state))
             .collect();
         // Oldest first: the interesting ones when something is stuck.
         matching.sort_unstable_by_key(|tracked| tracked.entered_ns);

@@ -74,7 +74,7 @@ impl LeakWatch {
             let agg = shared.aggregator();
             agg.table()
                 .iter()
-                .filter(|(_, t)| t.state == TcpState::CloseWait as u8)
+                .filter(|(_, t)| t.state == TcpState::CLOSE_WAIT)
                 .filter(|(_, t)| now.saturating_sub(t.entered_ns) >= threshold_ns)
                 .map(|(id, t)| {
                     let candidate = Candidate {

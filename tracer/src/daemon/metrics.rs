@@ -15,13 +15,12 @@ use tracer_common::TcpState;
 use super::{
     Shared,
     aggregate::{DURATION_BUCKETS, SAMPLED_STATES},
-    gauges::slot,
 };
 use crate::clock::monotonic_ns;
 
 /// States that have gauges: all but CLOSE (a socket leaves the table when it closes).
 fn gauge_states() -> impl Iterator<Item = TcpState> {
-    TcpState::ALL.into_iter().filter(|s| *s != TcpState::Close)
+    TcpState::ALL.into_iter().filter(|s| *s != TcpState::CLOSE)
 }
 
 /// States with completed stays: those the tracepoint reports a socket entering and leaving.
@@ -72,10 +71,10 @@ impl Collector for TcpstateCollector {
         for label in 0..labels.values() {
             for from in TcpState::ALL {
                 for to in TcpState::ALL {
-                    let count = agg.transitions(label, slot(from as u8), slot(to as u8));
+                    let count = agg.transitions(label, from, to);
                     if count > 0 {
                         let set =
-                            with(&[("from", from.name().into()), ("to", to.name().into())], label);
+                            with(&[("from", from.to_string()), ("to", to.to_string())], label);
                         ConstCounter::new(count).encode(family.encode_family(&set)?)?;
                     }
                 }
@@ -90,11 +89,11 @@ impl Collector for TcpstateCollector {
             MetricType::Histogram,
         )?;
         for state in stay_states() {
-            let stays = agg.stays(slot(state as u8));
+            let stays = agg.stays(state);
             let mut buckets: Vec<(f64, u64)> =
                 DURATION_BUCKETS.iter().copied().zip(stays.buckets.iter().copied()).collect();
             buckets.push((f64::MAX, stays.buckets[DURATION_BUCKETS.len()]));
-            let set = [("state", state.name())];
+            let set = [("state", state.to_string())];
             family
                 .encode_family(&set)?
                 .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
@@ -114,8 +113,9 @@ impl Collector for TcpstateCollector {
             MetricType::Counter,
         )?;
         for state in gauge_states() {
-            let seconds = gauges.seconds(state as u8, now);
-            ConstCounter::new(seconds).encode(family.encode_family(&[("state", state.name())])?)?;
+            let seconds = gauges.seconds(state, now);
+            ConstCounter::new(seconds)
+                .encode(family.encode_family(&[("state", state.to_string())])?)?;
         }
 
         let mut family = encoder.encode_descriptor(
@@ -127,15 +127,15 @@ impl Collector for TcpstateCollector {
         )?;
         for label in 0..labels.values() {
             for state in gauge_states() {
-                let set = with(&[("state", state.name().into())], label);
-                let count = gauges.count_for_label(label, state as u8).max(0);
+                let set = with(&[("state", state.to_string())], label);
+                let count = gauges.count_for_label(label, state).max(0);
                 ConstGauge::new(count).encode(family.encode_family(&set)?)?;
             }
         }
 
-        let mut oldest = [None::<u64>; super::gauges::STATE_SLOTS];
+        let mut oldest = [None::<u64>; TcpState::INDEXES];
         for (_, tracked) in agg.table().iter() {
-            let entry = &mut oldest[slot(tracked.state)];
+            let entry = &mut oldest[tracked.state.index()];
             *entry = Some(entry.map_or(tracked.entered_ns, |o| o.min(tracked.entered_ns)));
         }
         let mut family = encoder.encode_descriptor(
@@ -146,13 +146,14 @@ impl Collector for TcpstateCollector {
             MetricType::Gauge,
         )?;
         for state in gauge_states() {
-            if let Some(entered) = oldest[slot(state as u8)] {
+            if let Some(entered) = oldest[state.index()] {
                 let age = now.saturating_sub(entered) as f64 / 1e9;
-                ConstGauge::new(age).encode(family.encode_family(&[("state", state.name())])?)?;
+                ConstGauge::new(age)
+                    .encode(family.encode_family(&[("state", state.to_string())])?)?;
             }
         }
 
-        let close_wait_oldest = oldest[slot(TcpState::CloseWait as u8)]
+        let close_wait_oldest = oldest[TcpState::CLOSE_WAIT.index()]
             .map_or(0.0, |entered| now.saturating_sub(entered) as f64 / 1e9);
         let delivery = status.delivery;
         counter(&mut encoder, "tcpstate_events", "Transition records received", agg.events())?;

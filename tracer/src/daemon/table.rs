@@ -8,6 +8,8 @@
 
 use std::collections::HashMap;
 
+use tracer_common::TcpState;
+
 use super::gauges::{PortLabels, StateGauges};
 pub use crate::socket::SocketKey;
 
@@ -22,7 +24,7 @@ pub struct Owner {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tracked {
     pub key: SocketKey,
-    pub state: u8,
+    pub state: TcpState,
     /// When it entered `state` (CLOCK_MONOTONIC ns).
     pub entered_ns: u64,
     /// False while the socket is known only from a dump: `entered_ns` is then when the daemon
@@ -116,7 +118,7 @@ impl SocketTable {
     pub fn insert_seeded(
         &mut self,
         key: SocketKey,
-        state: u8,
+        state: TcpState,
         inode: u32,
         entered_ns: u64,
         now: u64,
@@ -180,7 +182,7 @@ impl SocketTable {
         &mut self,
         id: SocketId,
         key: SocketKey,
-        state: u8,
+        state: TcpState,
         ts: u64,
         owner: Option<Owner>,
     ) {
@@ -213,7 +215,7 @@ impl SocketTable {
     }
 
     /// Repairs a socket's state from a dump: in `state` since at least `entered_ns`.
-    pub fn repair_state(&mut self, id: SocketId, state: u8, entered_ns: u64, now: u64) {
+    pub fn repair_state(&mut self, id: SocketId, state: TcpState, entered_ns: u64, now: u64) {
         if let Some(tracked) = self.sockets.get_mut(&id) {
             self.gauges.add(tracked.key.sport, tracked.state, -1, now);
             self.gauges.add(tracked.key.sport, state, 1, now);
@@ -249,7 +251,7 @@ impl SocketTable {
 
 #[cfg(test)]
 mod tests {
-    use tracer_common::{TcpState, record::AF_INET};
+    use tracer_common::record::AF_INET;
 
     use super::*;
 
@@ -264,8 +266,8 @@ mod tests {
         }
     }
 
-    const EST: u8 = TcpState::Established as u8;
-    const CW: u8 = TcpState::CloseWait as u8;
+    const EST: TcpState = TcpState::ESTABLISHED;
+    const CW: TcpState = TcpState::CLOSE_WAIT;
     const SKADDR: u64 = 0xffff_8880_0000_1000;
 
     #[test]

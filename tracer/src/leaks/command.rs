@@ -97,9 +97,6 @@ pub fn render(report: &LeakReport) -> String {
         plural(report.leaked_sockets, "socket", "sockets"),
         plural(report.processes.len(), "process", "processes")
     );
-    let endpoint = |ip: &str, port: u16| {
-        if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") }
-    };
     for process in &report.processes {
         let pid = process.pid.map_or_else(|| "?".to_owned(), |p| p.to_string());
         let _ = writeln!(
@@ -127,8 +124,8 @@ pub fn render(report: &LeakReport) -> String {
             .map(|socket| {
                 let age = human_age(socket.age_seconds);
                 (
-                    endpoint(&socket.local_address, socket.local_port),
-                    endpoint(&socket.remote_address, socket.remote_port),
+                    socket.local().to_string(),
+                    socket.remote().to_string(),
                     if socket.age_is_lower_bound { format!(">={age}") } else { age },
                 )
             })

@@ -6,14 +6,17 @@ pub mod command;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
 
+use tracer_common::TcpState;
+
 use crate::{
     owners::{ProcessCache, scan_socket_holders},
-    socket::SocketKey,
+    socket::{OwnerName, SocketKey, SocketView},
 };
 
 /// Where a report comes from.
@@ -26,21 +29,6 @@ pub enum Source {
     Snapshot,
 }
 
-/// One leaked socket.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LeakedSocket {
-    pub family: String,
-    pub local_address: String,
-    pub local_port: u16,
-    pub remote_address: String,
-    pub remote_port: u16,
-    pub age_seconds: f64,
-    /// True when the socket was older than what was observed of it.
-    pub age_is_lower_bound: bool,
-    pub netns: u32,
-    pub inode: Option<u32>,
-}
-
 /// The leaked sockets of one process (or of no known process, `pid` null).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProcessLeak {
@@ -51,7 +39,7 @@ pub struct ProcessLeak {
     pub count: usize,
     pub oldest_age_seconds: f64,
     /// Oldest first.
-    pub sockets: Vec<LeakedSocket>,
+    pub sockets: Vec<SocketView>,
 }
 
 impl ProcessLeak {
@@ -63,12 +51,12 @@ impl ProcessLeak {
     }
 
     /// Remote addresses with the most leaked sockets, most first.
-    pub fn top_peers(&self, n: usize) -> Vec<(String, usize)> {
-        let mut peers: BTreeMap<&str, usize> = BTreeMap::new();
+    pub fn top_peers(&self, n: usize) -> Vec<(IpAddr, usize)> {
+        let mut peers: BTreeMap<IpAddr, usize> = BTreeMap::new();
         for socket in &self.sockets {
-            *peers.entry(&socket.remote_address).or_default() += 1;
+            *peers.entry(socket.remote_address).or_default() += 1;
         }
-        let mut peers: Vec<_> = peers.into_iter().map(|(a, c)| (a.to_owned(), c)).collect();
+        let mut peers: Vec<_> = peers.into_iter().collect();
         peers.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         peers.truncate(n);
         peers
@@ -170,6 +158,9 @@ impl OwnerResolver {
             .map(|(pid, mut sockets)| {
                 sockets.sort_by_key(|c| std::cmp::Reverse(c.age_ns));
                 let info = pid.and_then(|pid| self.processes.get(pid));
+                let owner = pid
+                    .zip(info.as_ref())
+                    .map(|(pid, info)| OwnerName { pid, comm: info.comm.clone() });
                 ProcessLeak {
                     pid,
                     comm: info.as_ref().map(|i| i.comm.clone()),
@@ -177,7 +168,7 @@ impl OwnerResolver {
                     cgroup: info.and_then(|i| i.cgroup),
                     count: sockets.len(),
                     oldest_age_seconds: sockets.first().map_or(0.0, |s| s.age_ns as f64 / 1e9),
-                    sockets: sockets.into_iter().map(leaked_socket).collect(),
+                    sockets: sockets.into_iter().map(|c| leaked_socket(c, owner.clone())).collect(),
                 }
             })
             .collect();
@@ -192,19 +183,15 @@ impl OwnerResolver {
     }
 }
 
-fn leaked_socket(candidate: &Candidate) -> LeakedSocket {
-    let (local, remote) = (candidate.key.local(), candidate.key.remote());
-    LeakedSocket {
-        family: candidate.key.family_name().to_owned(),
-        local_address: local.ip().to_string(),
-        local_port: local.port(),
-        remote_address: remote.ip().to_string(),
-        remote_port: remote.port(),
-        age_seconds: candidate.age_ns as f64 / 1e9,
-        age_is_lower_bound: candidate.age_is_lower_bound,
-        netns: candidate.key.netns,
-        inode: (candidate.inode != 0).then_some(candidate.inode),
-    }
+fn leaked_socket(candidate: &Candidate, owner: Option<OwnerName>) -> SocketView {
+    SocketView::new(
+        &candidate.key,
+        TcpState::CLOSE_WAIT,
+        candidate.age_ns,
+        candidate.age_is_lower_bound,
+        owner,
+        candidate.inode,
+    )
 }
 
 /// "1 process", "3 processes".
@@ -237,15 +224,18 @@ mod tests {
 
     #[test]
     fn peers_and_ports_summarize_a_process() {
-        let socket = |port: u16, peer: &str| LeakedSocket {
-            family: "inet".into(),
-            local_address: "10.0.0.1".into(),
+        let socket = |port: u16, peer: [u8; 4]| SocketView {
+            state: TcpState::CLOSE_WAIT,
+            family: crate::socket::Family::Inet,
+            local_address: IpAddr::from([10, 0, 0, 1]),
             local_port: port,
-            remote_address: peer.into(),
+            remote_address: IpAddr::from(peer),
             remote_port: 40_000,
+            netns: 1,
             age_seconds: 1.0,
             age_is_lower_bound: false,
-            netns: 1,
+            owner_pid: None,
+            owner_comm: None,
             inode: None,
         };
         let leak = ProcessLeak {
@@ -255,10 +245,14 @@ mod tests {
             cgroup: None,
             count: 3,
             oldest_age_seconds: 1.0,
-            sockets: vec![socket(80, "10.0.0.9"), socket(443, "10.0.0.8"), socket(80, "10.0.0.9")],
+            sockets: vec![
+                socket(80, [10, 0, 0, 9]),
+                socket(443, [10, 0, 0, 8]),
+                socket(80, [10, 0, 0, 9]),
+            ],
         };
         assert_eq!(leak.local_ports(), vec![80, 443]);
-        assert_eq!(leak.top_peers(1), vec![("10.0.0.9".to_owned(), 2)]);
+        assert_eq!(leak.top_peers(1), vec![(IpAddr::from([10, 0, 0, 9]), 2)]);
         assert_eq!(leak.comm_or_unknown(), "unknown");
     }
 }
