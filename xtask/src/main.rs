@@ -168,8 +168,8 @@ fn lint() -> anyhow::Result<()> {
 }
 
 /// Runs unit and integration tests in release mode (the binary under test is the one shipped).
-/// Integration tests load the real program and share the machine's TCP stack, so they run one
-/// at a time.
+/// Integration tests run in parallel, except those marked `#[serial]` (see
+/// tracer/tests/integration/main.rs).
 fn test(filter: Option<&str>, tools: &std::path::Path) -> anyhow::Result<()> {
     let mut command = cargo();
     command.env("PATH", cmd::path_with(tools));
@@ -179,9 +179,8 @@ fn test(filter: Option<&str>, tools: &std::path::Path) -> anyhow::Result<()> {
         // The tests load eBPF programs: run the test binaries (not the build) as root.
         command.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
     }
-    command.args(["--", "--test-threads=1"]);
     if let Some(filter) = filter {
-        command.arg(filter);
+        command.args(["--", filter]);
     }
     run_checked(&mut command)
 }

@@ -1,10 +1,9 @@
 //! Helpers shared by the integration tests: they load the real program into the running
 //! kernel and drive real loopback TCP traffic, so they need root.
-#![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     process::{Child, Command, Stdio},
     sync::mpsc,
     thread,
@@ -260,11 +259,6 @@ pub fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
     let path = dir.join(name);
     std::fs::File::create(&path).unwrap().write_all(text.as_bytes()).unwrap();
     path
-}
-
-/// Keeps `stream` open but signals EOF to the peer.
-pub fn half_close(stream: &TcpStream) {
-    stream.shutdown(Shutdown::Write).unwrap();
 }
 
 /// A minimal HTTP/1.1 response.

@@ -1,7 +1,5 @@
 //! `tcpstate run`, end to end: real program, real sockets, real HTTP, a real Prometheus.
 
-mod common;
-
 use std::{
     collections::HashMap,
     io::Read as _,
@@ -11,7 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Closer, Daemon, Metrics, NetNs, V4, V6, require_root, run_tcpstate};
+use crate::common::{self, Closer, Daemon, Metrics, NetNs, V4, V6, require_root, run_tcpstate};
+use serial_test::parallel;
 use socket2::{Domain, Socket, Type};
 use tracer_common::{TcpState, TcpState as S};
 
@@ -81,6 +80,7 @@ fn delta(after: &Metrics, before: &Metrics, name: &str, labels: &[(&str, &str)])
 }
 
 #[test]
+#[parallel]
 fn counters_and_histograms_match_a_known_set_of_connections() {
     require_root();
     let l4 = TcpListener::bind((V4, 0)).unwrap();
@@ -176,6 +176,7 @@ fn counters_and_histograms_match_a_known_set_of_connections() {
 }
 
 #[test]
+#[parallel]
 fn sockets_older_than_the_daemon_are_seeded_and_move_between_gauges_once() {
     require_root();
     let listener = TcpListener::bind((V4, 0)).unwrap();
@@ -242,6 +243,7 @@ fn ss_count(state: &str, port: &str) -> f64 {
 }
 
 #[test]
+#[parallel]
 fn close_wait_and_established_gauges_agree_with_ss() {
     require_root();
     let listener = TcpListener::bind((V4, 0)).unwrap();
@@ -280,6 +282,7 @@ fn close_wait_and_established_gauges_agree_with_ss() {
 }
 
 #[test]
+#[parallel]
 fn sockets_in_another_namespace_are_tracked_apart_and_survive_reconciliation() {
     require_root();
     let ns = NetNs::create("netns");
@@ -339,6 +342,7 @@ fn sockets_in_another_namespace_are_tracked_apart_and_survive_reconciliation() {
 }
 
 #[test]
+#[parallel]
 fn reconciliation_repairs_drift_after_lost_records() {
     require_root();
     let listener = TcpListener::bind((V4, 0)).unwrap();
@@ -384,6 +388,7 @@ fn reconciliation_repairs_drift_after_lost_records() {
 }
 
 #[test]
+#[parallel]
 fn promtool_accepts_the_exposition() {
     require_root();
     let listener = TcpListener::bind((V4, 0)).unwrap();
@@ -411,6 +416,7 @@ fn promtool_accepts_the_exposition() {
 }
 
 #[test]
+#[parallel]
 fn a_real_prometheus_scrapes_the_daemon() {
     require_root();
     let listener = TcpListener::bind((V4, 0)).unwrap();
@@ -474,6 +480,7 @@ fn a_real_prometheus_scrapes_the_daemon() {
 }
 
 #[test]
+#[parallel]
 fn http_endpoint_answers_errors_in_json_and_negotiates_formats() {
     require_root();
     let daemon = Daemon::start(&[]);
@@ -525,6 +532,7 @@ fn http_endpoint_answers_errors_in_json_and_negotiates_formats() {
 }
 
 #[test]
+#[parallel]
 fn configuration_errors_are_usage_errors_naming_the_flag() {
     for (args, needle) in [
         (vec!["run", "--max-sockets", "5"], "--max-sockets"),
@@ -550,6 +558,7 @@ fn configuration_errors_are_usage_errors_naming_the_flag() {
 }
 
 #[test]
+#[parallel]
 fn a_busy_port_is_an_error_naming_the_flag_and_env_configures_the_daemon() {
     require_root();
     let busy = TcpListener::bind((V4, 0)).unwrap();

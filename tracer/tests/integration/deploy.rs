@@ -1,12 +1,11 @@
 //! What ships in deploy/ is checked against the real thing: the dashboard's queries are valid
 //! PromQL over metrics the daemon really exports, and the systemd unit verifies.
 
-mod common;
-
 use std::process::Command;
 
-use common::{Closer, Daemon, V4, require_root};
+use crate::common::{self, Closer, Daemon, V4, require_root};
 use serde_json::Value;
+use serial_test::parallel;
 
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 
@@ -26,6 +25,7 @@ fn collect_exprs(value: &Value, out: &mut Vec<String>) {
 }
 
 #[test]
+#[parallel]
 fn dashboard_queries_are_valid_promql_over_exported_metrics() {
     require_root();
     let text =
@@ -74,6 +74,7 @@ fn dashboard_queries_are_valid_promql_over_exported_metrics() {
 }
 
 #[test]
+#[parallel]
 fn systemd_unit_verifies() {
     let unit = std::fs::read_to_string(format!("{DEPLOY}/systemd/tcpstate.service")).unwrap();
     assert!(unit.contains("ExecStart=/usr/local/bin/tcpstate run"));

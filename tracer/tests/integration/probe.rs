@@ -1,8 +1,6 @@
 //! The kernel program, loaded for real, against real loopback connections: exact transition
 //! sequences, addresses, durations, owners, and loss accounting under a burst.
 
-mod common;
-
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
@@ -10,7 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Closer, V4, V6, require_root};
+use crate::common::{self, Closer, V4, V6, require_root};
+use rstest::rstest;
+use serial_test::{parallel, serial};
 use socket2::{Domain, Socket, Type};
 use tracer::{
     event::{TransitionExt as _, comm_str},
@@ -303,54 +303,33 @@ fn exact_sequences(addressing: Addressing, closer: Closer, path: Path) {
     assert!(delivery.emitted >= 10, "{delivery:?}");
 }
 
-#[test]
-fn ipv4_client_closes_first_exact_sequences_durations_and_owners() {
-    exact_sequences(Addressing::V4, Closer::Client, Path::Main);
+/// Every addressing, either end closing first, delivered by the main program.
+#[rstest]
+#[parallel]
+fn exact_sequences_durations_and_owners(
+    #[values(Addressing::V4, Addressing::V6, Addressing::DualStack)] addressing: Addressing,
+    #[values(Closer::Client, Closer::Server)] closer: Closer,
+) {
+    exact_sequences(addressing, closer, Path::Main);
 }
 
-#[test]
-fn ipv4_server_closes_first_exact_sequences_durations_and_owners() {
-    exact_sequences(Addressing::V4, Closer::Server, Path::Main);
-}
-
-#[test]
-fn ipv6_client_closes_first_exact_sequences_durations_and_owners() {
-    exact_sequences(Addressing::V6, Closer::Client, Path::Main);
-}
-
-#[test]
-fn ipv6_server_closes_first_exact_sequences_durations_and_owners() {
-    exact_sequences(Addressing::V6, Closer::Server, Path::Main);
-}
-
-#[test]
-fn dual_stack_client_closes_first_shows_the_ipv4_connection() {
-    exact_sequences(Addressing::DualStack, Closer::Client, Path::Main);
-}
-
-#[test]
-fn dual_stack_server_closes_first_shows_the_ipv4_connection() {
-    exact_sequences(Addressing::DualStack, Closer::Server, Path::Main);
-}
-
-/// The standby reads the same fields from the socket that the tracepoint's record holds.
-#[test]
-fn standby_delivers_the_same_records_from_the_socket_v4() {
-    exact_sequences(Addressing::V4, Closer::Client, Path::Standby);
-}
-
-#[test]
-fn standby_delivers_the_same_records_from_the_socket_v6() {
-    exact_sequences(Addressing::V6, Closer::Server, Path::Standby);
-}
-
-#[test]
-fn standby_delivers_the_same_records_from_the_socket_dual_stack() {
-    exact_sequences(Addressing::DualStack, Closer::Client, Path::Standby);
+/// The standby reads the same fields from the socket that the tracepoint's record holds. It
+/// needs the tracepoint to itself: it checks which program the kernel calls first.
+#[rstest]
+#[case::v4(Addressing::V4, Closer::Client)]
+#[case::v6(Addressing::V6, Closer::Server)]
+#[case::dual_stack(Addressing::DualStack, Closer::Client)]
+#[serial]
+fn standby_delivers_the_same_records_from_the_socket(
+    #[case] addressing: Addressing,
+    #[case] closer: Closer,
+) {
+    exact_sequences(addressing, closer, Path::Standby);
 }
 
 /// The programs that run are the ones the kernel matrix expects of this kernel.
 #[test]
+#[parallel]
 fn the_expected_programs_run_on_this_kernel() {
     let capture = Capture::on_port(9, 1 << 16);
     let parts = capture.probe.parts();
@@ -413,6 +392,7 @@ fn lost_races(records: &[TransitionRecord]) -> usize {
 }
 
 #[test]
+#[serial]
 fn burst_of_connections_is_delivered_or_counted_as_lost() {
     const CONNECTIONS: usize = 10_000;
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();

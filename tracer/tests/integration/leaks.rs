@@ -1,8 +1,6 @@
 //! CLOSE_WAIT leak detection with real processes that own real sockets: the daemon's log,
 //! /api/leaks, `tcpstate leaks` (daemon and snapshot modes), the metric, and the alert rules.
 
-mod common;
-
 use std::{
     io::{BufRead as _, BufReader},
     net::{TcpListener, TcpStream},
@@ -11,8 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Daemon, V4, require_root, run_tcpstate};
+use crate::common::{self, Daemon, V4, require_root, run_tcpstate};
 use serde_json::Value;
+use serial_test::parallel;
 
 /// A separate process with its own `comm` (set with prctl), that holds sockets:
 /// `leak` accepts and never closes, `polite` closes on EOF, `client` connects and keeps its
@@ -126,6 +125,7 @@ fn leaked_metric(daemon: &Daemon, comm: &str) -> f64 {
 }
 
 #[test]
+#[parallel]
 fn a_leaking_server_is_named_by_pid_and_comm_everywhere() {
     require_root();
     let daemon = Daemon::start(&["--close-wait-threshold", "1"]);
@@ -178,10 +178,13 @@ fn a_leaking_server_is_named_by_pid_and_comm_everywhere() {
     let pid = format!("pid {} (lk-server)", leaky.pid());
     assert!(log.contains(&format!("CLOSE_WAIT leak started: {pid} holds 3 sockets")), "{log}");
     assert!(log.contains(&format!("CLOSE_WAIT leak cleared: {pid}")), "{log}");
-    assert_eq!(log.matches("CLOSE_WAIT leak started").count(), 1, "logged once, not per second");
+    // Other tests' leaks (they run in parallel) are logged too: count this process's lines.
+    let started = format!("CLOSE_WAIT leak started: {pid}");
+    assert_eq!(log.matches(&started).count(), 1, "logged once, not per second");
 }
 
 #[test]
+#[parallel]
 fn a_client_that_keeps_its_socket_after_the_server_closed_is_named() {
     require_root();
     let daemon = Daemon::start(&["--close-wait-threshold", "1"]);
@@ -200,6 +203,7 @@ fn a_client_that_keeps_its_socket_after_the_server_closed_is_named() {
 }
 
 #[test]
+#[parallel]
 fn a_socket_in_close_wait_before_the_daemon_started_is_a_lower_bound_with_its_owner() {
     require_root();
     let leaky = Helper::start("leak", "lk-older", &[]);
@@ -220,6 +224,7 @@ fn a_socket_in_close_wait_before_the_daemon_started_is_a_lower_bound_with_its_ow
 }
 
 #[test]
+#[parallel]
 fn leaks_command_exit_status_with_a_daemon_and_in_snapshot_mode() {
     require_root();
     let leaky = Helper::start("leak", "lk-snapshot", &[]);
@@ -257,6 +262,7 @@ fn leaks_command_exit_status_with_a_daemon_and_in_snapshot_mode() {
 }
 
 #[test]
+#[parallel]
 fn alert_rules_pass_promtool() {
     let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheus/alerts.yml");
     let output = Command::new("promtool")

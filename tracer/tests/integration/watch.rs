@@ -1,16 +1,15 @@
 //! `tcpstate watch`, the binary, end to end: JSON keys, each filter, human columns, stop
 //! conditions, and the errors a user can meet.
 
-mod common;
-
 use std::{
     collections::HashSet,
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
     time::Duration,
 };
 
-use common::{Closer, Tcpstate, V4, V6, one_connection, require_root, run_tcpstate};
+use crate::common::{self, Closer, Tcpstate, V4, V6, one_connection, require_root, run_tcpstate};
 use serde_json::Value;
+use serial_test::parallel;
 use tracer::watch::JSON_KEYS;
 
 fn parse_lines(lines: &[String]) -> Vec<Value> {
@@ -46,6 +45,7 @@ type Predicate = Box<dyn Fn(&Value) -> bool>;
 /// Several watchers with different filters see the same traffic; each must output exactly
 /// the records of that traffic its filter selects.
 #[test]
+#[parallel]
 fn json_output_and_every_filter_select_what_they_say() {
     require_root();
     let p4 = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
@@ -121,6 +121,7 @@ fn json_output_and_every_filter_select_what_they_say() {
 }
 
 #[test]
+#[parallel]
 fn human_output_is_aligned_and_count_stops_the_stream() {
     require_root();
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
@@ -150,6 +151,7 @@ fn human_output_is_aligned_and_count_stops_the_stream() {
 }
 
 #[test]
+#[parallel]
 fn duration_stops_the_stream() {
     require_root();
     let started = std::time::Instant::now();
@@ -159,6 +161,7 @@ fn duration_stops_the_stream() {
 }
 
 #[test]
+#[parallel]
 fn a_moved_tracepoint_field_is_refused_by_name() {
     require_root();
     let real =
@@ -181,6 +184,7 @@ fn a_moved_tracepoint_field_is_refused_by_name() {
 }
 
 #[test]
+#[parallel]
 fn bad_flags_are_usage_errors_naming_the_flag() {
     for (args, needle) in [
         (vec!["watch", "--port", "70000"], "--port"),
@@ -209,6 +213,7 @@ fn bad_flags_are_usage_errors_naming_the_flag() {
 }
 
 #[test]
+#[parallel]
 fn without_privileges_the_error_says_what_is_missing() {
     require_root();
     // A copy the unprivileged user can execute wherever the checkout lives.

@@ -1,0 +1,14 @@
+//! Integration tests, one binary with a module per area (as aya lays out its own): each loads
+//! the real program into the running kernel and drives real TCP traffic, so they need root.
+//!
+//! Tests run in parallel (`#[parallel]`): each uses its own ports, listeners and daemon, and
+//! filters what it reads by them. The few that need the tracepoint to themselves, because they
+//! check which program the kernel calls first or count every firing under a burst, are
+//! `#[serial]`: no other test runs beside them.
+
+mod common;
+mod daemon;
+mod deploy;
+mod leaks;
+mod probe;
+mod watch;
