@@ -7,10 +7,9 @@
 use std::collections::{HashMap, HashSet};
 
 use procfs::process::{FDTarget, Process};
-use serde::{Deserialize, Serialize};
 
 /// A process, as a leak report names it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug)]
 pub struct ProcessInfo {
     pub pid: u32,
     pub comm: String,

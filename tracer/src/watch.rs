@@ -217,7 +217,7 @@ pub const JSON_KEYS: [&str; 14] = [
 #[derive(Serialize)]
 struct JsonTransition<'a> {
     ts_ns: u64,
-    skaddr: String,
+    skaddr: Hex,
     pid: u32,
     comm: Cow<'a, str>,
     owner_pid: Option<u32>,
@@ -230,6 +230,15 @@ struct JsonTransition<'a> {
     old: TcpState,
     new: TcpState,
     dwell_ns: Option<u64>,
+}
+
+/// A kernel address as JSON text (`"0xffff..."`), written without an intermediate string.
+struct Hex(u64);
+
+impl Serialize for Hex {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&format_args!("{:#x}", self.0))
+    }
 }
 
 impl<W: Write> Printer<W> {
@@ -260,7 +269,7 @@ impl<W: Write> Printer<W> {
             let owner = record.owner();
             let line = JsonTransition {
                 ts_ns: record.ts_ns,
-                skaddr: format!("{:#x}", record.skaddr),
+                skaddr: Hex(record.skaddr),
                 pid: record.tgid,
                 comm: comm_str(&record.comm),
                 owner_pid: owner.as_ref().map(|(pid, _)| *pid),

@@ -65,7 +65,10 @@ impl Status {
     /// Why the daemon is not keeping up, if it is not.
     pub fn unhealthy_reason(&self, now: u64) -> Option<String> {
         if self.last_read_ns == 0 || now.saturating_sub(self.last_read_ns) > STALL_AFTER_NS {
-            return Some("the ring-buffer reader has not run for more than 5 s".to_owned());
+            return Some(format!(
+                "the ring-buffer reader has not run for more than {} s",
+                STALL_AFTER_NS / 1_000_000_000
+            ));
         }
         let oldest = self.overflow_history.front().map_or(0, |&(_, lost)| lost);
         let recent = self.delivery.ringbuf_full.saturating_sub(oldest);

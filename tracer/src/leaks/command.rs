@@ -33,7 +33,10 @@ async fn fetch(url: &DaemonUrl) -> Result<LeakReport, FetchError> {
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => return Err(FetchError::Unreachable(error.to_string())),
-        Err(_) => return Err(FetchError::Unreachable("no answer within 2 s".to_owned())),
+        Err(_) => {
+            let waited = CONNECT_TIMEOUT.as_secs();
+            return Err(FetchError::Unreachable(format!("no answer within {waited} s")));
+        }
     };
     let exchange = async {
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -54,7 +57,10 @@ async fn fetch(url: &DaemonUrl) -> Result<LeakReport, FetchError> {
     };
     match tokio::time::timeout(RESPONSE_TIMEOUT, exchange).await {
         Ok(result) => result.map_err(FetchError::Failed),
-        Err(_) => Err(FetchError::Failed(anyhow::anyhow!("{url} did not answer within 15 s"))),
+        Err(_) => Err(FetchError::Failed(anyhow::anyhow!(
+            "{url} did not answer within {} s",
+            RESPONSE_TIMEOUT.as_secs()
+        ))),
     }
 }
 
