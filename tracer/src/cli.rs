@@ -12,7 +12,7 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use tracer_common::{TcpState, settings::KernelFilter};
 
-use crate::probe::ProbeOptions;
+use crate::{cmdline::CmdlinePolicy, probe::ProbeOptions};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -67,6 +67,11 @@ pub struct LeaksArgs {
     /// (seconds, or with s/m/h). A daemon applies its own setting.
     #[arg(long, env = "TCPSTATE_CLOSE_WAIT_THRESHOLD", default_value = "60", value_parser = parse_close_wait_threshold, value_name = "SECS")]
     pub close_wait_threshold: Duration,
+
+    /// In snapshot mode, how much of each process's command line to show: `redacted` masks
+    /// secret-looking values. A daemon applies its own setting.
+    #[arg(long, env = "TCPSTATE_CMDLINE", value_enum, default_value_t = CmdlinePolicy::Redacted, value_name = "full|redacted|off")]
+    pub cmdline: CmdlinePolicy,
 }
 
 /// A daemon's HTTP address: `http://HOST:PORT`, or just `HOST:PORT`.
@@ -138,6 +143,11 @@ pub struct RunArgs {
     /// other ports are port="other".
     #[arg(long = "port-label", env = "TCPSTATE_PORT_LABELS", value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT")]
     pub port_labels: Vec<u16>,
+
+    /// How much of a leaking process's command line /api/leaks and the log show: `redacted`
+    /// masks values whose name looks secret (password, token, key, ...) and passwords in URLs.
+    #[arg(long, env = "TCPSTATE_CMDLINE", value_enum, default_value_t = CmdlinePolicy::Redacted, value_name = "full|redacted|off")]
+    pub cmdline: CmdlinePolicy,
 
     #[command(flatten)]
     pub probe: ProbeArgs,

@@ -8,6 +8,7 @@
 pub mod accepted;
 pub mod cli;
 pub mod clock;
+pub mod cmdline;
 pub mod daemon;
 pub mod duplicates;
 pub mod event;

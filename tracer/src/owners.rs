@@ -8,23 +8,25 @@ use std::collections::{HashMap, HashSet};
 
 use procfs::process::{FDTarget, Process};
 
+use crate::cmdline::CmdlinePolicy;
+
 /// A process, as a leak report names it.
 #[derive(Clone, Debug)]
 pub struct ProcessInfo {
     pub pid: u32,
     pub comm: String,
-    /// Arguments joined by spaces; empty for kernel threads.
-    pub cmdline: String,
+    /// Arguments joined by spaces, as the `CmdlinePolicy` allows (empty for kernel threads).
+    pub cmdline: Option<String>,
     /// The cgroup v2 path (or the first v1 hierarchy's), when the process has one.
     pub cgroup: Option<String>,
 }
 
 impl ProcessInfo {
     /// Reads /proc/<pid>; `None` when the process is gone or unreadable.
-    pub fn read(pid: u32) -> Option<(Self, u64)> {
+    pub fn read(pid: u32, policy: CmdlinePolicy) -> Option<(Self, u64)> {
         let process = Process::new(pid as i32).ok()?;
         let stat = process.stat().ok()?;
-        let cmdline = process.cmdline().map(|args| args.join(" ")).unwrap_or_default();
+        let cmdline = policy.render(&process.cmdline().unwrap_or_default());
         let cgroup = process.cgroups().ok().and_then(|groups| {
             let groups = groups.0;
             groups
@@ -67,12 +69,16 @@ pub fn scan_socket_holders(wanted: &HashSet<u32>) -> HashMap<u32, u32> {
 
 /// Process details, cached by pid and checked against the process start time so a reused
 /// pid is not mistaken for the old process.
-#[derive(Default)]
 pub struct ProcessCache {
     by_pid: HashMap<u32, (ProcessInfo, u64)>,
+    policy: CmdlinePolicy,
 }
 
 impl ProcessCache {
+    pub fn new(policy: CmdlinePolicy) -> Self {
+        Self { by_pid: HashMap::new(), policy }
+    }
+
     /// The live process `pid`, if it exists.
     pub fn get(&mut self, pid: u32) -> Option<ProcessInfo> {
         let start = Process::new(pid as i32).ok()?.stat().ok()?.starttime;
@@ -81,7 +87,7 @@ impl ProcessCache {
         {
             return Some(info.clone());
         }
-        let (info, start) = ProcessInfo::read(pid)?;
+        let (info, start) = ProcessInfo::read(pid, self.policy)?;
         self.by_pid.insert(pid, (info.clone(), start));
         Some(info)
     }
@@ -106,8 +112,8 @@ mod tests {
         let inode = u32::try_from(link.ino()).unwrap();
         let holders = scan_socket_holders(&HashSet::from([inode]));
         assert_eq!(holders.get(&inode), Some(&std::process::id()));
-        let info = ProcessCache::default().get(std::process::id()).unwrap();
+        let info = ProcessCache::new(CmdlinePolicy::Full).get(std::process::id()).unwrap();
         assert_eq!(info.comm, std::fs::read_to_string("/proc/self/comm").unwrap().trim());
-        assert!(!info.cmdline.is_empty());
+        assert!(info.cmdline.is_some_and(|c| !c.is_empty()));
     }
 }

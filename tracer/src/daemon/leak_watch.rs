@@ -12,6 +12,7 @@ use tracer_common::TcpState;
 use super::{Shared, table::SocketKey};
 use crate::{
     clock::monotonic_ns,
+    cmdline::CmdlinePolicy,
     leaks::{Candidate, LeakReport, OwnerResolver, ProcessLeak, Source, human_age},
     netns, sockdiag,
 };
@@ -56,10 +57,10 @@ pub struct LeakWatch {
 }
 
 impl LeakWatch {
-    pub fn new(threshold: Duration) -> Self {
+    pub fn new(threshold: Duration, cmdline: CmdlinePolicy) -> Self {
         Self {
             threshold,
-            resolver: OwnerResolver::new(LOOKUP_INTERVAL),
+            resolver: OwnerResolver::new(LOOKUP_INTERVAL, cmdline),
             last_inode_dump: None,
             logged: HashMap::new(),
             cleared: HashMap::new(),

@@ -203,7 +203,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .await
     });
 
-    let leak_watch = tokio::spawn(watch_leaks(shared.clone(), args.close_wait_threshold));
+    let leak_watch = tokio::spawn(watch_leaks(
+        shared.clone(),
+        LeakWatch::new(args.close_wait_threshold, args.cmdline),
+    ));
 
     let mut batch = Batch::default();
     let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
@@ -263,8 +266,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 /// Evaluates leaks every second, off the async workers.
-async fn watch_leaks(shared: Arc<Shared>, threshold: Duration) {
-    let mut watch = LeakWatch::new(threshold);
+async fn watch_leaks(shared: Arc<Shared>, mut watch: LeakWatch) {
     let mut tick = tokio::time::interval(leak_watch::EVALUATION_INTERVAL);
     loop {
         tick.tick().await;

@@ -12,6 +12,7 @@ use hyper_util::rt::TokioIo;
 use super::{Candidate, LeakReport, OwnerResolver, Source, human_age, plural};
 use crate::{
     cli::{DaemonUrl, LeaksArgs},
+    cmdline::CmdlinePolicy,
     netns, sockdiag,
     socket::SocketKey,
 };
@@ -66,7 +67,7 @@ async fn fetch(url: &DaemonUrl) -> Result<LeakReport, FetchError> {
 
 /// A one-shot look without a daemon: CLOSE_WAIT sockets of every namespace, dated by the time
 /// since their peer's last ACK (a lower bound of their stay), owners from /proc.
-pub fn snapshot(threshold: Duration) -> LeakReport {
+pub fn snapshot(threshold: Duration, cmdline: CmdlinePolicy) -> LeakReport {
     let threshold_ms = threshold.as_millis();
     let candidates = netns::dump_all_with(sockdiag::dump_close_wait)
         .into_iter()
@@ -83,7 +84,7 @@ pub fn snapshot(threshold: Duration) -> LeakReport {
             })
         })
         .collect();
-    OwnerResolver::new(Duration::ZERO).report(candidates, Source::Snapshot, threshold)
+    OwnerResolver::new(Duration::ZERO, cmdline).report(candidates, Source::Snapshot, threshold)
 }
 
 /// The leak table, as aligned text.
@@ -171,8 +172,8 @@ pub async fn run(args: LeaksArgs) -> ExitCode {
                      are not visible"
                 );
             }
-            let threshold = args.close_wait_threshold;
-            match tokio::task::spawn_blocking(move || snapshot(threshold)).await {
+            let (threshold, cmdline) = (args.close_wait_threshold, args.cmdline);
+            match tokio::task::spawn_blocking(move || snapshot(threshold, cmdline)).await {
                 Ok(report) => report,
                 Err(error) => {
                     eprintln!("tcpstate: error: snapshot failed: {error}");

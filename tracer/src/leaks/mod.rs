@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tracer_common::TcpState;
 
 use crate::{
+    cmdline::CmdlinePolicy,
     owners::{ProcessCache, scan_socket_holders},
     socket::{OwnerName, SocketKey, SocketView},
 };
@@ -111,9 +112,9 @@ pub struct OwnerResolver {
 }
 
 impl OwnerResolver {
-    pub fn new(scan_interval: Duration) -> Self {
+    pub fn new(scan_interval: Duration, cmdline: CmdlinePolicy) -> Self {
         Self {
-            processes: ProcessCache::default(),
+            processes: ProcessCache::new(cmdline),
             holders: HashMap::new(),
             last_scan: None,
             scan_interval,
@@ -164,7 +165,7 @@ impl OwnerResolver {
                 ProcessLeak {
                     pid,
                     comm: info.as_ref().map(|i| i.comm.clone()),
-                    cmdline: info.as_ref().map(|i| i.cmdline.clone()),
+                    cmdline: info.as_ref().and_then(|i| i.cmdline.clone()),
                     cgroup: info.and_then(|i| i.cgroup),
                     count: sockets.len(),
                     oldest_age_seconds: sockets.first().map_or(0.0, |s| s.age_ns as f64 / 1e9),

@@ -129,7 +129,9 @@ fn leaked_metric(daemon: &Daemon, comm: &str) -> f64 {
 fn a_leaking_server_is_named_by_pid_and_comm_everywhere() {
     require_root();
     let daemon = Daemon::start(&["--close-wait-threshold", "1"]);
-    let mut leaky = Helper::start("leak", "lk-server", &[]);
+    // Secrets on its command line, as real services have them: masked everywhere by default.
+    let secrets = ["--db-password=hunter2", "--api-token", "sk_live_SECRET123"];
+    let mut leaky = Helper::start("leak", "lk-server", &secrets);
     let polite = Helper::start("polite", "polite-server", &[]);
     hang_up_on(leaky.port, 3);
     hang_up_on(polite.port, 3);
@@ -140,7 +142,9 @@ fn a_leaking_server_is_named_by_pid_and_comm_everywhere() {
     let leak =
         process(&report, leaky.pid()).unwrap_or_else(|| panic!("no leak reported: {report:#}"));
     assert_eq!(leak["comm"], "lk-server");
-    assert!(leak["cmdline"].as_str().unwrap().contains("helper.py"), "{leak}");
+    let cmdline = leak["cmdline"].as_str().unwrap();
+    assert!(cmdline.contains("helper.py"), "{leak}");
+    assert!(cmdline.ends_with("--db-password=*** --api-token ***"), "{cmdline}");
     assert!(leak["cgroup"].is_string(), "{leak}");
     let sockets = leak["sockets"].as_array().unwrap();
     assert_eq!(sockets.len(), 3);
@@ -181,6 +185,11 @@ fn a_leaking_server_is_named_by_pid_and_comm_everywhere() {
     // Other tests' leaks (they run in parallel) are logged too: count this process's lines.
     let started = format!("CLOSE_WAIT leak started: {pid}");
     assert_eq!(log.matches(&started).count(), 1, "logged once, not per second");
+    assert!(log.contains("--db-password=***"), "the log names the command line: {log}");
+    for secret in ["hunter2", "sk_live_SECRET123"] {
+        assert!(!log.contains(secret), "a secret in the log: {log}");
+        assert!(!text.contains(secret), "a secret in tcpstate leaks: {text}");
+    }
 }
 
 #[test]
@@ -227,7 +236,7 @@ fn a_socket_in_close_wait_before_the_daemon_started_is_a_lower_bound_with_its_ow
 #[parallel]
 fn leaks_command_exit_status_with_a_daemon_and_in_snapshot_mode() {
     require_root();
-    let leaky = Helper::start("leak", "lk-snapshot", &[]);
+    let leaky = Helper::start("leak", "lk-snapshot", &["--token=abc123"]);
     hang_up_on(leaky.port, 2);
     thread::sleep(Duration::from_millis(1200));
 
@@ -243,6 +252,17 @@ fn leaks_command_exit_status_with_a_daemon_and_in_snapshot_mode() {
     assert_eq!(leak["comm"], "lk-snapshot");
     assert_eq!(leak["count"], 2);
     assert!(leak["sockets"].as_array().unwrap().iter().all(|s| s["age_is_lower_bound"] == true));
+    assert!(leak["cmdline"].as_str().unwrap().ends_with("--token=***"), "{leak}");
+    for (policy, cmdline) in [("full", Some("--token=abc123")), ("off", None)] {
+        let args = ["leaks", "--daemon", &nowhere, "--close-wait-threshold", "1", "--json"];
+        let shown = run_tcpstate(&[&args[..], &["--cmdline", policy]].concat());
+        let report: Value = serde_json::from_str(&shown.stdout.join("\n")).unwrap();
+        let leak = process(&report, leaky.pid()).unwrap_or_else(|| panic!("{report:#}"));
+        match cmdline {
+            Some(end) => assert!(leak["cmdline"].as_str().unwrap().ends_with(end), "{leak}"),
+            None => assert!(leak["cmdline"].is_null(), "{leak}"),
+        }
+    }
     let calm = run_tcpstate(&["leaks", "--daemon", &nowhere, "--close-wait-threshold", "1h"]);
     assert_eq!(calm.status.code(), Some(0), "no socket is that old: {:?}", calm.stdout);
     assert!(calm.stdout.join("\n").contains("No CLOSE_WAIT leaks"));
