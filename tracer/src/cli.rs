@@ -33,6 +33,7 @@ impl Command {
             Self::Run(_) => "run",
             Self::Watch(_) => "watch",
             Self::Leaks(_) => "leaks",
+            Self::Check(_) => "check",
         }
     }
 }
@@ -46,6 +47,18 @@ pub enum Command {
     /// List CLOSE_WAIT leaks and the processes holding them, from the daemon or, when none
     /// answers, a one-shot snapshot. Exit status: 0 no leaks, 1 leaks, 2 usage error, 3 failure.
     Leaks(LeaksArgs),
+    /// Say whether this host can run tcpstate and what would be degraded: kernel, privileges,
+    /// BTF, tracefs, each program loaded and detached for real, sock_diag, namespaces.
+    /// Exit status: 0 runs fully, 1 cannot run, 2 usage error, 3 runs degraded.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Print the findings as JSON: `kernel`, `verdict` (ok, degraded, fails) and `findings`,
+    /// each with `check`, `verdict` and `detail`.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -367,7 +380,7 @@ pub fn validate(cli: &Cli) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::Leaks(_) => Ok(()),
+        Command::Leaks(_) | Command::Check(_) => Ok(()),
         Command::Watch(args) => {
             let max = tracer_common::settings::MAX_FILTER_PORTS;
             for (flag, ports) in

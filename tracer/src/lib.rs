@@ -6,6 +6,8 @@
 //! and the commands consume the records.
 
 pub mod accepted;
+pub mod capabilities;
+pub mod check;
 pub mod cli;
 pub mod clock;
 pub mod cmdline;

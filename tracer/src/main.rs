@@ -19,34 +19,24 @@ fn main() -> ExitCode {
     let default_level = match cli.command {
         Command::Run(_) => "info",
         Command::Watch(_) | Command::Leaks(_) => "warn",
+        // The report says everything; the probe's own warnings would repeat it.
+        Command::Check(_) => "error",
     };
     env_logger::Builder::from_env(env_logger::Env::new().filter_or("TCPSTATE_LOG", default_level))
         .format_timestamp_millis()
         .init();
 
-    // Two workers for the daemon: the ring-buffer reader and the HTTP endpoint do not wait on
-    // each other. The other commands need one.
-    let runtime = match cli.command {
-        Command::Run(_) => {
-            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+    let result = match cli.command {
+        Command::Run(args) => run_daemon(args),
+        Command::Watch(args) => {
+            on_one_thread(async { tracer::watch::run(args).await.map(|()| ExitCode::SUCCESS) })
         }
-        _ => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        // Its exit status carries the answer (0 no leaks, 1 leaks, 3 failure).
+        Command::Leaks(args) => {
+            on_one_thread(async { Ok(tracer::leaks::command::run(args).await) })
+        }
+        Command::Check(args) => Ok(tracer::check::run(&args)),
     };
-    let runtime = match runtime {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("tcpstate: error: starting the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result: anyhow::Result<ExitCode> = runtime.block_on(async {
-        match cli.command {
-            Command::Run(args) => tracer::daemon::run(args).await.map(|()| ExitCode::SUCCESS),
-            Command::Watch(args) => tracer::watch::run(args).await.map(|()| ExitCode::SUCCESS),
-            // Its exit status carries the answer (0 no leaks, 1 leaks, 3 failure).
-            Command::Leaks(args) => Ok(tracer::leaks::command::run(args).await),
-        }
-    });
     match result {
         Ok(code) => code,
         Err(error) => {
@@ -54,4 +44,38 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs an interactive command: one thread is enough.
+fn on_one_thread(
+    command: impl Future<Output = anyhow::Result<ExitCode>>,
+) -> anyhow::Result<ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| anyhow::anyhow!("starting the async runtime: {error}"))?
+        .block_on(command)
+}
+
+/// The daemon binds and attaches with all its privileges, then keeps only those it still
+/// needs, before the runtime's threads exist so that every one of them starts with less.
+fn run_daemon(args: tracer::cli::RunArgs) -> anyhow::Result<ExitCode> {
+    let attached = tracer::daemon::attach(&args)?;
+    match tracer::capabilities::keep_only(&tracer::capabilities::DAEMON_NEEDS) {
+        Ok(kept) => log::debug!("capabilities kept after attaching: {kept:?}"),
+        Err(error) => {
+            log::warn!("could not drop the capabilities the daemon no longer needs: {error}")
+        }
+    }
+    // Two workers: the ring-buffer reader and the HTTP endpoint do not wait on each other.
+    // Blocking work (metrics, listings, leak checks) runs in a bounded pool; listings are
+    // further limited by their own turns.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .map_err(|error| anyhow::anyhow!("starting the async runtime: {error}"))?;
+    runtime.block_on(tracer::daemon::run(args, attached))?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -95,16 +95,26 @@ pub struct NamespaceDump {
     pub sockets: Vec<DiagSocket>,
 }
 
-/// Dumps every namespace; namespaces that vanish or refuse are skipped (and logged at debug):
-/// the caller treats only the dumped ones as known.
-pub fn dump_all() -> Vec<NamespaceDump> {
+/// The dumps of every namespace that could be entered.
+#[derive(Debug, Default)]
+pub struct AllDumps {
+    pub dumps: Vec<NamespaceDump>,
+    /// Namespaces that could not be entered for lack of privilege: their sockets are missing.
+    pub refused: usize,
+}
+
+/// Dumps every namespace; the caller treats only the dumped ones as known. A namespace that
+/// vanished meanwhile is skipped quietly (debug); one refused for lack of privilege is
+/// counted, and the first refusal is a warning naming the capability.
+pub fn dump_all() -> AllDumps {
     dump_all_with(dump_tcp)
 }
 
 /// Runs `dump` in every namespace.
-pub fn dump_all_with(dump: Dumper) -> Vec<NamespaceDump> {
+pub fn dump_all_with(dump: Dumper) -> AllDumps {
     let own = own().ok().map(|ns| ns.inode);
-    enumerate()
+    let mut refused = 0;
+    let dumps = enumerate()
         .into_iter()
         .filter_map(|ns| match dump_in_with(&ns, dump) {
             Ok(sockets) => Some(NamespaceDump { inode: ns.inode, sockets }),
@@ -120,6 +130,21 @@ pub fn dump_all_with(dump: Dumper) -> Vec<NamespaceDump> {
                 });
                 None
             }
+            Err(error) if error.kind() == io::ErrorKind::PermissionDenied => {
+                refused += 1;
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    log::warn!(
+                        "cannot enter network namespace {} ({}): {error}. Sockets of namespaces \
+                         tcpstate cannot enter are missing from gauges and leak reports \
+                         (counted in tcpstate_netns_skipped); entering them needs CAP_SYS_ADMIN, \
+                         finding them CAP_SYS_PTRACE",
+                        ns.inode,
+                        ns.path.display()
+                    );
+                });
+                None
+            }
             Err(error) => {
                 log::debug!(
                     "skipping network namespace {} ({}): {error}",
@@ -129,7 +154,8 @@ pub fn dump_all_with(dump: Dumper) -> Vec<NamespaceDump> {
                 None
             }
         })
-        .collect()
+        .collect();
+    AllDumps { dumps, refused }
 }
 
 #[cfg(test)]

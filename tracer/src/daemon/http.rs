@@ -1,14 +1,7 @@
-//! The HTTP endpoint: `/metrics`, `/healthz`, `/api/sockets`. Loopback by default; bounded
-//! concurrent connections, idle and request timeouts; errors are JSON with a reason.
+//! The HTTP endpoint: `/metrics`, `/healthz`, `/api/sockets`, `/api/leaks`. Loopback by
+//! default; a request timeout; errors are JSON with a reason (connections: `server`).
 
-use std::{
-    io,
-    net::SocketAddr,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
@@ -18,12 +11,7 @@ use axum::{
     routing::{MethodRouter, get},
 };
 use serde::{Deserialize, Serialize};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
-    time::{Instant, Sleep},
-};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracer_common::TcpState;
 
 use super::{Shared, metrics::Exporter, table::Tracked};
@@ -33,12 +21,12 @@ use crate::{
     socket::{OwnerName, SocketView},
 };
 
-/// Connections served at once; further clients wait in the kernel's accept queue.
-pub const MAX_CONNECTIONS: usize = 64;
-/// A connection that sends or receives nothing for this long is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A request that takes longer gets 408.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// `/api/sockets` listings built or sent at once: each holds its whole answer in memory.
+pub const MAX_LISTINGS: usize = 2;
+/// How long a listing waits for its turn before the client is told to retry (503).
+const LISTING_WAIT: Duration = Duration::from_secs(2);
 /// Default and largest `limit` of `/api/sockets`.
 pub const DEFAULT_SOCKET_LIMIT: usize = 100_000;
 pub const MAX_SOCKET_LIMIT: usize = 10_000_000;
@@ -50,6 +38,8 @@ pub struct AppState {
     pub exporter: Arc<Exporter>,
     /// Asks the reader to apply what is waiting in the ring before a response is built.
     pub flush: tokio::sync::mpsc::Sender<super::Flush>,
+    /// Turns for `/api/sockets` listings (`MAX_LISTINGS`).
+    pub listings: Arc<Semaphore>,
 }
 
 /// Longest a request waits for the reader to catch up before answering with what it has.
@@ -141,11 +131,13 @@ async fn leaks(State(state): State<AppState>, query: axum::extract::RawQuery) ->
     Json(state.shared.leaks().report).into_response()
 }
 
-/// `/api/sockets` query: `state` (a state name, optional) and `limit`.
+/// `/api/sockets` query: `state` (a state name, optional), `offset` and `limit` (a page of
+/// the oldest-first list).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SocketsQuery {
     state: Option<TcpState>,
+    offset: Option<usize>,
     limit: Option<usize>,
 }
 
@@ -191,7 +183,7 @@ async fn sockets(
         Err(rejection) => {
             return error(
                 StatusCode::BAD_REQUEST,
-                format!("{}; parameters: state=NAME, limit=N", rejection.body_text()),
+                format!("{}; parameters: state=NAME, offset=N, limit=N", rejection.body_text()),
             );
         }
     };
@@ -203,6 +195,18 @@ async fn sockets(
             format!("limit must be from 1 to {MAX_SOCKET_LIMIT}"),
         );
     }
+    let offset = query.offset.unwrap_or(0);
+    // The turn is held until the answer is sent: a slow reader keeps its memory, not more.
+    let Ok(Ok(turn)) =
+        tokio::time::timeout(LISTING_WAIT, state.listings.clone().acquire_owned()).await
+    else {
+        let mut response = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_LISTINGS} socket listings are being served; retry in a second"),
+        );
+        response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return response;
+    };
     state.catch_up().await;
     let shared = state.shared.clone();
     let listing = tokio::task::spawn_blocking(move || {
@@ -215,26 +219,40 @@ async fn sockets(
             .filter(|tracked| wanted.is_none_or(|state| tracked.state == state))
             .collect();
         // Oldest first: the interesting ones when something is stuck.
-        matching.sort_unstable_by_key(|tracked| tracked.entered_ns);
+        // Ties broken by address, so pages of the same list follow each other.
+        matching.sort_unstable_by_key(|t| (t.entered_ns, t.key.netns, t.key.sport, t.key.dport));
+        let total = matching.len();
+        matching.drain(..offset.min(total));
         matching.truncate(limit);
         // Written one socket at a time: no list of views as large as the answer.
-        serde_json::to_vec(&Listing { sockets: &matching, now })
+        serde_json::to_vec(&Listing { sockets: &matching, now }).map(|body| (body, total))
     })
     .await;
     match listing {
-        Ok(Ok(body)) => {
+        Ok(Ok((body, total))) => {
             if body.len() > LARGE_RESPONSE {
                 state.shared.note_large_allocation();
             }
-            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+            let body = HoldingTurn { body: body.into(), _turn: turn };
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                [("x-total-count", total.to_string())],
+                axum::body::Body::new(body),
+            )
+                .into_response()
         }
         _ => error(StatusCode::INTERNAL_SERVER_ERROR, "listing sockets failed"),
     }
 }
 
-/// Binds the endpoint; a busy or forbidden address is an error that names the flag.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|error| {
+/// Binds the endpoint (before the async runtime starts: see `daemon::attach`); a busy or
+/// forbidden address is an error that names the flag.
+pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let bound = std::net::TcpListener::bind(addr).and_then(|listener| {
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    });
+    bound.map_err(|error| {
         // One cause, said once: the known ones in words, others as the system reports them.
         let cause = match error.kind() {
             io::ErrorKind::AddrInUse => {
@@ -256,114 +274,37 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     })
 }
 
-/// A listener that serves at most `MAX_CONNECTIONS` connections at once and closes idle ones.
-pub struct BoundedListener {
-    listener: TcpListener,
-    slots: Arc<Semaphore>,
+/// A response body that keeps a listing's turn until its last chunk is handed to the
+/// connection. Chunks, because hyper asks for the next one only when it has written most of
+/// the last: a client that reads slowly holds its turn, and so cannot make the daemon hold
+/// more answers than there are turns.
+struct HoldingTurn {
+    body: axum::body::Bytes,
+    _turn: OwnedSemaphorePermit,
 }
 
-impl BoundedListener {
-    pub fn new(listener: TcpListener) -> Self {
-        Self { listener, slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)) }
-    }
+impl HoldingTurn {
+    const CHUNK: usize = 64 << 10;
 }
 
-impl axum::serve::Listener for BoundedListener {
-    type Io = BoundedConnection;
-    type Addr = SocketAddr;
+impl http_body::Body for HoldingTurn {
+    type Data = axum::body::Bytes;
+    type Error = std::convert::Infallible;
 
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let permit =
-            self.slots.clone().acquire_owned().await.expect("the semaphore is never closed");
-        loop {
-            match self.listener.accept().await {
-                Ok((stream, addr)) => {
-                    let _ = stream.set_nodelay(true);
-                    let connection = BoundedConnection {
-                        stream,
-                        _permit: permit,
-                        idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
-                    };
-                    return (connection, addr);
-                }
-                Err(error) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    log::warn!("accepting an HTTP connection failed: {error}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let body = &mut self.get_mut().body;
+        let chunk = body.split_to(body.len().min(Self::CHUNK));
+        std::task::Poll::Ready((!chunk.is_empty()).then(|| Ok(http_body::Frame::data(chunk))))
     }
 
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.listener.local_addr()
-    }
-}
-
-/// An accepted connection holding one of the listener's slots until it closes.
-pub struct BoundedConnection {
-    stream: TcpStream,
-    _permit: OwnedSemaphorePermit,
-    idle: Pin<Box<Sleep>>,
-}
-
-impl BoundedConnection {
-    fn check_idle(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        if self.idle.as_mut().poll(cx).is_ready() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "HTTP connection idle"));
-        }
-        Ok(())
+    fn is_end_stream(&self) -> bool {
+        self.body.is_empty()
     }
 
-    fn progress(&mut self) {
-        self.idle.as_mut().reset(Instant::now() + IDLE_TIMEOUT);
-    }
-
-    /// Any progress restarts the idle clock; waiting too long fails the connection.
-    fn watch_idle<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        poll: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        match poll {
-            Poll::Ready(result) => {
-                self.progress();
-                Poll::Ready(result)
-            }
-            Poll::Pending => {
-                self.check_idle(cx)?;
-                Poll::Pending
-            }
-        }
-    }
-}
-
-impl AsyncRead for BoundedConnection {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let poll = Pin::new(&mut self.stream).poll_read(cx, buf);
-        self.watch_idle(cx, poll)
-    }
-}
-
-impl AsyncWrite for BoundedConnection {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let poll = Pin::new(&mut self.stream).poll_write(cx, buf);
-        self.watch_idle(cx, poll)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.body.len() as u64)
     }
 }

@@ -115,7 +115,7 @@ impl LeakWatch {
             return;
         }
         self.last_inode_dump = Some(Instant::now());
-        let dumps = netns::dump_all_with(sockdiag::dump_close_wait);
+        let dumps = netns::dump_all_with(sockdiag::dump_close_wait).dumps;
         let mut agg = shared.aggregator();
         for dump in &dumps {
             for socket in &dump.sockets {

@@ -183,6 +183,13 @@ impl Collector for TcpstateCollector {
             "Second deliveries of one transition (by both kernel programs) the reader dropped",
             status.duplicates_dropped,
         )?;
+        gauge(
+            &mut encoder,
+            "tcpstate_netns_skipped",
+            "Network namespaces the last sock_diag dump could not enter for lack of privilege \
+             (their sockets are missing from the gauges)",
+            status.netns_refused as i64,
+        )?;
         counter(
             &mut encoder,
             "tcpstate_kernel_map_update_failures",

@@ -9,6 +9,7 @@ pub mod gauges;
 pub mod http;
 pub mod leak_watch;
 pub mod metrics;
+pub mod server;
 pub mod table;
 
 use std::{
@@ -28,7 +29,7 @@ use self::{
 use crate::{
     cli::RunArgs,
     clock::monotonic_ns,
-    netns::{self, NamespaceDump},
+    netns::{self, AllDumps},
     probe::{Delivery, PartStatus, Probe},
     reader::RecordReader,
 };
@@ -57,6 +58,8 @@ pub struct Status {
     pub duplicates_dropped: u64,
     /// When the reader last finished a batch (monotonic ns).
     pub last_read_ns: u64,
+    /// Namespaces the last dump could not enter for lack of privilege.
+    pub netns_refused: usize,
     /// (when, ring-buffer overflows so far) samples over `OVERFLOW_WINDOW_NS`.
     overflow_history: VecDeque<(u64, u64)>,
 }
@@ -151,22 +154,36 @@ impl Shared {
 }
 
 /// Dumps every network namespace off the async workers; returns when it started and ended.
-async fn dump_namespaces() -> anyhow::Result<(Vec<NamespaceDump>, u64, u64)> {
+async fn dump_namespaces() -> anyhow::Result<(AllDumps, u64, u64)> {
     let started = monotonic_ns();
     let dumps = tokio::task::spawn_blocking(netns::dump_all).await.context("sock_diag dump")?;
     Ok((dumps, started, monotonic_ns()))
 }
 
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// What the daemon sets up with its full privileges, before any other thread exists.
+pub struct Attached {
+    listener: std::net::TcpListener,
+    probe: Probe,
+}
+
+/// Binds the HTTP port and attaches the probe. Privileges first: without them nothing else
+/// matters, a busy port included. Then bind: a busy port fails before anything touches the
+/// kernel. Runs before the async runtime starts, so that the capabilities dropped afterwards
+/// (`capabilities::keep_only`) are dropped for every thread the daemon will have.
+pub fn attach(args: &RunArgs) -> anyhow::Result<Attached> {
+    crate::probe::preflight::check_privileges()?;
+    let listener = http::bind(args.listen)?;
+    let probe = Probe::attach(&args.probe.probe_options(KernelFilter::ALL))?;
+    Ok(Attached { listener, probe })
+}
+
+pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
     let stop = crate::signals::shutdown()?;
     tokio::pin!(stop);
-    // Privileges first: without them nothing else matters, a busy port included. Then bind:
-    // a busy port fails before anything touches the kernel.
-    crate::probe::preflight::check_privileges()?;
-    let listener = http::bind(args.listen).await?;
+    let Attached { listener, mut probe } = attached;
+    let listener = tokio::net::TcpListener::from_std(listener).context("serving HTTP")?;
     let listen = listener.local_addr()?;
 
-    let mut probe = Probe::attach(&args.probe.probe_options(KernelFilter::ALL))?;
     let ring = probe.take_ring().context("ring buffer already taken")?;
     let mut reader = RecordReader::new(ring, POLL_INTERVAL).context("watching the ring buffer")?;
 
@@ -178,7 +195,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     shared.update_status(|status| status.parts = probe.parts().to_vec());
     shared.aggregator().begin_dump();
     let (dumps, started, finished) = dump_namespaces().await?;
-    let seeded = shared.aggregator().reconcile(&dumps, started, finished, false);
+    shared.update_status(|status| status.netns_refused = dumps.refused);
+    let seeded = shared.aggregator().reconcile(&dumps.dumps, started, finished, false);
     log::info!(
         "tcpstate {} attached to tracepoint sock:inet_sock_set_state; serving http://{listen}/metrics; \
          seeded {} existing sockets from {} network namespaces",
@@ -192,15 +210,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         shared: shared.clone(),
         exporter: Arc::new(metrics::Exporter::new(shared.clone())),
         flush: flush_requests,
+        listings: Arc::new(tokio::sync::Semaphore::new(http::MAX_LISTINGS)),
     };
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
     shared.update_status(|status| status.last_read_ns = monotonic_ns());
     let server = tokio::spawn(async move {
-        axum::serve(http::BoundedListener::new(listener), http::router(state))
-            .with_graceful_shutdown(async {
-                let _ = http_stopped.await;
-            })
-            .await
+        server::serve(listener, http::router(state), async {
+            let _ = http_stopped.await;
+        })
+        .await;
     });
 
     let leak_watch = tokio::spawn(watch_leaks(
@@ -243,7 +261,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 // Everything the kernel sent before the dump ended is applied first.
                 reader.drain_now(|item| batch.collect(item));
                 batch.apply(&shared);
-                let outcome = shared.aggregator().reconcile(&dumps, started, finished, true);
+                shared.update_status(|status| status.netns_refused = dumps.refused);
+                let outcome = shared.aggregator().reconcile(&dumps.dumps, started, finished, true);
                 log::debug!("reconciled with {} namespaces: {outcome:?}", outcome.namespaces);
             }
             _ = &mut stop => break,
@@ -257,7 +276,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     drop(probe);
     log::debug!("probe detached");
     match tokio::time::timeout(HTTP_SHUTDOWN_GRACE, server).await {
-        Ok(Ok(result)) => result.context("HTTP server")?,
+        Ok(Ok(())) => {}
         Ok(Err(join)) => return Err(join).context("HTTP server task"),
         Err(_elapsed) => log::debug!("closing HTTP connections still open"),
     }

@@ -69,7 +69,16 @@ async fn fetch(url: &DaemonUrl) -> Result<LeakReport, FetchError> {
 /// since their peer's last ACK (a lower bound of their stay), owners from /proc.
 pub fn snapshot(threshold: Duration, cmdline: CmdlinePolicy) -> LeakReport {
     let threshold_ms = threshold.as_millis();
-    let candidates = netns::dump_all_with(sockdiag::dump_close_wait)
+    let all = netns::dump_all_with(sockdiag::dump_close_wait);
+    if all.refused > 0 {
+        eprintln!(
+            "tcpstate: {} network namespaces could not be entered (needs CAP_SYS_ADMIN): \
+             their sockets are not in this report",
+            all.refused
+        );
+    }
+    let candidates = all
+        .dumps
         .into_iter()
         .flat_map(|dump| {
             dump.sockets.into_iter().filter_map(move |socket| {

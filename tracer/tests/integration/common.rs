@@ -121,7 +121,21 @@ impl Tcpstate {
     }
 
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(tcpstate_bin())
+        Self::start_under(&[], args, env)
+    }
+
+    /// Starts tcpstate through `wrapper` (a program and its options that execs it, e.g.
+    /// `setpriv --bounding-set=-sys_admin`), or directly when `wrapper` is empty.
+    pub fn start_under(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = match wrapper.split_first() {
+            Some((program, options)) => {
+                let mut command = Command::new(program);
+                command.args(options).arg(tcpstate_bin());
+                command
+            }
+            None => Command::new(tcpstate_bin()),
+        };
+        let mut child = command
             .args(args)
             .env("TCPSTATE_LOG", "info")
             .envs(env.iter().copied())
@@ -345,12 +359,17 @@ impl Daemon {
     }
 
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_under(&[], args, env)
+    }
+
+    /// Starts the daemon through `wrapper` (see `Tcpstate::start_under`).
+    pub fn start_under(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut full = vec!["run"];
         if !args.contains(&"--listen") && !env.iter().any(|(k, _)| *k == "TCPSTATE_LISTEN") {
             full.extend(["--listen", "127.0.0.1:0"]);
         }
         full.extend(args);
-        let mut process = Tcpstate::start_with_env(&full, env);
+        let mut process = Tcpstate::start_under(wrapper, &full, env);
         let line = process.wait_for_stderr("serving http://", Duration::from_secs(30));
         let addr = line
             .split("serving http://")

@@ -6,9 +6,11 @@
 //! check which program the kernel calls first or count every firing under a burst, are
 //! `#[serial]`: no other test runs beside them.
 
+mod check;
 mod common;
 mod daemon;
 mod deploy;
+mod http;
 mod leaks;
 mod probe;
 mod watch;

@@ -239,8 +239,15 @@ fn without_privileges_the_error_says_what_is_missing() {
     // The missing privileges are the cause, not the busy port the daemon would also meet.
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let output = unprivileged(&["run", "--listen", &busy.local_addr().unwrap().to_string()]);
-    let _ = std::fs::remove_dir_all(&dir);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("CAP_BPF") && !stderr.contains("in use"), "{stderr}");
+    // `check` says the same, as a finding, and exits 1: tcpstate cannot run like this.
+    let output = unprivileged(&["check"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    let privileges = stdout.lines().find(|l| l.contains("privileges")).unwrap_or_default();
+    assert!(privileges.contains("FAILS") && privileges.contains("CAP_BPF"), "{stdout}");
+    assert!(stdout.contains("tcpstate cannot run here"), "{stdout}");
 }

@@ -1,0 +1,58 @@
+//! Least privilege after setup: once the probe is attached and the port bound, the daemon
+//! keeps only the capabilities it still uses, so a bug in the HTTP server or the /proc parsing
+//! cannot load eBPF programs or do anything else root can.
+
+use caps::{CapSet, Capability, CapsHashSet};
+
+/// What the running daemon still needs: entering other network namespaces for sock_diag
+/// dumps (`setns`), and finding them and the sockets' owners in other processes' `/proc`
+/// entries (`ns/net`, `fd/`). Everything else, CAP_BPF and CAP_PERFMON included, goes.
+pub const DAEMON_NEEDS: [Capability; 3] =
+    [Capability::CAP_SYS_ADMIN, Capability::CAP_SYS_PTRACE, Capability::CAP_DAC_READ_SEARCH];
+
+/// Reduces this thread's capabilities to `keep` (those it has of them), in every set, and
+/// removes the rest from the bounding set so no exec can regain them. Threads created
+/// afterwards inherit the result: call it before starting any other thread.
+pub fn keep_only(keep: &[Capability]) -> Result<CapsHashSet, caps::errors::CapsError> {
+    let permitted = caps::read(None, CapSet::Permitted)?;
+    let kept: CapsHashSet = permitted.iter().copied().filter(|cap| keep.contains(cap)).collect();
+    // The bounding set first: dropping from it takes CAP_SETPCAP, which is about to go.
+    for cap in caps::read(None, CapSet::Bounding)? {
+        if !keep.contains(&cap) {
+            caps::drop(None, CapSet::Bounding, cap)?;
+        }
+    }
+    caps::clear(None, CapSet::Ambient)?;
+    caps::clear(None, CapSet::Inheritable)?;
+    caps::set(None, CapSet::Effective, &kept)?;
+    caps::set(None, CapSet::Permitted, &kept)?;
+    Ok(kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a thread of its own: capabilities are per thread, and the test runner's other
+    /// threads keep theirs.
+    #[test]
+    fn only_what_is_kept_remains_and_cannot_come_back() {
+        let outcome = std::thread::spawn(|| {
+            let before = caps::read(None, CapSet::Permitted).unwrap();
+            let kept = keep_only(&[Capability::CAP_SYS_PTRACE]).unwrap();
+            let after = caps::read(None, CapSet::Effective).unwrap();
+            let raise = caps::raise(None, CapSet::Effective, Capability::CAP_BPF);
+            (before, kept, after, raise.is_err())
+        })
+        .join()
+        .unwrap();
+        let (before, kept, after, raise_refused) = outcome;
+        assert_eq!(kept, after);
+        assert!(after.iter().all(|cap| *cap == Capability::CAP_SYS_PTRACE), "{after:?}");
+        assert_eq!(
+            after.contains(&Capability::CAP_SYS_PTRACE),
+            before.contains(&Capability::CAP_SYS_PTRACE)
+        );
+        assert!(raise_refused, "a dropped capability came back");
+    }
+}
