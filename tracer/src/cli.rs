@@ -136,8 +136,9 @@ pub struct RunArgs {
     #[arg(long, env = "TCPSTATE_LISTEN", default_value = DEFAULT_LISTEN, value_parser = parse_listen, value_name = "IP:PORT")]
     pub listen: SocketAddr,
 
-    /// Most sockets the daemon tracks (1000 to 50000000); beyond it, sockets are evicted and
-    /// counted in tcpstate_table_evictions_total. About 200 bytes each.
+    /// Most sockets the daemon tracks (1000 to 50000000), about 200 bytes each. Beyond it,
+    /// new sockets are not tracked (ages, owners and leaks only for those held) while the
+    /// per-state gauges stay exact from sock_diag dumps; tcpstate_table_saturated says so.
     #[arg(long, env = "TCPSTATE_MAX_SOCKETS", default_value_t = 1_000_000, value_parser = parse_max_sockets, value_name = "N")]
     pub max_sockets: usize,
 

@@ -40,6 +40,11 @@ impl StayHistogram {
 /// States the tracepoint never reports: their gauges come from dumps only.
 pub const SAMPLED_STATES: [TcpState; 2] = [TcpState::TIME_WAIT, TcpState::NEW_SYN_RECV];
 
+/// States whose gauges follow the table (or, while it is saturated, dumps and records).
+fn table_states() -> impl Iterator<Item = TcpState> {
+    TcpState::ALL.into_iter().filter(|&state| tracked_state(state))
+}
+
 /// Whether a dump's socket in `state` belongs in the table (the tracepoint reports its
 /// transitions); CLOSE sockets are not in dumps, sampled states are counted separately.
 fn tracked_state(state: TcpState) -> bool {
@@ -89,6 +94,11 @@ pub struct Aggregator {
     dedupe_until_ns: u64,
     /// While a dump is running: keys of sockets closed since it started.
     closed_during_dump: Option<HashSet<SocketKey>>,
+    /// The table cannot hold every socket: gauges come from the last dump plus every record
+    /// since, tracked or not, instead of from the table.
+    saturated: bool,
+    /// Sockets the last dump listed that the table could not hold.
+    untracked: usize,
 }
 
 impl Aggregator {
@@ -104,7 +114,17 @@ impl Aggregator {
             namespaces: 0,
             dedupe_until_ns: 0,
             closed_during_dump: None,
+            saturated: false,
+            untracked: 0,
         }
+    }
+
+    pub fn saturated(&self) -> bool {
+        self.saturated
+    }
+
+    pub fn untracked(&self) -> usize {
+        self.untracked
     }
 
     pub fn labels(&self) -> &PortLabels {
@@ -170,14 +190,28 @@ impl Aggregator {
             // A dump that ran while this socket changed state may have listed it too.
             self.table.drop_seeded_duplicate(&key, ts);
         }
-        if new == TcpState::CLOSE {
-            self.table.remove(r.skaddr, ts);
+        let tracked = if new == TcpState::CLOSE {
             if let Some(closed) = &mut self.closed_during_dump {
                 closed.insert(key);
             }
+            self.table.remove(r.skaddr, ts).is_some()
         } else {
             let owner = r.owner_known().then_some(Owner { pid: r.owner_tgid, comm: r.owner_comm });
-            self.table.enter_state(r.skaddr, key, new, ts, owner);
+            let tracked = self.table.enter_state(r.skaddr, key, new, ts, owner);
+            // A socket the full table refused: from now on gauges follow records, not it.
+            self.saturated |= !tracked;
+            tracked
+        };
+        if !tracked && self.saturated {
+            // Counted in the gauges (by the dump, or by its own creation) but not in the
+            // table: the record moves it between gauges.
+            let gauges = self.table.gauges_mut();
+            if !TcpState::creates_socket(old, new) {
+                gauges.add(r.sport, old, -1, ts);
+            }
+            if new != TcpState::CLOSE {
+                gauges.add(r.sport, new, 1, ts);
+            }
         }
     }
 
@@ -205,11 +239,14 @@ impl Aggregator {
 
         let mut listed: HashMap<SocketKey, Vec<&DiagSocket>> = HashMap::new();
         let mut sampled = vec![vec![0i64; self.labels.values()]; SAMPLED_STATES.len()];
+        // Per state and label, what the dump lists of the table's states.
+        let mut counted = vec![vec![0i64; self.labels.values()]; TcpState::INDEXES];
         for dump in dumps {
             for socket in &dump.sockets {
                 if let Some(i) = SAMPLED_STATES.iter().position(|s| *s == socket.state) {
                     sampled[i][self.labels.index(socket.local.port())] += 1;
                 } else if tracked_state(socket.state) {
+                    counted[socket.state.index()][self.labels.index(socket.local.port())] += 1;
                     listed
                         .entry(SocketKey::from_diag(dump.inode, socket))
                         .or_default()
@@ -218,7 +255,7 @@ impl Aggregator {
             }
         }
         for (state, per_label) in SAMPLED_STATES.iter().zip(&sampled) {
-            self.table.gauges_mut().set_sampled(*state, per_label, now);
+            self.table.gauges_mut().set_counts(*state, per_label, now);
         }
 
         for id in self.table.ids() {
@@ -243,20 +280,36 @@ impl Aggregator {
                 None => {}
             }
         }
+        let mut untracked = 0;
         for (key, sockets) in listed {
             if closed.contains(&key) {
                 continue;
             }
             for socket in sockets {
-                self.table.insert_seeded(
-                    key,
-                    socket.state,
-                    socket.inode,
-                    entered_at(socket, now),
-                    now,
-                );
-                outcome.added += 1;
+                let entered = entered_at(socket, now);
+                if self.table.insert_seeded(key, socket.state, socket.inode, entered, now) {
+                    outcome.added += 1;
+                } else {
+                    untracked += 1;
+                }
             }
+        }
+        let was_saturated = self.saturated;
+        self.saturated = untracked > 0;
+        self.untracked = untracked;
+        if self.saturated {
+            // Exact as of the dump: every socket it listed, tracked or not, and the table's
+            // sockets of namespaces it could not enter.
+            for (_, tracked) in self.table.iter().filter(|(_, t)| !covered.contains(&t.key.netns)) {
+                counted[tracked.state.index()][self.labels.index(tracked.key.sport)] += 1;
+            }
+            for state in table_states() {
+                self.table.gauges_mut().set_counts(state, &counted[state.index()], now);
+            }
+        } else if was_saturated {
+            // Everything fits again: the table is the count.
+            let states: Vec<TcpState> = table_states().collect();
+            self.table.recount_gauges(&states, now);
         }
         self.dedupe_until_ns = finished_ns;
         self.namespaces = dumps.len();
@@ -336,6 +389,40 @@ mod tests {
         agg.apply(&record(A, 5, S::FIN_WAIT2, S::CLOSE, 1000));
         assert!(agg.table().is_empty());
         assert_eq!(agg.events(), 5);
+    }
+
+    /// Above --max-sockets nothing churns: the table keeps what it holds, reconciliations
+    /// correct nothing, and the gauges count every socket, tracked or not.
+    #[test]
+    fn a_saturated_table_stays_still_and_its_gauges_exact() {
+        let mut agg = Aggregator::new(2, PortLabels::none());
+        let steady: Vec<DiagSocket> = (1000..1005).map(|port| diag(S::ESTABLISHED, port)).collect();
+        agg.reconcile(&dump(steady.clone()), 10, 20, false);
+        assert!(agg.saturated());
+        assert_eq!((agg.table().len(), agg.untracked()), (2, 3));
+        assert_eq!(agg.table().gauges().count(S::ESTABLISHED), 5, "from the dump");
+        for round in 0..3 {
+            let at = 100 + round * 100;
+            let outcome = agg.reconcile(&dump(steady.clone()), at, at + 10, true);
+            assert_eq!(outcome.corrections(), 0, "round {round}: {outcome:?}");
+            assert_eq!(agg.table().gauges().count(S::ESTABLISHED), 5);
+        }
+        assert_eq!(agg.corrections(), 0);
+
+        // An untracked socket's records still move it between gauges; a new one counts too.
+        let untracked = record(A, 500, S::ESTABLISHED, S::CLOSE_WAIT, 1004);
+        agg.apply(&untracked);
+        agg.apply(&record(A + 8, 501, S::CLOSE, S::SYN_SENT, 0));
+        agg.apply(&record(A + 8, 502, S::SYN_SENT, S::ESTABLISHED, 2000));
+        let gauges = agg.table().gauges();
+        assert_eq!((gauges.count(S::ESTABLISHED), gauges.count(S::CLOSE_WAIT)), (5, 1));
+        assert_eq!(gauges.count(S::SYN_SENT), 0);
+        assert_eq!(agg.table().len(), 2);
+
+        // Back under the bound: everything is tracked, and the table is the count again.
+        agg.reconcile(&dump(steady[..2].to_vec()), 600, 610, true);
+        assert!(!agg.saturated());
+        assert_eq!(agg.table().gauges().count(S::ESTABLISHED), 2);
     }
 
     #[test]

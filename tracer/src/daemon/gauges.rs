@@ -92,9 +92,9 @@ impl StateGauges {
         self.total[state] += delta;
     }
 
-    /// Replaces the counts of a state the tracepoint never reports (TIME_WAIT,
-    /// NEW_SYN_RECV) with a dump's, per label.
-    pub fn set_sampled(&mut self, state: TcpState, per_label: &[i64], ts: u64) {
+    /// Replaces a state's counts, per label: with a dump's for the states the tracepoint never
+    /// reports (TIME_WAIT, NEW_SYN_RECV) and while the table is saturated.
+    pub fn set_counts(&mut self, state: TcpState, per_label: &[i64], ts: u64) {
         let state = state.index();
         self.accrue(state, ts);
         let mut total = 0;

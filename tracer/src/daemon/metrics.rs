@@ -202,11 +202,18 @@ impl Collector for TcpstateCollector {
             "Sockets in the daemon's table",
             agg.table().len() as i64,
         )?;
-        counter(
+        gauge(
             &mut encoder,
-            "tcpstate_table_evictions",
-            "Sockets dropped from the table because it held --max-sockets",
-            agg.table().evictions(),
+            "tcpstate_table_saturated",
+            "1 when the table cannot hold every socket (--max-sockets): gauges then come from \
+             sock_diag dumps and records, per-socket details only for the sockets it holds",
+            i64::from(agg.saturated()),
+        )?;
+        gauge(
+            &mut encoder,
+            "tcpstate_table_untracked_sockets",
+            "Sockets the last sock_diag dump listed that the full table could not hold",
+            agg.untracked() as i64,
         )?;
         counter(
             &mut encoder,

@@ -48,7 +48,6 @@ pub struct SocketTable {
     seeded: HashMap<SocketKey, Vec<SocketId>>,
     next_seeded_id: SocketId,
     capacity: usize,
-    evictions: u64,
     gauges: StateGauges,
 }
 
@@ -59,7 +58,6 @@ impl SocketTable {
             seeded: HashMap::new(),
             next_seeded_id: 1,
             capacity,
-            evictions: 0,
             gauges: StateGauges::new(labels),
         }
     }
@@ -72,8 +70,9 @@ impl SocketTable {
         self.sockets.is_empty()
     }
 
-    pub fn evictions(&self) -> u64 {
-        self.evictions
+    /// Whether a socket not in the table would be refused.
+    pub fn is_full(&self) -> bool {
+        self.sockets.len() >= self.capacity
     }
 
     pub fn gauges(&self) -> &StateGauges {
@@ -100,10 +99,12 @@ impl SocketTable {
         self.sockets.keys().copied().collect()
     }
 
-    /// Adds a socket, evicting another when the table is full.
-    pub fn insert(&mut self, id: SocketId, tracked: Tracked, ts: u64) {
-        if self.sockets.len() >= self.capacity && !self.sockets.contains_key(&id) {
-            self.evict_one(ts);
+    /// Adds a socket; when the table is full, nothing changes and the answer is false. Never
+    /// evicting keeps a saturated table still: sockets it holds stay, the others are counted
+    /// from dumps (see `Aggregator::reconcile`), and nothing churns.
+    pub fn insert(&mut self, id: SocketId, tracked: Tracked, ts: u64) -> bool {
+        if self.is_full() && !self.sockets.contains_key(&id) {
+            return false;
         }
         self.gauges.add(tracked.key.sport, tracked.state, 1, ts);
         if id < SEEDED_ID_LIMIT {
@@ -112,6 +113,7 @@ impl SocketTable {
         if let Some(previous) = self.sockets.insert(id, tracked) {
             self.gauges.add(previous.key.sport, previous.state, -1, ts);
         }
+        true
     }
 
     /// Adds a socket known only from a dump, in `state` since at least `entered_ns`.
@@ -122,7 +124,7 @@ impl SocketTable {
         inode: u32,
         entered_ns: u64,
         now: u64,
-    ) {
+    ) -> bool {
         let id = self.next_seeded_id;
         self.next_seeded_id += 1;
         let tracked = Tracked {
@@ -134,7 +136,7 @@ impl SocketTable {
             owner: None,
             inode,
         };
-        self.insert(id, tracked, now);
+        self.insert(id, tracked, now)
     }
 
     pub fn remove(&mut self, id: SocketId, ts: u64) -> Option<Tracked> {
@@ -177,7 +179,8 @@ impl SocketTable {
     }
 
     /// Moves socket `id` to `state` at `ts`, with a new key (ports fill in as a socket
-    /// connects), recording an owner when one is given. Creates the entry when absent.
+    /// connects), recording an owner when one is given. Creates the entry when absent; false
+    /// when it is absent and the table is full.
     pub fn enter_state(
         &mut self,
         id: SocketId,
@@ -185,7 +188,7 @@ impl SocketTable {
         state: TcpState,
         ts: u64,
         owner: Option<Owner>,
-    ) {
+    ) -> bool {
         match self.sockets.get_mut(&id) {
             Some(tracked) => {
                 self.gauges.add(tracked.key.sport, tracked.state, -1, ts);
@@ -198,6 +201,7 @@ impl SocketTable {
                 if owner.is_some() {
                     tracked.owner = owner;
                 }
+                true
             }
             None => {
                 let tracked = Tracked {
@@ -209,8 +213,20 @@ impl SocketTable {
                     owner,
                     inode: 0,
                 };
-                self.insert(id, tracked, ts);
+                self.insert(id, tracked, ts)
             }
+        }
+    }
+
+    /// Sets the gauges of `states` to what the table holds (after a saturation ended).
+    pub fn recount_gauges(&mut self, states: &[TcpState], ts: u64) {
+        let labels = self.gauges.labels().clone();
+        for &state in states {
+            let mut per_label = vec![0i64; labels.values()];
+            for tracked in self.sockets.values().filter(|t| t.state == state) {
+                per_label[labels.index(tracked.key.sport)] += 1;
+            }
+            self.gauges.set_counts(state, &per_label, ts);
         }
     }
 
@@ -229,22 +245,6 @@ impl SocketTable {
     pub fn set_inode(&mut self, id: SocketId, inode: u32) {
         if let Some(tracked) = self.sockets.get_mut(&id) {
             tracked.inode = inode;
-        }
-    }
-
-    /// At capacity: drop an arbitrary socket (hash order), preferring one known only from a
-    /// dump, and count it. Gauges stay consistent with the table; the evicted socket is
-    /// simply not tracked any more.
-    fn evict_one(&mut self, ts: u64) {
-        let victim = self
-            .seeded
-            .values()
-            .next()
-            .and_then(|ids| ids.first().copied())
-            .or_else(|| self.sockets.keys().next().copied());
-        if let Some(victim) = victim {
-            self.remove(victim, ts);
-            self.evictions += 1;
         }
     }
 }
@@ -299,14 +299,15 @@ mod tests {
     }
 
     #[test]
-    fn a_full_table_evicts_and_counts() {
+    fn a_full_table_refuses_newcomers_and_keeps_what_it_holds() {
         let mut table = SocketTable::new(2, PortLabels::none());
-        table.enter_state(SKADDR, key(1), EST, 1, None);
-        table.enter_state(SKADDR + 8, key(2), EST, 1, None);
-        table.enter_state(SKADDR + 16, key(3), EST, 1, None);
+        assert!(table.enter_state(SKADDR, key(1), EST, 1, None));
+        assert!(table.enter_state(SKADDR + 8, key(2), EST, 1, None));
+        assert!(!table.enter_state(SKADDR + 16, key(3), EST, 1, None));
+        assert!(table.enter_state(SKADDR, key(1), CW, 2, None), "held sockets still move");
         assert_eq!(table.len(), 2);
-        assert_eq!(table.evictions(), 1);
-        assert_eq!(table.gauges().count(EST), 2);
+        assert!(table.contains(SKADDR) && table.contains(SKADDR + 8));
+        assert_eq!((table.gauges().count(EST), table.gauges().count(CW)), (1, 1));
     }
 
     #[test]

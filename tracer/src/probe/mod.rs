@@ -97,12 +97,14 @@ pub enum ProbeError {
          message; `TCPSTATE_LOG=debug` prints the verifier's whole log"
     )]
     LoadProgram { program: &'static str, reason: String },
-    #[error("attaching `{program}` to {target} failed")]
+    #[error("attaching `{program}` to {target} failed{hint}")]
     Attach {
         program: &'static str,
         target: String,
+        /// What to do about it, when known (starts with "; ").
+        hint: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("map `{map}` of the eBPF object: {source}")]
     Map {
@@ -367,10 +369,37 @@ fn attach_main(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
         ProbeError::Attach {
             program: MAIN_PROGRAM,
             target: format!("tracepoint {}:{}", tracepoint::CATEGORY, tracepoint::NAME),
-            source,
+            hint: perf_event_hint(&source),
+            source: Box::new(source),
         }
     })?;
     Ok(())
+}
+
+/// Why a perf event was refused, when it was for lack of privilege. Debian's kernels add a
+/// level 3 to `kernel.perf_event_paranoid` (their default) at which perf events need
+/// CAP_SYS_ADMIN (on 5.10; CAP_PERFMON on later ones).
+fn perf_event_hint(error: &ProgramError) -> String {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    let denied = std::iter::from_fn(|| {
+        let current = source?;
+        source = current.source();
+        Some(current)
+    })
+    .filter_map(|e| e.downcast_ref::<io::Error>())
+    .any(|e| e.kind() == io::ErrorKind::PermissionDenied);
+    if !denied {
+        return String::new();
+    }
+    let paranoid = fs::read_to_string("/proc/sys/kernel/perf_event_paranoid").unwrap_or_default();
+    match paranoid.trim().parse::<i32>() {
+        Ok(level) if level >= 3 => format!(
+            "; kernel.perf_event_paranoid is {level}, at which this kernel allows perf events \
+             only with CAP_SYS_ADMIN (Debian's default): run as root, add CAP_SYS_ADMIN, or \
+             `sysctl kernel.perf_event_paranoid=2`"
+        ),
+        _ => "; perf events need CAP_PERFMON (or CAP_SYS_ADMIN)".to_owned(),
+    }
 }
 
 /// The standby program, on the tracepoint's BTF flavour; it needs the socket's field offsets.

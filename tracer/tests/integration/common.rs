@@ -502,6 +502,36 @@ impl Drop for NetNs {
     }
 }
 
+/// A numeric sysctl lowered for one test, restored when dropped.
+pub struct Sysctl {
+    path: String,
+    previous: Option<String>,
+}
+
+impl Sysctl {
+    /// Sets `/proc/sys/<name>` to `value` when it is higher.
+    pub fn at_most(name: &str, value: i64) -> Self {
+        let path = format!("/proc/sys/{name}");
+        let current = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let previous = match current.trim().parse::<i64>() {
+            Ok(level) if level > value => {
+                std::fs::write(&path, value.to_string()).unwrap();
+                Some(current)
+            }
+            _ => None,
+        };
+        Self { path, previous }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        if let Some(previous) = &self.previous {
+            let _ = std::fs::write(&self.path, previous.trim());
+        }
+    }
+}
+
 /// A TCP port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -10,7 +10,7 @@ use std::{
 };
 
 use crate::common::{self, Closer, Daemon, Metrics, NetNs, V4, V6, require_root, run_tcpstate};
-use serial_test::parallel;
+use serial_test::{parallel, serial};
 use socket2::{Domain, Socket, Type};
 use tracer_common::{TcpState, TcpState as S};
 
@@ -242,6 +242,46 @@ fn ss_count(state: &str, port: &str) -> f64 {
     String::from_utf8_lossy(&output.stdout).lines().filter(|l| !l.trim().is_empty()).count() as f64
 }
 
+/// Above --max-sockets nothing churns: with more steady sockets than the table holds, no
+/// reconciliation corrects anything, the gauges equal `ss`, and the metric says saturated.
+/// Serial: it holds thousands of sockets, and other tests' churn would move the counters.
+#[test]
+#[serial]
+fn a_saturated_table_does_not_churn_and_gauges_stay_exact() {
+    require_root();
+    const HELD: usize = 1500;
+    let listener = TcpListener::bind((V4, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let mut held = Vec::with_capacity(2 * HELD);
+    for _ in 0..HELD {
+        held.push(TcpStream::connect(listener.local_addr().unwrap()).unwrap());
+        held.push(listener.accept().unwrap().0);
+    }
+    // 3,000 of these sockets, and the host's others, against a table of 1,000.
+    let args = ["--max-sockets", "1000", "--reconcile-interval", "1", "--port-label", &port];
+    let daemon = Daemon::start(&args);
+    let corrections = |m: &Metrics| m.value("tcpstate_reconcile_corrections_total", &[]);
+    let first = common::eventually(Duration::from_secs(10), || {
+        let m = daemon.scrape();
+        let saturated = m.value("tcpstate_table_saturated", &[]);
+        let gauge = m.value(SOCKETS, &[("state", "ESTABLISHED"), ("port", &port)]);
+        (saturated == 1.0 && gauge == HELD as f64)
+            .then_some(m)
+            .ok_or(format!("saturated {saturated}, ESTABLISHED on :{port} {gauge}"))
+    });
+    assert_eq!(first.value("tcpstate_tracked_sockets", &[]), 1000.0);
+    assert!(first.value("tcpstate_table_untracked_sockets", &[]) >= (2 * HELD - 1000) as f64);
+    // Three more reconciliations: nothing to correct, the gauge still what ss says.
+    thread::sleep(Duration::from_millis(3500));
+    let later = daemon.scrape();
+    assert_eq!(corrections(&later), corrections(&first), "the table churned");
+    let gauge = later.value(SOCKETS, &[("state", "ESTABLISHED"), ("port", &port)]);
+    assert_eq!(gauge, ss_count("established", &port));
+    assert_eq!(gauge, HELD as f64);
+    drop(held);
+    daemon.stop();
+}
+
 #[test]
 #[parallel]
 fn close_wait_and_established_gauges_agree_with_ss() {
@@ -318,6 +358,9 @@ fn the_running_daemon_keeps_only_the_capabilities_it_needs() {
 #[parallel]
 fn namespaces_it_cannot_enter_are_a_warning_and_a_metric() {
     require_root();
+    // Debian's kernels default to perf_event_paranoid 3, at which their 5.10 lets only
+    // CAP_SYS_ADMIN open perf events; 2 is the upstream default and lets CAP_PERFMON do it.
+    let _paranoid = common::Sysctl::at_most("kernel/perf_event_paranoid", 2);
     let _ns = NetNs::create("unentered");
     let no_admin = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin"];
     let daemon = Daemon::start_under(&no_admin, &["--reconcile-interval", "1"], &[]);
