@@ -158,6 +158,11 @@ pub struct RunArgs {
     #[arg(long = "port-label", env = "TCPSTATE_PORT_LABELS", value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT")]
     pub port_labels: Vec<u16>,
 
+    /// TLS and basic authentication for the endpoint: a web configuration file in the format
+    /// of Prometheus exporters (tls_server_config, basic_auth_users), as node_exporter reads.
+    #[arg(long, env = "TCPSTATE_WEB_CONFIG", value_parser = crate::web_config::parse, value_name = "FILE")]
+    pub web_config: Option<crate::web_config::WebConfig>,
+
     /// How much of a leaking process's command line /api/leaks and the log show: `redacted`
     /// masks values whose name looks secret (password, token, key, ...) and passwords in URLs.
     #[arg(long, env = "TCPSTATE_CMDLINE", value_enum, default_value_t = CmdlinePolicy::Redacted, value_name = "full|redacted|off")]

@@ -23,3 +23,4 @@ pub mod signals;
 pub mod sockdiag;
 pub mod socket;
 pub mod watch;
+pub mod web_config;

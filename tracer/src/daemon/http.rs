@@ -19,6 +19,7 @@ use crate::{
     clock::monotonic_ns,
     event::comm_str,
     socket::{OwnerName, SocketView},
+    web_config::BasicAuth,
 };
 
 /// A request that takes longer gets 408.
@@ -55,8 +56,9 @@ impl AppState {
     }
 }
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
+/// The endpoints; with `users`, every request needs one's basic-auth credentials.
+pub fn router(state: AppState, users: Option<Arc<BasicAuth>>) -> Router {
+    let router = Router::new()
         .route("/metrics", only_get(get(metrics)))
         .route("/healthz", only_get(get(healthz)))
         .route("/api/sockets", only_get(get(sockets)))
@@ -66,7 +68,35 @@ pub fn router(state: AppState) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
-        .with_state(state)
+        .with_state(state);
+    match users {
+        Some(users) => router.layer(axum::middleware::from_fn_with_state(users, authenticate)),
+        None => router,
+    }
+}
+
+/// 401 unless the request carries a configured user's credentials. The bcrypt check runs
+/// in the blocking pool: a flood of wrong passwords must not stall the workers.
+async fn authenticate(
+    State(users): State<Arc<BasicAuth>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let allowed = tokio::task::spawn_blocking(move || users.allows(authorization.as_deref())).await;
+    if allowed.unwrap_or(false) {
+        return next.run(request).await;
+    }
+    let mut response = error(StatusCode::UNAUTHORIZED, "credentials required (basic auth)");
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Basic realm=\"tcpstate\""),
+    );
+    response
 }
 
 /// Every endpoint is read-only: other methods get 405 with an `Allow` header.

@@ -173,6 +173,14 @@ pub struct Attached {
 pub fn attach(args: &RunArgs) -> anyhow::Result<Attached> {
     crate::probe::preflight::check_privileges()?;
     let listener = http::bind(args.listen)?;
+    if !args.listen.ip().is_loopback() && args.web_config.is_none() {
+        log::warn!(
+            "serving {} without TLS or authentication: whoever reaches it reads every socket \
+             and the processes holding them; give --web-config (TLS, basic auth) or listen on \
+             loopback",
+            args.listen
+        );
+    }
     let probe = Probe::attach(&args.probe.probe_options(KernelFilter::ALL))?;
     Ok(Attached { listener, probe })
 }
@@ -196,9 +204,11 @@ pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
     shared.aggregator().begin_dump();
     let (dumps, started, finished) = dump_namespaces().await?;
     shared.update_status(|status| status.netns_refused = dumps.refused);
+    let web = args.web_config.clone();
+    let scheme = if web.as_ref().is_some_and(|w| w.tls.is_some()) { "https" } else { "http" };
     let seeded = shared.aggregator().reconcile(&dumps.dumps, started, finished, false);
     log::info!(
-        "tcpstate {} attached to tracepoint sock:inet_sock_set_state; serving http://{listen}/metrics; \
+        "tcpstate {} attached to tracepoint sock:inet_sock_set_state; serving {scheme}://{listen}/metrics; \
          seeded {} existing sockets from {} network namespaces",
         env!("CARGO_PKG_VERSION"),
         seeded.added,
@@ -215,7 +225,9 @@ pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
     shared.update_status(|status| status.last_read_ns = monotonic_ns());
     let server = tokio::spawn(async move {
-        server::serve(listener, http::router(state), async {
+        let users = web.as_ref().and_then(|w| w.users.clone());
+        let tls = web.and_then(|w| w.tls);
+        server::serve(listener, http::router(state, users), tls, async {
             let _ = http_stopped.await;
         })
         .await;

@@ -29,6 +29,7 @@ use tokio::{
     task::JoinSet,
     time::{Instant, Sleep},
 };
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 
 use crate::clock::monotonic_ns;
@@ -94,9 +95,15 @@ impl Registry {
     }
 }
 
-/// Serves `router` on `listener` until `stop` resolves, then lets requests in progress
-/// finish (callers bound how long they wait).
-pub async fn serve(listener: TcpListener, router: Router, stop: impl Future<Output = ()>) {
+/// Serves `router` on `listener` (over TLS when `tls` is given) until `stop` resolves, then
+/// lets requests in progress finish (callers bound how long they wait).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    stop: impl Future<Output = ()>,
+) {
+    let tls = tls.map(TlsAcceptor::from);
     let registry = Arc::new(Registry::default());
     let (stopping, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -131,7 +138,14 @@ pub async fn serve(listener: TcpListener, router: Router, stop: impl Future<Outp
             evict: Notify::new(),
         });
         registry.lock().insert(next_id, connection.clone());
-        let served = serve_connection(stream, peer, router.clone(), connection, stopped.clone());
+        let served = serve_connection(
+            stream,
+            peer,
+            router.clone(),
+            tls.clone(),
+            connection,
+            stopped.clone(),
+        );
         let registry = registry.clone();
         let id = next_id;
         tasks.spawn(async move {
@@ -148,10 +162,37 @@ async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     router: Router,
+    tls: Option<TlsAcceptor>,
     connection: Arc<Connection>,
-    mut stopped: watch::Receiver<bool>,
+    stopped: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
+    let stream = IdleTimeout::new(stream);
+    let Some(tls) = tls else {
+        return serve_http(stream, peer, router, connection, stopped).await;
+    };
+    // The handshake is part of the request: it gets the headers' deadline, and a newcomer
+    // may take its slot like any connection waiting for a request.
+    let handshake = tokio::time::timeout(HEADER_TIMEOUT, tls.accept(stream));
+    tokio::select! {
+        accepted = handshake => match accepted {
+            Ok(Ok(stream)) => serve_http(stream, peer, router, connection, stopped).await,
+            Ok(Err(error)) => log::debug!("TLS handshake with {peer} failed: {error}"),
+            Err(_) => log::debug!("TLS handshake with {peer} timed out"),
+        },
+        () = connection.evict.notified() => {}
+    }
+}
+
+async fn serve_http<I>(
+    io: I,
+    peer: SocketAddr,
+    router: Router,
+    connection: Arc<Connection>,
+    mut stopped: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = {
         let connection = connection.clone();
         hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
@@ -167,7 +208,7 @@ async fn serve_connection(
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
-        .serve_connection(TokioIo::new(IdleTimeout::new(stream)), service);
+        .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
         result = conn.as_mut() => {

@@ -502,6 +502,69 @@ impl Drop for NetNs {
     }
 }
 
+/// Runs a real Prometheus (scraping every second) with `scrape_configs` entries `scrape`,
+/// until the instant query `query` returns a first value for which `done` holds, or 60 s
+/// pass. Returns that value, or the last answer and Prometheus's log.
+pub fn prometheus_query_until(
+    scrape: &str,
+    query: &str,
+    done: impl Fn(&str) -> bool,
+) -> Result<String, String> {
+    static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir =
+        std::env::temp_dir().join(format!("tcpstate-prometheus-{}-{run}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("prometheus.yml");
+    let global = "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n";
+    std::fs::write(&config, format!("{global}{scrape}")).unwrap();
+    let web = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), free_port());
+    let mut prometheus = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address={web}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("prometheus (Debian package prometheus; `cargo xtask test` installs it)");
+    let encoded: String = query
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let path = format!("/api/v1/query?query={encoded}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    let found = loop {
+        if Instant::now() > deadline {
+            break None;
+        }
+        thread::sleep(Duration::from_millis(500));
+        if TcpStream::connect(web).is_err() {
+            continue;
+        }
+        let response = http_get(web, &path);
+        last = response.body.clone();
+        if response.status != 200 {
+            continue;
+        }
+        if let Some(value) = response.json()["data"]["result"][0]["value"][1].as_str()
+            && done(value)
+        {
+            break Some(value.to_owned());
+        }
+    };
+    let _ = prometheus.kill();
+    let mut log = String::new();
+    let _ = prometheus.stderr.take().unwrap().read_to_string(&mut log);
+    let _ = prometheus.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    found.ok_or_else(|| format!("last answer: {last}\nprometheus log:\n{log}"))
+}
+
 /// A numeric sysctl lowered for one test, restored when dropped.
 pub struct Sysctl {
     path: String,

@@ -2,8 +2,7 @@
 
 use std::{
     collections::HashMap,
-    io::Read as _,
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     process::Command,
     thread,
     time::{Duration, Instant},
@@ -519,57 +518,14 @@ fn a_real_prometheus_scrapes_the_daemon() {
     for _ in 0..3 {
         common::one_connection(&listener, V4, Closer::Client);
     }
-    let dir = std::env::temp_dir().join(format!("tcpstate-prometheus-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  \
-             - job_name: tcpstate\n    static_configs:\n      - targets: ['{}']\n",
-            daemon.addr
-        ),
-    )
-    .unwrap();
-    let web = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), common::free_port());
-    let mut prometheus = Command::new("prometheus")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-        .arg(format!("--web.listen-address={web}"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("prometheus (Debian package prometheus; `cargo xtask test` installs it)");
-    let query = format!(
-        "/api/v1/query?query=tcpstate_transitions_total%7Bfrom%3D%22LISTEN%22%2Cto%3D%22SYN_RECV%22%2Cport%3D%22{port}%22%7D"
+    let scrape = format!(
+        "  - job_name: tcpstate\n    static_configs:\n      - targets: ['{}']\n",
+        daemon.addr
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = String::new();
-    let found = loop {
-        if Instant::now() > deadline {
-            break None;
-        }
-        thread::sleep(Duration::from_millis(500));
-        if TcpStream::connect(web).is_err() {
-            continue;
-        }
-        let response = common::http_get(web, &query);
-        last = response.body.clone();
-        if response.status != 200 {
-            continue;
-        }
-        let json = response.json();
-        if let Some(value) = json["data"]["result"][0]["value"][1].as_str() {
-            break Some(value.to_owned());
-        }
-    };
-    let _ = prometheus.kill();
-    let mut stderr = String::new();
-    let _ = prometheus.stderr.take().unwrap().read_to_string(&mut stderr);
-    let _ = prometheus.wait();
-    let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(found.as_deref(), Some("3"), "last answer: {last}\nprometheus log:\n{stderr}");
+    let query =
+        format!("tcpstate_transitions_total{{from=\"LISTEN\",to=\"SYN_RECV\",port=\"{port}\"}}");
+    let found = common::prometheus_query_until(&scrape, &query, |value| value == "3");
+    assert_eq!(found, Ok("3".to_owned()));
     daemon.stop();
 }
 

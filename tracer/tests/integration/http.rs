@@ -202,3 +202,153 @@ fn parallel_listings_take_turns_and_memory_stays_bounded() {
     drop(held);
     daemon.stop();
 }
+
+/// Certificates for one test: a CA, the server's (for 127.0.0.1), a client's from the CA, and
+/// a client's from another CA; PEM files in `dir`.
+struct Certificates {
+    dir: std::path::PathBuf,
+    ca: String,
+    client: (String, String),
+    stranger: (String, String),
+}
+
+impl Certificates {
+    fn issue(tag: &str) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let authority = || {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+        };
+        let (ca, other_ca) = (authority(), authority());
+        let leaf = |names: Vec<String>, issuer: &CertifiedIssuer<'_, KeyPair>| {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(names).unwrap().signed_by(&key, issuer).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let server = leaf(vec!["127.0.0.1".into()], &ca);
+        let dir = std::env::temp_dir().join(format!("tcpstate-tls-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, text) in
+            [("ca.pem", ca.pem()), ("server.pem", server.0), ("server.key", server.1)]
+        {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        let client = leaf(vec!["prometheus".into()], &ca);
+        std::fs::write(dir.join("client.pem"), &client.0).unwrap();
+        std::fs::write(dir.join("client.key"), &client.1).unwrap();
+        let stranger = leaf(vec!["stranger".into()], &other_ca);
+        Self { dir, ca: ca.pem(), client, stranger }
+    }
+}
+
+impl Drop for Certificates {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One HTTPS GET with rustls: the status, or why there was none.
+fn https_get(
+    addr: SocketAddr,
+    path: &str,
+    ca: &str,
+    client: Option<&(String, String)>,
+    password: Option<&str>,
+) -> Result<u16, String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap()).unwrap();
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let config = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let mut connection = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut socket = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    socket.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = rustls::Stream::new(&mut connection, &mut socket);
+    let authorization = password.map_or_else(String::new, |password| {
+        use base64::Engine as _;
+        let credentials =
+            base64::engine::general_purpose::STANDARD.encode(format!("prom:{password}"));
+        format!("Authorization: Basic {credentials}\r\n")
+    });
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Connection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+    let mut response = Vec::new();
+    tls.read_to_end(&mut response).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&response);
+    let status = text.split_whitespace().nth(1).ok_or(format!("no status in {text:?}"))?;
+    status.parse().map_err(|_| format!("no status in {text:?}"))
+}
+
+/// `--web-config` in the exporter-toolkit format: TLS with verified client certificates and
+/// basic auth, scraped by a real Prometheus; a wrong password is 401, a client certificate
+/// from another CA and plain HTTP are refused, and the daemon keeps serving.
+#[test]
+#[serial]
+fn tls_and_basic_auth_from_a_web_config_file() {
+    require_root();
+    let certs = Certificates::issue("web");
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let config = certs.dir.join("web.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\n  \
+             client_ca_file: ca.pem\n  client_auth_type: RequireAndVerifyClientCert\n\
+             basic_auth_users:\n  prom: '{hash}'\n"
+        ),
+    )
+    .unwrap();
+    let mut daemon = crate::common::Tcpstate::start(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--web-config",
+        config.to_str().unwrap(),
+    ]);
+    let line = daemon.wait_for_stderr("serving https://", Duration::from_secs(30));
+    let addr: SocketAddr = line
+        .split("serving https://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no address in `{line}`"));
+
+    let get = |path: &str, client, password| https_get(addr, path, &certs.ca, client, password);
+    assert_eq!(get("/healthz", Some(&certs.client), Some("s3cret")), Ok(200));
+    assert_eq!(get("/metrics", Some(&certs.client), Some("wrong")), Ok(401));
+    assert_eq!(get("/metrics", Some(&certs.client), None), Ok(401));
+    let stranger = get("/healthz", Some(&certs.stranger), Some("s3cret"));
+    assert!(stranger.is_err(), "a certificate from another CA was accepted: {stranger:?}");
+    let anonymous = get("/healthz", None, Some("s3cret"));
+    assert!(anonymous.is_err(), "no client certificate was accepted: {anonymous:?}");
+    // Plain HTTP to the TLS port gets no HTTP answer, and costs the daemon nothing.
+    let mut plain = TcpStream::connect(addr).unwrap();
+    plain.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    plain.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(!answer.starts_with(b"HTTP/"), "{:?}", String::from_utf8_lossy(&answer));
+
+    let dir = certs.dir.display();
+    let scrape = format!(
+        "  - job_name: tcpstate\n    scheme: https\n    basic_auth:\n      username: prom\n      \
+         password: s3cret\n    tls_config:\n      ca_file: {dir}/ca.pem\n      cert_file: \
+         {dir}/client.pem\n      key_file: {dir}/client.key\n    static_configs:\n      \
+         - targets: ['{addr}']\n"
+    );
+    let up = crate::common::prometheus_query_until(&scrape, "up{job=\"tcpstate\"}", |v| v == "1");
+    assert_eq!(up, Ok("1".to_owned()), "Prometheus scrapes over TLS with basic auth");
+    assert_eq!(get("/healthz", Some(&certs.client), Some("s3cret")), Ok(200));
+    drop(daemon);
+}
