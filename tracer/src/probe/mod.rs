@@ -378,7 +378,7 @@ fn attach_main(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
 
 /// Why a perf event was refused, when it was for lack of privilege. Debian's kernels add a
 /// level 3 to `kernel.perf_event_paranoid` (their default) at which perf events need
-/// CAP_SYS_ADMIN (on 5.10; CAP_PERFMON on later ones).
+/// CAP_SYS_ADMIN, CAP_PERFMON not being enough (seen on their 5.10 and 6.1).
 fn perf_event_hint(error: &ProgramError) -> String {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     let denied = std::iter::from_fn(|| {
