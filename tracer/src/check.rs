@@ -186,8 +186,15 @@ fn tracepoint_format() -> Result<String, String> {
         .join(tracepoint::CATEGORY)
         .join(tracepoint::NAME)
         .join("format");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|error| format!("reading {}: {error}", path.display()))?;
+    let text = std::fs::read_to_string(&path).map_err(|source| {
+        let path = path.display().to_string();
+        match source.kind() {
+            std::io::ErrorKind::PermissionDenied => {
+                preflight::PreflightError::TracefsUnreadable { path, source }.to_string()
+            }
+            _ => format!("reading {path}: {source}"),
+        }
+    })?;
     format::check(&text).map_err(|mismatch| mismatch.to_string())?;
     Ok(format!(
         "{}:{} has the fields and offsets tcpstate reads",

@@ -228,7 +228,12 @@ impl Probe {
             tracefs.join("events").join(tracepoint::CATEGORY).join(tracepoint::NAME).join("format")
         });
         let format_text = fs::read_to_string(&format_path).map_err(|source| {
-            ProbeError::TracepointMissing { path: format_path.display().to_string(), source }
+            let path = format_path.display().to_string();
+            if source.kind() == io::ErrorKind::PermissionDenied {
+                ProbeError::Preflight(PreflightError::TracefsUnreadable { path, source })
+            } else {
+                ProbeError::TracepointMissing { path, source }
+            }
         })?;
         format::check(&format_text).map_err(ProbeError::FormatMismatch)?;
         let btf = KernelBtf::load()?;

@@ -15,11 +15,18 @@ const TRACEFS_MOUNTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tra
 #[derive(Debug, Error)]
 pub enum PreflightError {
     #[error(
-        "tcpstate needs root, or the capabilities CAP_BPF and CAP_PERFMON (missing: {missing}). \
-         Run it with sudo, or grant them: setcap cap_bpf,cap_perfmon,cap_net_admin,cap_sys_admin+ep \
-         \"$(command -v tcpstate)\""
+        "tcpstate needs root, or CAP_BPF and CAP_PERFMON to load its programs (missing: \
+         {missing}); the daemon also uses CAP_SYS_ADMIN (other network namespaces, and perf \
+         events on Debian's kernels), CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH (socket owners, \
+         tracefs). Run it with sudo, or grant them: sudo setcap \
+         cap_bpf,cap_perfmon,cap_sys_admin,cap_sys_ptrace,cap_dac_read_search+ep {binary}"
     )]
-    NotPermitted { missing: String },
+    NotPermitted { missing: String, binary: String },
+    #[error(
+        "cannot read {path}: tracefs is readable by root only on this system; run tcpstate as \
+         root, or give it CAP_DAC_READ_SEARCH as well"
+    )]
+    TracefsUnreadable { path: String, source: io::Error },
     #[error("kernel {release} is too old: tcpstate needs the BPF ring buffer (Linux 5.8 or newer)")]
     KernelTooOld { release: String },
     #[error(
@@ -60,7 +67,9 @@ pub fn check_privileges() -> Result<(), PreflightError> {
         .filter(|&(cap, _)| !has(cap))
         .map(|(_, name)| name)
         .collect();
-    Err(PreflightError::NotPermitted { missing: missing.join(", ") })
+    let binary = std::env::current_exe()
+        .map_or_else(|_| "\"$(command -v tcpstate)\"".to_owned(), |p| p.display().to_string());
+    Err(PreflightError::NotPermitted { missing: missing.join(", "), binary })
 }
 
 /// The running kernel's release string and (major, minor).
@@ -90,8 +99,18 @@ fn check_release(release: &str) -> Result<(u32, u32), PreflightError> {
     }
 }
 
+/// Whether tracefs is mounted at `path`, from the mount table: looking inside would fail
+/// when the directory is readable by root only, and misreport it as not mounted.
 fn is_mounted(path: &Path) -> bool {
-    path.join("events").is_dir()
+    let Ok(mounts) = fs::read_to_string("/proc/self/mountinfo") else {
+        return path.join("events").is_dir();
+    };
+    mounts.lines().any(|line| {
+        // `ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS ... - FSTYPE SOURCE SUPER_OPTIONS`
+        let mount_point = line.split(' ').nth(4);
+        let fs_type = line.split(" - ").nth(1).and_then(|rest| rest.split(' ').next());
+        mount_point.map(Path::new) == Some(path) && fs_type == Some("tracefs")
+    })
 }
 
 /// Finds tracefs (aya reads tracepoint ids from it), mounting it where it is not mounted:

@@ -236,6 +236,29 @@ fn without_privileges_the_error_says_what_is_missing() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("CAP_BPF") && stderr.contains("sudo"), "{stderr}");
+    // The fix names this very binary, wherever it lives.
+    assert!(stderr.contains(&format!("+ep {}", binary.display())), "{stderr}");
+    // With the two capabilities that load programs but not root's access to a tracefs that
+    // only root may read (mode 0700, as on this machine): the cause is said, not "not mounted".
+    let tracing_mode = std::fs::metadata("/sys/kernel/tracing").map(|m| m.permissions().mode());
+    if tracing_mode.is_ok_and(|mode| mode & 0o005 == 0) {
+        let output = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(["--inh-caps=+bpf,+perfmon", "--ambient-caps=+bpf,+perfmon"])
+            .arg(&binary)
+            .args(["watch", "--duration", "1"])
+            .output()
+            .expect("setpriv (util-linux) runs the binary with two capabilities");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("readable by root only"), "{stderr}");
+        assert!(
+            stderr.contains("CAP_DAC_READ_SEARCH") && !stderr.contains("not mounted"),
+            "{stderr}"
+        );
+    } else {
+        eprintln!("/sys/kernel/tracing is readable by others here: the 0700 case is not checked");
+    }
     // The missing privileges are the cause, not the busy port the daemon would also meet.
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let output = unprivileged(&["run", "--listen", &busy.local_addr().unwrap().to_string()]);
