@@ -11,6 +11,7 @@ pub mod check;
 pub mod cli;
 pub mod clock;
 pub mod cmdline;
+pub mod container;
 pub mod daemon;
 pub mod duplicates;
 pub mod event;

@@ -4,11 +4,17 @@
 //! Walking every process's descriptors is the expensive part; callers do it only for sockets
 //! whose owner the kernel program could not capture, and not more often than they choose.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+};
 
 use procfs::process::{FDTarget, Process};
 
-use crate::cmdline::CmdlinePolicy;
+use crate::{
+    cmdline::CmdlinePolicy,
+    container::{Container, POD_LOGS},
+};
 
 /// A process, as a leak report names it.
 #[derive(Clone, Debug)]
@@ -19,6 +25,8 @@ pub struct ProcessInfo {
     pub cmdline: Option<String>,
     /// The cgroup v2 path (or the first v1 hierarchy's), when the process has one.
     pub cgroup: Option<String>,
+    /// The container and pod that cgroup names, if any.
+    pub container: Container,
 }
 
 impl ProcessInfo {
@@ -36,7 +44,11 @@ impl ProcessInfo {
                 .map(|g| g.pathname.clone())
                 .filter(|path| !path.is_empty())
         });
-        Some((Self { pid, comm: stat.comm, cmdline, cgroup }, stat.starttime))
+        let container = cgroup
+            .as_deref()
+            .map(|path| Container::of_cgroup(path, Path::new(POD_LOGS)))
+            .unwrap_or_default();
+        Some((Self { pid, comm: stat.comm, cmdline, cgroup, container }, stat.starttime))
     }
 }
 

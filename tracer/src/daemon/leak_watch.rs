@@ -211,5 +211,11 @@ fn details(process: &ProcessLeak) -> String {
     let peers: Vec<String> =
         process.top_peers(3).into_iter().map(|(addr, n)| format!("{addr} ({n})")).collect();
     let cmdline = process.cmdline.as_deref().filter(|c| !c.is_empty()).unwrap_or("-");
-    format!("; local ports {}; top peers {}; cmdline: {cmdline}", ports.join(","), peers.join(", "))
+    let container =
+        process.container_description().map_or_else(String::new, |c| format!("; in {c}"));
+    format!(
+        "; local ports {}; top peers {}{container}; cmdline: {cmdline}",
+        ports.join(","),
+        peers.join(", ")
+    )
 }

@@ -132,6 +132,9 @@ pub fn render(report: &LeakReport) -> String {
         if let Some(cgroup) = &process.cgroup {
             let _ = writeln!(out, "  cgroup:  {cgroup}");
         }
+        if let Some(where_) = process.container_description() {
+            let _ = writeln!(out, "  in:      {where_}");
+        }
         const SHOWN: usize = 10;
         let rows: Vec<(String, String, String)> = process
             .sockets

@@ -16,6 +16,7 @@ use tracer_common::TcpState;
 
 use crate::{
     cmdline::CmdlinePolicy,
+    container::Container,
     owners::{ProcessCache, scan_socket_holders},
     socket::{OwnerName, SocketKey, SocketView},
 };
@@ -37,6 +38,9 @@ pub struct ProcessLeak {
     pub comm: Option<String>,
     pub cmdline: Option<String>,
     pub cgroup: Option<String>,
+    /// `container_id`, `pod_uid`, `pod_namespace`, `pod_name` (null outside containers).
+    #[serde(flatten)]
+    pub container: Container,
     pub count: usize,
     pub oldest_age_seconds: f64,
     /// Oldest first.
@@ -61,6 +65,22 @@ impl ProcessLeak {
         peers.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         peers.truncate(n);
         peers
+    }
+
+    /// `container 3f4e1c2a9b8d (pod shop/checkout-7d9f)`, when the process runs in one.
+    pub fn container_description(&self) -> Option<String> {
+        let c = &self.container;
+        let pod = match (&c.pod_namespace, &c.pod_name, &c.pod_uid) {
+            (Some(namespace), Some(name), _) => Some(format!("pod {namespace}/{name}")),
+            (_, _, Some(uid)) => Some(format!("pod uid {uid}")),
+            _ => None,
+        };
+        let container =
+            c.container_id.as_deref().map(|id| format!("container {}", &id[..12.min(id.len())]));
+        match (container, pod) {
+            (Some(container), Some(pod)) => Some(format!("{container} ({pod})")),
+            (one, other) => one.or(other),
+        }
     }
 
     pub fn comm_or_unknown(&self) -> &str {
@@ -166,6 +186,7 @@ impl OwnerResolver {
                     pid,
                     comm: info.as_ref().map(|i| i.comm.clone()),
                     cmdline: info.as_ref().and_then(|i| i.cmdline.clone()),
+                    container: info.as_ref().map(|i| i.container.clone()).unwrap_or_default(),
                     cgroup: info.and_then(|i| i.cgroup),
                     count: sockets.len(),
                     oldest_age_seconds: sockets.first().map_or(0.0, |s| s.age_ns as f64 / 1e9),
@@ -244,6 +265,7 @@ mod tests {
             comm: None,
             cmdline: None,
             cgroup: None,
+            container: Container::default(),
             count: 3,
             oldest_age_seconds: 1.0,
             sockets: vec![
@@ -255,5 +277,22 @@ mod tests {
         assert_eq!(leak.local_ports(), vec![80, 443]);
         assert_eq!(leak.top_peers(1), vec![(IpAddr::from([10, 0, 0, 9]), 2)]);
         assert_eq!(leak.comm_or_unknown(), "unknown");
+        assert_eq!(leak.container_description(), None);
+        let in_pod = ProcessLeak {
+            container: Container {
+                container_id: Some("3f4e1c2a9b8d7e6f".into()),
+                pod_uid: Some("0b7e5a3c-1d2f-4e6a-8b9c-0d1e2f3a4b5c".into()),
+                pod_namespace: Some("shop".into()),
+                pod_name: Some("checkout".into()),
+            },
+            ..leak.clone()
+        };
+        assert_eq!(
+            in_pod.container_description().as_deref(),
+            Some("container 3f4e1c2a9b8d (pod shop/checkout)")
+        );
+        let json = serde_json::to_value(&in_pod).unwrap();
+        assert_eq!(json["pod_name"], "checkout", "flattened into the process: {json}");
+        assert!(serde_json::to_value(&leak).unwrap()["container_id"].is_null());
     }
 }
