@@ -565,6 +565,20 @@ pub fn prometheus_query_until(
     found.ok_or_else(|| format!("last answer: {last}\nprometheus log:\n{log}"))
 }
 
+/// Raises this process's open-file limit to at least `wanted` (root may).
+pub fn allow_open_files(wanted: u64) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        if limit.rlim_cur < wanted {
+            limit.rlim_cur = wanted.min(limit.rlim_max.max(wanted));
+            limit.rlim_max = limit.rlim_max.max(wanted);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0, "raising RLIMIT_NOFILE");
+        }
+    }
+}
+
 /// A numeric sysctl lowered for one test, restored when dropped.
 pub struct Sysctl {
     path: String,

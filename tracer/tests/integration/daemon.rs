@@ -249,6 +249,7 @@ fn ss_count(state: &str, port: &str) -> f64 {
 fn a_saturated_table_does_not_churn_and_gauges_stay_exact() {
     require_root();
     const HELD: usize = 1500;
+    common::allow_open_files(4 * HELD as u64);
     let listener = TcpListener::bind((V4, 0)).unwrap();
     let port = listener.local_addr().unwrap().port().to_string();
     let mut held = Vec::with_capacity(2 * HELD);
@@ -320,9 +321,9 @@ fn close_wait_and_established_gauges_agree_with_ss() {
     daemon.stop();
 }
 
-/// Once attached, every thread of the daemon holds only CAP_SYS_ADMIN (enter namespaces),
-/// CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH (other processes' /proc), in every set, the
-/// bounding set included; and it still does its work.
+/// Once attached, every thread of the daemon holds only CAP_BPF (read its counters),
+/// CAP_SYS_ADMIN (enter namespaces), CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH (other processes'
+/// /proc), in every set, the bounding set included; and it still does its work.
 #[test]
 #[parallel]
 fn the_running_daemon_keeps_only_the_capabilities_it_needs() {
@@ -330,7 +331,8 @@ fn the_running_daemon_keeps_only_the_capabilities_it_needs() {
     const DAC_READ_SEARCH: u32 = 2;
     const SYS_PTRACE: u32 = 19;
     const SYS_ADMIN: u32 = 21;
-    let kept: u64 = (1 << DAC_READ_SEARCH) | (1 << SYS_PTRACE) | (1 << SYS_ADMIN);
+    const BPF: u32 = 39;
+    let kept: u64 = (1 << DAC_READ_SEARCH) | (1 << SYS_PTRACE) | (1 << SYS_ADMIN) | (1 << BPF);
     let daemon = Daemon::start(&["--reconcile-interval", "1"]);
     // A reconciliation (which enters namespaces) and a scrape ran with them.
     thread::sleep(Duration::from_millis(1500));
@@ -363,7 +365,12 @@ fn namespaces_it_cannot_enter_are_a_warning_and_a_metric() {
     let _ns = NetNs::create("unentered");
     let no_admin = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin"];
     let daemon = Daemon::start_under(&no_admin, &["--reconcile-interval", "1"], &[]);
-    let skipped = daemon.scrape().value("tcpstate_netns_skipped", &[]);
+    let scraped = std::panic::catch_unwind(|| daemon.get("/metrics"));
+    let Ok(metrics) = scraped else {
+        let finished = daemon.stop();
+        panic!("no answer from the daemon: {:?}\n{}", finished.status, finished.stderr.join("\n"));
+    };
+    let skipped = Metrics::parse(&metrics.body).value("tcpstate_netns_skipped", &[]);
     assert!(skipped >= 1.0, "tcpstate_netns_skipped {skipped}");
     // Reconciliations keep finding it; the warning stays one line.
     thread::sleep(Duration::from_millis(2500));

@@ -124,20 +124,6 @@ fn memory(pid: u32) -> (u64, u64) {
     (kib("VmHWM:"), kib("VmRSS:"))
 }
 
-/// Raises this process's open-file limit to at least `wanted` (root may).
-fn allow_open_files(wanted: u64) {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-        if limit.rlim_cur < wanted {
-            limit.rlim_cur = wanted.min(limit.rlim_max.max(wanted));
-            limit.rlim_max = limit.rlim_max.max(wanted);
-            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0, "raising RLIMIT_NOFILE");
-        }
-    }
-}
-
 /// 64 clients asking for the whole socket list at once: at most `MAX_LISTINGS` answers are
 /// built and held, the others are told to retry (503 with Retry-After), and memory stays
 /// bounded instead of growing with the number of clients.
@@ -146,7 +132,7 @@ fn allow_open_files(wanted: u64) {
 fn parallel_listings_take_turns_and_memory_stays_bounded() {
     require_root();
     const CONNECTIONS: usize = 3000;
-    allow_open_files(4 * CONNECTIONS as u64);
+    crate::common::allow_open_files(4 * CONNECTIONS as u64);
     let daemon = Daemon::start(&[]);
     let addr = daemon.addr;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
