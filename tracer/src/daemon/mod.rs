@@ -60,6 +60,8 @@ pub struct Status {
     pub last_read_ns: u64,
     /// Namespaces the last dump could not enter for lack of privilege.
     pub netns_refused: usize,
+    /// Why the kernel's counters could not be read at the last status tick, if they could not.
+    pub counters_error: Option<String>,
     /// (when, ring-buffer overflows so far) samples over `OVERFLOW_WINDOW_NS`.
     overflow_history: VecDeque<(u64, u64)>,
 }
@@ -67,6 +69,11 @@ pub struct Status {
 impl Status {
     /// Why the daemon is not keeping up, if it is not.
     pub fn unhealthy_reason(&self, now: u64) -> Option<String> {
+        if let Some(error) = &self.counters_error {
+            return Some(format!(
+                "cannot read the kernel program's counters ({error}): losses are not counted"
+            ));
+        }
         if self.last_read_ns == 0 || now.saturating_sub(self.last_read_ns) > STALL_AFTER_NS {
             return Some(format!(
                 "the ring-buffer reader has not run for more than {} s",
@@ -255,10 +262,22 @@ pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
                 let _ = flush.send(());
             }
             _ = status_tick.tick() => {
-                let delivery = probe.delivery()?;
+                // A failed read is reported (log, /healthz), not fatal: records still flow.
+                let delivery = probe.delivery().map_err(|error| format!("{error:#}"));
                 let duplicates = reader.duplicates_dropped();
                 shared.update_status(|status| {
-                    status.record_delivery(delivery, monotonic_ns());
+                    match delivery {
+                        Ok(delivery) => {
+                            status.record_delivery(delivery, monotonic_ns());
+                            status.counters_error = None;
+                        }
+                        Err(error) => {
+                            if status.counters_error.as_ref() != Some(&error) {
+                                log::warn!("cannot read the kernel program's counters: {error}");
+                            }
+                            status.counters_error = Some(error);
+                        }
+                    }
                     status.duplicates_dropped = duplicates;
                 });
                 shared.release_memory_if_needed();
@@ -344,5 +363,19 @@ impl Batch {
             agg.apply(&record);
         }
         agg.count_malformed(std::mem::take(&mut self.malformed));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreadable_counters_make_the_daemon_unhealthy_with_the_reason() {
+        let mut status = Status { last_read_ns: 1, ..Status::default() };
+        assert_eq!(status.unhealthy_reason(2), None);
+        status.counters_error = Some("Operation not permitted".into());
+        let reason = status.unhealthy_reason(2).unwrap();
+        assert!(reason.contains("Operation not permitted") && reason.contains("not counted"));
     }
 }
