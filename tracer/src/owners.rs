@@ -62,8 +62,17 @@ pub fn scan_socket_holders(wanted: &HashSet<u32>) -> HashMap<u32, u32> {
     let Ok(processes) = procfs::process::all_processes() else { return found };
     let mut processes: Vec<Process> = processes.flatten().collect();
     processes.sort_by_key(Process::pid);
+    let mut refused = 0;
     for process in processes {
-        let Ok(fds) = process.fd() else { continue };
+        let fds = match process.fd() {
+            Ok(fds) => fds,
+            Err(procfs::ProcError::PermissionDenied(_)) => {
+                refused += 1;
+                continue;
+            }
+            // Gone meanwhile, or a kernel thread.
+            Err(_) => continue,
+        };
         for fd in fds.flatten() {
             if let FDTarget::Socket(inode) = fd.target
                 && let Ok(inode) = u32::try_from(inode)
@@ -75,6 +84,16 @@ pub fn scan_socket_holders(wanted: &HashSet<u32>) -> HashMap<u32, u32> {
         if found.len() == wanted.len() {
             break;
         }
+    }
+    if refused > 0 && found.len() < wanted.len() {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            log::warn!(
+                "cannot read the descriptors of {refused} processes (/proc/<pid>/fd): owners of \
+                 their sockets stay unknown; reading them needs CAP_SYS_PTRACE and \
+                 CAP_DAC_READ_SEARCH"
+            );
+        });
     }
     found
 }
