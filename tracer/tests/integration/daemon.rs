@@ -599,12 +599,27 @@ fn configuration_errors_are_usage_errors_naming_the_flag() {
         (vec!["run", "--listen", "localhost"], "--listen"),
         (vec!["run", "--listen", "localhost:9977"], "expected IP:PORT, e.g. 127.0.0.1:9977"),
         (vec!["run", "--listen", "127.0.0.1:99999"], "`99999` is not a port"),
+        (vec!["run", "--cmdline", "some"], "--cmdline"),
+        (vec!["run", "--web-config", "/nonexistent/web.yml"], "/nonexistent/web.yml"),
     ] {
         let finished = run_tcpstate(&args);
         let stderr = finished.stderr.join("\n");
         assert_eq!(finished.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
+    // A web config that does not hold: refused whole, naming the key, before anything runs.
+    let dir = std::env::temp_dir().join(format!("tcpstate-badweb-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("web.yml");
+    std::fs::write(&config, "basic_auth_users:\n  prom: plaintext\n").unwrap();
+    let finished = run_tcpstate(&["run", "--web-config", config.to_str().unwrap()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = finished.stderr.join("\n");
+    assert_eq!(finished.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--web-config") && stderr.contains("basic_auth_users.prom"),
+        "{stderr}"
+    );
     let env = Command::new(common::tcpstate_bin())
         .arg("run")
         .env("TCPSTATE_MAX_SOCKETS", "12")
