@@ -103,6 +103,14 @@ pub struct AllDumps {
     pub refused: usize,
 }
 
+impl AllDumps {
+    /// Memory the dumped sockets take.
+    pub fn bytes(&self) -> usize {
+        let sockets: usize = self.dumps.iter().map(|dump| dump.sockets.capacity()).sum();
+        sockets * std::mem::size_of::<DiagSocket>()
+    }
+}
+
 /// Dumps every namespace; the caller treats only the dumped ones as known. A namespace that
 /// vanished meanwhile is skipped quietly (debug); one refused for lack of privilege is
 /// counted, and the first refusal is a warning naming the capability.

@@ -11,20 +11,15 @@ use axum::{
     routing::{MethodRouter, get},
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tracer_common::TcpState;
 
-use super::{Shared, metrics::Exporter, table::Tracked};
-use crate::{
-    clock::monotonic_ns,
-    event::comm_str,
-    socket::{OwnerName, SocketView},
-    web_config::BasicAuth,
-};
+use super::{Shared, listing::StreamedListing, metrics::Exporter, table::Tracked};
+use crate::{clock::monotonic_ns, web_config::BasicAuth};
 
 /// A request that takes longer gets 408.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// `/api/sockets` listings built or sent at once: each holds its whole answer in memory.
+/// `/api/sockets` listings built or sent at once: each holds a copy of its entries.
 pub const MAX_LISTINGS: usize = 2;
 /// How long a listing waits for its turn before the client is told to retry (503).
 const LISTING_WAIT: Duration = Duration::from_secs(2);
@@ -171,39 +166,6 @@ pub struct SocketsQuery {
     limit: Option<usize>,
 }
 
-fn view(tracked: &Tracked, now: u64) -> SocketView {
-    let owner =
-        tracked.owner.map(|o| OwnerName { pid: o.pid, comm: comm_str(&o.comm).into_owned() });
-    SocketView::new(
-        &tracked.key,
-        tracked.state,
-        now.saturating_sub(tracked.entered_ns),
-        !tracked.entered_exact,
-        owner,
-        tracked.inode,
-    )
-}
-
-/// A response this large leaves memory the allocator keeps unless asked to give it back.
-const LARGE_RESPONSE: usize = 1 << 20;
-
-/// Serializes sockets as a JSON list without first building their views.
-struct Listing<'a> {
-    sockets: &'a [&'a Tracked],
-    now: u64,
-}
-
-impl Serialize for Listing<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq as _;
-        let mut seq = serializer.serialize_seq(Some(self.sockets.len()))?;
-        for tracked in self.sockets {
-            seq.serialize_element(&view(tracked, self.now))?;
-        }
-        seq.end()
-    }
-}
-
 async fn sockets(
     State(state): State<AppState>,
     query: Result<Query<SocketsQuery>, QueryRejection>,
@@ -252,18 +214,13 @@ async fn sockets(
         // Ties broken by address, so pages of the same list follow each other.
         matching.sort_unstable_by_key(|t| (t.entered_ns, t.key.netns, t.key.sport, t.key.dport));
         let total = matching.len();
-        matching.drain(..offset.min(total));
-        matching.truncate(limit);
-        // Written one socket at a time: no list of views as large as the answer.
-        serde_json::to_vec(&Listing { sockets: &matching, now }).map(|body| (body, total))
+        let page: Vec<Tracked> = matching.into_iter().skip(offset).take(limit).cloned().collect();
+        (page, now, total)
     })
     .await;
     match listing {
-        Ok(Ok((body, total))) => {
-            if body.len() > LARGE_RESPONSE {
-                state.shared.note_large_allocation();
-            }
-            let body = HoldingTurn { body: body.into(), _turn: turn };
+        Ok((page, now, total)) => {
+            let body = StreamedListing::new(page, now, state.shared.clone(), turn);
             (
                 [(header::CONTENT_TYPE, "application/json")],
                 [("x-total-count", total.to_string())],
@@ -293,48 +250,14 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
             io::ErrorKind::AddrNotAvailable => {
                 "no local interface has that address; check --listen".to_owned()
             }
-            io::ErrorKind::PermissionDenied => {
-                "not permitted to bind it (ports below 1024 need CAP_NET_BIND_SERVICE); check \
-                 --listen"
-                    .to_owned()
-            }
+            io::ErrorKind::PermissionDenied => format!(
+                "ports below net.ipv4.ip_unprivileged_port_start (1024 by default) need \
+                 CAP_NET_BIND_SERVICE; choose a higher one with --listen IP:PORT, or run \
+                 {binary} as root or with cap_net_bind_service added to its setcap list",
+                binary = crate::probe::preflight::this_binary()
+            ),
             _ => format!("{error}; check --listen"),
         };
         anyhow::anyhow!("cannot serve HTTP on {addr}: {cause}")
     })
-}
-
-/// A response body that keeps a listing's turn until its last chunk is handed to the
-/// connection. Chunks, because hyper asks for the next one only when it has written most of
-/// the last: a client that reads slowly holds its turn, and so cannot make the daemon hold
-/// more answers than there are turns.
-struct HoldingTurn {
-    body: axum::body::Bytes,
-    _turn: OwnedSemaphorePermit,
-}
-
-impl HoldingTurn {
-    const CHUNK: usize = 64 << 10;
-}
-
-impl http_body::Body for HoldingTurn {
-    type Data = axum::body::Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let body = &mut self.get_mut().body;
-        let chunk = body.split_to(body.len().min(Self::CHUNK));
-        std::task::Poll::Ready((!chunk.is_empty()).then(|| Ok(http_body::Frame::data(chunk))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_empty()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.body.len() as u64)
-    }
 }

@@ -1,0 +1,118 @@
+//! The body of an `/api/sockets` answer: a JSON list written a chunk at a time, as the
+//! connection asks for more, from a copy of the matching table entries. No buffer as large as
+//! the answer exists: a 100,000-socket listing holds about 12 MB of entries instead of the
+//! 26 MB of its JSON, and gives it back as it goes.
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use axum::body::Bytes;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::{LARGE_ALLOCATION, Shared, table::Tracked};
+use crate::{
+    event::comm_str,
+    socket::{OwnerName, SocketView},
+};
+
+/// Bytes of JSON written per chunk. hyper asks for the next chunk only when it has written
+/// most of the last: a client that reads slowly holds its turn, not more memory.
+const CHUNK: usize = 64 << 10;
+
+/// A listing being sent; it keeps its turn (see `http::MAX_LISTINGS`) until the last chunk
+/// is handed to the connection or the client goes away.
+pub struct StreamedListing {
+    sockets: std::vec::IntoIter<Tracked>,
+    /// Monotonic time the listing was taken at: every socket's age is measured against it.
+    now: u64,
+    opened: bool,
+    closed: bool,
+    /// The copy was large enough to ask the allocator to return memory once it is freed.
+    large: bool,
+    shared: Arc<Shared>,
+    _turn: OwnedSemaphorePermit,
+}
+
+impl StreamedListing {
+    pub fn new(
+        sockets: Vec<Tracked>,
+        now: u64,
+        shared: Arc<Shared>,
+        turn: OwnedSemaphorePermit,
+    ) -> Self {
+        let large = sockets.len() * std::mem::size_of::<Tracked>() > LARGE_ALLOCATION;
+        Self {
+            sockets: sockets.into_iter(),
+            now,
+            opened: false,
+            closed: false,
+            large,
+            shared,
+            _turn: turn,
+        }
+    }
+
+    /// The next piece of the list, or `None` once `]` was sent.
+    fn next_chunk(&mut self) -> Option<Bytes> {
+        if self.closed {
+            return None;
+        }
+        let mut chunk = Vec::with_capacity(CHUNK + 1024);
+        for tracked in self.sockets.by_ref() {
+            chunk.push(if self.opened { b',' } else { b'[' });
+            self.opened = true;
+            serde_json::to_writer(&mut chunk, &view(&tracked, self.now))
+                .expect("a socket view serializes: it has no map with non-string keys");
+            if chunk.len() >= CHUNK {
+                return Some(chunk.into());
+            }
+        }
+        if !self.opened {
+            chunk.push(b'[');
+        }
+        chunk.push(b']');
+        self.closed = true;
+        Some(chunk.into())
+    }
+}
+
+impl Drop for StreamedListing {
+    fn drop(&mut self) {
+        if self.large {
+            self.shared.note_large_allocation();
+        }
+    }
+}
+
+impl http_body::Body for StreamedListing {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Poll::Ready(self.get_mut().next_chunk().map(|chunk| Ok(http_body::Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.closed
+    }
+}
+
+/// What a listing says about one socket.
+pub fn view(tracked: &Tracked, now: u64) -> SocketView {
+    let owner =
+        tracked.owner.map(|o| OwnerName { pid: o.pid, comm: comm_str(&o.comm).into_owned() });
+    SocketView::new(
+        &tracked.key,
+        tracked.state,
+        now.saturating_sub(tracked.entered_ns),
+        !tracked.entered_exact,
+        owner,
+        tracked.inode,
+    )
+}
