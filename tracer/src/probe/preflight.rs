@@ -30,10 +30,10 @@ pub enum PreflightError {
     #[error("kernel {release} is too old: tcpstate needs the BPF ring buffer (Linux 5.8 or newer)")]
     KernelTooOld { release: String },
     #[error(
-        "tracefs is not mounted and mounting it at {path} failed ({source}). Mount it yourself: \
-         mount -t tracefs nodev /sys/kernel/tracing"
+        "tracefs is not mounted and mounting it at {path} failed ({source}{needs}). Mount it \
+         once as root: sudo mount -t tracefs nodev /sys/kernel/tracing"
     )]
-    TracefsMount { path: String, source: io::Error },
+    TracefsMount { path: String, source: io::Error, needs: &'static str },
 }
 
 /// Linux capability numbers (`include/uapi/linux/capability.h`).
@@ -67,9 +67,14 @@ pub fn check_privileges() -> Result<(), PreflightError> {
         .filter(|&(cap, _)| !has(cap))
         .map(|(_, name)| name)
         .collect();
-    let binary = std::env::current_exe()
-        .map_or_else(|_| "\"$(command -v tcpstate)\"".to_owned(), |p| p.display().to_string());
-    Err(PreflightError::NotPermitted { missing: missing.join(", "), binary })
+    Err(PreflightError::NotPermitted { missing: missing.join(", "), binary: this_binary() })
+}
+
+/// This binary's path, for the `setcap` a fix names (`command -v tcpstate` is empty when it
+/// runs from a build directory).
+pub fn this_binary() -> String {
+    std::env::current_exe()
+        .map_or_else(|_| "\"$(command -v tcpstate)\"".to_owned(), |p| p.display().to_string())
 }
 
 /// The running kernel's release string and (major, minor).
@@ -133,9 +138,15 @@ pub fn ensure_tracefs() -> Result<PathBuf, PreflightError> {
         )
     };
     if ret != 0 {
+        let source = io::Error::last_os_error();
+        let needs = match source.kind() {
+            io::ErrorKind::PermissionDenied => ": mounting needs CAP_SYS_ADMIN",
+            _ => "",
+        };
         return Err(PreflightError::TracefsMount {
             path: target.display().to_string(),
-            source: io::Error::last_os_error(),
+            source,
+            needs,
         });
     }
     log::info!("mounted tracefs at {}", target.display());

@@ -321,66 +321,6 @@ fn close_wait_and_established_gauges_agree_with_ss() {
     daemon.stop();
 }
 
-/// Once attached, every thread of the daemon holds only CAP_BPF (read its counters),
-/// CAP_SYS_ADMIN (enter namespaces), CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH (other processes'
-/// /proc), in every set, the bounding set included; and it still does its work.
-#[test]
-#[parallel]
-fn the_running_daemon_keeps_only_the_capabilities_it_needs() {
-    require_root();
-    const DAC_READ_SEARCH: u32 = 2;
-    const SYS_PTRACE: u32 = 19;
-    const SYS_ADMIN: u32 = 21;
-    const BPF: u32 = 39;
-    let kept: u64 = (1 << DAC_READ_SEARCH) | (1 << SYS_PTRACE) | (1 << SYS_ADMIN) | (1 << BPF);
-    let daemon = Daemon::start(&["--reconcile-interval", "1"]);
-    // A reconciliation (which enters namespaces) and a scrape ran with them.
-    thread::sleep(Duration::from_millis(1500));
-    assert!(daemon.scrape().value("tcpstate_events_total", &[]) >= 0.0);
-    let tasks = std::fs::read_dir(format!("/proc/{}/task", daemon.process.pid())).unwrap();
-    let mut threads = 0;
-    for task in tasks {
-        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
-        for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
-            let line = status.lines().find(|l| l.starts_with(set)).unwrap();
-            let value = u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap();
-            assert_eq!(value, kept, "{set} {value:#x} in\n{status}");
-        }
-        threads += 1;
-    }
-    assert!(threads >= 3, "the runtime's threads were checked too ({threads})");
-    let finished = daemon.stop();
-    assert!(finished.status.success(), "{:?}", finished.stderr);
-}
-
-/// Without CAP_SYS_ADMIN the daemon cannot enter other network namespaces: it says so once,
-/// naming the capability, and exports how many it skipped, instead of quietly partial gauges.
-#[test]
-#[parallel]
-fn namespaces_it_cannot_enter_are_a_warning_and_a_metric() {
-    require_root();
-    // Debian's kernels default to perf_event_paranoid 3, at which their 5.10 lets only
-    // CAP_SYS_ADMIN open perf events; 2 is the upstream default and lets CAP_PERFMON do it.
-    let _paranoid = common::Sysctl::at_most("kernel/perf_event_paranoid", 2);
-    let _ns = NetNs::create("unentered");
-    let no_admin = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin"];
-    let daemon = Daemon::start_under(&no_admin, &["--reconcile-interval", "1"], &[]);
-    let scraped = std::panic::catch_unwind(|| daemon.get("/metrics"));
-    let Ok(metrics) = scraped else {
-        let finished = daemon.stop();
-        panic!("no answer from the daemon: {:?}\n{}", finished.status, finished.stderr.join("\n"));
-    };
-    let skipped = Metrics::parse(&metrics.body).value("tcpstate_netns_skipped", &[]);
-    assert!(skipped >= 1.0, "tcpstate_netns_skipped {skipped}");
-    // Reconciliations keep finding it; the warning stays one line.
-    thread::sleep(Duration::from_millis(2500));
-    let finished = daemon.stop();
-    let log = finished.stderr.join("\n");
-    let warning = "cannot enter network namespace";
-    assert_eq!(log.matches(warning).count(), 1, "{log}");
-    assert!(log.contains("CAP_SYS_ADMIN"), "{log}");
-}
-
 #[test]
 #[parallel]
 fn sockets_in_another_namespace_are_tracked_apart_and_survive_reconciliation() {

@@ -55,13 +55,26 @@ struct Helper {
 
 impl Helper {
     fn start(mode: &str, comm: &str, extra: &[&str]) -> Self {
+        Self::start_under(&[], mode, comm, extra)
+    }
+
+    /// Started through `wrapper` (e.g. `setpriv` to run as another user).
+    fn start_under(wrapper: &[&str], mode: &str, comm: &str, extra: &[&str]) -> Self {
         let script = common::temp_file("helper.py", HELPER);
         let python = if std::path::Path::new("/usr/bin/python3").exists() {
             "/usr/bin/python3"
         } else {
             "python3"
         };
-        let mut child = Command::new(python)
+        let mut command = match wrapper.split_first() {
+            Some((program, options)) => {
+                let mut command = Command::new(program);
+                command.args(options).arg(python);
+                command
+            }
+            None => Command::new(python),
+        };
+        let mut child = command
             .arg(&script)
             .args([mode, comm])
             .args(extra)
@@ -190,6 +203,63 @@ fn a_leaking_server_is_named_by_pid_and_comm_everywhere() {
         assert!(!log.contains(secret), "a secret in the log: {log}");
         assert!(!text.contains(secret), "a secret in tcpstate leaks: {text}");
     }
+}
+
+/// Without CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH the daemon cannot read another user's
+/// `/proc/<pid>/fd`. Where the kernel's accept hook runs, it names the owner of an accepted
+/// socket anyway; where it does not, the leak is reported without an owner and one warning
+/// names the capabilities.
+#[test]
+#[parallel]
+fn owners_the_daemon_may_not_read_are_a_warning_naming_the_capabilities() {
+    require_root();
+    let no_ptrace = [
+        "setpriv",
+        "--bounding-set=-sys_ptrace,-dac_read_search,-dac_override",
+        "--inh-caps=-sys_ptrace,-dac_read_search,-dac_override",
+    ];
+    let mut daemon = Daemon::start_under(&no_ptrace, &["--close-wait-threshold", "1"], &[]);
+    let nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"];
+    let leaky = Helper::start_under(&nobody, "leak", "nb-leaker", &[]);
+    hang_up_on(leaky.port, 2);
+    let ours = |report: &Value| -> Vec<Value> {
+        let processes = report["processes"].as_array().unwrap().iter();
+        processes
+            .filter(|p| {
+                p["sockets"].as_array().unwrap().iter().any(|s| s["local_port"] == leaky.port)
+            })
+            .cloned()
+            .collect()
+    };
+    let sockets = |p: &Value| {
+        let sockets = p["sockets"].as_array().unwrap().iter();
+        sockets.filter(|s| s["local_port"] == leaky.port).count()
+    };
+    let report = leaks_until(&daemon, Duration::from_secs(10), |r| {
+        ours(r).iter().map(sockets).sum::<usize>() == 2
+    });
+    let found = ours(&report);
+    assert_eq!(found.len(), 1, "both sockets, one entry: {report:#}");
+    assert_eq!(sockets(&found[0]), 2, "{report:#}");
+    let accept_hook = daemon
+        .scrape()
+        .value("tcpstate_probe_info", &[("program", "accept_owner"), ("active", "true")]);
+    if accept_hook == 1.0 {
+        assert_eq!(found[0]["pid"].as_u64(), Some(u64::from(leaky.pid())), "{report:#}");
+        assert_eq!(found[0]["comm"], "nb-leaker");
+        daemon.stop();
+        return;
+    }
+    assert!(found[0]["pid"].is_null(), "no way to know the owner: {report:#}");
+    // The walk of /proc runs at most every 5 s: other tests' leaks may have had the last one.
+    let warning = "cannot read the descriptors of";
+    let line = daemon.process.wait_for_stderr(warning, Duration::from_secs(15));
+    assert!(line.contains("CAP_SYS_PTRACE") && line.contains("CAP_DAC_READ_SEARCH"), "{line}");
+    let report = daemon.get("/api/leaks").json();
+    assert!(ours(&report).iter().all(|p| p["pid"].is_null()), "{report:#}");
+    thread::sleep(Duration::from_secs(6)); // another walk, refused again: no second line
+    let finished = daemon.stop();
+    assert_eq!(finished.stderr.join("\n").matches(warning).count(), 1, "{:?}", finished.stderr);
 }
 
 #[test]

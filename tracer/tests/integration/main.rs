@@ -12,5 +12,6 @@ mod daemon;
 mod deploy;
 mod http;
 mod leaks;
+mod privileges;
 mod probe;
 mod watch;
