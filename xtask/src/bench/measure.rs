@@ -96,21 +96,38 @@ impl Drop for BpfStats {
     }
 }
 
-/// One HTTP GET; returns the body and how long the whole exchange took.
+/// One HTTP/1.0 GET (so a streamed answer ends with the connection, not in chunks); returns
+/// the body and how long the whole exchange took.
 pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(String, Duration)> {
     let started = Instant::now();
     let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     let elapsed = started.elapsed();
     let text = String::from_utf8(raw)?;
     let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header")?;
-    if !head.starts_with("HTTP/1.1 200") {
+    if head.split_whitespace().nth(1) != Some("200") {
         bail!("GET {path}: {}", head.lines().next().unwrap_or(""));
     }
     Ok((body.to_owned(), elapsed))
+}
+
+/// One HTTP/1.0 GET whose body is read and dropped; returns the status code.
+pub fn http_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut reader = std::io::BufReader::new(stream);
+    let mut status_line = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut status_line)?;
+    std::io::copy(&mut reader, &mut std::io::sink())?;
+    status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("GET {path}: no HTTP status in {status_line:?}"))
 }
 
 /// The sum of every sample of `name` in a Prometheus text exposition whose labels contain

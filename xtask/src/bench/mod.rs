@@ -6,6 +6,7 @@ pub mod load;
 mod measure;
 mod report;
 mod run;
+mod scale;
 mod tracers;
 
 use std::{path::Path, time::Instant};
@@ -122,8 +123,11 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         }
     }
     let scale = if args.hold > 0 { Some(bench.scale()?) } else { None };
+    eprintln!("bench: saturation: 10,000 sockets against --max-sockets 1000");
+    let saturation = bench.saturation()?;
 
-    let report = render(args, per_connection, &outcomes, scale.as_deref(), started.elapsed());
+    let report =
+        render(args, per_connection, &outcomes, scale.as_deref(), &saturation, started.elapsed());
     println!("{report}");
     if !args.no_record {
         record(&root.join("BENCHMARKS.md"), &report)?;

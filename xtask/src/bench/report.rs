@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, io::Write as _, path::Path, process::Command, thread, time::Duration};
 
-use super::run::ScalePoint;
+use super::scale::{Saturation, ScalePoint};
 use super::{BenchArgs, Config, Outcome, measure::ProgStats};
 use crate::cmd::capture;
 
@@ -44,6 +44,7 @@ pub(super) fn render(
     per_connection: f64,
     outcomes: &[(Config, Outcome)],
     scale: Option<&[ScalePoint]>,
+    saturation: &Saturation,
     took: Duration,
 ) -> String {
     let mut out = String::new();
@@ -190,7 +191,43 @@ pub(super) fn render(
                 mib(p.rss_after_listing),
             );
         }
+        for (p, parallel) in points.iter().filter_map(|p| Some((p, p.parallel.as_ref()?))) {
+            let _ = writeln!(
+                out,
+                "\n{} clients reading the full `/api/sockets` at once with {} tracked sockets: \
+                 all {} served in {:.1} s ({} answers were 503 and retried a second later); \
+                 daemon RSS {} before, peak {} (+{}), {} {:.0} s after the last answer.",
+                parallel.clients,
+                p.tracked,
+                parallel.served,
+                parallel.took.as_secs_f64(),
+                parallel.retried,
+                mib(parallel.rss_before),
+                mib(parallel.rss_peak),
+                mib(parallel.rss_peak.saturating_sub(parallel.rss_before)),
+                mib(parallel.rss_after),
+                parallel.settled_after.as_secs_f64(),
+            );
+        }
     }
+    let s = saturation;
+    let _ = writeln!(
+        out,
+        "\nSaturated table: {} steady sockets against `--max-sockets {}`, reconciled every \
+         second, watched for {} s after two passes: evictions {} -> {}, reconcile corrections \
+         {} -> {}, `tcpstate_table_saturated` {}; ESTABLISHED on the held port: gauge {}, \
+         `ss` {}.",
+        s.sockets,
+        s.max_sockets,
+        s.watched.as_secs(),
+        s.evictions.0,
+        s.evictions.1,
+        s.corrections.0,
+        s.corrections.1,
+        s.saturated,
+        s.gauge,
+        s.ss,
+    );
     out
 }
 

@@ -1,11 +1,10 @@
-//! Running the storms and the scale run: a fresh network namespace, the load generator, and
-//! each configuration's tracer measured around them.
+//! Running the storms: a fresh network namespace, the load generator, and each
+//! configuration's tracer measured around them.
 
 use std::{
-    io::{BufRead as _, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -18,18 +17,18 @@ use anyhow::{Context as _, bail};
 
 use super::tracers::Tracer;
 use super::{
-    BenchArgs, Config, Outcome, load,
+    BenchArgs, Config, Outcome,
     measure::{self, ProgStats},
 };
 
-const NETNS: &str = "tcpstate-bench";
-const STORM_PORT: u16 = 5001;
+pub(super) const NETNS: &str = "tcpstate-bench";
+pub(super) const STORM_PORT: u16 = 5001;
 const TCPSTATES: &str = "/usr/sbin/tcpstates";
 
 pub(super) struct Bench<'a> {
     tcpstate: PathBuf,
     xtask: PathBuf,
-    args: &'a BenchArgs,
+    pub(super) args: &'a BenchArgs,
 }
 
 /// Deletes the benchmark's namespace when the benchmark ends, however it ends.
@@ -42,7 +41,7 @@ impl Drop for NamespaceCleanup {
 }
 
 /// A fresh network namespace for one run: an empty TCP table, TIME_WAIT room for the storm.
-fn fresh_namespace() -> anyhow::Result<()> {
+pub(super) fn fresh_namespace() -> anyhow::Result<()> {
     let _ = Command::new("ip").args(["netns", "del", NETNS]).stderr(Stdio::null()).status();
     // The previous namespace's sockets are torn down in the background; let that finish.
     thread::sleep(Duration::from_millis(1500));
@@ -81,7 +80,7 @@ impl<'a> Bench<'a> {
 }
 
 impl Bench<'_> {
-    fn loadgen(&self) -> Command {
+    pub(super) fn loadgen(&self) -> Command {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", NETNS]).arg(&self.xtask).arg("loadgen");
         command
@@ -106,11 +105,12 @@ impl Bench<'_> {
         Ok((connections, elapsed))
     }
 
-    /// `tcpstate run` on a free loopback port, started and settled.
-    fn daemon(&self) -> anyhow::Result<(Tracer, SocketAddr)> {
+    /// `tcpstate run ARGS` on a free loopback port, started and settled.
+    pub(super) fn daemon(&self, args: &[&str]) -> anyhow::Result<(Tracer, SocketAddr)> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let mut command = Command::new(&self.tcpstate);
-        command.args(["run", "--listen", &addr.to_string()]).env("TCPSTATE_LOG", "info");
+        command.args(["run", "--listen", &addr.to_string()]).args(args);
+        command.env("TCPSTATE_LOG", "info");
         let tracer = Tracer::start(command, |t| t.stderr_contains("serving http://"))?;
         thread::sleep(Duration::from_millis(500));
         Ok((tracer, addr))
@@ -142,7 +142,7 @@ impl Bench<'_> {
                 (outcome.connections, outcome.seconds) = self.run_storm(seconds, 0)?;
             }
             Config::Daemon => {
-                let (tracer, addr) = self.daemon()?;
+                let (tracer, addr) = self.daemon(&[])?;
                 let cpu_before = measure::cpu_seconds(tracer.pid())?;
                 let prog_before = tracer.prog_stats()?;
                 let firings_before = tracer.firings()?;
@@ -252,76 +252,6 @@ impl Bench<'_> {
         outcome.expected = (outcome.connections as f64 * per_connection).round() as u64 + 2;
         Ok(outcome)
     }
-
-    /// Holds connections open under the daemon: memory per tracked socket and how long the
-    /// endpoints take with that many.
-    pub(super) fn scale(&self) -> anyhow::Result<Vec<ScalePoint>> {
-        fresh_namespace()?;
-        let (tracer, addr) = self.daemon()?;
-        let idle_rss = measure::memory(tracer.pid())?.1;
-        let mut points = Vec::new();
-        let mut holders: Vec<(Child, ChildStdin)> = Vec::new();
-        let per_process = load::max_held_connections();
-        let mut held = 0;
-        let mut next_port = STORM_PORT + 1;
-        for target in [self.args.hold / 2, self.args.hold] {
-            eprintln!("bench: scale run: holding {target} connections");
-            while held < target {
-                let count = (target - held).min(per_process);
-                let mut holder = self
-                    .loadgen()
-                    .args([
-                        "hold",
-                        "--connections",
-                        &count.to_string(),
-                        "--port",
-                        &next_port.to_string(),
-                    ])
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .spawn()?;
-                next_port += 1;
-                let mut ready = String::new();
-                BufReader::new(holder.stdout.take().expect("piped")).read_line(&mut ready)?;
-                if !ready.starts_with("ready") {
-                    bail!("the load generator could not hold {count} connections");
-                }
-                let stdin = holder.stdin.take().expect("piped");
-                holders.push((holder, stdin));
-                held += count;
-            }
-            thread::sleep(Duration::from_secs(2));
-            let (metrics, _) = measure::http_get(addr, "/metrics")?;
-            let tracked = measure::metric(&metrics, "tcpstate_tracked_sockets", &[]) as u64;
-            let mut metrics_times: Vec<Duration> = (0..5)
-                .map(|_| measure::http_get(addr, "/metrics").map(|(_, t)| t))
-                .collect::<Result<_, _>>()?;
-            metrics_times.sort();
-            let rss_before_listing = measure::memory(tracer.pid())?.1;
-            let (listing, listing_time) =
-                measure::http_get(addr, "/api/sockets?state=ESTABLISHED")?;
-            let listed =
-                serde_json::from_str::<serde_json::Value>(&listing)?.as_array().map_or(0, Vec::len);
-            points.push(ScalePoint {
-                connections: held,
-                tracked,
-                rss: rss_before_listing,
-                per_socket: (rss_before_listing.saturating_sub(idle_rss)) as f64
-                    / tracked.max(1) as f64,
-                metrics: metrics_times[2],
-                listing: listing_time,
-                listed,
-                listing_bytes: listing.len(),
-                rss_after_listing: measure::memory(tracer.pid())?.1,
-            });
-        }
-        for (mut holder, stdin) in holders {
-            drop(stdin);
-            let _ = holder.wait();
-        }
-        tracer.stop()?;
-        Ok(points)
-    }
 }
 
 fn deltas(after: (ProgStats, ProgStats), before: (ProgStats, ProgStats)) -> (ProgStats, ProgStats) {
@@ -334,17 +264,4 @@ fn delta(after: ProgStats, before: ProgStats) -> ProgStats {
         run_cnt: after.run_cnt.saturating_sub(before.run_cnt),
         recursion_misses: after.recursion_misses.saturating_sub(before.recursion_misses),
     }
-}
-
-/// One measurement of the scale run.
-pub struct ScalePoint {
-    pub(super) connections: usize,
-    pub(super) tracked: u64,
-    pub(super) rss: u64,
-    pub(super) per_socket: f64,
-    pub(super) metrics: Duration,
-    pub(super) listing: Duration,
-    pub(super) listed: usize,
-    pub(super) listing_bytes: usize,
-    pub(super) rss_after_listing: u64,
 }

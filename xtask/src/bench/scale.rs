@@ -1,0 +1,291 @@
+//! Runs with many connections held open: the daemon's memory per tracked socket and how long
+//! its endpoints take; 64 clients reading the full listing at once; and a table too small for
+//! the host, which must not churn.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+
+use super::{
+    load, measure,
+    run::{Bench, NETNS, STORM_PORT, fresh_namespace},
+};
+
+/// One measurement of the scale run.
+pub struct ScalePoint {
+    pub(super) connections: usize,
+    pub(super) tracked: u64,
+    pub(super) rss: u64,
+    pub(super) per_socket: f64,
+    pub(super) metrics: Duration,
+    pub(super) listing: Duration,
+    pub(super) listed: usize,
+    pub(super) listing_bytes: usize,
+    pub(super) rss_after_listing: u64,
+    /// Measured at the first point only.
+    pub(super) parallel: Option<ParallelListings>,
+}
+
+/// Clients reading the full `/api/sockets` at once (issue: 64 clients at 100,000 sockets,
+/// peak under 128 MiB above idle, back within 10 % of idle within a minute).
+pub struct ParallelListings {
+    pub(super) clients: usize,
+    pub(super) served: usize,
+    /// 503 answers (a listing's turn not free within 2 s); each was retried until served.
+    pub(super) retried: usize,
+    pub(super) took: Duration,
+    pub(super) rss_before: u64,
+    pub(super) rss_peak: u64,
+    /// RSS once it came back within 10 % of `rss_before`, or after a minute.
+    pub(super) rss_after: u64,
+    pub(super) settled_after: Duration,
+}
+
+/// `--max-sockets` far below the host's sockets (issue: 10,000 steady sockets, a table of
+/// 1,000, counters flat over 30 s, gauges equal `ss`).
+pub struct Saturation {
+    pub(super) sockets: usize,
+    pub(super) max_sockets: usize,
+    pub(super) watched: Duration,
+    pub(super) evictions: (f64, f64),
+    pub(super) corrections: (f64, f64),
+    pub(super) saturated: f64,
+    pub(super) gauge: f64,
+    pub(super) ss: usize,
+}
+
+/// Load generator processes holding connections; dropping them closes the connections.
+struct Holders {
+    processes: Vec<(Child, ChildStdin)>,
+    held: usize,
+    next_port: u16,
+}
+
+impl Holders {
+    fn new() -> Self {
+        Self { processes: Vec::new(), held: 0, next_port: STORM_PORT + 1 }
+    }
+
+    /// Holds connections in the bench's namespace until `target` are held.
+    fn hold(&mut self, bench: &Bench, target: usize) -> anyhow::Result<()> {
+        let per_process = load::max_held_connections();
+        while self.held < target {
+            let count = (target - self.held).min(per_process);
+            let mut holder = bench
+                .loadgen()
+                .args(["hold", "--connections", &count.to_string()])
+                .args(["--port", &self.next_port.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()?;
+            self.next_port += 1;
+            let mut ready = String::new();
+            BufReader::new(holder.stdout.take().expect("piped")).read_line(&mut ready)?;
+            if !ready.starts_with("ready") {
+                bail!("the load generator could not hold {count} connections");
+            }
+            let stdin = holder.stdin.take().expect("piped");
+            self.processes.push((holder, stdin));
+            self.held += count;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Holders {
+    fn drop(&mut self) {
+        for (mut holder, stdin) in self.processes.drain(..) {
+            drop(stdin);
+            let _ = holder.wait();
+        }
+    }
+}
+
+impl Bench<'_> {
+    /// Holds connections open under the daemon: memory per tracked socket and how long the
+    /// endpoints take with that many.
+    pub(super) fn scale(&self) -> anyhow::Result<Vec<ScalePoint>> {
+        fresh_namespace()?;
+        let (tracer, addr) = self.daemon(&[])?;
+        let idle_rss = measure::memory(tracer.pid())?.1;
+        let mut points = Vec::new();
+        let mut holders = Holders::new();
+        for target in [self.args.hold / 2, self.args.hold] {
+            eprintln!("bench: scale run: holding {target} connections");
+            holders.hold(self, target)?;
+            thread::sleep(Duration::from_secs(2));
+            let (metrics, _) = measure::http_get(addr, "/metrics")?;
+            let tracked = measure::metric(&metrics, "tcpstate_tracked_sockets", &[]) as u64;
+            let mut metrics_times: Vec<Duration> = (0..5)
+                .map(|_| measure::http_get(addr, "/metrics").map(|(_, t)| t))
+                .collect::<Result<_, _>>()?;
+            metrics_times.sort();
+            let rss_before_listing = measure::memory(tracer.pid())?.1;
+            let (listing, listing_time) =
+                measure::http_get(addr, "/api/sockets?state=ESTABLISHED&limit=10000000")?;
+            let listed =
+                serde_json::from_str::<serde_json::Value>(&listing)?.as_array().map_or(0, Vec::len);
+            let listing_bytes = listing.len();
+            drop(listing);
+            let rss_after_listing = measure::memory(tracer.pid())?.1;
+            let parallel = if points.is_empty() {
+                eprintln!("bench: scale run: 64 clients reading the full listing at once");
+                Some(parallel_listings(addr, tracer.pid(), 64)?)
+            } else {
+                None
+            };
+            points.push(ScalePoint {
+                connections: holders.held,
+                tracked,
+                rss: rss_before_listing,
+                per_socket: (rss_before_listing.saturating_sub(idle_rss)) as f64
+                    / tracked.max(1) as f64,
+                metrics: metrics_times[2],
+                listing: listing_time,
+                listed,
+                listing_bytes,
+                rss_after_listing,
+                parallel,
+            });
+        }
+        drop(holders);
+        tracer.stop()?;
+        Ok(points)
+    }
+
+    /// 5,000 connections (10,000 sockets) held under a daemon whose table holds 1,000: the
+    /// eviction and correction counters over 30 s once it settled, and its gauge beside `ss`.
+    pub(super) fn saturation(&self) -> anyhow::Result<Saturation> {
+        const CONNECTIONS: usize = 5_000;
+        const MAX_SOCKETS: usize = 1_000;
+        const WATCHED: Duration = Duration::from_secs(30);
+        fresh_namespace()?;
+        let mut holders = Holders::new();
+        holders.hold(self, CONNECTIONS)?;
+        // One holder process, one port: the gauge of that port against `ss` for it.
+        let port = (STORM_PORT + 1).to_string();
+        let max = MAX_SOCKETS.to_string();
+        let (tracer, addr) = self.daemon(&[
+            "--max-sockets",
+            &max,
+            "--reconcile-interval",
+            "1",
+            "--port-label",
+            &port,
+        ])?;
+        // Two reconciliations: the first pass has filled the table and the gauges.
+        thread::sleep(Duration::from_secs(3));
+        let read = |name: &str| -> anyhow::Result<f64> {
+            let (metrics, _) = measure::http_get(addr, "/metrics")?;
+            Ok(measure::metric(&metrics, name, &[]))
+        };
+        let evictions = read("tcpstate_table_evictions_total")?;
+        let corrections = read("tcpstate_reconcile_corrections_total")?;
+        eprintln!("bench: saturation: watching the counters for {} s", WATCHED.as_secs());
+        thread::sleep(WATCHED);
+        let (metrics, _) = measure::http_get(addr, "/metrics")?;
+        // `--port-label` labels by local port: the accepted ends, one per connection.
+        let filter = format!("sport = :{port}");
+        let ss = Command::new("ip")
+            .args(["netns", "exec", NETNS, "ss", "-Htn", "state", "established", &filter])
+            .output()?;
+        let ss = String::from_utf8_lossy(&ss.stdout).lines().count();
+        let port_label = format!("port=\"{port}\"");
+        let established = ["state=\"ESTABLISHED\"", port_label.as_str()];
+        let outcome = Saturation {
+            sockets: 2 * holders.held,
+            max_sockets: MAX_SOCKETS,
+            watched: WATCHED,
+            evictions: (
+                evictions,
+                measure::metric(&metrics, "tcpstate_table_evictions_total", &[]),
+            ),
+            corrections: (
+                corrections,
+                measure::metric(&metrics, "tcpstate_reconcile_corrections_total", &[]),
+            ),
+            saturated: measure::metric(&metrics, "tcpstate_table_saturated", &[]),
+            gauge: measure::metric(&metrics, "tcpstate_sockets", &established),
+            ss,
+        };
+        drop(holders);
+        tracer.stop()?;
+        Ok(outcome)
+    }
+}
+
+/// `clients` threads read the full listing at once, each retrying after a 503 until served,
+/// while the daemon's RSS is sampled; then how long its memory takes to come back.
+fn parallel_listings(
+    addr: SocketAddr,
+    pid: u32,
+    clients: usize,
+) -> anyhow::Result<ParallelListings> {
+    let rss_before = measure::memory(pid)?.1;
+    let sampling = Arc::new(AtomicBool::new(true));
+    let peak = Arc::new(AtomicU64::new(rss_before));
+    let sampler = {
+        let (sampling, peak) = (sampling.clone(), peak.clone());
+        thread::spawn(move || {
+            while sampling.load(Ordering::Relaxed) {
+                if let Ok((_, rss)) = measure::memory(pid) {
+                    peak.fetch_max(rss, Ordering::Relaxed);
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let started = Instant::now();
+    let readers: Vec<_> = (0..clients)
+        .map(|_| {
+            thread::spawn(move || -> anyhow::Result<usize> {
+                let mut retried = 0;
+                loop {
+                    match measure::http_status(addr, "/api/sockets?limit=10000000")? {
+                        200 => return Ok(retried),
+                        503 => retried += 1,
+                        other => bail!("/api/sockets answered {other}"),
+                    }
+                    thread::sleep(Duration::from_secs(1));
+                }
+            })
+        })
+        .collect();
+    let mut retried = 0;
+    let mut served = 0;
+    for reader in readers {
+        retried += reader.join().expect("a reader thread")?;
+        served += 1;
+    }
+    let took = started.elapsed();
+    sampling.store(false, Ordering::Relaxed);
+    sampler.join().expect("the sampler thread");
+    let settling = Instant::now();
+    let rss_after = loop {
+        let rss = measure::memory(pid)?.1;
+        if rss <= rss_before + rss_before / 10 || settling.elapsed() >= Duration::from_secs(60) {
+            break rss;
+        }
+        thread::sleep(Duration::from_secs(1));
+    };
+    Ok(ParallelListings {
+        clients,
+        served,
+        retried,
+        took,
+        rss_before,
+        rss_peak: peak.load(Ordering::Relaxed),
+        rss_after,
+        settled_after: settling.elapsed(),
+    })
+}
