@@ -214,14 +214,14 @@ pub(super) fn render(
     let _ = writeln!(
         out,
         "\nSaturated table: {} steady sockets against `--max-sockets {}`, reconciled every \
-         second, watched for {} s after two passes: evictions {} -> {}, reconcile corrections \
-         {} -> {}, `tcpstate_table_saturated` {}; ESTABLISHED on the held port: gauge {}, \
-         `ss` {}.",
+         second, watched for {} s after two passes: untracked sockets {} -> {}, reconcile \
+         corrections {} -> {}, `tcpstate_table_saturated` {}; ESTABLISHED on the held port: \
+         gauge {}, `ss` {}.",
         s.sockets,
         s.max_sockets,
         s.watched.as_secs(),
-        s.evictions.0,
-        s.evictions.1,
+        s.untracked.0,
+        s.untracked.1,
         s.corrections.0,
         s.corrections.1,
         s.saturated,
