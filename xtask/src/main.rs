@@ -5,6 +5,7 @@
 
 mod bench;
 mod cmd;
+mod image;
 mod setup;
 mod vmtest;
 
@@ -42,6 +43,9 @@ enum Task {
         #[arg(long)]
         host_only: bool,
     },
+    /// Build an OCI image of tcpstate (no registry needed), load it into podman and save it as
+    /// target/image/tcpstate-VERSION.oci.tar for other hosts.
+    Image,
     /// Boot Debian's stock kernels (5.10, 6.1, 6.12) in QEMU and run the integration tests
     /// inside each.
     Vmtest(vmtest::VmtestArgs),
@@ -75,11 +79,21 @@ fn main() -> anyhow::Result<()> {
             let args = if args.is_empty() { vec!["run".to_owned()] } else { args };
             run_as_root(&root.join("target/release/tcpstate"), &args)
         }
+        Task::Image => {
+            setup::build_prerequisites(&root)?;
+            setup::container_prerequisites()?;
+            build_release(&root)?;
+            image::build(&root).map(drop)
+        }
         Task::Test { filter, host_only } => {
             setup::build_prerequisites(&root)?;
             let tools = setup::test_prerequisites(&root)?;
+            setup::container_prerequisites()?;
             lint()?;
-            let host = test(filter.as_deref(), &tools);
+            // The container tests run the image of the binary under test.
+            build_release(&root)?;
+            let image = image::build(&root)?;
+            let host = test(filter.as_deref(), &tools, &image);
             if host_only {
                 return host;
             }
@@ -170,9 +184,9 @@ fn lint() -> anyhow::Result<()> {
 /// Runs unit and integration tests in release mode (the binary under test is the one shipped).
 /// Integration tests run in parallel, except those marked `#[serial]` (see
 /// tracer/tests/integration/main.rs).
-fn test(filter: Option<&str>, tools: &std::path::Path) -> anyhow::Result<()> {
+fn test(filter: Option<&str>, tools: &std::path::Path, image: &str) -> anyhow::Result<()> {
     let mut command = cargo();
-    command.env("PATH", cmd::path_with(tools));
+    command.env("PATH", cmd::path_with(tools)).env("TCPSTATE_TEST_IMAGE", image);
     // Every failing test binary is reported, not only the first.
     command.args(["test", "--release", "--no-fail-fast"]);
     if !cmd::is_root() {

@@ -31,6 +31,10 @@ const PROMETHEUS_PACKAGE: &str = "prometheus";
 const VM_PACKAGES: [&str; 6] =
     ["qemu-system-x86", "busybox-static", "cpio", "xz-utils", "zstd", "debian-archive-keyring"];
 
+/// `cargo xtask image` and the container tests: podman with runc (crun refuses hybrid cgroup
+/// layouts), and a static busybox for the containers the tests run.
+const CONTAINER_PACKAGES: [&str; 3] = ["podman", "runc", "busybox-static"];
+
 /// The benchmark's peer (`tcpstates`) and the reader of eBPF program statistics (`bpftool`).
 const BENCH_PACKAGES: [&str; 2] = ["libbpf-tools", "bpftool"];
 
@@ -76,6 +80,10 @@ fn test_tools(root: &Path) -> anyhow::Result<PathBuf> {
 
 pub fn vm_prerequisites() -> anyhow::Result<()> {
     ensure_packages(&VM_PACKAGES, "kernel matrix tools (QEMU, busybox, cpio)")
+}
+
+pub fn container_prerequisites() -> anyhow::Result<()> {
+    ensure_packages(&CONTAINER_PACKAGES, "container tools (podman, runc, busybox-static)")
 }
 
 pub fn bench_prerequisites() -> anyhow::Result<()> {
