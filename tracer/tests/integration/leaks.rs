@@ -46,15 +46,15 @@ else:
         signal.pause()
 "#;
 
-struct Helper {
+pub struct Helper {
     child: Child,
     lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
     /// The port it listens on (server modes) or connected from (client mode).
-    port: u16,
+    pub port: u16,
 }
 
 impl Helper {
-    fn start(mode: &str, comm: &str, extra: &[&str]) -> Self {
+    pub fn start(mode: &str, comm: &str, extra: &[&str]) -> Self {
         Self::start_under(&[], mode, comm, extra)
     }
 
@@ -86,7 +86,7 @@ impl Helper {
         Self { child, lines, port }
     }
 
-    fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
@@ -106,14 +106,14 @@ impl Drop for Helper {
 }
 
 /// Opens `count` connections to `port` and closes this side: the server side gets the FIN.
-fn hang_up_on(port: u16, count: usize) {
+pub fn hang_up_on(port: u16, count: usize) {
     for _ in 0..count {
         let stream = TcpStream::connect((V4, port)).unwrap();
         drop(stream);
     }
 }
 
-fn process(report: &Value, pid: u32) -> Option<&Value> {
+pub fn process(report: &Value, pid: u32) -> Option<&Value> {
     report["processes"]
         .as_array()
         .unwrap()
@@ -122,7 +122,7 @@ fn process(report: &Value, pid: u32) -> Option<&Value> {
 }
 
 /// Polls `/api/leaks` until `done` holds (the detector runs once a second).
-fn leaks_until(daemon: &Daemon, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
+pub fn leaks_until(daemon: &Daemon, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
         let report = daemon.get("/api/leaks").json();

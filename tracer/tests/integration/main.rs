@@ -8,6 +8,7 @@
 
 mod check;
 mod common;
+mod containers;
 mod daemon;
 mod deploy;
 mod http;

@@ -37,8 +37,10 @@ pub struct VmtestArgs {
 const EXPECTED_PARTS: &str = "main,standby,accept_owner";
 
 /// Tests that check flags, files or this host's privileges rather than the kernel (and the
-/// `deploy` module: the shipped files; `http`: connection handling): they run on the host only.
-const HOST_ONLY_TESTS: [&str; 8] = [
+/// `deploy` module: the shipped files; `http`: connection handling; `containers`: podman,
+/// which the VMs do not have): they run on the host only.
+const HOST_ONLY_TESTS: [&str; 9] = [
+    "containers::",
     "deploy::",
     "http::",
     "bad_flags_are_usage_errors_naming_the_flag",
