@@ -6,8 +6,9 @@ use crate::TcpState;
 /// sighting (a socket created or accepted just now, or older than the tracer), where the stay
 /// is unknown; an unknown stay is never reported as 0.
 pub const FLAG_DWELL_KNOWN: u8 = 1 << 0;
-/// `TransitionRecord::flags`: `owner_tgid`/`owner_comm` name the process that owns the socket,
-/// captured at a transition that ran in that process's context (connect, listen, close).
+/// `TransitionRecord::flags`: `owner_tgid`/`owner_comm`/`owner_cgroup` name the process that
+/// owns the socket and its cgroup, captured at a transition that ran in that process's
+/// context (connect, listen, close) or when accept() returned the socket.
 pub const FLAG_OWNER_KNOWN: u8 = 1 << 1;
 /// `TransitionRecord::flags`: the kernel skipped the main program for this event because it
 /// was already running on this CPU, and the standby program delivered it instead.
@@ -33,6 +34,9 @@ pub struct TransitionRecord {
     pub skaddr: u64,
     /// Nanoseconds spent in `oldstate`, valid when `FLAG_DWELL_KNOWN` is set.
     pub dwell_ns: u64,
+    /// The owner's cgroup v2 id (its cgroup directory's inode), valid when `FLAG_OWNER_KNOWN`
+    /// is set: names its container without reading `/proc`.
+    pub owner_cgroup: u64,
     /// Thread id of the task that was running when the transition happened (often unrelated
     /// to the socket: many transitions run in softirq context).
     pub pid: u32,
@@ -59,7 +63,7 @@ pub struct TransitionRecord {
 }
 
 /// Bytes of one record in the ring buffer (the kernel adds its own 8-byte header).
-pub const RECORD_SIZE: usize = 120;
+pub const RECORD_SIZE: usize = 128;
 const _: () = assert!(size_of::<TransitionRecord>() == RECORD_SIZE);
 const _: () = assert!(align_of::<TransitionRecord>() == 8);
 

@@ -136,6 +136,9 @@ const _: () = assert!(size_of::<KernelSettings>() == 104);
 pub struct SocketState {
     /// When the socket entered its current state (`bpf_ktime_get_ns`).
     pub entered_ns: u64,
+    /// The owner's cgroup v2 id (`bpf_get_current_cgroup_id`, the cgroup directory's inode),
+    /// 0 while unknown.
+    pub owner_cgroup: u64,
     /// Owner's tgid, 0 while unknown.
     pub owner_tgid: u32,
     /// Network namespace inode, read once at first sighting.
@@ -143,7 +146,7 @@ pub struct SocketState {
     pub owner_comm: [u8; 16],
 }
 
-const _: () = assert!(size_of::<SocketState>() == 32);
+const _: () = assert!(size_of::<SocketState>() == 40);
 
 /// Per-CPU counters, one slot per program (`COUNTERS_MAIN`, `COUNTERS_STANDBY`), so a program
 /// interrupted on its CPU by the other never races on a counter.

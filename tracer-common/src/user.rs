@@ -176,6 +176,7 @@ mod tests {
             ts_ns: 123_456_789,
             skaddr: 0xffff_8880_1234_5678,
             dwell_ns: 42,
+            owner_cgroup: 4242,
             pid: 7,
             tgid: 8,
             owner_tgid: 9,

@@ -10,7 +10,7 @@ use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated::bpf_get_current_comm,
+        generated::{bpf_get_current_cgroup_id, bpf_get_current_comm},
     },
 };
 use aya_log_ebpf::warn;
@@ -142,6 +142,7 @@ pub fn handle_transition<C: EbpfContext, T: Transition>(
         (*rec).ts_ns = now;
         (*rec).skaddr = skaddr;
         (*rec).dwell_ns = tracked.dwell_ns;
+        (*rec).owner_cgroup = tracked.owner_cgroup;
         (*rec).pid = pid_tgid as u32;
         (*rec).tgid = tgid;
         (*rec).owner_tgid = tracked.owner_tgid;
@@ -166,6 +167,7 @@ pub fn handle_transition<C: EbpfContext, T: Transition>(
 /// What the per-socket map knows about a transition's socket.
 struct Tracked {
     dwell_ns: u64,
+    owner_cgroup: u64,
     owner_tgid: u32,
     netns: u32,
     owner_comm: Comm,
@@ -193,11 +195,13 @@ fn track_socket(
             let owner_comm = (&raw mut entry.owner_comm).cast::<Comm>();
             if owner_context {
                 entry.owner_tgid = tgid;
+                entry.owner_cgroup = current_cgroup();
                 // SAFETY: 8-aligned map value field.
                 unsafe { *owner_comm = process_comm() };
             }
             let tracked = Tracked {
                 dwell_ns: now.saturating_sub(entry.entered_ns),
+                owner_cgroup: entry.owner_cgroup,
                 owner_tgid: entry.owner_tgid,
                 netns: entry.netns,
                 // SAFETY: as above.
@@ -216,10 +220,14 @@ fn track_socket(
             if !creation {
                 counters.untracked_sightings += 1;
             }
-            let (owner_tgid, owner_comm) =
-                if owner_context { (tgid, process_comm()) } else { (0, [0; 2]) };
+            let (owner_tgid, owner_comm, owner_cgroup) = if owner_context {
+                (tgid, process_comm(), current_cgroup())
+            } else {
+                (0, [0; 2], 0)
+            };
             let tracked = Tracked {
                 dwell_ns: 0,
+                owner_cgroup,
                 owner_tgid,
                 netns: read_netns(skaddr),
                 owner_comm,
@@ -228,6 +236,7 @@ fn track_socket(
             if new != TcpState::CLOSE {
                 let mut entry = SocketState {
                     entered_ns: now,
+                    owner_cgroup,
                     owner_tgid,
                     netns: tracked.netns,
                     owner_comm: [0; 16],
@@ -255,12 +264,22 @@ pub fn claim_owner(skaddr: u64) {
     };
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let comm = process_comm();
+    let cgroup = current_cgroup();
     // SAFETY: a live, 8-aligned value of the map; a racing update of the same socket only
     // changes which of two owners the next record names.
     unsafe {
         (*entry).owner_tgid = tgid;
+        (*entry).owner_cgroup = cgroup;
         *(&raw mut (*entry).owner_comm).cast::<Comm>() = comm;
     }
+}
+
+/// The current task's cgroup v2 id: only read with the owner, in its own context (a few
+/// transitions per socket), so the other transitions pay nothing for it.
+#[inline(always)]
+fn current_cgroup() -> u64 {
+    // SAFETY: no preconditions; 0 where the kernel has no cgroup v2 hierarchy.
+    unsafe { bpf_get_current_cgroup_id() }
 }
 
 /// The socket's network namespace inode (`sk->__sk_common.skc_net.net->ns.inum`), with the

@@ -256,8 +256,60 @@ pub struct WatchArgs {
     #[arg(long = "state", value_name = "NAME")]
     pub states: Vec<TcpState>,
 
+    /// Keep sockets owned by a process of container ID (the full id or a prefix, as `docker
+    /// ps` and `crictl ps` show it). Runs in userspace, on the owner's cgroup.
+    #[arg(long, value_name = "ID", value_parser = parse_container_id)]
+    pub container: Option<String>,
+
+    /// Keep sockets owned by a process of cgroup PATH or below it (as /proc/PID/cgroup
+    /// writes it, e.g. /system.slice/nginx.service). Runs in userspace.
+    #[arg(long, value_name = "PATH", value_parser = parse_cgroup_path)]
+    pub cgroup: Option<String>,
+
+    /// Keep sockets owned by a process of Kubernetes pod NAMESPACE/NAME (named from
+    /// /var/log/pods). Runs in userspace.
+    #[arg(long, value_name = "NAMESPACE/NAME", value_parser = parse_pod)]
+    pub pod: Option<(String, String)>,
+
     #[command(flatten)]
     pub probe: ProbeArgs,
+}
+
+impl WatchArgs {
+    /// Whether a container filter is given: records then need their owner's cgroup named.
+    pub fn filters_containers(&self) -> bool {
+        self.container.is_some() || self.cgroup.is_some() || self.pod.is_some()
+    }
+}
+
+/// `--container`: hex digits, as runtimes print container ids (full or shortened).
+fn parse_container_id(value: &str) -> Result<String, String> {
+    if value.is_empty() || value.len() > 64 || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("expected a container id: up to 64 hex digits, e.g. 3f4e1c2a9b8d".to_owned());
+    }
+    Ok(value.to_ascii_lowercase())
+}
+
+/// `--cgroup`: an absolute path below the cgroup hierarchy's root.
+fn parse_cgroup_path(value: &str) -> Result<String, String> {
+    if !value.starts_with('/') {
+        return Err("expected a cgroup path starting with /, as /proc/PID/cgroup writes it, e.g. \
+             /system.slice/nginx.service"
+            .to_owned());
+    }
+    Ok(value.trim_end_matches('/').to_owned())
+}
+
+/// `--pod`: NAMESPACE/NAME.
+fn parse_pod(value: &str) -> Result<(String, String), String> {
+    match value.split_once('/') {
+        Some((namespace, name))
+            if !namespace.is_empty() && !name.is_empty() && !name.contains('/') =>
+        {
+            Ok((namespace.to_owned(), name.to_owned()))
+        }
+        _ => Err("expected NAMESPACE/NAME, e.g. shop/checkout-7f9c".to_owned()),
+    }
 }
 
 /// Parses `--listen`: an IP address and a port, no host names (resolving one at start would make

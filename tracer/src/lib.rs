@@ -7,6 +7,7 @@
 
 pub mod accepted;
 pub mod capabilities;
+pub mod cgroups;
 pub mod check;
 pub mod cli;
 pub mod clock;

@@ -13,7 +13,7 @@ use tracer_common::{
     record::{AF_INET, AF_INET6},
 };
 
-use crate::sockdiag::DiagSocket;
+use crate::{cgroups::CgroupName, container::Container, sockdiag::DiagSocket};
 
 /// An address family as output and the API name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -127,6 +127,11 @@ pub struct SocketView {
     pub owner_pid: Option<u32>,
     pub owner_comm: Option<String>,
     pub inode: Option<u32>,
+    /// The owner's cgroup v2 path (null when unknown), and the container and pod it names
+    /// (null when it names none).
+    pub cgroup: Option<String>,
+    #[serde(flatten)]
+    pub container: Container,
 }
 
 impl SocketView {
@@ -154,7 +159,18 @@ impl SocketView {
             owner_pid,
             owner_comm,
             inode: (inode != 0).then_some(inode),
+            cgroup: None,
+            container: Container::default(),
         }
+    }
+
+    /// With the owner's cgroup and what it names.
+    pub fn in_cgroup(mut self, cgroup: Option<&CgroupName>) -> Self {
+        if let Some(named) = cgroup {
+            self.cgroup = Some(named.path.clone());
+            self.container = named.container.clone();
+        }
+        self
     }
 
     pub fn local(&self) -> SocketAddr {

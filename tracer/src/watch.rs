@@ -16,6 +16,7 @@ use tracer_common::{
 };
 
 use crate::{
+    cgroups::{CgroupName, CgroupNames},
     cli::WatchArgs,
     clock::WallClock,
     event::{TransitionExt as _, comm_str},
@@ -79,6 +80,29 @@ impl WatchArgs {
             self.addrs.iter().any(|addr| *addr == local || *addr == remote)
         }
     }
+
+    /// The container filters, on the owner's cgroup (`None`: owner or cgroup unknown, which
+    /// no container filter keeps).
+    fn keeps_cgroup(&self, cgroup: Option<&CgroupName>) -> bool {
+        if !self.filters_containers() {
+            return true;
+        }
+        let Some(cgroup) = cgroup else { return false };
+        let container = &cgroup.container;
+        let in_container = self.container.as_ref().is_none_or(|wanted| {
+            container.container_id.as_ref().is_some_and(|id| id.starts_with(wanted.as_str()))
+        });
+        let in_cgroup = self.cgroup.as_ref().is_none_or(|wanted| {
+            cgroup.path.strip_prefix(wanted.as_str()).is_some_and(|rest| {
+                rest.is_empty() || rest.starts_with('/') || wanted.as_str() == "/"
+            })
+        });
+        let in_pod = self.pod.as_ref().is_none_or(|(namespace, name)| {
+            container.pod_namespace.as_ref() == Some(namespace)
+                && container.pod_name.as_ref() == Some(name)
+        });
+        in_container && in_cgroup && in_pod
+    }
 }
 
 pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
@@ -87,6 +111,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     let mut reader = RecordReader::new(ring, POLL_INTERVAL).context("watching the ring buffer")?;
     let mut session = Session {
         printer: Printer::new(args.json, args.address_width(), io::stdout().lock()),
+        cgroups: CgroupNames::default(),
         losses: LossReporter::default(),
         read: 0,
         printed: 0,
@@ -143,6 +168,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
 struct Session<'a, W: Write> {
     args: &'a WatchArgs,
     printer: Printer<W>,
+    cgroups: CgroupNames,
     losses: LossReporter,
     /// Records read from the ring, shown or not.
     read: u64,
@@ -160,7 +186,16 @@ impl<W: Write> Session<'_, W> {
         self.read += 1;
         match item {
             Ok(record) if self.args.keeps(&record) => {
-                self.outcome = self.printer.print(&record);
+                // Named only when something shows or filters it.
+                let cgroup = if self.printer.json || self.args.filters_containers() {
+                    record.owner().and_then(|_| self.cgroups.get(record.owner_cgroup))
+                } else {
+                    None
+                };
+                if !self.args.keeps_cgroup(cgroup.as_deref()) {
+                    return;
+                }
+                self.outcome = self.printer.print(&record, cgroup.as_deref());
                 self.printed += 1;
             }
             Ok(_) => {}
@@ -196,7 +231,7 @@ struct Printer<W: Write> {
 }
 
 /// The keys of a `--json` line, in order (documented in the README; scripts rely on them).
-pub const JSON_KEYS: [&str; 14] = [
+pub const JSON_KEYS: [&str; 16] = [
     "ts_ns",
     "skaddr",
     "pid",
@@ -211,6 +246,8 @@ pub const JSON_KEYS: [&str; 14] = [
     "old",
     "new",
     "dwell_ns",
+    "cgroup",
+    "container_id",
 ];
 
 /// One JSON line: exactly the keys of `JSON_KEYS`, in this order.
@@ -230,6 +267,8 @@ struct JsonTransition<'a> {
     old: TcpState,
     new: TcpState,
     dwell_ns: Option<u64>,
+    cgroup: Option<&'a str>,
+    container_id: Option<&'a str>,
 }
 
 /// A kernel address as JSON text (`"0xffff..."`), written without an intermediate string.
@@ -264,7 +303,7 @@ impl<W: Write> Printer<W> {
         Ok(())
     }
 
-    fn print(&mut self, record: &TransitionRecord) -> io::Result<()> {
+    fn print(&mut self, record: &TransitionRecord, cgroup: Option<&CgroupName>) -> io::Result<()> {
         if self.json {
             let owner = record.owner();
             let line = JsonTransition {
@@ -282,6 +321,8 @@ impl<W: Write> Printer<W> {
                 old: record.oldstate,
                 new: record.newstate,
                 dwell_ns: record.dwell().map(|_| record.dwell_ns),
+                cgroup: cgroup.map(|c| c.path.as_str()),
+                container_id: cgroup.and_then(|c| c.container.container_id.as_deref()),
             };
             serde_json::to_writer(&mut self.out, &line)?;
             writeln!(self.out)
@@ -353,6 +394,7 @@ mod tests {
             ts_ns: 5_000_000_000,
             skaddr: 0xffff_8881_0000_1000,
             dwell_ns: 1_500_000,
+            owner_cgroup: 0,
             pid: 11,
             tgid: 10,
             owner_tgid: 20,
@@ -375,7 +417,15 @@ mod tests {
     #[test]
     fn json_line_has_exactly_the_documented_keys() {
         let mut printer = Printer::new(true, 25, Vec::new());
-        printer.print(&record()).unwrap();
+        let id = "ab".repeat(32);
+        let cgroup = CgroupName {
+            path: format!("/machine.slice/libpod-{id}.scope"),
+            container: crate::container::Container::of_cgroup(
+                &format!("/machine.slice/libpod-{id}.scope"),
+                std::path::Path::new("/nonexistent"),
+            ),
+        };
+        printer.print(&record(), Some(&cgroup)).unwrap();
         let out = printer.out.into_inner().unwrap();
         let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
         let keys: Vec<_> = value.as_object().unwrap().keys().cloned().collect();
@@ -391,6 +441,8 @@ mod tests {
         assert_eq!(value["new"], "CLOSE_WAIT");
         assert_eq!(value["owner_comm"], "server");
         assert_eq!(value["dwell_ns"], 1_500_000);
+        assert_eq!(value["cgroup"], cgroup.path);
+        assert_eq!(value["container_id"], id);
     }
 
     #[test]
@@ -398,17 +450,47 @@ mod tests {
         let mut unknown = record();
         unknown.flags = 0;
         let mut printer = Printer::new(true, 25, Vec::new());
-        printer.print(&unknown).unwrap();
+        printer.print(&unknown, None).unwrap();
         let value: serde_json::Value =
             serde_json::from_slice(&printer.out.into_inner().unwrap()).unwrap();
         assert!(value["dwell_ns"].is_null());
         assert!(value["owner_pid"].is_null());
         assert!(value["owner_comm"].is_null());
+        assert!(value["cgroup"].is_null() && value["container_id"].is_null());
 
         let mut printer = Printer::new(false, 25, Vec::new());
-        printer.print(&unknown).unwrap();
+        printer.print(&unknown, None).unwrap();
         let line = String::from_utf8(printer.out.into_inner().unwrap()).unwrap();
         assert!(line.contains("[fe80::1]:51000"), "{line}");
         assert!(line.trim_end().ends_with(" -"), "{line}");
+    }
+
+    #[test]
+    fn container_filters_match_the_owner_cgroup() {
+        use clap::Parser as _;
+        let id = "3f4e".repeat(16);
+        let path = format!("/kubepods.slice/kubepods-pod1.slice/cri-containerd-{id}.scope");
+        let mut cgroup = CgroupName {
+            container: crate::container::Container::of_cgroup(&path, std::path::Path::new("/")),
+            path,
+        };
+        cgroup.container.pod_namespace = Some("shop".into());
+        cgroup.container.pod_name = Some("checkout".into());
+        let keeps = |args: &[&str], cgroup: Option<&CgroupName>| {
+            let cli =
+                crate::cli::Cli::try_parse_from(["tcpstate", "watch"].iter().chain(args)).unwrap();
+            let crate::cli::Command::Watch(watch) = cli.command else { unreachable!() };
+            watch.keeps_cgroup(cgroup)
+        };
+        assert!(keeps(&[], None), "no container filter keeps everything");
+        assert!(keeps(&["--container", "3F4E3F4E"], Some(&cgroup)), "a prefix, any case");
+        assert!(!keeps(&["--container", "3f4f"], Some(&cgroup)));
+        assert!(!keeps(&["--container", "3f4e"], None), "an unknown owner is not in it");
+        assert!(keeps(&["--cgroup", "/kubepods.slice"], Some(&cgroup)), "below the path");
+        assert!(keeps(&["--cgroup", "/"], Some(&cgroup)));
+        assert!(!keeps(&["--cgroup", "/kubepods"], Some(&cgroup)), "a whole component");
+        assert!(keeps(&["--pod", "shop/checkout"], Some(&cgroup)));
+        assert!(!keeps(&["--pod", "shop/cart"], Some(&cgroup)));
+        assert!(!keeps(&["--pod", "shop/checkout", "--container", "ab"], Some(&cgroup)));
     }
 }

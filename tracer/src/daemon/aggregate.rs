@@ -196,7 +196,11 @@ impl Aggregator {
             }
             self.table.remove(r.skaddr, ts).is_some()
         } else {
-            let owner = r.owner_known().then_some(Owner { pid: r.owner_tgid, comm: r.owner_comm });
+            let owner = r.owner_known().then_some(Owner {
+                pid: r.owner_tgid,
+                comm: r.owner_comm,
+                cgroup: r.owner_cgroup,
+            });
             let tracked = self.table.enter_state(r.skaddr, key, new, ts, owner);
             // A socket the full table refused: from now on gauges follow records, not it.
             self.saturated |= !tracked;
@@ -338,6 +342,7 @@ mod tests {
             ts_ns: ts,
             skaddr,
             dwell_ns: 500,
+            owner_cgroup: 0,
             pid: 0,
             tgid: 0,
             owner_tgid: 0,

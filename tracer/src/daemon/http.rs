@@ -214,7 +214,14 @@ async fn sockets(
         // Ties broken by address, so pages of the same list follow each other.
         matching.sort_unstable_by_key(|t| (t.entered_ns, t.key.netns, t.key.sport, t.key.dport));
         let total = matching.len();
-        let page: Vec<Tracked> = matching.into_iter().skip(offset).take(limit).cloned().collect();
+        // Named here, off the async workers: a cgroup not seen before walks the hierarchy.
+        let mut cgroups = shared.cgroups();
+        let page: Vec<_> = matching
+            .into_iter()
+            .skip(offset)
+            .take(limit)
+            .map(|t| (t.clone(), t.owner.and_then(|owner| cgroups.get(owner.cgroup))))
+            .collect();
         (page, now, total)
     })
     .await;

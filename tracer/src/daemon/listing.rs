@@ -14,6 +14,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::{LARGE_ALLOCATION, Shared, table::Tracked};
 use crate::{
+    cgroups::CgroupName,
     event::comm_str,
     socket::{OwnerName, SocketView},
 };
@@ -25,7 +26,7 @@ const CHUNK: usize = 64 << 10;
 /// A listing being sent; it keeps its turn (see `http::MAX_LISTINGS`) until the last chunk
 /// is handed to the connection or the client goes away.
 pub struct StreamedListing {
-    sockets: std::vec::IntoIter<Tracked>,
+    sockets: std::vec::IntoIter<(Tracked, Option<Arc<CgroupName>>)>,
     /// Monotonic time the listing was taken at: every socket's age is measured against it.
     now: u64,
     opened: bool,
@@ -38,12 +39,13 @@ pub struct StreamedListing {
 
 impl StreamedListing {
     pub fn new(
-        sockets: Vec<Tracked>,
+        sockets: Vec<(Tracked, Option<Arc<CgroupName>>)>,
         now: u64,
         shared: Arc<Shared>,
         turn: OwnedSemaphorePermit,
     ) -> Self {
-        let large = sockets.len() * std::mem::size_of::<Tracked>() > LARGE_ALLOCATION;
+        let large = sockets.len() * std::mem::size_of::<(Tracked, Option<Arc<CgroupName>>)>()
+            > LARGE_ALLOCATION;
         Self {
             sockets: sockets.into_iter(),
             now,
@@ -61,10 +63,11 @@ impl StreamedListing {
             return None;
         }
         let mut chunk = Vec::with_capacity(CHUNK + 1024);
-        for tracked in self.sockets.by_ref() {
+        for (tracked, cgroup) in self.sockets.by_ref() {
             chunk.push(if self.opened { b',' } else { b'[' });
             self.opened = true;
-            serde_json::to_writer(&mut chunk, &view(&tracked, self.now))
+            let view = view(&tracked, self.now).in_cgroup(cgroup.as_deref());
+            serde_json::to_writer(&mut chunk, &view)
                 .expect("a socket view serializes: it has no map with non-string keys");
             if chunk.len() >= CHUNK {
                 return Some(chunk.into());

@@ -28,6 +28,7 @@ use self::{
     leak_watch::{LeakState, LeakWatch},
 };
 use crate::{
+    cgroups::CgroupNames,
     cli::RunArgs,
     clock::monotonic_ns,
     netns::{self, AllDumps},
@@ -109,6 +110,7 @@ pub struct Shared {
     aggregator: Mutex<Aggregator>,
     status: Mutex<Status>,
     leaks: Mutex<LeakState>,
+    cgroups: Mutex<CgroupNames>,
     /// Set after a large response; the next status tick returns freed memory to the system.
     large_allocation: std::sync::atomic::AtomicBool,
 }
@@ -125,8 +127,14 @@ impl Shared {
             aggregator: Mutex::new(aggregator),
             status: Mutex::new(Status::default()),
             leaks: Mutex::new(leaks),
+            cgroups: Mutex::new(CgroupNames::default()),
             large_allocation: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Names of the owners' cgroups, shared by listings.
+    pub fn cgroups(&self) -> MutexGuard<'_, CgroupNames> {
+        self.cgroups.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// A response or dump of many MiB was built: its memory, once freed, is best handed back

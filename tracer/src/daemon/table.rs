@@ -18,6 +18,8 @@ pub use crate::socket::SocketKey;
 pub struct Owner {
     pub pid: u32,
     pub comm: [u8; 16],
+    /// Its cgroup v2 id, as the kernel read it with the owner (0: unknown).
+    pub cgroup: u64,
 }
 
 /// What the daemon knows about one live socket.

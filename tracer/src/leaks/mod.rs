@@ -259,6 +259,8 @@ mod tests {
             owner_pid: None,
             owner_comm: None,
             inode: None,
+            cgroup: None,
+            container: Default::default(),
         };
         let leak = ProcessLeak {
             pid: Some(1),

@@ -592,7 +592,9 @@ mod tests {
     fn wakeups_come_every_power_of_two_records() {
         assert_eq!(wakeup_every(0), 0);
         assert_eq!(wakeup_every(1), 1);
-        assert_eq!(wakeup_every(512 << 10), 4096);
-        assert_eq!(wakeup_every(300_000), 2048);
+        let slot = tracer_common::RECORD_SIZE as u64 + 8;
+        assert_eq!(wakeup_every(4096 * slot), 4096);
+        assert_eq!(wakeup_every(4096 * slot - 1), 2048);
+        assert_eq!(wakeup_every(slot - 1), 1);
     }
 }

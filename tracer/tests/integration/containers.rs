@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use crate::common::{self, Closer, Metrics, V4, require_root};
+use crate::common::{self, Closer, Metrics, Tcpstate, V4, require_root};
 use crate::leaks::{Helper, hang_up_on, leaks_until};
 use serde_json::Value;
 use serial_test::parallel;
@@ -200,6 +200,93 @@ fn a_leak_inside_a_podman_container_names_the_container_and_the_process() {
     assert_eq!(leak["sockets"][0]["local_port"], 7000);
     let _ = std::fs::remove_dir_all(&rootfs);
     daemon.stop();
+}
+
+/// Every cgroup mount (v1 hierarchies and v2): where runc makes a container's parent cgroup.
+fn cgroup_mounts() -> Vec<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let (before, after) = line.split_once(" - ")?;
+            let fs_type = after.split(' ').next()?;
+            matches!(fs_type, "cgroup" | "cgroup2")
+                .then(|| before.split(' ').nth(4).map(PathBuf::from))?
+        })
+        .collect()
+}
+
+/// The kernel names each socket's owner with its cgroup: `watch --cgroup` shows only the
+/// transitions of a container's processes (with their `cgroup` and `container_id`), and
+/// `/api/sockets` lists the container's sockets with the container named.
+#[test]
+#[parallel]
+fn the_kernel_names_the_cgroup_watch_filters_on_and_listings_show() {
+    require_root();
+    let parent = format!("/tcpstate-test-{}", std::process::id());
+    let daemon = common::Daemon::start(&[]);
+    let mut watch = Tcpstate::start(&["watch", "--json", "--cgroup", &parent]);
+    let rootfs = busybox_rootfs();
+    let script = "nc -l -p 7000 -e sleep 600 & sleep 1; timeout 1 nc 127.0.0.1 7000 </dev/null; \
+                  sleep 600";
+    let container = Container::run(&[
+        "--network",
+        "none",
+        "--cgroup-parent",
+        &parent,
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "/bin/sh",
+        "-c",
+        script,
+    ]);
+    // Meanwhile, traffic of this (host) process, which the filter must leave out.
+    let listener = TcpListener::bind((V4, 0)).unwrap();
+    common::one_connection(&listener, V4, Closer::Client);
+    // The container's listener, then its client's connect, at least.
+    let mut lines = Vec::new();
+    let connect = |line: &String| {
+        let line: Value = serde_json::from_str(line).unwrap();
+        line["old"] == "CLOSE" && line["new"] == "SYN_SENT" && line["dport"] == 7000
+    };
+    while !lines.iter().any(connect) {
+        let seen = lines.len();
+        watch.stdout_lines(seen + 1, Duration::from_secs(15), &mut lines);
+        assert!(lines.len() > seen, "no connect from the container in {lines:#?}");
+    }
+    let listed = common::eventually(Duration::from_secs(10), || {
+        let sockets = daemon.get("/api/sockets").json();
+        let ours: Vec<Value> = sockets
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["container_id"] == container.id.as_str())
+            .cloned()
+            .collect();
+        (!ours.is_empty()).then_some(ours).ok_or(format!("no socket of {}", container.id))
+    });
+    let finished = watch.interrupt();
+    let shown: Vec<Value> = finished
+        .stdout
+        .iter()
+        .chain(&lines)
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    for line in &shown {
+        assert_eq!(line["container_id"], container.id.as_str(), "{line}");
+        let cgroup = line["cgroup"].as_str().unwrap();
+        assert!(cgroup.starts_with(&format!("{parent}/")), "{line}");
+    }
+    for socket in &listed {
+        assert_eq!(socket["remote_port"], 7000, "the client's socket: {socket}");
+        assert!(socket["cgroup"].as_str().unwrap().ends_with(&container.id), "{socket}");
+    }
+    drop(container);
+    daemon.stop();
+    let _ = std::fs::remove_dir_all(&rootfs);
+    for mount in cgroup_mounts() {
+        let _ = std::fs::remove_dir(mount.join(parent.trim_start_matches('/')));
+    }
 }
 
 /// The cgroup v2 hierarchy: `/sys/fs/cgroup` on a unified host, `/sys/fs/cgroup/unified` on
