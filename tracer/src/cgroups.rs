@@ -3,23 +3,23 @@
 //! `/proc/<pid>/cgroup` writes it, and the container and pod that path names.
 //!
 //! Ids are resolved by walking the cgroup v2 hierarchy (at `/sys/fs/cgroup`, or
-//! `/sys/fs/cgroup/unified` on hybrid hosts) and cached. An unknown id triggers a new walk at
-//! most once per `REWALK_AFTER`; each walk replaces the cache, so cgroups that are gone (short
-//! containers) leave with it, and the cache never holds more than `MAX_CGROUPS` entries.
+//! `/sys/fs/cgroup/unified` on hybrid hosts) and cached. An id not seen before triggers a new
+//! walk (a new container's first socket is named, not dropped); the kernel never reuses an
+//! id, so one that a walk made after its first sighting does not find is gone for good and is
+//! remembered as such, never walked for again. Each walk replaces the cache, so cgroups that
+//! are gone (short containers) leave with it; neither map grows past `MAX_CGROUPS`.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, Instant},
 };
 
 use crate::container::{Container, POD_LOGS};
 
-/// Least time between two walks of the hierarchy.
-const REWALK_AFTER: Duration = Duration::from_secs(1);
-/// Directories one walk records at most (a busy Kubernetes node has a few thousand).
+/// Directories one walk records at most (a busy Kubernetes node has a few thousand), and ids
+/// remembered as gone at most.
 const MAX_CGROUPS: usize = 100_000;
 
 /// What a cgroup id names.
@@ -38,7 +38,8 @@ pub struct CgroupNames {
     pod_logs: PathBuf,
     paths: HashMap<u64, String>,
     named: HashMap<u64, Arc<CgroupName>>,
-    walked: Option<Instant>,
+    /// Ids no walk found (cgroups removed before their socket was named).
+    gone: HashSet<u64>,
 }
 
 impl Default for CgroupNames {
@@ -49,7 +50,7 @@ impl Default for CgroupNames {
 
 impl CgroupNames {
     pub fn new(root: Option<PathBuf>, pod_logs: PathBuf) -> Self {
-        Self { root, pod_logs, paths: HashMap::new(), named: HashMap::new(), walked: None }
+        Self { root, pod_logs, paths: HashMap::new(), named: HashMap::new(), gone: HashSet::new() }
     }
 
     /// The name of cgroup `id`; `None` for 0 (unknown) or an id no walk finds (gone).
@@ -60,10 +61,18 @@ impl CgroupNames {
         if let Some(named) = self.named.get(&id) {
             return Some(named.clone());
         }
-        if !self.paths.contains_key(&id)
-            && self.walked.is_none_or(|at| at.elapsed() >= REWALK_AFTER)
-        {
+        if self.gone.contains(&id) {
+            return None;
+        }
+        if !self.paths.contains_key(&id) {
             self.walk();
+            if !self.paths.contains_key(&id) {
+                if self.gone.len() >= MAX_CGROUPS {
+                    self.gone.clear();
+                }
+                self.gone.insert(id);
+                return None;
+            }
         }
         let path = self.paths.get(&id)?;
         let named = Arc::new(CgroupName {
@@ -76,7 +85,6 @@ impl CgroupNames {
 
     /// Records every directory of the hierarchy by inode, replacing what was known.
     fn walk(&mut self) {
-        self.walked = Some(Instant::now());
         let Some(root) = &self.root else { return };
         let mut paths = HashMap::new();
         let mut pending = vec![root.clone()];
@@ -133,10 +141,45 @@ mod tests {
         let root = names.get(std::fs::metadata(&base).unwrap().ino()).unwrap();
         assert_eq!((root.path.as_str(), root.container.is_empty()), ("/", true));
         assert!(names.get(0).is_none(), "0 is unknown");
-        // Gone: the next walk (a second later at the soonest) forgets it.
+        // A cgroup made after the last walk is found by the next one.
+        let later = base.join("later.scope");
+        std::fs::create_dir(&later).unwrap();
+        let later_ino = std::fs::metadata(&later).unwrap().ino();
+        assert_eq!(names.get(later_ino).unwrap().path, "/later.scope");
+        // Gone: the walk an unknown id makes forgets it, and the unknown id is not walked
+        // for again.
         std::fs::remove_dir_all(&base).unwrap();
-        names.walked = Some(Instant::now() - REWALK_AFTER);
         assert!(names.get(1).is_none());
+        assert!(names.gone.contains(&1));
         assert!(names.get(ino).is_none(), "a removed cgroup leaves the cache");
+    }
+
+    #[test]
+    fn thousands_of_short_lived_cgroups_leave_nothing_behind() {
+        let base = std::env::temp_dir().join(format!("tcpstate-churn-{}", std::process::id()));
+        let mut names = CgroupNames::new(Some(base.clone()), base.join("no-pod-logs"));
+        let mut ids = Vec::new();
+        for round in 0..4 {
+            let dirs: Vec<PathBuf> =
+                (0..500).map(|i| base.join(format!("round{round}-{i}.scope"))).collect();
+            for dir in &dirs {
+                std::fs::create_dir_all(dir).unwrap();
+            }
+            for dir in &dirs {
+                let id = std::fs::metadata(dir).unwrap().ino();
+                assert!(names.get(id).is_some(), "{}", dir.display());
+                ids.push(id);
+            }
+            for dir in &dirs {
+                std::fs::remove_dir(dir).unwrap();
+            }
+        }
+        // The next unknown id walks again: only the root is left, and the 2,000 ids of
+        // removed cgroups are not named any more.
+        assert!(names.get(u64::MAX).is_none());
+        assert_eq!((names.paths.len(), names.named.len()), (1, 0));
+        assert!(ids.iter().all(|&id| names.get(id).is_none()));
+        assert!(names.gone.len() <= ids.len() + 1);
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

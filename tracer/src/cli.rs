@@ -168,6 +168,12 @@ pub struct RunArgs {
     #[arg(long, env = "TCPSTATE_CMDLINE", value_enum, default_value_t = CmdlinePolicy::Redacted, value_name = "full|redacted|off")]
     pub cmdline: CmdlinePolicy,
 
+    /// Split tcpstate_sockets and tcpstate_close_wait_leaked_sockets by the owner's
+    /// container or pod (labels namespace, pod, container): the 20 largest groups, the rest
+    /// summed as container="other". Off by default.
+    #[arg(long, env = "TCPSTATE_GROUP_BY", value_enum, value_name = "container|pod")]
+    pub group_by: Option<crate::daemon::groups::GroupBy>,
+
     #[command(flatten)]
     pub probe: ProbeArgs,
 }

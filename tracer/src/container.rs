@@ -15,6 +15,9 @@ pub struct Container {
     pub pod_uid: Option<String>,
     pub pod_namespace: Option<String>,
     pub pod_name: Option<String>,
+    /// The Kubernetes container's name (`spec.containers[].name`), from the kubelet's
+    /// `/var/log/containers/<pod>_<namespace>_<name>-<id>.log` links.
+    pub container_name: Option<String>,
 }
 
 /// Where the kubelet keeps pod log directories.
@@ -22,13 +25,21 @@ pub const POD_LOGS: &str = "/var/log/pods";
 
 impl Container {
     /// Reads `cgroup` (a path as `/proc/<pid>/cgroup` gives it), naming the pod from the
-    /// directories under `pod_logs`.
+    /// directories under `pod_logs` and the container from the links in its sibling
+    /// `containers` (`/var/log/pods`, `/var/log/containers`).
     pub fn of_cgroup(cgroup: &str, pod_logs: &Path) -> Self {
         let container_id = cgroup.split('/').rev().find_map(container_id);
         let pod_uid = cgroup.split('/').find_map(pod_uid);
         let (pod_namespace, pod_name) =
             pod_uid.as_deref().and_then(|uid| pod_of(uid, pod_logs)).unzip();
-        Self { container_id, pod_uid, pod_namespace, pod_name }
+        let container_name = match (&container_id, &pod_namespace, &pod_name) {
+            (Some(id), Some(namespace), Some(pod)) => {
+                let links = pod_logs.parent().unwrap_or(Path::new("/")).join("containers");
+                name_of(id, &format!("{pod}_{namespace}_"), &links)
+            }
+            _ => None,
+        };
+        Self { container_id, pod_uid, pod_namespace, pod_name, container_name }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -73,6 +84,16 @@ fn pod_of(uid: &str, pod_logs: &Path) -> Option<(String, String)> {
     })
 }
 
+/// The container name in `<pod>_<namespace>_<name>-<id>.log` under `links`.
+fn name_of(id: &str, pod_prefix: &str, links: &Path) -> Option<String> {
+    let suffix = format!("-{id}.log");
+    std::fs::read_dir(links).ok()?.flatten().find_map(|entry| {
+        let file = entry.file_name().into_string().ok()?;
+        let name = file.strip_prefix(pod_prefix)?.strip_suffix(&suffix)?;
+        (!name.is_empty()).then(|| name.to_owned())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,11 +102,10 @@ mod tests {
     const UID: &str = "0b7e5a3c-1d2f-4e6a-8b9c-0d1e2f3a4b5c";
 
     fn logs_with(entries: &[&str]) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "tcpstate-pods-{}-{}",
-            std::process::id(),
-            entries.len()
-        ));
+        // `pods` in a directory of its own, so its sibling `containers` is the test's too.
+        let dir = std::env::temp_dir()
+            .join(format!("tcpstate-logs-{}-{}", std::process::id(), entries.len()))
+            .join("pods");
         for entry in entries {
             std::fs::create_dir_all(dir.join(entry)).unwrap();
         }
@@ -114,6 +134,10 @@ mod tests {
     #[test]
     fn kubernetes_pods_are_named_from_the_kubelet_log_directories() {
         let logs = logs_with(&[&format!("shop_checkout-7d9f_{UID}"), "other_pod_x"]);
+        let links = logs.parent().unwrap().join("containers");
+        std::fs::create_dir_all(&links).unwrap();
+        std::fs::write(links.join(format!("checkout-7d9f_shop_api-{ID}.log")), "").unwrap();
+        std::fs::write(links.join("unrelated.log"), "").unwrap();
         let systemd = format!(
             "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/\
              cri-containerd-{ID}.scope",
@@ -126,10 +150,11 @@ mod tests {
             assert_eq!(found.pod_uid.as_deref(), Some(UID), "{path}");
             assert_eq!(found.pod_namespace.as_deref(), Some("shop"), "{path}");
             assert_eq!(found.pod_name.as_deref(), Some("checkout-7d9f"), "{path}");
+            assert_eq!(found.container_name.as_deref(), Some("api"), "{path}");
         }
         // A pod the node has no log directory for: its uid, without a name.
         let other = Container::of_cgroup(&format!("/kubepods/pod{UID}/{ID}"), Path::new("/none"));
         assert_eq!((other.pod_uid.as_deref(), other.pod_name), (Some(UID), None));
-        let _ = std::fs::remove_dir_all(&logs);
+        let _ = std::fs::remove_dir_all(logs.parent().unwrap());
     }
 }

@@ -9,7 +9,11 @@ use std::{
 
 use tracer_common::TcpState;
 
-use super::{Shared, table::SocketKey};
+use super::{
+    Shared,
+    groups::{GroupBy, GroupLabels},
+    table::SocketKey,
+};
 use crate::{
     clock::monotonic_ns,
     cmdline::CmdlinePolicy,
@@ -26,13 +30,17 @@ pub const TOP_PROCESSES: usize = 20;
 /// A process that stopped leaking keeps a 0 sample this long, so the metric returns to 0.
 const CLEARED_RETENTION: Duration = Duration::from_secs(600);
 
+/// The labels of one series of tcpstate_close_wait_leaked_sockets: the process's `comm` and,
+/// under `--group-by`, its group (empty labels otherwise).
+pub type Series = (String, GroupLabels);
+
 /// What the exporter needs of the latest evaluation.
 #[derive(Clone, Debug)]
 pub struct LeakState {
     pub report: LeakReport,
-    /// (comm, leaked sockets): the top processes, "other" for the rest, and recently cleared
-    /// ones at 0.
-    pub by_comm: Vec<(String, u64)>,
+    /// Leaked sockets per series: the top processes (with their group under `--group-by`),
+    /// "other" for the rest, and recently cleared ones at 0.
+    pub by_comm: Vec<(Series, u64)>,
 }
 
 impl LeakState {
@@ -43,7 +51,7 @@ impl LeakState {
 
 /// What was last logged about a leaking process.
 struct Logged {
-    comm: String,
+    series: Series,
     /// floor(log2) of the largest count logged: the next log is at the next power of two.
     power: u32,
 }
@@ -53,12 +61,14 @@ pub struct LeakWatch {
     resolver: OwnerResolver,
     last_inode_dump: Option<Instant>,
     logged: HashMap<Option<u32>, Logged>,
-    cleared: HashMap<String, Instant>,
+    cleared: HashMap<Series, Instant>,
+    group_by: Option<GroupBy>,
 }
 
 impl LeakWatch {
-    pub fn new(threshold: Duration, cmdline: CmdlinePolicy) -> Self {
+    pub fn new(threshold: Duration, cmdline: CmdlinePolicy, group_by: Option<GroupBy>) -> Self {
         Self {
+            group_by,
             threshold,
             resolver: OwnerResolver::new(LOOKUP_INTERVAL, cmdline),
             last_inode_dump: None,
@@ -141,11 +151,9 @@ impl LeakWatch {
                         describe(process),
                         details(process)
                     );
-                    self.logged.insert(
-                        process.pid,
-                        Logged { comm: process.comm_or_unknown().to_owned(), power },
-                    );
-                    self.cleared.remove(process.comm_or_unknown());
+                    let series = self.series(process);
+                    self.cleared.remove(&series);
+                    self.logged.insert(process.pid, Logged { series, power });
                 }
                 Some(logged) if power > logged.power => {
                     log::warn!(
@@ -165,23 +173,28 @@ impl LeakWatch {
                 let who = pid.map_or_else(|| "unknown owner".to_owned(), |p| format!("pid {p}"));
                 log::warn!(
                     "CLOSE_WAIT leak cleared: {who} ({}) holds no socket in CLOSE_WAIT past {} any more",
-                    logged.comm,
+                    logged.series.0,
                     human_age(self.threshold.as_secs_f64())
                 );
-                self.cleared.insert(logged.comm, Instant::now());
+                self.cleared.insert(logged.series, Instant::now());
             }
         }
     }
 
-    /// Leaked sockets per `comm`, bounded: the top processes by count, "other" for the rest,
+    /// The series a process's leaked sockets count in.
+    fn series(&self, process: &ProcessLeak) -> Series {
+        let group = self.group_by.and_then(|by| by.group(&process.container)).unwrap_or_default();
+        (process.comm_or_unknown().to_owned(), group)
+    }
+
+    /// Leaked sockets per series, bounded: the top processes by count, "other" for the rest,
     /// and 0 for processes that cleared recently (absent ones would only go stale).
-    fn by_comm(&mut self, report: &LeakReport) -> Vec<(String, u64)> {
-        let mut per_comm: HashMap<String, u64> = HashMap::new();
+    fn by_comm(&mut self, report: &LeakReport) -> Vec<(Series, u64)> {
+        let mut per_series: HashMap<Series, u64> = HashMap::new();
         for process in &report.processes {
-            *per_comm.entry(process.comm_or_unknown().to_owned()).or_default() +=
-                process.count as u64;
+            *per_series.entry(self.series(process)).or_default() += process.count as u64;
         }
-        let mut ranked: Vec<(String, u64)> = per_comm.into_iter().collect();
+        let mut ranked: Vec<(Series, u64)> = per_series.into_iter().collect();
         ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         let other: u64 = ranked.iter().skip(TOP_PROCESSES).map(|(_, n)| n).sum();
         ranked.truncate(TOP_PROCESSES);
@@ -190,8 +203,8 @@ impl LeakWatch {
             self.cleared.keys().filter(|c| !ranked.iter().any(|(r, _)| r == *c)).cloned().collect();
         zeros.sort();
         zeros.truncate(TOP_PROCESSES);
-        ranked.extend(zeros.into_iter().map(|comm| (comm, 0)));
-        ranked.push(("other".to_owned(), other));
+        ranked.extend(zeros.into_iter().map(|series| (series, 0)));
+        ranked.push((("other".to_owned(), GroupLabels::default()), other));
         ranked
     }
 }

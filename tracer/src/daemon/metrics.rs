@@ -15,6 +15,7 @@ use tracer_common::TcpState;
 use super::{
     Shared,
     aggregate::{DURATION_BUCKETS, SAMPLED_STATES},
+    groups::{self, GroupBy, GroupLabels},
 };
 use crate::clock::monotonic_ns;
 
@@ -45,6 +46,7 @@ pub fn escape_label_value(value: &str) -> String {
 #[derive(Debug)]
 struct TcpstateCollector {
     shared: Arc<Shared>,
+    group_by: Option<GroupBy>,
 }
 
 impl Collector for TcpstateCollector {
@@ -125,11 +127,35 @@ impl Collector for TcpstateCollector {
             None,
             MetricType::Gauge,
         )?;
+        // Under --group-by, each gauge splits into its groups' counts and what is left (no
+        // group), so every sum by state stays exact.
+        let grouped = self
+            .group_by
+            .map(|by| groups::group_sockets(agg.table(), &mut self.shared.cgroups(), by, &labels));
         for label in 0..labels.values() {
             for state in gauge_states() {
-                let set = with(&[("state", state.to_string())], label);
                 let count = gauges.count_for_label(label, state).max(0);
-                ConstGauge::new(count).encode(family.encode_family(&set)?)?;
+                let Some(grouped) = &grouped else {
+                    let set = with(&[("state", state.to_string())], label);
+                    ConstGauge::new(count).encode(family.encode_family(&set)?)?;
+                    continue;
+                };
+                let mut rest = count;
+                let mut series = Vec::new();
+                for (group, counts) in grouped {
+                    let value = counts[label][state.index()];
+                    if value > 0 {
+                        series.push((group, value));
+                        rest -= value;
+                    }
+                }
+                let no_group = GroupLabels::default();
+                series.push((&no_group, rest.max(0)));
+                for (group, value) in series {
+                    let mut base = vec![("state", state.to_string())];
+                    base.extend(group.pairs().map(|(name, v)| (name, escape_label_value(&v))));
+                    ConstGauge::new(value).encode(family.encode_family(&with(&base, label))?)?;
+                }
             }
         }
 
@@ -237,8 +263,11 @@ impl Collector for TcpstateCollector {
             None,
             MetricType::Gauge,
         )?;
-        for (comm, count) in &leaks.by_comm {
-            let set = [("comm", escape_label_value(comm))];
+        for ((comm, group), count) in &leaks.by_comm {
+            let mut set = vec![("comm", escape_label_value(comm))];
+            if self.group_by.is_some() {
+                set.extend(group.pairs().map(|(name, value)| (name, escape_label_value(&value))));
+            }
             ConstGauge::new(*count as i64).encode(family.encode_family(&set)?)?;
         }
         let gauge_f64 = |encoder: &mut DescriptorEncoder, name: &str, help: &str, value: f64| {
@@ -332,9 +361,9 @@ pub struct Exporter {
 }
 
 impl Exporter {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<Shared>, group_by: Option<GroupBy>) -> Self {
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(TcpstateCollector { shared }));
+        registry.register_collector(Box::new(TcpstateCollector { shared, group_by }));
         Self { registry }
     }
 

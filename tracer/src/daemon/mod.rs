@@ -6,6 +6,7 @@
 
 pub mod aggregate;
 pub mod gauges;
+pub mod groups;
 pub mod http;
 pub mod leak_watch;
 mod listing;
@@ -255,7 +256,7 @@ pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
     let (flush_requests, mut flushes) = tokio::sync::mpsc::channel::<Flush>(16);
     let state = http::AppState {
         shared: shared.clone(),
-        exporter: Arc::new(metrics::Exporter::new(shared.clone())),
+        exporter: Arc::new(metrics::Exporter::new(shared.clone(), args.group_by)),
         flush: flush_requests,
         listings: Arc::new(tokio::sync::Semaphore::new(http::MAX_LISTINGS)),
     };
@@ -272,7 +273,7 @@ pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
 
     let leak_watch = tokio::spawn(watch_leaks(
         shared.clone(),
-        LeakWatch::new(args.close_wait_threshold, args.cmdline),
+        LeakWatch::new(args.close_wait_threshold, args.cmdline, args.group_by),
     ));
 
     let mut batch = Batch::default();

@@ -286,6 +286,7 @@ mod tests {
                 pod_uid: Some("0b7e5a3c-1d2f-4e6a-8b9c-0d1e2f3a4b5c".into()),
                 pod_namespace: Some("shop".into()),
                 pod_name: Some("checkout".into()),
+                container_name: None,
             },
             ..leak.clone()
         };

@@ -289,6 +289,58 @@ fn the_kernel_names_the_cgroup_watch_filters_on_and_listings_show() {
     }
 }
 
+/// `--group-by container` splits the socket gauges and the leaked-sockets gauge by the
+/// owner's container (`container` is the id's first 12 digits outside Kubernetes), and each
+/// state's series still sum to its exact count.
+#[test]
+#[parallel]
+fn group_by_container_labels_the_gauges_with_the_container() {
+    require_root();
+    let daemon = common::Daemon::start(&["--group-by", "container", "--close-wait-threshold", "1"]);
+    let rootfs = busybox_rootfs();
+    // One socket leaked in CLOSE_WAIT (held by sleep), one connection kept established.
+    let script = "nc -l -p 7000 -e sleep 600 & nc -l -p 7001 -e sleep 600 & sleep 1; \
+                  timeout 1 nc 127.0.0.1 7000 </dev/null; sleep 600 | nc 127.0.0.1 7001";
+    let container = Container::run(&[
+        "--network",
+        "none",
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "/bin/sh",
+        "-c",
+        script,
+    ]);
+    let short = &container.id[..12];
+    let ours = [("namespace", ""), ("pod", ""), ("container", short)];
+    let accept_hook = daemon
+        .scrape()
+        .value("tcpstate_probe_info", &[("program", "accept_owner"), ("active", "true")]);
+    // The client's socket has its owner from connect(); the accepted one only where the
+    // kernel's accept hook runs.
+    let established = 1.0 + accept_hook;
+    let metrics = common::eventually(Duration::from_secs(20), || {
+        let metrics = daemon.scrape();
+        let leaked = metrics.value(
+            "tcpstate_close_wait_leaked_sockets",
+            &[("comm", "sleep"), ours[0], ours[1], ours[2]],
+        );
+        let sockets = metrics.value("tcpstate_sockets", &[("state", "ESTABLISHED"), ours[2]]);
+        (leaked == 1.0 && sockets == established)
+            .then_some(metrics)
+            .ok_or(format!("leaked {leaked}, ESTABLISHED {sockets}:\n{}", container.logs()))
+    });
+    for sample in &metrics.scrape.samples {
+        if sample.metric == "tcpstate_sockets" {
+            let prometheus_parse::Value::Gauge(value) = sample.value else { continue };
+            assert!(value >= 0.0, "{sample:?}");
+            assert!(sample.labels.get("container").is_some(), "every series is grouped");
+        }
+    }
+    drop(container);
+    daemon.stop();
+    let _ = std::fs::remove_dir_all(&rootfs);
+}
+
 /// The cgroup v2 hierarchy: `/sys/fs/cgroup` on a unified host, `/sys/fs/cgroup/unified` on
 /// a hybrid one (this machine).
 fn cgroup2_root() -> PathBuf {

@@ -275,6 +275,14 @@ fn exact_sequences(addressing: Addressing, closer: Closer, path: Path) {
         let (owner_pid, owner_comm) = r.owner().expect("client owner known");
         assert_eq!((owner_pid, owner_comm.as_ref()), (pid, comm.as_str()), "{:?}", r.newstate);
     }
+    // With the owner, its cgroup: this process's cgroup v2 directory, by inode.
+    let cgroup = own_cgroup_id();
+    for r in &client {
+        match cgroup {
+            Some(id) => assert_eq!(r.owner_cgroup, id, "{:?}", r.newstate),
+            None => assert_ne!(r.owner_cgroup, 0, "no cgroup2 mount: the root's id"),
+        }
+    }
     // connect() ran in the client thread: the running task is that thread.
     assert_eq!(client[0].tgid, pid);
     assert_eq!(comm_str(&client[0].comm), thread_comm);
@@ -490,4 +498,19 @@ fn burst_of_connections_is_delivered_or_counted_as_lost() {
             assert_eq!(per_kind.get(kind), Some(&per_connection(kind)), "{kind:?}");
         }
     }
+}
+
+/// The inode of this process's cgroup v2 directory (what `bpf_get_current_cgroup_id`
+/// returns), when cgroup2 is mounted.
+fn own_cgroup_id() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = cgroups.lines().find_map(|line| line.strip_prefix("0::"))?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let root = mounts.lines().find_map(|line| {
+        let (before, after) = line.split_once(" - ")?;
+        (after.split(' ').next() == Some("cgroup2")).then(|| before.split(' ').nth(4))?
+    })?;
+    let dir = format!("{root}{}", path.trim_end_matches('/'));
+    std::fs::metadata(dir).ok().map(|m| m.ino())
 }
