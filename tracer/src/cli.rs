@@ -34,6 +34,7 @@ impl Command {
             Self::Watch(_) => "watch",
             Self::Leaks(_) => "leaks",
             Self::Check(_) => "check",
+            Self::Explain(_) => "explain",
         }
     }
 }
@@ -51,6 +52,16 @@ pub enum Command {
     /// BTF, tracefs, each program loaded and detached for real, sock_diag, namespaces.
     /// Exit status: 0 runs fully, 1 cannot run, 2 usage error, 3 runs degraded.
     Check(CheckArgs),
+    /// What a TCP state means for you: who is in it, what leads in and out, what a pile-up
+    /// usually means, what to check, the kernel settings that matter. Without a state, the
+    /// state diagram.
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// A state name as tcpstate prints it, e.g. CLOSE_WAIT.
+    pub state: Option<TcpState>,
 }
 
 #[derive(Debug, Args)]
@@ -444,7 +455,7 @@ pub fn validate(cli: &Cli) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::Leaks(_) | Command::Check(_) => Ok(()),
+        Command::Leaks(_) | Command::Check(_) | Command::Explain(_) => Ok(()),
         Command::Watch(args) => {
             let max = tracer_common::settings::MAX_FILTER_PORTS;
             for (flag, ports) in

@@ -16,6 +16,7 @@ pub mod container;
 pub mod daemon;
 pub mod duplicates;
 pub mod event;
+pub mod explain;
 pub mod leaks;
 pub mod netns;
 pub mod owners;

@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         Command::Run(_) => "info",
         Command::Watch(_) | Command::Leaks(_) => "warn",
         // The report says everything; the probe's own warnings would repeat it.
-        Command::Check(_) => "error",
+        Command::Check(_) | Command::Explain(_) => "error",
     };
     env_logger::Builder::from_env(env_logger::Env::new().filter_or("TCPSTATE_LOG", default_level))
         .format_timestamp_millis()
@@ -36,6 +36,10 @@ fn main() -> ExitCode {
             on_one_thread(async { Ok(tracer::leaks::command::run(args).await) })
         }
         Command::Check(args) => Ok(tracer::check::run(&args)),
+        Command::Explain(args) => {
+            tracer::explain::run(args.state);
+            Ok(ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

@@ -8,6 +8,7 @@ use anyhow::{Context as _, bail};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::{Request, StatusCode, body::Bytes};
 use hyper_util::rt::TokioIo;
+use tracer_common::TcpState;
 
 use super::{Candidate, LeakReport, OwnerResolver, Source, human_age, plural};
 use crate::{
@@ -158,6 +159,13 @@ pub fn render(report: &LeakReport) -> String {
         if process.sockets.len() > SHOWN {
             let _ = writeln!(out, "  ... and {} more", process.sockets.len() - SHOWN);
         }
+    }
+    if let Some(close_wait) = crate::explain::of(TcpState::CLOSE_WAIT) {
+        let _ = writeln!(
+            out,
+            "\nCLOSE_WAIT: {}; `tcpstate explain CLOSE_WAIT` says what to check.",
+            close_wait.hint()
+        );
     }
     out
 }

@@ -195,6 +195,11 @@ fn bad_flags_are_usage_errors_naming_the_flag() {
         (vec!["watch", "--port", "0"], "from 1 to 65535"),
         (vec!["watch", "-4", "-6"], "--ipv6"),
         (vec!["watch", "--no-such-flag"], "--no-such-flag"),
+        (vec!["watch", "--container", "not-hex"], "--container"),
+        (vec!["watch", "--cgroup", "relative/path"], "starting with /"),
+        (vec!["watch", "--pod", "no-slash"], "NAMESPACE/NAME"),
+        (vec!["run", "--group-by", "node"], "container, pod"),
+        (vec!["explain", "BOGUS"], "CLOSE_WAIT, LAST_ACK"),
     ] {
         let finished = run_tcpstate(&args);
         let stderr = finished.stderr.join("\n");
@@ -210,4 +215,11 @@ fn bad_flags_are_usage_errors_naming_the_flag() {
     assert_eq!(finished.status.code(), Some(2));
     assert!(stderr.contains("--port is given 9 times"), "{stderr}");
     assert!(stderr.contains("Usage: tcpstate watch"), "the subcommand's usage: {stderr}");
+    // What a state means, on one screen; without a state, the diagram.
+    let close_wait = run_tcpstate(&["explain", "CLOSE_WAIT"]);
+    assert_eq!(close_wait.status.code(), Some(0));
+    assert!(close_wait.stdout.len() <= 23, "{:#?}", close_wait.stdout);
+    assert!(close_wait.stdout[0].starts_with("CLOSE_WAIT - "), "{:#?}", close_wait.stdout);
+    let diagram = run_tcpstate(&["explain"]);
+    assert!(diagram.stdout.iter().any(|l| l.contains("CLOSE_WAIT --close()--> LAST_ACK")));
 }
