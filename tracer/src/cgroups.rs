@@ -111,8 +111,9 @@ impl CgroupNames {
     }
 }
 
-/// Where the cgroup v2 hierarchy is mounted, from this process's mount table.
-fn cgroup2_mount() -> Option<PathBuf> {
+/// Where the cgroup v2 hierarchy is mounted, from this process's mount table:
+/// `/sys/fs/cgroup` on a unified host, `/sys/fs/cgroup/unified` on a hybrid one.
+pub fn cgroup2_mount() -> Option<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     mounts
         .lines()

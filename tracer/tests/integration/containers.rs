@@ -159,6 +159,20 @@ fn busybox_rootfs() -> PathBuf {
     dir
 }
 
+/// A container of the busybox root filesystem, in a network namespace of its own, running
+/// `script` with `sh`; `options` go to `podman run` before the image.
+fn busybox_container(rootfs: &Path, options: &[&str], script: &str) -> Container {
+    let mut args = vec!["--network", "none"];
+    args.extend(options);
+    args.extend(["--rootfs", rootfs.to_str().unwrap(), "/bin/sh", "-c", script]);
+    Container::run(&args)
+}
+
+/// A server that hands each accepted socket on port 7000 to `sleep`, which never reads or
+/// closes it, and a client that hangs up after a second: one socket leaked in CLOSE_WAIT.
+const LEAK_SCRIPT: &str =
+    "nc -l -p 7000 -e sleep 600 & sleep 1; timeout 1 nc 127.0.0.1 7000 </dev/null; sleep 600";
+
 /// The leak entries of `report` whose container is `id`.
 fn of_container<'a>(report: &'a Value, id: &str) -> Vec<&'a Value> {
     let processes = report["processes"].as_array().unwrap();
@@ -174,19 +188,7 @@ fn a_leak_inside_a_podman_container_names_the_container_and_the_process() {
     require_root();
     let daemon = common::Daemon::start(&["--close-wait-threshold", "1"]);
     let rootfs = busybox_rootfs();
-    // The server hands the accepted socket to `sleep`, which never reads or closes it; the
-    // client hangs up after a second.
-    let script = "nc -l -p 7000 -e sleep 600 & sleep 1; timeout 1 nc 127.0.0.1 7000 </dev/null; \
-                  sleep 600";
-    let container = Container::run(&[
-        "--network",
-        "none",
-        "--rootfs",
-        rootfs.to_str().unwrap(),
-        "/bin/sh",
-        "-c",
-        script,
-    ]);
+    let container = busybox_container(&rootfs, &[], LEAK_SCRIPT);
     let report = leaks_until(&daemon, Duration::from_secs(20), |r| {
         of_container(r, &container.id).iter().any(|p| p["count"] == 1)
     });
@@ -227,19 +229,7 @@ fn the_kernel_names_the_cgroup_watch_filters_on_and_listings_show() {
     let daemon = common::Daemon::start(&[]);
     let mut watch = Tcpstate::start(&["watch", "--json", "--cgroup", &parent]);
     let rootfs = busybox_rootfs();
-    let script = "nc -l -p 7000 -e sleep 600 & sleep 1; timeout 1 nc 127.0.0.1 7000 </dev/null; \
-                  sleep 600";
-    let container = Container::run(&[
-        "--network",
-        "none",
-        "--cgroup-parent",
-        &parent,
-        "--rootfs",
-        rootfs.to_str().unwrap(),
-        "/bin/sh",
-        "-c",
-        script,
-    ]);
+    let container = busybox_container(&rootfs, &["--cgroup-parent", &parent], LEAK_SCRIPT);
     // Meanwhile, traffic of this (host) process, which the filter must leave out.
     let listener = TcpListener::bind((V4, 0)).unwrap();
     common::one_connection(&listener, V4, Closer::Client);
@@ -301,15 +291,7 @@ fn group_by_container_labels_the_gauges_with_the_container() {
     // One socket leaked in CLOSE_WAIT (held by sleep), one connection kept established.
     let script = "nc -l -p 7000 -e sleep 600 & nc -l -p 7001 -e sleep 600 & sleep 1; \
                   timeout 1 nc 127.0.0.1 7000 </dev/null; sleep 600 | nc 127.0.0.1 7001";
-    let container = Container::run(&[
-        "--network",
-        "none",
-        "--rootfs",
-        rootfs.to_str().unwrap(),
-        "/bin/sh",
-        "-c",
-        script,
-    ]);
+    let container = busybox_container(&rootfs, &[], script);
     let short = &container.id[..12];
     let ours = [("namespace", ""), ("pod", ""), ("container", short)];
     let accept_hook = daemon
@@ -341,17 +323,6 @@ fn group_by_container_labels_the_gauges_with_the_container() {
     let _ = std::fs::remove_dir_all(&rootfs);
 }
 
-/// The cgroup v2 hierarchy: `/sys/fs/cgroup` on a unified host, `/sys/fs/cgroup/unified` on
-/// a hybrid one (this machine).
-fn cgroup2_root() -> PathBuf {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let root = mounts.lines().find_map(|line| {
-        let (before, after) = line.split_once(" - ")?;
-        (after.split(' ').next() == Some("cgroup2")).then(|| before.split(' ').nth(4))?
-    });
-    PathBuf::from(root.expect("a cgroup2 mount"))
-}
-
 /// Directories made for a test, removed (deepest first) when dropped.
 struct Made(Vec<PathBuf>);
 
@@ -372,7 +343,7 @@ fn a_leak_in_a_kubelet_pod_cgroup_names_the_pod() {
     require_root();
     const UID: &str = "7d3c1f0e-52b4-4c1e-9a6f-0b2d4e6f8a1c";
     let id = format!("{:064x}", 0x7c57_a7e5_u64 + u64::from(std::process::id()));
-    let root = cgroup2_root();
+    let root = tracer::cgroups::cgroup2_mount().expect("a cgroup2 mount");
     let pod = format!("kubepods-burstable-pod{}.slice", UID.replace('-', "_"));
     let mut made = Made(Vec::new());
     let mut dir = root.clone();

@@ -506,11 +506,7 @@ fn own_cgroup_id() -> Option<u64> {
     use std::os::unix::fs::MetadataExt as _;
     let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     let path = cgroups.lines().find_map(|line| line.strip_prefix("0::"))?;
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let root = mounts.lines().find_map(|line| {
-        let (before, after) = line.split_once(" - ")?;
-        (after.split(' ').next() == Some("cgroup2")).then(|| before.split(' ').nth(4))?
-    })?;
-    let dir = format!("{root}{}", path.trim_end_matches('/'));
+    let root = tracer::cgroups::cgroup2_mount()?;
+    let dir = format!("{}{}", root.display(), path.trim_end_matches('/'));
     std::fs::metadata(dir).ok().map(|m| m.ino())
 }
