@@ -59,7 +59,10 @@ pub struct TransitionRecord {
     pub oldstate: TcpState,
     pub newstate: TcpState,
     pub flags: u8,
-    pub _pad: [u8; 5],
+    /// On a transition to CLOSE, the socket's pending error (`sk_err`, an errno below 256):
+    /// why a connect failed or a connection was reset or timed out; 0 otherwise.
+    pub error: u8,
+    pub _pad: [u8; 4],
 }
 
 /// Bytes of one record in the ring buffer (the kernel adds its own 8-byte header).

@@ -88,7 +88,10 @@ pub struct KernelSettings {
     pub filter: KernelFilter,
     /// 1: also trace MPTCP subflow-level sockets (protocol 262).
     pub trace_mptcp: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// Offset of `sock.sk_err` (the error a reset, a timeout or an ICMP error left on the
+    /// socket), from BTF; `u16::MAX` when unknown.
+    pub sk_err_offset: u16,
     /// Offset of `sock_common.skc_net` (a `struct net *`) in `struct sock`, from BTF.
     pub sk_net_offset: u32,
     /// Offset of `net.ns.inum` in `struct net`, from BTF.
@@ -115,7 +118,8 @@ impl KernelSettings {
     pub const DEFAULT: Self = Self {
         filter: KernelFilter::ALL,
         trace_mptcp: 0,
-        _pad: [0; 3],
+        _pad: 0,
+        sk_err_offset: u16::MAX,
         sk_net_offset: OFFSET_UNKNOWN,
         net_inum_offset: OFFSET_UNKNOWN,
         task_group_leader_offset: OFFSET_UNKNOWN,

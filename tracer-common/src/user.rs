@@ -192,7 +192,8 @@ mod tests {
             oldstate: crate::TcpState::SYN_SENT,
             newstate: crate::TcpState::ESTABLISHED,
             flags: crate::record::FLAG_DWELL_KNOWN,
-            _pad: [0; 5],
+            error: 0,
+            _pad: [0; 4],
         }
     }
 

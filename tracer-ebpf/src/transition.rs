@@ -158,7 +158,8 @@ pub fn handle_transition<C: EbpfContext, T: Transition>(
         (*rec).oldstate = old;
         (*rec).newstate = new;
         (*rec).flags = tracked.flags | record_flags;
-        (*rec)._pad = [0; 5];
+        (*rec).error = if new == TcpState::CLOSE { read_sk_err(skaddr) } else { 0 };
+        (*rec)._pad = [0; 4];
     }
     counters.emitted += 1;
     slot.submit(wakeup_flags(counters.emitted));
@@ -280,6 +281,19 @@ pub fn claim_owner(skaddr: u64) {
 fn current_cgroup() -> u64 {
     // SAFETY: no preconditions; 0 where the kernel has no cgroup v2 hierarchy.
     unsafe { bpf_get_current_cgroup_id() }
+}
+
+/// The socket's pending error (`sk->sk_err`), set by the kernel before it closes a socket on
+/// a reset, a timeout or an ICMP error; read only on transitions to CLOSE.
+#[inline(always)]
+fn read_sk_err(skaddr: u64) -> u8 {
+    let offset = setting!(sk_err_offset);
+    if offset == u16::MAX {
+        return 0;
+    }
+    // SAFETY: probe reads fault safely on a bad address.
+    let error = unsafe { bpf_probe_read_kernel((skaddr + u64::from(offset)) as *const i32) };
+    error.map_or(0, |e| u8::try_from(e).unwrap_or(u8::MAX))
 }
 
 /// The socket's network namespace inode (`sk->__sk_common.skc_net.net->ns.inum`), with the

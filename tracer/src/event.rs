@@ -1,4 +1,4 @@
-//! A decoded transition with typed accessors: addresses, states, owner, duration.
+//! A decoded transition with typed accessors: addresses, states, owner, duration, failure.
 
 use std::{
     borrow::Cow,
@@ -8,7 +8,7 @@ use std::{
 
 use tracer_common::{TransitionRecord, ip_from_raw};
 
-use crate::socket::Family;
+use crate::{failure::Failure, socket::Family};
 
 /// The text of a NUL-padded kernel `comm`.
 pub fn comm_str(comm: &[u8; 16]) -> Cow<'_, str> {
@@ -25,6 +25,8 @@ pub trait TransitionExt {
     /// (pid, comm) of the owner, when known.
     fn owner(&self) -> Option<(u32, Cow<'_, str>)>;
     fn family(&self) -> Family;
+    /// How a transition to CLOSE ended the connection, when not normally.
+    fn failure(&self) -> Option<Failure>;
 }
 
 impl TransitionExt for TransitionRecord {
@@ -50,6 +52,10 @@ impl TransitionExt for TransitionRecord {
 
     fn family(&self) -> Family {
         Family::from_raw(self.family)
+    }
+
+    fn failure(&self) -> Option<Failure> {
+        Failure::of(self.oldstate, self.newstate, self.error)
     }
 }
 

@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod duplicates;
 pub mod event;
 pub mod explain;
+pub mod failure;
 pub mod leaks;
 pub mod netns;
 pub mod owners;

@@ -20,6 +20,7 @@ use crate::{
     cli::WatchArgs,
     clock::WallClock,
     event::{TransitionExt as _, comm_str},
+    failure::Failure,
     probe::{Delivery, Probe},
     reader::RecordReader,
     socket::Family,
@@ -231,7 +232,7 @@ struct Printer<W: Write> {
 }
 
 /// The keys of a `--json` line, in order (documented in the README; scripts rely on them).
-pub const JSON_KEYS: [&str; 16] = [
+pub const JSON_KEYS: [&str; 17] = [
     "ts_ns",
     "skaddr",
     "pid",
@@ -248,6 +249,7 @@ pub const JSON_KEYS: [&str; 16] = [
     "dwell_ns",
     "cgroup",
     "container_id",
+    "error",
 ];
 
 /// One JSON line: exactly the keys of `JSON_KEYS`, in this order.
@@ -269,6 +271,7 @@ struct JsonTransition<'a> {
     dwell_ns: Option<u64>,
     cgroup: Option<&'a str>,
     container_id: Option<&'a str>,
+    error: Option<&'static str>,
 }
 
 /// A kernel address as JSON text (`"0xffff..."`), written without an intermediate string.
@@ -323,6 +326,7 @@ impl<W: Write> Printer<W> {
                 dwell_ns: record.dwell().map(|_| record.dwell_ns),
                 cgroup: cgroup.map(|c| c.path.as_str()),
                 container_id: cgroup.and_then(|c| c.container.container_id.as_deref()),
+                error: record.failure().map(Failure::name),
             };
             serde_json::to_writer(&mut self.out, &line)?;
             writeln!(self.out)
@@ -336,7 +340,7 @@ impl<W: Write> Printer<W> {
                 .dwell()
                 .map_or_else(|| "-".to_owned(), |d| format!("{:.3}", d.as_secs_f64() * 1e3));
             let width = self.address_width;
-            writeln!(
+            write!(
                 self.out,
                 "{:<12} {:>7} {:<16} {:<width$} {:<width$} {:<27} {:>10}",
                 self.clock.time_of_day(record.ts_ns),
@@ -346,7 +350,11 @@ impl<W: Write> Printer<W> {
                 record.remote().to_string(),
                 format!("{} -> {}", record.oldstate, record.newstate),
                 ms
-            )
+            )?;
+            match record.failure() {
+                Some(failure) => writeln!(self.out, "  {}", failure.name()),
+                None => writeln!(self.out),
+            }
         }
     }
 }
@@ -410,7 +418,8 @@ mod tests {
             oldstate: TcpState::ESTABLISHED,
             newstate: TcpState::CLOSE_WAIT,
             flags: FLAG_DWELL_KNOWN | FLAG_OWNER_KNOWN,
-            _pad: [0; 5],
+            error: 0,
+            _pad: [0; 4],
         }
     }
 
@@ -457,12 +466,29 @@ mod tests {
         assert!(value["owner_pid"].is_null());
         assert!(value["owner_comm"].is_null());
         assert!(value["cgroup"].is_null() && value["container_id"].is_null());
+        assert!(value["error"].is_null());
 
         let mut printer = Printer::new(false, 25, Vec::new());
         printer.print(&unknown, None).unwrap();
         let line = String::from_utf8(printer.out.into_inner().unwrap()).unwrap();
         assert!(line.contains("[fe80::1]:51000"), "{line}");
         assert!(line.trim_end().ends_with(" -"), "{line}");
+    }
+
+    #[test]
+    fn a_failed_connect_says_why() {
+        let mut refused = record();
+        (refused.oldstate, refused.newstate) = (TcpState::SYN_SENT, TcpState::CLOSE);
+        refused.error = libc::ECONNREFUSED as u8;
+        let mut printer = Printer::new(true, 25, Vec::new());
+        printer.print(&refused, None).unwrap();
+        let value: serde_json::Value =
+            serde_json::from_slice(&printer.out.into_inner().unwrap()).unwrap();
+        assert_eq!(value["error"], "refused");
+        let mut printer = Printer::new(false, 25, Vec::new());
+        printer.print(&refused, None).unwrap();
+        let line = String::from_utf8(printer.out.into_inner().unwrap()).unwrap();
+        assert!(line.contains("SYN_SENT -> CLOSE") && line.ends_with("1.500  refused\n"), "{line}");
     }
 
     #[test]

@@ -9,7 +9,11 @@ use super::{
     gauges::PortLabels,
     table::{Owner, SocketKey, SocketTable},
 };
-use crate::{netns::NamespaceDump, sockdiag::DiagSocket};
+use crate::{
+    failure::{CONNECT_REASONS, Failure, ResetDirection},
+    netns::NamespaceDump,
+    sockdiag::DiagSocket,
+};
 
 /// Upper bounds of the stay histogram's buckets, in seconds: log-spaced (1-3-10) from 10 µs to
 /// 1000 s, then one hour.
@@ -84,6 +88,10 @@ pub struct Aggregator {
     labels: PortLabels,
     /// [label][old][new]
     transitions: Vec<[[u64; TcpState::INDEXES]; TcpState::INDEXES]>,
+    /// [label][reason], reasons in `failure::CONNECT_REASONS` order.
+    connect_failures: Vec<[u64; CONNECT_REASONS.len()]>,
+    /// [label][received, sent][state the reset hit]
+    resets: Vec<[[u64; TcpState::INDEXES]; 2]>,
     stays: [StayHistogram; TcpState::INDEXES],
     table: SocketTable,
     events: u64,
@@ -105,6 +113,8 @@ impl Aggregator {
     pub fn new(max_sockets: usize, labels: PortLabels) -> Self {
         Self {
             transitions: vec![[[0; TcpState::INDEXES]; TcpState::INDEXES]; labels.values()],
+            connect_failures: vec![[0; CONNECT_REASONS.len()]; labels.values()],
+            resets: vec![[[0; TcpState::INDEXES]; 2]; labels.values()],
             stays: std::array::from_fn(|_| StayHistogram::default()),
             table: SocketTable::new(max_sockets, labels.clone()),
             labels,
@@ -155,6 +165,16 @@ impl Aggregator {
         self.transitions[label][old.index()][new.index()]
     }
 
+    /// Failed connects of sockets with this port label, by reason (`CONNECT_REASONS` order).
+    pub fn connect_failures(&self, label: usize) -> &[u64; CONNECT_REASONS.len()] {
+        &self.connect_failures[label]
+    }
+
+    /// Resets of sockets with this port label, by the state they hit.
+    pub fn resets(&self, label: usize, direction: ResetDirection, state: TcpState) -> u64 {
+        self.resets[label][direction as usize][state.index()]
+    }
+
     pub fn stays(&self, state: TcpState) -> &StayHistogram {
         &self.stays[state.index()]
     }
@@ -172,7 +192,15 @@ impl Aggregator {
     pub fn apply(&mut self, r: &TransitionRecord) {
         self.events += 1;
         let (old, new) = (r.oldstate, r.newstate);
-        self.transitions[self.labels.index(r.sport)][old.index()][new.index()] += 1;
+        let label = self.labels.index(r.sport);
+        self.transitions[label][old.index()][new.index()] += 1;
+        if let Some(failure) = Failure::of(old, new, r.error) {
+            if old == TcpState::SYN_SENT {
+                self.connect_failures[label][failure.connect_slot()] += 1;
+            } else if let Some(direction) = failure.reset() {
+                self.resets[label][direction as usize][old.index()] += 1;
+            }
+        }
         if r.dwell_known() {
             self.stays[old.index()].observe(r.dwell_ns);
         }
@@ -358,7 +386,8 @@ mod tests {
             oldstate: old,
             newstate: new,
             flags: if old == S::CLOSE { 0 } else { FLAG_DWELL_KNOWN },
-            _pad: [0; 5],
+            error: 0,
+            _pad: [0; 4],
         }
     }
 

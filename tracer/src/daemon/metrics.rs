@@ -17,7 +17,10 @@ use super::{
     aggregate::{DURATION_BUCKETS, SAMPLED_STATES},
     groups::{self, GroupBy, GroupLabels},
 };
-use crate::clock::monotonic_ns;
+use crate::{
+    clock::monotonic_ns,
+    failure::{CONNECT_REASONS, ResetDirection},
+};
 
 /// States that have gauges: all but CLOSE (a socket leaves the table when it closes).
 fn gauge_states() -> impl Iterator<Item = TcpState> {
@@ -78,6 +81,43 @@ impl Collector for TcpstateCollector {
                         let set =
                             with(&[("from", from.to_string()), ("to", to.to_string())], label);
                         ConstCounter::new(count).encode(family.encode_family(&set)?)?;
+                    }
+                }
+            }
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "tcpstate_connect_failures",
+            "connect() attempts that failed (SYN_SENT -> CLOSE), by reason: refused, timeout, \
+             unreachable, reset, aborted (given up by the program), other",
+            None,
+            MetricType::Counter,
+        )?;
+        for label in 0..labels.values() {
+            for (reason, count) in CONNECT_REASONS.iter().zip(agg.connect_failures(label)) {
+                let set = with(&[("reason", (*reason).to_owned())], label);
+                ConstCounter::new(*count).encode(family.encode_family(&set)?)?;
+            }
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "tcpstate_resets",
+            "Connections ended by a reset, received from the peer or sent by this host \
+             (SO_LINGER 0, close() with unread data, ss -K), by the state it hit",
+            None,
+            MetricType::Counter,
+        )?;
+        for label in 0..labels.values() {
+            for direction in ResetDirection::ALL {
+                for state in TcpState::ALL {
+                    let count = agg.resets(label, direction, state);
+                    if count > 0 {
+                        let base = [
+                            ("direction", direction.name().to_owned()),
+                            ("state", state.to_string()),
+                        ];
+                        ConstCounter::new(count)
+                            .encode(family.encode_family(&with(&base, label))?)?;
                     }
                 }
             }

@@ -169,6 +169,11 @@ impl KernelBtf {
     }
 }
 
+/// Offset of `sock.sk_err`: the errno a failed or reset connection leaves.
+pub fn sk_err_offset(btf: &KernelBtf) -> Result<u16, BtfError> {
+    btf.offset_u16("sock", "sk_err")
+}
+
 /// Where the tracepoint's assignment reads each field, for the standby program, which reads
 /// them from the socket itself.
 pub fn sock_offsets(btf: &KernelBtf) -> Result<SockOffsets, BtfError> {

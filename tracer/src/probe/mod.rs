@@ -240,6 +240,7 @@ impl Probe {
         let netns = NetnsOffsets::resolve(&btf)?;
         let task = TaskOffsets::resolve(&btf)?;
         let sock = btf::sock_offsets(&btf);
+        let sk_err = btf::sk_err_offset(&btf);
         let accept_parameters = btf.parameter_count(ACCEPT_FUNCTION);
         drop(btf);
         preflight::raise_memlock_if_needed(kernel);
@@ -247,6 +248,10 @@ impl Probe {
         let settings = KernelSettings {
             filter: options.filter,
             trace_mptcp: u8::from(options.trace_mptcp),
+            sk_err_offset: sk_err.unwrap_or_else(|error| {
+                log::warn!("failed connections will show no reason: {error}");
+                u16::MAX
+            }),
             sk_net_offset: netns.sk_net,
             net_inum_offset: netns.net_inum,
             task_group_leader_offset: task.group_leader,

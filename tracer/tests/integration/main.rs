@@ -11,6 +11,7 @@ mod common;
 mod containers;
 mod daemon;
 mod deploy;
+mod failures;
 mod http;
 mod leaks;
 mod privileges;

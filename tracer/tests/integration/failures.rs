@@ -1,0 +1,168 @@
+//! Connections that end badly, provoked for real: connects refused by a closed port, resets
+//! sent with `SO_LINGER {on, 0}` and received by the peer. Counted exactly per labelled port
+//! (`tcpstate_connect_failures_total`, `tcpstate_resets_total`) and named in `watch`.
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    time::Duration,
+};
+
+use crate::common::{self, Daemon, NetNs, Tcpstate, V4, require_root};
+use serde_json::Value;
+use serial_test::parallel;
+use socket2::{Domain, Socket, Type};
+
+/// A TCP socket bound to `port` on loopback (reusable at once: a refused or reset socket
+/// leaves no TIME_WAIT), connected to `target`.
+fn connect_from_port(port: u16, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::new(V4, port).into())?;
+    socket.connect(&target.into())?;
+    Ok(socket.into())
+}
+
+/// A loopback port nothing listens on.
+fn closed_port() -> SocketAddr {
+    TcpListener::bind((V4, 0)).unwrap().local_addr().unwrap()
+}
+
+#[test]
+#[parallel]
+fn refused_connects_are_counted_by_reason_and_named_in_watch() {
+    require_root();
+    let client_port = common::free_port();
+    let port = client_port.to_string();
+    let daemon = Daemon::start(&["--port-label", &port]);
+    let mut watch = Tcpstate::start(&["watch", "--json", "--sport", &port]);
+    const ATTEMPTS: usize = 3;
+    let target = closed_port();
+    for _ in 0..ATTEMPTS {
+        let refused = connect_from_port(client_port, target).unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+    common::eventually(Duration::from_secs(10), || {
+        let metrics = daemon.scrape();
+        let labels = |reason| [("reason", reason), ("port", port.as_str())];
+        let refused = metrics.value("tcpstate_connect_failures_total", &labels("refused"));
+        let timeout = metrics.value("tcpstate_connect_failures_total", &labels("timeout"));
+        (refused == ATTEMPTS as f64 && timeout == 0.0)
+            .then_some(())
+            .ok_or(format!("refused {refused}, timeout {timeout}"))
+    });
+    // Each attempt: CLOSE -> SYN_SENT (no error), SYN_SENT -> CLOSE (refused).
+    let mut lines = Vec::new();
+    watch.stdout_lines(2 * ATTEMPTS, Duration::from_secs(10), &mut lines);
+    let lines: Vec<Value> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for pair in lines.chunks(2) {
+        assert_eq!((pair[0]["new"].as_str(), &pair[0]["error"]), (Some("SYN_SENT"), &Value::Null));
+        assert_eq!(
+            (pair[1]["new"].as_str(), pair[1]["error"].as_str()),
+            (Some("CLOSE"), Some("refused"))
+        );
+    }
+    watch.interrupt();
+    daemon.stop();
+}
+
+/// Runs `ip -n NS ARGS`.
+fn ip_in(ns: &NetNs, args: &str) {
+    let status = std::process::Command::new("ip")
+        .args(["-n", &ns.name])
+        .args(args.split_whitespace())
+        .status()
+        .expect("ip (iproute2)");
+    assert!(status.success(), "ip -n {} {args}", ns.name);
+}
+
+/// Sets a sysctl inside the namespace.
+fn sysctl_in(ns: &NetNs, setting: &str) {
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name, "sysctl", "-q", "-w", setting])
+        .status()
+        .expect("sysctl (procps)");
+    assert!(status.success(), "sysctl -w {setting} in {}", ns.name);
+}
+
+/// A connect whose SYNs are all dropped times out; one whose next hop never answers ARP
+/// ends with the host unreachable. Each in a namespace of its own with short retries.
+#[test]
+#[parallel]
+fn timed_out_and_unreachable_connects_are_counted_by_reason() {
+    require_root();
+    let ns = NetNs::create("failures");
+    // One SYN retry: a dropped connect gives up after about 3 s.
+    sysctl_in(&ns, "net.ipv4.tcp_syn_retries=1");
+    // A next hop that exists but never answers: ARP gives up after one probe of 200 ms.
+    ip_in(&ns, "link add veth-a type veth peer name veth-b");
+    ip_in(&ns, "link set veth-a up");
+    ip_in(&ns, "link set veth-b up");
+    ip_in(&ns, "addr add 10.211.0.1/24 dev veth-a");
+    sysctl_in(&ns, "net.ipv4.neigh.veth-a.mcast_solicit=1");
+    sysctl_in(&ns, "net.ipv4.neigh.veth-a.retrans_time_ms=200");
+    let (timeout_port, unreachable_port) = (common::free_port(), common::free_port());
+    let (timeout, unreachable) = (timeout_port.to_string(), unreachable_port.to_string());
+    let daemon = Daemon::start(&["--port-label", &timeout, "--port-label", &unreachable]);
+    let (timed_out, host_unreachable) = ns.run(|| {
+        // A listener whose accept queue (backlog 0: one connection) is full drops new SYNs.
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        listener.bind(&SocketAddr::new(V4, 0).into()).unwrap();
+        listener.listen(0).unwrap();
+        let target = listener.local_addr().unwrap().as_socket().unwrap();
+        let _queued = TcpStream::connect(target).unwrap();
+        let timed_out = connect_from_port(timeout_port, target).unwrap_err();
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket.bind(&SocketAddr::new([10, 211, 0, 1].into(), unreachable_port).into()).unwrap();
+        let nowhere = SocketAddr::new([10, 211, 0, 2].into(), 80);
+        (timed_out, socket.connect(&nowhere.into()).unwrap_err())
+    });
+    assert_eq!(timed_out.kind(), std::io::ErrorKind::TimedOut, "{timed_out}");
+    assert_eq!(host_unreachable.raw_os_error(), Some(libc::EHOSTUNREACH), "{host_unreachable}");
+    common::eventually(Duration::from_secs(10), || {
+        let metrics = daemon.scrape();
+        let count = |reason, port: &str| {
+            let labels = [("reason", reason), ("port", port)];
+            metrics.value("tcpstate_connect_failures_total", &labels)
+        };
+        let found = (count("timeout", &timeout), count("unreachable", &unreachable));
+        let stray = count("refused", &timeout) + count("timeout", &unreachable);
+        (found == (1.0, 1.0) && stray == 0.0)
+            .then_some(())
+            .ok_or(format!("timeout, unreachable: {found:?}; stray {stray}"))
+    });
+    daemon.stop();
+}
+
+#[test]
+#[parallel]
+fn resets_are_counted_by_direction_and_state() {
+    require_root();
+    let listener = TcpListener::bind((V4, 0)).unwrap();
+    let server_port = listener.local_addr().unwrap().port().to_string();
+    let client_port = common::free_port();
+    let client = client_port.to_string();
+    let daemon = Daemon::start(&["--port-label", &server_port, "--port-label", &client]);
+    const CONNECTIONS: usize = 4;
+    for _ in 0..CONNECTIONS {
+        let stream = connect_from_port(client_port, listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        // Close with SO_LINGER {on, 0}: the kernel resets the connection.
+        Socket::from(stream).set_linger(Some(Duration::ZERO)).unwrap();
+        server.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let reset = std::io::Read::read(&mut &server, &mut [0; 16]).unwrap_err();
+        assert_eq!(reset.kind(), std::io::ErrorKind::ConnectionReset);
+    }
+    common::eventually(Duration::from_secs(10), || {
+        let metrics = daemon.scrape();
+        let resets = |direction, port: &str| {
+            let labels = [("direction", direction), ("state", "ESTABLISHED"), ("port", port)];
+            metrics.value("tcpstate_resets_total", &labels)
+        };
+        let (sent, received) = (resets("sent", &client), resets("received", &server_port));
+        let stray = resets("received", &client) + resets("sent", &server_port);
+        (sent == CONNECTIONS as f64 && received == CONNECTIONS as f64 && stray == 0.0)
+            .then_some(())
+            .ok_or(format!("sent {sent}, received {received}, stray {stray}"))
+    });
+    daemon.stop();
+}
