@@ -69,23 +69,42 @@ pub fn enumerate() -> Vec<Namespace> {
 
 /// Runs `dump` inside `namespace`.
 pub fn dump_in_with(namespace: &Namespace, dump: Dumper) -> io::Result<Vec<DiagSocket>> {
+    inside(namespace, dump)
+}
+
+/// Runs `work` on a thread inside `namespace` (this thread when it is our own).
+fn inside<T: Send>(
+    namespace: &Namespace,
+    work: impl FnOnce() -> io::Result<T> + Send,
+) -> io::Result<T> {
     if own().is_ok_and(|own| own.inode == namespace.inode) {
-        return dump();
+        return work();
     }
     let file = File::open(&namespace.path)?;
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
                 // SAFETY: setns on a valid namespace fd; it changes only this thread, which
-                // ends right after the dump.
+                // ends right after the work.
                 if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(io::Error::last_os_error());
                 }
-                dump()
+                work()
             })
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("namespace dump thread panicked")))
     })
+}
+
+/// The calling thread's namespace's `net.ipv4.ip_local_port_range` (sysctls under
+/// /proc/sys/net are the reader's namespace's).
+fn local_port_range() -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut bounds = text.split_whitespace().map(str::parse::<u16>);
+    match (bounds.next(), bounds.next()) {
+        (Some(Ok(low)), Some(Ok(high))) if low <= high => Some((low, high)),
+        _ => None,
+    }
 }
 
 /// A dump of one namespace.
@@ -93,6 +112,8 @@ pub fn dump_in_with(namespace: &Namespace, dump: Dumper) -> io::Result<Vec<DiagS
 pub struct NamespaceDump {
     pub inode: u32,
     pub sockets: Vec<DiagSocket>,
+    /// Its `net.ipv4.ip_local_port_range`, when readable.
+    pub port_range: Option<(u16, u16)>,
 }
 
 /// The dumps of every namespace that could be entered.
@@ -124,8 +145,10 @@ pub fn dump_all_with(dump: Dumper) -> AllDumps {
     let mut refused = 0;
     let dumps = enumerate()
         .into_iter()
-        .filter_map(|ns| match dump_in_with(&ns, dump) {
-            Ok(sockets) => Some(NamespaceDump { inode: ns.inode, sockets }),
+        .filter_map(|ns| match inside(&ns, || Ok((dump()?, local_port_range()))) {
+            Ok((sockets, port_range)) => {
+                Some(NamespaceDump { inode: ns.inode, sockets, port_range })
+            }
             Err(error) if Some(ns.inode) == own => {
                 // Not a namespace that vanished: sock_diag does not work on this host.
                 static WARNED: std::sync::Once = std::sync::Once::new();

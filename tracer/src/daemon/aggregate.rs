@@ -7,6 +7,7 @@ use tracer_common::{TcpState, TransitionRecord};
 
 use super::{
     gauges::PortLabels,
+    ports::{self, PortUsage},
     table::{Owner, SocketKey, SocketTable},
 };
 use crate::{
@@ -107,6 +108,9 @@ pub struct Aggregator {
     saturated: bool,
     /// Sockets the last dump listed that the table could not hold.
     untracked: usize,
+    /// From the last dump: the most used destinations' shares of the ephemeral port range,
+    /// and the highest share.
+    port_usage: (Vec<PortUsage>, f64),
 }
 
 impl Aggregator {
@@ -126,6 +130,7 @@ impl Aggregator {
             closed_during_dump: None,
             saturated: false,
             untracked: 0,
+            port_usage: (Vec::new(), 0.0),
         }
     }
 
@@ -155,6 +160,11 @@ impl Aggregator {
 
     pub fn corrections(&self) -> u64 {
         self.corrections
+    }
+
+    /// The most used destinations' shares of the ephemeral port range, and the highest.
+    pub fn port_usage(&self) -> &(Vec<PortUsage>, f64) {
+        &self.port_usage
     }
 
     pub fn namespaces(&self) -> usize {
@@ -268,6 +278,7 @@ impl Aggregator {
         let now = finished_ns;
         let mut outcome = ReconcileOutcome { namespaces: dumps.len(), ..Default::default() };
         let covered: HashSet<u32> = dumps.iter().map(|d| d.inode).collect();
+        self.port_usage = ports::usage(dumps);
 
         let mut listed: HashMap<SocketKey, Vec<&DiagSocket>> = HashMap::new();
         let mut sampled = vec![vec![0i64; self.labels.values()]; SAMPLED_STATES.len()];
@@ -404,7 +415,7 @@ mod tests {
     }
 
     fn dump(sockets: Vec<DiagSocket>) -> Vec<NamespaceDump> {
-        vec![NamespaceDump { inode: NETNS, sockets }]
+        vec![NamespaceDump { inode: NETNS, sockets, port_range: None }]
     }
 
     const A: u64 = 0xffff_8880_0000_1000;

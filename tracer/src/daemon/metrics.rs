@@ -123,6 +123,32 @@ impl Collector for TcpstateCollector {
             }
         }
 
+        let (port_usage, max_usage) = agg.port_usage();
+        let mut family = encoder.encode_descriptor(
+            "tcpstate_ephemeral_port_usage_ratio",
+            "Share of the ephemeral port range (net.ipv4.ip_local_port_range) held by sockets to \
+             one destination from one local address, TIME_WAIT included, at the last \
+             reconciliation: the 10 highest",
+            None,
+            MetricType::Gauge,
+        )?;
+        for usage in port_usage {
+            let set = [
+                ("saddr", usage.saddr.to_string()),
+                ("daddr", usage.daddr.to_string()),
+                ("dport", usage.dport.to_string()),
+            ];
+            ConstGauge::new(usage.ratio).encode(family.encode_family(&set)?)?;
+        }
+        let family = encoder.encode_descriptor(
+            "tcpstate_ephemeral_port_usage_max_ratio",
+            "The highest share of the ephemeral port range any destination holds (see \
+             tcpstate_ephemeral_port_usage_ratio)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(*max_usage).encode(family)?;
+
         let mut family = encoder.encode_descriptor(
             "tcpstate_state_duration_seconds",
             "Completed stays in each state whose length is exactly known (first sightings and \

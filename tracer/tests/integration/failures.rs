@@ -1,6 +1,6 @@
-//! Connections that end badly, provoked for real: connects refused by a closed port, resets
-//! sent with `SO_LINGER {on, 0}` and received by the peer. Counted exactly per labelled port
-//! (`tcpstate_connect_failures_total`, `tcpstate_resets_total`) and named in `watch`.
+//! Connections that end badly, provoked for real: connects refused, timed out and
+//! unreachable, resets sent with `SO_LINGER {on, 0}` and received by the peer, counted exactly
+//! per labelled port and named in `watch`; and ephemeral ports running out.
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
@@ -163,6 +163,32 @@ fn resets_are_counted_by_direction_and_state() {
         (sent == CONNECTIONS as f64 && received == CONNECTIONS as f64 && stray == 0.0)
             .then_some(())
             .ok_or(format!("sent {sent}, received {received}, stray {stray}"))
+    });
+    daemon.stop();
+}
+
+/// In a namespace whose ephemeral range is 100 ports, 80 connections to one destination
+/// closed by the client leave 80 ports in TIME_WAIT: 0.8 of the range.
+#[test]
+#[parallel]
+fn time_wait_sockets_count_against_the_ephemeral_range() {
+    require_root();
+    let ns = NetNs::create("ports");
+    sysctl_in(&ns, "net.ipv4.ip_local_port_range=40000 40099");
+    let daemon = Daemon::start(&["--reconcile-interval", "1"]);
+    const CONNECTIONS: usize = 80;
+    ns.run(|| {
+        let listener = TcpListener::bind((V4, 5000)).unwrap();
+        for _ in 0..CONNECTIONS {
+            common::one_connection(&listener, V4, common::Closer::Client);
+        }
+    });
+    let labels = [("saddr", "127.0.0.1"), ("daddr", "127.0.0.1"), ("dport", "5000")];
+    common::eventually(Duration::from_secs(10), || {
+        let metrics = daemon.scrape();
+        let ratio = metrics.value("tcpstate_ephemeral_port_usage_ratio", &labels);
+        let max = metrics.value("tcpstate_ephemeral_port_usage_max_ratio", &[]);
+        (ratio == 0.8 && max >= 0.8).then_some(()).ok_or(format!("ratio {ratio}, max {max}"))
     });
     daemon.stop();
 }
