@@ -18,10 +18,10 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages bpf-linker builds against (LLVM 22 from bookworm-security).
 const LLVM_PACKAGES: [&str; 4] = ["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
-/// Tests use network namespaces and `ss` (`iproute2`), leaking helper processes (`python3`) and
-/// check the unit (`systemd-analyze`). Prometheus comes unpacked, not installed: see
-/// `test_tools`.
-const TEST_PACKAGES: [&str; 3] = ["iproute2", "python3", "systemd"];
+/// Tests use network namespaces and `ss` (`iproute2`), set sysctls inside them (`procps`),
+/// run leaking helper processes (`python3`) and check the unit (`systemd-analyze`).
+/// Prometheus comes unpacked, not installed: see `test_tools`.
+const TEST_PACKAGES: [&str; 4] = ["iproute2", "procps", "python3", "systemd"];
 
 /// Debian's package with `prometheus` and `promtool`.
 const PROMETHEUS_PACKAGE: &str = "prometheus";
@@ -57,7 +57,7 @@ pub fn build_prerequisites(root: &Path) -> anyhow::Result<()> {
 
 /// What the tests need; returns the directory to put first on their PATH.
 pub fn test_prerequisites(root: &Path) -> anyhow::Result<PathBuf> {
-    ensure_packages(&TEST_PACKAGES, "test tools (iproute2, python3, systemd)")?;
+    ensure_packages(&TEST_PACKAGES, "test tools (iproute2, procps, python3, systemd)")?;
     test_tools(root)
 }
 
