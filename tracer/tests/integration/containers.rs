@@ -138,9 +138,12 @@ fn the_image_run_by_podman_counts_a_workload_exactly() {
     assert_eq!(metrics.sum("tcpstate_events_lost_total", &[]), 0.0);
 }
 
-/// A root filesystem with a static busybox and the applets the container's script uses.
+/// A root filesystem with a static busybox and the applets the container's script uses; one
+/// per test, which removes it when done (a shared one vanished under a running container).
 fn busybox_rootfs() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tcpstate-rootfs-{}", std::process::id()));
+    static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("tcpstate-rootfs-{}-{n}", std::process::id()));
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     let busybox = bin.join("busybox");
@@ -242,7 +245,16 @@ fn the_kernel_names_the_cgroup_watch_filters_on_and_listings_show() {
     while !lines.iter().any(connect) {
         let seen = lines.len();
         watch.stdout_lines(seen + 1, Duration::from_secs(15), &mut lines);
-        assert!(lines.len() > seen, "no connect from the container in {lines:#?}");
+        if lines.len() == seen {
+            let logs = container.logs();
+            let finished = watch.interrupt();
+            let daemon_said = daemon.stop().stderr;
+            panic!(
+                "no connect from the container in {lines:#?}\nwatch: {:#?}\ncontainer: {logs}\n\
+                 daemon: {daemon_said:#?}",
+                finished.stderr
+            );
+        }
     }
     let listed = common::eventually(Duration::from_secs(10), || {
         let sockets = daemon.get("/api/sockets").json();

@@ -36,7 +36,8 @@ fn refused_connects_are_counted_by_reason_and_named_in_watch() {
     let daemon = Daemon::start(&["--port-label", &port]);
     let mut watch = Tcpstate::start(&["watch", "--json", "--sport", &port]);
     const ATTEMPTS: usize = 3;
-    let target = closed_port();
+    // Not the client's own port: connecting a port to itself succeeds (simultaneous open).
+    let target = std::iter::repeat_with(closed_port).find(|t| t.port() != client_port).unwrap();
     for _ in 0..ATTEMPTS {
         let refused = connect_from_port(client_port, target).unwrap_err();
         assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
@@ -105,8 +106,13 @@ fn timed_out_and_unreachable_connects_are_counted_by_reason() {
     let daemon = Daemon::start(&["--port-label", &timeout, "--port-label", &unreachable]);
     let (timed_out, host_unreachable) = ns.run(|| {
         // A listener whose accept queue (backlog 0: one connection) is full drops new SYNs.
-        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-        listener.bind(&SocketAddr::new(V4, 0).into()).unwrap();
+        let listener = std::iter::repeat_with(|| {
+            let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            listener.bind(&SocketAddr::new(V4, 0).into()).unwrap();
+            listener
+        })
+        .find(|l| l.local_addr().unwrap().as_socket().unwrap().port() != timeout_port)
+        .unwrap();
         listener.listen(0).unwrap();
         let target = listener.local_addr().unwrap().as_socket().unwrap();
         let _queued = TcpStream::connect(target).unwrap();
@@ -175,6 +181,9 @@ fn time_wait_sockets_count_against_the_ephemeral_range() {
     require_root();
     let ns = NetNs::create("ports");
     sysctl_in(&ns, "net.ipv4.ip_local_port_range=40000 40099");
+    // Linux reuses a loopback TIME_WAIT port older than a second for the same destination
+    // (tcp_tw_reuse=2), which a slow machine reaches mid-test: every connection gets its own.
+    sysctl_in(&ns, "net.ipv4.tcp_tw_reuse=0");
     let daemon = Daemon::start(&["--reconcile-interval", "1"]);
     const CONNECTIONS: usize = 80;
     ns.run(|| {

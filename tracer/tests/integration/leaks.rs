@@ -367,5 +367,5 @@ fn alert_rules_pass_promtool() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(String::from_utf8_lossy(&output.stdout).contains("SUCCESS: 4 rules found"));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("SUCCESS: 5 rules found"));
 }
