@@ -169,7 +169,7 @@ pub(super) fn render(
     if let Some(points) = scale {
         let _ = writeln!(
             out,
-            "\nScale run, `tcpstate run` with connections held open (both ends on this host, so two sockets each):\n"
+            "\nScale run, `tcpstate run --group-by container` with connections held open (both ends on this host, so two sockets each; `/metrics` passes over the whole table to group it):\n"
         );
         let _ = writeln!(
             out,
