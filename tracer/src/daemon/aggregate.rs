@@ -194,6 +194,11 @@ impl Aggregator {
         self.table.set_inode(id, inode);
     }
 
+    /// Records a socket's owner learned outside its records (the kernel's map).
+    pub fn set_owner(&mut self, id: super::table::SocketId, owner: super::table::Owner) {
+        self.table.set_owner(id, owner);
+    }
+
     pub fn count_malformed(&mut self, records: u64) {
         self.malformed += records;
     }

@@ -12,13 +12,15 @@ use tracer_common::TcpState;
 use super::{
     Shared,
     groups::{GroupBy, GroupLabels},
-    table::SocketKey,
+    table::{Owner, SocketId, SocketKey},
 };
 use crate::{
     clock::monotonic_ns,
     cmdline::CmdlinePolicy,
     leaks::{Candidate, LeakReport, OwnerResolver, ProcessLeak, Source, human_age},
-    netns, sockdiag,
+    netns,
+    probe::KernelSockets,
+    sockdiag,
 };
 
 /// How often the detector looks.
@@ -63,12 +65,20 @@ pub struct LeakWatch {
     logged: HashMap<Option<u32>, Logged>,
     cleared: HashMap<Series, Instant>,
     group_by: Option<GroupBy>,
+    /// The kernel's per-socket map: owners recorded after a socket's last record.
+    kernel_sockets: Option<KernelSockets>,
 }
 
 impl LeakWatch {
-    pub fn new(threshold: Duration, cmdline: CmdlinePolicy, group_by: Option<GroupBy>) -> Self {
+    pub fn new(
+        threshold: Duration,
+        cmdline: CmdlinePolicy,
+        group_by: Option<GroupBy>,
+        kernel_sockets: Option<KernelSockets>,
+    ) -> Self {
         Self {
             group_by,
+            kernel_sockets,
             threshold,
             resolver: OwnerResolver::new(LOOKUP_INTERVAL, cmdline),
             last_inode_dump: None,
@@ -81,7 +91,7 @@ impl LeakWatch {
     pub fn evaluate(&mut self, shared: &Shared) -> LeakState {
         let now = monotonic_ns();
         let threshold_ns = self.threshold.as_nanos() as u64;
-        let mut candidates: Vec<(u64, Candidate)> = {
+        let mut candidates: Vec<(SocketId, Candidate)> = {
             let agg = shared.aggregator();
             agg.table()
                 .iter()
@@ -99,6 +109,7 @@ impl LeakWatch {
                 })
                 .collect()
         };
+        self.fill_owners_from_kernel(shared, &mut candidates);
         self.fill_missing_inodes(shared, &mut candidates);
         let report = self.resolver.report(
             candidates.into_iter().map(|(_, c)| c).collect(),
@@ -110,9 +121,34 @@ impl LeakWatch {
         LeakState { report, by_comm }
     }
 
+    /// A socket whose peer hung up before accept() reached CLOSE_WAIT in softirq, with no
+    /// owner yet; the kernel's accept hook recorded the owner in its map afterwards, and no
+    /// record carries it. One map lookup per such socket (only leaked ones, only until found).
+    fn fill_owners_from_kernel(&self, shared: &Shared, candidates: &mut [(SocketId, Candidate)]) {
+        let Some(kernel) = &self.kernel_sockets else { return };
+        let mut found = Vec::new();
+        for (id, candidate) in candidates.iter_mut().filter(|(_, c)| c.kernel_owner.is_none()) {
+            if let Some(entry) = kernel.owner(*id) {
+                candidate.kernel_owner = Some(entry.owner_tgid);
+                let owner = Owner {
+                    pid: entry.owner_tgid,
+                    comm: entry.owner_comm,
+                    cgroup: entry.owner_cgroup,
+                };
+                found.push((*id, owner));
+            }
+        }
+        if !found.is_empty() {
+            let mut agg = shared.aggregator();
+            for (id, owner) in found {
+                agg.set_owner(id, owner);
+            }
+        }
+    }
+
     /// Sockets seen only on the tracepoint have no inode until a dump lists them; /proc needs
     /// it to find their owner. Dumps CLOSE_WAIT sockets (cheap) when some are missing.
-    fn fill_missing_inodes(&mut self, shared: &Shared, candidates: &mut [(u64, Candidate)]) {
+    fn fill_missing_inodes(&mut self, shared: &Shared, candidates: &mut [(SocketId, Candidate)]) {
         let missing: HashMap<SocketKey, usize> = candidates
             .iter()
             .enumerate()

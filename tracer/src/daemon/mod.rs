@@ -272,9 +272,17 @@ pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
         .await;
     });
 
+    let kernel_sockets = probe
+        .socket_map()
+        .inspect_err(|error| {
+            log::warn!(
+                "CLOSE_WAIT sockets whose peer hung up before accept() may show no owner: {error:#}"
+            );
+        })
+        .ok();
     let leak_watch = tokio::spawn(watch_leaks(
         shared.clone(),
-        LeakWatch::new(args.close_wait_threshold, args.cmdline, args.group_by),
+        LeakWatch::new(args.close_wait_threshold, args.cmdline, args.group_by, kernel_sockets),
     ));
 
     let mut batch = Batch::default();

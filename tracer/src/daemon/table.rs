@@ -244,6 +244,12 @@ impl SocketTable {
         }
     }
 
+    pub fn set_owner(&mut self, id: SocketId, owner: Owner) {
+        if let Some(tracked) = self.sockets.get_mut(&id) {
+            tracked.owner = Some(owner);
+        }
+    }
+
     pub fn set_inode(&mut self, id: SocketId, inode: u32) {
         if let Some(tracked) = self.sockets.get_mut(&id) {
             tracked.inode = inode;

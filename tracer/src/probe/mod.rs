@@ -13,12 +13,12 @@ use std::{fs, io, os::fd::AsFd as _, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{MapData, MapError, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, FExit, ProgramError, TracePoint},
 };
 use thiserror::Error;
 use tracer_common::{
-    KernelCounters, KernelSettings,
+    KernelCounters, KernelSettings, SocketState,
     settings::{COUNTERS_MAIN, COUNTERS_STANDBY, KernelFilter, OFFSET_UNKNOWN, SockOffsets},
     tracepoint,
 };
@@ -328,6 +328,11 @@ impl Probe {
         self.ring.take()
     }
 
+    /// The kernel's per-socket map, to read what it knows of one socket by address.
+    pub fn socket_map(&mut self) -> Result<KernelSockets, ProbeError> {
+        take_map(&mut self.ebpf, "SOCKETS", HashMap::try_from).map(KernelSockets)
+    }
+
     /// Reads the per-CPU counters and the kernel's recursion misses.
     pub fn delivery(&self) -> Result<Delivery, ProbeError> {
         let sum = |slot: u32| -> Result<KernelCounters, ProbeError> {
@@ -503,6 +508,18 @@ pub fn other_tracers() -> Vec<String> {
             KNOWN_TRACERS.contains(&name).then(|| format!("{name} (id {})", info.id()))
         })
         .collect()
+}
+
+/// The kernel's per-socket map (`SOCKETS`), keyed by socket address.
+pub struct KernelSockets(HashMap<MapData, u64, SocketState>);
+
+impl KernelSockets {
+    /// The owner the kernel recorded for the live socket at `skaddr`, if it knows one. The
+    /// accept hook records the owner of an accepted socket in the map without sending a
+    /// record: a socket whose peer hung up before accept() shows it only here.
+    pub fn owner(&self, skaddr: u64) -> Option<SocketState> {
+        self.0.get(&skaddr, 0).ok().filter(|entry| entry.owner_tgid != 0)
+    }
 }
 
 fn take_map<T>(
