@@ -35,6 +35,7 @@ impl Command {
             Self::Leaks(_) => "leaks",
             Self::Check(_) => "check",
             Self::Explain(_) => "explain",
+            Self::Top(_) => "top",
         }
     }
 }
@@ -56,6 +57,28 @@ pub enum Command {
     /// usually means, what to check, the kernel settings that matter. Without a state, the
     /// state diagram.
     Explain(ExplainArgs),
+    /// A live view, refreshed each second: sockets per state and their trend, transitions per
+    /// second, leaking processes, failed connections, lost events. `s` changes the order, `q`
+    /// quits. Reads the kernel itself (as root) or, with --daemon, a running daemon.
+    Top(TopArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Read this daemon (its --listen address) instead of attaching to the kernel.
+    #[arg(long, env = "TCPSTATE_DAEMON", value_name = "URL")]
+    pub daemon: Option<DaemonUrl>,
+    /// The order of every panel's rows at start: largest first, largest change over the last
+    /// minute first, or by state (`s` cycles through them).
+    #[arg(long, value_enum, default_value_t = crate::top::screen::SortKey::Count)]
+    pub sort: crate::top::screen::SortKey,
+    /// When the output is not a terminal, a plain screen is printed each second: stop after
+    /// this many.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+    /// Without --daemon: sockets in CLOSE_WAIT for longer than this are leaks (as for `run`).
+    #[arg(long, env = "TCPSTATE_CLOSE_WAIT_THRESHOLD", default_value = "60", value_parser = parse_close_wait_threshold, value_name = "SECS")]
+    pub close_wait_threshold: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -455,7 +478,7 @@ pub fn validate(cli: &Cli) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::Leaks(_) | Command::Check(_) | Command::Explain(_) => Ok(()),
+        Command::Leaks(_) | Command::Check(_) | Command::Explain(_) | Command::Top(_) => Ok(()),
         Command::Watch(args) => {
             let max = tracer_common::settings::MAX_FILTER_PORTS;
             for (flag, ports) in

@@ -18,13 +18,23 @@ fn main() -> ExitCode {
     // The daemon reports what it does; the interactive commands keep stderr for problems.
     let default_level = match cli.command {
         Command::Run(_) => "info",
-        Command::Watch(_) | Command::Leaks(_) => "warn",
+        Command::Watch(_) | Command::Leaks(_) | Command::Top(_) => "warn",
         // The report says everything; the probe's own warnings would repeat it.
         Command::Check(_) | Command::Explain(_) => "error",
     };
-    env_logger::Builder::from_env(env_logger::Env::new().filter_or("TCPSTATE_LOG", default_level))
-        .format_timestamp_millis()
-        .init();
+    let mut logger = env_logger::Builder::from_env(
+        env_logger::Env::new().filter_or("TCPSTATE_LOG", default_level),
+    );
+    logger.format_timestamp_millis();
+    if let Command::Top(_) = cli.command {
+        // Written over the panels otherwise: shown in the screen's bottom line instead.
+        logger.target(env_logger::Target::Pipe(Box::new(tracer::top::WarningLine)));
+        logger.format(|out, record| {
+            use std::io::Write as _;
+            writeln!(out, "{}: {}", record.level(), record.args())
+        });
+    }
+    logger.init();
 
     let result = match cli.command {
         Command::Run(args) => run_daemon(args),
@@ -36,6 +46,8 @@ fn main() -> ExitCode {
             on_one_thread(async { Ok(tracer::leaks::command::run(args).await) })
         }
         Command::Check(args) => Ok(tracer::check::run(&args)),
+        // Its exit status carries the outcome (1: nothing to show).
+        Command::Top(args) => on_one_thread(async { Ok(tracer::top::run(args).await) }),
         Command::Explain(args) => {
             tracer::explain::run(args.state);
             Ok(ExitCode::SUCCESS)

@@ -19,9 +19,10 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages bpf-linker builds against (LLVM 22 from bookworm-security).
 const LLVM_PACKAGES: [&str; 4] = ["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
 /// Tests use network namespaces and `ss` (`iproute2`), set sysctls inside them (`procps`),
-/// run leaking helper processes (`python3`) and check the unit (`systemd-analyze`).
+/// run leaking helper processes (`python3`), check the unit (`systemd-analyze`) and drive
+/// `tcpstate top` in a terminal (`tmux`).
 /// Prometheus comes unpacked, not installed: see `test_tools`.
-const TEST_PACKAGES: [&str; 4] = ["iproute2", "procps", "python3", "systemd"];
+const TEST_PACKAGES: [&str; 5] = ["iproute2", "procps", "python3", "systemd", "tmux"];
 
 /// Debian's package with `prometheus` and `promtool`.
 const PROMETHEUS_PACKAGE: &str = "prometheus";
@@ -57,7 +58,7 @@ pub fn build_prerequisites(root: &Path) -> anyhow::Result<()> {
 
 /// What the tests need; returns the directory to put first on their PATH.
 pub fn test_prerequisites(root: &Path) -> anyhow::Result<PathBuf> {
-    ensure_packages(&TEST_PACKAGES, "test tools (iproute2, procps, python3, systemd)")?;
+    ensure_packages(&TEST_PACKAGES, "test tools (iproute2, procps, python3, systemd, tmux)")?;
     test_tools(root)
 }
 

@@ -191,6 +191,13 @@ pub struct Attached {
     probe: Probe,
 }
 
+impl Attached {
+    /// Where the HTTP server will answer (the port chosen when `--listen` asked for port 0).
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
 /// Binds the HTTP port and attaches the probe. Privileges first: without them nothing else
 /// matters, a busy port included. Then bind: a busy port fails before anything touches the
 /// kernel. Runs before the async runtime starts, so that the capabilities dropped afterwards

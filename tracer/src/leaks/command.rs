@@ -4,66 +4,23 @@
 
 use std::{fmt::Write as _, process::ExitCode, time::Duration};
 
-use anyhow::{Context as _, bail};
-use http_body_util::{BodyExt as _, Empty};
-use hyper::{Request, StatusCode, body::Bytes};
-use hyper_util::rt::TokioIo;
+use anyhow::Context as _;
 use tracer_common::TcpState;
 
 use super::{Candidate, LeakReport, OwnerResolver, Source, human_age, plural};
 use crate::{
     cli::{DaemonUrl, LeaksArgs},
+    client::{self, FetchError},
     cmdline::CmdlinePolicy,
     netns, sockdiag,
     socket::SocketKey,
 };
 
-/// How long to wait for a daemon before falling back to a snapshot.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Why the daemon's report could not be had.
-enum FetchError {
-    /// Nothing answers there: take a snapshot instead.
-    Unreachable(String),
-    /// Something answered, but not with a report: a real error.
-    Failed(anyhow::Error),
-}
-
 async fn fetch(url: &DaemonUrl) -> Result<LeakReport, FetchError> {
-    let connect = tokio::net::TcpStream::connect((url.host.as_str(), url.port));
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => return Err(FetchError::Unreachable(error.to_string())),
-        Err(_) => {
-            let waited = CONNECT_TIMEOUT.as_secs();
-            return Err(FetchError::Unreachable(format!("no answer within {waited} s")));
-        }
-    };
-    let exchange = async {
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .context("HTTP handshake")?;
-        tokio::spawn(connection);
-        let request = Request::get("/api/leaks")
-            .header(hyper::header::HOST, format!("{}:{}", url.host, url.port))
-            .body(Empty::<Bytes>::new())?;
-        let response = sender.send_request(request).await.context("sending the request")?;
-        let status = response.status();
-        let body = response.into_body().collect().await.context("reading the response")?.to_bytes();
-        if status != StatusCode::OK {
-            bail!("{url}/api/leaks answered {status}: {}", String::from_utf8_lossy(&body));
-        }
-        serde_json::from_slice::<LeakReport>(&body)
-            .with_context(|| format!("{url}/api/leaks did not answer with a leak report"))
-    };
-    match tokio::time::timeout(RESPONSE_TIMEOUT, exchange).await {
-        Ok(result) => result.map_err(FetchError::Failed),
-        Err(_) => Err(FetchError::Failed(anyhow::anyhow!(
-            "{url} did not answer within {} s",
-            RESPONSE_TIMEOUT.as_secs()
-        ))),
-    }
+    let body = client::get(url, "/api/leaks").await?;
+    serde_json::from_slice::<LeakReport>(&body)
+        .with_context(|| format!("{url}/api/leaks did not answer with a leak report"))
+        .map_err(FetchError::Failed)
 }
 
 /// A one-shot look without a daemon: CLOSE_WAIT sockets of every namespace, dated by the time

@@ -16,4 +16,5 @@ mod http;
 mod leaks;
 mod privileges;
 mod probe;
+mod top;
 mod watch;

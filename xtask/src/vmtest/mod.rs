@@ -38,11 +38,13 @@ const EXPECTED_PARTS: &str = "main,standby,accept_owner";
 
 /// Tests that check flags, files or this host's privileges rather than the kernel (and the
 /// `deploy` module: the shipped files; `http`: connection handling; `containers`: podman,
-/// which the VMs do not have): they run on the host only.
-const HOST_ONLY_TESTS: [&str; 9] = [
+/// which the VMs do not have; `top`: a terminal UI over the daemon's endpoints): they run on
+/// the host only.
+const HOST_ONLY_TESTS: [&str; 10] = [
     "containers::",
     "deploy::",
     "http::",
+    "top::",
     "bad_flags_are_usage_errors_naming_the_flag",
     "configuration_errors_are_usage_errors_naming_the_flag",
     "a_moved_tracepoint_field_is_refused_by_name",

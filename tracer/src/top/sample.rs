@@ -1,0 +1,149 @@
+//! One look at the daemon: what `tcpstate top` reads each refresh, from `/metrics` and
+//! `/api/leaks`, reduced to the numbers the screen shows.
+
+use std::{collections::BTreeMap, time::Instant};
+
+use anyhow::Context as _;
+use prometheus_parse::{Scrape, Value};
+
+use crate::{
+    client::{Connection, FetchError},
+    leaks::LeakReport,
+};
+
+/// A pair of states, as the transition counter labels it (`from`, `to`).
+pub type Pair = (String, String);
+
+/// The numbers of one refresh. Counters are totals since the daemon started; rates come from
+/// two samples (see `screen`).
+#[derive(Clone, Debug, Default)]
+pub struct Sample {
+    /// Sockets per state now, summed over port labels.
+    pub sockets: BTreeMap<String, f64>,
+    /// The longest current stay per state, in seconds.
+    pub oldest: BTreeMap<String, f64>,
+    /// Transitions per pair of states.
+    pub transitions: BTreeMap<Pair, f64>,
+    /// Failed connects per reason.
+    pub connect_failures: BTreeMap<String, f64>,
+    /// Resets per direction (received, sent).
+    pub resets: BTreeMap<String, f64>,
+    /// Transitions the daemon could not count, per reason.
+    pub lost: BTreeMap<String, f64>,
+    /// Sockets the daemon tracks.
+    pub tracked: f64,
+    pub leaks: Option<LeakReport>,
+}
+
+/// A sample and when it was taken.
+#[derive(Clone, Debug)]
+pub struct Timed {
+    pub at: Instant,
+    pub sample: Sample,
+}
+
+impl Sample {
+    /// Reads the numbers from the daemon's Prometheus exposition.
+    pub fn from_metrics(text: &str) -> anyhow::Result<Self> {
+        let lines = text.lines().map(|line| Ok(line.to_owned()));
+        let scrape = Scrape::parse(lines).context("reading the daemon's /metrics")?;
+        let mut sample = Self::default();
+        for s in &scrape.samples {
+            let value = match s.value {
+                Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
+                Value::Histogram(_) | Value::Summary(_) => continue,
+            };
+            let label = |name: &str| s.labels.get(name).unwrap_or_default().to_owned();
+            let add = |map: &mut BTreeMap<String, f64>, key: String| {
+                *map.entry(key).or_default() += value;
+            };
+            match s.metric.as_str() {
+                "tcpstate_sockets" => add(&mut sample.sockets, label("state")),
+                "tcpstate_state_oldest_age_seconds" => add(&mut sample.oldest, label("state")),
+                "tcpstate_connect_failures_total" => {
+                    add(&mut sample.connect_failures, label("reason"));
+                }
+                "tcpstate_resets_total" => add(&mut sample.resets, label("direction")),
+                "tcpstate_events_lost_total" => add(&mut sample.lost, label("reason")),
+                "tcpstate_tracked_sockets" => sample.tracked = value,
+                "tcpstate_transitions_total" => {
+                    *sample.transitions.entry((label("from"), label("to"))).or_default() += value;
+                }
+                _ => {}
+            }
+        }
+        anyhow::ensure!(
+            !sample.sockets.is_empty(),
+            "the answer has no tcpstate_sockets: is this a tcpstate daemon?"
+        );
+        Ok(sample)
+    }
+
+    /// Transitions lost, all reasons together.
+    pub fn lost_total(&self) -> f64 {
+        self.lost.values().sum()
+    }
+}
+
+/// Takes one sample from the daemon `connection` leads to.
+pub async fn fetch(connection: &mut Connection) -> Result<Sample, FetchError> {
+    let metrics = connection.get("/metrics").await?;
+    let text = String::from_utf8_lossy(&metrics);
+    let mut sample = Sample::from_metrics(&text).map_err(FetchError::Failed)?;
+    let leaks = connection.get("/api/leaks").await?;
+    sample.leaks = Some(
+        serde_json::from_slice(&leaks)
+            .with_context(|| {
+                format!("{}/api/leaks did not answer with a leak report", connection.url())
+            })
+            .map_err(FetchError::Failed)?,
+    );
+    Ok(sample)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const METRICS: &str = r#"# TYPE tcpstate_sockets gauge
+tcpstate_sockets{state="ESTABLISHED",port="80"} 3
+tcpstate_sockets{state="ESTABLISHED",port="other"} 4
+tcpstate_sockets{state="CLOSE_WAIT"} 2
+# TYPE tcpstate_transitions counter
+tcpstate_transitions_total{from="CLOSE",to="SYN_SENT"} 9
+tcpstate_transitions_total{from="CLOSE",to="SYN_SENT",port="80"} 1
+# TYPE tcpstate_connect_failures counter
+tcpstate_connect_failures_total{reason="refused"} 5
+# TYPE tcpstate_resets counter
+tcpstate_resets_total{direction="received",state="ESTABLISHED"} 2
+tcpstate_resets_total{direction="received",state="FIN_WAIT1"} 1
+# TYPE tcpstate_events_lost counter
+tcpstate_events_lost_total{reason="ring_full"} 6
+tcpstate_events_lost_total{reason="recursion"} 1
+# TYPE tcpstate_state_oldest_age_seconds gauge
+tcpstate_state_oldest_age_seconds{state="CLOSE_WAIT"} 75.5
+# TYPE tcpstate_tracked_sockets gauge
+tcpstate_tracked_sockets 9
+# TYPE tcpstate_state_duration_seconds histogram
+tcpstate_state_duration_seconds_bucket{state="ESTABLISHED",le="+Inf"} 1
+"#;
+
+    #[test]
+    fn sums_over_port_labels_and_reads_every_panel() {
+        let sample = Sample::from_metrics(METRICS).unwrap();
+        assert_eq!(sample.sockets["ESTABLISHED"], 7.0);
+        assert_eq!(sample.sockets["CLOSE_WAIT"], 2.0);
+        assert_eq!(sample.transitions[&("CLOSE".into(), "SYN_SENT".into())], 10.0);
+        assert_eq!(sample.connect_failures["refused"], 5.0);
+        assert_eq!(sample.resets["received"], 3.0);
+        assert_eq!(sample.lost_total(), 7.0);
+        assert_eq!(sample.oldest["CLOSE_WAIT"], 75.5);
+        assert_eq!(sample.tracked, 9.0);
+    }
+
+    #[test]
+    fn an_answer_that_is_not_tcpstate_is_refused() {
+        let error = Sample::from_metrics("up 1\n").unwrap_err();
+        assert!(format!("{error:#}").contains("is this a tcpstate daemon"), "{error:#}");
+    }
+}
