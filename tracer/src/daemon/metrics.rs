@@ -366,6 +366,18 @@ impl Collector for TcpstateCollector {
             ConstGauge::new(1).encode(family.encode_family(&set)?)?;
         }
 
+        let mut family = encoder.encode_descriptor(
+            "tcpstate_kernel_map_bytes",
+            "Kernel memory each of the probe's BPF maps takes (preallocated at load: SOCKETS \
+             grows with --kernel-sockets, EVENTS is --ring-bytes)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for map in &status.map_memory {
+            let name = map.name.as_str();
+            ConstGauge::new(map.bytes as i64).encode(family.encode_family(&[("map", name)])?)?;
+        }
+
         let version = escape_label_value(env!("CARGO_PKG_VERSION"));
         let info = encoder.encode_descriptor(
             "tcpstate_build",

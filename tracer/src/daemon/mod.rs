@@ -61,6 +61,8 @@ pub struct Status {
     pub delivery: Delivery,
     /// Which of the probe's programs run on this kernel; set once at start.
     pub parts: Vec<PartStatus>,
+    /// Kernel memory of the probe's maps; set once at start.
+    pub map_memory: Vec<crate::probe::MapMemory>,
     /// Second deliveries of one transition the reader dropped.
     pub duplicates_dropped: u64,
     /// When the reader last finished a batch (monotonic ns).
@@ -246,7 +248,10 @@ pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
         Aggregator::new(args.max_sockets, labels),
         LeakState::new(args.close_wait_threshold),
     ));
-    shared.update_status(|status| status.parts = probe.parts().to_vec());
+    shared.update_status(|status| {
+        status.parts = probe.parts().to_vec();
+        status.map_memory = probe.map_memory().to_vec();
+    });
     shared.aggregator().begin_dump();
     let (dumps, started, finished) = dump_namespaces().await?;
     shared.update_status(|status| status.netns_refused = dumps.refused);

@@ -216,6 +216,14 @@ pub struct Probe {
     counters: PerCpuArray<MapData, KernelCounters>,
     ring: Option<RingBuf<MapData>>,
     parts: Vec<PartStatus>,
+    map_memory: Vec<MapMemory>,
+}
+
+/// Kernel memory one of the probe's maps takes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapMemory {
+    pub name: String,
+    pub bytes: u64,
 }
 
 impl Probe {
@@ -311,11 +319,27 @@ impl Probe {
             options.ring_bytes >> 10,
             options.socket_map_entries
         );
+        let map_memory = map_memory();
+        let total: u64 = map_memory.iter().map(|m| m.bytes).sum();
+        log::info!(
+            "kernel maps take {:.1} MiB: {}",
+            total as f64 / f64::from(1 << 20),
+            map_memory
+                .iter()
+                .map(|m| format!("{} {:.1} MiB", m.name, m.bytes as f64 / f64::from(1 << 20)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         let ring = take_map(&mut ebpf, "EVENTS", RingBuf::try_from)?;
         let counters = take_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?;
         drop(kernel_btf);
         release_freed_memory();
-        Ok(Self { ebpf, counters, ring: Some(ring), parts })
+        Ok(Self { ebpf, counters, ring: Some(ring), parts, map_memory })
+    }
+
+    /// Kernel memory of each of the probe's maps, as measured at load.
+    pub fn map_memory(&self) -> &[MapMemory] {
+        &self.map_memory
     }
 
     /// Which programs run on this kernel.
@@ -508,6 +532,38 @@ pub fn other_tracers() -> Vec<String> {
             KNOWN_TRACERS.contains(&name).then(|| format!("{name} (id {})", info.id()))
         })
         .collect()
+}
+
+/// `BPF_MAP_TYPE_RINGBUF`, as `/proc/<pid>/fdinfo` prints it.
+const RINGBUF_MAP_TYPE: &str = "27";
+
+/// Kernel memory of this process's BPF maps, by name, as the kernel accounts it (`memlock`
+/// in `/proc/self/fdinfo`). The probe's maps are preallocated (the ring, the arrays, the LRU
+/// hash), so this is what they take from load on, whatever they hold. Read at attach, when
+/// the probe's maps are the only ones this process has open.
+fn map_memory() -> Vec<MapMemory> {
+    let Ok(fds) = fs::read_dir("/proc/self/fdinfo") else { return Vec::new() };
+    let mut maps: Vec<MapMemory> = fds
+        .flatten()
+        .filter_map(|entry| {
+            let info = fs::read_to_string(entry.path()).ok()?;
+            let field = |name: &str| {
+                info.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).map(str::to_owned)
+            };
+            let id: u32 = field("map_id:")?.parse().ok()?;
+            let mut bytes: u64 = field("memlock:")?.parse().ok()?;
+            if field("map_type:")? == RINGBUF_MAP_TYPE {
+                // Kernels from 5.11 to 6.3 account a ring as key and value sizes (0) times
+                // its entries: 0. Its data pages are its size in bytes at least.
+                bytes = bytes.max(field("max_entries:")?.parse().ok()?);
+            }
+            let name = aya::maps::MapInfo::from_id(id).ok()?.name_as_str()?.to_owned();
+            Some(MapMemory { name, bytes })
+        })
+        .collect();
+    maps.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.name.cmp(&b.name)));
+    maps.dedup_by(|a, b| a.name == b.name);
+    maps
 }
 
 /// The kernel's per-socket map (`SOCKETS`), keyed by socket address.

@@ -593,3 +593,25 @@ fn a_busy_port_is_an_error_naming_the_flag_and_env_configures_the_daemon() {
     assert!(metrics.text.contains(&format!("port=\"{port}\"")));
     daemon.stop();
 }
+
+/// The kernel memory of the probe's maps is exported, and the per-socket map's follows
+/// `--kernel-sockets` (preallocated: its size, not its use).
+#[test]
+#[parallel]
+fn kernel_map_memory_is_reported_and_follows_the_kernel_sockets_setting() {
+    require_root();
+    let sockets_map = |entries: &str| {
+        let daemon = Daemon::start(&["--kernel-sockets", entries, "--ring-bytes", "1M"]);
+        let metrics = daemon.scrape();
+        let bytes = |map| metrics.value("tcpstate_kernel_map_bytes", &[("map", map)]);
+        let (sockets, events) = (bytes("SOCKETS"), bytes("EVENTS"));
+        assert!(events >= f64::from(1 << 20), "the ring's megabyte at least: {events}");
+        daemon.stop();
+        sockets
+    };
+    let small = sockets_map("16384");
+    let large = sockets_map("65536");
+    assert!(small >= 16384.0 * 48.0, "key and value of every slot at least: {small}");
+    let ratio = large / small;
+    assert!((3.5..=4.5).contains(&ratio), "4 times the slots, {ratio} times the memory");
+}
