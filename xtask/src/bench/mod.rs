@@ -24,7 +24,7 @@ use crate::cmd::is_root;
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Rounds of every configuration, alternating, for medians and min-max.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub rounds: usize,
     /// Seconds of storm per configuration and round.
     #[arg(long, default_value_t = 10.0)]
@@ -32,8 +32,9 @@ pub struct BenchArgs {
     /// Client threads of the load generator.
     #[arg(long, default_value_t = 2)]
     pub clients: usize,
-    /// Connections held open in the scale run (half of them measured first); 0 skips it.
-    #[arg(long, default_value_t = 100_000)]
+    /// Connections held open in the scale run (2 tracked sockets each; 50,000 of them are
+    /// measured first); 0 skips it.
+    #[arg(long, default_value_t = 500_000)]
     pub hold: usize,
     /// Print the results without recording them in BENCHMARKS.md.
     #[arg(long)]

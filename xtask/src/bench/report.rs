@@ -173,13 +173,13 @@ pub(super) fn render(
         );
         let _ = writeln!(
             out,
-            "| connections | tracked sockets | daemon RSS | per tracked socket | `/metrics` (median of 5) | `/api/sockets?state=ESTABLISHED` | RSS after that listing |"
+            "| connections | tracked sockets | daemon RSS | per tracked socket | `/metrics` (median of 5) | `/api/sockets?state=ESTABLISHED` | RSS after that listing | kernel per-socket map |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
         for p in points {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {:.0} B | {:.1} ms | {:.0} ms ({} sockets, {:.1} MiB) | {} |",
+                "| {} | {} | {} | {:.0} B | {:.1} ms | {:.0} ms ({} sockets, {:.1} MiB) | {} | {} |",
                 p.connections,
                 p.tracked,
                 mib(p.rss),
@@ -189,6 +189,7 @@ pub(super) fn render(
                 p.listed,
                 p.listing_bytes as f64 / (1 << 20) as f64,
                 mib(p.rss_after_listing),
+                mib(p.kernel_map),
             );
         }
         for (p, parallel) in points.iter().filter_map(|p| Some((p, p.parallel.as_ref()?))) {
