@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use tracer_common::TcpState;
 
-use super::{gauges::PortLabels, table::SocketTable};
+use super::{gauges::PortLabels, table::Counts};
 use crate::{cgroups::CgroupNames, container::Container};
 
 /// Groups with a series of their own; the rest are summed into one.
@@ -70,25 +70,15 @@ impl GroupBy {
     }
 }
 
-/// Counts per port label and state.
-pub type Counts = Vec<[i64; TcpState::INDEXES]>;
-
-/// Tracked sockets per group, port label and state: the `TOP_GROUPS` largest groups, then
-/// `other` when there are more.
+/// Tracked sockets per group, port label and state, from the per-cgroup counts of a scrape
+/// pass: the `TOP_GROUPS` largest groups, then `other` when there are more.
 pub fn group_sockets(
-    table: &SocketTable,
+    per_cgroup: Vec<(u64, Counts)>,
     cgroups: &mut CgroupNames,
     by: GroupBy,
     ports: &PortLabels,
 ) -> Vec<(GroupLabels, Counts)> {
     let empty = || vec![[0; TcpState::INDEXES]; ports.values()];
-    // By cgroup id first: one name lookup per cgroup, not per socket.
-    let mut per_cgroup: HashMap<u64, Counts> = HashMap::new();
-    for (_, tracked) in table.iter() {
-        let Some(owner) = tracked.owner.filter(|o| o.cgroup != 0) else { continue };
-        let counts = per_cgroup.entry(owner.cgroup).or_insert_with(empty);
-        counts[ports.index(tracked.key.sport)][tracked.state.index()] += 1;
-    }
     let mut per_group: HashMap<GroupLabels, Counts> = HashMap::new();
     for (id, counts) in per_cgroup {
         let Some(group) = cgroups.get(id).and_then(|named| by.group(&named.container)) else {

@@ -195,9 +195,10 @@ impl Collector for TcpstateCollector {
         )?;
         // Under --group-by, each gauge splits into its groups' counts and what is left (no
         // group), so every sum by state stays exact.
-        let grouped = self
-            .group_by
-            .map(|by| groups::group_sockets(agg.table(), &mut self.shared.cgroups(), by, &labels));
+        let pass = agg.table().scrape_pass(self.group_by.is_some());
+        let grouped = self.group_by.map(|by| {
+            groups::group_sockets(pass.per_cgroup, &mut self.shared.cgroups(), by, &labels)
+        });
         for label in 0..labels.values() {
             for state in gauge_states() {
                 let count = gauges.count_for_label(label, state).max(0);
@@ -225,11 +226,7 @@ impl Collector for TcpstateCollector {
             }
         }
 
-        let mut oldest = [None::<u64>; TcpState::INDEXES];
-        for (_, tracked) in agg.table().iter() {
-            let entry = &mut oldest[tracked.state.index()];
-            *entry = Some(entry.map_or(tracked.entered_ns, |o| o.min(tracked.entered_ns)));
-        }
+        let oldest = pass.oldest;
         let mut family = encoder.encode_descriptor(
             "tcpstate_state_oldest_age_seconds",
             "Age of the longest stay in progress in each state (a lower bound for sockets older \
