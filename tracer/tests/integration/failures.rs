@@ -23,7 +23,7 @@ fn connect_from_port(port: u16, target: SocketAddr) -> std::io::Result<TcpStream
 }
 
 /// A loopback port nothing listens on.
-fn closed_port() -> SocketAddr {
+pub fn closed_port() -> SocketAddr {
     TcpListener::bind((V4, 0)).unwrap().local_addr().unwrap()
 }
 

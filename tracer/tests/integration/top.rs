@@ -2,7 +2,7 @@
 //! the screen, while a scripted workload (refused connects, a leaking process) runs.
 
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::TcpStream,
     process::Command,
     thread,
     time::{Duration, Instant},
@@ -11,7 +11,8 @@ use std::{
 use serial_test::{parallel, serial};
 
 use crate::{
-    common::{self, Daemon, V4, require_root, run_tcpstate, tcpstate_bin},
+    common::{self, Daemon, require_root, run_tcpstate, tcpstate_bin},
+    failures::closed_port,
     leaks::{Helper, hang_up_on},
 };
 
@@ -125,10 +126,6 @@ fn colour_codes(escaped: &str) -> Vec<String> {
         })
         .map(str::to_owned)
         .collect()
-}
-
-fn closed_port() -> SocketAddr {
-    TcpListener::bind((V4, 0)).unwrap().local_addr().unwrap()
 }
 
 /// Serial: the failure panel counts every refused connect on the host, so no other test's
