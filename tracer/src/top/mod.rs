@@ -135,14 +135,16 @@ struct Refresher {
 }
 
 impl Refresher {
-    async fn refresh(&mut self) -> anyhow::Result<()> {
+    /// Takes the next sample; false when the daemon this process runs stopped on a signal
+    /// (SIGINT, SIGTERM): time to end, quietly.
+    async fn refresh(&mut self) -> anyhow::Result<bool> {
         if let Some(daemon) = &mut self.local
             && daemon.is_finished()
         {
             let ended = daemon.await;
             self.local = None;
             return match ended {
-                Ok(Ok(())) => Err(anyhow::anyhow!("the tracer stopped (signal)")),
+                Ok(Ok(())) => Ok(false),
                 Ok(Err(error)) => Err(error.context("the tracer stopped")),
                 Err(error) => Err(anyhow::anyhow!("the tracer stopped: {error}")),
             };
@@ -158,7 +160,7 @@ impl Refresher {
             }
             Err(FetchError::Failed(error)) => self.error = Some(format!("{error:#}")),
         }
-        Ok(())
+        Ok(true)
     }
 
     fn status<'a>(
@@ -226,7 +228,11 @@ async fn interactive(
                 view::draw(frame, &refresher.history, &status, palette);
             })?;
             tokio::select! {
-                _ = tick.tick() => refresher.refresh().await?,
+                _ = tick.tick() => {
+                    if !refresher.refresh().await? {
+                        return Ok(());
+                    }
+                }
                 Some(event) = events.recv() => match action(&event) {
                     Some(Action::Quit) => return Ok(()),
                     Some(Action::NextSort) => sort = sort.next(),
@@ -272,14 +278,19 @@ async fn plain(
             screen.push('\n');
         }
         let mut out = io::stdout().lock();
-        writeln!(out, "{screen}")?;
-        out.flush()?;
+        match writeln!(out, "{screen}").and_then(|()| out.flush()) {
+            // The reader is gone (`tcpstate top | head`): done.
+            Err(error) if error.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+            written => written?,
+        }
         printed += 1;
         if count.is_some_and(|count| printed >= count) {
             return Ok(());
         }
         tick.tick().await;
-        refresher.refresh().await?;
+        if !refresher.refresh().await? {
+            return Ok(());
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! the screen, while a scripted workload (refused connects, a leaking process) runs.
 
 use std::{
+    io::{BufRead as _, BufReader, Read as _},
     net::TcpStream,
     process::Command,
     thread,
@@ -244,6 +245,54 @@ fn top_without_a_terminal_prints_plain_screens() {
     let text = finished.stdout.join("\n");
     assert_eq!(text.matches("Sockets by state").count(), 2, "{text}");
     assert!(!text.contains('\x1b'), "no escape sequences: {text}");
+    daemon.stop();
+}
+
+/// Reading the kernel itself into a pipe, a Ctrl-C ends it quietly, with status 0.
+#[test]
+#[parallel]
+fn top_reading_the_kernel_into_a_pipe_ends_on_ctrl_c() {
+    require_root();
+    let mut top = Command::new(tcpstate_bin())
+        .arg("top")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kept open until it exits: a closed pipe would end it too.
+    let mut lines = BufReader::new(top.stdout.take().unwrap()).lines().map_while(Result::ok);
+    let header = lines.find(|l| l.starts_with("tcpstate top"));
+    assert!(header.is_some_and(|h| h.starts_with("tcpstate top  kernel")), "no screen");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(top.id() as i32, libc::SIGINT) };
+    let status = common::wait_timeout(&mut top, Duration::from_secs(10));
+    let mut stderr = String::new();
+    top.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(!stderr.contains("error"), "{stderr}");
+    drop(lines);
+}
+
+/// `tcpstate top | head`: the reader going away ends it quietly.
+#[test]
+#[parallel]
+fn top_into_a_closed_pipe_ends_quietly() {
+    require_root();
+    let daemon = Daemon::start(&[]);
+    let command = format!(
+        "{} top --daemon http://{} | head -1; exit ${{PIPESTATUS[0]}}",
+        tcpstate_bin(),
+        daemon.addr
+    );
+    let output = Command::new("bash").args(["-c", &command]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.starts_with("tcpstate top  http://"), "{stdout}");
+    assert!(
+        output.status.success(),
+        "{:?}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
     daemon.stop();
 }
 
