@@ -284,14 +284,23 @@ pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
         .await;
     });
 
-    let kernel_sockets = probe
-        .socket_map()
-        .inspect_err(|error| {
-            log::warn!(
-                "CLOSE_WAIT sockets whose peer hung up before accept() may show no owner: {error:#}"
-            );
-        })
-        .ok();
+    // Only the accept hook records owners no record carries: without it, the lookups would
+    // find nothing, once a second for every leaked socket without an owner.
+    let accept_hook =
+        probe.parts().iter().any(|p| p.part == crate::probe::Part::AcceptOwner && p.active());
+    let kernel_sockets = if accept_hook {
+        probe
+            .socket_map()
+            .inspect_err(|error| {
+                log::warn!(
+                    "CLOSE_WAIT sockets whose peer hung up before accept() may show no owner: \
+                     {error:#}"
+                );
+            })
+            .ok()
+    } else {
+        None
+    };
     let leak_watch = tokio::spawn(watch_leaks(
         shared.clone(),
         LeakWatch::new(args.close_wait_threshold, args.cmdline, args.group_by, kernel_sockets),
