@@ -90,25 +90,16 @@ fn listen(port: u16) -> anyhow::Result<TcpListener> {
 
 /// Accepts until `stop`; each connection is read to EOF and closed and counted in `served`
 /// (`hold` keeps them instead).
-fn serve(
-    listener: TcpListener,
-    stop: Arc<AtomicBool>,
-    served: Arc<AtomicU64>,
-    hold: bool,
-) -> Vec<TcpStream> {
-    let mut held = Vec::new();
+/// Accepts connections and reads each to its end, until `stop`.
+fn serve(listener: TcpListener, stop: Arc<AtomicBool>, served: Arc<AtomicU64>) {
     listener.set_nonblocking(true).expect("nonblocking listener");
     let mut buf = [0u8; 64];
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((mut stream, _)) => {
-                if hold {
-                    held.push(stream);
-                } else {
-                    stream.set_nonblocking(false).ok();
-                    while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
-                    drop(stream);
-                }
+                stream.set_nonblocking(false).ok();
+                while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+                drop(stream);
                 served.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -117,7 +108,13 @@ fn serve(
             Err(e) => eprintln!("loadgen: accept: {e}"),
         }
     }
-    held
+}
+
+/// Accepts `count` connections and returns them. Blocking: once they are all in, nothing
+/// polls (an acceptor polling while the connections are held took a few percent of a CPU
+/// per holder, and 50 holders starved the daemon being measured).
+fn accept_all(listener: TcpListener, count: usize) -> std::io::Result<Vec<TcpStream>> {
+    (0..count).map(|_| listener.accept().map(|(stream, _)| stream)).collect()
 }
 
 pub fn run(command: LoadCommand) -> anyhow::Result<()> {
@@ -137,7 +134,7 @@ fn storm(args: &StormArgs) -> anyhow::Result<()> {
         .map(|_| {
             let listener = listener.try_clone().expect("listener clone");
             let (stop, served) = (stop.clone(), served.clone());
-            thread::spawn(move || serve(listener, stop, served, false))
+            thread::spawn(move || serve(listener, stop, served))
         })
         .collect();
     let done = Arc::new(AtomicU64::new(0));
@@ -213,22 +210,17 @@ fn hold(args: &HoldArgs) -> anyhow::Result<()> {
     }
     let listener = listen(args.port)?;
     let target = listener.local_addr()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let server = {
-        let stop = stop.clone();
-        thread::spawn(move || serve(listener, stop, Arc::new(AtomicU64::new(0)), true))
-    };
+    let connections = args.connections;
+    let server = thread::spawn(move || accept_all(listener, connections));
     let mut clients = Vec::with_capacity(args.connections);
     for i in 0..args.connections as u64 {
         clients.push(connect_from(source(i), target).context("connecting")?);
     }
-    thread::sleep(Duration::from_millis(500));
+    let held = server.join().expect("server thread").context("accepting")?;
     println!("ready {}", clients.len());
     std::io::stdout().flush()?;
     // Hold until the parent closes our stdin.
     let _ = std::io::stdin().read(&mut [0u8; 1]);
-    stop.store(true, Ordering::Relaxed);
-    let held = server.join().expect("server thread");
     drop(held);
     drop(clients);
     Ok(())
