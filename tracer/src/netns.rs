@@ -108,7 +108,7 @@ fn local_port_range() -> Option<(u16, u16)> {
 }
 
 /// A dump of one namespace.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct NamespaceDump {
     pub inode: u32,
     pub sockets: Vec<DiagSocket>,

@@ -1,20 +1,20 @@
 //! Aggregation of transition records: counts per (old, new), completed stays per state, and
 //! the live socket table; seeding and reconciliation from `sock_diag` dumps.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use tracer_common::{TcpState, TransitionRecord};
 
 use super::{
     gauges::PortLabels,
-    ports::{self, PortUsage},
+    ports::PortUsage,
     table::{Owner, SocketKey, SocketTable},
 };
-use crate::{
-    failure::{CONNECT_REASONS, Failure, ResetDirection},
-    netns::NamespaceDump,
-    sockdiag::DiagSocket,
-};
+
+mod reconcile;
+
+use crate::failure::{CONNECT_REASONS, Failure, ResetDirection};
+pub use reconcile::{DumpIndex, ReconcileOutcome, reconcile_in_slices};
 
 /// Upper bounds of the stay histogram's buckets, in seconds: log-spaced (1-3-10) from 10 µs to
 /// 1000 s, then one hour.
@@ -56,35 +56,6 @@ fn tracked_state(state: TcpState) -> bool {
     state.is_known() && state != TcpState::CLOSE && !SAMPLED_STATES.contains(&state)
 }
 
-/// The earliest moment a dumped socket is known to have been in its state: for CLOSE_WAIT,
-/// when the peer's last ACK (its FIN, or later) arrived; otherwise when the dump saw it.
-fn entered_at(socket: &DiagSocket, now: u64) -> u64 {
-    match socket.since_last_ack_ms {
-        Some(ms) if socket.state == TcpState::CLOSE_WAIT => {
-            now.saturating_sub(u64::from(ms) * 1_000_000)
-        }
-        _ => now,
-    }
-}
-
-/// What one reconciliation changed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ReconcileOutcome {
-    /// Tracked sockets no dump lists any more (their CLOSE was never seen).
-    pub removed: u64,
-    /// Sockets a dump lists that the table lacked.
-    pub added: u64,
-    /// Sockets whose state the dump contradicted.
-    pub repaired: u64,
-    pub namespaces: usize,
-}
-
-impl ReconcileOutcome {
-    pub fn corrections(&self) -> u64 {
-        self.removed + self.added + self.repaired
-    }
-}
-
 pub struct Aggregator {
     labels: PortLabels,
     /// [label][old][new]
@@ -101,8 +72,9 @@ pub struct Aggregator {
     namespaces: usize,
     /// Records stamped before this came from sockets a dump may already have listed.
     dedupe_until_ns: u64,
-    /// While a dump is running: keys of sockets closed since it started.
-    closed_during_dump: Option<HashSet<SocketKey>>,
+    /// From the start of a dump to the end of its reconciliation: keys of sockets that
+    /// records closed, replaced or adopted meanwhile.
+    changed_during_dump: Option<HashSet<SocketKey>>,
     /// The table cannot hold every socket: gauges come from the last dump plus every record
     /// since, tracked or not, instead of from the table.
     saturated: bool,
@@ -127,7 +99,7 @@ impl Aggregator {
             corrections: 0,
             namespaces: 0,
             dedupe_until_ns: 0,
-            closed_during_dump: None,
+            changed_during_dump: None,
             saturated: false,
             untracked: 0,
             port_usage: (Vec::new(), 0.0),
@@ -224,19 +196,19 @@ impl Aggregator {
         let key = SocketKey::from_record(r);
         if TcpState::creates_socket(old, new) {
             // An entry under this address belongs to an earlier socket whose CLOSE was lost.
-            self.table.remove(r.skaddr, ts);
-        } else if !self.table.contains(r.skaddr) {
+            if let Some(replaced) = self.table.remove(r.skaddr, ts) {
+                self.note_changed(replaced.key);
+            }
+        } else if !self.table.contains(r.skaddr) && self.table.adopt_seeded(&key, r.skaddr) {
             // Older than the daemon: known from a dump by its 4-tuple, until now.
-            self.table.adopt_seeded(&key, r.skaddr);
+            self.note_changed(key);
         }
         if ts <= self.dedupe_until_ns && key.complete() {
             // A dump that ran while this socket changed state may have listed it too.
             self.table.drop_seeded_duplicate(&key, ts);
         }
         let tracked = if new == TcpState::CLOSE {
-            if let Some(closed) = &mut self.closed_during_dump {
-                closed.insert(key);
-            }
+            self.note_changed(key);
             self.table.remove(r.skaddr, ts).is_some()
         } else {
             let owner = r.owner_known().then_some(Owner {
@@ -265,106 +237,20 @@ impl Aggregator {
     /// Call when a dump starts: closes seen from now on are remembered, so the dump's
     /// possibly older view does not resurrect those sockets.
     pub fn begin_dump(&mut self) {
-        self.closed_during_dump = Some(HashSet::new());
+        self.changed_during_dump = Some(HashSet::new());
     }
 
-    /// Makes the table agree with dumps taken between `started_ns` and `finished_ns`.
-    /// Sockets in namespaces that were not dumped are left alone. Entries that changed since
-    /// the dump started are trusted over it. `count` is false for the initial seeding, which
-    /// corrects nothing.
-    pub fn reconcile(
-        &mut self,
-        dumps: &[NamespaceDump],
-        started_ns: u64,
-        finished_ns: u64,
-        count: bool,
-    ) -> ReconcileOutcome {
-        let closed = self.closed_during_dump.take().unwrap_or_default();
-        let now = finished_ns;
-        let mut outcome = ReconcileOutcome { namespaces: dumps.len(), ..Default::default() };
-        let covered: HashSet<u32> = dumps.iter().map(|d| d.inode).collect();
-        self.port_usage = ports::usage(dumps);
+    /// A dump that will not be reconciled: stop remembering changes for it.
+    pub fn abandon_dump(&mut self) {
+        self.changed_during_dump = None;
+    }
 
-        let mut listed: HashMap<SocketKey, Vec<&DiagSocket>> = HashMap::new();
-        let mut sampled = vec![vec![0i64; self.labels.values()]; SAMPLED_STATES.len()];
-        // Per state and label, what the dump lists of the table's states.
-        let mut counted = vec![vec![0i64; self.labels.values()]; TcpState::INDEXES];
-        for dump in dumps {
-            for socket in &dump.sockets {
-                if let Some(i) = SAMPLED_STATES.iter().position(|s| *s == socket.state) {
-                    sampled[i][self.labels.index(socket.local.port())] += 1;
-                } else if tracked_state(socket.state) {
-                    counted[socket.state.index()][self.labels.index(socket.local.port())] += 1;
-                    listed
-                        .entry(SocketKey::from_diag(dump.inode, socket))
-                        .or_default()
-                        .push(socket);
-                }
-            }
+    /// While a reconciliation is under way: a record closed, replaced or adopted the socket
+    /// with this key, so what the dump says of that key is out of date.
+    fn note_changed(&mut self, key: SocketKey) {
+        if let Some(changed) = &mut self.changed_during_dump {
+            changed.insert(key);
         }
-        for (state, per_label) in SAMPLED_STATES.iter().zip(&sampled) {
-            self.table.gauges_mut().set_counts(*state, per_label, now);
-        }
-
-        for id in self.table.ids() {
-            let Some(tracked) = self.table.get(id) else { continue };
-            if !covered.contains(&tracked.key.netns) {
-                continue;
-            }
-            let changed_since_dump = tracked.last_seen_ns >= started_ns;
-            let (key, state) = (tracked.key, tracked.state);
-            match listed.get_mut(&key).and_then(Vec::pop) {
-                Some(socket) => {
-                    self.table.set_inode(id, socket.inode);
-                    if socket.state != state && !changed_since_dump {
-                        self.table.repair_state(id, socket.state, entered_at(socket, now), now);
-                        outcome.repaired += 1;
-                    }
-                }
-                None if !changed_since_dump => {
-                    self.table.remove(id, now);
-                    outcome.removed += 1;
-                }
-                None => {}
-            }
-        }
-        let mut untracked = 0;
-        for (key, sockets) in listed {
-            if closed.contains(&key) {
-                continue;
-            }
-            for socket in sockets {
-                let entered = entered_at(socket, now);
-                if self.table.insert_seeded(key, socket.state, socket.inode, entered, now) {
-                    outcome.added += 1;
-                } else {
-                    untracked += 1;
-                }
-            }
-        }
-        let was_saturated = self.saturated;
-        self.saturated = untracked > 0;
-        self.untracked = untracked;
-        if self.saturated {
-            // Exact as of the dump: every socket it listed, tracked or not, and the table's
-            // sockets of namespaces it could not enter.
-            for (_, tracked) in self.table.iter().filter(|(_, t)| !covered.contains(&t.key.netns)) {
-                counted[tracked.state.index()][self.labels.index(tracked.key.sport)] += 1;
-            }
-            for state in table_states() {
-                self.table.gauges_mut().set_counts(state, &counted[state.index()], now);
-            }
-        } else if was_saturated {
-            // Everything fits again: the table is the count.
-            let states: Vec<TcpState> = table_states().collect();
-            self.table.recount_gauges(&states, now);
-        }
-        self.dedupe_until_ns = finished_ns;
-        self.namespaces = dumps.len();
-        if count {
-            self.corrections += outcome.corrections();
-        }
-        outcome
     }
 }
 
@@ -378,10 +264,17 @@ mod tests {
     };
 
     use super::*;
+    use crate::{netns::NamespaceDump, sockdiag::DiagSocket};
 
-    const NETNS: u32 = 4_026_531_840;
+    pub(super) const NETNS: u32 = 4_026_531_840;
 
-    fn record(skaddr: u64, ts: u64, old: TcpState, new: TcpState, sport: u16) -> TransitionRecord {
+    pub(super) fn record(
+        skaddr: u64,
+        ts: u64,
+        old: TcpState,
+        new: TcpState,
+        sport: u16,
+    ) -> TransitionRecord {
         TransitionRecord {
             ts_ns: ts,
             skaddr,
@@ -407,7 +300,7 @@ mod tests {
         }
     }
 
-    fn diag(state: TcpState, sport: u16) -> DiagSocket {
+    pub(super) fn diag(state: TcpState, sport: u16) -> DiagSocket {
         DiagSocket {
             family: AF_INET,
             state,
@@ -419,11 +312,11 @@ mod tests {
         }
     }
 
-    fn dump(sockets: Vec<DiagSocket>) -> Vec<NamespaceDump> {
+    pub(super) fn dump(sockets: Vec<DiagSocket>) -> Vec<NamespaceDump> {
         vec![NamespaceDump { inode: NETNS, sockets, port_range: None }]
     }
 
-    const A: u64 = 0xffff_8880_0000_1000;
+    pub(super) const A: u64 = 0xffff_8880_0000_1000;
 
     #[test]
     fn counts_transitions_and_completed_stays() {
@@ -447,13 +340,13 @@ mod tests {
     fn a_saturated_table_stays_still_and_its_gauges_exact() {
         let mut agg = Aggregator::new(2, PortLabels::none());
         let steady: Vec<DiagSocket> = (1000..1005).map(|port| diag(S::ESTABLISHED, port)).collect();
-        agg.reconcile(&dump(steady.clone()), 10, 20, false);
+        agg.reconcile(dump(steady.clone()), 10, 20, false);
         assert!(agg.saturated());
         assert_eq!((agg.table().len(), agg.untracked()), (2, 3));
         assert_eq!(agg.table().gauges().count(S::ESTABLISHED), 5, "from the dump");
         for round in 0..3 {
             let at = 100 + round * 100;
-            let outcome = agg.reconcile(&dump(steady.clone()), at, at + 10, true);
+            let outcome = agg.reconcile(dump(steady.clone()), at, at + 10, true);
             assert_eq!(outcome.corrections(), 0, "round {round}: {outcome:?}");
             assert_eq!(agg.table().gauges().count(S::ESTABLISHED), 5);
         }
@@ -470,7 +363,7 @@ mod tests {
         assert_eq!(agg.table().len(), 2);
 
         // Back under the bound: everything is tracked, and the table is the count again.
-        agg.reconcile(&dump(steady[..2].to_vec()), 600, 610, true);
+        agg.reconcile(dump(steady[..2].to_vec()), 600, 610, true);
         assert!(!agg.saturated());
         assert_eq!(agg.table().gauges().count(S::ESTABLISHED), 2);
     }
@@ -478,7 +371,7 @@ mod tests {
     #[test]
     fn seeded_socket_moves_between_gauges_once() {
         let mut agg = Aggregator::new(100, PortLabels::none());
-        agg.reconcile(&dump(vec![diag(S::ESTABLISHED, 1000)]), 10, 20, false);
+        agg.reconcile(dump(vec![diag(S::ESTABLISHED, 1000)]), 10, 20, false);
         assert_eq!(agg.table().gauges().count(S::ESTABLISHED), 1);
         agg.apply(&record(A, 30, S::ESTABLISHED, S::CLOSE_WAIT, 1000));
         assert_eq!(agg.table().gauges().count(S::ESTABLISHED), 0);
@@ -490,7 +383,7 @@ mod tests {
     fn a_socket_created_during_the_seed_dump_is_counted_once() {
         let mut agg = Aggregator::new(100, PortLabels::none());
         // Created at t=5 and established at t=6, while the dump ran (t=4..8) and listed it.
-        agg.reconcile(&dump(vec![diag(S::ESTABLISHED, 1000)]), 4, 8, false);
+        agg.reconcile(dump(vec![diag(S::ESTABLISHED, 1000)]), 4, 8, false);
         agg.apply(&record(A, 5, S::CLOSE, S::SYN_SENT, 0));
         agg.apply(&record(A, 6, S::SYN_SENT, S::ESTABLISHED, 1000));
         assert_eq!(agg.table().len(), 1);
@@ -506,7 +399,7 @@ mod tests {
         agg.apply(&record(A + 8, 2, S::SYN_SENT, S::ESTABLISHED, 2000)); // now CLOSE_WAIT
         agg.begin_dump();
         let outcome = agg.reconcile(
-            &dump(vec![
+            dump(vec![
                 diag(S::CLOSE_WAIT, 2000),
                 diag(S::ESTABLISHED, 3000),
                 diag(S::TIME_WAIT, 4000),
@@ -524,7 +417,7 @@ mod tests {
         // A second pass over the same dump finds nothing to correct.
         agg.begin_dump();
         let again = agg.reconcile(
-            &dump(vec![
+            dump(vec![
                 diag(S::CLOSE_WAIT, 2000),
                 diag(S::ESTABLISHED, 3000),
                 diag(S::TIME_WAIT, 4000),
@@ -542,7 +435,7 @@ mod tests {
         let mut socket = diag(S::CLOSE_WAIT, 1000);
         socket.since_last_ack_ms = Some(90_000);
         let now = 100_000_000_000;
-        agg.reconcile(&dump(vec![socket]), now - 10, now, false);
+        agg.reconcile(dump(vec![socket]), now - 10, now, false);
         let (_, tracked) = agg.table().iter().next().unwrap();
         assert_eq!(tracked.entered_ns, now - 90_000_000_000);
         assert!(!tracked.entered_exact, "still a lower bound");
@@ -555,7 +448,7 @@ mod tests {
         other.netns = 99;
         agg.apply(&other);
         agg.begin_dump();
-        let outcome = agg.reconcile(&dump(vec![]), 10, 20, true);
+        let outcome = agg.reconcile(dump(vec![]), 10, 20, true);
         assert_eq!(outcome.removed, 0);
         assert_eq!(agg.table().len(), 1);
     }
@@ -569,7 +462,7 @@ mod tests {
         agg.apply(&record(A, 15, S::ESTABLISHED, S::FIN_WAIT1, 1000));
         agg.apply(&record(A, 16, S::FIN_WAIT1, S::FIN_WAIT2, 1000));
         agg.apply(&record(A, 17, S::FIN_WAIT2, S::CLOSE, 1000));
-        let outcome = agg.reconcile(&dump(vec![diag(S::ESTABLISHED, 1000)]), 10, 20, true);
+        let outcome = agg.reconcile(dump(vec![diag(S::ESTABLISHED, 1000)]), 10, 20, true);
         assert_eq!(outcome.added, 0);
         assert!(agg.table().is_empty());
     }

@@ -25,7 +25,7 @@ use anyhow::Context as _;
 use tracer_common::{DecodeError, TransitionRecord, settings::KernelFilter};
 
 use self::{
-    aggregate::Aggregator,
+    aggregate::{Aggregator, DumpIndex, ReconcileOutcome},
     gauges::PortLabels,
     leak_watch::{LeakState, LeakWatch},
 };
@@ -187,6 +187,60 @@ async fn dump_namespaces() -> anyhow::Result<(AllDumps, u64, u64)> {
     Ok((dumps, started, monotonic_ns()))
 }
 
+/// Dumps every namespace and reconciles the table with it, off the reader's way: the dump
+/// and its index are built on a thread of their own at a lower priority (on a busy host they
+/// took the CPU the reader needed, and the ring filled), and the table is then locked only in
+/// short slices while the reader goes on applying records.
+fn reconcile(shared: &Shared, flush: &tokio::sync::mpsc::Sender<Flush>) -> ReconcileOutcome {
+    let labels = shared.aggregator().labels().clone();
+    shared.aggregator().begin_dump();
+    let dumped = std::thread::Builder::new()
+        .name("tcpstate-dump".into())
+        .spawn(move || {
+            lower_this_threads_priority();
+            let started = monotonic_ns();
+            let dumps = netns::dump_all();
+            let finished = monotonic_ns();
+            log::debug!(
+                "sock_diag dump of {} namespaces took {:?}",
+                dumps.dumps.len(),
+                Duration::from_nanos(finished - started)
+            );
+            let bytes = dumps.bytes();
+            (DumpIndex::new(dumps.dumps, started, finished, &labels), dumps.refused, bytes)
+        })
+        .map(|thread| thread.join());
+    let Ok(Ok((index, refused, bytes))) = dumped else {
+        log::warn!("could not run the sock_diag dump thread: gauges are not reconciled this time");
+        shared.aggregator().abandon_dump();
+        return ReconcileOutcome::default();
+    };
+    // Everything the kernel sent before the dump ended is applied first. Without an answer
+    // the daemon is stopping, and what follows changes nothing anyone reads.
+    let (applied, done) = tokio::sync::oneshot::channel();
+    if flush.blocking_send(applied).is_ok() {
+        let _ = done.blocking_recv();
+    }
+    shared.update_status(|status| status.netns_refused = refused);
+    let outcome = aggregate::reconcile_in_slices(|| shared.aggregator(), index);
+    // Built on other threads (their own malloc arenas): returned once freed, or every dump
+    // of a large host leaves its size behind.
+    if bytes > LARGE_ALLOCATION {
+        shared.note_large_allocation();
+    }
+    outcome
+}
+
+/// Background work yields to the reader: nice 10 for the calling thread only (raising one's
+/// own nice value needs no privilege; a failure only leaves the priority as it was).
+fn lower_this_threads_priority() {
+    // SAFETY: plain system calls; PRIO_PROCESS with a thread id applies to that thread.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+    }
+}
+
 /// What the daemon sets up with its full privileges, before any other thread exists.
 pub struct Attached {
     listener: std::net::TcpListener,
@@ -257,7 +311,7 @@ pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
     shared.update_status(|status| status.netns_refused = dumps.refused);
     let web = args.web_config.clone();
     let scheme = if web.as_ref().is_some_and(|w| w.tls.is_some()) { "https" } else { "http" };
-    let seeded = shared.aggregator().reconcile(&dumps.dumps, started, finished, false);
+    let seeded = shared.aggregator().reconcile(dumps.dumps, started, finished, false);
     log::info!(
         "tcpstate {} attached to tracepoint sock:inet_sock_set_state; serving {scheme}://{listen}/metrics; \
          seeded {} existing sockets from {} network namespaces",
@@ -270,7 +324,7 @@ pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
     let state = http::AppState {
         shared: shared.clone(),
         exporter: Arc::new(metrics::Exporter::new(shared.clone(), args.group_by)),
-        flush: flush_requests,
+        flush: flush_requests.clone(),
         listings: Arc::new(tokio::sync::Semaphore::new(http::MAX_LISTINGS)),
     };
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -310,7 +364,7 @@ pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
     let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
     let mut reconcile_tick = tokio::time::interval(args.reconcile_interval);
     reconcile_tick.tick().await;
-    let mut pending_dump = None;
+    let mut pending_reconcile = None;
     loop {
         tokio::select! {
             read = reader.next_batch(|item| batch.collect(item)) => {
@@ -343,24 +397,15 @@ pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
                 });
                 shared.release_memory_if_needed();
             }
-            _ = reconcile_tick.tick(), if pending_dump.is_none() => {
-                shared.aggregator().begin_dump();
-                pending_dump = Some(tokio::spawn(dump_namespaces()));
+            _ = reconcile_tick.tick(), if pending_reconcile.is_none() => {
+                let (shared, flush) = (shared.clone(), flush_requests.clone());
+                pending_reconcile =
+                    Some(tokio::task::spawn_blocking(move || reconcile(&shared, &flush)));
             }
-            dump = async { pending_dump.as_mut().expect("guarded").await }, if pending_dump.is_some() => {
-                pending_dump = None;
-                let (dumps, started, finished) = dump.context("sock_diag dump task")??;
-                // Everything the kernel sent before the dump ended is applied first.
-                reader.drain_now(|item| batch.collect(item));
-                batch.apply(&shared);
-                shared.update_status(|status| status.netns_refused = dumps.refused);
-                let outcome = shared.aggregator().reconcile(&dumps.dumps, started, finished, true);
+            done = async { pending_reconcile.as_mut().expect("guarded").await }, if pending_reconcile.is_some() => {
+                pending_reconcile = None;
+                let outcome = done.context("reconciliation task")?;
                 log::debug!("reconciled with {} namespaces: {outcome:?}", outcome.namespaces);
-                // Built on a blocking thread (its own malloc arena): returned once freed, or
-                // every dump of a large host leaves its size behind.
-                if dumps.bytes() > LARGE_ALLOCATION {
-                    shared.note_large_allocation();
-                }
             }
             _ = &mut stop => break,
         }
