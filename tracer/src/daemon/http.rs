@@ -220,7 +220,10 @@ async fn sockets(
             .into_iter()
             .skip(offset)
             .take(limit)
-            .map(|t| (t.clone(), t.owner.and_then(|owner| cgroups.get(owner.cgroup))))
+            .map(|t| {
+                let owner = agg.table().owner(t);
+                (t.clone(), owner, owner.and_then(|owner| cgroups.get(owner.cgroup)))
+            })
             .collect();
         (page, now, total)
     })

@@ -102,7 +102,7 @@ impl LeakWatch {
                         key: t.key,
                         age_ns: now.saturating_sub(t.entered_ns),
                         age_is_lower_bound: !t.entered_exact,
-                        kernel_owner: t.owner.map(|o| o.pid),
+                        kernel_owner: agg.table().owner(t).map(|o| o.pid),
                         inode: t.inode,
                     };
                     (id, candidate)

@@ -12,7 +12,10 @@ use std::{
 use axum::body::Bytes;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::{LARGE_ALLOCATION, Shared, table::Tracked};
+use super::{
+    LARGE_ALLOCATION, Shared,
+    table::{Owner, Tracked},
+};
 use crate::{
     cgroups::CgroupName,
     event::comm_str,
@@ -23,10 +26,13 @@ use crate::{
 /// most of the last: a client that reads slowly holds its turn, not more memory.
 const CHUNK: usize = 64 << 10;
 
+/// One socket of a listing, with its owner and the owner's cgroup named.
+pub type Listed = (Tracked, Option<Owner>, Option<Arc<CgroupName>>);
+
 /// A listing being sent; it keeps its turn (see `http::MAX_LISTINGS`) until the last chunk
 /// is handed to the connection or the client goes away.
 pub struct StreamedListing {
-    sockets: std::vec::IntoIter<(Tracked, Option<Arc<CgroupName>>)>,
+    sockets: std::vec::IntoIter<Listed>,
     /// Monotonic time the listing was taken at: every socket's age is measured against it.
     now: u64,
     opened: bool,
@@ -39,13 +45,12 @@ pub struct StreamedListing {
 
 impl StreamedListing {
     pub fn new(
-        sockets: Vec<(Tracked, Option<Arc<CgroupName>>)>,
+        sockets: Vec<Listed>,
         now: u64,
         shared: Arc<Shared>,
         turn: OwnedSemaphorePermit,
     ) -> Self {
-        let large = sockets.len() * std::mem::size_of::<(Tracked, Option<Arc<CgroupName>>)>()
-            > LARGE_ALLOCATION;
+        let large = sockets.len() * std::mem::size_of::<Listed>() > LARGE_ALLOCATION;
         Self {
             sockets: sockets.into_iter(),
             now,
@@ -63,10 +68,10 @@ impl StreamedListing {
             return None;
         }
         let mut chunk = Vec::with_capacity(CHUNK + 1024);
-        for (tracked, cgroup) in self.sockets.by_ref() {
+        for (tracked, owner, cgroup) in self.sockets.by_ref() {
             chunk.push(if self.opened { b',' } else { b'[' });
             self.opened = true;
-            let view = view(&tracked, self.now).in_cgroup(cgroup.as_deref());
+            let view = view(&tracked, owner, self.now).in_cgroup(cgroup.as_deref());
             serde_json::to_writer(&mut chunk, &view)
                 .expect("a socket view serializes: it has no map with non-string keys");
             if chunk.len() >= CHUNK {
@@ -107,9 +112,8 @@ impl http_body::Body for StreamedListing {
 }
 
 /// What a listing says about one socket.
-pub fn view(tracked: &Tracked, now: u64) -> SocketView {
-    let owner =
-        tracked.owner.map(|o| OwnerName { pid: o.pid, comm: comm_str(&o.comm).into_owned() });
+pub fn view(tracked: &Tracked, owner: Option<Owner>, now: u64) -> SocketView {
+    let owner = owner.map(|o| OwnerName { pid: o.pid, comm: comm_str(&o.comm).into_owned() });
     SocketView::new(
         &tracked.key,
         tracked.state,

@@ -11,6 +11,7 @@ pub mod http;
 pub mod leak_watch;
 mod listing;
 pub mod metrics;
+mod owner_pool;
 pub mod ports;
 pub mod server;
 pub mod table;

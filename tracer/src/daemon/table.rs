@@ -10,17 +10,12 @@ use std::collections::HashMap;
 
 use tracer_common::TcpState;
 
-use super::gauges::{PortLabels, StateGauges};
+pub use super::owner_pool::Owner;
+use super::{
+    gauges::{PortLabels, StateGauges},
+    owner_pool::{OwnerId, OwnerPool},
+};
 pub use crate::socket::SocketKey;
-
-/// The process that owns a socket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Owner {
-    pub pid: u32,
-    pub comm: [u8; 16],
-    /// Its cgroup v2 id, as the kernel read it with the owner (0: unknown).
-    pub cgroup: u64,
-}
 
 /// What the daemon knows about one live socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,7 +29,8 @@ pub struct Tracked {
     pub entered_exact: bool,
     /// Last time a transition or a dump said something about it.
     pub last_seen_ns: u64,
-    pub owner: Option<Owner>,
+    /// In the table's pool of owners: see `SocketTable::owner`.
+    pub owner: Option<OwnerId>,
     /// Socket inode from the last dump (0 until one lists it).
     pub inode: u32,
 }
@@ -47,12 +43,14 @@ const SEEDED_ID_LIMIT: u64 = 1 << 62;
 
 /// Sockets live in a packed vector with a small index by id beside it, rather than in a hash
 /// map of whole entries: a hash map's buckets double at each growth, so a million 120-byte
-/// entries took 252 MB of buckets (2^21); packed, they take 120 MB plus a 34 MB index, and a
-/// pass over the table (each scrape, each leak check) reads only live entries.
+/// entries took 252 MB of buckets (2^21); packed, with owners pooled, they take 80 MB plus a
+/// 34 MB index, and a pass over the table (each scrape, each leak check) reads only live
+/// entries.
 pub struct SocketTable {
     /// Where each socket's entry is in `entries`.
     index: HashMap<SocketId, u32>,
     entries: Vec<(SocketId, Tracked)>,
+    owners: OwnerPool,
     seeded: HashMap<SocketKey, Vec<SocketId>>,
     next_seeded_id: SocketId,
     capacity: usize,
@@ -80,24 +78,31 @@ impl SocketTable {
         let mut oldest = [None::<u64>; TcpState::INDEXES];
         let mut per_cgroup: Vec<(u64, Counts)> = Vec::new();
         let mut slots: HashMap<u64, usize> = HashMap::new();
-        let mut last: Option<(u64, usize)> = None;
+        // The last owner seen, and its cgroup's slot in `per_cgroup` (None: no cgroup).
+        let mut last: Option<(OwnerId, Option<usize>)> = None;
         for (_, tracked) in &self.entries {
             let entry = &mut oldest[tracked.state.index()];
             *entry = Some(entry.map_or(tracked.entered_ns, |o| o.min(tracked.entered_ns)));
             if !by_cgroup {
                 continue;
             }
-            let Some(cgroup) = tracked.owner.map(|o| o.cgroup).filter(|&c| c != 0) else {
-                continue;
-            };
+            let Some(owner) = tracked.owner else { continue };
             let slot = match last {
-                Some((id, slot)) if id == cgroup => slot,
-                _ => *slots.entry(cgroup).or_insert_with(|| {
-                    per_cgroup.push((cgroup, vec![[0; TcpState::INDEXES]; labels.values()]));
-                    per_cgroup.len() - 1
-                }),
+                Some((id, slot)) if id == owner => slot,
+                _ => {
+                    let cgroup = self.owners.get(owner).cgroup;
+                    let slot = (cgroup != 0).then(|| {
+                        *slots.entry(cgroup).or_insert_with(|| {
+                            per_cgroup
+                                .push((cgroup, vec![[0; TcpState::INDEXES]; labels.values()]));
+                            per_cgroup.len() - 1
+                        })
+                    });
+                    last = Some((owner, slot));
+                    slot
+                }
             };
-            last = Some((cgroup, slot));
+            let Some(slot) = slot else { continue };
             per_cgroup[slot].1[labels.index(tracked.key.sport)][tracked.state.index()] += 1;
         }
         ScrapePass { oldest, per_cgroup }
@@ -107,6 +112,7 @@ impl SocketTable {
         Self {
             index: HashMap::new(),
             entries: Vec::new(),
+            owners: OwnerPool::default(),
             seeded: HashMap::new(),
             next_seeded_id: 1,
             capacity,
@@ -151,14 +157,28 @@ impl SocketTable {
         self.entries.iter().map(|(id, t)| (*id, t))
     }
 
+    /// The owner of a socket, when known.
+    pub fn owner(&self, tracked: &Tracked) -> Option<Owner> {
+        tracked.owner.map(|id| self.owners.get(id))
+    }
+
+    /// Owners the table refers to.
+    pub fn owner_count(&self) -> usize {
+        self.owners.len()
+    }
+
     pub fn ids(&self) -> Vec<SocketId> {
         self.entries.iter().map(|(id, _)| *id).collect()
     }
 
-    /// Takes the entry at `slot` out of `entries` (not out of the index); the last entry
-    /// moves into its place. Memory left over after a large drop goes back.
+    /// Takes the entry at `slot` out of `entries` (not out of the index), and its reference
+    /// to its owner; the last entry moves into its place. Memory left over after a large drop
+    /// goes back.
     fn take_slot(&mut self, slot: u32) -> (SocketId, Tracked) {
         let taken = self.entries.swap_remove(slot as usize);
+        if let Some(owner) = taken.1.owner {
+            self.owners.release(owner);
+        }
         if let Some((moved, _)) = self.entries.get(slot as usize) {
             self.index.insert(*moved, slot);
         }
@@ -170,11 +190,15 @@ impl SocketTable {
         taken
     }
 
-    /// Adds a socket; when the table is full, nothing changes and the answer is false. Never
-    /// evicting keeps a saturated table still: sockets it holds stay, the others are counted
-    /// from dumps (see `Aggregator::reconcile`), and nothing churns.
-    pub fn insert(&mut self, id: SocketId, tracked: Tracked, ts: u64) -> bool {
+    /// Adds a socket with a reference to its owner taken for it; when the table is full,
+    /// nothing changes (the reference is dropped) and the answer is false. Never evicting
+    /// keeps a saturated table still: sockets it holds stay, the others are counted from
+    /// dumps (see `Aggregator::reconcile`), and nothing churns.
+    fn insert(&mut self, id: SocketId, tracked: Tracked, ts: u64) -> bool {
         if self.is_full() && !self.contains(id) {
+            if let Some(owner) = tracked.owner {
+                self.owners.release(owner);
+            }
             return false;
         }
         self.gauges.add(tracked.key.sport, tracked.state, 1, ts);
@@ -184,6 +208,9 @@ impl SocketTable {
         if let Some(existing) = self.get_mut(id) {
             let previous = std::mem::replace(existing, tracked);
             self.gauges.add(previous.key.sport, previous.state, -1, ts);
+            if let Some(owner) = previous.owner {
+                self.owners.release(owner);
+            }
         } else {
             let slot = u32::try_from(self.entries.len()).expect("capacity below 2^32");
             self.index.insert(id, slot);
@@ -279,8 +306,8 @@ impl SocketTable {
                 tracked.entered_ns = ts;
                 tracked.entered_exact = true;
                 tracked.last_seen_ns = ts;
-                if owner.is_some() {
-                    tracked.owner = owner;
+                if let Some(owner) = owner {
+                    self.set_owner(id, owner);
                 }
                 true
             }
@@ -291,7 +318,7 @@ impl SocketTable {
                     entered_ns: ts,
                     entered_exact: true,
                     last_seen_ns: ts,
-                    owner,
+                    owner: owner.map(|owner| self.owners.acquire(owner)),
                     inode: 0,
                 };
                 self.insert(id, tracked, ts)
@@ -325,9 +352,15 @@ impl SocketTable {
     }
 
     pub fn set_owner(&mut self, id: SocketId, owner: Owner) {
-        if let Some(tracked) = self.get_mut(id) {
-            tracked.owner = Some(owner);
+        let Some(&slot) = self.index.get(&id) else { return };
+        let current = self.entries[slot as usize].1.owner;
+        if current.is_some_and(|current| self.owners.get(current) == owner) {
+            return;
         }
+        if let Some(current) = current {
+            self.owners.release(current);
+        }
+        self.entries[slot as usize].1.owner = Some(self.owners.acquire(owner));
     }
 
     pub fn set_inode(&mut self, id: SocketId, inode: u32) {
@@ -431,6 +464,34 @@ mod tests {
         assert_eq!((count(7, EST), count(7, CW), count(9, CW), count(9, EST)), (2, 1, 1, 0));
         assert_eq!(pass.per_cgroup.len(), 2, "no entry for unknown or zero cgroups");
         assert!(table.scrape_pass(false).per_cgroup.is_empty());
+    }
+
+    /// A million sockets take 80 MB of entries; a field added here costs a megabyte a byte.
+    #[test]
+    fn an_entry_takes_80_bytes() {
+        assert_eq!(std::mem::size_of::<(SocketId, Tracked)>(), 80);
+    }
+
+    #[test]
+    fn owners_are_stored_once_and_forgotten_with_their_sockets() {
+        let mut table = SocketTable::new(4, PortLabels::none());
+        let server = Owner { pid: 1, comm: *b"server\0\0\0\0\0\0\0\0\0\0", cgroup: 5 };
+        let other = Owner { pid: 2, ..server };
+        for i in 0..4u64 {
+            table.enter_state(SKADDR + i * 64, key(1000 + i as u16), EST, 1, Some(server));
+        }
+        assert_eq!(table.owner_count(), 1);
+        assert!(!table.enter_state(SKADDR + 640, key(9), EST, 1, Some(other)), "full");
+        assert_eq!(table.owner_count(), 1, "a refused socket keeps no owner");
+        table.set_owner(SKADDR, other);
+        table.enter_state(SKADDR + 64, key(1001), CW, 2, Some(other));
+        assert_eq!(table.owner_count(), 2);
+        assert_eq!(table.owner(table.get(SKADDR).unwrap()), Some(other));
+        assert_eq!(table.owner(table.get(SKADDR + 128).unwrap()), Some(server));
+        for i in 0..4u64 {
+            assert!(table.remove(SKADDR + i * 64, 3).is_some());
+        }
+        assert_eq!(table.owner_count(), 0);
     }
 
     #[test]
