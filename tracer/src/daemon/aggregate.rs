@@ -1,14 +1,14 @@
 //! Aggregation of transition records: counts per (old, new), completed stays per state, and
 //! the live socket table; seeding and reconciliation from `sock_diag` dumps.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 
 use tracer_common::{TcpState, TransitionRecord};
 
 use super::{
     gauges::PortLabels,
     ports::PortUsage,
-    table::{Owner, SocketKey, SocketTable},
+    table::{Owner, SocketId, SocketKey, SocketTable},
 };
 
 mod reconcile;
@@ -83,7 +83,28 @@ pub struct Aggregator {
     /// From the last dump: the most used destinations' shares of the ephemeral port range,
     /// and the highest share.
     port_usage: (Vec<PortUsage>, f64),
+    /// Established sockets no record named an owner for, in the order they became due for
+    /// a look in the kernel's map; kept only where the accept hook fills that map (see
+    /// `kernel_owners`).
+    unnamed: Option<VecDeque<Unnamed>>,
 }
+
+/// A socket waiting for its owner to be looked up in the kernel's map.
+#[derive(Clone, Copy, Debug)]
+pub struct Unnamed {
+    pub id: SocketId,
+    /// Not looked up before this (CLOCK_MONOTONIC ns): the process may not have accepted
+    /// the socket yet.
+    pub due_ns: u64,
+    /// Looks taken so far.
+    pub looks: u8,
+}
+
+/// Sockets waiting at most; beyond, the oldest wait is given up (the socket is named at its
+/// next transition in its owner's context, as without the accept hook).
+const MAX_UNNAMED: usize = 1 << 16;
+/// How long after it is established a socket's owner is first looked up.
+const FIRST_LOOK_AFTER_NS: u64 = 500_000_000;
 
 impl Aggregator {
     pub fn new(max_sockets: usize, labels: PortLabels) -> Self {
@@ -103,6 +124,7 @@ impl Aggregator {
             saturated: false,
             untracked: 0,
             port_usage: (Vec::new(), 0.0),
+            unnamed: None,
         }
     }
 
@@ -219,6 +241,11 @@ impl Aggregator {
             let tracked = self.table.enter_state(r.skaddr, key, new, ts, owner);
             // A socket the full table refused: from now on gauges follow records, not it.
             self.saturated |= !tracked;
+            if tracked && owner.is_none() && new == TcpState::ESTABLISHED {
+                // Accepted: every transition so far ran in softirq.
+                let due_ns = ts + FIRST_LOOK_AFTER_NS;
+                self.queue_unnamed(Unnamed { id: r.skaddr, due_ns, looks: 0 });
+            }
             tracked
         };
         if !tracked && self.saturated {
@@ -238,6 +265,37 @@ impl Aggregator {
     /// possibly older view does not resurrect those sockets.
     pub fn begin_dump(&mut self) {
         self.changed_during_dump = Some(HashSet::new());
+    }
+
+    /// From now on, established sockets without an owner are queued for `take_unnamed`.
+    pub fn queue_unnamed_sockets(&mut self) {
+        self.unnamed.get_or_insert_with(VecDeque::new);
+    }
+
+    /// Queues a socket for a look in the kernel's map (again, after a look that found
+    /// nothing, with a later `due_ns`).
+    pub fn queue_unnamed(&mut self, socket: Unnamed) {
+        let Some(queue) = &mut self.unnamed else { return };
+        if queue.len() >= MAX_UNNAMED {
+            queue.pop_front();
+        }
+        queue.push_back(socket);
+    }
+
+    /// Up to `max` queued sockets due by `now_ns` that are still tracked and still unnamed.
+    pub fn take_unnamed(&mut self, now_ns: u64, max: usize) -> Vec<Unnamed> {
+        let Some(queue) = &mut self.unnamed else { return Vec::new() };
+        let mut due = Vec::new();
+        while due.len() < max
+            && let Some(socket) = queue.front().copied()
+            && socket.due_ns <= now_ns
+        {
+            queue.pop_front();
+            if self.table.get(socket.id).is_some_and(|t| t.owner.is_none()) {
+                due.push(socket);
+            }
+        }
+        due
     }
 
     /// A dump that will not be reconciled: stop remembering changes for it.
@@ -260,7 +318,7 @@ mod tests {
 
     use tracer_common::{
         TcpState as S,
-        record::{AF_INET, FLAG_DWELL_KNOWN, IPPROTO_TCP},
+        record::{AF_INET, FLAG_DWELL_KNOWN, FLAG_OWNER_KNOWN, IPPROTO_TCP},
     };
 
     use super::*;
@@ -465,6 +523,30 @@ mod tests {
         let outcome = agg.reconcile(dump(vec![diag(S::ESTABLISHED, 1000)]), 10, 20, true);
         assert_eq!(outcome.added, 0);
         assert!(agg.table().is_empty());
+    }
+
+    /// Accepted sockets reach ESTABLISHED without an owner: they wait for a look in the
+    /// kernel's map, half a second on; sockets with an owner, or named meanwhile, do not.
+    #[test]
+    fn established_sockets_without_an_owner_are_queued_for_the_kernel_map() {
+        let mut agg = Aggregator::new(100, PortLabels::none());
+        agg.queue_unnamed_sockets();
+        agg.apply(&record(A, 10, S::LISTEN, S::SYN_RECV, 8080));
+        agg.apply(&record(A, 11, S::SYN_RECV, S::ESTABLISHED, 8080));
+        agg.apply(&record(A + 8, 12, S::LISTEN, S::SYN_RECV, 8080));
+        agg.apply(&record(A + 8, 13, S::SYN_RECV, S::ESTABLISHED, 8080));
+        let mut client = record(A + 16, 14, S::SYN_SENT, S::ESTABLISHED, 40000);
+        (client.owner_tgid, client.flags) = (77, client.flags | FLAG_OWNER_KNOWN);
+        agg.apply(&client);
+        assert!(agg.take_unnamed(11 + FIRST_LOOK_AFTER_NS - 1, 10).is_empty(), "not yet due");
+        agg.set_owner(A + 8, Owner { pid: 5, comm: [0; 16], cgroup: 0 });
+        let due = agg.take_unnamed(14 + FIRST_LOOK_AFTER_NS, 10);
+        assert_eq!(due.iter().map(|u| (u.id, u.looks)).collect::<Vec<_>>(), [(A, 0)]);
+        assert!(agg.take_unnamed(u64::MAX, 10).is_empty(), "taken once");
+
+        let mut without = Aggregator::new(100, PortLabels::none());
+        without.apply(&record(A, 11, S::SYN_RECV, S::ESTABLISHED, 8080));
+        assert!(without.take_unnamed(u64::MAX, 10).is_empty(), "queued only when asked");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -66,7 +67,7 @@ pub struct LeakWatch {
     cleared: HashMap<Series, Instant>,
     group_by: Option<GroupBy>,
     /// The kernel's per-socket map: owners recorded after a socket's last record.
-    kernel_sockets: Option<KernelSockets>,
+    kernel_sockets: Option<Arc<KernelSockets>>,
 }
 
 impl LeakWatch {
@@ -74,7 +75,7 @@ impl LeakWatch {
         threshold: Duration,
         cmdline: CmdlinePolicy,
         group_by: Option<GroupBy>,
-        kernel_sockets: Option<KernelSockets>,
+        kernel_sockets: Option<Arc<KernelSockets>>,
     ) -> Self {
         Self {
             group_by,

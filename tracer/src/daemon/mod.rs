@@ -8,6 +8,7 @@ pub mod aggregate;
 pub mod gauges;
 pub mod groups;
 pub mod http;
+mod kernel_owners;
 pub mod leak_watch;
 mod listing;
 pub mod metrics;
@@ -28,6 +29,7 @@ use tracer_common::{DecodeError, TransitionRecord, settings::KernelFilter};
 use self::{
     aggregate::{Aggregator, DumpIndex, ReconcileOutcome},
     gauges::PortLabels,
+    kernel_owners::KernelOwners,
     leak_watch::{LeakState, LeakWatch},
 };
 use crate::{
@@ -340,24 +342,27 @@ pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
     });
 
     // Only the accept hook records owners no record carries: without it, the lookups would
-    // find nothing, once a second for every leaked socket without an owner.
+    // find nothing, once a second for every socket without an owner.
     let accept_hook =
         probe.parts().iter().any(|p| p.part == crate::probe::Part::AcceptOwner && p.active());
     let kernel_sockets = if accept_hook {
         probe
             .socket_map()
             .inspect_err(|error| {
-                log::warn!(
-                    "CLOSE_WAIT sockets whose peer hung up before accept() may show no owner: \
-                     {error:#}"
-                );
+                log::warn!("accepted sockets may show no owner until they close: {error:#}");
             })
             .ok()
+            .map(Arc::new)
     } else {
         None
     };
+    let kernel_owners = kernel_sockets.clone().map(KernelOwners::new);
+    if kernel_owners.is_some() {
+        shared.aggregator().queue_unnamed_sockets();
+    }
     let leak_watch = tokio::spawn(watch_leaks(
         shared.clone(),
+        kernel_owners,
         LeakWatch::new(args.close_wait_threshold, args.cmdline, args.group_by, kernel_sockets),
     ));
 
@@ -428,12 +433,22 @@ pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
 }
 
 /// Evaluates leaks every second, off the async workers.
-async fn watch_leaks(shared: Arc<Shared>, mut watch: LeakWatch) {
+async fn watch_leaks(
+    shared: Arc<Shared>,
+    kernel_owners: Option<KernelOwners>,
+    mut watch: LeakWatch,
+) {
+    let kernel_owners = kernel_owners.map(Arc::new);
     let mut tick = tokio::time::interval(leak_watch::EVALUATION_INTERVAL);
     loop {
         tick.tick().await;
         let task_shared = shared.clone();
+        let kernel_owners = kernel_owners.clone();
         let evaluated = tokio::task::spawn_blocking(move || {
+            // Owners first: a leaked accepted socket is then named like any other.
+            if let Some(kernel_owners) = kernel_owners {
+                kernel_owners.fill(&task_shared);
+            }
             let state = watch.evaluate(&task_shared);
             (watch, state)
         })

@@ -615,3 +615,43 @@ fn kernel_map_memory_is_reported_and_follows_the_kernel_sockets_setting() {
     let ratio = large / small;
     assert!((3.5..=4.5).contains(&ratio), "4 times the slots, {ratio} times the memory");
 }
+
+/// A server's accepted connections are named while they are still ESTABLISHED: all their
+/// transitions so far ran in softirq, and only the kernel's accept hook knows the owner.
+#[test]
+#[parallel]
+fn accepted_sockets_are_named_while_established() {
+    require_root();
+    let daemon = Daemon::start(&[]);
+    let server = crate::leaks::Helper::start("leak", "acceptor", &[]);
+    let clients: Vec<TcpStream> =
+        (0..3).map(|_| TcpStream::connect((V4, server.port)).unwrap()).collect();
+    let accept_hook = daemon
+        .scrape()
+        .value("tcpstate_probe_info", &[("program", "accept_owner"), ("active", "true")]);
+    if accept_hook != 1.0 {
+        let expected = std::env::var("TCPSTATE_TEST_EXPECT_PARTS").unwrap_or_default();
+        assert!(!expected.contains("accept_owner"), "this kernel must run the accept hook");
+        eprintln!(
+            "SKIPPED: the accept hook does not run on this kernel (fexit refused); accepted \
+             sockets are named at their next transition in the owner's context instead"
+        );
+        return;
+    }
+    let named = |sockets: &serde_json::Value| -> Vec<Option<u64>> {
+        let sockets = sockets.as_array().unwrap().iter();
+        let accepted = sockets.filter(|s| s["local_port"] == server.port);
+        accepted.map(|s| s["owner_pid"].as_u64()).collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let owners = loop {
+        let owners = named(&daemon.get("/api/sockets?state=ESTABLISHED").json());
+        if owners.len() == 3 && owners.iter().all(Option::is_some) || Instant::now() > deadline {
+            break owners;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(owners, vec![Some(u64::from(server.pid())); 3]);
+    drop(clients);
+    daemon.stop();
+}
