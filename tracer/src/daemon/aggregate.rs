@@ -102,7 +102,7 @@ pub struct Unnamed {
 
 /// Sockets waiting at most; beyond, the oldest wait is given up (the socket is named at its
 /// next transition in its owner's context, as without the accept hook).
-const MAX_UNNAMED: usize = 1 << 16;
+const MAX_UNNAMED: usize = 1 << 18;
 /// How long after it is established a socket's owner is first looked up.
 const FIRST_LOOK_AFTER_NS: u64 = 500_000_000;
 
