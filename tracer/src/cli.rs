@@ -68,6 +68,8 @@ pub struct TopArgs {
     /// Read this daemon (its --listen address) instead of attaching to the kernel.
     #[arg(long, env = "TCPSTATE_DAEMON", value_name = "URL")]
     pub daemon: Option<DaemonUrl>,
+    #[command(flatten)]
+    pub daemon_tls: DaemonTlsArgs,
     /// The order of every panel's rows at start: largest first, largest change over the last
     /// minute first, or by state (`s` cycles through them).
     #[arg(long, value_enum, default_value_t = crate::top::screen::SortKey::Count)]
@@ -105,6 +107,8 @@ pub struct LeaksArgs {
         value_name = "URL"
     )]
     pub daemon: DaemonUrl,
+    #[command(flatten)]
+    pub daemon_tls: DaemonTlsArgs,
 
     /// Print the report as JSON (the daemon's /api/leaks format).
     #[arg(long)]
@@ -121,40 +125,105 @@ pub struct LeaksArgs {
     pub cmdline: CmdlinePolicy,
 }
 
-/// A daemon's HTTP address: `http://HOST:PORT`, or just `HOST:PORT`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A daemon's address: `http://HOST:PORT`, `https://HOST:PORT`, or just `HOST:PORT`; with
+/// `USER@` (or `USER:PASSWORD@`) before the host when the daemon wants basic auth.
+#[derive(Clone, PartialEq, Eq)]
 pub struct DaemonUrl {
     pub host: String,
     pub port: u16,
+    pub https: bool,
+    pub user: Option<String>,
+    /// From the URL; `TCPSTATE_DAEMON_PASSWORD` otherwise (kept out of `ps`).
+    pub password: Option<String>,
+}
+
+impl DaemonUrl {
+    /// Plain HTTP to a port on this host's loopback.
+    pub fn loopback(port: u16) -> Self {
+        Self { host: "127.0.0.1".to_owned(), port, https: false, user: None, password: None }
+    }
 }
 
 impl FromStr for DaemonUrl {
     type Err = String;
 
     fn from_str(value: &str) -> Result<Self, String> {
-        if value.starts_with("https://") {
-            return Err("https is not supported: the daemon serves plain HTTP".to_owned());
-        }
-        let rest = value.strip_prefix("http://").unwrap_or(value).trim_end_matches('/');
-        let (host, port) = rest
-            .rsplit_once(':')
-            .ok_or_else(|| "expected http://HOST:PORT, e.g. http://127.0.0.1:9977".to_owned())?;
+        const EXPECTED: &str =
+            "expected http://HOST:PORT or https://HOST:PORT, e.g. http://127.0.0.1:9977";
+        let (https, rest) = match value.split_once("://") {
+            Some(("http", rest)) => (false, rest),
+            Some(("https", rest)) => (true, rest),
+            Some((scheme, _)) => return Err(format!("`{scheme}://` is not http:// or https://")),
+            None => (false, value),
+        };
+        let rest = rest.trim_end_matches('/');
+        // A password may hold an `@`; a host never does.
+        let (credentials, address) = match rest.rsplit_once('@') {
+            Some((credentials, address)) => (Some(credentials), address),
+            None => (None, rest),
+        };
+        let (user, password) = match credentials.map(|c| c.split_once(':').unwrap_or((c, ""))) {
+            Some(("", _)) => return Err("an empty user name before `@`".to_owned()),
+            Some((user, "")) => (Some(user.to_owned()), None),
+            Some((user, password)) => (Some(user.to_owned()), Some(password.to_owned())),
+            None => (None, None),
+        };
+        let (host, port) = address.rsplit_once(':').ok_or_else(|| EXPECTED.to_owned())?;
         let port = port.parse().map_err(|_| format!("`{port}` is not a port number"))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() || host.contains('/') {
-            return Err("expected http://HOST:PORT, e.g. http://127.0.0.1:9977".to_owned());
+            return Err(EXPECTED.to_owned());
         }
-        Ok(Self { host: host.to_owned(), port })
+        Ok(Self { host: host.to_owned(), port, https, user, password })
     }
 }
 
+/// Never shows the password.
 impl fmt::Display for DaemonUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.https { "https" } else { "http" };
+        let user = self.user.as_ref().map_or_else(String::new, |user| format!("{user}@"));
         if self.host.contains(':') {
-            write!(f, "http://[{}]:{}", self.host, self.port)
+            write!(f, "{scheme}://{user}[{}]:{}", self.host, self.port)
         } else {
-            write!(f, "http://{}:{}", self.host, self.port)
+            write!(f, "{scheme}://{user}{}:{}", self.host, self.port)
         }
+    }
+}
+
+impl fmt::Debug for DaemonUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DaemonUrl({self})")
+    }
+}
+
+/// How to reach a daemon served over TLS (its `--web-config` has `tls_server_config`).
+#[derive(Clone, Debug, Default, Args)]
+pub struct DaemonTlsArgs {
+    /// For an https:// daemon: the CA certificate (PEM) that signed the daemon's certificate.
+    #[arg(long, env = "TCPSTATE_DAEMON_CA", value_name = "FILE")]
+    pub daemon_ca: Option<PathBuf>,
+    /// For an https:// daemon that verifies clients (`client_ca_file`): this client's
+    /// certificate (PEM), with --daemon-key.
+    #[arg(long, env = "TCPSTATE_DAEMON_CERT", value_name = "FILE", requires = "daemon_key")]
+    pub daemon_cert: Option<PathBuf>,
+    /// The private key (PEM) of --daemon-cert.
+    #[arg(long, env = "TCPSTATE_DAEMON_KEY", value_name = "FILE", requires = "daemon_cert")]
+    pub daemon_key: Option<PathBuf>,
+}
+
+/// Whether the TLS options fit the URL: https needs a CA, plain HTTP takes none.
+fn check_daemon_tls(url: &DaemonUrl, tls: &DaemonTlsArgs) -> Result<(), String> {
+    match (url.https, &tls.daemon_ca) {
+        (true, None) => Err(format!(
+            "{url} needs --daemon-ca FILE: the CA certificate that signed the daemon's \
+             certificate (the client_ca_file or issuer of its tls_server_config)"
+        )),
+        (false, _) if tls.daemon_ca.is_some() || tls.daemon_cert.is_some() => Err(format!(
+            "--daemon-ca, --daemon-cert and --daemon-key are for an https:// daemon; {url} is \
+             plain HTTP"
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -478,7 +547,17 @@ pub fn validate(cli: &Cli) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::Leaks(_) | Command::Check(_) | Command::Explain(_) | Command::Top(_) => Ok(()),
+        Command::Leaks(args) => check_daemon_tls(&args.daemon, &args.daemon_tls),
+        Command::Top(args) => match &args.daemon {
+            Some(url) => check_daemon_tls(url, &args.daemon_tls),
+            None if args.daemon_tls.daemon_ca.is_some()
+                || args.daemon_tls.daemon_cert.is_some() =>
+            {
+                Err("--daemon-ca, --daemon-cert and --daemon-key go with --daemon".to_owned())
+            }
+            None => Ok(()),
+        },
+        Command::Check(_) | Command::Explain(_) => Ok(()),
         Command::Watch(args) => {
             let max = tracer_common::settings::MAX_FILTER_PORTS;
             for (flag, ports) in
@@ -531,12 +610,24 @@ mod tests {
     #[test]
     fn daemon_urls_parse() {
         let url: DaemonUrl = "http://127.0.0.1:9977".parse().unwrap();
-        assert_eq!(url, DaemonUrl { host: "127.0.0.1".into(), port: 9977 });
+        assert_eq!(url, DaemonUrl::loopback(9977));
         assert_eq!("localhost:80/".parse::<DaemonUrl>().unwrap().port, 80);
         let v6: DaemonUrl = "http://[::1]:9977".parse().unwrap();
         assert_eq!(v6.host, "::1");
         assert_eq!(v6.to_string(), "http://[::1]:9977");
-        assert!("https://x:1".parse::<DaemonUrl>().is_err());
+        let secure: DaemonUrl = "https://prom:p@ss:w@rd@example.org:9977/".parse().unwrap();
+        assert!(secure.https);
+        assert_eq!(
+            (secure.user.as_deref(), secure.password.as_deref()),
+            (Some("prom"), Some("p@ss:w@rd"))
+        );
+        assert_eq!(secure.host, "example.org");
+        assert_eq!(secure.to_string(), "https://prom@example.org:9977", "no password shown");
+        assert!(!format!("{secure:?}").contains("p@ss"));
+        let user_only: DaemonUrl = "https://prom@[::1]:1".parse().unwrap();
+        assert_eq!((user_only.user.as_deref(), user_only.password), (Some("prom"), None));
+        assert!("ftp://x:1".parse::<DaemonUrl>().is_err());
+        assert!("http://@x:1".parse::<DaemonUrl>().is_err());
         assert!("http://x".parse::<DaemonUrl>().is_err());
         assert!("http://x:99999".parse::<DaemonUrl>().is_err());
     }

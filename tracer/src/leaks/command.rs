@@ -9,15 +9,16 @@ use tracer_common::TcpState;
 
 use super::{Candidate, LeakReport, OwnerResolver, Source, human_age, plural};
 use crate::{
-    cli::{DaemonUrl, LeaksArgs},
-    client::{self, FetchError},
+    cli::LeaksArgs,
+    client::{self, Endpoint, FetchError},
     cmdline::CmdlinePolicy,
     netns, sockdiag,
     socket::SocketKey,
 };
 
-async fn fetch(url: &DaemonUrl) -> Result<LeakReport, FetchError> {
-    let body = client::get(url, "/api/leaks").await?;
+async fn fetch(endpoint: &Endpoint) -> Result<LeakReport, FetchError> {
+    let body = client::get(endpoint, "/api/leaks").await?;
+    let url = endpoint.url();
     serde_json::from_slice::<LeakReport>(&body)
         .with_context(|| format!("{url}/api/leaks did not answer with a leak report"))
         .map_err(FetchError::Failed)
@@ -130,7 +131,14 @@ pub fn render(report: &LeakReport) -> String {
 pub async fn run(args: LeaksArgs) -> ExitCode {
     const LEAKS: u8 = 1;
     const FAILED: u8 = 3;
-    let report = match fetch(&args.daemon).await {
+    let endpoint = match Endpoint::new(args.daemon.clone(), &args.daemon_tls) {
+        Ok(endpoint) => endpoint,
+        Err(error) => {
+            eprintln!("tcpstate: error: {error:#}");
+            return ExitCode::from(FAILED);
+        }
+    };
+    let report = match fetch(&endpoint).await {
         Ok(report) => report,
         Err(FetchError::Failed(error)) => {
             eprintln!("tcpstate: error: {error:#}");

@@ -33,7 +33,7 @@ use self::{
 };
 use crate::{
     cli::{DaemonUrl, RunArgs, TopArgs},
-    client::{Connection, FetchError},
+    client::{Connection, Endpoint, FetchError},
 };
 
 const REFRESH: Duration = Duration::from_secs(1);
@@ -78,14 +78,14 @@ pub async fn run(args: TopArgs) -> ExitCode {
 }
 
 async fn show(args: TopArgs) -> anyhow::Result<()> {
-    let (url, source, local) = match &args.daemon {
-        Some(url) => (url.clone(), url.to_string(), None),
+    let (endpoint, source, local) = match &args.daemon {
+        Some(url) => (Endpoint::new(url.clone(), &args.daemon_tls)?, url.to_string(), None),
         None => {
             let (url, daemon) = start_local_daemon(&args)?;
-            (url, "kernel".to_owned(), Some(daemon))
+            (Endpoint::plain(url), "kernel".to_owned(), Some(daemon))
         }
     };
-    let mut connection = Connection::new(url);
+    let mut connection = Connection::new(endpoint);
     let first = match sample::fetch(&mut connection).await {
         Ok(sample) => sample,
         Err(FetchError::Unreachable(reason)) => anyhow::bail!(
@@ -121,7 +121,7 @@ fn start_local_daemon(
     let attached = crate::daemon::attach(&run_args)?;
     let port = attached.local_addr()?.port();
     let daemon = tokio::spawn(crate::daemon::run(run_args, attached));
-    Ok((DaemonUrl { host: "127.0.0.1".to_owned(), port }, daemon))
+    Ok((DaemonUrl::loopback(port), daemon))
 }
 
 /// Takes a sample each refresh and keeps the last minute of them.

@@ -338,3 +338,86 @@ fn tls_and_basic_auth_from_a_web_config_file() {
     assert_eq!(get("/healthz", Some(&certs.client), Some("s3cret")), Ok(200));
     drop(daemon);
 }
+
+/// `tcpstate leaks` and `tcpstate top` read a daemon served over TLS that verifies clients
+/// and wants basic auth: with the CA, a client certificate and the password (from the
+/// environment or the URL) they get the report; a wrong password, a missing CA and options
+/// that do not fit the URL are refused with a message that says what to give.
+#[test]
+#[serial]
+fn the_client_commands_reach_a_daemon_over_tls_with_basic_auth() {
+    require_root();
+    let certs = Certificates::issue("client");
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let config = certs.dir.join("web.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\n  \
+             client_ca_file: ca.pem\n  client_auth_type: RequireAndVerifyClientCert\n\
+             basic_auth_users:\n  prom: '{hash}'\n"
+        ),
+    )
+    .unwrap();
+    let mut daemon = crate::common::Tcpstate::start(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--web-config",
+        config.to_str().unwrap(),
+    ]);
+    let line = daemon.wait_for_stderr("serving https://", Duration::from_secs(30));
+    let port = line
+        .split("serving https://127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|port| port.parse::<u16>().ok())
+        .unwrap_or_else(|| panic!("no port in `{line}`"));
+    let file = |name: &str| certs.dir.join(name).to_str().unwrap().to_owned();
+    let (ca, cert, key) = (file("ca.pem"), file("client.pem"), file("client.key"));
+    let tls = ["--daemon-ca", &ca, "--daemon-cert", &cert, "--daemon-key", &key];
+    let run = |args: &[&str], password: Option<&str>| {
+        let mut command = std::process::Command::new(crate::common::tcpstate_bin());
+        command.args(args).env_remove("TCPSTATE_DAEMON_PASSWORD");
+        if let Some(password) = password {
+            command.env("TCPSTATE_DAEMON_PASSWORD", password);
+        }
+        let output = command.output().expect("running tcpstate");
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        (output.status.code(), text(&output.stdout), text(&output.stderr))
+    };
+    let url = format!("https://prom@127.0.0.1:{port}");
+    let leaks = |url: &str, password| {
+        run(&[&["leaks", "--json", "--daemon", url][..], &tls[..]].concat(), password)
+    };
+
+    let (code, stdout, stderr) = leaks(&url, Some("s3cret"));
+    assert!(matches!(code, Some(0 | 1)), "{code:?} {stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect(&stderr);
+    assert_eq!(report["source"], "daemon", "{report}");
+    let in_url = format!("https://prom:s3cret@127.0.0.1:{port}");
+    assert!(matches!(leaks(&in_url, None).0, Some(0 | 1)), "the password in the URL");
+
+    let (code, _, stderr) = leaks(&url, Some("wrong"));
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(stderr.contains("401") && stderr.contains("refused"), "{stderr}");
+    assert!(!stderr.contains("wrong"), "the password is not echoed: {stderr}");
+    let anonymous = format!("https://127.0.0.1:{port}");
+    let (code, _, stderr) = leaks(&anonymous, None);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(stderr.contains("TCPSTATE_DAEMON_PASSWORD"), "says how to give one: {stderr}");
+
+    let (code, _, stderr) = run(&["leaks", "--daemon", &url], Some("s3cret"));
+    assert_eq!(code, Some(2), "https without a CA is a usage error: {stderr}");
+    assert!(stderr.contains("--daemon-ca"), "{stderr}");
+    let plain = format!("http://127.0.0.1:{port}");
+    let (code, _, stderr) = run(&["leaks", "--daemon", &plain, "--daemon-ca", &ca], None);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("https://"), "{stderr}");
+
+    let top = [&["top", "--count", "1", "--daemon", &url][..], &tls[..]].concat();
+    let (code, stdout, stderr) = run(&top, Some("s3cret"));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("ESTABLISHED"), "a screen of the daemon's numbers: {stdout}");
+    drop(daemon);
+}
