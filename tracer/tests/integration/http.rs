@@ -276,14 +276,9 @@ fn https_get(
     status.parse().map_err(|_| format!("no status in {text:?}"))
 }
 
-/// `--web-config` in the exporter-toolkit format: TLS with verified client certificates and
-/// basic auth, scraped by a real Prometheus; a wrong password is 401, a client certificate
-/// from another CA and plain HTTP are refused, and the daemon keeps serving.
-#[test]
-#[serial]
-fn tls_and_basic_auth_from_a_web_config_file() {
-    require_root();
-    let certs = Certificates::issue("web");
+/// A daemon whose web config asks for TLS with client certificates from `certs`' CA and
+/// basic auth (user `prom`, password `s3cret`), and where it answers.
+fn start_tls_daemon(certs: &Certificates) -> (crate::common::Tcpstate, SocketAddr) {
     let hash = bcrypt::hash("s3cret", 4).unwrap();
     let config = certs.dir.join("web.yml");
     std::fs::write(
@@ -309,6 +304,18 @@ fn tls_and_basic_auth_from_a_web_config_file() {
         .and_then(|rest| rest.split('/').next())
         .and_then(|addr| addr.parse().ok())
         .unwrap_or_else(|| panic!("no address in `{line}`"));
+    (daemon, addr)
+}
+
+/// `--web-config` in the exporter-toolkit format: TLS with verified client certificates and
+/// basic auth, scraped by a real Prometheus; a wrong password is 401, a client certificate
+/// from another CA and plain HTTP are refused, and the daemon keeps serving.
+#[test]
+#[serial]
+fn tls_and_basic_auth_from_a_web_config_file() {
+    require_root();
+    let certs = Certificates::issue("web");
+    let (daemon, addr) = start_tls_daemon(&certs);
 
     let get = |path: &str, client, password| https_get(addr, path, &certs.ca, client, password);
     assert_eq!(get("/healthz", Some(&certs.client), Some("s3cret")), Ok(200));
@@ -348,31 +355,8 @@ fn tls_and_basic_auth_from_a_web_config_file() {
 fn the_client_commands_reach_a_daemon_over_tls_with_basic_auth() {
     require_root();
     let certs = Certificates::issue("client");
-    let hash = bcrypt::hash("s3cret", 4).unwrap();
-    let config = certs.dir.join("web.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\n  \
-             client_ca_file: ca.pem\n  client_auth_type: RequireAndVerifyClientCert\n\
-             basic_auth_users:\n  prom: '{hash}'\n"
-        ),
-    )
-    .unwrap();
-    let mut daemon = crate::common::Tcpstate::start(&[
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--web-config",
-        config.to_str().unwrap(),
-    ]);
-    let line = daemon.wait_for_stderr("serving https://", Duration::from_secs(30));
-    let port = line
-        .split("serving https://127.0.0.1:")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|port| port.parse::<u16>().ok())
-        .unwrap_or_else(|| panic!("no port in `{line}`"));
+    let (daemon, addr) = start_tls_daemon(&certs);
+    let port = addr.port();
     let file = |name: &str| certs.dir.join(name).to_str().unwrap().to_owned();
     let (ca, cert, key) = (file("ca.pem"), file("client.pem"), file("client.key"));
     let tls = ["--daemon-ca", &ca, "--daemon-cert", &cert, "--daemon-key", &key];
