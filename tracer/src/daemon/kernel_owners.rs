@@ -26,6 +26,7 @@ const MAX_LOOKUPS: usize = 100_000;
 const MAX_LOOKS: u8 = 4;
 const RETRY_AFTER_NS: u64 = 1_000_000_000;
 
+#[derive(Clone)]
 pub struct KernelOwners {
     map: Arc<KernelSockets>,
 }

@@ -438,7 +438,6 @@ async fn watch_leaks(
     kernel_owners: Option<KernelOwners>,
     mut watch: LeakWatch,
 ) {
-    let kernel_owners = kernel_owners.map(Arc::new);
     let mut tick = tokio::time::interval(leak_watch::EVALUATION_INTERVAL);
     loop {
         tick.tick().await;
