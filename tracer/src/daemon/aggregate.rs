@@ -1,7 +1,9 @@
 //! Aggregation of transition records: counts per (old, new), completed stays per state, and
 //! the live socket table; seeding and reconciliation from `sock_diag` dumps.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashSet, HashSetExt as _};
 
 use tracer_common::{TcpState, TransitionRecord};
 

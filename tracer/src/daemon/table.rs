@@ -6,7 +6,7 @@
 //! synthetic id and are indexed by namespace and 4-tuple until their first transition names
 //! them.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt as _};
 
 use tracer_common::TcpState;
 
