@@ -289,9 +289,10 @@ pub struct ProbeArgs {
     pub mptcp: bool,
 
     /// Size of the kernel-to-userspace ring buffer: a power of two from 4K to 1G
-    /// (suffixes K, M, G are binary). Larger absorbs longer bursts.
-    #[arg(long, env = "TCPSTATE_RING_BYTES", default_value = "4M", value_parser = parse_ring_bytes, value_name = "BYTES")]
-    pub ring_bytes: u32,
+    /// (suffixes K, M, G are binary). Larger absorbs longer bursts. Default: 4M for `run`,
+    /// 16M for `watch`, whose output (a terminal, a pipe) can stall its reading.
+    #[arg(long, env = "TCPSTATE_RING_BYTES", value_parser = parse_ring_bytes, value_name = "BYTES")]
+    pub ring_bytes: Option<u32>,
 
     /// Sockets the kernel program tracks at once (an LRU map; about 100 bytes each).
     #[arg(long, env = "TCPSTATE_KERNEL_SOCKETS", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1024..=16_777_216), value_name = "N")]
@@ -303,10 +304,11 @@ pub struct ProbeArgs {
 }
 
 impl ProbeArgs {
-    /// The probe these flags describe, with `filter` deciding which records are sent.
-    pub fn probe_options(&self, filter: KernelFilter) -> ProbeOptions {
+    /// The probe these flags describe, with `filter` deciding which records are sent and
+    /// the command's own ring size unless `--ring-bytes` sets one.
+    pub fn probe_options(&self, filter: KernelFilter, default_ring_bytes: u32) -> ProbeOptions {
         ProbeOptions {
-            ring_bytes: self.ring_bytes,
+            ring_bytes: self.ring_bytes.unwrap_or(default_ring_bytes),
             socket_map_entries: self.kernel_sockets,
             trace_mptcp: self.mptcp,
             filter,

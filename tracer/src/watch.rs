@@ -28,6 +28,11 @@ use crate::{
 
 /// How long a record may wait in the ring before the reader looks without a wakeup.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// Ring size unless `--ring-bytes` says otherwise: four times the daemon's, because writing
+/// to a terminal or a pipe can block this reader while the kernel keeps sending. Under a
+/// 10 s storm of ~390,000 transitions per second, 4M lost records in one run of three, 16M
+/// none: it holds about 300 ms of such a storm.
+const RING_BYTES: u32 = 16 << 20;
 /// How often lost records are reported while running.
 const LOSS_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -107,7 +112,7 @@ impl WatchArgs {
 }
 
 pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
-    let mut probe = Probe::attach(&args.probe.probe_options(args.kernel_filter()))?;
+    let mut probe = Probe::attach(&args.probe.probe_options(args.kernel_filter(), RING_BYTES))?;
     let ring = probe.take_ring().context("ring buffer already taken")?;
     let mut reader = RecordReader::new(ring, POLL_INTERVAL).context("watching the ring buffer")?;
     let mut session = Session {

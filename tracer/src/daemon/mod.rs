@@ -43,6 +43,8 @@ use crate::{
 
 /// How long a record may wait in the ring when the kernel sends no wakeup.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Ring size unless `--ring-bytes` says otherwise.
+const RING_BYTES: u32 = 4 << 20;
 /// How often the kernel's counters are read and health is judged.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// The reader is "stalled" when it has not run for this long.
@@ -272,7 +274,7 @@ pub fn attach(args: &RunArgs) -> anyhow::Result<Attached> {
             args.listen
         );
     }
-    let probe = Probe::attach(&args.probe.probe_options(KernelFilter::ALL))?;
+    let probe = Probe::attach(&args.probe.probe_options(KernelFilter::ALL, RING_BYTES))?;
     Ok(Attached { listener, probe })
 }
 

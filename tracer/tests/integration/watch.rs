@@ -160,6 +160,25 @@ fn duration_stops_the_stream() {
     assert!(started.elapsed() < Duration::from_secs(15));
 }
 
+/// Its output can stall it, so watch reads through a ring four times the daemon's (4M);
+/// `--ring-bytes` still decides when given.
+#[test]
+#[parallel]
+fn watch_has_a_larger_ring_unless_told_otherwise() {
+    require_root();
+    for (extra, expected) in [(None, "ring buffer 16384 KiB"), (Some("1M"), "ring buffer 1024 KiB")]
+    {
+        let mut args = vec!["watch", "--port", "9", "--duration", "1"];
+        if let Some(bytes) = extra {
+            args.extend(["--ring-bytes", bytes]);
+        }
+        let finished = Tcpstate::start(&args).finish();
+        let stderr = finished.stderr.join("\n");
+        assert!(finished.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: expected {expected:?} in {stderr}");
+    }
+}
+
 #[test]
 #[parallel]
 fn a_moved_tracepoint_field_is_refused_by_name() {
