@@ -89,6 +89,8 @@ pub struct Aggregator {
     /// a look in the kernel's map; kept only where the accept hook fills that map (see
     /// `kernel_owners`).
     unnamed: Option<VecDeque<Unnamed>>,
+    /// Waits given up because `MAX_UNNAMED` sockets were already waiting.
+    unnamed_dropped: u64,
 }
 
 /// A socket waiting for its owner to be looked up in the kernel's map.
@@ -127,6 +129,7 @@ impl Aggregator {
             untracked: 0,
             port_usage: (Vec::new(), 0.0),
             unnamed: None,
+            unnamed_dropped: 0,
         }
     }
 
@@ -156,6 +159,11 @@ impl Aggregator {
 
     pub fn corrections(&self) -> u64 {
         self.corrections
+    }
+
+    /// Owner lookups given up because too many sockets were waiting for one.
+    pub fn unnamed_dropped(&self) -> u64 {
+        self.unnamed_dropped
     }
 
     /// The most used destinations' shares of the ephemeral port range, and the highest.
@@ -280,6 +288,7 @@ impl Aggregator {
         let Some(queue) = &mut self.unnamed else { return };
         if queue.len() >= MAX_UNNAMED {
             queue.pop_front();
+            self.unnamed_dropped += 1;
         }
         queue.push_back(socket);
     }
@@ -549,6 +558,18 @@ mod tests {
         let mut without = Aggregator::new(100, PortLabels::none());
         without.apply(&record(A, 11, S::SYN_RECV, S::ESTABLISHED, 8080));
         assert!(without.take_unnamed(u64::MAX, 10).is_empty(), "queued only when asked");
+    }
+
+    /// A full queue gives up its oldest wait, and counts it: those sockets stay unnamed.
+    #[test]
+    fn a_full_unnamed_queue_drops_the_oldest_and_counts_it() {
+        let mut agg = Aggregator::new(100, PortLabels::none());
+        agg.queue_unnamed_sockets();
+        for id in 0..MAX_UNNAMED as u64 + 3 {
+            agg.queue_unnamed(Unnamed { id, due_ns: id, looks: 0 });
+        }
+        assert_eq!(agg.unnamed_dropped(), 3);
+        assert_eq!(agg.unnamed.as_ref().map(|q| q.front().map(|u| u.id)), Some(Some(3)));
     }
 
     #[test]

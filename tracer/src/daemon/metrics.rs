@@ -310,6 +310,13 @@ impl Collector for TcpstateCollector {
             "Table entries a sock_diag reconciliation added, removed or repaired",
             agg.corrections(),
         )?;
+        counter(
+            &mut encoder,
+            "tcpstate_owner_lookups_dropped",
+            "Accepted sockets whose owner was not looked up in the kernel's map because 262,144 \
+             were already waiting (they show no owner until their owner closes them)",
+            agg.unnamed_dropped(),
+        )?;
         gauge(
             &mut encoder,
             "tcpstate_network_namespaces",

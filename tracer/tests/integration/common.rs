@@ -409,7 +409,7 @@ impl Metrics {
         Self { text: text.to_owned(), scrape }
     }
 
-    fn matching<'a>(
+    pub fn matching<'a>(
         &'a self,
         name: &'a str,
         labels: &'a [(&'a str, &'a str)],

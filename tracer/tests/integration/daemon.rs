@@ -652,6 +652,10 @@ fn accepted_sockets_are_named_while_established() {
         thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(owners, vec![Some(u64::from(server.pid())); 3]);
+    let metrics = daemon.scrape();
+    let dropped = "tcpstate_owner_lookups_dropped_total";
+    assert_eq!(metrics.matching(dropped, &[]).count(), 1, "{dropped} is exported");
+    assert_eq!(metrics.value(dropped, &[]), 0.0, "three sockets never fill the queue");
     drop(clients);
     daemon.stop();
 }
