@@ -77,10 +77,9 @@ fn idle_and_trickling_clients_do_not_starve_the_health_check() {
         healthz.as_secs_f64() * 1e3,
         metrics.as_secs_f64() * 1e3
     );
-    // The targets are 100 ms and 1 s (measured here: a few ms); the bounds leave room for a
-    // loaded machine while still failing the minute-long starvation this guards against.
-    assert!(healthz < Duration::from_millis(500), "/healthz p99 {healthz:?}");
-    assert!(metrics < Duration::from_secs(2), "/metrics p99 {metrics:?}");
+    // The hardening targets (measured here: a few ms; starved, it was a minute).
+    assert!(healthz < Duration::from_millis(100), "/healthz p99 {healthz:?}, target 100 ms");
+    assert!(metrics < Duration::from_secs(1), "/metrics p99 {metrics:?}, target 1 s");
 
     running.store(false, Ordering::Relaxed);
     for attacker in attackers {
@@ -150,12 +149,15 @@ fn parallel_listings_take_turns_and_memory_stays_bounded() {
         (total >= expected).then_some(()).ok_or(format!("{total} tracked"))
     });
     let pid = daemon.process.pid();
+    let listing = move || http_get(addr, "/api/sockets?state=ESTABLISHED");
+    // Idle is measured after a first round: it starts the blocking threads, whose stacks and
+    // malloc arenas stay (a fixed cost of a few MiB, not growth with the number of clients).
+    let warm_up: Vec<_> = (0..8).map(|_| thread::spawn(listing)).collect();
+    let one = warm_up.into_iter().map(|c| c.join().unwrap().body.len()).max().unwrap();
+    thread::sleep(Duration::from_secs(1));
     let (_, idle_rss) = memory(pid);
-    let one = http_get(addr, "/api/sockets?state=ESTABLISHED").body.len();
 
-    let clients: Vec<_> = (0..64)
-        .map(|_| thread::spawn(move || http_get(addr, "/api/sockets?state=ESTABLISHED")))
-        .collect();
+    let clients: Vec<_> = (0..64).map(|_| thread::spawn(listing)).collect();
     let responses: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
     let served = responses.iter().filter(|r| r.status == 200).count();
     let told_to_retry = responses.iter().filter(|r| r.status == 503).count();
@@ -174,6 +176,13 @@ fn parallel_listings_take_turns_and_memory_stays_bounded() {
     );
     // Unbounded, 64 answers at once would need 64 times one answer.
     assert!(growth < 16 * one as u64 + (16 << 20), "peak grew by {growth} bytes");
+    // And the memory goes back: within 10 % of idle within a minute (the hardening target).
+    crate::common::eventually(Duration::from_secs(60), || {
+        let (_, now) = memory(pid);
+        (now <= idle_rss + idle_rss / 10)
+            .then_some(())
+            .ok_or(format!("RSS {now} bytes after the listings, {idle_rss} idle"))
+    });
 
     // Paging walks the same list: offset and limit, with the total in a header.
     let first = http_get(addr, "/api/sockets?state=ESTABLISHED&limit=10");
