@@ -133,7 +133,14 @@ mod tests {
 
     #[test]
     fn kubernetes_pods_are_named_from_the_kubelet_log_directories() {
-        let logs = logs_with(&[&format!("shop_checkout-7d9f_{UID}"), "other_pod_x"]);
+        // Entries that do not follow the convention are skipped, whatever their order.
+        let logs = logs_with(&[
+            &format!("nonamespace_{UID}"),
+            &format!("_{UID}"),
+            &format!("shop_checkout-7d9f_{UID}"),
+            "other_pod_x",
+            "README",
+        ]);
         let links = logs.parent().unwrap().join("containers");
         std::fs::create_dir_all(&links).unwrap();
         std::fs::write(links.join(format!("checkout-7d9f_shop_api-{ID}.log")), "").unwrap();
