@@ -57,6 +57,9 @@ enum Task {
     /// The benchmark's load generator (run inside its network namespace).
     #[command(hide = true, subcommand)]
     Loadgen(bench::load::LoadCommand),
+    /// The benchmark's floor: an empty program held on the tracepoint until interrupted.
+    #[command(hide = true)]
+    Floor,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -119,6 +122,7 @@ fn main() -> anyhow::Result<()> {
             bench::run(&root, &args)
         }
         Task::Loadgen(command) => bench::load::run(command),
+        Task::Floor => bench::floor::hold(),
     }
 }
 

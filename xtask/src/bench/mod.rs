@@ -2,6 +2,7 @@
 //! bare and under each tracer in alternation, several rounds; then a scale run holding many
 //! connections open. Prints the table and records it at the top of BENCHMARKS.md.
 
+pub mod floor;
 pub mod load;
 mod measure;
 mod report;
@@ -44,17 +45,20 @@ pub struct BenchArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Config {
     Bare,
+    /// An empty program on the tracepoint: the kernel's own cost, below any tracer.
+    Floor,
     Daemon,
     Watch,
     Tcpstates,
 }
 
 impl Config {
-    const ALL: [Self; 4] = [Self::Bare, Self::Daemon, Self::Watch, Self::Tcpstates];
+    const ALL: [Self; 5] = [Self::Bare, Self::Floor, Self::Daemon, Self::Watch, Self::Tcpstates];
 
     fn label(self) -> &'static str {
         match self {
             Self::Bare => "nothing attached (bare)",
+            Self::Floor => "an empty program (the kernel's own cost)",
             Self::Daemon => "`tcpstate run` (scraped 1/s)",
             Self::Watch => "`tcpstate watch --json`",
             Self::Tcpstates => "libbpf-tools `tcpstates`",

@@ -39,6 +39,36 @@ fn machine() -> String {
     format!("{cpus} × {cpu}, {memory}, Linux {}", kernel.trim())
 }
 
+/// Median in-kernel time per run of one program, over the runs where it ran.
+fn per_call(runs: &[&Outcome], stats: &dyn Fn(&Outcome) -> ProgStats) -> Option<f64> {
+    let mut ns: Vec<f64> = runs
+        .iter()
+        .map(|o| stats(o))
+        .filter(|s| s.run_cnt > 0)
+        .map(|s| s.run_time_ns as f64 / s.run_cnt as f64)
+        .collect();
+    (!ns.is_empty()).then(|| median(&mut ns))
+}
+
+/// Median in-kernel time of all the tracer's programs per tracepoint firing.
+fn per_transition(runs: &[&Outcome]) -> String {
+    let mut ns: Vec<f64> = runs
+        .iter()
+        .filter(|o| o.firings > 0)
+        .map(|o| (o.prog.run_time_ns + o.standby.run_time_ns) as f64 / o.firings as f64)
+        .collect();
+    if ns.is_empty() { "–".to_owned() } else { format!("{:.0}", median(&mut ns)) }
+}
+
+/// What each configuration costs the storm per tracepoint firing, all CPUs together: the
+/// storm keeps every CPU busy, so a connection takes CPUs / rate seconds of CPU, and the
+/// difference to bare, spread over the connection's transitions, is what the tracer (kernel
+/// and userspace) added to each.
+fn cost_per_firing(rate: f64, bare: f64, per_connection: f64) -> f64 {
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    (cpus / rate - cpus / bare) / per_connection * 1e9
+}
+
 pub(super) fn render(
     args: &BenchArgs,
     per_connection: f64,
@@ -98,40 +128,34 @@ pub(super) fn render(
             );
             continue;
         }
+        let firings: u64 = runs.iter().map(|o| o.firings).sum();
+        if config == Config::Floor {
+            let _ = writeln!(
+                out,
+                "| {} | {rate:.0} ({min:.0}–{max:.0}) | {:.2} | – | {firings} | – | – | – | {} | {} | – |",
+                config.label(),
+                rate / bare_median,
+                per_call(&runs, &|o| o.prog)
+                    .map_or_else(|| "–".to_owned(), |ns| format!("{ns:.0}")),
+                per_transition(&runs),
+            );
+            continue;
+        }
         let mut cpu: Vec<f64> =
             runs.iter().map(|o| o.tracer_cpu / (o.delivered.max(1) as f64 / 1e6)).collect();
-        let firings: u64 = runs.iter().map(|o| o.firings).sum();
         let delivered: u64 = runs.iter().map(|o| o.delivered).sum();
         let lost = firings.saturating_sub(delivered);
         let buffer: u64 = runs.iter().map(|o| o.lost_buffer).sum();
         let map = runs.iter().map(|o| o.lost_map).sum::<Option<u64>>();
         let recursion: u64 = runs.iter().map(|o| o.lost_recursion).sum();
-        let per_call = |stats: &dyn Fn(&Outcome) -> ProgStats| {
-            let mut ns: Vec<f64> = runs
-                .iter()
-                .map(|o| stats(o))
-                .filter(|s| s.run_cnt > 0)
-                .map(|s| s.run_time_ns as f64 / s.run_cnt as f64)
-                .collect();
-            (!ns.is_empty()).then(|| median(&mut ns))
-        };
-        let main_ns = per_call(&|o| o.prog);
-        let standby_ns = per_call(&|o| o.standby);
+        let main_ns = per_call(&runs, &|o| o.prog);
+        let standby_ns = per_call(&runs, &|o| o.standby);
         let calls = match (main_ns, standby_ns) {
             (Some(m), Some(s)) => format!("{m:.0} ({s:.0})"),
             (Some(m), None) => format!("{m:.0}"),
             _ => "–".to_owned(),
         };
-        let mut per_transition: Vec<f64> = runs
-            .iter()
-            .filter(|o| o.firings > 0)
-            .map(|o| (o.prog.run_time_ns + o.standby.run_time_ns) as f64 / o.firings as f64)
-            .collect();
-        let per_transition = if per_transition.is_empty() {
-            "–".to_owned()
-        } else {
-            format!("{:.0}", median(&mut per_transition))
-        };
+        let per_transition = per_transition(&runs);
         let rss = runs.iter().map(|o| o.peak_rss).max().unwrap_or(0);
         let rescued: u64 = runs.iter().map(|o| o.rescued).sum();
         let rescued =
@@ -147,6 +171,24 @@ pub(super) fn render(
             mib(rss),
         );
     }
+    let costs: Vec<String> = Config::ALL
+        .into_iter()
+        .filter(|c| *c != Config::Bare)
+        .map(|config| {
+            let mut rates: Vec<f64> =
+                outcomes.iter().filter(|(c, _)| *c == config).map(|(_, o)| o.rate()).collect();
+            let ns = cost_per_firing(median(&mut rates), bare_median, per_connection);
+            format!("{} {ns:.0} ns", config.label())
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "\nCost per firing, from the storm rates (every CPU busy, so a connection takes CPUs / \
+         rate of CPU time; the difference to bare over its {per_connection:.2} transitions): {}. \
+         The empty program's is the kernel's own part, which no program on this tracepoint \
+         avoids.",
+        costs.join(", ")
+    );
     let connections: u64 = outcomes.iter().map(|(_, o)| o.connections).sum();
     let storm: u64 = outcomes
         .iter()
@@ -163,8 +205,8 @@ pub(super) fn render(
          pipe; `run`: `tcpstate_events_total`). Lost: firings minus delivered; counted: what the \
          tool itself reports (`tcpstates`: its \"lost N events\" lines and the kernel's \
          recursion_misses for its program). In-kernel time: `run_time_ns / run_cnt` with \
-         kernel.bpf_stats_enabled=1, which itself adds about 80 ns to every run (an empty \
-         program measures that); per transition: both programs' time over the firings."
+         kernel.bpf_stats_enabled=1, whose own overhead is most of the empty program's time per \
+         call; per transition: all the tracer's programs' time over the firings."
     );
     if let Some(points) = scale {
         let _ = writeln!(

@@ -141,6 +141,17 @@ impl Bench<'_> {
             Config::Bare => {
                 (outcome.connections, outcome.seconds) = self.run_storm(seconds, 0)?;
             }
+            Config::Floor => {
+                let mut command = Command::new(&self.xtask);
+                command.arg("floor");
+                let floor = Tracer::start(command, |t| t.stderr_contains("attached"))?;
+                let prog_before = floor.prog_stats()?;
+                let firings_before = floor.firings()?;
+                (outcome.connections, outcome.seconds) = self.run_storm(seconds, 0)?;
+                outcome.firings = floor.firings()? - firings_before;
+                (outcome.prog, outcome.standby) = deltas(floor.prog_stats()?, prog_before);
+                floor.stop()?;
+            }
             Config::Daemon => {
                 let (tracer, addr) = self.daemon(&[])?;
                 let cpu_before = measure::cpu_seconds(tracer.pid())?;
