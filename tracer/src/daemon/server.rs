@@ -2,7 +2,9 @@
 //! request's headers, and when every slot is taken, the connection that has waited longest
 //! without a request in progress (idle keep-alive, or a slow client still sending headers)
 //! is closed to let the new one in. `/healthz` (the liveness probe) therefore answers while
-//! hundreds of idle or trickling clients hold connections.
+//! hundreds of idle or trickling clients hold connections. A request is in progress until its
+//! answer is sent, and a connection just accepted whose request has not been read yet is
+//! not taken either: neither client is cut for a newcomer.
 
 use std::{
     collections::HashMap,
@@ -13,13 +15,14 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
 };
 
 use axum::{Router, body::Body, extract::Request, response::Response};
+use http_body_util::BodyExt as _;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
@@ -41,6 +44,9 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection that moves no byte for this long is closed (a reader that stopped reading).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection the server has not heard from yet may not be taken for a newcomer before it
+/// has waited this long: its request may be in the socket, not yet read.
+const NEWCOMER_GRACE_NS: u64 = 100_000_000;
 
 /// `Connection::waiting_since` of one told to close: the next newcomer picks another.
 const EVICTED: u64 = u64::MAX;
@@ -49,15 +55,33 @@ const EVICTED: u64 = u64::MAX;
 struct Connection {
     /// Requests of this connection inside a handler now.
     in_handler: AtomicU32,
-    /// When it last started waiting (accepted, or a handler finished), monotonic ns.
+    /// When it last started waiting (accepted, or a response sent), monotonic ns.
     waiting_since: AtomicU64,
+    /// The client has sent at least one byte.
+    heard_from: AtomicBool,
     /// Told to close, because a newcomer needs the slot.
     evict: Notify,
 }
 
 impl Connection {
-    fn is_waiting(&self) -> bool {
+    fn new() -> Self {
+        Self {
+            in_handler: AtomicU32::new(0),
+            waiting_since: AtomicU64::new(monotonic_ns()),
+            heard_from: AtomicBool::new(false),
+            evict: Notify::new(),
+        }
+    }
+
+    /// Whether a newcomer may take its slot: no request in progress, not already told to
+    /// close, and either heard from (idle keep-alive, headers trickling) or silent past the
+    /// grace.
+    fn may_be_taken(&self, now: u64) -> bool {
+        let since = self.waiting_since.load(Ordering::Relaxed);
         self.in_handler.load(Ordering::Relaxed) == 0
+            && since != EVICTED
+            && (self.heard_from.load(Ordering::Relaxed)
+                || now.saturating_sub(since) >= NEWCOMER_GRACE_NS)
     }
 }
 
@@ -75,14 +99,14 @@ impl Registry {
         self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Makes room for one more connection: closes the one that has waited longest without a
-    /// request in progress. Returns false when every connection is inside a handler or
-    /// already closing.
+    /// Makes room for one more connection: closes the one that has waited longest of those
+    /// that may be taken. Returns false when none may.
     fn evict_longest_waiting(&self) -> bool {
+        let now = monotonic_ns();
         let connections = self.lock();
         let victim = connections
             .values()
-            .filter(|c| c.is_waiting() && c.waiting_since.load(Ordering::Relaxed) != EVICTED)
+            .filter(|c| c.may_be_taken(now))
             .min_by_key(|c| c.waiting_since.load(Ordering::Relaxed));
         match victim {
             Some(victim) => {
@@ -123,20 +147,18 @@ pub async fn serve(
             },
         };
         while registry.lock().len() >= MAX_CONNECTIONS && !registry.evict_longest_waiting() {
-            // Every slot is inside a handler, each bounded by the request timeout.
+            // Every slot is inside a handler (each bounded by the timeouts) or just accepted:
+            // wait for one to end, or for the newest to outlive its grace.
             let ended = registry.ended.notified();
             if registry.lock().len() < MAX_CONNECTIONS {
                 break;
             }
-            ended.await;
+            let grace = Duration::from_nanos(NEWCOMER_GRACE_NS);
+            let _ = tokio::time::timeout(grace / 4, ended).await;
         }
         while tasks.try_join_next().is_some() {}
         next_id += 1;
-        let connection = Arc::new(Connection {
-            in_handler: AtomicU32::new(0),
-            waiting_since: AtomicU64::new(monotonic_ns()),
-            evict: Notify::new(),
-        });
+        let connection = Arc::new(Connection::new());
         registry.lock().insert(next_id, connection.clone());
         let served = serve_connection(
             stream,
@@ -167,7 +189,7 @@ async fn serve_connection(
     stopped: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
-    let stream = IdleTimeout::new(stream);
+    let stream = IdleTimeout::new(stream, connection.clone());
     let Some(tls) = tls else {
         return serve_http(stream, peer, router, connection, stopped).await;
     };
@@ -200,8 +222,17 @@ async fn serve_http<I>(
             let response = router.clone().oneshot(request.map(Body::new));
             async move {
                 let response: Result<Response, Infallible> = response.await;
-                drop(guard);
-                response
+                // A response is in progress until its body is sent (a listing streams for
+                // seconds): the guard goes with the body, so no newcomer takes the slot of a
+                // client still receiving its answer.
+                response.map(|response| {
+                    response.map(|body| {
+                        Body::new(body.map_frame(move |frame| {
+                            let _in_handler = &guard;
+                            frame
+                        }))
+                    })
+                })
             }
         })
     };
@@ -246,15 +277,17 @@ impl Drop for InHandler {
     }
 }
 
-/// A stream that fails once no byte has moved either way for `IDLE_TIMEOUT`.
+/// A stream that fails once no byte has moved either way for `IDLE_TIMEOUT`, and marks its
+/// connection heard from at the first byte read.
 struct IdleTimeout {
     stream: TcpStream,
     idle: Pin<Box<Sleep>>,
+    connection: Arc<Connection>,
 }
 
 impl IdleTimeout {
-    fn new(stream: TcpStream) -> Self {
-        Self { stream, idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)) }
+    fn new(stream: TcpStream, connection: Arc<Connection>) -> Self {
+        Self { stream, idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)), connection }
     }
 
     /// Any progress restarts the clock; waiting too long fails the connection.
@@ -278,7 +311,11 @@ impl AsyncRead for IdleTimeout {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let filled = buf.filled().len();
         let poll = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > filled {
+            self.connection.heard_from.store(true, Ordering::Relaxed);
+        }
         self.watch(cx, poll)
     }
 }

@@ -158,6 +158,18 @@ fn parallel_listings_take_turns_and_memory_stays_bounded() {
     let (_, idle_rss) = memory(pid);
 
     let clients: Vec<_> = (0..64).map(|_| thread::spawn(listing)).collect();
+    // The liveness probe is answered while the listings hold every turn they may take.
+    let slowest_health = (0..20)
+        .map(|_| {
+            let started = Instant::now();
+            let response = http_get(addr, "/healthz");
+            assert_eq!(response.status, 200, "/healthz: {}", response.body);
+            let took = started.elapsed();
+            thread::sleep(Duration::from_millis(10));
+            took
+        })
+        .max()
+        .unwrap();
     let responses: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
     let served = responses.iter().filter(|r| r.status == 200).count();
     let told_to_retry = responses.iter().filter(|r| r.status == 503).count();
@@ -170,10 +182,13 @@ fn parallel_listings_take_turns_and_memory_stays_bounded() {
     let growth = peak.saturating_sub(idle_rss);
     eprintln!(
         "64 parallel listings of {expected}+ sockets ({:.1} MiB each): {served} served, \
-         {told_to_retry} told to retry, peak RSS {:.1} MiB above idle",
+         {told_to_retry} told to retry, peak RSS {:.1} MiB above idle, slowest /healthz \
+         meanwhile {:.1} ms",
         one as f64 / (1 << 20) as f64,
-        growth as f64 / (1 << 20) as f64
+        growth as f64 / (1 << 20) as f64,
+        slowest_health.as_secs_f64() * 1e3
     );
+    assert!(slowest_health < Duration::from_millis(100), "/healthz took {slowest_health:?}");
     // Unbounded, 64 answers at once would need 64 times one answer.
     assert!(growth < 16 * one as u64 + (16 << 20), "peak grew by {growth} bytes");
     // And the memory goes back: within 10 % of idle within a minute (the hardening target).
