@@ -202,7 +202,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let own = own().unwrap();
         let dump = dump_in_with(&own, dump_tcp).unwrap();
-        let found = dump.iter().find(|s| s.local == addr).expect("listener in dump");
+        let found = dump.iter().find(|s| s.local() == addr).expect("listener in dump");
         assert_eq!(found.state, tracer_common::TcpState::LISTEN);
         assert_ne!(found.inode, 0);
         assert!(enumerate().first().is_some_and(|ns| ns.inode == own.inode));

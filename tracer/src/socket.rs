@@ -9,7 +9,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use tracer_common::{
-    TcpState, TransitionRecord, ip_from_raw, ip_to_raw,
+    TcpState, TransitionRecord, ip_from_raw,
     record::{AF_INET, AF_INET6},
 };
 
@@ -78,10 +78,10 @@ impl SocketKey {
         Self {
             netns,
             family: socket.family,
-            sport: socket.local.port(),
-            dport: socket.remote.port(),
-            saddr: ip_to_raw(socket.local.ip()),
-            daddr: ip_to_raw(socket.remote.ip()),
+            sport: socket.sport,
+            dport: socket.dport,
+            saddr: socket.saddr,
+            daddr: socket.daddr,
         }
     }
 

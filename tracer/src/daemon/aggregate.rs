@@ -325,7 +325,6 @@ impl Aggregator {
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddr;
 
     use tracer_common::{
         TcpState as S,
@@ -373,8 +372,10 @@ mod tests {
         DiagSocket {
             family: AF_INET,
             state,
-            local: SocketAddr::from(([127, 0, 0, 1], sport)),
-            remote: SocketAddr::from(([127, 0, 0, 1], 80)),
+            sport,
+            dport: 80,
+            saddr: tracer_common::ip_to_raw([127, 0, 0, 1].into()),
+            daddr: tracer_common::ip_to_raw([127, 0, 0, 1].into()),
             inode: 1,
             uid: 0,
             since_last_ack_ms: None,

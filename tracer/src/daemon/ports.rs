@@ -31,11 +31,11 @@ pub fn usage(dumps: &[NamespaceDump]) -> (Vec<PortUsage>, f64) {
         let size = f64::from(high.saturating_sub(low)) + 1.0;
         let mut counts: HashMap<(IpAddr, IpAddr, u16), u32> = HashMap::new();
         for socket in &dump.sockets {
-            let port = socket.local.port();
+            let port = socket.sport;
             if socket.state == TcpState::LISTEN || !(low..=high).contains(&port) {
                 continue;
             }
-            let key = (socket.local.ip(), socket.remote.ip(), socket.remote.port());
+            let key = (socket.local().ip(), socket.remote().ip(), socket.dport);
             *counts.entry(key).or_default() += 1;
         }
         for (key, count) in counts {
@@ -66,11 +66,15 @@ mod tests {
     use crate::sockdiag::DiagSocket;
 
     fn socket(state: TcpState, local: &str, remote: &str) -> DiagSocket {
+        let (local, remote) =
+            (local.parse::<SocketAddr>().unwrap(), remote.parse::<SocketAddr>().unwrap());
         DiagSocket {
             family: tracer_common::record::AF_INET,
             state,
-            local: local.parse::<SocketAddr>().unwrap(),
-            remote: remote.parse::<SocketAddr>().unwrap(),
+            sport: local.port(),
+            dport: remote.port(),
+            saddr: tracer_common::ip_to_raw(local.ip()),
+            daddr: tracer_common::ip_to_raw(remote.ip()),
             inode: 0,
             uid: 0,
             since_last_ack_ms: None,

@@ -117,9 +117,15 @@ impl DumpIndex {
             next: Vec::new(),
             matched: Vec::new(),
         };
+        // Sized once: growing by doubling would hold the old and the new table at once, tens
+        // of MiB at a million sockets, on top of the dump.
+        let sockets: usize = dumps.iter().map(|d| d.sockets.len()).sum();
+        index.first.reserve(sockets);
+        index.next.reserve_exact(sockets);
+        index.listed.reserve_exact(sockets);
         for (d, dump) in dumps.iter().enumerate() {
             for (s, socket) in dump.sockets.iter().enumerate() {
-                let label = labels.index(socket.local.port());
+                let label = labels.index(socket.sport);
                 if let Some(i) = SAMPLED_STATES.iter().position(|&state| state == socket.state) {
                     index.sampled[i][label] += 1;
                 } else if tracked_state(socket.state) {
@@ -393,7 +399,7 @@ mod tests {
         listener(&mut agg, A);
         listener(&mut agg, A + 8);
         let mut socket = diag(S::LISTEN, 8080);
-        socket.remote = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+        (socket.dport, socket.daddr) = (0, [0; 16]);
         agg.begin_dump();
         let both = agg.reconcile(dump(vec![socket.clone(), socket.clone()]), 10, 20, true);
         assert_eq!(both.corrections(), 0, "{both:?}");
