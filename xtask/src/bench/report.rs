@@ -211,20 +211,21 @@ pub(super) fn render(
     if let Some(points) = scale {
         let _ = writeln!(
             out,
-            "\nScale run, `tcpstate run --group-by container` with connections held open (both ends on this host, so two sockets each; `/metrics` passes over the whole table to group it):\n"
+            "\nScale run, `tcpstate run --group-by container --reconcile-interval 5` with connections held open (both ends on this host, so two sockets each; `/metrics` passes over the whole table to group it). Daemon RSS: the lowest and the highest sampled every 50 ms over 6 s, which holds one reconciliation (a sock_diag dump of every socket, indexed); per tracked socket from the lowest:\n"
         );
         let _ = writeln!(
             out,
-            "| connections | tracked sockets | daemon RSS | per tracked socket | `/metrics` (median of 5) | `/api/sockets?state=ESTABLISHED` | RSS after that listing | kernel per-socket map |"
+            "| connections | tracked sockets | daemon RSS | while reconciling | per tracked socket | `/metrics` (median of 5) | `/api/sockets?state=ESTABLISHED` | RSS after that listing | kernel per-socket map |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
         for p in points {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {:.0} B | {:.1} ms | {:.0} ms ({} sockets, {:.1} MiB) | {} | {} |",
+                "| {} | {} | {} | {} | {:.0} B | {:.1} ms | {:.0} ms ({} sockets, {:.1} MiB) | {} | {} |",
                 p.connections,
                 p.tracked,
                 mib(p.rss),
+                mib(p.rss_reconciling),
                 p.per_socket,
                 p.metrics.as_secs_f64() * 1e3,
                 p.listing.as_secs_f64() * 1e3,

@@ -25,7 +25,10 @@ use super::{
 pub struct ScalePoint {
     pub(super) connections: usize,
     pub(super) tracked: u64,
+    /// The lowest RSS over a reconciliation interval: the table alone.
     pub(super) rss: u64,
+    /// The highest over the same interval: with a reconciliation's dump and index.
+    pub(super) rss_reconciling: u64,
     pub(super) per_socket: f64,
     pub(super) metrics: Duration,
     pub(super) listing: Duration,
@@ -82,6 +85,22 @@ fn settle(addr: std::net::SocketAddr, sockets: usize) {
         last = tracked;
     }
     eprintln!("bench: the daemon tracks {last} sockets, not yet {sockets}, after a minute");
+}
+
+/// The scale run's reconciliation interval: short, so that one falls inside the window the
+/// RSS is sampled over.
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// (lowest, highest) RSS sampled every 50 ms for a little over `window`.
+fn rss_range(pid: u32, window: Duration) -> anyhow::Result<(u64, u64)> {
+    let (mut low, mut high) = (u64::MAX, 0);
+    let deadline = Instant::now() + window + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        let rss = measure::memory(pid)?.1;
+        (low, high) = (low.min(rss), high.max(rss));
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok((low, high))
 }
 
 /// Connections held at the scale run's first point (at most half the full hold).
@@ -148,6 +167,8 @@ impl Bench<'_> {
         let (tracer, addr) = self.daemon(&[
             "--group-by",
             "container",
+            "--reconcile-interval",
+            &RECONCILE_INTERVAL.as_secs().to_string(),
             "--max-sockets",
             &max_sockets,
             "--kernel-sockets",
@@ -172,7 +193,7 @@ impl Bench<'_> {
                 .map(|_| measure::http_get(addr, "/metrics").map(|(_, t)| t))
                 .collect::<Result<_, _>>()?;
             metrics_times.sort();
-            let rss_before_listing = measure::memory(tracer.pid())?.1;
+            let (rss_steady, rss_reconciling) = rss_range(tracer.pid(), RECONCILE_INTERVAL)?;
             let (listing, listing_time) =
                 measure::http_get(addr, "/api/sockets?state=ESTABLISHED&limit=10000000")?;
             // Counted without building a million JSON values.
@@ -189,9 +210,9 @@ impl Bench<'_> {
             points.push(ScalePoint {
                 connections: holders.held,
                 tracked,
-                rss: rss_before_listing,
-                per_socket: (rss_before_listing.saturating_sub(idle_rss)) as f64
-                    / tracked.max(1) as f64,
+                rss: rss_steady,
+                rss_reconciling,
+                per_socket: (rss_steady.saturating_sub(idle_rss)) as f64 / tracked.max(1) as f64,
                 metrics: metrics_times[2],
                 listing: listing_time,
                 listed,
