@@ -3,11 +3,11 @@
 //! share of its namespace's `net.ipv4.ip_local_port_range` that its sockets hold. A client
 //! that opens short connections to one destination runs out of ports there first.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::net::IpAddr;
 
 use tracer_common::TcpState;
 
-use crate::netns::NamespaceDump;
+use crate::{netns::NamespaceDump, sockdiag::DiagSocket};
 
 /// Destinations with a series of their own; the maximum over all is exported apart.
 pub const TOP_DESTINATIONS: usize = 10;
@@ -25,37 +25,54 @@ pub struct PortUsage {
 /// The `TOP_DESTINATIONS` most used destinations, most used first, and the highest ratio.
 /// The same destination in two namespaces is one series with the higher ratio.
 pub fn usage(dumps: &[NamespaceDump]) -> (Vec<PortUsage>, f64) {
-    let mut ratios: HashMap<(IpAddr, IpAddr, u16), f64> = HashMap::new();
+    let mut top: Vec<PortUsage> = Vec::new();
+    let mut max = 0.0f64;
     for dump in dumps {
         let Some((low, high)) = dump.port_range else { continue };
         let size = f64::from(high.saturating_sub(low)) + 1.0;
-        let mut counts: HashMap<(IpAddr, IpAddr, u16), u32> = HashMap::new();
-        for socket in &dump.sockets {
-            let port = socket.sport;
-            if socket.state == TcpState::LISTEN || !(low..=high).contains(&port) {
-                continue;
+        // Sorted references, not a map of counts: a host with a million connections can have
+        // nearly as many destinations, and maps of them (per namespace, then merged) took
+        // more memory than the dump itself, on top of it.
+        let mut sockets: Vec<&DiagSocket> = dump
+            .sockets
+            .iter()
+            .filter(|s| s.state != TcpState::LISTEN && (low..=high).contains(&s.sport))
+            .collect();
+        let destination = |s: &DiagSocket| (s.family, s.saddr, s.daddr, s.dport);
+        sockets.sort_unstable_by_key(|s| destination(s));
+        for run in sockets.chunk_by(|a, b| destination(a) == destination(b)) {
+            let ratio = run.len() as f64 / size;
+            max = max.max(ratio);
+            let (local, remote) = (run[0].local(), run[0].remote());
+            top.push(PortUsage {
+                saddr: local.ip(),
+                daddr: remote.ip(),
+                dport: run[0].dport,
+                ratio,
+            });
+            if top.len() >= 4 * TOP_DESTINATIONS {
+                keep_top(&mut top);
             }
-            let key = (socket.local().ip(), socket.remote().ip(), socket.dport);
-            *counts.entry(key).or_default() += 1;
-        }
-        for (key, count) in counts {
-            let ratio = f64::from(count) / size;
-            let best = ratios.entry(key).or_default();
-            *best = best.max(ratio);
         }
     }
-    let mut ranked: Vec<PortUsage> = ratios
-        .into_iter()
-        .map(|((saddr, daddr, dport), ratio)| PortUsage { saddr, daddr, dport, ratio })
-        .collect();
-    ranked.sort_by(|a, b| {
-        b.ratio
-            .total_cmp(&a.ratio)
-            .then_with(|| (a.saddr, a.daddr, a.dport).cmp(&(b.saddr, b.daddr, b.dport)))
+    keep_top(&mut top);
+    (top, max)
+}
+
+/// Keeps the `TOP_DESTINATIONS` highest ratios, highest first, a destination seen in several
+/// namespaces once with its highest. What it drops had that many distinct destinations above
+/// it, so it cannot be among the top later either.
+fn keep_top(usages: &mut Vec<PortUsage>) {
+    let key = |u: &PortUsage| (u.saddr, u.daddr, u.dport);
+    usages.sort_by(|a, b| b.ratio.total_cmp(&a.ratio).then_with(|| key(a).cmp(&key(b))));
+    let mut kept: Vec<(IpAddr, IpAddr, u16)> = Vec::with_capacity(TOP_DESTINATIONS);
+    usages.retain(|u| {
+        let fresh = kept.len() < TOP_DESTINATIONS && !kept.contains(&key(u));
+        if fresh {
+            kept.push(key(u));
+        }
+        fresh
     });
-    let max = ranked.first().map_or(0.0, |u| u.ratio);
-    ranked.truncate(TOP_DESTINATIONS);
-    (ranked, max)
 }
 
 #[cfg(test)]
@@ -102,5 +119,34 @@ mod tests {
         assert_eq!(top[1].ratio, 0.01);
         let unknown = NamespaceDump { inode: 2, sockets: Vec::new(), port_range: None };
         assert_eq!(usage(&[unknown]), (Vec::new(), 0.0));
+    }
+
+    /// More destinations than series: the highest shares, and a destination used in two
+    /// namespaces once, with its higher share.
+    #[test]
+    fn the_top_destinations_across_namespaces() {
+        let to = |host: u16, count: u16| {
+            (0..count).map(move |i| {
+                socket(
+                    TcpState::ESTABLISHED,
+                    &format!("10.0.0.1:{}", 40_000 + i),
+                    &format!("10.0.1.{host}:443"),
+                )
+            })
+        };
+        let first: Vec<DiagSocket> = (1..=30).flat_map(|host| to(host, host)).collect();
+        let second: Vec<DiagSocket> = to(5, 90).collect();
+        let range = Some((40_000, 40_099));
+        let dumps = [
+            NamespaceDump { inode: 1, sockets: first, port_range: range },
+            NamespaceDump { inode: 2, sockets: second, port_range: range },
+        ];
+        let (top, max) = usage(&dumps);
+        assert_eq!(max, 0.9);
+        let hosts: Vec<(String, f64)> =
+            top.iter().map(|u| (u.daddr.to_string(), u.ratio)).collect();
+        let mut expected = vec![("10.0.1.5".to_owned(), 0.9)];
+        expected.extend((22..=30).rev().map(|h| (format!("10.0.1.{h}"), f64::from(h) / 100.0)));
+        assert_eq!(hosts, expected);
     }
 }
