@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, io::Write as _, path::Path, process::Command, thread, time::Duration};
 
-use super::scale::{Saturation, ScalePoint};
+use super::scale::{RECONCILE_INTERVAL, RSS_SAMPLE_EVERY, RSS_WINDOW, Saturation, ScalePoint};
 use super::{BenchArgs, Config, Outcome, measure::ProgStats};
 use crate::cmd::capture;
 
@@ -211,7 +211,10 @@ pub(super) fn render(
     if let Some(points) = scale {
         let _ = writeln!(
             out,
-            "\nScale run, `tcpstate run --group-by container --reconcile-interval 5` with connections held open (both ends on this host, so two sockets each; `/metrics` passes over the whole table to group it). Daemon RSS: the lowest and the highest sampled every 50 ms over 6 s, which holds one reconciliation (a sock_diag dump of every socket, indexed); per tracked socket from the lowest:\n"
+            "\nScale run, `tcpstate run --group-by container --reconcile-interval {}` with connections held open (both ends on this host, so two sockets each; `/metrics` passes over the whole table to group it). Daemon RSS: the lowest and the highest sampled every {} ms over {} s, which holds one reconciliation (a sock_diag dump of every socket, indexed); per tracked socket from the lowest:\n",
+            RECONCILE_INTERVAL.as_secs(),
+            RSS_SAMPLE_EVERY.as_millis(),
+            RSS_WINDOW.as_secs(),
         );
         let _ = writeln!(
             out,

@@ -89,16 +89,20 @@ fn settle(addr: std::net::SocketAddr, sockets: usize) {
 
 /// The scale run's reconciliation interval: short, so that one falls inside the window the
 /// RSS is sampled over.
-const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
+pub(super) const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long RSS is sampled at each point: a little over one reconciliation interval.
+pub(super) const RSS_WINDOW: Duration = Duration::from_secs(RECONCILE_INTERVAL.as_secs() + 1);
+/// How often RSS is sampled within the window.
+pub(super) const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(50);
 
-/// (lowest, highest) RSS sampled every 50 ms for a little over `window`.
-fn rss_range(pid: u32, window: Duration) -> anyhow::Result<(u64, u64)> {
+/// (lowest, highest) RSS sampled every `RSS_SAMPLE_EVERY` for `RSS_WINDOW`.
+fn rss_range(pid: u32) -> anyhow::Result<(u64, u64)> {
     let (mut low, mut high) = (u64::MAX, 0);
-    let deadline = Instant::now() + window + Duration::from_secs(1);
+    let deadline = Instant::now() + RSS_WINDOW;
     while Instant::now() < deadline {
         let rss = measure::memory(pid)?.1;
         (low, high) = (low.min(rss), high.max(rss));
-        thread::sleep(Duration::from_millis(50));
+        thread::sleep(RSS_SAMPLE_EVERY);
     }
     Ok((low, high))
 }
@@ -193,7 +197,7 @@ impl Bench<'_> {
                 .map(|_| measure::http_get(addr, "/metrics").map(|(_, t)| t))
                 .collect::<Result<_, _>>()?;
             metrics_times.sort();
-            let (rss_steady, rss_reconciling) = rss_range(tracer.pid(), RECONCILE_INTERVAL)?;
+            let (rss_steady, rss_reconciling) = rss_range(tracer.pid())?;
             let (listing, listing_time) =
                 measure::http_get(addr, "/api/sockets?state=ESTABLISHED&limit=10000000")?;
             // Counted without building a million JSON values.
