@@ -140,14 +140,16 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
             }
             _ = &mut stop => break,
             _ = sleep_until(deadline) => break,
-            _ = report.tick() => session.losses.report(&probe.delivery()?, false),
+            _ = report.tick() => {
+                session.losses.report(&probe.delivery(reader.duplicates_dropped())?, false);
+            }
         }
         session.flush();
     }
     // Whatever arrived before the stop is still shown.
     reader.drain_now(|item| session.accept(item));
     session.flush();
-    let delivery = probe.delivery()?;
+    let delivery = probe.delivery(reader.duplicates_dropped())?;
     session.losses.report(&delivery, true);
     if args.stats {
         eprintln!(

@@ -386,8 +386,8 @@ pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
             }
             _ = status_tick.tick() => {
                 // A failed read is reported (log, /healthz), not fatal: records still flow.
-                let delivery = probe.delivery().map_err(|error| format!("{error:#}"));
                 let duplicates = reader.duplicates_dropped();
+                let delivery = probe.delivery(duplicates).map_err(|error| format!("{error:#}"));
                 shared.update_status(|status| {
                     match delivery {
                         Ok(delivery) => {

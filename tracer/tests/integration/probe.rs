@@ -60,7 +60,7 @@ impl Capture {
     }
 
     fn delivery(&self) -> Delivery {
-        self.probe.delivery().unwrap()
+        self.probe.delivery(self.reader.duplicates_dropped()).unwrap()
     }
 }
 
