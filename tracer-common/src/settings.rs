@@ -88,7 +88,12 @@ pub struct KernelSettings {
     pub filter: KernelFilter,
     /// 1: also trace MPTCP subflow-level sockets (protocol 262).
     pub trace_mptcp: u8,
-    pub _pad: u8,
+    /// 1: the standby program was attached first, so it runs before the main program in each
+    /// firing and tells it, through `RecentTransitions::rescued`, what it delivered. 0: the
+    /// main program runs first, so whatever the standby delivers is a transition the kernel
+    /// skipped the main program for, and it need not say so (an entry no main run would take
+    /// only lingers, and could match a later transition of a reused socket address).
+    pub standby_first: u8,
     /// Offset of `sock.sk_err` (the error a reset, a timeout or an ICMP error left on the
     /// socket), from BTF; `u16::MAX` when unknown.
     pub sk_err_offset: u16,
@@ -118,7 +123,7 @@ impl KernelSettings {
     pub const DEFAULT: Self = Self {
         filter: KernelFilter::ALL,
         trace_mptcp: 0,
-        _pad: 0,
+        standby_first: 0,
         sk_err_offset: u16::MAX,
         sk_net_offset: OFFSET_UNKNOWN,
         net_inum_offset: OFFSET_UNKNOWN,

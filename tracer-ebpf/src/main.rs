@@ -9,9 +9,10 @@
 //! record the tracepoint built. The kernel skips it when the tracepoint fires while a tracing
 //! program already runs on that CPU (network processing in an interrupt that landed inside
 //! it). The standby, on the same tracepoint's BTF flavour, which the kernel skips only when
-//! *it* is already running, delivers exactly the transitions the main program has not: each
-//! program remembers, per CPU, the last few transitions it delivered and leaves alone the ones
-//! the other did.
+//! *it* is already running, delivers exactly the transitions the main program has not: the
+//! main program remembers, per CPU, the last few transitions it delivered, and the standby
+//! leaves those alone. Tests attach the standby first, so it delivers everything; the
+//! standby then remembers what it delivered for the main program, the other way round.
 
 // On the host (clippy, `cargo check --workspace`) this is an empty std binary: the program
 // only means something for the bpf target.
@@ -103,7 +104,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     // SAFETY: this CPU's slot. Runs nested on this CPU (interrupts) only push and pop above
     // what this run pushed, and are complete when it resumes.
     let recent = unsafe { &mut *recent };
-    if take(&recent.rescued, &mut recent.rescued_len, id) {
+    if setting!(standby_first) != 0 && take(&recent.rescued, &mut recent.rescued_len, id) {
         if let Some(counters) = COUNTERS.get_ptr_mut(COUNTERS_MAIN) {
             // SAFETY: this program's per-CPU slot.
             unsafe { (*counters).deduplicated += 1 };
@@ -139,7 +140,9 @@ pub fn standby(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let handled_before = recent.handled_len;
-    remember(&mut recent.rescued, &mut recent.rescued_len, id);
+    if setting!(standby_first) != 0 {
+        remember(&mut recent.rescued, &mut recent.rescued_len, id);
+    }
     handle_transition(&ctx, &source, COUNTERS_STANDBY, FLAG_RESCUED);
     // Main runs nested in this one pushed entries for standby runs that kernels with a
     // recursion guard for this program (6.4 on, roughly) skip: forget them. Where the nested

@@ -306,11 +306,11 @@ impl Probe {
             task_comm_offset: task.comm,
             accept_ret_slot: *accept_parameters.as_ref().unwrap_or(&OFFSET_UNKNOWN),
             sock: *sock.as_ref().unwrap_or(&SockOffsets::UNKNOWN),
+            standby_first: options.standby_first.into(),
             wakeup_every: wakeup_every(options.wakeup_batch_bytes.unwrap_or_else(|| {
                 let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
                 u64::from(options.ring_bytes) / 8 / cpus
             })),
-            ..KernelSettings::DEFAULT
         };
         // Parsed once: the loader, the standby and the fexit program all need it.
         let kernel_btf = aya::Btf::from_sys_fs().ok();
