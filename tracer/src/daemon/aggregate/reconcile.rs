@@ -11,7 +11,7 @@
 //! replaced or adopted meanwhile are not added back.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     hash::{BuildHasher, RandomState},
     sync::MutexGuard,
     time::{Duration, Instant},
@@ -36,9 +36,6 @@ const SLICE: usize = 4_096;
 
 /// Between slices: time for the threads waiting for the lock to take it.
 const PAUSE: Duration = Duration::from_millis(1);
-
-/// No further socket in a chain.
-const END: u32 = u32::MAX;
 
 /// What one reconciliation changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -73,12 +70,15 @@ fn entered_at(socket: &DiagSocket, now: u64) -> u64 {
 /// gauges need from them counted. Built without the aggregator's lock (and on a thread of
 /// its own, at a lower priority than the reader's: see `daemon::reconcile`).
 ///
-/// The index maps a 64-bit hash of each key to its first socket and chains the others with
-/// the same hash (listeners sharing a port with SO_REUSEPORT have the same key): 16 bytes a
-/// bucket plus 4 a socket, where a map holding the keys themselves took 72 a bucket and an
-/// allocation per key (some 200 MB at a million sockets).
+/// Every dumped socket has a position: its place in the dumps taken one after the other. The
+/// index is an open-addressed table of those positions, found by a hash of the key (linear
+/// probing; listeners sharing a port with SO_REUSEPORT have one key and take a slot each):
+/// 12 bytes a socket in the table's states. A map from hash to a chain of positions took 49
+/// (36 MiB of buckets at a million sockets), half the memory a reconciliation added then.
 pub struct DumpIndex {
     dumps: Vec<NamespaceDump>,
+    /// Position of each dump's first socket.
+    starts: Vec<u32>,
     started_ns: u64,
     finished_ns: u64,
     covered: HashSet<u32>,
@@ -88,13 +88,22 @@ pub struct DumpIndex {
     counted: Vec<Vec<i64>>,
     port_usage: Option<(Vec<PortUsage>, f64)>,
     hasher: RandomState,
-    /// Dumped sockets in the table's states, as (dump, socket) positions.
-    listed: Vec<(u32, u32)>,
-    first: HashMap<u64, u32>,
-    next: Vec<u32>,
-    /// Which listed sockets a table entry has claimed.
-    matched: Vec<bool>,
+    slots: Vec<Slot>,
+    /// Which positions a table entry has claimed, a bit each.
+    matched: Vec<u64>,
 }
+
+/// A dumped socket in the index: part of its key's hash, to skip most other keys without
+/// reading their socket, and its position + 1 (0: the slot is free).
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    hash_low: u32,
+    position_after: u32,
+}
+
+/// Slots per indexed socket, as a fraction: at most two thirds of them taken keeps probe
+/// sequences short.
+const SLOTS_PER_SOCKET: (usize, usize) = (3, 2);
 
 impl DumpIndex {
     pub fn new(
@@ -103,68 +112,109 @@ impl DumpIndex {
         finished_ns: u64,
         labels: &PortLabels,
     ) -> Self {
+        let mut starts = Vec::with_capacity(dumps.len());
+        let mut total = 0u32;
+        for dump in &dumps {
+            starts.push(total);
+            total = u32::try_from(dump.sockets.len())
+                .ok()
+                .and_then(|n| total.checked_add(n))
+                .expect("under 2^32 sockets");
+        }
         let mut index = Self {
             covered: dumps.iter().map(|d| d.inode).collect(),
             sampled: vec![vec![0; labels.values()]; SAMPLED_STATES.len()],
             counted: vec![vec![0; labels.values()]; TcpState::INDEXES],
             port_usage: Some(ports::usage(&dumps)),
+            starts,
             dumps: Vec::new(),
             started_ns,
             finished_ns,
             hasher: RandomState::new(),
-            listed: Vec::new(),
-            first: HashMap::new(),
-            next: Vec::new(),
-            matched: Vec::new(),
+            slots: Vec::new(),
+            matched: vec![0; (total as usize).div_ceil(64)],
         };
-        // Sized once: growing by doubling would hold the old and the new table at once, tens
-        // of MiB at a million sockets, on top of the dump.
-        let sockets: usize = dumps.iter().map(|d| d.sockets.len()).sum();
-        index.first.reserve(sockets);
-        index.next.reserve_exact(sockets);
-        index.listed.reserve_exact(sockets);
-        for (d, dump) in dumps.iter().enumerate() {
-            for (s, socket) in dump.sockets.iter().enumerate() {
+        let mut indexed = Vec::new();
+        for (dump, &start) in dumps.iter().zip(&index.starts) {
+            for (position, socket) in (start..).zip(&dump.sockets) {
                 let label = labels.index(socket.sport);
                 if let Some(i) = SAMPLED_STATES.iter().position(|&state| state == socket.state) {
                     index.sampled[i][label] += 1;
                 } else if tracked_state(socket.state) {
                     index.counted[socket.state.index()][label] += 1;
-                    let position = u32::try_from(index.listed.len()).expect("under 2^32 sockets");
-                    let hash = index.hasher.hash_one(SocketKey::from_diag(dump.inode, socket));
-                    index.next.push(index.first.insert(hash, position).unwrap_or(END));
-                    index.listed.push((d as u32, s as u32));
+                    indexed.push(position);
                 }
             }
         }
-        index.matched = vec![false; index.listed.len()];
+        // Sized once, exactly: growing by doubling would hold the old and the new table at
+        // once, on top of the dump.
+        let (num, den) = SLOTS_PER_SOCKET;
+        index.slots = vec![Slot::default(); indexed.len() * num / den + 1];
         index.dumps = dumps;
+        for position in indexed {
+            let hash = index.hasher.hash_one(index.key(position));
+            let mut slot = index.home(hash);
+            while index.slots[slot].position_after != 0 {
+                slot = index.after(slot);
+            }
+            index.slots[slot] = Slot { hash_low: hash as u32, position_after: position + 1 };
+        }
         index
     }
 
-    fn socket(&self, position: u32) -> (SocketKey, &DiagSocket) {
-        let (d, s) = self.listed[position as usize];
-        let dump = &self.dumps[d as usize];
-        let socket = &dump.sockets[s as usize];
-        (SocketKey::from_diag(dump.inode, socket), socket)
+    /// The slot a hash's probe sequence starts at.
+    fn home(&self, hash: u64) -> usize {
+        ((u128::from(hash) * self.slots.len() as u128) >> 64) as usize
+    }
+
+    fn after(&self, slot: usize) -> usize {
+        if slot + 1 == self.slots.len() { 0 } else { slot + 1 }
+    }
+
+    fn socket(&self, position: u32) -> (u32, &DiagSocket) {
+        let d = self.starts.partition_point(|&start| start <= position) - 1;
+        let dump = &self.dumps[d];
+        (dump.inode, &dump.sockets[(position - self.starts[d]) as usize])
+    }
+
+    fn key(&self, position: u32) -> SocketKey {
+        let (netns, socket) = self.socket(position);
+        SocketKey::from_diag(netns, socket)
+    }
+
+    fn is_matched(&self, position: u32) -> bool {
+        self.matched[position as usize / 64] & (1 << (position % 64)) != 0
     }
 
     /// A listed socket with this key that no entry has claimed yet, now claimed.
     fn claim(&mut self, key: &SocketKey) -> Option<&DiagSocket> {
-        let mut position = *self.first.get(&self.hasher.hash_one(key))?;
-        while position != END {
-            if !self.matched[position as usize] && self.socket(position).0 == *key {
-                self.matched[position as usize] = true;
+        // At least one slot is free (`SLOTS_PER_SOCKET`): every probe sequence ends.
+        let hash = self.hasher.hash_one(key);
+        let mut slot = self.home(hash);
+        loop {
+            let Slot { hash_low, position_after } = self.slots[slot];
+            if position_after == 0 {
+                return None;
+            }
+            let position = position_after - 1;
+            if hash_low == hash as u32 && !self.is_matched(position) && self.key(position) == *key {
+                self.matched[position as usize / 64] |= 1 << (position % 64);
                 return Some(self.socket(position).1);
             }
-            position = self.next[position as usize];
+            slot = self.after(slot);
         }
-        None
     }
 
     /// Listed sockets no entry claimed.
     fn unclaimed(&self) -> impl Iterator<Item = (SocketKey, &DiagSocket)> + '_ {
-        (0..self.listed.len() as u32).filter(|&p| !self.matched[p as usize]).map(|p| self.socket(p))
+        self.dumps.iter().zip(&self.starts).flat_map(move |(dump, &start)| {
+            (start..)
+                .zip(&dump.sockets)
+                .filter(|&(position, socket)| {
+                    tracked_state(socket.state) && !self.is_matched(position)
+                })
+                .map(|(_, socket)| (SocketKey::from_diag(dump.inode, socket), socket))
+        })
     }
 }
 
@@ -407,5 +457,48 @@ mod tests {
         let one = agg.reconcile(dump(vec![socket]), 30, 40, true);
         assert_eq!((one.removed, one.added), (1, 0));
         assert_eq!(agg.table().gauges().count(S::LISTEN), 1);
+    }
+
+    /// Several namespaces, sampled states among the listed ones, keys shared by several
+    /// sockets: each socket is claimed once, by its key, and what is left is unclaimed.
+    #[test]
+    fn the_index_finds_every_socket_once_by_key() {
+        let namespace = |inode, first_port: u16| {
+            let sockets = (0..700u16)
+                .map(|i| {
+                    let state = match i % 7 {
+                        0 => S::TIME_WAIT,
+                        1 => S::LISTEN,
+                        _ => S::ESTABLISHED,
+                    };
+                    // Every tenth port twice: listeners sharing it.
+                    diag(state, first_port + i - u16::from(i % 10 == 9))
+                })
+                .collect();
+            NamespaceDump { inode, sockets, port_range: None }
+        };
+        let dumps = vec![namespace(1, 1000), namespace(2, 1000), namespace(3, 5000)];
+        let listed: Vec<(SocketKey, TcpState)> = dumps
+            .iter()
+            .flat_map(|d| d.sockets.iter().map(|s| (SocketKey::from_diag(d.inode, s), s.state)))
+            .filter(|(_, state)| *state != S::TIME_WAIT)
+            .collect();
+        let mut index = DumpIndex::new(dumps, 0, 1, &PortLabels::none());
+        assert_eq!(index.sampled[0][0], 300, "TIME_WAIT counted, not indexed");
+
+        let (claimed, left) = listed.split_at(listed.len() / 2);
+        for (key, state) in claimed {
+            assert_eq!(index.claim(key).map(|s| s.state), Some(*state), "{key:?}");
+        }
+        let mut unclaimed: Vec<SocketKey> = index.unclaimed().map(|(key, _)| key).collect();
+        let mut expected: Vec<SocketKey> = left.iter().map(|(key, _)| *key).collect();
+        unclaimed.sort_by_key(|k| (k.netns, k.sport));
+        expected.sort_by_key(|k| (k.netns, k.sport));
+        assert_eq!(unclaimed, expected);
+        for (key, _) in left {
+            assert!(index.claim(key).is_some(), "{key:?}");
+        }
+        assert_eq!(index.unclaimed().count(), 0);
+        assert!(index.claim(&listed[0].0).is_none(), "each socket is claimed once");
     }
 }
