@@ -17,7 +17,7 @@ use netlink_packet_sock_diag::{
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
 use tracer_common::{TcpState, ip_from_raw, ip_to_raw, unmap_ipv4};
 
-/// One TCP socket from a dump. Addresses stay raw, as records carry them (56 bytes a
+/// One TCP socket from a dump. Addresses stay raw, as records carry them (52 bytes a
 /// socket, against 88 with two `SocketAddr`s): a reconciliation holds every socket of the
 /// host at once; `local()`/`remote()` give the addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +33,6 @@ pub struct DiagSocket {
     /// Inode of the socket's file (0 for TIME_WAIT and request sockets, which have none):
     /// what `/proc/<pid>/fd/*` links to as `socket:[inode]`.
     pub inode: u32,
-    pub uid: u32,
     /// Milliseconds since the socket last received an ACK (`tcpi_last_ack_recv`), for
     /// CLOSE_WAIT sockets: the peer's FIN carried the last one it will send, so this is a lower
     /// bound of the time spent in CLOSE_WAIT.
@@ -147,7 +146,6 @@ fn dump_family(
                         saddr,
                         daddr,
                         inode: header.inode,
-                        uid: header.uid,
                         since_last_ack_ms,
                     });
                 }
@@ -176,8 +174,8 @@ mod tests {
 
     /// A reconciliation holds one per socket of the host: a million at the documented scale.
     #[test]
-    fn a_dumped_socket_takes_56_bytes() {
-        assert_eq!(size_of::<DiagSocket>(), 56);
+    fn a_dumped_socket_takes_52_bytes() {
+        assert_eq!(size_of::<DiagSocket>(), 52);
     }
 
     /// A real CLOSE_WAIT socket: its dump entry says how long since the peer's FIN.

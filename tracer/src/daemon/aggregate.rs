@@ -377,7 +377,6 @@ mod tests {
             saddr: tracer_common::ip_to_raw([127, 0, 0, 1].into()),
             daddr: tracer_common::ip_to_raw([127, 0, 0, 1].into()),
             inode: 1,
-            uid: 0,
             since_last_ack_ms: None,
         }
     }

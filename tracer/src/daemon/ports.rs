@@ -93,7 +93,6 @@ mod tests {
             saddr: tracer_common::ip_to_raw(local.ip()),
             daddr: tracer_common::ip_to_raw(remote.ip()),
             inode: 0,
-            uid: 0,
             since_last_ack_ms: None,
         }
     }
