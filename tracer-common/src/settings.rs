@@ -198,9 +198,15 @@ pub struct RecentTransitions {
     /// Entries in use in `handled` and `rescued`: each is a stack, newest last.
     pub handled_len: u32,
     pub rescued_len: u32,
+    /// Runs of the standby program on this CPU, counted as each ends. It runs in every firing
+    /// of the tracepoint (or the kernel counts its miss), so with `main_runs` this tells how
+    /// often the kernel skipped the main program, which kernels before 6.7 do not count.
+    pub standby_runs: u64,
+    /// Runs of the main program on this CPU, counted as each starts.
+    pub main_runs: u64,
 }
 
-const _: () = assert!(size_of::<RecentTransitions>() == 72);
+const _: () = assert!(size_of::<RecentTransitions>() == 88);
 const _: () = assert!(RECENT.is_power_of_two());
 
 /// Identifies a transition among the few a CPU handles at once: the socket's address (whose

@@ -18,6 +18,9 @@
 // only means something for the bpf target.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// Inline assembly for BPF (one atomic add); the eBPF crate is built with RUSTC_BOOTSTRAP=1
+// for `-Z build-std` anyway.
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 mod transition;
 
@@ -104,6 +107,8 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     // SAFETY: this CPU's slot. Runs nested on this CPU (interrupts) only push and pop above
     // what this run pushed, and are complete when it resumes.
     let recent = unsafe { &mut *recent };
+    // Never nests in itself (the kernel skips it instead): a plain increment is exact.
+    recent.main_runs += 1;
     if setting!(standby_first) != 0 && take(&recent.rescued, &mut recent.rescued_len, id) {
         if let Some(counters) = COUNTERS.get_ptr_mut(COUNTERS_MAIN) {
             // SAFETY: this program's per-CPU slot.
@@ -136,19 +141,34 @@ pub fn standby(ctx: BtfTracePointContext) -> i32 {
     };
     // SAFETY: this CPU's slot, as in the main program.
     let recent = unsafe { &mut *recent };
-    if take(&recent.handled, &mut recent.handled_len, id) {
-        return 0;
+    if !take(&recent.handled, &mut recent.handled_len, id) {
+        let handled_before = recent.handled_len;
+        if setting!(standby_first) != 0 {
+            remember(&mut recent.rescued, &mut recent.rescued_len, id);
+        }
+        handle_transition(&ctx, &source, COUNTERS_STANDBY, FLAG_RESCUED);
+        // Main runs nested in this one pushed entries for standby runs that kernels with a
+        // recursion guard for this program (6.4 on, roughly) skip: forget them. Where the
+        // nested standby did run, it already took its entry and this changes nothing.
+        recent.handled_len = recent.handled_len.min(handled_before);
     }
-    let handled_before = recent.handled_len;
-    if setting!(standby_first) != 0 {
-        remember(&mut recent.rescued, &mut recent.rescued_len, id);
-    }
-    handle_transition(&ctx, &source, COUNTERS_STANDBY, FLAG_RESCUED);
-    // Main runs nested in this one pushed entries for standby runs that kernels with a
-    // recursion guard for this program (6.4 on, roughly) skip: forget them. Where the nested
-    // standby did run, it already took its entry and this changes nothing.
-    recent.handled_len = recent.handled_len.min(handled_before);
+    // Last, after anything else this run counts (the reader relies on that order), and
+    // atomic: on kernels without that guard this program can nest in itself.
+    atomic_increment(&raw mut recent.standby_runs);
     0
+}
+
+/// `*counter += 1` in one instruction that an interrupt cannot split (BPF_XADD, on every
+/// kernel). Rust offers no atomic read-modify-write for BPF on its stable surface.
+#[inline(always)]
+fn atomic_increment(counter: *mut u64) {
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: `counter` points to an aligned u64 in a map value, updated only this way.
+    unsafe {
+        core::arch::asm!("lock *(u64 *)({0} + 0) += {1}", in(reg) counter, in(reg) 1u64);
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    let _ = counter;
 }
 
 /// accept() returns a socket whose transitions so far all ran in softirq: the process that

@@ -19,7 +19,10 @@ use aya::{
 use thiserror::Error;
 use tracer_common::{
     KernelCounters, KernelSettings, SocketState,
-    settings::{COUNTERS_MAIN, COUNTERS_STANDBY, KernelFilter, OFFSET_UNKNOWN, SockOffsets},
+    settings::{
+        COUNTERS_MAIN, COUNTERS_STANDBY, KernelFilter, OFFSET_UNKNOWN, RecentTransitions,
+        SockOffsets,
+    },
     tracepoint,
 };
 
@@ -135,8 +138,9 @@ pub struct Delivery {
     pub filtered: u64,
     /// Lost: no room in the ring buffer.
     pub ringbuf_full: u64,
-    /// Lost: the kernel skipped the program (already running on that CPU) and no standby
-    /// program delivered the transition. An upper bound: it also counts untraced protocols.
+    /// Lost: the kernel skipped the main program (a tracing program already running on that
+    /// CPU) and the standby did not deliver the transition. Without the standby, an upper
+    /// bound (it also counts untraced protocols), and kept by kernels from 6.7 only.
     pub recursion_misses: u64,
     /// Transitions the standby program delivered after the kernel skipped the main one (or of
     /// untraced protocols, which it also sees).
@@ -156,17 +160,24 @@ impl Delivery {
     }
 }
 
+/// Runs of each program.
+#[derive(Clone, Copy, Default)]
+struct Runs {
+    main: u64,
+    standby: u64,
+}
+
 /// Sums what the two programs counted into what was delivered and what was lost.
 ///
 /// The programs agree per CPU on which one delivers a transition, and that agreement can fail
 /// (a program the kernel skipped between pushing and taking an entry leaves it behind), so the
-/// loss count does not trust it. Each firing of the tracepoint adds to `misses` + main's
+/// loss count does not trust it. Each firing of the tracepoint adds to `main_skips` + main's
 /// `deduplicated` + `duplicates_dropped` - standby's `seen` exactly the transitions it lost:
 ///
 /// | main program | standby | adds |
 /// |---|---|---|
 /// | delivered | skipped it as delivered | 0 |
-/// | skipped by the kernel (a miss) | delivered | 1 - 1 = 0 |
+/// | skipped by the kernel | delivered | 1 - 1 = 0 |
 /// | skipped by the kernel | skipped by the kernel, or as delivered | 1: lost |
 /// | delivered | delivered too; the reader drops one | 1 - 1 = 0 |
 /// | skipped it as delivered by the standby | delivered (before or after) | 1 - 1 = 0 |
@@ -174,15 +185,15 @@ impl Delivery {
 /// | delivered | delivered; the reader dropped the wrong one | 1: lost |
 ///
 /// Firings of other protocols count the same way (`seen` includes them), so an untraced
-/// protocol's miss is not a loss.
+/// protocol's skip is not a loss.
 fn account(
     main: &KernelCounters,
     standby: &KernelCounters,
-    misses: u64,
+    main_skips: u64,
     duplicates_dropped: u64,
 ) -> Delivery {
     let recursion_misses =
-        (misses + main.deduplicated + duplicates_dropped).saturating_sub(standby.seen);
+        (main_skips + main.deduplicated + duplicates_dropped).saturating_sub(standby.seen);
     Delivery {
         handled: main.seen - main.other_protocol + standby.seen - standby.other_protocol,
         emitted: main.emitted + standby.emitted,
@@ -254,6 +265,11 @@ impl PartStatus {
 pub struct Probe {
     ebpf: Ebpf,
     counters: PerCpuArray<MapData, KernelCounters>,
+    /// Per CPU: the two programs' runs (and their recent transitions).
+    recent: PerCpuArray<MapData, RecentTransitions>,
+    /// With the standby attached: the main program's runs less the standby's runs and misses
+    /// as both were attached (see `Probe::main_skips`).
+    runs_apart_at_attach: Option<i64>,
     ring: Option<RingBuf<MapData>>,
     parts: Vec<PartStatus>,
     map_memory: Vec<MapMemory>,
@@ -372,9 +388,22 @@ impl Probe {
         );
         let ring = take_map(&mut ebpf, "EVENTS", RingBuf::try_from)?;
         let counters = take_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?;
+        let recent = take_map(&mut ebpf, "RECENT", PerCpuArray::try_from)?;
         drop(kernel_btf);
         release_freed_memory();
-        Ok(Self { ebpf, counters, ring: Some(ring), parts, map_memory })
+        let mut probe = Self {
+            ebpf,
+            counters,
+            recent,
+            runs_apart_at_attach: None,
+            ring: Some(ring),
+            parts,
+            map_memory,
+        };
+        if probe.parts.iter().any(|p| p.part == Part::Standby && p.active()) {
+            probe.runs_apart_at_attach = Some(probe.runs_apart(options.standby_first)?);
+        }
+        Ok(probe)
     }
 
     /// Kernel memory of each of the probe's maps, as measured at load.
@@ -397,10 +426,14 @@ impl Probe {
         take_map(&mut self.ebpf, "SOCKETS", HashMap::try_from).map(KernelSockets)
     }
 
-    /// Reads the per-CPU counters and the kernel's recursion misses. `duplicates_dropped` is
-    /// what the reader of the ring has dropped as second deliveries so far (see `account`):
-    /// read it first, then this, so that records arriving in between can only make the losses
-    /// seem fewer for a moment, never more (a counter that went down would confuse `rate()`).
+    /// Reads what the programs counted. `duplicates_dropped` is what the reader of the ring
+    /// has dropped as second deliveries so far (see `account`): read it first.
+    ///
+    /// Counts that add to the losses are read before those that take from them: in a firing
+    /// the latter grow first (the main program's run as it starts, the standby's record as
+    /// it is made, the standby's run as it ends), so a firing under way during the reads can
+    /// make the losses seem fewer for a moment, never more (a counter that went down and up
+    /// again would confuse `rate()`).
     pub fn delivery(&self, duplicates_dropped: u64) -> Result<Delivery, ProbeError> {
         let sum = |slot: u32| -> Result<KernelCounters, ProbeError> {
             let per_cpu = self
@@ -409,17 +442,68 @@ impl Probe {
                 .map_err(|source| ProbeError::Map { map: "COUNTERS", source })?;
             Ok(per_cpu.iter().fold(KernelCounters::default(), add_counters))
         };
-        // Misses before the counters: a rescue adds to both, the miss first.
-        let misses = self.main_stats()?.recursion_misses;
-        let main = sum(COUNTERS_MAIN)?;
-        let standby = sum(COUNTERS_STANDBY)?;
-        Ok(account(&main, &standby, misses, duplicates_dropped))
+        let main_skips = match self.runs_apart_at_attach {
+            Some(apart) => {
+                let firings = self.runs()?.standby + self.stats(STANDBY_PROGRAM)?.recursion_misses;
+                let (main, standby) = (sum(COUNTERS_MAIN)?, sum(COUNTERS_STANDBY)?);
+                let main_runs = self.runs()?.main;
+                let skips = (firings as i64 + apart - main_runs as i64).max(0) as u64;
+                return Ok(account(&main, &standby, skips, duplicates_dropped));
+            }
+            // Without the standby only the kernel's count is left, which kernels before 6.7
+            // do not keep for a classic tracepoint's program.
+            None => self.main_stats()?.recursion_misses,
+        };
+        Ok(account(&sum(COUNTERS_MAIN)?, &sum(COUNTERS_STANDBY)?, main_skips, duplicates_dropped))
+    }
+
+    /// Both programs' runs, summed over CPUs.
+    fn runs(&self) -> Result<Runs, ProbeError> {
+        let per_cpu =
+            self.recent.get(&0, 0).map_err(|source| ProbeError::Map { map: "RECENT", source })?;
+        Ok(per_cpu.iter().fold(Runs::default(), |total, cpu| Runs {
+            main: total.main + cpu.main_runs,
+            standby: total.standby + cpu.standby_runs,
+        }))
+    }
+
+    /// How many more times the main program ran than the standby ran or was skipped, just
+    /// after both were attached: the firings between the two attachments (negative when the
+    /// standby went first). From then on every firing runs the standby or counts its miss,
+    /// so the firings since, less the main program's runs since, are the firings the kernel
+    /// skipped the main program for, whether or not it counts them.
+    fn runs_apart(&self, standby_first: bool) -> Result<i64, ProbeError> {
+        // A firing under way while a CPU's slot is copied counts for the program that ran
+        // first and not yet for the other: of a few reads, the one with none under way on
+        // that CPU is the lowest (the highest when the standby runs first).
+        let mut apart: Option<Vec<i64>> = None;
+        for _ in 0..3 {
+            let per_cpu = self
+                .recent
+                .get(&0, 0)
+                .map_err(|source| ProbeError::Map { map: "RECENT", source })?;
+            let read = per_cpu.iter().map(|cpu| cpu.main_runs as i64 - cpu.standby_runs as i64);
+            apart = Some(match apart {
+                None => read.collect(),
+                Some(before) if standby_first => {
+                    before.iter().zip(read).map(|(a, b)| b.max(*a)).collect()
+                }
+                Some(before) => before.iter().zip(read).map(|(a, b)| b.min(*a)).collect(),
+            });
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let misses = self.stats(STANDBY_PROGRAM)?.recursion_misses as i64;
+        Ok(apart.unwrap_or_default().iter().sum::<i64>() - misses)
     }
 
     /// The kernel's statistics of the main program.
     pub fn main_stats(&self) -> Result<ProgramStats, ProbeError> {
-        let stats_error = |source| ProbeError::Stats { program: MAIN_PROGRAM, source };
-        let program = self.ebpf.program(MAIN_PROGRAM).ok_or(ProbeError::Missing(MAIN_PROGRAM))?;
+        self.stats(MAIN_PROGRAM)
+    }
+
+    fn stats(&self, name: &'static str) -> Result<ProgramStats, ProbeError> {
+        let stats_error = |source| ProbeError::Stats { program: name, source };
+        let program = self.ebpf.program(name).ok_or(ProbeError::Missing(name))?;
         let fd = program.fd().map_err(|e| stats_error(io::Error::other(e.to_string())))?;
         stats::program_stats(fd.as_fd()).map_err(stats_error)
     }
@@ -725,14 +809,14 @@ mod tests {
     /// The counters `firings` leave, each given as (main, standby, records the reader dropped).
     fn counted(firings: &[(Main, Standby, u64)]) -> Delivery {
         let (mut main, mut standby) = (KernelCounters::default(), KernelCounters::default());
-        let (mut misses, mut dropped) = (0, 0);
+        let (mut skips, mut dropped) = (0, 0);
         for &(m, s, drops) in firings {
             match m {
                 Main::Delivered => {
                     main.seen += 1;
                     main.emitted += 1;
                 }
-                Main::Missed => misses += 1,
+                Main::Missed => skips += 1,
                 Main::SkippedAsDelivered => main.deduplicated += 1,
             }
             if let Standby::Delivered = s {
@@ -741,7 +825,7 @@ mod tests {
             }
             dropped += drops;
         }
-        account(&main, &standby, misses, dropped)
+        account(&main, &standby, skips, dropped)
     }
 
     #[test]
