@@ -377,7 +377,7 @@ mod tests {
             saddr: tracer_common::ip_to_raw([127, 0, 0, 1].into()),
             daddr: tracer_common::ip_to_raw([127, 0, 0, 1].into()),
             inode: 1,
-            since_last_ack_ms: None,
+            last_ack_ms: DiagSocket::NO_ACK_TIME,
         }
     }
 
@@ -502,7 +502,7 @@ mod tests {
     fn a_seeded_close_wait_socket_is_dated_by_the_peers_last_ack() {
         let mut agg = Aggregator::new(100, PortLabels::none());
         let mut socket = diag(S::CLOSE_WAIT, 1000);
-        socket.since_last_ack_ms = Some(90_000);
+        socket.last_ack_ms = 90_000;
         let now = 100_000_000_000;
         agg.reconcile(dump(vec![socket]), now - 10, now, false);
         let (_, tracked) = agg.table().iter().next().unwrap();

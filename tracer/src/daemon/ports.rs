@@ -93,7 +93,7 @@ mod tests {
             saddr: tracer_common::ip_to_raw(local.ip()),
             daddr: tracer_common::ip_to_raw(remote.ip()),
             inode: 0,
-            since_last_ack_ms: None,
+            last_ack_ms: DiagSocket::NO_ACK_TIME,
         }
     }
 

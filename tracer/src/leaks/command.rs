@@ -41,7 +41,7 @@ pub fn snapshot(threshold: Duration, cmdline: CmdlinePolicy) -> LeakReport {
         .into_iter()
         .flat_map(|dump| {
             dump.sockets.into_iter().filter_map(move |socket| {
-                let silent_ms = socket.since_last_ack_ms?;
+                let silent_ms = socket.since_last_ack_ms()?;
                 (u128::from(silent_ms) >= threshold_ms).then(|| Candidate {
                     key: SocketKey::from_diag(dump.inode, &socket),
                     age_ns: u64::from(silent_ms) * 1_000_000,

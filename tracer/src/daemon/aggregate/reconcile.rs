@@ -58,7 +58,7 @@ impl ReconcileOutcome {
 /// The earliest moment a dumped socket is known to have been in its state: for CLOSE_WAIT,
 /// when the peer's last ACK (its FIN, or later) arrived; otherwise when the dump saw it.
 fn entered_at(socket: &DiagSocket, now: u64) -> u64 {
-    match socket.since_last_ack_ms {
+    match socket.since_last_ack_ms() {
         Some(ms) if socket.state == TcpState::CLOSE_WAIT => {
             now.saturating_sub(u64::from(ms) * 1_000_000)
         }
