@@ -187,9 +187,10 @@ pub struct KernelCounters {
 pub const RECENT: usize = 4;
 
 /// Per CPU, the last transitions each program delivered, by `transition_id`: the standby
-/// delivers a transition only when the main program has not, and the main program skips one
-/// the standby already delivered, so neither the kernel skipping a program nor the order in
-/// which the two run can lose or duplicate a transition.
+/// delivers a transition only when the main program has not, and, when it runs first, the
+/// main program skips one the standby already delivered. Rarely an entry outlives its firing
+/// and both or neither deliver one; the loss count does not rely on these (`Probe::delivery`
+/// in the tracer).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RecentTransitions {

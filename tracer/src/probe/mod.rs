@@ -268,7 +268,7 @@ pub struct Probe {
     /// Per CPU: the two programs' runs (and their recent transitions).
     recent: PerCpuArray<MapData, RecentTransitions>,
     /// With the standby attached: the main program's runs less the standby's runs and misses
-    /// as both were attached (see `Probe::main_skips`).
+    /// as both were attached (see `Probe::runs_apart`).
     runs_apart_at_attach: Option<i64>,
     ring: Option<RingBuf<MapData>>,
     parts: Vec<PartStatus>,
@@ -442,19 +442,21 @@ impl Probe {
                 .map_err(|source| ProbeError::Map { map: "COUNTERS", source })?;
             Ok(per_cpu.iter().fold(KernelCounters::default(), add_counters))
         };
-        let main_skips = match self.runs_apart_at_attach {
+        let (main_skips, main, standby) = match self.runs_apart_at_attach {
             Some(apart) => {
                 let firings = self.runs()?.standby + self.stats(STANDBY_PROGRAM)?.recursion_misses;
                 let (main, standby) = (sum(COUNTERS_MAIN)?, sum(COUNTERS_STANDBY)?);
                 let main_runs = self.runs()?.main;
-                let skips = (firings as i64 + apart - main_runs as i64).max(0) as u64;
-                return Ok(account(&main, &standby, skips, duplicates_dropped));
+                ((firings as i64 + apart - main_runs as i64).max(0) as u64, main, standby)
             }
             // Without the standby only the kernel's count is left, which kernels before 6.7
             // do not keep for a classic tracepoint's program.
-            None => self.main_stats()?.recursion_misses,
+            None => {
+                let skips = self.main_stats()?.recursion_misses;
+                (skips, sum(COUNTERS_MAIN)?, sum(COUNTERS_STANDBY)?)
+            }
         };
-        Ok(account(&sum(COUNTERS_MAIN)?, &sum(COUNTERS_STANDBY)?, main_skips, duplicates_dropped))
+        Ok(account(&main, &standby, main_skips, duplicates_dropped))
     }
 
     /// Both programs' runs, summed over CPUs.
