@@ -57,9 +57,12 @@ enum Task {
     /// The benchmark's load generator (run inside its network namespace).
     #[command(hide = true, subcommand)]
     Loadgen(bench::load::LoadCommand),
-    /// The benchmark's floor: an empty program held on the tracepoint until interrupted.
+    /// The benchmark's floors: a program held on the tracepoint until interrupted.
     #[command(hide = true)]
-    Floor,
+    Floor {
+        #[arg(value_enum, default_value = "empty")]
+        program: bench::floor::Floor,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -122,7 +125,7 @@ fn main() -> anyhow::Result<()> {
             bench::run(&root, &args)
         }
         Task::Loadgen(command) => bench::load::run(command),
-        Task::Floor => bench::floor::hold(),
+        Task::Floor { program } => bench::floor::hold(program),
     }
 }
 

@@ -47,18 +47,23 @@ enum Config {
     Bare,
     /// An empty program on the tracepoint: the kernel's own cost, below any tracer.
     Floor,
+    /// A 128-byte ring-buffer record per firing and nothing else: the least a tracer that
+    /// sends every transition pays.
+    RecordFloor,
     Daemon,
     Watch,
     Tcpstates,
 }
 
 impl Config {
-    const ALL: [Self; 5] = [Self::Bare, Self::Floor, Self::Daemon, Self::Watch, Self::Tcpstates];
+    const ALL: [Self; 6] =
+        [Self::Bare, Self::Floor, Self::RecordFloor, Self::Daemon, Self::Watch, Self::Tcpstates];
 
     fn label(self) -> &'static str {
         match self {
             Self::Bare => "nothing attached (bare)",
             Self::Floor => "an empty program (the kernel's own cost)",
+            Self::RecordFloor => "a 128-byte ring record per firing, nothing else",
             Self::Daemon => "`tcpstate run` (scraped 1/s)",
             Self::Watch => "`tcpstate watch --json`",
             Self::Tcpstates => "libbpf-tools `tcpstates`",

@@ -129,7 +129,7 @@ pub(super) fn render(
             continue;
         }
         let firings: u64 = runs.iter().map(|o| o.firings).sum();
-        if config == Config::Floor {
+        if matches!(config, Config::Floor | Config::RecordFloor) {
             let _ = writeln!(
                 out,
                 "| {} | {rate:.0} ({min:.0}–{max:.0}) | {:.2} | – | {firings} | – | – | – | {} | {} | – |",
@@ -186,7 +186,8 @@ pub(super) fn render(
         "\nCost per firing, from the storm rates (every CPU busy, so a connection takes CPUs / \
          rate of CPU time; the difference to bare over its {per_connection:.2} transitions): {}. \
          The empty program's is the kernel's own part, which no program on this tracepoint \
-         avoids.",
+         avoids; the bare record's is the least a tracer pays that sends every transition to \
+         userspace.",
         costs.join(", ")
     );
     let connections: u64 = outcomes.iter().map(|(_, o)| o.connections).sum();

@@ -141,9 +141,12 @@ impl Bench<'_> {
             Config::Bare => {
                 (outcome.connections, outcome.seconds) = self.run_storm(seconds, 0)?;
             }
-            Config::Floor => {
+            Config::Floor | Config::RecordFloor => {
                 let mut command = Command::new(&self.xtask);
                 command.arg("floor");
+                if config == Config::RecordFloor {
+                    command.arg("record");
+                }
                 let floor = Tracer::start(command, |t| t.stderr_contains("attached"))?;
                 let prog_before = floor.prog_stats()?;
                 let firings_before = floor.firings()?;
