@@ -25,6 +25,19 @@ pub const DURATION_BUCKETS: [f64; 18] = [
     1000.0, 3600.0,
 ];
 
+/// The same bounds in whole nanoseconds: a record's stay is sorted into its bucket with integer
+/// comparisons, where a division and float comparisons per record took a tenth of the
+/// daemon's CPU under a connection storm.
+const DURATION_BUCKET_NS: [u64; DURATION_BUCKETS.len()] = {
+    let mut ns = [0; DURATION_BUCKETS.len()];
+    let mut i = 0;
+    while i < ns.len() {
+        ns[i] = (DURATION_BUCKETS[i] * 1e9 + 0.5) as u64;
+        i += 1;
+    }
+    ns
+};
+
 /// Completed stays in one state whose length is exactly known.
 #[derive(Clone, Debug, Default)]
 pub struct StayHistogram {
@@ -36,8 +49,7 @@ pub struct StayHistogram {
 
 impl StayHistogram {
     fn observe(&mut self, ns: u64) {
-        let seconds = ns as f64 / 1e9;
-        let bucket = DURATION_BUCKETS.partition_point(|&bound| bound < seconds);
+        let bucket = DURATION_BUCKET_NS.partition_point(|&bound| bound < ns);
         self.buckets[bucket] += 1;
         self.sum_ns += u128::from(ns);
         self.count += 1;
@@ -582,5 +594,19 @@ mod tests {
         assert_eq!(h.buckets[DURATION_BUCKETS.iter().position(|&b| b == 3.0).unwrap()], 1);
         assert_eq!(h.buckets[DURATION_BUCKETS.len()], 1);
         assert_eq!(h.count, 3);
+    }
+
+    #[test]
+    fn stays_on_a_bound_fall_in_its_bucket_as_prometheus_le_says() {
+        assert_eq!(DURATION_BUCKET_NS[0], 10_000);
+        assert_eq!(DURATION_BUCKET_NS[DURATION_BUCKETS.len() - 1], 3_600_000_000_000);
+        for (i, &bound) in DURATION_BUCKET_NS.iter().enumerate() {
+            assert_eq!(bound as f64 / 1e9, DURATION_BUCKETS[i], "bound {i} converts back exactly");
+            for (ns, bucket) in [(bound - 1, i), (bound, i), (bound + 1, i + 1)] {
+                let mut h = StayHistogram::default();
+                h.observe(ns);
+                assert_eq!(h.buckets[bucket], 1, "{ns} ns belongs in bucket {bucket}");
+            }
+        }
     }
 }
