@@ -106,7 +106,12 @@ impl Status {
 
     fn record_delivery(&mut self, delivery: Delivery, now: u64) {
         self.delivery = delivery;
-        self.overflow_history.push_back((now, delivery.ringbuf_full));
+        // One sample a status interval is enough for the window; every flush (each scrape)
+        // also refreshes `delivery`, and must not grow the history at the scrapers' pace.
+        let interval_ns = STATUS_INTERVAL.as_nanos() as u64;
+        if self.overflow_history.back().is_none_or(|&(t, _)| now - t >= interval_ns) {
+            self.overflow_history.push_back((now, delivery.ringbuf_full));
+        }
         while self.overflow_history.front().is_some_and(|&(t, _)| now - t > OVERFLOW_WINDOW_NS) {
             self.overflow_history.pop_front();
         }
@@ -382,27 +387,12 @@ pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
             Some(flush) = flushes.recv() => {
                 reader.drain_now(|item| batch.collect(item));
                 batch.apply(&shared);
+                // A scrape's loss counts then cover what its event counts do.
+                refresh_delivery(&probe, &reader, &shared);
                 let _ = flush.send(());
             }
             _ = status_tick.tick() => {
-                // A failed read is reported (log, /healthz), not fatal: records still flow.
-                let duplicates = reader.duplicates_dropped();
-                let delivery = probe.delivery(duplicates).map_err(|error| format!("{error:#}"));
-                shared.update_status(|status| {
-                    match delivery {
-                        Ok(delivery) => {
-                            status.record_delivery(delivery, monotonic_ns());
-                            status.counters_error = None;
-                        }
-                        Err(error) => {
-                            if status.counters_error.as_ref() != Some(&error) {
-                                log::warn!("cannot read the kernel program's counters: {error}");
-                            }
-                            status.counters_error = Some(error);
-                        }
-                    }
-                    status.duplicates_dropped = duplicates;
-                });
+                refresh_delivery(&probe, &reader, &shared);
                 shared.release_memory_if_needed();
             }
             _ = reconcile_tick.tick(), if pending_reconcile.is_none() => {
@@ -432,6 +422,29 @@ pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
     }
     log::debug!("HTTP server stopped");
     Ok(())
+}
+
+/// Reads the kernel's delivery and loss counters into the status: every `STATUS_INTERVAL`, and
+/// whenever the ring is flushed for a reader (a scrape, a reconciliation). A failed read is
+/// reported (log, /healthz), not fatal: records still flow.
+fn refresh_delivery(probe: &Probe, reader: &RecordReader, shared: &Shared) {
+    let duplicates = reader.duplicates_dropped();
+    let delivery = probe.delivery(duplicates).map_err(|error| format!("{error:#}"));
+    shared.update_status(|status| {
+        match delivery {
+            Ok(delivery) => {
+                status.record_delivery(delivery, monotonic_ns());
+                status.counters_error = None;
+            }
+            Err(error) => {
+                if status.counters_error.as_ref() != Some(&error) {
+                    log::warn!("cannot read the kernel program's counters: {error}");
+                }
+                status.counters_error = Some(error);
+            }
+        }
+        status.duplicates_dropped = duplicates;
+    });
 }
 
 /// Evaluates leaks every second, off the async workers.
@@ -505,5 +518,21 @@ mod tests {
         status.counters_error = Some("Operation not permitted".into());
         let reason = status.unhealthy_reason(2).unwrap();
         assert!(reason.contains("Operation not permitted") && reason.contains("not counted"));
+    }
+
+    #[test]
+    fn scrapes_refresh_the_loss_counts_without_growing_the_overflow_history() {
+        let second = STATUS_INTERVAL.as_nanos() as u64;
+        let mut status = Status { last_read_ns: 1, ..Status::default() };
+        let overflowed = |ringbuf_full| Delivery { ringbuf_full, ..Delivery::default() };
+        for scrape in 0..100 {
+            status.record_delivery(overflowed(scrape), 1 + scrape * second / 100);
+        }
+        assert_eq!(status.overflow_history.len(), 1, "one sample per status interval");
+        assert_eq!(status.delivery.ringbuf_full, 99, "every scrape sees the latest count");
+        status.record_delivery(overflowed(100), 1 + second);
+        assert_eq!(status.overflow_history.len(), 2);
+        let reason = status.unhealthy_reason(1 + second).unwrap();
+        assert!(reason.starts_with("100 transitions lost"), "{reason}");
     }
 }
