@@ -40,16 +40,22 @@ pub struct BenchArgs {
     /// Print the results without recording them in BENCHMARKS.md.
     #[arg(long)]
     pub no_record: bool,
+    /// Storms of bare and this configuration only, no scale or saturation run, nothing
+    /// recorded: for looking into one tracer.
+    #[arg(long, hide = true, value_enum)]
+    pub only: Option<Config>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Config {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Config {
+    #[value(skip)]
     Bare,
     /// An empty program on the tracepoint: the kernel's own cost, below any tracer.
     Floor,
     /// A 128-byte ring-buffer record per firing and nothing else: the least a tracer that
     /// sends every transition pays.
     RecordFloor,
+    #[value(name = "run")]
     Daemon,
     Watch,
     Tcpstates,
@@ -118,8 +124,12 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     eprintln!("bench: {per_connection:.3} transitions per connection");
 
     let mut outcomes: Vec<(Config, Outcome)> = Vec::new();
+    let configs: Vec<Config> = match args.only {
+        Some(only) => vec![Config::Bare, only],
+        None => Config::ALL.to_vec(),
+    };
     for round in 1..=args.rounds {
-        for config in Config::ALL {
+        for &config in &configs {
             eprintln!("bench: round {round}/{}: {}", args.rounds, config.label());
             let outcome = bench.storm(config, per_connection)?;
             eprintln!(
@@ -129,8 +139,20 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                 outcome.expected,
                 outcome.tracer_cpu
             );
+            if outcome.firings > 0 && config != Config::Floor && config != Config::RecordFloor {
+                eprintln!(
+                    "bench:   {} firings, {} lost, counted {} ring full / {} recursion",
+                    outcome.firings,
+                    outcome.firings as i64 - outcome.delivered as i64,
+                    outcome.lost_buffer,
+                    outcome.lost_recursion
+                );
+            }
             outcomes.push((config, outcome));
         }
+    }
+    if args.only.is_some() {
+        return Ok(());
     }
     let scale = if args.hold > 0 { Some(bench.scale()?) } else { None };
     eprintln!("bench: saturation: 10,000 sockets against --max-sockets 1000");

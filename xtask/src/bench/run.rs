@@ -161,6 +161,10 @@ impl Bench<'_> {
                 let prog_before = tracer.prog_stats()?;
                 let firings_before = tracer.firings()?;
                 let (before, _) = measure::http_get(addr, "/metrics")?;
+                // One scrape's firings on the still idle host, for the count of the host's
+                // traffic: 10 or 11 (the server's close() after its shutdown() reports a
+                // FIN_WAIT1 -> FIN_WAIT1 unless the client's FIN came first).
+                let per_scrape = tracer.settled_firings()? - firings_before;
                 let scraping = Arc::new(AtomicBool::new(true));
                 let scrapes = Arc::new(AtomicU64::new(0));
                 let scraper = {
@@ -178,22 +182,22 @@ impl Bench<'_> {
                 scraping.store(false, Ordering::Relaxed);
                 scraper.join().expect("scraper");
                 thread::sleep(Duration::from_millis(500));
-                let (after, _) = measure::http_get(addr, "/metrics")?;
-                // The first scrape's opening transitions came after the first count of
-                // firings but before its render; the last one's closing ones after its render
-                // but before the last count: one scrape's 10 transitions the firings include
-                // and the delivered count does not.
-                outcome.firings = (tracer.firings()? - firings_before).saturating_sub(10);
-                outcome.tracer_cpu = measure::cpu_seconds(tracer.pid())? - cpu_before;
+                // The window runs from before the first scrape to before the last. A scrape's
+                // connect and accept come before its render, so the first scrape's are in the
+                // window but not in the delivered count, and the last one's in the delivered
+                // count but not in the window: as many.
+                outcome.firings = tracer.settled_firings()? - firings_before;
                 (outcome.prog, outcome.standby) = deltas(tracer.prog_stats()?, prog_before);
+                let (after, _) = measure::http_get(addr, "/metrics")?;
+                outcome.tracer_cpu = measure::cpu_seconds(tracer.pid())? - cpu_before;
                 outcome.peak_rss = measure::memory(tracer.pid())?.0;
                 let change = |name: &str, labels: &[&str]| {
                     (measure::metric(&after, name, labels) - measure::metric(&before, name, labels))
                         as u64
                 };
                 outcome.delivered = change("tcpstate_events_total", &[]);
-                // The scrapes are connections too; they are not part of the storm.
-                outcome.expected_extra = 10 * (scrapes.load(Ordering::Relaxed) + 1);
+                // The scrapes in the window are connections too, not part of the storm.
+                outcome.expected_extra = per_scrape * (scrapes.load(Ordering::Relaxed) + 1);
                 outcome.lost_buffer =
                     change("tcpstate_events_lost_total", &["cause=\"ringbuf_full\""]);
                 outcome.lost_recursion =

@@ -138,6 +138,21 @@ impl Tracer {
         Ok(stats.run_cnt + stats.recursion_misses)
     }
 
+    /// `firings` once a scrape's last transitions are in: a connection's final ACK can be
+    /// processed after the client's `close` returned (in ksoftirqd on a busy CPU).
+    pub(super) fn settled_firings(&self) -> anyhow::Result<u64> {
+        let mut last = self.firings()?;
+        for _ in 0..40 {
+            thread::sleep(Duration::from_millis(50));
+            let now = self.firings()?;
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        Ok(last)
+    }
+
     /// Waits until the output stops growing: the tracer has written what it received.
     pub(super) fn settle(&self) {
         let mut last = u64::MAX;
