@@ -32,7 +32,9 @@ pub struct TransitionRecord {
     pub ts_ns: u64,
     /// The kernel address of the `struct sock`; unique while the socket lives, reused after CLOSE.
     pub skaddr: u64,
-    /// Nanoseconds spent in `oldstate`, valid when `FLAG_DWELL_KNOWN` is set.
+    /// Nanoseconds spent in `oldstate`, valid when `FLAG_DWELL_KNOWN` is set. A move to the
+    /// state the socket is already in (close() after shutdown() reports one) does not end
+    /// the stay: its record carries the time so far, and the next record the whole stay.
     pub dwell_ns: u64,
     /// The owner's cgroup v2 id (its cgroup directory's inode), valid when `FLAG_OWNER_KNOWN`
     /// is set: names its container without reading `/proc`.
@@ -71,6 +73,11 @@ const _: () = assert!(size_of::<TransitionRecord>() == RECORD_SIZE);
 const _: () = assert!(align_of::<TransitionRecord>() == 8);
 
 impl TransitionRecord {
+    /// Whether the socket left `oldstate`: false for a move to the state it is already in.
+    pub fn ends_stay(&self) -> bool {
+        self.oldstate != self.newstate
+    }
+
     pub const fn dwell_known(&self) -> bool {
         self.flags & FLAG_DWELL_KNOWN != 0
     }

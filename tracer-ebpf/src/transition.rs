@@ -212,7 +212,9 @@ fn track_socket(
             if new == TcpState::CLOSE {
                 // The kernel reuses the address for a later socket.
                 let _ = SOCKETS.remove(skaddr);
-            } else {
+            } else if new != old {
+                // A socket shut down and then closed reports the close as a move to the state
+                // it is in (FIN_WAIT1, FIN_WAIT2 or LAST_ACK): its stay goes on.
                 entry.entered_ns = now;
             }
             tracked

@@ -232,7 +232,7 @@ impl Aggregator {
                 self.resets[label][direction as usize][old.index()] += 1;
             }
         }
-        if r.dwell_known() {
+        if r.dwell_known() && r.ends_stay() {
             self.stays[old.index()].observe(r.dwell_ns);
         }
 
@@ -413,6 +413,24 @@ mod tests {
         agg.apply(&record(A, 5, S::FIN_WAIT2, S::CLOSE, 1000));
         assert!(agg.table().is_empty());
         assert_eq!(agg.events(), 5);
+    }
+
+    /// shutdown() then close() reports the close as FIN_WAIT1 -> FIN_WAIT1 (or FIN_WAIT2 ->
+    /// FIN_WAIT2): a move within the state, which neither ends nor restarts the stay.
+    #[test]
+    fn a_move_to_the_same_state_continues_the_stay() {
+        let mut agg = Aggregator::new(100, PortLabels::none());
+        agg.apply(&record(A, 1, S::CLOSE, S::SYN_SENT, 0));
+        agg.apply(&record(A, 2, S::SYN_SENT, S::ESTABLISHED, 1000));
+        agg.apply(&record(A, 3, S::ESTABLISHED, S::FIN_WAIT1, 1000));
+        agg.apply(&record(A, 7, S::FIN_WAIT1, S::FIN_WAIT1, 1000));
+        assert_eq!(agg.transitions(0, S::FIN_WAIT1, S::FIN_WAIT1), 1, "counted as a transition");
+        assert_eq!(agg.stays(S::FIN_WAIT1).count, 0, "but the stay goes on");
+        let tracked = agg.table().get(A).expect("tracked");
+        assert_eq!((tracked.state, tracked.entered_ns), (S::FIN_WAIT1, 3), "entered at 3, not 7");
+        assert_eq!(agg.table().gauges().count(S::FIN_WAIT1), 1);
+        agg.apply(&record(A, 9, S::FIN_WAIT1, S::FIN_WAIT2, 1000));
+        assert_eq!(agg.stays(S::FIN_WAIT1).count, 1, "one stay, ended by the real move");
     }
 
     /// Above --max-sockets nothing churns: the table keeps what it holds, reconciliations

@@ -302,9 +302,12 @@ impl SocketTable {
                 self.gauges.add(tracked.key.sport, tracked.state, -1, ts);
                 self.gauges.add(key.sport, state, 1, ts);
                 tracked.key = key;
-                tracked.state = state;
-                tracked.entered_ns = ts;
-                tracked.entered_exact = true;
+                // A move to the state it is in (close() after shutdown()) continues the stay.
+                if tracked.state != state {
+                    tracked.state = state;
+                    tracked.entered_ns = ts;
+                    tracked.entered_exact = true;
+                }
                 tracked.last_seen_ns = ts;
                 if let Some(owner) = owner {
                     self.set_owner(id, owner);

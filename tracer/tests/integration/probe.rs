@@ -335,6 +335,56 @@ fn standby_delivers_the_same_records_from_the_socket(
     exact_sequences(addressing, closer, Path::Standby);
 }
 
+/// A server that shuts its side down and closes later (hyper, nginx's lingering close): the
+/// kernel reports the close as a move to the state the socket is already in (FIN_WAIT2 here,
+/// FIN_WAIT1 when the peer's ACK has not come yet). That move does not end the stay: its
+/// record carries the time so far, and the record that leaves the state the whole stay.
+#[test]
+#[parallel]
+fn close_after_shutdown_continues_the_stay() {
+    let listener = TcpListener::bind((V4, 0)).unwrap();
+    let server = listener.local_addr().unwrap();
+    let mut capture = Capture::on_port(server.port(), 1 << 20);
+
+    const HOLD: Duration = Duration::from_millis(40);
+    let client = std::net::TcpStream::connect(server).unwrap();
+    let (accepted, _) = listener.accept().unwrap();
+    accepted.shutdown(std::net::Shutdown::Write).unwrap();
+    // The peer may delay its ACK of the FIN: FIN_WAIT2 begins when it comes.
+    let in_fin_wait2 = |records: &[TransitionRecord]| {
+        records.iter().any(|r| (r.oldstate, r.newstate) == (S::FIN_WAIT1, S::FIN_WAIT2))
+    };
+    capture.collect_until(Duration::from_secs(5), in_fin_wait2);
+    assert!(in_fin_wait2(&capture.records), "no FIN_WAIT2: {:?}", capture.records);
+    thread::sleep(HOLD);
+    // Orphaned in FIN_WAIT2, the socket hands over to a timewait socket at once: CLOSE.
+    drop(accepted);
+    drop(client);
+
+    capture.collect_until(Duration::from_secs(10), |records| {
+        records.iter().filter(|r| r.newstate == S::CLOSE).count() >= 2
+    });
+    let accepted: Vec<_> = capture.records.iter().filter(|r| r.sport == server.port()).collect();
+    let mut expected = SERVER_CLOSES_FIRST_SERVER.to_vec();
+    expected.insert(4, (S::FIN_WAIT2, S::FIN_WAIT2));
+    assert_eq!(states(&accepted), expected, "close() is a move within FIN_WAIT2");
+
+    // Every stay runs from the record that entered the state, across the move within it.
+    let mut entered_ns = None;
+    for r in &accepted {
+        if let Some(entered_ns) = entered_ns {
+            assert!(r.dwell().is_some(), "{r:?}");
+            assert_eq!(r.dwell_ns, r.ts_ns - entered_ns, "{:?} -> {:?}", r.oldstate, r.newstate);
+        }
+        if r.oldstate != r.newstate {
+            entered_ns = Some(r.ts_ns);
+        }
+    }
+    let (within, leaving) = (accepted[4].dwell().unwrap(), accepted[5].dwell().unwrap());
+    assert!(within >= HOLD, "FIN_WAIT2 so far at close(): {within:?}, held {HOLD:?}");
+    assert!(leaving >= within, "FIN_WAIT2 lasted {leaving:?}, less than the {within:?} before");
+}
+
 /// The programs that run are the ones the kernel matrix expects of this kernel.
 #[test]
 #[parallel]
