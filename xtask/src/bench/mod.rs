@@ -75,6 +75,11 @@ impl Config {
             Self::Tcpstates => "libbpf-tools `tcpstates`",
         }
     }
+
+    /// A floor: a program that runs on every firing and delivers nothing to count as lost.
+    fn is_floor(self) -> bool {
+        matches!(self, Self::Floor | Self::RecordFloor)
+    }
 }
 
 /// One storm under one configuration.
@@ -139,7 +144,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                 outcome.expected,
                 outcome.tracer_cpu
             );
-            if outcome.firings > 0 && config != Config::Floor && config != Config::RecordFloor {
+            if outcome.firings > 0 && !config.is_floor() {
                 eprintln!(
                     "bench:   {} firings, {} lost, counted {} ring full / {} recursion",
                     outcome.firings,

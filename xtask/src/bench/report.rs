@@ -129,7 +129,7 @@ pub(super) fn render(
             continue;
         }
         let firings: u64 = runs.iter().map(|o| o.firings).sum();
-        if matches!(config, Config::Floor | Config::RecordFloor) {
+        if config.is_floor() {
             let _ = writeln!(
                 out,
                 "| {} | {rate:.0} ({min:.0}–{max:.0}) | {:.2} | – | {firings} | – | – | – | {} | {} | – |",
