@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: a loopback connection storm inside a fresh network namespace, run
 //! bare and under each tracer in alternation, several rounds; then a scale run holding many
-//! connections open. Prints the table and records it at the top of BENCHMARKS.md.
+//! connections open. Prints the table, makes it BENCHMARKS.md's current one and keeps the
+//! run's whole output under target/bench/.
 
 pub mod floor;
 pub mod load;
@@ -37,7 +38,8 @@ pub struct BenchArgs {
     /// measured first); 0 skips it.
     #[arg(long, default_value_t = 500_000)]
     pub hold: usize,
-    /// Print the results without recording them in BENCHMARKS.md.
+    /// Print the results (and keep them under target/bench/) without replacing the table in
+    /// BENCHMARKS.md.
     #[arg(long)]
     pub no_record: bool,
     /// Storms of bare and this configuration only, no scale or saturation run, nothing
@@ -110,6 +112,20 @@ impl Outcome {
     }
 }
 
+/// The bench's progress lines: printed as they come, and kept for the run's record.
+#[derive(Default)]
+struct RunLog {
+    text: String,
+}
+
+impl RunLog {
+    fn line(&mut self, line: String) {
+        eprintln!("{line}");
+        self.text.push_str(&line);
+        self.text.push('\n');
+    }
+}
+
 pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     if !is_root() {
         bail!(
@@ -124,9 +140,10 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let _namespace = NamespaceCleanup;
     let started = Instant::now();
 
-    eprintln!("bench: measuring transitions per connection at a low rate");
+    let mut log = RunLog::default();
+    log.line("bench: measuring transitions per connection at a low rate".to_owned());
     let per_connection = bench.transitions_per_connection()?;
-    eprintln!("bench: {per_connection:.3} transitions per connection");
+    log.line(format!("bench: {per_connection:.3} transitions per connection"));
 
     let mut outcomes: Vec<(Config, Outcome)> = Vec::new();
     let configs: Vec<Config> = match args.only {
@@ -135,23 +152,23 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     };
     for round in 1..=args.rounds {
         for &config in &configs {
-            eprintln!("bench: round {round}/{}: {}", args.rounds, config.label());
+            log.line(format!("bench: round {round}/{}: {}", args.rounds, config.label()));
             let outcome = bench.storm(config, per_connection)?;
-            eprintln!(
+            log.line(format!(
                 "bench:   {:.0} connections/s, {} of {} transitions delivered, tracer CPU {:.2} s",
                 outcome.rate(),
                 outcome.delivered,
                 outcome.expected,
                 outcome.tracer_cpu
-            );
+            ));
             if outcome.firings > 0 && !config.is_floor() {
-                eprintln!(
+                log.line(format!(
                     "bench:   {} firings, {} lost, counted {} ring full / {} recursion",
                     outcome.firings,
                     outcome.firings as i64 - outcome.delivered as i64,
                     outcome.lost_buffer,
                     outcome.lost_recursion
-                );
+                ));
             }
             outcomes.push((config, outcome));
         }
@@ -160,15 +177,17 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let scale = if args.hold > 0 { Some(bench.scale()?) } else { None };
-    eprintln!("bench: saturation: 10,000 sockets against --max-sockets 1000");
+    log.line("bench: saturation: 10,000 sockets against --max-sockets 1000".to_owned());
     let saturation = bench.saturation()?;
 
     let report =
         render(args, per_connection, &outcomes, scale.as_deref(), &saturation, started.elapsed());
     println!("{report}");
+    let kept = report::keep_run(root, &log.text, &report)?;
+    eprintln!("bench: this run's output is in {}", kept.display());
     if !args.no_record {
         record(&root.join("BENCHMARKS.md"), &report)?;
-        eprintln!("bench: recorded in BENCHMARKS.md");
+        eprintln!("bench: the current table in BENCHMARKS.md is this run's");
     }
     Ok(())
 }

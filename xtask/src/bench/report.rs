@@ -1,5 +1,5 @@
-//! The bench's report: the Markdown table of every configuration's medians, and its place at
-//! the top of BENCHMARKS.md.
+//! The bench's report: the Markdown table of every configuration's medians, which replaces
+//! the current one in BENCHMARKS.md, and each run's full output under `target/bench/`.
 
 use std::{fmt::Write as _, io::Write as _, path::Path, process::Command, thread, time::Duration};
 
@@ -81,10 +81,8 @@ pub(super) fn render(
     let commit = capture(Command::new("git").args(["rev-parse", "--short", "HEAD"]))
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
-    let date = capture(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    let _ = writeln!(out, "## {date}, commit {commit}\n");
+    let _ = writeln!(out, "{CURRENT_HEADING}\n");
+    let _ = writeln!(out, "- Commit: {commit}");
     let _ = writeln!(out, "- Machine: {}", machine());
     let _ = writeln!(
         out,
@@ -279,14 +277,32 @@ pub(super) fn render(
     out
 }
 
-/// Puts the newest report first, keeping every earlier one below it.
+/// Where the current table starts in BENCHMARKS.md; the method above it is written by hand.
+const CURRENT_HEADING: &str = "## Current figures";
+
+/// Replaces the current table of BENCHMARKS.md with `report`, keeping the method above it.
 pub(super) fn record(path: &Path, report: &str) -> anyhow::Result<()> {
-    const HEADER: &str = "# Benchmarks\n\nEvery table here comes from `cargo xtask bench` \
-        (as root); the newest is first and earlier ones stay below, so the history of the \
-        numbers is visible. Notes under a table say what was found and changed.\n\n";
-    let existing = std::fs::read_to_string(path).unwrap_or_default();
-    let earlier = existing.strip_prefix(HEADER).unwrap_or(&existing);
-    let mut file = std::fs::File::create(path)?;
-    write!(file, "{HEADER}{report}\n{earlier}")?;
+    let existing = std::fs::read_to_string(path)?;
+    let Some(method) = existing.find(CURRENT_HEADING).map(|at| &existing[..at]) else {
+        anyhow::bail!("{} has no `{CURRENT_HEADING}` section to replace", path.display());
+    };
+    std::fs::write(path, format!("{method}{report}"))?;
     Ok(())
+}
+
+/// Keeps this run's whole output (the per-round log and the report) with the environment it
+/// ran in, as `target/bench/<unix time>.md`; returns the file's path.
+pub(super) fn keep_run(root: &Path, log: &str, report: &str) -> anyhow::Result<std::path::PathBuf> {
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    let path = dir.join(format!("{started}.md"));
+    let mut file = std::fs::File::create(&path)?;
+    writeln!(file, "# cargo xtask bench, unix time {started}\n")?;
+    writeln!(file, "- Machine: {}", machine())?;
+    writeln!(file, "- Arguments: `{}`\n", std::env::args().collect::<Vec<_>>().join(" "))?;
+    writeln!(file, "## Log\n\n```\n{log}```\n\n{report}")?;
+    Ok(path)
 }
