@@ -88,8 +88,10 @@ pub fn run_checks() -> Report {
     let mut report = Report { kernel: release, verdict: Verdict::Ok, findings: Vec::new() };
     let required = report.require(
         "kernel",
-        preflight::check_kernel_version()
-            .map(|(major, minor)| format!("Linux {major}.{minor} (tcpstate needs 5.10 or newer)")),
+        preflight::check_kernel_version().map(|(major, minor)| {
+            let (min_major, min_minor) = preflight::MIN_KERNEL;
+            format!("Linux {major}.{minor} (tcpstate needs {min_major}.{min_minor} or newer)")
+        }),
     ) && report.require(
         "privileges",
         preflight::check_privileges()

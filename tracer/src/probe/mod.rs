@@ -82,10 +82,12 @@ pub enum ProbeError {
     #[error(transparent)]
     Btf(#[from] BtfError),
     #[error(
-        "the kernel has no tracepoint {}:{} (reading {path}: {source}); tcpstate needs Linux 4.16 \
+        "the kernel has no tracepoint {}:{} (reading {path}: {source}); tcpstate needs Linux {}.{} \
          or newer with CONFIG_NET and tracepoints enabled",
         tracepoint::CATEGORY,
-        tracepoint::NAME
+        tracepoint::NAME,
+        preflight::MIN_KERNEL.0,
+        preflight::MIN_KERNEL.1
     )]
     TracepointMissing { path: String, source: io::Error },
     #[error(

@@ -27,7 +27,11 @@ pub enum PreflightError {
          root, or give it CAP_DAC_READ_SEARCH as well"
     )]
     TracefsUnreadable { path: String, source: io::Error },
-    #[error("kernel {release} is too old: tcpstate needs the BPF ring buffer (Linux 5.8 or newer)")]
+    #[error(
+        "kernel {release} is too old: tcpstate needs the BPF ring buffer (Linux {}.{} or newer)",
+        MIN_KERNEL.0,
+        MIN_KERNEL.1
+    )]
     KernelTooOld { release: String },
     #[error(
         "tracefs is not mounted and mounting it at {path} failed ({source}{needs}). Mount it \
@@ -96,10 +100,13 @@ pub fn check_kernel_version() -> Result<(u32, u32), PreflightError> {
     check_release(&release)
 }
 
-/// The BPF ring buffer came with Linux 5.8.
+/// The oldest kernel tcpstate runs on: the BPF ring buffer came with Linux 5.8. The one
+/// source of this fact for the checks, their messages and (through a test) the docs.
+pub const MIN_KERNEL: (u32, u32) = (5, 8);
+
 fn check_release(release: &str) -> Result<(u32, u32), PreflightError> {
     match parse_release(release) {
-        Some(version) if version >= (5, 8) => Ok(version),
+        Some(version) if version >= MIN_KERNEL => Ok(version),
         _ => Err(PreflightError::KernelTooOld { release: release.to_owned() }),
     }
 }
@@ -191,5 +198,17 @@ mod tests {
              or newer)"
         );
         assert!(check_release("garbage").is_err());
+    }
+
+    /// The docs state the minimum this constant enforces, in the same words.
+    #[test]
+    fn the_docs_state_the_minimum_kernel() {
+        let (major, minor) = MIN_KERNEL;
+        let stated = format!("Linux {major}.{minor} or newer");
+        for doc in ["../README.md", "../docs/kernels.md"] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(doc);
+            let text = fs::read_to_string(&path).unwrap();
+            assert!(text.contains(&stated), "{} does not say `{stated}`", path.display());
+        }
     }
 }
