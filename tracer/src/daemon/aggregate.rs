@@ -336,7 +336,7 @@ impl Aggregator {
 }
 
 #[cfg(test)]
-mod tests {
+pub(in crate::daemon) mod tests {
 
     use tracer_common::{
         TcpState as S,
@@ -348,7 +348,8 @@ mod tests {
 
     pub(super) const NETNS: u32 = 4_026_531_840;
 
-    pub(super) fn record(
+    /// A record of socket `skaddr` moving from `old` to `new` at `ts`, local port `sport`.
+    pub(in crate::daemon) fn record(
         skaddr: u64,
         ts: u64,
         old: TcpState,

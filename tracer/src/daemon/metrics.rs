@@ -495,6 +495,8 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -520,6 +522,105 @@ mod tests {
             "# HELP x_events_total Events.\n# TYPE x_events_total counter\nx_events_total 3\n\
              # HELP x_build_info Build.\n# TYPE x_build_info gauge\nx_build_info{version=\"1\"} 1\n\
              # HELP x_sockets Sockets.\n# TYPE x_sockets gauge\nx_sockets 2\n"
+        );
+    }
+
+    /// A daemon's metrics after a known set of transitions, every socket closed again so that
+    /// nothing depends on the time of the scrape: two connections (one the client closes
+    /// first, one the server does), a refused connect and a reset.
+    fn rendered_after_known_transitions() -> String {
+        use tracer_common::TcpState as S;
+
+        use crate::daemon::{aggregate::tests::record, gauges::PortLabels, leak_watch::LeakState};
+
+        let mut aggregator = super::super::Aggregator::new(100, PortLabels::none());
+        let connection: [(u64, [(S, S); 5]); 2] = [
+            (
+                0x1000,
+                [
+                    (S::CLOSE, S::SYN_SENT),
+                    (S::SYN_SENT, S::ESTABLISHED),
+                    (S::ESTABLISHED, S::FIN_WAIT1),
+                    (S::FIN_WAIT1, S::FIN_WAIT2),
+                    (S::FIN_WAIT2, S::CLOSE),
+                ],
+            ),
+            (
+                0x2000,
+                [
+                    (S::LISTEN, S::SYN_RECV),
+                    (S::SYN_RECV, S::ESTABLISHED),
+                    (S::ESTABLISHED, S::CLOSE_WAIT),
+                    (S::CLOSE_WAIT, S::LAST_ACK),
+                    (S::LAST_ACK, S::CLOSE),
+                ],
+            ),
+        ];
+        for (skaddr, moves) in connection {
+            for (step, (old, new)) in moves.into_iter().enumerate() {
+                let ts = 1_000_000 * (step as u64 + 1);
+                aggregator.apply(&record(skaddr, ts, old, new, 40_000));
+            }
+        }
+        let mut refused = record(0x3000, 9_000_000, S::SYN_SENT, S::CLOSE, 40_001);
+        refused.error = libc::ECONNREFUSED as u8;
+        aggregator.apply(&record(0x3000, 8_000_000, S::CLOSE, S::SYN_SENT, 40_001));
+        aggregator.apply(&refused);
+        let mut reset = record(0x4000, 9_500_000, S::ESTABLISHED, S::CLOSE, 40_002);
+        reset.error = libc::ECONNRESET as u8;
+        aggregator.apply(&record(0x4000, 9_000_000, S::SYN_SENT, S::ESTABLISHED, 40_002));
+        aggregator.apply(&reset);
+
+        let shared = Arc::new(Shared::new(aggregator, LeakState::new(Duration::from_secs(60))));
+        let text = Exporter::new(shared, None).render(Format::PrometheusText).unwrap();
+        text.replace(env!("CARGO_PKG_VERSION"), "VERSION")
+    }
+
+    /// The whole `/metrics` output, byte for byte, against `testdata/metrics.txt`: a change
+    /// to any family's name, help, labels or values shows up here. `TCPSTATE_BLESS=1 cargo
+    /// test` rewrites the file after an intended change.
+    #[test]
+    fn metrics_output_matches_the_golden_file() {
+        let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/daemon/testdata/metrics.txt");
+        let rendered = rendered_after_known_transitions();
+        if std::env::var_os("TCPSTATE_BLESS").is_some() {
+            std::fs::write(&golden, &rendered).unwrap();
+        }
+        let expected = std::fs::read_to_string(&golden).unwrap();
+        if rendered != expected {
+            let first = rendered.lines().zip(expected.lines()).find(|(r, e)| r != e);
+            panic!(
+                "/metrics differs from {}: first differing line {first:?} (rendered, golden); \
+                 TCPSTATE_BLESS=1 cargo test metrics_output rewrites it if the change is meant",
+                golden.display()
+            );
+        }
+    }
+
+    /// docs/metrics.md lists exactly the families the daemon serves.
+    #[test]
+    fn every_served_metric_is_documented() {
+        let served: std::collections::BTreeSet<String> = rendered_after_known_transitions()
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .filter_map(|rest| rest.split(' ').next())
+            .map(str::to_owned)
+            .collect();
+        let page = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics.md");
+        let page = std::fs::read_to_string(page).unwrap();
+        let documented: std::collections::BTreeSet<String> = page
+            .lines()
+            .filter_map(|line| line.strip_prefix("| `tcpstate_"))
+            .filter_map(|rest| rest.split('`').next())
+            .map(|name| format!("tcpstate_{name}"))
+            .collect();
+        let undocumented: Vec<_> = served.difference(&documented).collect();
+        let not_served: Vec<_> = documented.difference(&served).collect();
+        assert!(
+            undocumented.is_empty() && not_served.is_empty(),
+            "docs/metrics.md is out of step with /metrics: served but not listed {undocumented:?}; \
+             listed but not served {not_served:?}"
         );
     }
 
