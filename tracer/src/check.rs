@@ -8,7 +8,6 @@ use serde::Serialize;
 use tracer_common::tracepoint;
 
 use crate::{
-    cli::CheckArgs,
     netns,
     probe::{
         Probe, ProbeOptions, btf::KernelBtf, format, other_tracers, preflight,
@@ -226,9 +225,10 @@ pub fn render(report: &Report) -> String {
     out
 }
 
-pub fn run(args: &CheckArgs) -> ExitCode {
+/// Prints the report, as JSON when `json` is set; the exit status carries the verdict.
+pub fn run(json: bool) -> ExitCode {
     let report = run_checks();
-    if args.json {
+    if json {
         match serde_json::to_string_pretty(&report) {
             Ok(json) => println!("{json}"),
             Err(error) => {

@@ -1,18 +1,26 @@
 //! Command-line interface: subcommands, flags, their environment variables, and validation.
 //! A value outside its range is a usage error (exit status 2) that names the flag and the range.
+//!
+//! The one module that knows clap: each command takes a plain configuration, built here from
+//! the parsed arguments (`RunArgs::config`, `WatchArgs::config`, ...).
 
 use std::{
-    fmt,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    str::FromStr,
     time::Duration,
 };
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, FromArgMatches as _, Parser, Subcommand};
 use tracer_common::{TcpState, settings::KernelFilter};
 
-use crate::{cmdline::CmdlinePolicy, probe::ProbeOptions};
+use crate::{
+    client::{DaemonTls, DaemonUrl},
+    cmdline::CmdlinePolicy,
+    daemon, leaks,
+    probe::ProbeOptions,
+    socket::Family,
+    top, watch,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -72,8 +80,8 @@ pub struct TopArgs {
     pub daemon_tls: DaemonTlsArgs,
     /// The order of every panel's rows at start: largest first, largest change over the last
     /// minute first, or by state (`s` cycles through them).
-    #[arg(long, value_enum, default_value_t = crate::top::screen::SortKey::Count)]
-    pub sort: crate::top::screen::SortKey,
+    #[arg(long, value_enum, default_value_t = top::SortKey::Count)]
+    pub sort: top::SortKey,
     /// When the output is not a terminal, a plain screen is printed each second: stop after
     /// this many.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
@@ -125,78 +133,6 @@ pub struct LeaksArgs {
     pub cmdline: CmdlinePolicy,
 }
 
-/// A daemon's address: `http://HOST:PORT`, `https://HOST:PORT`, or just `HOST:PORT`; with
-/// `USER@` (or `USER:PASSWORD@`) before the host when the daemon wants basic auth.
-#[derive(Clone, PartialEq, Eq)]
-pub struct DaemonUrl {
-    pub host: String,
-    pub port: u16,
-    pub https: bool,
-    pub user: Option<String>,
-    /// From the URL; `TCPSTATE_DAEMON_PASSWORD` otherwise (kept out of `ps`).
-    pub password: Option<String>,
-}
-
-impl DaemonUrl {
-    /// Plain HTTP to a port on this host's loopback.
-    pub fn loopback(port: u16) -> Self {
-        Self { host: "127.0.0.1".to_owned(), port, https: false, user: None, password: None }
-    }
-}
-
-impl FromStr for DaemonUrl {
-    type Err = String;
-
-    fn from_str(value: &str) -> Result<Self, String> {
-        const EXPECTED: &str =
-            "expected http://HOST:PORT or https://HOST:PORT, e.g. http://127.0.0.1:9977";
-        let (https, rest) = match value.split_once("://") {
-            Some(("http", rest)) => (false, rest),
-            Some(("https", rest)) => (true, rest),
-            Some((scheme, _)) => return Err(format!("`{scheme}://` is not http:// or https://")),
-            None => (false, value),
-        };
-        let rest = rest.trim_end_matches('/');
-        // A password may hold an `@`; a host never does.
-        let (credentials, address) = match rest.rsplit_once('@') {
-            Some((credentials, address)) => (Some(credentials), address),
-            None => (None, rest),
-        };
-        let (user, password) = match credentials.map(|c| c.split_once(':').unwrap_or((c, ""))) {
-            Some(("", _)) => return Err("an empty user name before `@`".to_owned()),
-            Some((user, "")) => (Some(user.to_owned()), None),
-            Some((user, password)) => (Some(user.to_owned()), Some(password.to_owned())),
-            None => (None, None),
-        };
-        let (host, port) = address.rsplit_once(':').ok_or_else(|| EXPECTED.to_owned())?;
-        let port = port.parse().map_err(|_| format!("`{port}` is not a port number"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || host.contains('/') {
-            return Err(EXPECTED.to_owned());
-        }
-        Ok(Self { host: host.to_owned(), port, https, user, password })
-    }
-}
-
-/// Never shows the password.
-impl fmt::Display for DaemonUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = if self.https { "https" } else { "http" };
-        let user = self.user.as_ref().map_or_else(String::new, |user| format!("{user}@"));
-        if self.host.contains(':') {
-            write!(f, "{scheme}://{user}[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{scheme}://{user}{}:{}", self.host, self.port)
-        }
-    }
-}
-
-impl fmt::Debug for DaemonUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DaemonUrl({self})")
-    }
-}
-
 /// How to reach a daemon served over TLS (its `--web-config` has `tls_server_config`).
 #[derive(Clone, Debug, Default, Args)]
 pub struct DaemonTlsArgs {
@@ -212,18 +148,11 @@ pub struct DaemonTlsArgs {
     pub daemon_key: Option<PathBuf>,
 }
 
-/// Whether the TLS options fit the URL: https needs a CA, plain HTTP takes none.
-fn check_daemon_tls(url: &DaemonUrl, tls: &DaemonTlsArgs) -> Result<(), String> {
-    match (url.https, &tls.daemon_ca) {
-        (true, None) => Err(format!(
-            "{url} needs --daemon-ca FILE: the CA certificate that signed the daemon's \
-             certificate (the client_ca_file or issuer of its tls_server_config)"
-        )),
-        (false, _) if tls.daemon_ca.is_some() || tls.daemon_cert.is_some() => Err(format!(
-            "--daemon-ca, --daemon-cert and --daemon-key are for an https:// daemon; {url} is \
-             plain HTTP"
-        )),
-        _ => Ok(()),
+impl DaemonTlsArgs {
+    pub fn config(self) -> DaemonTls {
+        // clap's `requires` makes the certificate and the key come together.
+        let client_cert = self.daemon_cert.zip(self.daemon_key);
+        DaemonTls { ca: self.daemon_ca, client_cert }
     }
 }
 
@@ -275,7 +204,7 @@ pub struct RunArgs {
     /// container or pod (labels namespace, pod, container): the 20 largest groups, the rest
     /// summed as container="other". Off by default.
     #[arg(long, env = "TCPSTATE_GROUP_BY", value_enum, value_name = "container|pod")]
-    pub group_by: Option<crate::daemon::groups::GroupBy>,
+    pub group_by: Option<daemon::GroupBy>,
 
     #[command(flatten)]
     pub probe: ProbeArgs,
@@ -536,6 +465,84 @@ fn parse_ring_bytes(value: &str) -> Result<u32, String> {
     Ok(bytes as u32)
 }
 
+impl RunArgs {
+    pub fn config(self) -> daemon::Config {
+        daemon::Config {
+            listen: self.listen,
+            max_sockets: self.max_sockets,
+            reconcile_interval: self.reconcile_interval,
+            close_wait_threshold: self.close_wait_threshold,
+            port_labels: self.port_labels,
+            web_config: self.web_config,
+            cmdline: self.cmdline,
+            group_by: self.group_by,
+            probe: self.probe.probe_options(KernelFilter::ALL, daemon::RING_BYTES),
+        }
+    }
+}
+
+impl WatchArgs {
+    pub fn config(self) -> watch::Config {
+        let family = match (self.ipv4, self.ipv6) {
+            (true, _) => Some(Family::Inet),
+            (_, true) => Some(Family::Inet6),
+            _ => None,
+        };
+        let filter = watch::Filter {
+            ports: self.ports,
+            sports: self.sports,
+            dports: self.dports,
+            family,
+            states: self.states,
+            addrs: self.addrs,
+            container: self.container,
+            cgroup: self.cgroup,
+            pod: self.pod,
+        };
+        watch::Config {
+            json: self.json,
+            duration: self.duration.map(Duration::from_secs),
+            stats: self.stats,
+            count: self.count,
+            probe: self.probe.probe_options(filter.kernel_filter(), watch::RING_BYTES),
+            filter,
+        }
+    }
+}
+
+impl LeaksArgs {
+    pub fn config(self) -> leaks::command::Config {
+        leaks::command::Config {
+            daemon: self.daemon,
+            tls: self.daemon_tls.config(),
+            json: self.json,
+            close_wait_threshold: self.close_wait_threshold,
+            cmdline: self.cmdline,
+        }
+    }
+}
+
+impl TopArgs {
+    /// Without `--daemon`, top runs a daemon of its own on a loopback port, with `run`'s
+    /// settings from the same `TCPSTATE_*` variables (read by `run`'s own parsers) and top's
+    /// `--close-wait-threshold`.
+    pub fn config(self) -> Result<top::Config, clap::Error> {
+        let source = match self.daemon {
+            Some(url) => top::Source::Daemon { url, tls: self.daemon_tls.config() },
+            None => {
+                let run = RunArgs::augment_args(clap::Command::new("run"))
+                    .try_get_matches_from(["run", "--listen", "127.0.0.1:0"])?;
+                let mut daemon = RunArgs::from_arg_matches(&run)?.config();
+                daemon.close_wait_threshold = self.close_wait_threshold;
+                // Nothing but this process reads it: no TLS or passwords in its way.
+                daemon.web_config = None;
+                top::Source::Kernel(Box::new(daemon))
+            }
+        };
+        Ok(top::Config { source, sort: self.sort, count: self.count })
+    }
+}
+
 /// Checks that cannot be expressed as one flag's value parser. Returns the message of a usage
 /// error, if any.
 pub fn validate(cli: &Cli) -> Result<(), String> {
@@ -549,12 +556,10 @@ pub fn validate(cli: &Cli) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::Leaks(args) => check_daemon_tls(&args.daemon, &args.daemon_tls),
+        Command::Leaks(args) => args.daemon_tls.clone().config().check(&args.daemon),
         Command::Top(args) => match &args.daemon {
-            Some(url) => check_daemon_tls(url, &args.daemon_tls),
-            None if args.daemon_tls.daemon_ca.is_some()
-                || args.daemon_tls.daemon_cert.is_some() =>
-            {
+            Some(url) => args.daemon_tls.clone().config().check(url),
+            None if args.daemon_tls.clone().config().is_given() => {
                 Err("--daemon-ca, --daemon-cert and --daemon-key go with --daemon".to_owned())
             }
             None => Ok(()),
@@ -607,31 +612,6 @@ mod tests {
         assert!(parse_seconds("").is_err());
         assert!(parse_reconcile_interval("0").is_err());
         assert!(parse_reconcile_interval("2h").is_err());
-    }
-
-    #[test]
-    fn daemon_urls_parse() {
-        let url: DaemonUrl = "http://127.0.0.1:9977".parse().unwrap();
-        assert_eq!(url, DaemonUrl::loopback(9977));
-        assert_eq!("localhost:80/".parse::<DaemonUrl>().unwrap().port, 80);
-        let v6: DaemonUrl = "http://[::1]:9977".parse().unwrap();
-        assert_eq!(v6.host, "::1");
-        assert_eq!(v6.to_string(), "http://[::1]:9977");
-        let secure: DaemonUrl = "https://prom:p@ss:w@rd@example.org:9977/".parse().unwrap();
-        assert!(secure.https);
-        assert_eq!(
-            (secure.user.as_deref(), secure.password.as_deref()),
-            (Some("prom"), Some("p@ss:w@rd"))
-        );
-        assert_eq!(secure.host, "example.org");
-        assert_eq!(secure.to_string(), "https://prom@example.org:9977", "no password shown");
-        assert!(!format!("{secure:?}").contains("p@ss"));
-        let user_only: DaemonUrl = "https://prom@[::1]:1".parse().unwrap();
-        assert_eq!((user_only.user.as_deref(), user_only.password), (Some("prom"), None));
-        assert!("ftp://x:1".parse::<DaemonUrl>().is_err());
-        assert!("http://@x:1".parse::<DaemonUrl>().is_err());
-        assert!("http://x".parse::<DaemonUrl>().is_err());
-        assert!("http://x:99999".parse::<DaemonUrl>().is_err());
     }
 
     #[test]

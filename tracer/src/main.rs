@@ -37,17 +37,22 @@ fn main() -> ExitCode {
     logger.init();
 
     let result = match cli.command {
-        Command::Run(args) => run_daemon(args),
+        Command::Run(args) => run_daemon(args.config()),
         Command::Watch(args) => {
-            on_one_thread(async { tracer::watch::run(args).await.map(|()| ExitCode::SUCCESS) })
+            let config = args.config();
+            on_one_thread(async { tracer::watch::run(config).await.map(|()| ExitCode::SUCCESS) })
         }
         // Its exit status carries the answer (0 no leaks, 1 leaks, 3 failure).
         Command::Leaks(args) => {
-            on_one_thread(async { Ok(tracer::leaks::command::run(args).await) })
+            let config = args.config();
+            on_one_thread(async { Ok(tracer::leaks::command::run(config).await) })
         }
-        Command::Check(args) => Ok(tracer::check::run(&args)),
+        Command::Check(args) => Ok(tracer::check::run(args.json)),
         // Its exit status carries the outcome (1: nothing to show).
-        Command::Top(args) => on_one_thread(async { Ok(tracer::top::run(args).await) }),
+        Command::Top(args) => match args.config() {
+            Ok(config) => on_one_thread(async { Ok(tracer::top::run(config).await) }),
+            Err(error) => error.exit(),
+        },
         Command::Explain(args) => {
             tracer::explain::run(args.state);
             Ok(ExitCode::SUCCESS)
@@ -75,8 +80,8 @@ fn on_one_thread(
 
 /// The daemon binds and attaches with all its privileges, then keeps only those it still
 /// needs, before the runtime's threads exist so that every one of them starts with less.
-fn run_daemon(args: tracer::cli::RunArgs) -> anyhow::Result<ExitCode> {
-    let attached = tracer::daemon::attach(&args)?;
+fn run_daemon(config: tracer::daemon::Config) -> anyhow::Result<ExitCode> {
+    let attached = tracer::daemon::attach(&config)?;
     match tracer::capabilities::keep_only(&tracer::capabilities::DAEMON_NEEDS) {
         Ok(kept) => log::debug!("capabilities kept after attaching: {kept:?}"),
         Err(error) => {
@@ -92,6 +97,6 @@ fn run_daemon(args: tracer::cli::RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .map_err(|error| anyhow::anyhow!("starting the async runtime: {error}"))?;
-    runtime.block_on(tracer::daemon::run(args, attached))?;
+    runtime.block_on(tracer::daemon::run(config, attached))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -24,8 +24,9 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tracer_common::{DecodeError, TransitionRecord, settings::KernelFilter};
+use tracer_common::{DecodeError, TransitionRecord};
 
+pub use self::groups::GroupBy;
 use self::{
     aggregate::{Aggregator, DumpIndex, ReconcileOutcome},
     gauges::PortLabels,
@@ -34,17 +35,42 @@ use self::{
 };
 use crate::{
     cgroups::CgroupNames,
-    cli::RunArgs,
     clock::monotonic_ns,
+    cmdline::CmdlinePolicy,
     netns::{self, AllDumps},
-    probe::{Delivery, PartStatus, Probe},
+    probe::{Delivery, PartStatus, Probe, ProbeOptions},
     reader::RecordReader,
+    web_config::WebConfig,
 };
+
+/// What the daemon is told to do: built from `tcpstate run`'s flags, or by `top` for the
+/// daemon it runs in-process.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The HTTP endpoint's address.
+    pub listen: std::net::SocketAddr,
+    /// Most sockets the table holds.
+    pub max_sockets: usize,
+    /// How often the table is compared with a fresh sock_diag dump.
+    pub reconcile_interval: Duration,
+    /// A socket in CLOSE_WAIT for longer than this is a leak.
+    pub close_wait_threshold: Duration,
+    /// Local ports that get a `port` label of their own.
+    pub port_labels: Vec<u16>,
+    /// TLS and basic authentication for the endpoint.
+    pub web_config: Option<WebConfig>,
+    /// How much of a leaking process's command line is shown.
+    pub cmdline: CmdlinePolicy,
+    /// Split the socket and leak gauges by the owner's container or pod.
+    pub group_by: Option<GroupBy>,
+    /// The kernel side.
+    pub probe: ProbeOptions,
+}
 
 /// How long a record may wait in the ring when the kernel sends no wakeup.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Ring size unless `--ring-bytes` says otherwise.
-const RING_BYTES: u32 = 4 << 20;
+pub const RING_BYTES: u32 = 4 << 20;
 /// How often the kernel's counters are read and health is judged.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// The reader is "stalled" when it has not run for this long.
@@ -268,18 +294,18 @@ impl Attached {
 /// matters, a busy port included. Then bind: a busy port fails before anything touches the
 /// kernel. Runs before the async runtime starts, so that the capabilities dropped afterwards
 /// (`capabilities::keep_only`) are dropped for every thread the daemon will have.
-pub fn attach(args: &RunArgs) -> anyhow::Result<Attached> {
+pub fn attach(config: &Config) -> anyhow::Result<Attached> {
     crate::probe::preflight::check_privileges()?;
-    let listener = http::bind(args.listen)?;
-    if !args.listen.ip().is_loopback() && args.web_config.is_none() {
+    let listener = http::bind(config.listen)?;
+    if !config.listen.ip().is_loopback() && config.web_config.is_none() {
         log::warn!(
             "serving {} without TLS or authentication: whoever reaches it reads every socket \
              and the processes holding them; give --web-config (TLS, basic auth) or listen on \
              loopback",
-            args.listen
+            config.listen
         );
     }
-    let probe = Probe::attach(&args.probe.probe_options(KernelFilter::ALL, RING_BYTES))?;
+    let probe = Probe::attach(&config.probe)?;
     Ok(Attached { listener, probe })
 }
 
@@ -296,7 +322,7 @@ fn map_large_allocations_apart() {
     }
 }
 
-pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
+pub async fn run(config: Config, attached: Attached) -> anyhow::Result<()> {
     map_large_allocations_apart();
     let stop = crate::signals::shutdown()?;
     tokio::pin!(stop);
@@ -307,10 +333,10 @@ pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
     let ring = probe.take_ring().context("ring buffer already taken")?;
     let mut reader = RecordReader::new(ring, POLL_INTERVAL).context("watching the ring buffer")?;
 
-    let labels = PortLabels::new(args.port_labels.clone());
+    let labels = PortLabels::new(config.port_labels.clone());
     let shared = Arc::new(Shared::new(
-        Aggregator::new(args.max_sockets, labels),
-        LeakState::new(args.close_wait_threshold),
+        Aggregator::new(config.max_sockets, labels),
+        LeakState::new(config.close_wait_threshold),
     ));
     shared.update_status(|status| {
         status.parts = probe.parts().to_vec();
@@ -319,7 +345,7 @@ pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
     shared.aggregator().begin_dump();
     let (dumps, started, finished) = dump_namespaces().await?;
     shared.update_status(|status| status.netns_refused = dumps.refused);
-    let web = args.web_config.clone();
+    let web = config.web_config.clone();
     let scheme = if web.as_ref().is_some_and(|w| w.tls.is_some()) { "https" } else { "http" };
     let seeded = shared.aggregator().reconcile(dumps.dumps, started, finished, false);
     log::info!(
@@ -333,7 +359,7 @@ pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
     let (flush_requests, mut flushes) = tokio::sync::mpsc::channel::<Flush>(16);
     let state = http::AppState {
         shared: shared.clone(),
-        exporter: Arc::new(metrics::Exporter::new(shared.clone(), args.group_by)),
+        exporter: Arc::new(metrics::Exporter::new(shared.clone(), config.group_by)),
         flush: flush_requests.clone(),
         listings: Arc::new(tokio::sync::Semaphore::new(http::MAX_LISTINGS)),
     };
@@ -370,12 +396,17 @@ pub async fn run(args: RunArgs, attached: Attached) -> anyhow::Result<()> {
     let leak_watch = tokio::spawn(watch_leaks(
         shared.clone(),
         kernel_owners,
-        LeakWatch::new(args.close_wait_threshold, args.cmdline, args.group_by, kernel_sockets),
+        LeakWatch::new(
+            config.close_wait_threshold,
+            config.cmdline,
+            config.group_by,
+            kernel_sockets,
+        ),
     ));
 
     let mut batch = Batch::default();
     let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
-    let mut reconcile_tick = tokio::time::interval(args.reconcile_interval);
+    let mut reconcile_tick = tokio::time::interval(config.reconcile_interval);
     reconcile_tick.tick().await;
     let mut pending_reconcile = None;
     loop {

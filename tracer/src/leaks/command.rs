@@ -9,8 +9,7 @@ use tracer_common::TcpState;
 
 use super::{Candidate, LeakReport, OwnerResolver, Source, human_age, plural};
 use crate::{
-    cli::LeaksArgs,
-    client::{self, Endpoint, FetchError},
+    client::{self, DaemonTls, DaemonUrl, Endpoint, FetchError},
     cmdline::CmdlinePolicy,
     netns, sockdiag,
     socket::SocketKey,
@@ -128,10 +127,24 @@ pub fn render(report: &LeakReport) -> String {
     out
 }
 
-pub async fn run(args: LeaksArgs) -> ExitCode {
+/// What `tcpstate leaks` asks and how it answers.
+#[derive(Debug)]
+pub struct Config {
+    /// The daemon to ask.
+    pub daemon: DaemonUrl,
+    pub tls: DaemonTls,
+    /// Print the report as JSON (the daemon's /api/leaks format).
+    pub json: bool,
+    /// In snapshot mode: how long a socket must have been in CLOSE_WAIT to count.
+    pub close_wait_threshold: Duration,
+    /// In snapshot mode: how much of each command line to show.
+    pub cmdline: CmdlinePolicy,
+}
+
+pub async fn run(config: Config) -> ExitCode {
     const LEAKS: u8 = 1;
     const FAILED: u8 = 3;
-    let endpoint = match Endpoint::new(args.daemon.clone(), &args.daemon_tls) {
+    let endpoint = match Endpoint::new(config.daemon.clone(), &config.tls) {
         Ok(endpoint) => endpoint,
         Err(error) => {
             eprintln!("tcpstate: error: {error:#}");
@@ -148,7 +161,7 @@ pub async fn run(args: LeaksArgs) -> ExitCode {
             eprintln!(
                 "tcpstate: no daemon at {} ({reason}); taking a one-shot snapshot instead. Ages \
                  are lower bounds: the time since each socket's peer last sent an ACK.",
-                args.daemon
+                config.daemon
             );
             // SAFETY: geteuid has no preconditions.
             if unsafe { libc::geteuid() } != 0 {
@@ -157,7 +170,7 @@ pub async fn run(args: LeaksArgs) -> ExitCode {
                      are not visible"
                 );
             }
-            let (threshold, cmdline) = (args.close_wait_threshold, args.cmdline);
+            let (threshold, cmdline) = (config.close_wait_threshold, config.cmdline);
             match tokio::task::spawn_blocking(move || snapshot(threshold, cmdline)).await {
                 Ok(report) => report,
                 Err(error) => {
@@ -167,7 +180,7 @@ pub async fn run(args: LeaksArgs) -> ExitCode {
             }
         }
     };
-    let printed = if args.json {
+    let printed = if config.json {
         serde_json::to_string_pretty(&report).map(|json| println!("{json}"))
     } else {
         print!("{}", render(&report));

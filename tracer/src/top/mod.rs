@@ -19,7 +19,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use clap::{Args as _, FromArgMatches as _};
 use ratatui::{
     Terminal,
     backend::TestBackend,
@@ -27,14 +26,34 @@ use ratatui::{
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 
+pub use self::screen::SortKey;
 use self::{
-    screen::{History, SortKey},
+    screen::History,
     view::{Palette, Status},
 };
 use crate::{
-    cli::{DaemonUrl, RunArgs, TopArgs},
-    client::{Connection, Endpoint, FetchError},
+    client::{Connection, DaemonTls, DaemonUrl, Endpoint, FetchError},
+    daemon,
 };
+
+/// What `tcpstate top` shows and where it reads it.
+#[derive(Debug)]
+pub struct Config {
+    pub source: Source,
+    /// The order of every panel's rows at start.
+    pub sort: SortKey,
+    /// When the output is not a terminal: stop after this many screens.
+    pub count: Option<u64>,
+}
+
+/// Where the figures come from.
+#[derive(Debug)]
+pub enum Source {
+    /// A running daemon's endpoints.
+    Daemon { url: DaemonUrl, tls: DaemonTls },
+    /// A daemon run inside this process, attached to the kernel, on a loopback port.
+    Kernel(Box<daemon::Config>),
+}
 
 const REFRESH: Duration = Duration::from_secs(1);
 /// Screen size when printing to something that is not a terminal (unless COLUMNS/LINES say).
@@ -67,8 +86,8 @@ fn last_warning() -> Option<String> {
 
 /// Exit status: 0 after `q`, 1 when there is nothing to show (no daemon answers at
 /// `--daemon`, or attaching to the kernel failed).
-pub async fn run(args: TopArgs) -> ExitCode {
-    match show(args).await {
+pub async fn run(config: Config) -> ExitCode {
+    match show(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("tcpstate: error: {error:#}");
@@ -77,11 +96,11 @@ pub async fn run(args: TopArgs) -> ExitCode {
     }
 }
 
-async fn show(args: TopArgs) -> anyhow::Result<()> {
-    let (endpoint, source, local) = match &args.daemon {
-        Some(url) => (Endpoint::new(url.clone(), &args.daemon_tls)?, url.to_string(), None),
-        None => {
-            let (url, daemon) = start_local_daemon(&args)?;
+async fn show(config: Config) -> anyhow::Result<()> {
+    let (endpoint, source, local) = match config.source {
+        Source::Daemon { url, tls } => (Endpoint::new(url.clone(), &tls)?, url.to_string(), None),
+        Source::Kernel(daemon) => {
+            let (url, daemon) = start_local_daemon(*daemon)?;
             (Endpoint::plain(url), "kernel".to_owned(), Some(daemon))
         }
     };
@@ -98,29 +117,20 @@ async fn show(args: TopArgs) -> anyhow::Result<()> {
     let mut refresher = Refresher { connection, history: History::default(), error: None, local };
     refresher.history.push(Instant::now(), first);
     if io::stdout().is_terminal() {
-        interactive(&mut refresher, &source, args.sort).await
+        interactive(&mut refresher, &source, config.sort).await
     } else {
-        plain(&mut refresher, &source, args.sort, args.count).await
+        plain(&mut refresher, &source, config.sort, config.count).await
     }
 }
 
-/// Runs a daemon inside this process, as `tcpstate run --listen 127.0.0.1:0` would (its
-/// other settings from the same TCPSTATE_* variables), and returns where it answers.
+/// Runs a daemon inside this process and returns where it answers (its `listen` names a
+/// loopback address, port 0 for any free one).
 fn start_local_daemon(
-    args: &TopArgs,
+    config: daemon::Config,
 ) -> anyhow::Result<(DaemonUrl, JoinHandle<anyhow::Result<()>>)> {
-    let matches = RunArgs::augment_args(clap::Command::new("run")).try_get_matches_from([
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-    ])?;
-    let mut run_args = RunArgs::from_arg_matches(&matches)?;
-    run_args.close_wait_threshold = args.close_wait_threshold;
-    // Nothing but this process reads it: no TLS or passwords to get in its way.
-    run_args.web_config = None;
-    let attached = crate::daemon::attach(&run_args)?;
+    let attached = daemon::attach(&config)?;
     let port = attached.local_addr()?.port();
-    let daemon = tokio::spawn(crate::daemon::run(run_args, attached));
+    let daemon = tokio::spawn(daemon::run(config, attached));
     Ok((DaemonUrl::loopback(port), daemon))
 }
 

@@ -2,6 +2,8 @@
 //! knows (`tcpstate leaks`, `tcpstate top`): HTTP/1.1 GETs with timeouts, over TLS and with
 //! basic auth when the daemon's `--web-config` asks for them.
 
+mod url;
+
 use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
@@ -13,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _};
 use tokio_rustls::TlsConnector;
 
-use crate::cli::{DaemonTlsArgs, DaemonUrl};
+pub use self::url::{DaemonTls, DaemonUrl};
 
 /// Where the daemon answers and how to get in: TLS settings and credentials, read once.
 #[derive(Clone)]
@@ -31,7 +33,7 @@ impl Endpoint {
 
     /// Reads the CA and client certificate files, and the password from the URL or
     /// `TCPSTATE_DAEMON_PASSWORD`.
-    pub fn new(url: DaemonUrl, tls: &DaemonTlsArgs) -> anyhow::Result<Self> {
+    pub fn new(url: DaemonUrl, tls: &DaemonTls) -> anyhow::Result<Self> {
         let authorization = url.user.as_ref().map(|user| {
             use base64::Engine as _;
             let password = url
@@ -46,7 +48,7 @@ impl Endpoint {
             value.set_sensitive(true);
             value
         });
-        let tls = match (&tls.daemon_ca, url.https) {
+        let tls = match (&tls.ca, url.https) {
             (Some(ca), true) => Some(tls_connector(&url, ca, tls)?),
             _ => None,
         };
@@ -66,7 +68,7 @@ fn read_pem(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
 fn tls_connector(
     url: &DaemonUrl,
     ca: &Path,
-    tls: &DaemonTlsArgs,
+    tls: &DaemonTls,
 ) -> anyhow::Result<(TlsConnector, ServerName<'static>)> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
@@ -82,8 +84,8 @@ fn tls_connector(
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?
         .with_root_certificates(roots);
-    let config = match (&tls.daemon_cert, &tls.daemon_key) {
-        (Some(cert), Some(key)) => {
+    let config = match &tls.client_cert {
+        Some((cert, key)) => {
             let certs = CertificateDer::pem_slice_iter(&read_pem("--daemon-cert", cert)?)
                 .collect::<Result<Vec<_>, _>>()
                 .with_context(|| {
@@ -94,7 +96,7 @@ fn tls_connector(
             )?;
             builder.with_client_auth_cert(certs, key).context("--daemon-cert and --daemon-key")?
         }
-        _ => builder.with_no_client_auth(),
+        None => builder.with_no_client_auth(),
     };
     let name = ServerName::try_from(url.host.clone())
         .with_context(|| format!("`{}` is not a host name TLS can verify", url.host))?;
