@@ -24,7 +24,7 @@ const MAX_CGROUPS: usize = 100_000;
 
 /// What a cgroup id names.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CgroupName {
+pub(crate) struct CgroupName {
     /// The path below the hierarchy's root, starting with `/`.
     pub path: String,
     pub container: Container,
@@ -32,7 +32,7 @@ pub struct CgroupName {
 
 /// Cached names of cgroup ids.
 #[derive(Debug)]
-pub struct CgroupNames {
+pub(crate) struct CgroupNames {
     /// The cgroup v2 mount; `None` when the host has none (ids are then always 0).
     root: Option<PathBuf>,
     pod_logs: PathBuf,
@@ -49,12 +49,12 @@ impl Default for CgroupNames {
 }
 
 impl CgroupNames {
-    pub fn new(root: Option<PathBuf>, pod_logs: PathBuf) -> Self {
+    pub(crate) fn new(root: Option<PathBuf>, pod_logs: PathBuf) -> Self {
         Self { root, pod_logs, paths: HashMap::new(), named: HashMap::new(), gone: HashSet::new() }
     }
 
     /// The name of cgroup `id`; `None` for 0 (unknown) or an id no walk finds (gone).
-    pub fn get(&mut self, id: u64) -> Option<Arc<CgroupName>> {
+    pub(crate) fn get(&mut self, id: u64) -> Option<Arc<CgroupName>> {
         if id == 0 {
             return None;
         }

@@ -19,7 +19,7 @@ use crate::{
 /// How one check came out; the report's verdict is the worst of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Ok,
     /// tcpstate runs, without something (said in the detail).
     Degraded,
@@ -37,7 +37,7 @@ impl Verdict {
     }
 
     /// 0 runs fully, 1 cannot run, 3 runs degraded (2 is a usage error).
-    pub fn exit_code(self) -> ExitCode {
+    pub(crate) fn exit_code(self) -> ExitCode {
         ExitCode::from(match self {
             Self::Ok => 0,
             Self::Fails => 1,
@@ -47,14 +47,14 @@ impl Verdict {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Finding {
+pub(crate) struct Finding {
     pub check: &'static str,
     pub verdict: Verdict,
     pub detail: String,
 }
 
 #[derive(Debug, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     pub kernel: String,
     pub verdict: Verdict,
     pub findings: Vec<Finding>,
@@ -82,7 +82,7 @@ impl Report {
 
 /// Runs every check; stops at the first that makes tcpstate unable to run, since the later
 /// ones depend on it.
-pub fn run_checks() -> Report {
+pub(crate) fn run_checks() -> Report {
     let (release, _) = kernel_release();
     let mut report = Report { kernel: release, verdict: Verdict::Ok, findings: Vec::new() };
     let required = report.require(
@@ -205,7 +205,7 @@ fn tracepoint_format() -> Result<String, String> {
 }
 
 /// The report as people read it.
-pub fn render(report: &Report) -> String {
+pub(crate) fn render(report: &Report) -> String {
     let mut out = format!("tcpstate check on Linux {}\n", report.kernel);
     let width = report.findings.iter().map(|f| f.check.len()).max().unwrap_or(0);
     for finding in &report.findings {

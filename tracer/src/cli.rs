@@ -75,20 +75,20 @@ pub enum Command {
 pub struct TopArgs {
     /// Read this daemon (its --listen address) instead of attaching to the kernel.
     #[arg(long, env = "TCPSTATE_DAEMON", value_name = "URL")]
-    pub daemon: Option<DaemonUrl>,
+    pub(crate) daemon: Option<DaemonUrl>,
     #[command(flatten)]
-    pub daemon_tls: DaemonTlsArgs,
+    pub(crate) daemon_tls: DaemonTlsArgs,
     /// The order of every panel's rows at start: largest first, largest change over the last
     /// minute first, or by state (`s` cycles through them).
     #[arg(long, value_enum, default_value_t = top::SortKey::Count)]
-    pub sort: top::SortKey,
+    pub(crate) sort: top::SortKey,
     /// When the output is not a terminal, a plain screen is printed each second: stop after
     /// this many.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-    pub count: Option<u64>,
+    pub(crate) count: Option<u64>,
     /// Without --daemon: sockets in CLOSE_WAIT for longer than this are leaks (as for `run`).
     #[arg(long, env = "TCPSTATE_CLOSE_WAIT_THRESHOLD", default_value = "60", value_parser = parse_close_wait_threshold, value_name = "SECS")]
-    pub close_wait_threshold: Duration,
+    pub(crate) close_wait_threshold: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -114,9 +114,9 @@ pub struct LeaksArgs {
         default_value = "http://127.0.0.1:9977",
         value_name = "URL"
     )]
-    pub daemon: DaemonUrl,
+    pub(crate) daemon: DaemonUrl,
     #[command(flatten)]
-    pub daemon_tls: DaemonTlsArgs,
+    pub(crate) daemon_tls: DaemonTlsArgs,
 
     /// Print the report as JSON (the daemon's /api/leaks format).
     #[arg(long)]
@@ -125,31 +125,31 @@ pub struct LeaksArgs {
     /// In snapshot mode, how long a socket must have been in CLOSE_WAIT to count as leaked
     /// (seconds, or with s/m/h). A daemon applies its own setting.
     #[arg(long, env = "TCPSTATE_CLOSE_WAIT_THRESHOLD", default_value = "60", value_parser = parse_close_wait_threshold, value_name = "SECS")]
-    pub close_wait_threshold: Duration,
+    pub(crate) close_wait_threshold: Duration,
 
     /// In snapshot mode, how much of each process's command line to show: `redacted` masks
     /// secret-looking values. A daemon applies its own setting.
     #[arg(long, env = "TCPSTATE_CMDLINE", value_enum, default_value_t = CmdlinePolicy::Redacted, value_name = "full|redacted|off")]
-    pub cmdline: CmdlinePolicy,
+    pub(crate) cmdline: CmdlinePolicy,
 }
 
 /// How to reach a daemon served over TLS (its `--web-config` has `tls_server_config`).
 #[derive(Clone, Debug, Default, Args)]
-pub struct DaemonTlsArgs {
+pub(crate) struct DaemonTlsArgs {
     /// For an https:// daemon: the CA certificate (PEM) that signed the daemon's certificate.
     #[arg(long, env = "TCPSTATE_DAEMON_CA", value_name = "FILE")]
-    pub daemon_ca: Option<PathBuf>,
+    pub(crate) daemon_ca: Option<PathBuf>,
     /// For an https:// daemon that verifies clients (`client_ca_file`): this client's
     /// certificate (PEM), with --daemon-key.
     #[arg(long, env = "TCPSTATE_DAEMON_CERT", value_name = "FILE", requires = "daemon_key")]
-    pub daemon_cert: Option<PathBuf>,
+    pub(crate) daemon_cert: Option<PathBuf>,
     /// The private key (PEM) of --daemon-cert.
     #[arg(long, env = "TCPSTATE_DAEMON_KEY", value_name = "FILE", requires = "daemon_cert")]
-    pub daemon_key: Option<PathBuf>,
+    pub(crate) daemon_key: Option<PathBuf>,
 }
 
 impl DaemonTlsArgs {
-    pub fn config(self) -> DaemonTls {
+    pub(crate) fn config(self) -> DaemonTls {
         // clap's `requires` makes the certificate and the key come together.
         let client_cert = self.daemon_cert.zip(self.daemon_key);
         DaemonTls { ca: self.daemon_ca, client_cert }
@@ -157,85 +157,89 @@ impl DaemonTlsArgs {
 }
 
 /// The daemon's default address: loopback only, so nothing is exposed without a decision.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:9977";
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:9977";
 /// Most `--port-label` ports: each adds series to two metric families.
-pub const MAX_PORT_LABELS: usize = 32;
+pub(crate) const MAX_PORT_LABELS: usize = 32;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Address and port of the HTTP endpoint (/metrics, /healthz, /api/...). Loopback by
     /// default; use 0.0.0.0:9977 to let a remote Prometheus scrape it.
     #[arg(long, env = "TCPSTATE_LISTEN", default_value = DEFAULT_LISTEN, value_parser = parse_listen, value_name = "IP:PORT")]
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
 
     /// Most sockets the daemon tracks (1000 to 50000000), about 200 bytes each. Beyond it,
     /// new sockets are not tracked (ages, owners and leaks only for those held) while the
     /// per-state gauges stay exact from sock_diag dumps; tcpstate_table_saturated says so.
     #[arg(long, env = "TCPSTATE_MAX_SOCKETS", default_value_t = 1_000_000, value_parser = parse_max_sockets, value_name = "N")]
-    pub max_sockets: usize,
+    pub(crate) max_sockets: usize,
 
     /// How often the table is compared with a fresh sock_diag dump and repaired, in seconds
     /// (1 to 3600; `30s`, `2m` also work). TIME_WAIT counts are sampled at the same pace.
     #[arg(long, env = "TCPSTATE_RECONCILE_INTERVAL", default_value = "30", value_parser = parse_reconcile_interval, value_name = "SECS")]
-    pub reconcile_interval: Duration,
+    pub(crate) reconcile_interval: Duration,
 
     /// A socket in CLOSE_WAIT for longer than this is a leak: its process never closed it
     /// after the peer hung up. Seconds (0.1 to 604800), or with s/m/h: `90`, `2m`.
     #[arg(long, env = "TCPSTATE_CLOSE_WAIT_THRESHOLD", default_value = "60", value_parser = parse_close_wait_threshold, value_name = "SECS")]
-    pub close_wait_threshold: Duration,
+    pub(crate) close_wait_threshold: Duration,
 
     /// Add a `port` label for this local port to tcpstate_transitions_total and
     /// tcpstate_sockets (repeatable, up to 32; comma-separated in the environment). All
     /// other ports are port="other".
     #[arg(long = "port-label", env = "TCPSTATE_PORT_LABELS", value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT")]
-    pub port_labels: Vec<u16>,
+    pub(crate) port_labels: Vec<u16>,
 
     /// TLS and basic authentication for the endpoint: a web configuration file in the format
     /// of Prometheus exporters (tls_server_config, basic_auth_users), as node_exporter reads.
     #[arg(long, env = "TCPSTATE_WEB_CONFIG", value_parser = crate::web_config::parse, value_name = "FILE")]
-    pub web_config: Option<crate::web_config::WebConfig>,
+    pub(crate) web_config: Option<crate::web_config::WebConfig>,
 
     /// How much of a leaking process's command line /api/leaks and the log show: `redacted`
     /// masks values whose name looks secret (password, token, key, ...) and passwords in URLs.
     #[arg(long, env = "TCPSTATE_CMDLINE", value_enum, default_value_t = CmdlinePolicy::Redacted, value_name = "full|redacted|off")]
-    pub cmdline: CmdlinePolicy,
+    pub(crate) cmdline: CmdlinePolicy,
 
     /// Split tcpstate_sockets and tcpstate_close_wait_leaked_sockets by the owner's
     /// container or pod (labels namespace, pod, container): the 20 largest groups, the rest
     /// summed as container="other". Off by default.
     #[arg(long, env = "TCPSTATE_GROUP_BY", value_enum, value_name = "container|pod")]
-    pub group_by: Option<daemon::GroupBy>,
+    pub(crate) group_by: Option<daemon::GroupBy>,
 
     #[command(flatten)]
-    pub probe: ProbeArgs,
+    pub(crate) probe: ProbeArgs,
 }
 
 /// Settings of the kernel probe, shared by every command that loads it.
 #[derive(Debug, Clone, Args)]
-pub struct ProbeArgs {
+pub(crate) struct ProbeArgs {
     /// Also trace MPTCP sockets (protocol 262), not only TCP.
     #[arg(long, env = "TCPSTATE_MPTCP")]
-    pub mptcp: bool,
+    pub(crate) mptcp: bool,
 
     /// Size of the kernel-to-userspace ring buffer: a power of two from 4K to 1G
     /// (suffixes K, M, G are binary). Larger absorbs longer bursts. Default: 4M for `run`,
     /// 16M for `watch`, whose output (a terminal, a pipe) can stall its reading.
     #[arg(long, env = "TCPSTATE_RING_BYTES", value_parser = parse_ring_bytes, value_name = "BYTES")]
-    pub ring_bytes: Option<u32>,
+    pub(crate) ring_bytes: Option<u32>,
 
     /// Sockets the kernel program tracks at once (an LRU map; about 100 bytes each).
     #[arg(long, env = "TCPSTATE_KERNEL_SOCKETS", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1024..=16_777_216), value_name = "N")]
-    pub kernel_sockets: u32,
+    pub(crate) kernel_sockets: u32,
 
     /// Read the tracepoint layout from this file instead of tracefs (testing the layout check).
     #[arg(long, hide = true, value_name = "FILE")]
-    pub tracepoint_format: Option<PathBuf>,
+    pub(crate) tracepoint_format: Option<PathBuf>,
 }
 
 impl ProbeArgs {
     /// The probe these flags describe, with `filter` deciding which records are sent and
     /// the command's own ring size unless `--ring-bytes` sets one.
-    pub fn probe_options(&self, filter: KernelFilter, default_ring_bytes: u32) -> ProbeOptions {
+    pub(crate) fn probe_options(
+        &self,
+        filter: KernelFilter,
+        default_ring_bytes: u32,
+    ) -> ProbeOptions {
         ProbeOptions {
             ring_bytes: self.ring_bytes.unwrap_or(default_ring_bytes),
             socket_map_entries: self.kernel_sockets,
@@ -256,70 +260,63 @@ pub struct WatchArgs {
 
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS", value_parser = parse_watch_duration)]
-    pub duration: Option<u64>,
+    pub(crate) duration: Option<u64>,
 
     /// At exit, print one line of delivery statistics to stderr: records read and shown,
     /// transitions lost by cause, kernel-side counts (key=value, for scripts).
     #[arg(long)]
-    pub stats: bool,
+    pub(crate) stats: bool,
 
     /// Stop after printing this many transitions.
     #[arg(long, value_name = "N", value_parser = parse_count)]
-    pub count: Option<u64>,
+    pub(crate) count: Option<u64>,
 
     /// Keep transitions where either port is PORT (repeatable, up to 8). Runs in the kernel.
     #[arg(long = "port", value_name = "PORT", value_parser = parse_port)]
-    pub ports: Vec<u16>,
+    pub(crate) ports: Vec<u16>,
 
     /// Keep transitions whose local port is PORT (repeatable, up to 8). Runs in the kernel.
     #[arg(long = "sport", value_name = "PORT", value_parser = parse_port)]
-    pub sports: Vec<u16>,
+    pub(crate) sports: Vec<u16>,
 
     /// Keep transitions whose remote port is PORT (repeatable, up to 8). Runs in the kernel.
     #[arg(long = "dport", value_name = "PORT", value_parser = parse_port)]
-    pub dports: Vec<u16>,
+    pub(crate) dports: Vec<u16>,
 
     /// Keep transitions where either address is IP (repeatable). Runs in userspace.
     #[arg(long = "addr", value_name = "IP")]
-    pub addrs: Vec<IpAddr>,
+    pub(crate) addrs: Vec<IpAddr>,
 
     /// Keep IPv4 sockets only. Runs in the kernel.
     #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
-    pub ipv4: bool,
+    pub(crate) ipv4: bool,
 
     /// Keep IPv6 sockets only. Runs in the kernel.
     #[arg(short = '6', long = "ipv6")]
-    pub ipv6: bool,
+    pub(crate) ipv6: bool,
 
     /// Keep transitions whose old or new state is NAME, e.g. CLOSE_WAIT (repeatable).
     /// Runs in the kernel.
     #[arg(long = "state", value_name = "NAME")]
-    pub states: Vec<TcpState>,
+    pub(crate) states: Vec<TcpState>,
 
     /// Keep sockets owned by a process of container ID (the full id or a prefix, as `docker
     /// ps` and `crictl ps` show it). Runs in userspace, on the owner's cgroup.
     #[arg(long, value_name = "ID", value_parser = parse_container_id)]
-    pub container: Option<String>,
+    pub(crate) container: Option<String>,
 
     /// Keep sockets owned by a process of cgroup PATH or below it (as /proc/PID/cgroup
     /// writes it, e.g. /system.slice/nginx.service). Runs in userspace.
     #[arg(long, value_name = "PATH", value_parser = parse_cgroup_path)]
-    pub cgroup: Option<String>,
+    pub(crate) cgroup: Option<String>,
 
     /// Keep sockets owned by a process of Kubernetes pod NAMESPACE/NAME (named from
     /// /var/log/pods). Runs in userspace.
     #[arg(long, value_name = "NAMESPACE/NAME", value_parser = parse_pod)]
-    pub pod: Option<(String, String)>,
+    pub(crate) pod: Option<(String, String)>,
 
     #[command(flatten)]
-    pub probe: ProbeArgs,
-}
-
-impl WatchArgs {
-    /// Whether a container filter is given: records then need their owner's cgroup named.
-    pub fn filters_containers(&self) -> bool {
-        self.container.is_some() || self.cgroup.is_some() || self.pod.is_some()
-    }
+    pub(crate) probe: ProbeArgs,
 }
 
 /// `--container`: hex digits, as runtimes print container ids (full or shortened).
@@ -397,7 +394,7 @@ fn parse_watch_duration(value: &str) -> Result<u64, String> {
 }
 
 /// Parses a byte size with an optional binary suffix (K, M, G; `KiB` forms too).
-pub fn parse_size(value: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(value: &str) -> Result<u64, String> {
     let trimmed = value.trim();
     let split = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
     let (digits, suffix) = trimmed.split_at(split);
@@ -414,7 +411,7 @@ pub fn parse_size(value: &str) -> Result<u64, String> {
 }
 
 /// Parses seconds: a plain number (`90`, `0.5`) or with a unit (`90s`, `2m`, `1h`).
-pub fn parse_seconds(value: &str) -> Result<Duration, String> {
+pub(crate) fn parse_seconds(value: &str) -> Result<Duration, String> {
     let value = value.trim();
     let split = value.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(value.len());
     let (number, unit) = value.split_at(split);

@@ -1,7 +1,7 @@
 //! Kernel timestamps (`bpf_ktime_get_ns`, CLOCK_MONOTONIC) and how they relate to wall time.
 
 /// Nanoseconds of CLOCK_MONOTONIC now: the clock the kernel program stamps records with.
-pub fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     read_clock(libc::CLOCK_MONOTONIC)
 }
 
@@ -13,20 +13,20 @@ fn read_clock(clock: libc::clockid_t) -> u64 {
 }
 
 /// Converts kernel timestamps to local wall-clock time of day.
-pub struct WallClock {
+pub(crate) struct WallClock {
     /// CLOCK_REALTIME minus CLOCK_MONOTONIC, in nanoseconds, when created.
     offset_ns: i128,
 }
 
 impl WallClock {
-    pub fn now() -> Self {
+    pub(crate) fn now() -> Self {
         let mono = read_clock(libc::CLOCK_MONOTONIC);
         let real = read_clock(libc::CLOCK_REALTIME);
         Self { offset_ns: i128::from(real) - i128::from(mono) }
     }
 
     /// `HH:MM:SS.mmm` in local time.
-    pub fn time_of_day(&self, ts_ns: u64) -> String {
+    pub(crate) fn time_of_day(&self, ts_ns: u64) -> String {
         let real_ns = i128::from(ts_ns) + self.offset_ns;
         let secs = (real_ns / 1_000_000_000) as libc::time_t;
         let millis = (real_ns % 1_000_000_000) / 1_000_000;

@@ -4,7 +4,7 @@
 
 /// How much of a command line reports and logs show (`--cmdline`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum CmdlinePolicy {
+pub(crate) enum CmdlinePolicy {
     /// Every argument as the process has it.
     Full,
     /// Secret-looking values masked as `***`.
@@ -22,7 +22,7 @@ const SECRET_WORDS: [&str; 7] =
 
 impl CmdlinePolicy {
     /// The command line to show, `None` when it is off.
-    pub fn render(self, args: &[String]) -> Option<String> {
+    pub(crate) fn render(self, args: &[String]) -> Option<String> {
         match self {
             Self::Full => Some(args.join(" ")),
             Self::Redacted => Some(redact(args).join(" ")),
@@ -38,7 +38,7 @@ fn looks_secret(name: &str) -> bool {
 
 /// Masks `NAME=value` and `--NAME value` where NAME looks secret, and the password of every
 /// `scheme://user:password@host` anywhere in an argument.
-pub fn redact(args: &[String]) -> Vec<String> {
+pub(crate) fn redact(args: &[String]) -> Vec<String> {
     let mut shown = Vec::with_capacity(args.len());
     let mut value_follows = false;
     for arg in args {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 /// What a cgroup path says about its process's container.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Container {
+pub(crate) struct Container {
     /// The runtime's full container id (64 hex digits).
     pub container_id: Option<String>,
     pub pod_uid: Option<String>,
@@ -21,13 +21,13 @@ pub struct Container {
 }
 
 /// Where the kubelet keeps pod log directories.
-pub const POD_LOGS: &str = "/var/log/pods";
+pub(crate) const POD_LOGS: &str = "/var/log/pods";
 
 impl Container {
     /// Reads `cgroup` (a path as `/proc/<pid>/cgroup` gives it), naming the pod from the
     /// directories under `pod_logs` and the container from the links in its sibling
     /// `containers` (`/var/log/pods`, `/var/log/containers`).
-    pub fn of_cgroup(cgroup: &str, pod_logs: &Path) -> Self {
+    pub(crate) fn of_cgroup(cgroup: &str, pod_logs: &Path) -> Self {
         let container_id = cgroup.split('/').rev().find_map(container_id);
         let pod_uid = cgroup.split('/').find_map(pod_uid);
         let (pod_namespace, pod_name) =
@@ -42,7 +42,8 @@ impl Container {
         Self { container_id, pod_uid, pod_namespace, pod_name, container_name }
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.container_id.is_none() && self.pod_uid.is_none()
     }
 }

@@ -8,7 +8,7 @@ use std::{
 
 use tracer_common::{TransitionRecord, ip_from_raw};
 
-use crate::{failure::Failure, socket::Family};
+pub use crate::{failure::Failure, socket::Family};
 
 /// The text of a NUL-padded kernel `comm`.
 pub fn comm_str(comm: &[u8; 16]) -> Cow<'_, str> {

@@ -7,7 +7,7 @@
 use tracer_common::TcpState;
 
 /// One state, explained.
-pub struct Explanation {
+pub(crate) struct Explanation {
     pub state: TcpState,
     /// One line: what the state is.
     pub summary: &'static str,
@@ -26,7 +26,7 @@ pub struct Explanation {
 }
 
 /// Every state the tracepoint reports, in the kernel's order.
-pub const EXPLANATIONS: [Explanation; 12] = [
+pub(crate) const EXPLANATIONS: [Explanation; 12] = [
     Explanation {
         state: TcpState::ESTABLISHED,
         summary: "the connection is open; data flows both ways",
@@ -208,18 +208,18 @@ pub const EXPLANATIONS: [Explanation; 12] = [
 impl Explanation {
     /// The pile-up's first clause: the one-line hint under `tcpstate leaks` and in the leak
     /// alerts' descriptions.
-    pub fn hint(&self) -> &'static str {
+    pub(crate) fn hint(&self) -> &'static str {
         self.pile_up.split(':').next().unwrap_or(self.pile_up)
     }
 }
 
 /// The explanation of `state`, if this build knows it.
-pub fn of(state: TcpState) -> Option<&'static Explanation> {
+pub(crate) fn of(state: TcpState) -> Option<&'static Explanation> {
     EXPLANATIONS.iter().find(|e| e.state == state)
 }
 
 /// The state diagram, for `tcpstate explain` without a state.
-pub const DIAGRAM: &str = "\
+pub(crate) const DIAGRAM: &str = "\
 TCP states as the kernel reports them (RFC 793, plus Linux's NEW_SYN_RECV)
 
   client                                server
@@ -249,7 +249,7 @@ Sockets that pile up and what it usually means:
 const WIDTH: usize = 80;
 
 /// One state's screen.
-pub fn render(e: &Explanation) -> String {
+pub(crate) fn render(e: &Explanation) -> String {
     let mut out = String::new();
     wrap_into(&mut out, "", &format!("{} - {}", e.state, e.summary));
     out.push('\n');

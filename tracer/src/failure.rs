@@ -25,7 +25,7 @@ pub enum Failure {
 
 impl Failure {
     /// Reads a transition and its errno; `None` for anything but a failed or aborted end.
-    pub fn of(old: TcpState, new: TcpState, errno: u8) -> Option<Self> {
+    pub(crate) fn of(old: TcpState, new: TcpState, errno: u8) -> Option<Self> {
         if new != TcpState::CLOSE {
             return None;
         }
@@ -60,13 +60,14 @@ impl Failure {
         }
     }
 
+    #[cfg(test)]
     /// The `reason` of tcpstate_connect_failures_total, for a failure in SYN_SENT.
-    pub fn connect_reason(self) -> &'static str {
+    pub(crate) fn connect_reason(self) -> &'static str {
         CONNECT_REASONS[self.connect_slot()]
     }
 
     /// The index of `connect_reason` in `CONNECT_REASONS`.
-    pub fn connect_slot(self) -> usize {
+    pub(crate) fn connect_slot(self) -> usize {
         match self {
             Self::Refused => 0,
             Self::TimedOut => 1,
@@ -78,7 +79,7 @@ impl Failure {
     }
 
     /// Which way the reset went, when it is one.
-    pub fn reset(self) -> Option<ResetDirection> {
+    pub(crate) fn reset(self) -> Option<ResetDirection> {
         match self {
             Self::ResetReceived => Some(ResetDirection::Received),
             Self::ResetSent => Some(ResetDirection::Sent),
@@ -89,15 +90,15 @@ impl Failure {
 
 /// The `direction` of tcpstate_resets_total.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ResetDirection {
+pub(crate) enum ResetDirection {
     Received = 0,
     Sent = 1,
 }
 
 impl ResetDirection {
-    pub const ALL: [Self; 2] = [Self::Received, Self::Sent];
+    pub(crate) const ALL: [Self; 2] = [Self::Received, Self::Sent];
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Received => "received",
             Self::Sent => "sent",
@@ -106,7 +107,7 @@ impl ResetDirection {
 }
 
 /// Every `reason` of tcpstate_connect_failures_total, in a fixed order.
-pub const CONNECT_REASONS: [&str; 6] =
+pub(crate) const CONNECT_REASONS: [&str; 6] =
     ["refused", "timeout", "unreachable", "reset", "aborted", "other"];
 
 #[cfg(test)]

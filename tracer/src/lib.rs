@@ -4,32 +4,34 @@
 //! Data flows one way: the kernel program (`tracer-ebpf`) writes one record per transition to
 //! a BPF ring buffer; [`probe`] loads and attaches it, [`reader`] drains the ring in batches,
 //! and the commands consume the records.
+//!
+//! The public surface is what the `tcpstate` binary (the commands and their configuration)
+//! and the integration tests (the probe, the reader, a record's accessors) use; everything
+//! else is `pub(crate)`, which `unreachable_pub` keeps so.
 
-pub mod accepted;
 pub mod capabilities;
 pub mod cgroups;
 pub mod check;
 pub mod cli;
-pub mod client;
-pub mod clock;
-pub mod cmdline;
-pub mod container;
+mod client;
+mod clock;
+mod cmdline;
+mod container;
 pub mod daemon;
-pub mod duplicates;
 pub mod event;
 pub mod explain;
-pub mod failure;
+mod failure;
 pub mod leaks;
-pub mod netns;
-pub mod owners;
+mod netns;
+mod owners;
 pub mod probe;
 pub mod reader;
-pub mod signals;
-pub mod sockdiag;
-pub mod socket;
+mod signals;
+mod sockdiag;
+mod socket;
 pub mod top;
 pub mod watch;
-pub mod web_config;
+mod web_config;
 
 /// The modules' imports form no cycle, so the code map in docs/design.md can be read top to
 /// bottom. Reads every `use crate::...` (and `crate::` path) of the non-test code.

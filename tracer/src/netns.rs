@@ -16,11 +16,11 @@ use std::{
 use crate::sockdiag::{DiagSocket, dump_tcp};
 
 /// A `sock_diag` dump of the calling thread's namespace.
-pub type Dumper = fn() -> io::Result<Vec<DiagSocket>>;
+pub(crate) type Dumper = fn() -> io::Result<Vec<DiagSocket>>;
 
 /// A network namespace, by the inode the kernel program reports (`net->ns.inum`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Namespace {
+pub(crate) struct Namespace {
     pub inode: u32,
     /// A file that refers to it: `/proc/<pid>/ns/net` or `/run/netns/<name>`.
     pub path: PathBuf,
@@ -31,14 +31,14 @@ fn inode_of(path: &Path) -> Option<u32> {
 }
 
 /// This process's network namespace.
-pub fn own() -> io::Result<Namespace> {
+pub(crate) fn own() -> io::Result<Namespace> {
     let path = PathBuf::from("/proc/self/ns/net");
     let inode = inode_of(&path).ok_or_else(|| io::Error::other("cannot stat /proc/self/ns/net"))?;
     Ok(Namespace { inode, path })
 }
 
 /// Every network namespace reachable from here, once each, this process's first.
-pub fn enumerate() -> Vec<Namespace> {
+pub(crate) fn enumerate() -> Vec<Namespace> {
     let mut found: BTreeMap<u32, PathBuf> = BTreeMap::new();
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Ok(entries) = fs::read_dir("/run/netns") {
@@ -67,8 +67,9 @@ pub fn enumerate() -> Vec<Namespace> {
     namespaces
 }
 
+#[cfg(test)]
 /// Runs `dump` inside `namespace`.
-pub fn dump_in_with(namespace: &Namespace, dump: Dumper) -> io::Result<Vec<DiagSocket>> {
+pub(crate) fn dump_in_with(namespace: &Namespace, dump: Dumper) -> io::Result<Vec<DiagSocket>> {
     inside(namespace, dump)
 }
 
@@ -109,7 +110,7 @@ fn local_port_range() -> Option<(u16, u16)> {
 
 /// A dump of one namespace.
 #[derive(Clone, Debug)]
-pub struct NamespaceDump {
+pub(crate) struct NamespaceDump {
     pub inode: u32,
     pub sockets: Vec<DiagSocket>,
     /// Its `net.ipv4.ip_local_port_range`, when readable.
@@ -118,7 +119,7 @@ pub struct NamespaceDump {
 
 /// The dumps of every namespace that could be entered.
 #[derive(Debug, Default)]
-pub struct AllDumps {
+pub(crate) struct AllDumps {
     pub dumps: Vec<NamespaceDump>,
     /// Namespaces that could not be entered for lack of privilege: their sockets are missing.
     pub refused: usize,
@@ -126,7 +127,7 @@ pub struct AllDumps {
 
 impl AllDumps {
     /// Memory the dumped sockets take.
-    pub fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         let sockets: usize = self.dumps.iter().map(|dump| dump.sockets.capacity()).sum();
         sockets * std::mem::size_of::<DiagSocket>()
     }
@@ -135,12 +136,12 @@ impl AllDumps {
 /// Dumps every namespace; the caller treats only the dumped ones as known. A namespace that
 /// vanished meanwhile is skipped quietly (debug); one refused for lack of privilege is
 /// counted, and the first refusal is a warning naming the capability.
-pub fn dump_all() -> AllDumps {
+pub(crate) fn dump_all() -> AllDumps {
     dump_all_with(dump_tcp)
 }
 
 /// Runs `dump` in every namespace.
-pub fn dump_all_with(dump: Dumper) -> AllDumps {
+pub(crate) fn dump_all_with(dump: Dumper) -> AllDumps {
     let own = own().ok().map(|ns| ns.inode);
     let mut refused = 0;
     let dumps = enumerate()

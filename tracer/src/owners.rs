@@ -18,8 +18,7 @@ use crate::{
 
 /// A process, as a leak report names it.
 #[derive(Clone, Debug)]
-pub struct ProcessInfo {
-    pub pid: u32,
+pub(crate) struct ProcessInfo {
     pub comm: String,
     /// Arguments joined by spaces, as the `CmdlinePolicy` allows (empty for kernel threads).
     pub cmdline: Option<String>,
@@ -31,7 +30,7 @@ pub struct ProcessInfo {
 
 impl ProcessInfo {
     /// Reads /proc/<pid>; `None` when the process is gone or unreadable.
-    pub fn read(pid: u32, policy: CmdlinePolicy) -> Option<(Self, u64)> {
+    pub(crate) fn read(pid: u32, policy: CmdlinePolicy) -> Option<(Self, u64)> {
         let process = Process::new(pid as i32).ok()?;
         let stat = process.stat().ok()?;
         let cmdline = policy.render(&process.cmdline().unwrap_or_default());
@@ -48,13 +47,13 @@ impl ProcessInfo {
             .as_deref()
             .map(|path| Container::of_cgroup(path, Path::new(POD_LOGS)))
             .unwrap_or_default();
-        Some((Self { pid, comm: stat.comm, cmdline, cgroup, container }, stat.starttime))
+        Some((Self { comm: stat.comm, cmdline, cgroup, container }, stat.starttime))
     }
 }
 
 /// Maps socket inodes to the first process (lowest pid) holding a descriptor for each of
 /// `wanted`; stops early once all are found.
-pub fn scan_socket_holders(wanted: &HashSet<u32>) -> HashMap<u32, u32> {
+pub(crate) fn scan_socket_holders(wanted: &HashSet<u32>) -> HashMap<u32, u32> {
     let mut found = HashMap::new();
     if wanted.is_empty() {
         return found;
@@ -100,18 +99,18 @@ pub fn scan_socket_holders(wanted: &HashSet<u32>) -> HashMap<u32, u32> {
 
 /// Process details, cached by pid and checked against the process start time so a reused
 /// pid is not mistaken for the old process.
-pub struct ProcessCache {
+pub(crate) struct ProcessCache {
     by_pid: HashMap<u32, (ProcessInfo, u64)>,
     policy: CmdlinePolicy,
 }
 
 impl ProcessCache {
-    pub fn new(policy: CmdlinePolicy) -> Self {
+    pub(crate) fn new(policy: CmdlinePolicy) -> Self {
         Self { by_pid: HashMap::new(), policy }
     }
 
     /// The live process `pid`, if it exists.
-    pub fn get(&mut self, pid: u32) -> Option<ProcessInfo> {
+    pub(crate) fn get(&mut self, pid: u32) -> Option<ProcessInfo> {
         let start = Process::new(pid as i32).ok()?.stat().ok()?.starttime;
         if let Some((info, cached_start)) = self.by_pid.get(&pid)
             && *cached_start == start
@@ -124,7 +123,7 @@ impl ProcessCache {
     }
 
     /// Forgets every pid not in `keep`.
-    pub fn retain(&mut self, keep: &HashSet<u32>) {
+    pub(crate) fn retain(&mut self, keep: &HashSet<u32>) {
         self.by_pid.retain(|pid, _| keep.contains(pid));
     }
 }

@@ -4,7 +4,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 /// Resolves when SIGINT or SIGTERM arrives. The handlers are installed when this is called,
 /// so call it before doing work that a signal should interrupt.
-pub fn shutdown() -> anyhow::Result<impl Future<Output = ()>> {
+pub(crate) fn shutdown() -> anyhow::Result<impl Future<Output = ()>> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     Ok(async move {

@@ -21,7 +21,7 @@ use tracer_common::{TcpState, ip_from_raw, ip_to_raw, unmap_ipv4};
 /// socket, against 88 with two `SocketAddr`s): a reconciliation holds every socket of the
 /// host at once; `local()`/`remote()` give the addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiagSocket {
+pub(crate) struct DiagSocket {
     /// `AF_INET` or `AF_INET6`.
     pub family: u16,
     pub state: TcpState,
@@ -41,19 +41,19 @@ pub struct DiagSocket {
 
 impl DiagSocket {
     /// `last_ack_ms` of a socket the dump did not ask `tcp_info` of.
-    pub const NO_ACK_TIME: u32 = u32::MAX;
+    pub(crate) const NO_ACK_TIME: u32 = u32::MAX;
 
     /// For a CLOSE_WAIT socket, the time since it last received an ACK: the peer's FIN carried
     /// the last one it will send, so this is a lower bound of the time spent in CLOSE_WAIT.
-    pub fn since_last_ack_ms(&self) -> Option<u32> {
+    pub(crate) fn since_last_ack_ms(&self) -> Option<u32> {
         (self.last_ack_ms != Self::NO_ACK_TIME).then_some(self.last_ack_ms)
     }
 
-    pub fn local(&self) -> SocketAddr {
+    pub(crate) fn local(&self) -> SocketAddr {
         SocketAddr::new(ip_from_raw(self.family, &self.saddr), self.sport)
     }
 
-    pub fn remote(&self) -> SocketAddr {
+    pub(crate) fn remote(&self) -> SocketAddr {
         SocketAddr::new(ip_from_raw(self.family, &self.daddr), self.dport)
     }
 }
@@ -73,7 +73,7 @@ fn open() -> io::Result<Socket> {
 /// Dumps every TCP socket of the current network namespace, IPv4 then IPv6. CLOSE_WAIT
 /// sockets come with `since_last_ack_ms`; asking it of every socket would make a dump of a
 /// busy host several times larger.
-pub fn dump_tcp() -> io::Result<Vec<DiagSocket>> {
+pub(crate) fn dump_tcp() -> io::Result<Vec<DiagSocket>> {
     let socket = open()?;
     let mut sockets = Vec::new();
     let others = all_states().difference(StateFlags::CLOSE_WAIT);
@@ -85,7 +85,7 @@ pub fn dump_tcp() -> io::Result<Vec<DiagSocket>> {
 }
 
 /// Dumps the CLOSE_WAIT sockets of the current network namespace only.
-pub fn dump_close_wait() -> io::Result<Vec<DiagSocket>> {
+pub(crate) fn dump_close_wait() -> io::Result<Vec<DiagSocket>> {
     let socket = open()?;
     let mut sockets = Vec::new();
     for family in [AF_INET, AF_INET6] {

@@ -26,7 +26,7 @@ pub enum Family {
 }
 
 impl Family {
-    pub fn from_raw(family: u16) -> Self {
+    pub(crate) fn from_raw(family: u16) -> Self {
         match family {
             AF_INET => Self::Inet,
             AF_INET6 => Self::Inet6,
@@ -53,7 +53,7 @@ impl fmt::Display for Family {
 /// bytes, as records carry them (40 bytes a key, the table holds up to a million);
 /// `local()`/`remote()` give the addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SocketKey {
+pub(crate) struct SocketKey {
     pub netns: u32,
     pub family: u16,
     pub sport: u16,
@@ -63,7 +63,7 @@ pub struct SocketKey {
 }
 
 impl SocketKey {
-    pub fn from_record(r: &TransitionRecord) -> Self {
+    pub(crate) fn from_record(r: &TransitionRecord) -> Self {
         Self {
             netns: r.netns,
             family: r.family,
@@ -74,7 +74,7 @@ impl SocketKey {
         }
     }
 
-    pub fn from_diag(netns: u32, socket: &DiagSocket) -> Self {
+    pub(crate) fn from_diag(netns: u32, socket: &DiagSocket) -> Self {
         Self {
             netns,
             family: socket.family,
@@ -85,35 +85,35 @@ impl SocketKey {
         }
     }
 
-    pub fn local(&self) -> SocketAddr {
+    pub(crate) fn local(&self) -> SocketAddr {
         SocketAddr::new(ip_from_raw(self.family, &self.saddr), self.sport)
     }
 
-    pub fn remote(&self) -> SocketAddr {
+    pub(crate) fn remote(&self) -> SocketAddr {
         SocketAddr::new(ip_from_raw(self.family, &self.daddr), self.dport)
     }
 
     /// A connecting socket reports local port 0 until connect() picks one: such a key cannot
     /// match a dump yet.
-    pub fn complete(&self) -> bool {
+    pub(crate) fn complete(&self) -> bool {
         self.sport != 0
     }
 
-    pub fn family(&self) -> Family {
+    pub(crate) fn family(&self) -> Family {
         Family::from_raw(self.family)
     }
 }
 
 /// The process a socket belongs to, as listings name it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OwnerName {
+pub(crate) struct OwnerName {
     pub pid: u32,
     pub comm: String,
 }
 
 /// One socket as every listing shows it; the keys are documented in the README.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SocketView {
+pub(crate) struct SocketView {
     pub state: TcpState,
     pub family: Family,
     pub local_address: IpAddr,
@@ -136,7 +136,7 @@ pub struct SocketView {
 
 impl SocketView {
     /// `inode` 0 is unknown.
-    pub fn new(
+    pub(crate) fn new(
         key: &SocketKey,
         state: TcpState,
         age_ns: u64,
@@ -165,7 +165,7 @@ impl SocketView {
     }
 
     /// With the owner's cgroup and what it names.
-    pub fn in_cgroup(mut self, cgroup: Option<&CgroupName>) -> Self {
+    pub(crate) fn in_cgroup(mut self, cgroup: Option<&CgroupName>) -> Self {
         if let Some(named) = cgroup {
             self.cgroup = Some(named.path.clone());
             self.container = named.container.clone();
@@ -173,11 +173,11 @@ impl SocketView {
         self
     }
 
-    pub fn local(&self) -> SocketAddr {
+    pub(crate) fn local(&self) -> SocketAddr {
         SocketAddr::new(self.local_address, self.local_port)
     }
 
-    pub fn remote(&self) -> SocketAddr {
+    pub(crate) fn remote(&self) -> SocketAddr {
         SocketAddr::new(self.remote_address, self.remote_port)
     }
 }

@@ -57,7 +57,7 @@ enum ClientAuth {
 
 /// What the endpoint enforces.
 #[derive(Clone)]
-pub struct WebConfig {
+pub(crate) struct WebConfig {
     pub path: PathBuf,
     pub tls: Option<Arc<ServerConfig>>,
     pub users: Option<Arc<BasicAuth>>,
@@ -75,7 +75,7 @@ impl fmt::Debug for WebConfig {
 
 impl WebConfig {
     /// Reads and checks the file: every certificate and key loads, every hash is bcrypt.
-    pub fn load(path: &Path) -> Result<Self, String> {
+    pub(crate) fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|error| format!("reading {}: {error}", path.display()))?;
         let file: File = serde_norway::from_str(&text)
@@ -98,7 +98,7 @@ impl WebConfig {
 }
 
 /// clap's parser for `--web-config`.
-pub fn parse(value: &str) -> Result<WebConfig, String> {
+pub(crate) fn parse(value: &str) -> Result<WebConfig, String> {
     WebConfig::load(Path::new(value))
 }
 
@@ -160,7 +160,7 @@ fn tls_config(base: &Path, tls: &TlsFile) -> Result<Arc<ServerConfig>, String> {
 
 /// Users and their bcrypt hashes. A bcrypt check costs tens of milliseconds by design, so
 /// the credentials that passed are remembered (a scraper sends the same every time).
-pub struct BasicAuth {
+pub(crate) struct BasicAuth {
     hashes: HashMap<String, String>,
     verified: Mutex<Vec<String>>,
 }
@@ -170,7 +170,7 @@ impl BasicAuth {
     const REMEMBERED: usize = 16;
 
     /// Whether an `Authorization` header value names a user with the right password.
-    pub fn allows(&self, authorization: Option<&str>) -> bool {
+    pub(crate) fn allows(&self, authorization: Option<&str>) -> bool {
         use base64::Engine as _;
         let Some(encoded) = authorization.and_then(|value| value.strip_prefix("Basic ")) else {
             return false;

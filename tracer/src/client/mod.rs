@@ -15,11 +15,11 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _};
 use tokio_rustls::TlsConnector;
 
-pub use self::url::{DaemonTls, DaemonUrl};
+pub(crate) use self::url::{DaemonTls, DaemonUrl};
 
 /// Where the daemon answers and how to get in: TLS settings and credentials, read once.
 #[derive(Clone)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     url: DaemonUrl,
     tls: Option<(TlsConnector, ServerName<'static>)>,
     authorization: Option<HeaderValue>,
@@ -27,13 +27,13 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// Plain HTTP, no credentials (a daemon this process runs itself).
-    pub fn plain(url: DaemonUrl) -> Self {
+    pub(crate) fn plain(url: DaemonUrl) -> Self {
         Self { url, tls: None, authorization: None }
     }
 
     /// Reads the CA and client certificate files, and the password from the URL or
     /// `TCPSTATE_DAEMON_PASSWORD`.
-    pub fn new(url: DaemonUrl, tls: &DaemonTls) -> anyhow::Result<Self> {
+    pub(crate) fn new(url: DaemonUrl, tls: &DaemonTls) -> anyhow::Result<Self> {
         let authorization = url.user.as_ref().map(|user| {
             use base64::Engine as _;
             let password = url
@@ -55,7 +55,7 @@ impl Endpoint {
         Ok(Self { url, tls, authorization })
     }
 
-    pub const fn url(&self) -> &DaemonUrl {
+    pub(crate) const fn url(&self) -> &DaemonUrl {
         &self.url
     }
 }
@@ -110,7 +110,7 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Why an answer could not be had.
 #[derive(Debug)]
-pub enum FetchError {
+pub(crate) enum FetchError {
     /// Nothing answers there.
     Unreachable(String),
     /// Something answered, but not with what was asked: a real error.
@@ -118,30 +118,30 @@ pub enum FetchError {
 }
 
 /// GETs `path` from the daemon over a connection of its own; the body of a 200 answer.
-pub async fn get(endpoint: &Endpoint, path: &str) -> Result<Bytes, FetchError> {
+pub(crate) async fn get(endpoint: &Endpoint, path: &str) -> Result<Bytes, FetchError> {
     Connection::new(endpoint.clone()).get(path).await
 }
 
 /// A connection to the daemon kept open between requests, and reopened when the daemon
 /// closed it. For repeated reads (`top`), which would otherwise open, and so show among the
 /// host's transitions, new connections every second.
-pub struct Connection {
+pub(crate) struct Connection {
     endpoint: Endpoint,
     sender: Option<SendRequest<Empty<Bytes>>>,
 }
 
 impl Connection {
-    pub const fn new(endpoint: Endpoint) -> Self {
+    pub(crate) const fn new(endpoint: Endpoint) -> Self {
         Self { endpoint, sender: None }
     }
 
-    pub const fn url(&self) -> &DaemonUrl {
+    pub(crate) const fn url(&self) -> &DaemonUrl {
         self.endpoint.url()
     }
 
     /// GETs `path`; the body of a 200 answer. A kept connection the daemon has meanwhile
     /// closed (idle, or evicted for a newcomer) is replaced once.
-    pub async fn get(&mut self, path: &str) -> Result<Bytes, FetchError> {
+    pub(crate) async fn get(&mut self, path: &str) -> Result<Bytes, FetchError> {
         let kept = self.sender.take().filter(|sender| !sender.is_closed());
         let reused = kept.is_some();
         let sender = match kept {

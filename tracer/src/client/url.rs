@@ -6,7 +6,7 @@ use std::{fmt, path::PathBuf, str::FromStr};
 /// A daemon's address: `http://HOST:PORT`, `https://HOST:PORT`, or just `HOST:PORT`; with
 /// `USER@` (or `USER:PASSWORD@`) before the host when the daemon wants basic auth.
 #[derive(Clone, PartialEq, Eq)]
-pub struct DaemonUrl {
+pub(crate) struct DaemonUrl {
     pub host: String,
     pub port: u16,
     pub https: bool,
@@ -17,7 +17,7 @@ pub struct DaemonUrl {
 
 impl DaemonUrl {
     /// Plain HTTP to a port on this host's loopback.
-    pub fn loopback(port: u16) -> Self {
+    pub(crate) fn loopback(port: u16) -> Self {
         Self { host: "127.0.0.1".to_owned(), port, https: false, user: None, password: None }
     }
 }
@@ -77,7 +77,7 @@ impl fmt::Debug for DaemonUrl {
 
 /// How to reach a daemon served over TLS (its `--web-config` has `tls_server_config`).
 #[derive(Clone, Debug, Default)]
-pub struct DaemonTls {
+pub(crate) struct DaemonTls {
     /// The CA certificate (PEM) that signed the daemon's certificate: the only one trusted.
     pub ca: Option<PathBuf>,
     /// This client's certificate and its key (PEM), for a daemon that verifies clients.
@@ -87,7 +87,7 @@ pub struct DaemonTls {
 impl DaemonTls {
     /// Whether these options fit `url`: https needs a CA, plain HTTP takes none. The message
     /// names the flags, as a usage error.
-    pub fn check(&self, url: &DaemonUrl) -> Result<(), String> {
+    pub(crate) fn check(&self, url: &DaemonUrl) -> Result<(), String> {
         match (url.https, &self.ca) {
             (true, None) => Err(format!(
                 "{url} needs --daemon-ca FILE: the CA certificate that signed the daemon's \
@@ -102,7 +102,7 @@ impl DaemonTls {
     }
 
     /// Whether any option is set.
-    pub const fn is_given(&self) -> bool {
+    pub(crate) const fn is_given(&self) -> bool {
         self.ca.is_some() || self.client_cert.is_some()
     }
 }

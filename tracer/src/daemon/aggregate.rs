@@ -16,11 +16,11 @@ use super::{
 mod reconcile;
 
 use crate::failure::{CONNECT_REASONS, Failure, ResetDirection};
-pub use reconcile::{DumpIndex, ReconcileOutcome, reconcile_in_slices};
+pub(super) use reconcile::{DumpIndex, ReconcileOutcome, reconcile_in_slices};
 
 /// Upper bounds of the stay histogram's buckets, in seconds: log-spaced (1-3-10) from 10 µs to
 /// 1000 s, then one hour.
-pub const DURATION_BUCKETS: [f64; 18] = [
+pub(super) const DURATION_BUCKETS: [f64; 18] = [
     1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0,
     1000.0, 3600.0,
 ];
@@ -40,7 +40,7 @@ const DURATION_BUCKET_NS: [u64; DURATION_BUCKETS.len()] = {
 
 /// Completed stays in one state whose length is exactly known.
 #[derive(Clone, Debug, Default)]
-pub struct StayHistogram {
+pub(crate) struct StayHistogram {
     /// Per bucket (not cumulative); the last slot is +Inf.
     pub buckets: [u64; DURATION_BUCKETS.len() + 1],
     pub sum_ns: u128,
@@ -57,7 +57,7 @@ impl StayHistogram {
 }
 
 /// States the tracepoint never reports: their gauges come from dumps only.
-pub const SAMPLED_STATES: [TcpState; 2] = [TcpState::TIME_WAIT, TcpState::NEW_SYN_RECV];
+pub(super) const SAMPLED_STATES: [TcpState; 2] = [TcpState::TIME_WAIT, TcpState::NEW_SYN_RECV];
 
 /// States whose gauges follow the table (or, while it is saturated, dumps and records).
 fn table_states() -> impl Iterator<Item = TcpState> {
@@ -70,7 +70,7 @@ fn tracked_state(state: TcpState) -> bool {
     state.is_known() && state != TcpState::CLOSE && !SAMPLED_STATES.contains(&state)
 }
 
-pub struct Aggregator {
+pub(crate) struct Aggregator {
     labels: PortLabels,
     /// [label][old][new]
     transitions: Vec<[[u64; TcpState::INDEXES]; TcpState::INDEXES]>,
@@ -107,7 +107,7 @@ pub struct Aggregator {
 
 /// A socket waiting for its owner to be looked up in the kernel's map.
 #[derive(Clone, Copy, Debug)]
-pub struct Unnamed {
+pub(crate) struct Unnamed {
     pub id: SocketId,
     /// Not looked up before this (CLOCK_MONOTONIC ns): the process may not have accepted
     /// the socket yet.
@@ -123,7 +123,7 @@ const MAX_UNNAMED: usize = 1 << 18;
 const FIRST_LOOK_AFTER_NS: u64 = 500_000_000;
 
 impl Aggregator {
-    pub fn new(max_sockets: usize, labels: PortLabels) -> Self {
+    pub(crate) fn new(max_sockets: usize, labels: PortLabels) -> Self {
         Self {
             transitions: vec![[[0; TcpState::INDEXES]; TcpState::INDEXES]; labels.values()],
             connect_failures: vec![[0; CONNECT_REASONS.len()]; labels.values()],
@@ -145,82 +145,82 @@ impl Aggregator {
         }
     }
 
-    pub fn saturated(&self) -> bool {
+    pub(crate) fn saturated(&self) -> bool {
         self.saturated
     }
 
-    pub fn untracked(&self) -> usize {
+    pub(crate) fn untracked(&self) -> usize {
         self.untracked
     }
 
-    pub fn labels(&self) -> &PortLabels {
+    pub(crate) fn labels(&self) -> &PortLabels {
         &self.labels
     }
 
-    pub fn table(&self) -> &SocketTable {
+    pub(crate) fn table(&self) -> &SocketTable {
         &self.table
     }
 
-    pub fn events(&self) -> u64 {
+    pub(crate) fn events(&self) -> u64 {
         self.events
     }
 
-    pub fn malformed(&self) -> u64 {
+    pub(crate) fn malformed(&self) -> u64 {
         self.malformed
     }
 
-    pub fn corrections(&self) -> u64 {
+    pub(crate) fn corrections(&self) -> u64 {
         self.corrections
     }
 
     /// Owner lookups given up because too many sockets were waiting for one.
-    pub fn unnamed_dropped(&self) -> u64 {
+    pub(crate) fn unnamed_dropped(&self) -> u64 {
         self.unnamed_dropped
     }
 
     /// The most used destinations' shares of the ephemeral port range, and the highest.
-    pub fn port_usage(&self) -> &(Vec<PortUsage>, f64) {
+    pub(crate) fn port_usage(&self) -> &(Vec<PortUsage>, f64) {
         &self.port_usage
     }
 
-    pub fn namespaces(&self) -> usize {
+    pub(crate) fn namespaces(&self) -> usize {
         self.namespaces
     }
 
-    pub fn transitions(&self, label: usize, old: TcpState, new: TcpState) -> u64 {
+    pub(crate) fn transitions(&self, label: usize, old: TcpState, new: TcpState) -> u64 {
         self.transitions[label][old.index()][new.index()]
     }
 
     /// Failed connects of sockets with this port label, by reason (`CONNECT_REASONS` order).
-    pub fn connect_failures(&self, label: usize) -> &[u64; CONNECT_REASONS.len()] {
+    pub(crate) fn connect_failures(&self, label: usize) -> &[u64; CONNECT_REASONS.len()] {
         &self.connect_failures[label]
     }
 
     /// Resets of sockets with this port label, by the state they hit.
-    pub fn resets(&self, label: usize, direction: ResetDirection, state: TcpState) -> u64 {
+    pub(crate) fn resets(&self, label: usize, direction: ResetDirection, state: TcpState) -> u64 {
         self.resets[label][direction as usize][state.index()]
     }
 
-    pub fn stays(&self, state: TcpState) -> &StayHistogram {
+    pub(crate) fn stays(&self, state: TcpState) -> &StayHistogram {
         &self.stays[state.index()]
     }
 
     /// Records a socket's inode learned from a dump.
-    pub fn set_inode(&mut self, id: super::table::SocketId, inode: u32) {
+    pub(crate) fn set_inode(&mut self, id: super::table::SocketId, inode: u32) {
         self.table.set_inode(id, inode);
     }
 
     /// Records a socket's owner learned outside its records (the kernel's map).
-    pub fn set_owner(&mut self, id: super::table::SocketId, owner: super::table::Owner) {
+    pub(crate) fn set_owner(&mut self, id: super::table::SocketId, owner: super::table::Owner) {
         self.table.set_owner(id, owner);
     }
 
-    pub fn count_malformed(&mut self, records: u64) {
+    pub(crate) fn count_malformed(&mut self, records: u64) {
         self.malformed += records;
     }
 
     /// Applies one transition record.
-    pub fn apply(&mut self, r: &TransitionRecord) {
+    pub(crate) fn apply(&mut self, r: &TransitionRecord) {
         self.events += 1;
         let (old, new) = (r.oldstate, r.newstate);
         let label = self.labels.index(r.sport);
@@ -285,18 +285,18 @@ impl Aggregator {
 
     /// Call when a dump starts: closes seen from now on are remembered, so the dump's
     /// possibly older view does not resurrect those sockets.
-    pub fn begin_dump(&mut self) {
+    pub(crate) fn begin_dump(&mut self) {
         self.changed_during_dump = Some(HashSet::new());
     }
 
     /// From now on, established sockets without an owner are queued for `take_unnamed`.
-    pub fn queue_unnamed_sockets(&mut self) {
+    pub(crate) fn queue_unnamed_sockets(&mut self) {
         self.unnamed.get_or_insert_with(VecDeque::new);
     }
 
     /// Queues a socket for a look in the kernel's map (again, after a look that found
     /// nothing, with a later `due_ns`).
-    pub fn queue_unnamed(&mut self, socket: Unnamed) {
+    pub(crate) fn queue_unnamed(&mut self, socket: Unnamed) {
         let Some(queue) = &mut self.unnamed else { return };
         if queue.len() >= MAX_UNNAMED {
             queue.pop_front();
@@ -306,7 +306,7 @@ impl Aggregator {
     }
 
     /// Up to `max` queued sockets due by `now_ns` that are still tracked and still unnamed.
-    pub fn take_unnamed(&mut self, now_ns: u64, max: usize) -> Vec<Unnamed> {
+    pub(crate) fn take_unnamed(&mut self, now_ns: u64, max: usize) -> Vec<Unnamed> {
         let Some(queue) = &mut self.unnamed else { return Vec::new() };
         let mut due = Vec::new();
         while due.len() < max
@@ -322,7 +322,7 @@ impl Aggregator {
     }
 
     /// A dump that will not be reconciled: stop remembering changes for it.
-    pub fn abandon_dump(&mut self) {
+    pub(crate) fn abandon_dump(&mut self) {
         self.changed_during_dump = None;
     }
 

@@ -5,35 +5,36 @@ use tracer_common::TcpState;
 
 /// The `port` label: configured local ports, everything else "other". Index 0 is "other".
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PortLabels {
+pub(crate) struct PortLabels {
     ports: Vec<u16>,
 }
 
 impl PortLabels {
-    pub fn none() -> Self {
+    #[cfg(test)]
+    pub(crate) fn none() -> Self {
         Self::default()
     }
 
-    pub fn new(mut ports: Vec<u16>) -> Self {
+    pub(crate) fn new(mut ports: Vec<u16>) -> Self {
         ports.sort_unstable();
         ports.dedup();
         Self { ports }
     }
 
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         !self.ports.is_empty()
     }
 
     /// Number of label values (configured ports plus "other").
-    pub fn values(&self) -> usize {
+    pub(crate) fn values(&self) -> usize {
         self.ports.len() + 1
     }
 
-    pub fn index(&self, local_port: u16) -> usize {
+    pub(crate) fn index(&self, local_port: u16) -> usize {
         self.ports.binary_search(&local_port).map_or(0, |i| i + 1)
     }
 
-    pub fn value(&self, index: usize) -> String {
+    pub(crate) fn value(&self, index: usize) -> String {
         match index {
             0 => "other".to_owned(),
             i => self.ports[i - 1].to_string(),
@@ -50,7 +51,7 @@ struct StateClock {
 
 /// Socket counts per (port label, state) and socket-seconds per state.
 #[derive(Clone, Debug)]
-pub struct StateGauges {
+pub(crate) struct StateGauges {
     labels: PortLabels,
     by_label: Vec<[i64; TcpState::INDEXES]>,
     total: [i64; TcpState::INDEXES],
@@ -58,7 +59,7 @@ pub struct StateGauges {
 }
 
 impl StateGauges {
-    pub fn new(labels: PortLabels) -> Self {
+    pub(crate) fn new(labels: PortLabels) -> Self {
         Self {
             by_label: vec![[0; TcpState::INDEXES]; labels.values()],
             labels,
@@ -67,7 +68,7 @@ impl StateGauges {
         }
     }
 
-    pub fn labels(&self) -> &PortLabels {
+    pub(crate) fn labels(&self) -> &PortLabels {
         &self.labels
     }
 
@@ -85,7 +86,7 @@ impl StateGauges {
     }
 
     /// Adds `delta` sockets in `state` with local port `local_port`, at `ts`.
-    pub fn add(&mut self, local_port: u16, state: TcpState, delta: i64, ts: u64) {
+    pub(crate) fn add(&mut self, local_port: u16, state: TcpState, delta: i64, ts: u64) {
         let state = state.index();
         self.accrue(state, ts);
         self.by_label[self.labels.index(local_port)][state] += delta;
@@ -94,7 +95,7 @@ impl StateGauges {
 
     /// Replaces a state's counts, per label: with a dump's for the states the tracepoint never
     /// reports (TIME_WAIT, NEW_SYN_RECV) and while the table is saturated.
-    pub fn set_counts(&mut self, state: TcpState, per_label: &[i64], ts: u64) {
+    pub(crate) fn set_counts(&mut self, state: TcpState, per_label: &[i64], ts: u64) {
         let state = state.index();
         self.accrue(state, ts);
         let mut total = 0;
@@ -105,16 +106,17 @@ impl StateGauges {
         self.total[state] = total;
     }
 
-    pub fn count(&self, state: TcpState) -> i64 {
+    #[cfg(test)]
+    pub(crate) fn count(&self, state: TcpState) -> i64 {
         self.total[state.index()]
     }
 
-    pub fn count_for_label(&self, label: usize, state: TcpState) -> i64 {
+    pub(crate) fn count_for_label(&self, label: usize, state: TcpState) -> i64 {
         self.by_label[label][state.index()]
     }
 
     /// Socket-seconds spent in `state` up to `now`, including sockets still in it.
-    pub fn seconds(&self, state: TcpState, now: u64) -> f64 {
+    pub(crate) fn seconds(&self, state: TcpState, now: u64) -> f64 {
         let state = state.index();
         let clock = self.clocks[state];
         let open = if clock.since_ns != 0 && now > clock.since_ns {

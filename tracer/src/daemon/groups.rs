@@ -14,11 +14,11 @@ use super::{gauges::PortLabels, table::Counts};
 use crate::{cgroups::CgroupNames, container::Container};
 
 /// Groups with a series of their own; the rest are summed into one.
-pub const TOP_GROUPS: usize = 20;
+pub(super) const TOP_GROUPS: usize = 20;
 
 /// What the labels split by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum GroupBy {
+pub(crate) enum GroupBy {
     /// One series per container: `namespace`, `pod` and `container` (the Kubernetes
     /// container's name, or the first 12 digits of the id outside Kubernetes).
     Container,
@@ -28,7 +28,7 @@ pub enum GroupBy {
 
 /// The values of the `namespace`, `pod` and `container` labels of one group.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct GroupLabels {
+pub(crate) struct GroupLabels {
     pub namespace: String,
     pub pod: String,
     pub container: String,
@@ -36,11 +36,11 @@ pub struct GroupLabels {
 
 impl GroupLabels {
     /// The series the groups beyond the top ones are summed into.
-    pub fn other() -> Self {
+    pub(crate) fn other() -> Self {
         Self { container: "other".to_owned(), ..Self::default() }
     }
 
-    pub fn pairs(&self) -> [(&'static str, String); 3] {
+    pub(crate) fn pairs(&self) -> [(&'static str, String); 3] {
         [
             ("namespace", self.namespace.clone()),
             ("pod", self.pod.clone()),
@@ -52,7 +52,7 @@ impl GroupLabels {
 impl GroupBy {
     /// The group of a process in `container`; `None` when it is in none (for `Pod`: in no
     /// pod).
-    pub fn group(self, container: &Container) -> Option<GroupLabels> {
+    pub(crate) fn group(self, container: &Container) -> Option<GroupLabels> {
         let namespace = container.pod_namespace.clone().unwrap_or_default();
         let pod = container.pod_name.clone().unwrap_or_default();
         match self {
@@ -72,7 +72,7 @@ impl GroupBy {
 
 /// Tracked sockets per group, port label and state, from the per-cgroup counts of a scrape
 /// pass: the `TOP_GROUPS` largest groups, then `other` when there are more.
-pub fn group_sockets(
+pub(super) fn group_sockets(
     per_cgroup: Vec<(u64, Counts)>,
     cgroups: &mut CgroupNames,
     by: GroupBy,

@@ -18,18 +18,18 @@ use super::{Shared, listing::StreamedListing, metrics::Exporter, table::Tracked}
 use crate::{clock::monotonic_ns, web_config::BasicAuth};
 
 /// A request that takes longer gets 408.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// `/api/sockets` listings built or sent at once: each holds a copy of its entries.
-pub const MAX_LISTINGS: usize = 2;
+pub(super) const MAX_LISTINGS: usize = 2;
 /// How long a listing waits for its turn before the client is told to retry (503).
 const LISTING_WAIT: Duration = Duration::from_secs(2);
 /// Default and largest `limit` of `/api/sockets`.
-pub const DEFAULT_SOCKET_LIMIT: usize = 100_000;
-pub const MAX_SOCKET_LIMIT: usize = 10_000_000;
+pub(super) const DEFAULT_SOCKET_LIMIT: usize = 100_000;
+pub(super) const MAX_SOCKET_LIMIT: usize = 10_000_000;
 
 /// What the handlers share.
 #[derive(Clone)]
-pub struct AppState {
+pub(super) struct AppState {
     pub shared: Arc<Shared>,
     pub exporter: Arc<Exporter>,
     /// Asks the reader to apply what is waiting in the ring before a response is built.
@@ -43,7 +43,7 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl AppState {
     /// Every transition that happened before the request is counted in its response.
-    pub async fn catch_up(&self) {
+    pub(super) async fn catch_up(&self) {
         let (done, wait) = tokio::sync::oneshot::channel();
         if self.flush.send(done).await.is_ok() {
             let _ = tokio::time::timeout(FLUSH_TIMEOUT, wait).await;
@@ -52,7 +52,7 @@ impl AppState {
 }
 
 /// The endpoints; with `users`, every request needs one's basic-auth credentials.
-pub fn router(state: AppState, users: Option<Arc<BasicAuth>>) -> Router {
+pub(super) fn router(state: AppState, users: Option<Arc<BasicAuth>>) -> Router {
     let router = Router::new()
         .route("/metrics", only_get(get(metrics)))
         .route("/healthz", only_get(get(healthz)))
@@ -95,7 +95,7 @@ async fn authenticate(
 }
 
 /// Every endpoint is read-only: other methods get 405 with an `Allow` header.
-pub fn only_get(route: MethodRouter<AppState>) -> MethodRouter<AppState> {
+pub(super) fn only_get(route: MethodRouter<AppState>) -> MethodRouter<AppState> {
     route.fallback(|| async {
         let mut response =
             error(StatusCode::METHOD_NOT_ALLOWED, "only GET (and HEAD) is allowed here");
@@ -104,7 +104,7 @@ pub fn only_get(route: MethodRouter<AppState>) -> MethodRouter<AppState> {
     })
 }
 
-pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     #[derive(Serialize)]
     struct ErrorBody {
         error: String,
@@ -160,7 +160,7 @@ async fn leaks(State(state): State<AppState>, query: axum::extract::RawQuery) ->
 /// the oldest-first list).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SocketsQuery {
+pub(super) struct SocketsQuery {
     state: Option<TcpState>,
     offset: Option<usize>,
     limit: Option<usize>,
@@ -244,7 +244,7 @@ async fn sockets(
 
 /// Binds the endpoint (before the async runtime starts: see `daemon::attach`); a busy or
 /// forbidden address is an error that names the flag.
-pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+pub(super) fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     let bound = std::net::TcpListener::bind(addr).and_then(|listener| {
         listener.set_nonblocking(true)?;
         Ok(listener)

@@ -25,21 +25,21 @@ use crate::{
 };
 
 /// How often the detector looks.
-pub const EVALUATION_INTERVAL: Duration = Duration::from_secs(1);
+pub(super) const EVALUATION_INTERVAL: Duration = Duration::from_secs(1);
 /// At most one /proc walk, and one sock_diag dump for missing inodes, this often.
 const LOOKUP_INTERVAL: Duration = Duration::from_secs(5);
 /// Most processes with their own `comm` label in tcpstate_close_wait_leaked_sockets.
-pub const TOP_PROCESSES: usize = 20;
+pub(super) const TOP_PROCESSES: usize = 20;
 /// A process that stopped leaking keeps a 0 sample this long, so the metric returns to 0.
 const CLEARED_RETENTION: Duration = Duration::from_secs(600);
 
 /// The labels of one series of tcpstate_close_wait_leaked_sockets: the process's `comm` and,
 /// under `--group-by`, its group (empty labels otherwise).
-pub type Series = (String, GroupLabels);
+pub(super) type Series = (String, GroupLabels);
 
 /// What the exporter needs of the latest evaluation.
 #[derive(Clone, Debug)]
-pub struct LeakState {
+pub(crate) struct LeakState {
     pub report: LeakReport,
     /// Leaked sockets per series: the top processes (with their group under `--group-by`),
     /// "other" for the rest, and recently cleared ones at 0.
@@ -47,7 +47,7 @@ pub struct LeakState {
 }
 
 impl LeakState {
-    pub fn new(threshold: Duration) -> Self {
+    pub(crate) fn new(threshold: Duration) -> Self {
         Self { report: LeakReport::empty(Source::Daemon, threshold), by_comm: Vec::new() }
     }
 }
@@ -59,7 +59,7 @@ struct Logged {
     power: u32,
 }
 
-pub struct LeakWatch {
+pub(super) struct LeakWatch {
     threshold: Duration,
     resolver: OwnerResolver,
     last_inode_dump: Option<Instant>,
@@ -71,7 +71,7 @@ pub struct LeakWatch {
 }
 
 impl LeakWatch {
-    pub fn new(
+    pub(super) fn new(
         threshold: Duration,
         cmdline: CmdlinePolicy,
         group_by: Option<GroupBy>,
@@ -89,7 +89,7 @@ impl LeakWatch {
     }
 
     /// One evaluation (blocking: reads /proc, may dump sock_diag).
-    pub fn evaluate(&mut self, shared: &Shared) -> LeakState {
+    pub(super) fn evaluate(&mut self, shared: &Shared) -> LeakState {
         let now = monotonic_ns();
         let threshold_ns = self.threshold.as_nanos() as u64;
         let mut candidates: Vec<(SocketId, Candidate)> = {

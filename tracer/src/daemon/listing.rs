@@ -27,11 +27,11 @@ use crate::{
 const CHUNK: usize = 64 << 10;
 
 /// One socket of a listing, with its owner and the owner's cgroup named.
-pub type Listed = (Tracked, Option<Owner>, Option<Arc<CgroupName>>);
+pub(super) type Listed = (Tracked, Option<Owner>, Option<Arc<CgroupName>>);
 
 /// A listing being sent; it keeps its turn (see `http::MAX_LISTINGS`) until the last chunk
 /// is handed to the connection or the client goes away.
-pub struct StreamedListing {
+pub(super) struct StreamedListing {
     sockets: std::vec::IntoIter<Listed>,
     /// Monotonic time the listing was taken at: every socket's age is measured against it.
     now: u64,
@@ -44,7 +44,7 @@ pub struct StreamedListing {
 }
 
 impl StreamedListing {
-    pub fn new(
+    pub(super) fn new(
         sockets: Vec<Listed>,
         now: u64,
         shared: Arc<Shared>,
@@ -112,7 +112,7 @@ impl http_body::Body for StreamedListing {
 }
 
 /// What a listing says about one socket.
-pub fn view(tracked: &Tracked, owner: Option<Owner>, now: u64) -> SocketView {
+pub(super) fn view(tracked: &Tracked, owner: Option<Owner>, now: u64) -> SocketView {
     let owner = owner.map(|o| OwnerName { pid: o.pid, comm: comm_str(&o.comm).into_owned() });
     SocketView::new(
         &tracked.key,

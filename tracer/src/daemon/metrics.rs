@@ -33,7 +33,7 @@ fn stay_states() -> impl Iterator<Item = TcpState> {
 }
 
 /// Label values are escaped as the exposition formats require.
-pub fn escape_label_value(value: &str) -> String {
+pub(super) fn escape_label_value(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for c in value.chars() {
         match c {
@@ -410,7 +410,7 @@ fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) ->
 
 /// Which exposition format a scraper gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
+pub(super) enum Format {
     OpenMetrics,
     PrometheusText,
 }
@@ -418,7 +418,7 @@ pub enum Format {
 impl Format {
     /// OpenMetrics when the `Accept` header asks for it (Prometheus does), the classic text
     /// format otherwise (curl, older scrapers).
-    pub fn negotiate(accept: Option<&str>) -> Self {
+    pub(super) fn negotiate(accept: Option<&str>) -> Self {
         let wants_openmetrics = accept.is_some_and(|accept| {
             accept.split(',').any(|part| {
                 let mut params = part.split(';').map(str::trim);
@@ -429,7 +429,7 @@ impl Format {
         if wants_openmetrics { Self::OpenMetrics } else { Self::PrometheusText }
     }
 
-    pub fn content_type(self) -> &'static str {
+    pub(super) fn content_type(self) -> &'static str {
         match self {
             Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
             Self::PrometheusText => "text/plain; version=0.0.4; charset=utf-8",
@@ -438,18 +438,18 @@ impl Format {
 }
 
 /// The registry the HTTP endpoint encodes.
-pub struct Exporter {
+pub(super) struct Exporter {
     registry: Registry,
 }
 
 impl Exporter {
-    pub fn new(shared: Arc<Shared>, group_by: Option<GroupBy>) -> Self {
+    pub(super) fn new(shared: Arc<Shared>, group_by: Option<GroupBy>) -> Self {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(TcpstateCollector { shared, group_by }));
         Self { registry }
     }
 
-    pub fn render(&self, format: Format) -> Result<String, fmt::Error> {
+    pub(super) fn render(&self, format: Format) -> Result<String, fmt::Error> {
         let mut openmetrics = String::with_capacity(16 << 10);
         prometheus_client::encoding::text::encode(&mut openmetrics, &self.registry)?;
         Ok(match format {
@@ -461,7 +461,7 @@ impl Exporter {
 
 /// Rewrites OpenMetrics text as Prometheus text format 0.0.4: counter and info families take
 /// their samples' names (`_total`, `_info`), info becomes a gauge, and there is no `# EOF`.
-pub fn to_prometheus_text(openmetrics: &str) -> String {
+pub(super) fn to_prometheus_text(openmetrics: &str) -> String {
     let mut out = String::with_capacity(openmetrics.len());
     let mut renamed: HashMap<&str, (&str, &str)> = HashMap::new();
     for line in openmetrics.lines() {

@@ -4,18 +4,18 @@
 //! One task owns the ring buffer and applies records to the aggregator in batches; HTTP
 //! handlers read the aggregator under the same lock, at scrape time only.
 
-pub mod aggregate;
-pub mod gauges;
-pub mod groups;
-pub mod http;
+mod aggregate;
+mod gauges;
+mod groups;
+mod http;
 mod kernel_owners;
-pub mod leak_watch;
+mod leak_watch;
 mod listing;
-pub mod metrics;
+mod metrics;
 mod owner_pool;
-pub mod ports;
-pub mod server;
-pub mod table;
+mod ports;
+mod server;
+mod table;
 
 use std::{
     collections::VecDeque,
@@ -26,7 +26,7 @@ use std::{
 use anyhow::Context as _;
 use tracer_common::{DecodeError, TransitionRecord};
 
-pub use self::groups::GroupBy;
+pub(crate) use self::groups::GroupBy;
 use self::{
     aggregate::{Aggregator, DumpIndex, ReconcileOutcome},
     gauges::PortLabels,
@@ -48,29 +48,29 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct Config {
     /// The HTTP endpoint's address.
-    pub listen: std::net::SocketAddr,
+    pub(crate) listen: std::net::SocketAddr,
     /// Most sockets the table holds.
-    pub max_sockets: usize,
+    pub(crate) max_sockets: usize,
     /// How often the table is compared with a fresh sock_diag dump.
-    pub reconcile_interval: Duration,
+    pub(crate) reconcile_interval: Duration,
     /// A socket in CLOSE_WAIT for longer than this is a leak.
-    pub close_wait_threshold: Duration,
+    pub(crate) close_wait_threshold: Duration,
     /// Local ports that get a `port` label of their own.
-    pub port_labels: Vec<u16>,
+    pub(crate) port_labels: Vec<u16>,
     /// TLS and basic authentication for the endpoint.
-    pub web_config: Option<WebConfig>,
+    pub(crate) web_config: Option<WebConfig>,
     /// How much of a leaking process's command line is shown.
-    pub cmdline: CmdlinePolicy,
+    pub(crate) cmdline: CmdlinePolicy,
     /// Split the socket and leak gauges by the owner's container or pod.
-    pub group_by: Option<GroupBy>,
+    pub(crate) group_by: Option<GroupBy>,
     /// The kernel side.
-    pub probe: ProbeOptions,
+    pub(crate) probe: ProbeOptions,
 }
 
 /// How long a record may wait in the ring when the kernel sends no wakeup.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Ring size unless `--ring-bytes` says otherwise.
-pub const RING_BYTES: u32 = 4 << 20;
+pub(crate) const RING_BYTES: u32 = 4 << 20;
 /// How often the kernel's counters are read and health is judged.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// The reader is "stalled" when it has not run for this long.
@@ -81,14 +81,14 @@ const OVERFLOW_WINDOW_NS: u64 = 60_000_000_000;
 const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_millis(800);
 /// A listing or dump larger than this is followed by `malloc_trim`: built on blocking threads,
 /// each with its own malloc arena, their freed memory otherwise stays with the process.
-pub const LARGE_ALLOCATION: usize = 1 << 20;
+pub(crate) const LARGE_ALLOCATION: usize = 1 << 20;
 
 /// A request to apply every record waiting in the ring now; answered when done.
-pub type Flush = tokio::sync::oneshot::Sender<()>;
+pub(crate) type Flush = tokio::sync::oneshot::Sender<()>;
 
 /// Reader health and kernel counters, refreshed every `STATUS_INTERVAL`.
 #[derive(Clone, Debug, Default)]
-pub struct Status {
+pub(crate) struct Status {
     pub delivery: Delivery,
     /// Which of the probe's programs run on this kernel; set once at start.
     pub parts: Vec<PartStatus>,
@@ -108,7 +108,7 @@ pub struct Status {
 
 impl Status {
     /// Why the daemon is not keeping up, if it is not.
-    pub fn unhealthy_reason(&self, now: u64) -> Option<String> {
+    pub(crate) fn unhealthy_reason(&self, now: u64) -> Option<String> {
         if let Some(error) = &self.counters_error {
             return Some(format!(
                 "cannot read the kernel program's counters ({error}): losses are not counted"
@@ -146,7 +146,7 @@ impl Status {
 
 /// State shared by the reader task and the HTTP handlers.
 #[derive(Debug)]
-pub struct Shared {
+pub(crate) struct Shared {
     aggregator: Mutex<Aggregator>,
     status: Mutex<Status>,
     leaks: Mutex<LeakState>,
@@ -162,7 +162,7 @@ impl std::fmt::Debug for Aggregator {
 }
 
 impl Shared {
-    pub fn new(aggregator: Aggregator, leaks: LeakState) -> Self {
+    pub(crate) fn new(aggregator: Aggregator, leaks: LeakState) -> Self {
         Self {
             aggregator: Mutex::new(aggregator),
             status: Mutex::new(Status::default()),
@@ -173,13 +173,13 @@ impl Shared {
     }
 
     /// Names of the owners' cgroups, shared by listings.
-    pub fn cgroups(&self) -> MutexGuard<'_, CgroupNames> {
+    pub(crate) fn cgroups(&self) -> MutexGuard<'_, CgroupNames> {
         self.cgroups.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// A response or dump of many MiB was built: its memory, once freed, is best handed back
     /// (see `LARGE_ALLOCATION`).
-    pub fn note_large_allocation(&self) {
+    pub(crate) fn note_large_allocation(&self) {
         self.large_allocation.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -194,7 +194,7 @@ impl Shared {
     }
 
     /// The latest leak evaluation.
-    pub fn leaks(&self) -> LeakState {
+    pub(crate) fn leaks(&self) -> LeakState {
         self.leaks.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
@@ -203,11 +203,11 @@ impl Shared {
     }
 
     /// The aggregator; a panic elsewhere while holding it leaves it usable (counts only).
-    pub fn aggregator(&self) -> MutexGuard<'_, Aggregator> {
+    pub(crate) fn aggregator(&self) -> MutexGuard<'_, Aggregator> {
         self.aggregator.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub fn status(&self) -> Status {
+    pub(crate) fn status(&self) -> Status {
         self.status.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
@@ -285,7 +285,7 @@ pub struct Attached {
 
 impl Attached {
     /// Where the HTTP server will answer (the port chosen when `--listen` asked for port 0).
-    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+    pub(crate) fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
         self.listener.local_addr()
     }
 }

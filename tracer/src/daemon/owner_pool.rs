@@ -8,7 +8,7 @@ use foldhash::HashMap;
 
 /// The process that owns a socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Owner {
+pub(crate) struct Owner {
     pub pid: u32,
     pub comm: [u8; 16],
     /// Its cgroup v2 id, as the kernel read it with the owner (0: unknown).
@@ -17,7 +17,7 @@ pub struct Owner {
 
 /// A reference to an owner in an `OwnerPool`; an `Option` of it is still 4 bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct OwnerId(NonZeroU32);
+pub(crate) struct OwnerId(NonZeroU32);
 
 impl OwnerId {
     fn slot(self) -> usize {
@@ -28,7 +28,7 @@ impl OwnerId {
 /// Owners with a count of the references to each; an owner no socket refers to any more
 /// is forgotten and its slot reused, so short-lived processes do not accumulate.
 #[derive(Default)]
-pub struct OwnerPool {
+pub(super) struct OwnerPool {
     slots: Vec<(Owner, u32)>,
     index: HashMap<Owner, OwnerId>,
     free: Vec<OwnerId>,
@@ -36,7 +36,7 @@ pub struct OwnerPool {
 
 impl OwnerPool {
     /// A new reference to `owner`.
-    pub fn acquire(&mut self, owner: Owner) -> OwnerId {
+    pub(super) fn acquire(&mut self, owner: Owner) -> OwnerId {
         if let Some(&id) = self.index.get(&owner) {
             self.slots[id.slot()].1 += 1;
             return id;
@@ -57,7 +57,7 @@ impl OwnerPool {
     }
 
     /// Drops one reference; the owner goes with the last.
-    pub fn release(&mut self, id: OwnerId) {
+    pub(super) fn release(&mut self, id: OwnerId) {
         let (owner, references) = &mut self.slots[id.slot()];
         *references -= 1;
         if *references == 0 {
@@ -66,12 +66,13 @@ impl OwnerPool {
         }
     }
 
-    pub fn get(&self, id: OwnerId) -> Owner {
+    pub(super) fn get(&self, id: OwnerId) -> Owner {
         self.slots[id.slot()].0
     }
 
+    #[cfg(test)]
     /// Owners referred to.
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.index.len()
     }
 }

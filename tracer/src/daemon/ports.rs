@@ -10,11 +10,11 @@ use tracer_common::TcpState;
 use crate::{netns::NamespaceDump, sockdiag::DiagSocket};
 
 /// Destinations with a series of their own; the maximum over all is exported apart.
-pub const TOP_DESTINATIONS: usize = 10;
+pub(super) const TOP_DESTINATIONS: usize = 10;
 
 /// One destination's share of the ephemeral range.
 #[derive(Clone, Debug, PartialEq)]
-pub struct PortUsage {
+pub(crate) struct PortUsage {
     pub saddr: IpAddr,
     pub daddr: IpAddr,
     pub dport: u16,
@@ -24,7 +24,7 @@ pub struct PortUsage {
 
 /// The `TOP_DESTINATIONS` most used destinations, most used first, and the highest ratio.
 /// The same destination in two namespaces is one series with the higher ratio.
-pub fn usage(dumps: &[NamespaceDump]) -> (Vec<PortUsage>, f64) {
+pub(super) fn usage(dumps: &[NamespaceDump]) -> (Vec<PortUsage>, f64) {
     let mut top: Vec<PortUsage> = Vec::new();
     let mut max = 0.0f64;
     for dump in dumps {

@@ -38,12 +38,12 @@ use tower::ServiceExt as _;
 use crate::clock::monotonic_ns;
 
 /// Connections served at once; at the limit, a waiting one is closed for each newcomer.
-pub const MAX_CONNECTIONS: usize = 64;
+pub(super) const MAX_CONNECTIONS: usize = 64;
 /// A request's headers must arrive within this; it also bounds how long a keep-alive
 /// connection waits for its next request.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection that moves no byte for this long is closed (a reader that stopped reading).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A connection the server has not heard from yet may not be taken for a newcomer before it
 /// has waited this long: its request may be in the socket, not yet read.
 const NEWCOMER_GRACE_NS: u64 = 100_000_000;
@@ -121,7 +121,7 @@ impl Registry {
 
 /// Serves `router` on `listener` (over TLS when `tls` is given) until `stop` resolves, then
 /// lets requests in progress finish (callers bound how long they wait).
-pub async fn serve(
+pub(super) async fn serve(
     listener: TcpListener,
     router: Router,
     tls: Option<Arc<rustls::ServerConfig>>,

@@ -10,16 +10,16 @@ use foldhash::{HashMap, HashMapExt as _};
 
 use tracer_common::TcpState;
 
-pub use super::owner_pool::Owner;
+pub(super) use super::owner_pool::Owner;
 use super::{
     gauges::{PortLabels, StateGauges},
     owner_pool::{OwnerId, OwnerPool},
 };
-pub use crate::socket::SocketKey;
+pub(super) use crate::socket::SocketKey;
 
 /// What the daemon knows about one live socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Tracked {
+pub(crate) struct Tracked {
     pub key: SocketKey,
     pub state: TcpState,
     /// When it entered `state` (CLOCK_MONOTONIC ns).
@@ -38,7 +38,7 @@ pub struct Tracked {
 /// Identifier of a table entry: the kernel address for traced sockets; below
 /// `SEEDED_ID_LIMIT` for sockets known only from a dump (kernel addresses have the top bit
 /// set on every 64-bit architecture Linux runs BPF on).
-pub type SocketId = u64;
+pub(super) type SocketId = u64;
 const SEEDED_ID_LIMIT: u64 = 1 << 62;
 
 /// Sockets live in a packed vector with a small index by id beside it, rather than in a hash
@@ -46,7 +46,7 @@ const SEEDED_ID_LIMIT: u64 = 1 << 62;
 /// entries took 252 MB of buckets (2^21); packed, with owners pooled, they take 80 MB plus a
 /// 34 MB index, and a pass over the table (each scrape, each leak check) reads only live
 /// entries.
-pub struct SocketTable {
+pub(crate) struct SocketTable {
     /// Where each socket's entry is in `entries`.
     index: HashMap<SocketId, u32>,
     entries: Vec<(SocketId, Tracked)>,
@@ -58,10 +58,10 @@ pub struct SocketTable {
 }
 
 /// Sockets per port label and state.
-pub type Counts = Vec<[i64; TcpState::INDEXES]>;
+pub(super) type Counts = Vec<[i64; TcpState::INDEXES]>;
 
 /// What a scrape needs from the whole table, gathered in one pass.
-pub struct ScrapePass {
+pub(crate) struct ScrapePass {
     /// When the longest stay in progress in each state began.
     pub oldest: [Option<u64>; TcpState::INDEXES],
     /// Sockets with a known owner, per owner cgroup id (when asked for).
@@ -73,7 +73,7 @@ impl SocketTable {
     /// so the oldest stays and the per-cgroup counts are taken together. Neighbouring
     /// entries mostly share an owner: the last cgroup's counts are kept at hand, and the
     /// index of the others is consulted only on a change.
-    pub fn scrape_pass(&self, by_cgroup: bool) -> ScrapePass {
+    pub(crate) fn scrape_pass(&self, by_cgroup: bool) -> ScrapePass {
         let labels = self.gauges.labels();
         let mut oldest = [None::<u64>; TcpState::INDEXES];
         let mut per_cgroup: Vec<(u64, Counts)> = Vec::new();
@@ -108,7 +108,7 @@ impl SocketTable {
         ScrapePass { oldest, per_cgroup }
     }
 
-    pub fn new(capacity: usize, labels: PortLabels) -> Self {
+    pub(crate) fn new(capacity: usize, labels: PortLabels) -> Self {
         Self {
             index: HashMap::new(),
             entries: Vec::new(),
@@ -120,28 +120,29 @@ impl SocketTable {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
     /// Whether a socket not in the table would be refused.
-    pub fn is_full(&self) -> bool {
+    pub(crate) fn is_full(&self) -> bool {
         self.entries.len() >= self.capacity
     }
 
-    pub fn gauges(&self) -> &StateGauges {
+    pub(crate) fn gauges(&self) -> &StateGauges {
         &self.gauges
     }
 
-    pub fn gauges_mut(&mut self) -> &mut StateGauges {
+    pub(crate) fn gauges_mut(&mut self) -> &mut StateGauges {
         &mut self.gauges
     }
 
-    pub fn get(&self, id: SocketId) -> Option<&Tracked> {
+    pub(crate) fn get(&self, id: SocketId) -> Option<&Tracked> {
         self.index.get(&id).map(|&slot| &self.entries[slot as usize].1)
     }
 
@@ -149,25 +150,26 @@ impl SocketTable {
         self.index.get(&id).map(|&slot| &mut self.entries[slot as usize].1)
     }
 
-    pub fn contains(&self, id: SocketId) -> bool {
+    pub(crate) fn contains(&self, id: SocketId) -> bool {
         self.index.contains_key(&id)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (SocketId, &Tracked)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (SocketId, &Tracked)> {
         self.entries.iter().map(|(id, t)| (*id, t))
     }
 
     /// The owner of a socket, when known.
-    pub fn owner(&self, tracked: &Tracked) -> Option<Owner> {
+    pub(crate) fn owner(&self, tracked: &Tracked) -> Option<Owner> {
         tracked.owner.map(|id| self.owners.get(id))
     }
 
+    #[cfg(test)]
     /// Owners the table refers to.
-    pub fn owner_count(&self) -> usize {
+    pub(crate) fn owner_count(&self) -> usize {
         self.owners.len()
     }
 
-    pub fn ids(&self) -> Vec<SocketId> {
+    pub(crate) fn ids(&self) -> Vec<SocketId> {
         self.entries.iter().map(|(id, _)| *id).collect()
     }
 
@@ -220,7 +222,7 @@ impl SocketTable {
     }
 
     /// Adds a socket known only from a dump, in `state` since at least `entered_ns`.
-    pub fn insert_seeded(
+    pub(crate) fn insert_seeded(
         &mut self,
         key: SocketKey,
         state: TcpState,
@@ -242,7 +244,7 @@ impl SocketTable {
         self.insert(id, tracked, now)
     }
 
-    pub fn remove(&mut self, id: SocketId, ts: u64) -> Option<Tracked> {
+    pub(crate) fn remove(&mut self, id: SocketId, ts: u64) -> Option<Tracked> {
         let slot = self.index.remove(&id)?;
         let (_, tracked) = self.take_slot(slot);
         self.gauges.add(tracked.key.sport, tracked.state, -1, ts);
@@ -263,7 +265,7 @@ impl SocketTable {
 
     /// Gives a socket known only from a dump the kernel address a transition revealed.
     /// Returns whether there was one with that key.
-    pub fn adopt_seeded(&mut self, key: &SocketKey, skaddr: SocketId) -> bool {
+    pub(crate) fn adopt_seeded(&mut self, key: &SocketKey, skaddr: SocketId) -> bool {
         let Some(id) = self.seeded.get(key).and_then(|ids| ids.first().copied()) else {
             return false;
         };
@@ -279,7 +281,7 @@ impl SocketTable {
     }
 
     /// Drops a dump-only entry with this key: the socket is tracked under its address already.
-    pub fn drop_seeded_duplicate(&mut self, key: &SocketKey, ts: u64) -> bool {
+    pub(crate) fn drop_seeded_duplicate(&mut self, key: &SocketKey, ts: u64) -> bool {
         match self.seeded.get(key).and_then(|ids| ids.first().copied()) {
             Some(id) => self.remove(id, ts).is_some(),
             None => false,
@@ -289,7 +291,7 @@ impl SocketTable {
     /// Moves socket `id` to `state` at `ts`, with a new key (ports fill in as a socket
     /// connects), recording an owner when one is given. Creates the entry when absent; false
     /// when it is absent and the table is full.
-    pub fn enter_state(
+    pub(crate) fn enter_state(
         &mut self,
         id: SocketId,
         key: SocketKey,
@@ -330,7 +332,7 @@ impl SocketTable {
     }
 
     /// Sets the gauges of `states` to what the table holds (after a saturation ended).
-    pub fn recount_gauges(&mut self, states: &[TcpState], ts: u64) {
+    pub(crate) fn recount_gauges(&mut self, states: &[TcpState], ts: u64) {
         let labels = self.gauges.labels().clone();
         for &state in states {
             let mut per_label = vec![0i64; labels.values()];
@@ -342,7 +344,13 @@ impl SocketTable {
     }
 
     /// Repairs a socket's state from a dump: in `state` since at least `entered_ns`.
-    pub fn repair_state(&mut self, id: SocketId, state: TcpState, entered_ns: u64, now: u64) {
+    pub(crate) fn repair_state(
+        &mut self,
+        id: SocketId,
+        state: TcpState,
+        entered_ns: u64,
+        now: u64,
+    ) {
         if let Some(&slot) = self.index.get(&id) {
             let tracked = &mut self.entries[slot as usize].1;
             self.gauges.add(tracked.key.sport, tracked.state, -1, now);
@@ -354,7 +362,7 @@ impl SocketTable {
         }
     }
 
-    pub fn set_owner(&mut self, id: SocketId, owner: Owner) {
+    pub(crate) fn set_owner(&mut self, id: SocketId, owner: Owner) {
         let Some(&slot) = self.index.get(&id) else { return };
         let current = self.entries[slot as usize].1.owner;
         if current.is_some_and(|current| self.owners.get(current) == owner) {
@@ -366,7 +374,7 @@ impl SocketTable {
         self.entries[slot as usize].1.owner = Some(self.owners.acquire(owner));
     }
 
-    pub fn set_inode(&mut self, id: SocketId, inode: u32) {
+    pub(crate) fn set_inode(&mut self, id: SocketId, inode: u32) {
         if let Some(tracked) = self.get_mut(id) {
             tracked.inode = inode;
         }

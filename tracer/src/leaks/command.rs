@@ -25,7 +25,7 @@ async fn fetch(endpoint: &Endpoint) -> Result<LeakReport, FetchError> {
 
 /// A one-shot look without a daemon: CLOSE_WAIT sockets of every namespace, dated by the time
 /// since their peer's last ACK (a lower bound of their stay), owners from /proc.
-pub fn snapshot(threshold: Duration, cmdline: CmdlinePolicy) -> LeakReport {
+pub(crate) fn snapshot(threshold: Duration, cmdline: CmdlinePolicy) -> LeakReport {
     let threshold_ms = threshold.as_millis();
     let all = netns::dump_all_with(sockdiag::dump_close_wait);
     if all.refused > 0 {
@@ -55,7 +55,7 @@ pub fn snapshot(threshold: Duration, cmdline: CmdlinePolicy) -> LeakReport {
 }
 
 /// The leak table, as aligned text.
-pub fn render(report: &LeakReport) -> String {
+pub(crate) fn render(report: &LeakReport) -> String {
     let mut out = String::new();
     let threshold = human_age(report.threshold_seconds);
     if report.processes.is_empty() {
@@ -131,14 +131,14 @@ pub fn render(report: &LeakReport) -> String {
 #[derive(Debug)]
 pub struct Config {
     /// The daemon to ask.
-    pub daemon: DaemonUrl,
-    pub tls: DaemonTls,
+    pub(crate) daemon: DaemonUrl,
+    pub(crate) tls: DaemonTls,
     /// Print the report as JSON (the daemon's /api/leaks format).
-    pub json: bool,
+    pub(crate) json: bool,
     /// In snapshot mode: how long a socket must have been in CLOSE_WAIT to count.
-    pub close_wait_threshold: Duration,
+    pub(crate) close_wait_threshold: Duration,
     /// In snapshot mode: how much of each command line to show.
-    pub cmdline: CmdlinePolicy,
+    pub(crate) cmdline: CmdlinePolicy,
 }
 
 pub async fn run(config: Config) -> ExitCode {

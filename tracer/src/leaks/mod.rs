@@ -24,7 +24,7 @@ use crate::{
 /// Where a report comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Source {
+pub(crate) enum Source {
     /// The daemon, which saw most sockets enter CLOSE_WAIT: exact ages where it did.
     Daemon,
     /// A one-shot snapshot: every age is a lower bound.
@@ -33,7 +33,7 @@ pub enum Source {
 
 /// The leaked sockets of one process (or of no known process, `pid` null).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ProcessLeak {
+pub(crate) struct ProcessLeak {
     pub pid: Option<u32>,
     pub comm: Option<String>,
     pub cmdline: Option<String>,
@@ -49,14 +49,14 @@ pub struct ProcessLeak {
 
 impl ProcessLeak {
     /// Distinct local ports, ascending.
-    pub fn local_ports(&self) -> Vec<u16> {
+    pub(crate) fn local_ports(&self) -> Vec<u16> {
         let ports: std::collections::BTreeSet<u16> =
             self.sockets.iter().map(|s| s.local_port).collect();
         ports.into_iter().collect()
     }
 
     /// Remote addresses with the most leaked sockets, most first.
-    pub fn top_peers(&self, n: usize) -> Vec<(IpAddr, usize)> {
+    pub(crate) fn top_peers(&self, n: usize) -> Vec<(IpAddr, usize)> {
         let mut peers: BTreeMap<IpAddr, usize> = BTreeMap::new();
         for socket in &self.sockets {
             *peers.entry(socket.remote_address).or_default() += 1;
@@ -68,7 +68,7 @@ impl ProcessLeak {
     }
 
     /// `container 3f4e1c2a9b8d (pod shop/checkout-7d9f)`, when the process runs in one.
-    pub fn container_description(&self) -> Option<String> {
+    pub(crate) fn container_description(&self) -> Option<String> {
         let c = &self.container;
         let pod = match (&c.pod_namespace, &c.pod_name, &c.pod_uid) {
             (Some(namespace), Some(name), _) => Some(format!("pod {namespace}/{name}")),
@@ -83,14 +83,14 @@ impl ProcessLeak {
         }
     }
 
-    pub fn comm_or_unknown(&self) -> &str {
+    pub(crate) fn comm_or_unknown(&self) -> &str {
         self.comm.as_deref().unwrap_or("unknown")
     }
 }
 
 /// Every leak at one moment.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LeakReport {
+pub(crate) struct LeakReport {
     pub source: Source,
     pub threshold_seconds: f64,
     pub leaked_sockets: usize,
@@ -99,7 +99,7 @@ pub struct LeakReport {
 }
 
 impl LeakReport {
-    pub fn empty(source: Source, threshold: Duration) -> Self {
+    pub(crate) fn empty(source: Source, threshold: Duration) -> Self {
         Self {
             source,
             threshold_seconds: threshold.as_secs_f64(),
@@ -111,7 +111,7 @@ impl LeakReport {
 
 /// A socket past the threshold, before its owner is resolved.
 #[derive(Clone, Debug)]
-pub struct Candidate {
+pub(crate) struct Candidate {
     pub key: SocketKey,
     pub age_ns: u64,
     pub age_is_lower_bound: bool,
@@ -124,7 +124,7 @@ pub struct Candidate {
 /// Names the processes holding leaked sockets. Owners the kernel captured are used while
 /// those processes live; the others are looked up by inode in /proc, at most once per
 /// `scan_interval`, and only for sockets that need it.
-pub struct OwnerResolver {
+pub(crate) struct OwnerResolver {
     processes: ProcessCache,
     holders: HashMap<u32, u32>,
     last_scan: Option<Instant>,
@@ -132,7 +132,7 @@ pub struct OwnerResolver {
 }
 
 impl OwnerResolver {
-    pub fn new(scan_interval: Duration, cmdline: CmdlinePolicy) -> Self {
+    pub(crate) fn new(scan_interval: Duration, cmdline: CmdlinePolicy) -> Self {
         Self {
             processes: ProcessCache::new(cmdline),
             holders: HashMap::new(),
@@ -141,7 +141,7 @@ impl OwnerResolver {
         }
     }
 
-    pub fn report(
+    pub(crate) fn report(
         &mut self,
         candidates: Vec<Candidate>,
         source: Source,
@@ -217,12 +217,12 @@ fn leaked_socket(candidate: &Candidate, owner: Option<OwnerName>) -> SocketView 
 }
 
 /// "1 process", "3 processes".
-pub fn plural(count: usize, one: &str, many: &str) -> String {
+pub(crate) fn plural(count: usize, one: &str, many: &str) -> String {
     format!("{count} {}", if count == 1 { one } else { many })
 }
 
 /// `1h 02m`, `2m 03s`, `4.2s`: ages as people read them.
-pub fn human_age(seconds: f64) -> String {
+pub(crate) fn human_age(seconds: f64) -> String {
     let whole = seconds as u64;
     match whole {
         0..60 => format!("{seconds:.1}s"),

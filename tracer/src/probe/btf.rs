@@ -10,7 +10,7 @@ use btf_rs::{Btf, Type};
 use thiserror::Error;
 use tracer_common::settings::SockOffsets;
 
-pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+pub(crate) const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, Error)]
 pub enum BtfError {
@@ -36,20 +36,20 @@ impl BtfError {
 }
 
 /// The kernel's type information.
-pub struct KernelBtf(Btf);
+pub(crate) struct KernelBtf(Btf);
 
 impl KernelBtf {
-    pub fn load() -> Result<Self, BtfError> {
+    pub(crate) fn load() -> Result<Self, BtfError> {
         Self::from_file(Path::new(VMLINUX_BTF))
     }
 
-    pub fn from_file(path: &Path) -> Result<Self, BtfError> {
+    pub(crate) fn from_file(path: &Path) -> Result<Self, BtfError> {
         Btf::from_file(path).map(Self).map_err(|error| BtfError::Unavailable(error.to_string()))
     }
 
     /// Byte offset of `path` (dot-separated members, e.g. `__sk_common.skc_net`) in struct
     /// `type_name`. Anonymous structs and unions along the way are searched as C does.
-    pub fn offset_of(&self, type_name: &str, path: &str) -> Result<u32, BtfError> {
+    pub(crate) fn offset_of(&self, type_name: &str, path: &str) -> Result<u32, BtfError> {
         let no_member = |reason: String| BtfError::no_member(type_name, path, reason);
         let mut current = self
             .0
@@ -73,7 +73,7 @@ impl KernelBtf {
     }
 
     /// How many parameters kernel function `name` takes.
-    pub fn parameter_count(&self, name: &str) -> Result<u32, BtfError> {
+    pub(crate) fn parameter_count(&self, name: &str) -> Result<u32, BtfError> {
         let no_function = |reason: String| BtfError::NoFunction { name: name.to_owned(), reason };
         let types = self.0.resolve_types_by_name(name).map_err(|e| no_function(e.to_string()))?;
         let Some(Type::Func(func)) = types.into_iter().find(|ty| matches!(ty, Type::Func(_)))
@@ -128,7 +128,7 @@ impl KernelBtf {
 
 /// Offsets the program needs to read a socket's network namespace inode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NetnsOffsets {
+pub(crate) struct NetnsOffsets {
     /// `struct sock` → `__sk_common.skc_net.net` (a `struct net *`).
     pub sk_net: u32,
     /// `struct net` → `ns.inum`.
@@ -136,7 +136,7 @@ pub struct NetnsOffsets {
 }
 
 impl NetnsOffsets {
-    pub fn resolve(btf: &KernelBtf) -> Result<Self, BtfError> {
+    pub(crate) fn resolve(btf: &KernelBtf) -> Result<Self, BtfError> {
         Ok(Self {
             sk_net: btf.offset_of("sock", "__sk_common.skc_net.net")?,
             net_inum: btf.offset_of("net", "ns.inum")?,
@@ -146,13 +146,13 @@ impl NetnsOffsets {
 
 /// Offsets the program needs to name a process by its main thread's `comm`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TaskOffsets {
+pub(crate) struct TaskOffsets {
     pub group_leader: u32,
     pub comm: u32,
 }
 
 impl TaskOffsets {
-    pub fn resolve(btf: &KernelBtf) -> Result<Self, BtfError> {
+    pub(crate) fn resolve(btf: &KernelBtf) -> Result<Self, BtfError> {
         Ok(Self {
             group_leader: btf.offset_of("task_struct", "group_leader")?,
             comm: btf.offset_of("task_struct", "comm")?,
@@ -170,13 +170,13 @@ impl KernelBtf {
 }
 
 /// Offset of `sock.sk_err`: the errno a failed or reset connection leaves.
-pub fn sk_err_offset(btf: &KernelBtf) -> Result<u16, BtfError> {
+pub(crate) fn sk_err_offset(btf: &KernelBtf) -> Result<u16, BtfError> {
     btf.offset_u16("sock", "sk_err")
 }
 
 /// Where the tracepoint's assignment reads each field, for the standby program, which reads
 /// them from the socket itself.
-pub fn sock_offsets(btf: &KernelBtf) -> Result<SockOffsets, BtfError> {
+pub(crate) fn sock_offsets(btf: &KernelBtf) -> Result<SockOffsets, BtfError> {
     // `inet_sk(sk)` is a cast: struct inet_sock begins with its struct sock.
     if btf.offset_of("inet_sock", "sk")? != 0 {
         return Err(BtfError::no_member("inet_sock", "sk", "struct sock is not at its start"));

@@ -60,7 +60,7 @@ fn parse_field_line(line: &str) -> Option<(&str, usize, usize)> {
 
 /// Checks `format_text` (the content of the tracepoint's `format` file) against every field the
 /// program reads. Returns the first disagreement.
-pub fn check(format_text: &str) -> Result<(), FormatMismatch> {
+pub(crate) fn check(format_text: &str) -> Result<(), FormatMismatch> {
     let fields: Vec<_> = format_text.lines().filter_map(parse_field_line).collect();
     for expected in tracepoint::FIELDS {
         match fields.iter().find(|(name, _, _)| *name == expected.name) {
@@ -79,7 +79,7 @@ mod tests {
     use super::*;
 
     /// The format file of the 6.18 kernel this project was built on.
-    pub const KERNEL_6_18: &str = "name: inet_sock_set_state
+    pub(crate) const KERNEL_6_18: &str = "name: inet_sock_set_state
 ID: 2287
 format:
 \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;

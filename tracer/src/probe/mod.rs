@@ -4,10 +4,10 @@
 //! involved (privileges, kernel version, tracefs, the tracepoint's layout, BTF), then loads the
 //! embedded eBPF object with the run's settings and attaches it.
 
-pub mod btf;
-pub mod format;
-pub mod preflight;
-pub mod stats;
+pub(crate) mod btf;
+pub(crate) mod format;
+pub(crate) mod preflight;
+pub(crate) mod stats;
 
 use std::{fs, io, os::fd::AsFd as _, path::PathBuf};
 
@@ -26,10 +26,9 @@ use tracer_common::{
     tracepoint,
 };
 
+pub use self::{btf::BtfError, format::FormatMismatch, preflight::PreflightError};
 use self::{
-    btf::{BtfError, KernelBtf, NetnsOffsets, TaskOffsets},
-    format::FormatMismatch,
-    preflight::PreflightError,
+    btf::{KernelBtf, NetnsOffsets, TaskOffsets},
     stats::ProgramStats,
 };
 
@@ -221,8 +220,6 @@ pub enum Part {
 }
 
 impl Part {
-    pub const ALL: [Self; 3] = [Self::Main, Self::Standby, Self::AcceptOwner];
-
     /// The name in logs and in `tcpstate_probe_info{program}`.
     pub const fn name(self) -> &'static str {
         match self {
@@ -233,7 +230,7 @@ impl Part {
     }
 
     /// What tcpstate does without it.
-    pub const fn without(self) -> &'static str {
+    pub(crate) const fn without(self) -> &'static str {
         match self {
             Self::Main => "nothing can be traced",
             Self::Standby => {
@@ -279,7 +276,7 @@ pub struct Probe {
 
 /// Kernel memory one of the probe's maps takes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MapMemory {
+pub(crate) struct MapMemory {
     pub name: String,
     pub bytes: u64,
 }
@@ -409,7 +406,7 @@ impl Probe {
     }
 
     /// Kernel memory of each of the probe's maps, as measured at load.
-    pub fn map_memory(&self) -> &[MapMemory] {
+    pub(crate) fn map_memory(&self) -> &[MapMemory] {
         &self.map_memory
     }
 
@@ -424,7 +421,7 @@ impl Probe {
     }
 
     /// The kernel's per-socket map, to read what it knows of one socket by address.
-    pub fn socket_map(&mut self) -> Result<KernelSockets, ProbeError> {
+    pub(crate) fn socket_map(&mut self) -> Result<KernelSockets, ProbeError> {
         take_map(&mut self.ebpf, "SOCKETS", HashMap::try_from).map(KernelSockets)
     }
 
@@ -501,7 +498,7 @@ impl Probe {
     }
 
     /// The kernel's statistics of the main program.
-    pub fn main_stats(&self) -> Result<ProgramStats, ProbeError> {
+    pub(crate) fn main_stats(&self) -> Result<ProgramStats, ProbeError> {
         self.stats(MAIN_PROGRAM)
     }
 
@@ -687,13 +684,13 @@ fn map_memory() -> Vec<MapMemory> {
 }
 
 /// The kernel's per-socket map (`SOCKETS`), keyed by socket address.
-pub struct KernelSockets(HashMap<MapData, u64, SocketState>);
+pub(crate) struct KernelSockets(HashMap<MapData, u64, SocketState>);
 
 impl KernelSockets {
     /// The owner the kernel recorded for the live socket at `skaddr`, if it knows one. The
     /// accept hook records the owner of an accepted socket in the map without sending a
     /// record: a socket whose peer hung up before accept() shows it only here.
-    pub fn owner(&self, skaddr: u64) -> Option<SocketState> {
+    pub(crate) fn owner(&self, skaddr: u64) -> Option<SocketState> {
         self.0.get(&skaddr, 0).ok().filter(|entry| entry.owner_tgid != 0)
     }
 }

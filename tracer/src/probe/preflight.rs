@@ -60,7 +60,7 @@ fn effective_capabilities() -> u64 {
 
 /// Loading and attaching a tracing program needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN,
 /// which implies both on kernels before 5.8 split them out).
-pub fn check_privileges() -> Result<(), PreflightError> {
+pub(crate) fn check_privileges() -> Result<(), PreflightError> {
     let caps = effective_capabilities();
     let has = |cap: u32| caps & (1 << cap) != 0;
     if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
@@ -76,13 +76,13 @@ pub fn check_privileges() -> Result<(), PreflightError> {
 
 /// This binary's path, for the `setcap` a fix names (`command -v tcpstate` is empty when it
 /// runs from a build directory).
-pub fn this_binary() -> String {
+pub(crate) fn this_binary() -> String {
     std::env::current_exe()
         .map_or_else(|_| "\"$(command -v tcpstate)\"".to_owned(), |p| p.display().to_string())
 }
 
 /// The running kernel's release string and (major, minor).
-pub fn kernel_release() -> (String, (u32, u32)) {
+pub(crate) fn kernel_release() -> (String, (u32, u32)) {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default();
@@ -95,14 +95,14 @@ fn parse_release(release: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
-pub fn check_kernel_version() -> Result<(u32, u32), PreflightError> {
+pub(crate) fn check_kernel_version() -> Result<(u32, u32), PreflightError> {
     let (release, _) = kernel_release();
     check_release(&release)
 }
 
 /// The oldest kernel tcpstate runs on: the BPF ring buffer came with Linux 5.8. The one
 /// source of this fact for the checks, their messages and (through a test) the docs.
-pub const MIN_KERNEL: (u32, u32) = (5, 8);
+pub(crate) const MIN_KERNEL: (u32, u32) = (5, 8);
 
 fn check_release(release: &str) -> Result<(u32, u32), PreflightError> {
     match parse_release(release) {
@@ -127,7 +127,7 @@ fn is_mounted(path: &Path) -> bool {
 
 /// Finds tracefs (aya reads tracepoint ids from it), mounting it where it is not mounted:
 /// on some distributions nothing mounts it at boot.
-pub fn ensure_tracefs() -> Result<PathBuf, PreflightError> {
+pub(crate) fn ensure_tracefs() -> Result<PathBuf, PreflightError> {
     if let Some(found) = TRACEFS_MOUNTS.iter().map(Path::new).find(|p| is_mounted(p)) {
         return Ok(found.to_path_buf());
     }
@@ -162,7 +162,7 @@ pub fn ensure_tracefs() -> Result<PathBuf, PreflightError> {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK instead of the memory cgroup; the
 /// default limit is too small for the ring buffer there.
-pub fn raise_memlock_if_needed(kernel: (u32, u32)) {
+pub(crate) fn raise_memlock_if_needed(kernel: (u32, u32)) {
     if kernel >= (5, 11) {
         return;
     }

@@ -10,7 +10,7 @@ use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
 
 /// Counters from `struct bpf_prog_info`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ProgramStats {
+pub(crate) struct ProgramStats {
     /// Invocations (counted only while `kernel.bpf_stats_enabled` is 1).
     pub run_count: u64,
     /// Nanoseconds spent in the program (same condition).
@@ -21,7 +21,7 @@ pub struct ProgramStats {
 }
 
 /// Reads the program's info with `BPF_OBJ_GET_INFO_BY_FD`.
-pub fn program_stats(program: BorrowedFd<'_>) -> io::Result<ProgramStats> {
+pub(crate) fn program_stats(program: BorrowedFd<'_>) -> io::Result<ProgramStats> {
     // SAFETY: both are plain C structs for which all-zeroes is a valid value.
     let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };

@@ -8,9 +8,9 @@
 //! Prometheus would scrape, computed by the same code. On a terminal it draws with ratatui;
 //! otherwise it prints one plain screen per refresh, like `top -b`.
 
-pub mod sample;
-pub mod screen;
-pub mod view;
+mod sample;
+mod screen;
+mod view;
 
 use std::{
     io::{self, IsTerminal as _, Write},
@@ -26,7 +26,7 @@ use ratatui::{
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 
-pub use self::screen::SortKey;
+pub(crate) use self::screen::SortKey;
 use self::{
     screen::History,
     view::{Palette, Status},
@@ -39,16 +39,16 @@ use crate::{
 /// What `tcpstate top` shows and where it reads it.
 #[derive(Debug)]
 pub struct Config {
-    pub source: Source,
+    pub(crate) source: Source,
     /// The order of every panel's rows at start.
-    pub sort: SortKey,
+    pub(crate) sort: SortKey,
     /// When the output is not a terminal: stop after this many screens.
-    pub count: Option<u64>,
+    pub(crate) count: Option<u64>,
 }
 
 /// Where the figures come from.
 #[derive(Debug)]
-pub enum Source {
+pub(crate) enum Source {
     /// A running daemon's endpoints.
     Daemon { url: DaemonUrl, tls: DaemonTls },
     /// A daemon run inside this process, attached to the kernel, on a loopback port.

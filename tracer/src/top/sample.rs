@@ -12,12 +12,12 @@ use crate::{
 };
 
 /// A pair of states, as the transition counter labels it (`from`, `to`).
-pub type Pair = (String, String);
+pub(super) type Pair = (String, String);
 
 /// The numbers of one refresh. Counters are totals since the daemon started; rates come from
 /// two samples (see `screen`).
 #[derive(Clone, Debug, Default)]
-pub struct Sample {
+pub(super) struct Sample {
     /// Sockets per state now, summed over port labels.
     pub sockets: BTreeMap<String, f64>,
     /// The longest current stay per state, in seconds.
@@ -37,14 +37,14 @@ pub struct Sample {
 
 /// A sample and when it was taken.
 #[derive(Clone, Debug)]
-pub struct Timed {
+pub(super) struct Timed {
     pub at: Instant,
     pub sample: Sample,
 }
 
 impl Sample {
     /// Reads the numbers from the daemon's Prometheus exposition.
-    pub fn from_metrics(text: &str) -> anyhow::Result<Self> {
+    pub(super) fn from_metrics(text: &str) -> anyhow::Result<Self> {
         let lines = text.lines().map(|line| Ok(line.to_owned()));
         let scrape = Scrape::parse(lines).context("reading the daemon's /metrics")?;
         let mut sample = Self::default();
@@ -80,13 +80,13 @@ impl Sample {
     }
 
     /// Transitions lost, all reasons together.
-    pub fn lost_total(&self) -> f64 {
+    pub(super) fn lost_total(&self) -> f64 {
         self.lost.values().sum()
     }
 }
 
 /// Takes one sample from the daemon `connection` leads to.
-pub async fn fetch(connection: &mut Connection) -> Result<Sample, FetchError> {
+pub(super) async fn fetch(connection: &mut Connection) -> Result<Sample, FetchError> {
     let metrics = connection.get("/metrics").await?;
     let text = String::from_utf8_lossy(&metrics);
     let mut sample = Sample::from_metrics(&text).map_err(FetchError::Failed)?;

@@ -14,11 +14,11 @@ use super::sample::{Sample, Timed};
 /// Samples kept: a minute at one per second, for the change column and the trend.
 const KEPT: usize = 61;
 /// Samples the trend column draws.
-pub const TREND_POINTS: usize = 8;
+pub(super) const TREND_POINTS: usize = 8;
 
 /// The order of every panel's rows; `s` cycles through them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum SortKey {
+pub(crate) enum SortKey {
     /// Largest first: sockets now, transitions and failures per second, leaked sockets.
     Count,
     /// Largest change over the last minute first.
@@ -28,7 +28,7 @@ pub enum SortKey {
 }
 
 impl SortKey {
-    pub const fn next(self) -> Self {
+    pub(crate) const fn next(self) -> Self {
         match self {
             Self::Count => Self::Change,
             Self::Change => Self::Name,
@@ -36,7 +36,7 @@ impl SortKey {
         }
     }
 
-    pub const fn label(self) -> &'static str {
+    pub(crate) const fn label(self) -> &'static str {
         match self {
             Self::Count => "count",
             Self::Change => "change",
@@ -47,7 +47,7 @@ impl SortKey {
 
 /// One state: its sockets now, the change over the window, the trend, the oldest stay.
 #[derive(Clone, Debug, PartialEq)]
-pub struct StateRow {
+pub(super) struct StateRow {
     pub state: String,
     pub now: f64,
     pub change: f64,
@@ -58,7 +58,7 @@ pub struct StateRow {
 
 /// One pair of states with transitions.
 #[derive(Clone, Debug, PartialEq)]
-pub struct TransitionRow {
+pub(super) struct TransitionRow {
     pub from: String,
     pub to: String,
     pub per_second: f64,
@@ -69,7 +69,7 @@ pub struct TransitionRow {
 
 /// One kind of failure: a connect's reason, or resets in one direction.
 #[derive(Clone, Debug, PartialEq)]
-pub struct FailureRow {
+pub(super) struct FailureRow {
     pub what: String,
     pub per_second: f64,
     pub total: f64,
@@ -77,7 +77,7 @@ pub struct FailureRow {
 
 /// One process holding leaked CLOSE_WAIT sockets.
 #[derive(Clone, Debug, PartialEq)]
-pub struct LeakRow {
+pub(super) struct LeakRow {
     pub pid: Option<u32>,
     pub comm: String,
     pub sockets: usize,
@@ -88,19 +88,19 @@ pub struct LeakRow {
 
 /// The samples of the last minute, oldest first.
 #[derive(Default)]
-pub struct History {
+pub(super) struct History {
     samples: VecDeque<Timed>,
 }
 
 impl History {
-    pub fn push(&mut self, at: Instant, sample: Sample) {
+    pub(super) fn push(&mut self, at: Instant, sample: Sample) {
         if self.samples.len() == KEPT {
             self.samples.pop_front();
         }
         self.samples.push_back(Timed { at, sample });
     }
 
-    pub fn latest(&self) -> Option<&Sample> {
+    pub(super) fn latest(&self) -> Option<&Sample> {
         self.samples.back().map(|t| &t.sample)
     }
 
@@ -109,7 +109,7 @@ impl History {
     }
 
     /// How much time the window covers.
-    pub fn span(&self) -> Duration {
+    pub(super) fn span(&self) -> Duration {
         match (self.samples.front(), self.samples.back()) {
             (Some(first), Some(last)) => last.at.duration_since(first.at),
             _ => Duration::ZERO,
@@ -133,7 +133,7 @@ impl History {
         self.rate_at(0, value)
     }
 
-    pub fn states(&self, sort: SortKey) -> Vec<StateRow> {
+    pub(super) fn states(&self, sort: SortKey) -> Vec<StateRow> {
         let (Some(latest), Some(first)) = (self.latest(), self.oldest()) else {
             return Vec::new();
         };
@@ -164,7 +164,7 @@ impl History {
         rows
     }
 
-    pub fn transitions(&self, sort: SortKey) -> Vec<TransitionRow> {
+    pub(super) fn transitions(&self, sort: SortKey) -> Vec<TransitionRow> {
         let Some(latest) = self.latest() else { return Vec::new() };
         let window = self.samples.len().saturating_sub(2);
         let mut rows: Vec<TransitionRow> = latest
@@ -199,7 +199,7 @@ impl History {
     }
 
     /// Failed connects by reason, then resets by direction; kinds never seen are left out.
-    pub fn failures(&self, sort: SortKey) -> Vec<FailureRow> {
+    pub(super) fn failures(&self, sort: SortKey) -> Vec<FailureRow> {
         let Some(latest) = self.latest() else { return Vec::new() };
         let connects = latest.connect_failures.iter().map(|(reason, total)| {
             let per_second = self.rate(|s| s.connect_failures.get(reason).copied().unwrap_or(0.0));
@@ -218,7 +218,7 @@ impl History {
         rows
     }
 
-    pub fn leaks(&self, sort: SortKey) -> Vec<LeakRow> {
+    pub(super) fn leaks(&self, sort: SortKey) -> Vec<LeakRow> {
         let Some(report) = self.latest().and_then(|s| s.leaks.as_ref()) else {
             return Vec::new();
         };
@@ -252,7 +252,7 @@ impl History {
     }
 
     /// Transitions lost in total, and per second now.
-    pub fn lost(&self) -> (f64, f64) {
+    pub(super) fn lost(&self) -> (f64, f64) {
         let total = self.latest().map_or(0.0, Sample::lost_total);
         (total, self.rate(Sample::lost_total))
     }

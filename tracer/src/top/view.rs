@@ -14,13 +14,13 @@ use super::screen::{History, SortKey, StateRow};
 use crate::leaks::human_age;
 
 /// The smallest terminal for the four panels.
-pub const FULL_SIZE: (u16, u16) = (80, 20);
+pub(super) const FULL_SIZE: (u16, u16) = (80, 20);
 /// Below this, only a line saying the terminal is too small.
-pub const MIN_SIZE: (u16, u16) = (30, 6);
+pub(super) const MIN_SIZE: (u16, u16) = (30, 6);
 
 /// Styles; all plain when colour is off (`NO_COLOR`, or not a terminal).
 #[derive(Clone, Copy, Debug)]
-pub struct Palette {
+pub(super) struct Palette {
     pub color: bool,
 }
 
@@ -48,7 +48,7 @@ impl Palette {
 }
 
 /// What the frame says besides the panels.
-pub struct Status<'a> {
+pub(super) struct Status<'a> {
     /// Where the numbers come from: the daemon's URL, or "kernel".
     pub source: &'a str,
     pub sort: SortKey,
@@ -60,7 +60,7 @@ pub struct Status<'a> {
     pub warning: Option<&'a str>,
 }
 
-pub fn draw(frame: &mut Frame, history: &History, status: &Status, palette: Palette) {
+pub(super) fn draw(frame: &mut Frame, history: &History, status: &Status, palette: Palette) {
     let area = frame.area();
     if area.width < MIN_SIZE.0 || area.height < MIN_SIZE.1 {
         let text = format!(

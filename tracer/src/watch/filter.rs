@@ -13,7 +13,7 @@ use crate::{cgroups::CgroupName, event::TransitionExt as _, socket::Family};
 
 /// Every condition must hold; an empty list or `None` keeps everything.
 #[derive(Clone, Debug, Default)]
-pub struct Filter {
+pub(crate) struct Filter {
     /// Either port is one of these (at most `MAX_FILTER_PORTS`).
     pub ports: Vec<u16>,
     /// The local port is one of these.
@@ -36,7 +36,7 @@ pub struct Filter {
 
 impl Filter {
     /// The part that runs in the kernel: ports, family, states.
-    pub fn kernel_filter(&self) -> KernelFilter {
+    pub(crate) fn kernel_filter(&self) -> KernelFilter {
         fn port_list(list: &[u16]) -> ([u16; MAX_FILTER_PORTS], u8) {
             let mut out = [0; MAX_FILTER_PORTS];
             for (slot, port) in out.iter_mut().zip(list) {
@@ -65,7 +65,7 @@ impl Filter {
     }
 
     /// Whether a container filter is given: records then need their owner's cgroup named.
-    pub fn filters_containers(&self) -> bool {
+    pub(crate) fn filters_containers(&self) -> bool {
         self.container.is_some() || self.cgroup.is_some() || self.pod.is_some()
     }
 

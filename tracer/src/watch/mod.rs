@@ -13,8 +13,9 @@ use std::{
 use anyhow::Context as _;
 use tracer_common::TransitionRecord;
 
+pub(crate) use self::filter::Filter;
+pub use self::json::JSON_KEYS;
 use self::{columns::Columns, losses::LossReporter};
-pub use self::{filter::Filter, json::JSON_KEYS};
 use crate::{
     cgroups::{CgroupName, CgroupNames},
     event::TransitionExt as _,
@@ -29,7 +30,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// to a terminal or a pipe can block this reader while the kernel keeps sending. Under a
 /// 10 s storm of ~390,000 transitions per second, 4M lost records in one run of three, 16M
 /// none: it holds about 300 ms of such a storm.
-pub const RING_BYTES: u32 = 16 << 20;
+pub(crate) const RING_BYTES: u32 = 16 << 20;
 /// How often lost records are reported while running.
 const LOSS_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -37,16 +38,16 @@ const LOSS_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Config {
     /// JSON lines instead of aligned columns.
-    pub json: bool,
+    pub(crate) json: bool,
     /// Stop after this long.
-    pub duration: Option<Duration>,
+    pub(crate) duration: Option<Duration>,
     /// Print delivery statistics at exit.
-    pub stats: bool,
+    pub(crate) stats: bool,
     /// Stop after showing this many transitions.
-    pub count: Option<u64>,
-    pub filter: Filter,
+    pub(crate) count: Option<u64>,
+    pub(crate) filter: Filter,
     /// The kernel side, with the filter's kernel part.
-    pub probe: ProbeOptions,
+    pub(crate) probe: ProbeOptions,
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {

@@ -6,6 +6,9 @@
 //! check which program the kernel calls first or count every firing under a burst, are
 //! `#[serial]`: no other test runs beside them.
 
+// The helpers are `pub` for the test modules beside them; nothing outside reaches them.
+#![allow(unreachable_pub)]
+
 mod check;
 mod common;
 mod containers;

@@ -39,7 +39,7 @@ const PAUSE: Duration = Duration::from_millis(1);
 
 /// What one reconciliation changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ReconcileOutcome {
+pub(crate) struct ReconcileOutcome {
     /// Tracked sockets no dump lists any more (their CLOSE was never seen).
     pub removed: u64,
     /// Sockets a dump lists that the table lacked.
@@ -50,7 +50,7 @@ pub struct ReconcileOutcome {
 }
 
 impl ReconcileOutcome {
-    pub fn corrections(&self) -> u64 {
+    pub(crate) fn corrections(&self) -> u64 {
         self.removed + self.added + self.repaired
     }
 }
@@ -75,7 +75,7 @@ fn entered_at(socket: &DiagSocket, now: u64) -> u64 {
 /// probing; listeners sharing a port with SO_REUSEPORT have one key and take a slot each):
 /// 12 bytes a socket in the table's states. A map from hash to a chain of positions took 49
 /// (36 MiB of buckets at a million sockets), half the memory a reconciliation added then.
-pub struct DumpIndex {
+pub(crate) struct DumpIndex {
     dumps: Vec<NamespaceDump>,
     /// Position of each dump's first socket.
     starts: Vec<u32>,
@@ -106,7 +106,7 @@ struct Slot {
 const SLOTS_PER_SOCKET: (usize, usize) = (3, 2);
 
 impl DumpIndex {
-    pub fn new(
+    pub(crate) fn new(
         dumps: Vec<NamespaceDump>,
         started_ns: u64,
         finished_ns: u64,
@@ -223,7 +223,7 @@ impl Aggregator {
     /// hold of the aggregator. Sockets in namespaces that were not dumped are left alone.
     /// Entries that changed since the dump started are trusted over it. `count` is false for
     /// the initial seeding, which corrects nothing.
-    pub fn reconcile(
+    pub(crate) fn reconcile(
         &mut self,
         dumps: Vec<NamespaceDump>,
         started_ns: u64,
@@ -336,7 +336,7 @@ impl Aggregator {
 
 /// `Aggregator::reconcile` with the aggregator locked one slice at a time (see the module's
 /// documentation); call `Aggregator::begin_dump` before the dump starts.
-pub fn reconcile_in_slices<'m>(
+pub(crate) fn reconcile_in_slices<'m>(
     lock: impl Fn() -> MutexGuard<'m, Aggregator>,
     mut index: DumpIndex,
 ) -> ReconcileOutcome {

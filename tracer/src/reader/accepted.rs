@@ -10,12 +10,12 @@
 use tracer_common::{TcpState, TransitionRecord};
 
 /// How long a record waits for its socket's next one.
-pub const MAX_WAIT_NS: u64 = 100_000_000;
+pub(super) const MAX_WAIT_NS: u64 = 100_000_000;
 /// Records waiting at most; beyond, the oldest goes out as it is.
 const MAX_PENDING: usize = 1024;
 
 #[derive(Default)]
-pub struct AcceptedAddresses {
+pub(super) struct AcceptedAddresses {
     /// Records waiting for their socket's next record, oldest first.
     pending: Vec<TransitionRecord>,
 }
@@ -29,7 +29,11 @@ fn lacks_peer(record: &TransitionRecord) -> bool {
 
 impl AcceptedAddresses {
     /// Takes one record; passes on, in order, every record that is ready.
-    pub fn push(&mut self, record: TransitionRecord, mut ready: impl FnMut(TransitionRecord)) {
+    pub(super) fn push(
+        &mut self,
+        record: TransitionRecord,
+        mut ready: impl FnMut(TransitionRecord),
+    ) {
         if lacks_peer(&record) {
             if self.pending.len() >= MAX_PENDING {
                 ready(self.pending.remove(0));
@@ -52,7 +56,7 @@ impl AcceptedAddresses {
     }
 
     /// Passes on, as they are, the records that waited since before `now_ns - MAX_WAIT_NS`.
-    pub fn expire(&mut self, now_ns: u64, mut ready: impl FnMut(TransitionRecord)) {
+    pub(super) fn expire(&mut self, now_ns: u64, mut ready: impl FnMut(TransitionRecord)) {
         let cutoff = now_ns.saturating_sub(MAX_WAIT_NS);
         while self.pending.first().is_some_and(|r| r.ts_ns < cutoff) {
             ready(self.pending.remove(0));

@@ -1,13 +1,17 @@
 //! Draining the ring buffer: woken by the kernel when a batch is waiting, and on a timer for
 //! the records that arrived without a wakeup.
 
+mod accepted;
+mod duplicates;
+
 use std::{io, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 use tracer_common::{DecodeError, TransitionRecord};
 
-use crate::{accepted::AcceptedAddresses, clock::monotonic_ns, duplicates::Duplicates};
+use self::{accepted::AcceptedAddresses, duplicates::Duplicates};
+use crate::clock::monotonic_ns;
 
 /// Reads records from the probe's ring buffer.
 pub struct RecordReader {

@@ -40,7 +40,7 @@ impl Seen {
     }
 }
 
-pub struct Duplicates {
+pub(super) struct Duplicates {
     /// The main program's last `WINDOW` records, a ring indexed by `sequence`.
     handled: Box<[Seen]>,
     /// The standby's records that are still the last of their socket, within the window.
@@ -63,7 +63,7 @@ impl Default for Duplicates {
 
 impl Duplicates {
     /// Whether `record` is the other program's delivery of its socket's last transition.
-    pub fn is_repeat(&mut self, record: &TransitionRecord) -> bool {
+    pub(super) fn is_repeat(&mut self, record: &TransitionRecord) -> bool {
         self.sequence += 1;
         let seen = Seen {
             skaddr: record.skaddr,
@@ -108,7 +108,7 @@ impl Duplicates {
     }
 
     /// Second deliveries dropped so far.
-    pub fn dropped(&self) -> u64 {
+    pub(super) fn dropped(&self) -> u64 {
         self.dropped
     }
 }
