@@ -194,6 +194,8 @@ fn lint() -> anyhow::Result<()> {
 fn test(filter: Option<&str>, tools: &std::path::Path, image: &str) -> anyhow::Result<()> {
     let mut command = cargo();
     command.env("PATH", cmd::path_with(tools)).env("TCPSTATE_TEST_IMAGE", image);
+    // Here the integration tests must run: not being root fails them instead of skipping.
+    command.env("TCPSTATE_INTEGRATION_REQUIRED", "1");
     // Every failing test binary is reported, not only the first.
     command.args(["test", "--release", "--no-fail-fast"]);
     if !cmd::is_root() {

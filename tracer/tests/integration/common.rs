@@ -15,16 +15,6 @@ use socket2::{Domain, Socket, Type};
 pub const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 pub const V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
 
-/// Fails the test, loudly, when it cannot load eBPF programs.
-pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "this integration test loads the real eBPF program and must run as root: use `cargo xtask test`"
-    );
-}
-
 pub fn tcpstate_bin() -> &'static str {
     env!("CARGO_BIN_EXE_tcpstate")
 }

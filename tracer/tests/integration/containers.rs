@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use crate::common::{self, Closer, Metrics, Tcpstate, V4, require_root};
+use crate::common::{self, Closer, Metrics, Tcpstate, V4};
 use crate::leaks::{Helper, hang_up_on, leaks_until};
 use serde_json::Value;
 use serial_test::parallel;
@@ -76,7 +76,6 @@ fn image_under_test() -> Option<String> {
 #[test]
 #[parallel]
 fn the_image_run_by_podman_counts_a_workload_exactly() {
-    require_root();
     let Some(image) = image_under_test() else { return };
     let _paranoid = common::Sysctl::at_most("kernel/perf_event_paranoid", 2);
     let listener = TcpListener::bind((V4, 0)).unwrap();
@@ -188,7 +187,6 @@ fn of_container<'a>(report: &'a Value, id: &str) -> Vec<&'a Value> {
 #[test]
 #[parallel]
 fn a_leak_inside_a_podman_container_names_the_container_and_the_process() {
-    require_root();
     let daemon = common::Daemon::start(&["--close-wait-threshold", "1"]);
     let rootfs = busybox_rootfs();
     let container = busybox_container(&rootfs, &[], LEAK_SCRIPT);
@@ -227,7 +225,6 @@ fn cgroup_mounts() -> Vec<PathBuf> {
 #[test]
 #[parallel]
 fn the_kernel_names_the_cgroup_watch_filters_on_and_listings_show() {
-    require_root();
     let parent = format!("/tcpstate-test-{}", std::process::id());
     let daemon = common::Daemon::start(&[]);
     let mut watch = Tcpstate::start(&["watch", "--json", "--cgroup", &parent]);
@@ -297,7 +294,6 @@ fn the_kernel_names_the_cgroup_watch_filters_on_and_listings_show() {
 #[test]
 #[parallel]
 fn group_by_container_labels_the_gauges_with_the_container() {
-    require_root();
     let daemon = common::Daemon::start(&["--group-by", "container", "--close-wait-threshold", "1"]);
     let rootfs = busybox_rootfs();
     // One socket leaked in CLOSE_WAIT (held by sleep), one connection kept established.
@@ -352,7 +348,6 @@ impl Drop for Made {
 #[test]
 #[parallel]
 fn a_leak_in_a_kubelet_pod_cgroup_names_the_pod() {
-    require_root();
     const UID: &str = "7d3c1f0e-52b4-4c1e-9a6f-0b2d4e6f8a1c";
     let id = format!("{:064x}", 0x7c57_a7e5_u64 + u64::from(std::process::id()));
     let root = tracer::cgroups::cgroup2_mount().expect("a cgroup2 mount");

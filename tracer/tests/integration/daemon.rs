@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::common::{self, Closer, Daemon, Metrics, NetNs, V4, V6, require_root, run_tcpstate};
+use crate::common::{self, Closer, Daemon, Metrics, NetNs, V4, V6, run_tcpstate};
 use serial_test::{parallel, serial};
 use socket2::{Domain, Socket, Type};
 use tracer_common::{TcpState, TcpState as S};
@@ -81,7 +81,6 @@ fn delta(after: &Metrics, before: &Metrics, name: &str, labels: &[(&str, &str)])
 #[test]
 #[parallel]
 fn counters_and_histograms_match_a_known_set_of_connections() {
-    require_root();
     let l4 = TcpListener::bind((V4, 0)).unwrap();
     let l6 = TcpListener::bind((V6, 0)).unwrap();
     let mut plan = Vec::new(); // (family ip, listener, closer, client socket, client port)
@@ -177,7 +176,6 @@ fn counters_and_histograms_match_a_known_set_of_connections() {
 #[test]
 #[parallel]
 fn sockets_older_than_the_daemon_are_seeded_and_move_between_gauges_once() {
-    require_root();
     let listener = TcpListener::bind((V4, 0)).unwrap();
     let port = listener.local_addr().unwrap().port().to_string();
     let mut pairs: Vec<(TcpStream, TcpStream)> = (0..3)
@@ -247,7 +245,6 @@ fn ss_count(state: &str, port: &str) -> f64 {
 #[test]
 #[serial]
 fn a_saturated_table_does_not_churn_and_gauges_stay_exact() {
-    require_root();
     const HELD: usize = 1500;
     common::allow_open_files(4 * HELD as u64);
     let listener = TcpListener::bind((V4, 0)).unwrap();
@@ -285,7 +282,6 @@ fn a_saturated_table_does_not_churn_and_gauges_stay_exact() {
 #[test]
 #[parallel]
 fn close_wait_and_established_gauges_agree_with_ss() {
-    require_root();
     let listener = TcpListener::bind((V4, 0)).unwrap();
     let port = listener.local_addr().unwrap().port().to_string();
     let daemon = Daemon::start(&["--port-label", &port]);
@@ -324,7 +320,6 @@ fn close_wait_and_established_gauges_agree_with_ss() {
 #[test]
 #[parallel]
 fn sockets_in_another_namespace_are_tracked_apart_and_survive_reconciliation() {
-    require_root();
     let ns = NetNs::create("netns");
     let server_port = common::free_port();
     let client_port = common::free_port();
@@ -384,7 +379,6 @@ fn sockets_in_another_namespace_are_tracked_apart_and_survive_reconciliation() {
 #[test]
 #[parallel]
 fn reconciliation_repairs_drift_after_lost_records() {
-    require_root();
     let listener = TcpListener::bind((V4, 0)).unwrap();
     let port = listener.local_addr().unwrap().port().to_string();
     // One page of ring: 31 records fit.
@@ -430,7 +424,6 @@ fn reconciliation_repairs_drift_after_lost_records() {
 #[test]
 #[parallel]
 fn promtool_accepts_the_exposition() {
-    require_root();
     let listener = TcpListener::bind((V4, 0)).unwrap();
     let port = listener.local_addr().unwrap().port().to_string();
     let daemon = Daemon::start(&["--port-label", &port]);
@@ -458,7 +451,6 @@ fn promtool_accepts_the_exposition() {
 #[test]
 #[parallel]
 fn a_real_prometheus_scrapes_the_daemon() {
-    require_root();
     let listener = TcpListener::bind((V4, 0)).unwrap();
     let port = listener.local_addr().unwrap().port().to_string();
     let daemon = Daemon::start(&["--port-label", &port]);
@@ -479,7 +471,6 @@ fn a_real_prometheus_scrapes_the_daemon() {
 #[test]
 #[parallel]
 fn http_endpoint_answers_errors_in_json_and_negotiates_formats() {
-    require_root();
     let daemon = Daemon::start(&[]);
     let health = daemon.get("/healthz");
     assert_eq!((health.status, health.json()["status"].as_str()), (200, Some("ok")));
@@ -572,7 +563,6 @@ fn configuration_errors_are_usage_errors_naming_the_flag() {
 #[test]
 #[parallel]
 fn a_busy_port_is_an_error_naming_the_flag_and_env_configures_the_daemon() {
-    require_root();
     let busy = TcpListener::bind((V4, 0)).unwrap();
     let addr = busy.local_addr().unwrap().to_string();
     let finished = run_tcpstate(&["run", "--listen", &addr]);
@@ -599,7 +589,6 @@ fn a_busy_port_is_an_error_naming_the_flag_and_env_configures_the_daemon() {
 #[test]
 #[parallel]
 fn kernel_map_memory_is_reported_and_follows_the_kernel_sockets_setting() {
-    require_root();
     let sockets_map = |entries: &str| {
         let daemon = Daemon::start(&["--kernel-sockets", entries, "--ring-bytes", "1M"]);
         let metrics = daemon.scrape();
@@ -621,7 +610,6 @@ fn kernel_map_memory_is_reported_and_follows_the_kernel_sockets_setting() {
 #[test]
 #[parallel]
 fn accepted_sockets_are_named_while_established() {
-    require_root();
     let daemon = Daemon::start(&[]);
     let server = crate::leaks::Helper::start("leak", "acceptor", &[]);
     let clients: Vec<TcpStream> =

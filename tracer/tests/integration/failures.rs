@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use crate::common::{self, Daemon, NetNs, Tcpstate, V4, require_root};
+use crate::common::{self, Daemon, NetNs, Tcpstate, V4};
 use serde_json::Value;
 use serial_test::parallel;
 use socket2::{Domain, Socket, Type};
@@ -30,7 +30,6 @@ pub fn closed_port() -> SocketAddr {
 #[test]
 #[parallel]
 fn refused_connects_are_counted_by_reason_and_named_in_watch() {
-    require_root();
     let client_port = common::free_port();
     let port = client_port.to_string();
     let daemon = Daemon::start(&["--port-label", &port]);
@@ -90,7 +89,6 @@ fn sysctl_in(ns: &NetNs, setting: &str) {
 #[test]
 #[parallel]
 fn timed_out_and_unreachable_connects_are_counted_by_reason() {
-    require_root();
     let ns = NetNs::create("failures");
     // One SYN retry: a dropped connect gives up after about 3 s.
     sysctl_in(&ns, "net.ipv4.tcp_syn_retries=1");
@@ -142,7 +140,6 @@ fn timed_out_and_unreachable_connects_are_counted_by_reason() {
 #[test]
 #[parallel]
 fn resets_are_counted_by_direction_and_state() {
-    require_root();
     let listener = TcpListener::bind((V4, 0)).unwrap();
     let server_port = listener.local_addr().unwrap().port().to_string();
     let client_port = common::free_port();
@@ -178,7 +175,6 @@ fn resets_are_counted_by_direction_and_state() {
 #[test]
 #[parallel]
 fn time_wait_sockets_count_against_the_ephemeral_range() {
-    require_root();
     let ns = NetNs::create("ports");
     sysctl_in(&ns, "net.ipv4.ip_local_port_range=40000 40099");
     // Linux reuses a loopback TIME_WAIT port older than a second for the same destination

@@ -14,7 +14,7 @@ use std::{
 
 use serial_test::serial;
 
-use crate::common::{Daemon, http_get, require_root};
+use crate::common::{Daemon, http_get};
 
 /// Connects and sends `GET /metrics HTTP/1.1\r\n...` one byte a second, forever; reconnects
 /// when the server closes. Counts the server's closes.
@@ -56,7 +56,6 @@ fn p99(addr: SocketAddr, path: &str) -> Duration {
 #[test]
 #[serial]
 fn idle_and_trickling_clients_do_not_starve_the_health_check() {
-    require_root();
     let daemon = Daemon::start(&[]);
     let addr = daemon.addr;
     let idle: Vec<TcpStream> = (0..500).map(|_| TcpStream::connect(addr).unwrap()).collect();
@@ -129,7 +128,6 @@ fn memory(pid: u32) -> (u64, u64) {
 #[test]
 #[serial]
 fn parallel_listings_take_turns_and_memory_stays_bounded() {
-    require_root();
     const CONNECTIONS: usize = 3000;
     crate::common::allow_open_files(4 * CONNECTIONS as u64);
     let daemon = Daemon::start(&[]);
@@ -339,7 +337,6 @@ fn start_tls_daemon(certs: &Certificates) -> (crate::common::Tcpstate, SocketAdd
 #[test]
 #[serial]
 fn tls_and_basic_auth_from_a_web_config_file() {
-    require_root();
     let certs = Certificates::issue("web");
     let (daemon, addr) = start_tls_daemon(&certs);
 
@@ -379,7 +376,6 @@ fn tls_and_basic_auth_from_a_web_config_file() {
 #[test]
 #[serial]
 fn the_client_commands_reach_a_daemon_over_tls_with_basic_auth() {
-    require_root();
     let certs = Certificates::issue("client");
     let (daemon, addr) = start_tls_daemon(&certs);
     let port = addr.port();

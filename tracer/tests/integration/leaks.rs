@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::common::{self, Daemon, V4, require_root, run_tcpstate};
+use crate::common::{self, Daemon, V4, run_tcpstate};
 use serde_json::Value;
 use serial_test::parallel;
 
@@ -158,7 +158,6 @@ fn leaked_metric(daemon: &Daemon, comm: &str) -> f64 {
 #[test]
 #[parallel]
 fn a_leaking_server_is_named_by_pid_and_comm_everywhere() {
-    require_root();
     let daemon = Daemon::start(&["--close-wait-threshold", "1"]);
     // Secrets on its command line, as real services have them: masked everywhere by default.
     let secrets = ["--db-password=hunter2", "--api-token", "sk_live_SECRET123"];
@@ -231,7 +230,6 @@ fn a_leaking_server_is_named_by_pid_and_comm_everywhere() {
 #[test]
 #[parallel]
 fn owners_the_daemon_may_not_read_are_a_warning_naming_the_capabilities() {
-    require_root();
     let no_ptrace = [
         "setpriv",
         "--bounding-set=-sys_ptrace,-dac_read_search,-dac_override",
@@ -289,7 +287,6 @@ fn owners_the_daemon_may_not_read_are_a_warning_naming_the_capabilities() {
 #[test]
 #[parallel]
 fn a_client_that_keeps_its_socket_after_the_server_closed_is_named() {
-    require_root();
     let daemon = Daemon::start(&["--close-wait-threshold", "1"]);
     let listener = TcpListener::bind((V4, 0)).unwrap();
     let client =
@@ -308,7 +305,6 @@ fn a_client_that_keeps_its_socket_after_the_server_closed_is_named() {
 #[test]
 #[parallel]
 fn a_socket_in_close_wait_before_the_daemon_started_is_a_lower_bound_with_its_owner() {
-    require_root();
     let leaky = Helper::start("leak", "lk-older", &[]);
     hang_up_on(leaky.port, 2);
     thread::sleep(Duration::from_millis(1500));
@@ -329,7 +325,6 @@ fn a_socket_in_close_wait_before_the_daemon_started_is_a_lower_bound_with_its_ow
 #[test]
 #[parallel]
 fn leaks_command_exit_status_with_a_daemon_and_in_snapshot_mode() {
-    require_root();
     let leaky = Helper::start("leak", "lk-snapshot", &["--token=abc123"]);
     hang_up_on(leaky.port, 2);
     thread::sleep(Duration::from_millis(1200));

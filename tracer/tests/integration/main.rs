@@ -21,3 +21,26 @@ mod privileges;
 mod probe;
 mod top;
 mod watch;
+
+/// Runs once, before the test harness starts: these tests load eBPF programs, create network
+/// namespaces and start services, which needs root. A contributor's plain `cargo test` then
+/// skips the whole binary with one message instead of failing every test; `cargo xtask test`
+/// (and so CI) sets `TCPSTATE_INTEGRATION_REQUIRED`, and there not being root fails the run.
+extern "C" fn skip_unless_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return;
+    }
+    let required = std::env::var_os("TCPSTATE_INTEGRATION_REQUIRED").is_some();
+    eprintln!(
+        "\n{}: the integration tests load the real eBPF program and must run as root; run \
+         them with `cargo xtask test` (through sudo when not root).\n",
+        if required { "error" } else { "SKIPPED" }
+    );
+    std::process::exit(i32::from(required));
+}
+
+/// Called by the C runtime before `main`, as every `.init_array` entry is.
+#[used]
+#[unsafe(link_section = ".init_array")]
+static SKIP_UNLESS_ROOT: extern "C" fn() = skip_unless_root;

@@ -10,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use crate::common::{self, Daemon, Metrics, NetNs, V4, require_root};
+use caps::{CapSet, Capability};
+
+use crate::common::{self, Daemon, Metrics, NetNs, V4};
 use serial_test::parallel;
 
 /// Runs the binary under `wrapper` (e.g. `setpriv ...`) and waits for it to end.
@@ -26,7 +28,6 @@ fn run_under(wrapper: &[&str], args: &[&str]) -> Output {
 #[test]
 #[parallel]
 fn without_privileges_the_error_says_what_is_missing() {
-    require_root();
     // A copy the unprivileged user can execute wherever the checkout lives.
     let dir = std::env::temp_dir().join(format!("tcpstate-unprivileged-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -91,7 +92,6 @@ fn without_privileges_the_error_says_what_is_missing() {
 #[test]
 #[parallel]
 fn the_running_daemon_keeps_only_the_capabilities_it_needs() {
-    require_root();
     const DAC_READ_SEARCH: u32 = 2;
     const SYS_PTRACE: u32 = 19;
     const SYS_ADMIN: u32 = 21;
@@ -122,7 +122,6 @@ fn the_running_daemon_keeps_only_the_capabilities_it_needs() {
 #[test]
 #[parallel]
 fn namespaces_it_cannot_enter_are_a_warning_and_a_metric() {
-    require_root();
     // Debian's kernels default to perf_event_paranoid 3, at which their 5.10 lets only
     // CAP_SYS_ADMIN open perf events; 2 is the upstream default and lets CAP_PERFMON do it.
     let _paranoid = common::Sysctl::at_most("kernel/perf_event_paranoid", 2);
@@ -151,7 +150,6 @@ fn namespaces_it_cannot_enter_are_a_warning_and_a_metric() {
 #[test]
 #[parallel]
 fn an_unmounted_tracefs_without_cap_sys_admin_is_named_with_the_fix() {
-    require_root();
     let _paranoid = common::Sysctl::at_most("kernel/perf_event_paranoid", 2);
     let unmount_tracefs = "umount -l /sys/kernel/tracing 2>/dev/null; \
         umount -l /sys/kernel/debug/tracing 2>/dev/null; exec \"$@\"";
@@ -185,7 +183,6 @@ fn an_unmounted_tracefs_without_cap_sys_admin_is_named_with_the_fix() {
 #[test]
 #[parallel]
 fn a_privileged_port_without_cap_net_bind_service_is_named_with_the_fix() {
-    require_root();
     let start: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
         .map_or(1024, |s| s.trim().parse().unwrap_or(1024));
     let Some(port) = (1..start).rev().find(|&port| TcpListener::bind((V4, port)).is_ok()) else {
@@ -199,4 +196,29 @@ fn a_privileged_port_without_cap_net_bind_service_is_named_with_the_fix() {
     assert!(stderr.contains("CAP_NET_BIND_SERVICE"), "the missing capability: {stderr}");
     assert!(stderr.contains("--listen"), "the flag: {stderr}");
     assert!(stderr.contains(common::tcpstate_bin()), "this binary, for setcap: {stderr}");
+}
+
+/// `keep_only` as the daemon calls it, on a thread of its own: capabilities are per thread,
+/// and the test runner's other threads keep theirs. Dropping from the bounding set takes
+/// CAP_SETPCAP, which is why this runs here, as root, and not among the unit tests.
+#[test]
+#[parallel]
+fn only_what_is_kept_remains_and_cannot_come_back() {
+    let outcome = std::thread::spawn(|| {
+        let before = caps::read(None, CapSet::Permitted).unwrap();
+        let kept = tracer::capabilities::keep_only(&[Capability::CAP_SYS_PTRACE]).unwrap();
+        let after = caps::read(None, CapSet::Effective).unwrap();
+        let raise = caps::raise(None, CapSet::Effective, Capability::CAP_BPF);
+        (before, kept, after, raise.is_err())
+    })
+    .join()
+    .unwrap();
+    let (before, kept, after, raise_refused) = outcome;
+    assert_eq!(kept, after);
+    assert!(after.iter().all(|cap| *cap == Capability::CAP_SYS_PTRACE), "{after:?}");
+    assert_eq!(
+        after.contains(&Capability::CAP_SYS_PTRACE),
+        before.contains(&Capability::CAP_SYS_PTRACE)
+    );
+    assert!(raise_refused, "a dropped capability came back");
 }

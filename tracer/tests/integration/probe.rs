@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::common::{self, Closer, V4, V6, require_root};
+use crate::common::{self, Closer, V4, V6};
 use rstest::rstest;
 use serial_test::{parallel, serial};
 use socket2::{Domain, Socket, Type};
@@ -33,7 +33,6 @@ impl Capture {
     }
 
     fn with_options(port: u16, options: ProbeOptions) -> Self {
-        require_root();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let _guard = runtime.enter();
         let mut filter = KernelFilter::ALL;

@@ -12,7 +12,7 @@ use std::{
 use serial_test::{parallel, serial};
 
 use crate::{
-    common::{self, Daemon, require_root, run_tcpstate, tcpstate_bin},
+    common::{self, Daemon, run_tcpstate, tcpstate_bin},
     failures::closed_port,
     leaks::{Helper, hang_up_on},
 };
@@ -134,7 +134,6 @@ fn colour_codes(escaped: &str) -> Vec<String> {
 #[test]
 #[serial]
 fn top_shows_a_scripted_workloads_failures_and_leaks_as_they_happen() {
-    require_root();
     let daemon = Daemon::start(&["--close-wait-threshold", "1"]);
     let command = format!("env -u NO_COLOR {} top --daemon http://{}", tcpstate_bin(), daemon.addr);
     let tmux = Tmux::start("workload", &command, 80, 24);
@@ -217,7 +216,6 @@ fn top_shows_a_scripted_workloads_failures_and_leaks_as_they_happen() {
 #[test]
 #[parallel]
 fn top_without_a_daemon_reads_the_kernel_and_honours_no_color() {
-    require_root();
     let command = format!("env NO_COLOR=1 {} top --close-wait-threshold 1", tcpstate_bin());
     let tmux = Tmux::start("kernel", &command, 80, 24);
     let leaky = Helper::start("leak", "top-kernel", &[]);
@@ -237,7 +235,6 @@ fn top_without_a_daemon_reads_the_kernel_and_honours_no_color() {
 #[test]
 #[parallel]
 fn top_without_a_terminal_prints_plain_screens() {
-    require_root();
     let daemon = Daemon::start(&[]);
     let url = format!("http://{}", daemon.addr);
     let finished = run_tcpstate(&["top", "--daemon", &url, "--count", "2"]);
@@ -252,7 +249,6 @@ fn top_without_a_terminal_prints_plain_screens() {
 #[test]
 #[parallel]
 fn top_reading_the_kernel_into_a_pipe_ends_on_ctrl_c() {
-    require_root();
     let mut top = Command::new(tcpstate_bin())
         .arg("top")
         .stdout(std::process::Stdio::piped())
@@ -277,7 +273,6 @@ fn top_reading_the_kernel_into_a_pipe_ends_on_ctrl_c() {
 #[test]
 #[parallel]
 fn top_into_a_closed_pipe_ends_quietly() {
-    require_root();
     let daemon = Daemon::start(&[]);
     let command = format!(
         "{} top --daemon http://{} | head -1; exit ${{PIPESTATUS[0]}}",

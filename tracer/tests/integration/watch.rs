@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use crate::common::{self, Closer, Tcpstate, V4, V6, one_connection, require_root, run_tcpstate};
+use crate::common::{self, Closer, Tcpstate, V4, V6, one_connection, run_tcpstate};
 use serde_json::Value;
 use serial_test::parallel;
 use tracer::watch::JSON_KEYS;
@@ -47,7 +47,6 @@ type Predicate = Box<dyn Fn(&Value) -> bool>;
 #[test]
 #[parallel]
 fn json_output_and_every_filter_select_what_they_say() {
-    require_root();
     let p4 = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     let port_p = p4.local_addr().unwrap().port();
     let p6 = TcpListener::bind(SocketAddr::new(V6, port_p)).unwrap();
@@ -123,7 +122,6 @@ fn json_output_and_every_filter_select_what_they_say() {
 #[test]
 #[parallel]
 fn human_output_is_aligned_and_count_stops_the_stream() {
-    require_root();
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     let p = listener.local_addr().unwrap().port().to_string();
     let watch = Tcpstate::start(&["watch", "--port", &p, "--count", "7"]);
@@ -153,7 +151,6 @@ fn human_output_is_aligned_and_count_stops_the_stream() {
 #[test]
 #[parallel]
 fn duration_stops_the_stream() {
-    require_root();
     let started = std::time::Instant::now();
     let finished = Tcpstate::start(&["watch", "--port", "9", "--duration", "1"]).finish();
     assert!(finished.status.success(), "{:?}", finished.stderr);
@@ -165,7 +162,6 @@ fn duration_stops_the_stream() {
 #[test]
 #[parallel]
 fn watch_has_a_larger_ring_unless_told_otherwise() {
-    require_root();
     for (extra, expected) in [(None, "ring buffer 16384 KiB"), (Some("1M"), "ring buffer 1024 KiB")]
     {
         let mut args = vec!["watch", "--port", "9", "--duration", "1"];
@@ -182,7 +178,6 @@ fn watch_has_a_larger_ring_unless_told_otherwise() {
 #[test]
 #[parallel]
 fn a_moved_tracepoint_field_is_refused_by_name() {
-    require_root();
     let real =
         std::fs::read_to_string("/sys/kernel/tracing/events/sock/inet_sock_set_state/format")
             .or_else(|_| {

@@ -293,7 +293,7 @@ fn guest_script(binaries: &[(String, PathBuf)], filter: Option<&str>, tools: &Pa
     let mut script = String::from("set +e\n");
     script.push_str(&format!("export PATH={}:$PATH\n", tools.display()));
     script.push_str(&format!("export TCPSTATE_TEST_EXPECT_PARTS={EXPECTED_PARTS}\n"));
-    script.push_str("export RUST_BACKTRACE=1\n");
+    script.push_str("export RUST_BACKTRACE=1 TCPSTATE_INTEGRATION_REQUIRED=1\n");
     let skips: String = HOST_ONLY_TESTS.iter().map(|t| format!(" --skip {t}")).collect();
     let filter = filter.map(|f| format!(" '{}'", f.replace('\'', ""))).unwrap_or_default();
     for (name, path) in binaries {
