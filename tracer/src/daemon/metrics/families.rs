@@ -1,0 +1,437 @@
+//! One function per metric family (or per small group of single-value families), each
+//! writing its `# HELP`, `# TYPE` and samples. The order of the calls in `encode` is the order
+//! of the output.
+
+use std::fmt;
+
+use prometheus_client::{
+    encoding::{DescriptorEncoder, EncodeMetric as _, NoLabelSet},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge, info::Info},
+};
+use tracer_common::TcpState;
+
+use super::{PortSeries, escape_label_value};
+use crate::{
+    daemon::{
+        Status,
+        aggregate::{Aggregator, DURATION_BUCKETS, SAMPLED_STATES},
+        groups::{GroupBy, GroupLabels},
+        leak_watch::LeakState,
+        table::Counts,
+    },
+    failure::{CONNECT_REASONS, ResetDirection},
+};
+
+/// States that have gauges: all but CLOSE (a socket leaves the table when it closes).
+fn gauge_states() -> impl Iterator<Item = TcpState> {
+    TcpState::ALL.into_iter().filter(|s| *s != TcpState::CLOSE)
+}
+
+/// States with completed stays: those the tracepoint reports a socket entering and leaving.
+fn stay_states() -> impl Iterator<Item = TcpState> {
+    gauge_states().filter(|s| !SAMPLED_STATES.contains(s))
+}
+
+fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    ConstCounter::new(value).encode(metric)
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> fmt::Result {
+    let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    ConstGauge::new(value).encode(metric)
+}
+
+fn gauge_f64(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: f64) -> fmt::Result {
+    let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    ConstGauge::new(value).encode(metric)
+}
+
+const fn bool_label(value: bool) -> &'static str {
+    if value { "true" } else { "false" }
+}
+
+pub(super) fn transitions(
+    encoder: &mut DescriptorEncoder,
+    agg: &Aggregator,
+    ports: &PortSeries,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_transitions",
+        "TCP state transitions, by old (from) and new (to) state",
+        None,
+        MetricType::Counter,
+    )?;
+    for label in ports.indexes() {
+        for from in TcpState::ALL {
+            for to in TcpState::ALL {
+                let count = agg.transitions(label, from, to);
+                if count > 0 {
+                    let set =
+                        ports.with(&[("from", from.to_string()), ("to", to.to_string())], label);
+                    ConstCounter::new(count).encode(family.encode_family(&set)?)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn connect_failures(
+    encoder: &mut DescriptorEncoder,
+    agg: &Aggregator,
+    ports: &PortSeries,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_connect_failures",
+        "connect() attempts that failed (SYN_SENT -> CLOSE), by reason: refused, timeout, \
+         unreachable, reset, aborted (given up by the program), other",
+        None,
+        MetricType::Counter,
+    )?;
+    for label in ports.indexes() {
+        for (reason, count) in CONNECT_REASONS.iter().zip(agg.connect_failures(label)) {
+            let set = ports.with(&[("reason", (*reason).to_owned())], label);
+            ConstCounter::new(*count).encode(family.encode_family(&set)?)?;
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn resets(
+    encoder: &mut DescriptorEncoder,
+    agg: &Aggregator,
+    ports: &PortSeries,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_resets",
+        "Connections ended by a reset, received from the peer or sent by this host \
+         (SO_LINGER 0, close() with unread data, ss -K), by the state it hit",
+        None,
+        MetricType::Counter,
+    )?;
+    for label in ports.indexes() {
+        for direction in ResetDirection::ALL {
+            for state in TcpState::ALL {
+                let count = agg.resets(label, direction, state);
+                if count > 0 {
+                    let base =
+                        [("direction", direction.name().to_owned()), ("state", state.to_string())];
+                    ConstCounter::new(count)
+                        .encode(family.encode_family(&ports.with(&base, label))?)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The ten most used local-address-to-destination port ranges, and the highest share.
+pub(super) fn ephemeral_ports(encoder: &mut DescriptorEncoder, agg: &Aggregator) -> fmt::Result {
+    let (port_usage, max_usage) = agg.port_usage();
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_ephemeral_port_usage_ratio",
+        "Share of the ephemeral port range (net.ipv4.ip_local_port_range) held by sockets to \
+         one destination from one local address, TIME_WAIT included, at the last \
+         reconciliation: the 10 highest",
+        None,
+        MetricType::Gauge,
+    )?;
+    for usage in port_usage {
+        let set = [
+            ("saddr", usage.saddr.to_string()),
+            ("daddr", usage.daddr.to_string()),
+            ("dport", usage.dport.to_string()),
+        ];
+        ConstGauge::new(usage.ratio).encode(family.encode_family(&set)?)?;
+    }
+    gauge_f64(
+        encoder,
+        "tcpstate_ephemeral_port_usage_max_ratio",
+        "The highest share of the ephemeral port range any destination holds (see \
+         tcpstate_ephemeral_port_usage_ratio)",
+        *max_usage,
+    )
+}
+
+pub(super) fn stay_durations(encoder: &mut DescriptorEncoder, agg: &Aggregator) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_state_duration_seconds",
+        "Completed stays in each state whose length is exactly known (first sightings and \
+         sockets older than the daemon are left out)",
+        None,
+        MetricType::Histogram,
+    )?;
+    for state in stay_states() {
+        let stays = agg.stays(state);
+        let mut buckets: Vec<(f64, u64)> =
+            DURATION_BUCKETS.iter().copied().zip(stays.buckets.iter().copied()).collect();
+        buckets.push((f64::MAX, stays.buckets[DURATION_BUCKETS.len()]));
+        let set = [("state", state.to_string())];
+        family.encode_family(&set)?.encode_histogram::<NoLabelSet>(
+            stays.sum_ns as f64 / 1e9,
+            stays.count,
+            &buckets,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+pub(super) fn state_seconds(
+    encoder: &mut DescriptorEncoder,
+    agg: &Aggregator,
+    now: u64,
+) -> fmt::Result {
+    let gauges = agg.table().gauges();
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_state_seconds",
+        "Socket-seconds spent in each state since the daemon started, including sockets \
+         still in it (TIME_WAIT and NEW_SYN_RECV from sampled counts)",
+        None,
+        MetricType::Counter,
+    )?;
+    for state in gauge_states() {
+        let seconds = gauges.seconds(state, now);
+        ConstCounter::new(seconds)
+            .encode(family.encode_family(&[("state", state.to_string())])?)?;
+    }
+    Ok(())
+}
+
+/// Sockets per state; under `--group-by`, each state's count splits into its groups' counts
+/// and what is left (no group), so every sum by state stays exact.
+pub(super) fn sockets(
+    encoder: &mut DescriptorEncoder,
+    agg: &Aggregator,
+    ports: &PortSeries,
+    grouped: Option<&[(GroupLabels, Counts)]>,
+) -> fmt::Result {
+    let gauges = agg.table().gauges();
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_sockets",
+        "Sockets in each state now (TIME_WAIT and NEW_SYN_RECV sampled from sock_diag at \
+         each reconciliation)",
+        None,
+        MetricType::Gauge,
+    )?;
+    let no_group = GroupLabels::default();
+    for label in ports.indexes() {
+        for state in gauge_states() {
+            let count = gauges.count_for_label(label, state).max(0);
+            let Some(grouped) = grouped else {
+                let set = ports.with(&[("state", state.to_string())], label);
+                ConstGauge::new(count).encode(family.encode_family(&set)?)?;
+                continue;
+            };
+            let mut rest = count;
+            let mut series = Vec::new();
+            for (group, counts) in grouped {
+                let value = counts[label][state.index()];
+                if value > 0 {
+                    series.push((group, value));
+                    rest -= value;
+                }
+            }
+            series.push((&no_group, rest.max(0)));
+            for (group, value) in series {
+                let mut base = vec![("state", state.to_string())];
+                base.extend(group.pairs().map(|(name, v)| (name, escape_label_value(&v))));
+                ConstGauge::new(value).encode(family.encode_family(&ports.with(&base, label))?)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `oldest`: when the longest stay in progress in each state began.
+pub(super) fn oldest_stays(
+    encoder: &mut DescriptorEncoder,
+    oldest: &[Option<u64>; TcpState::INDEXES],
+    now: u64,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_state_oldest_age_seconds",
+        "Age of the longest stay in progress in each state (a lower bound for sockets older \
+         than the daemon); absent when no socket is in the state",
+        None,
+        MetricType::Gauge,
+    )?;
+    for state in gauge_states() {
+        if let Some(entered) = oldest[state.index()] {
+            let age = now.saturating_sub(entered) as f64 / 1e9;
+            ConstGauge::new(age).encode(family.encode_family(&[("state", state.to_string())])?)?;
+        }
+    }
+    Ok(())
+}
+
+/// What arrived, what was lost and why, what the standby rescued.
+pub(super) fn delivery(
+    encoder: &mut DescriptorEncoder,
+    agg: &Aggregator,
+    status: &Status,
+) -> fmt::Result {
+    let delivery = status.delivery;
+    counter(encoder, "tcpstate_events", "Transition records received", agg.events())?;
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_events_lost",
+        "Transitions not delivered, by cause: ringbuf_full (no room in the ring buffer), \
+         recursion (the kernel skipped the program while it ran on that CPU), malformed",
+        None,
+        MetricType::Counter,
+    )?;
+    for (cause, value) in [
+        ("ringbuf_full", delivery.ringbuf_full),
+        ("recursion", delivery.recursion_misses),
+        ("malformed", agg.malformed()),
+    ] {
+        ConstCounter::new(value).encode(family.encode_family(&[("cause", cause)])?)?;
+    }
+    counter(
+        encoder,
+        "tcpstate_events_rescued",
+        "Transitions the kernel skipped the main program for, delivered by the standby program",
+        delivery.rescued,
+    )?;
+    counter(
+        encoder,
+        "tcpstate_events_duplicates_dropped",
+        "Second deliveries of one transition (by both kernel programs) the reader dropped",
+        status.duplicates_dropped,
+    )
+}
+
+/// The socket table, the namespaces behind it and the kernel map that feeds it.
+pub(super) fn table(
+    encoder: &mut DescriptorEncoder,
+    agg: &Aggregator,
+    status: &Status,
+) -> fmt::Result {
+    gauge(
+        encoder,
+        "tcpstate_netns_skipped",
+        "Network namespaces the last sock_diag dump could not enter for lack of privilege \
+         (their sockets are missing from the gauges)",
+        status.netns_refused as i64,
+    )?;
+    counter(
+        encoder,
+        "tcpstate_kernel_map_update_failures",
+        "Per-socket kernel map updates that failed (the socket's next duration is unknown)",
+        status.delivery.map_update_failed,
+    )?;
+    gauge(
+        encoder,
+        "tcpstate_tracked_sockets",
+        "Sockets in the daemon's table",
+        agg.table().len() as i64,
+    )?;
+    gauge(
+        encoder,
+        "tcpstate_table_saturated",
+        "1 when the table cannot hold every socket (--max-sockets): gauges then come from \
+         sock_diag dumps and records, per-socket details only for the sockets it holds",
+        i64::from(agg.saturated()),
+    )?;
+    gauge(
+        encoder,
+        "tcpstate_table_untracked_sockets",
+        "Sockets the last sock_diag dump listed that the full table could not hold",
+        agg.untracked() as i64,
+    )?;
+    counter(
+        encoder,
+        "tcpstate_reconcile_corrections",
+        "Table entries a sock_diag reconciliation added, removed or repaired",
+        agg.corrections(),
+    )?;
+    counter(
+        encoder,
+        "tcpstate_owner_lookups_dropped",
+        "Accepted sockets whose owner was not looked up in the kernel's map because 262,144 \
+         were already waiting (they show no owner until their owner closes them)",
+        agg.unnamed_dropped(),
+    )?;
+    gauge(
+        encoder,
+        "tcpstate_network_namespaces",
+        "Network namespaces the last reconciliation dumped",
+        agg.namespaces() as i64,
+    )
+}
+
+/// CLOSE_WAIT leaks by process (and group under `--group-by`), the oldest CLOSE_WAIT socket's
+/// age in seconds, and the threshold.
+pub(super) fn leaks(
+    encoder: &mut DescriptorEncoder,
+    leaks: &LeakState,
+    group_by: Option<GroupBy>,
+    close_wait_oldest: f64,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_close_wait_leaked_sockets",
+        "Sockets in CLOSE_WAIT for longer than --close-wait-threshold, by the comm of the \
+         process holding them: the 20 processes with most, the rest summed as comm=\"other\"",
+        None,
+        MetricType::Gauge,
+    )?;
+    for ((comm, group), count) in &leaks.by_comm {
+        let mut set = vec![("comm", escape_label_value(comm))];
+        if group_by.is_some() {
+            set.extend(group.pairs().map(|(name, value)| (name, escape_label_value(&value))));
+        }
+        ConstGauge::new(*count as i64).encode(family.encode_family(&set)?)?;
+    }
+    gauge_f64(
+        encoder,
+        "tcpstate_close_wait_oldest_age_seconds",
+        "Age of the oldest socket in CLOSE_WAIT (0 when there is none)",
+        close_wait_oldest,
+    )?;
+    gauge_f64(
+        encoder,
+        "tcpstate_close_wait_threshold_seconds",
+        "The --close-wait-threshold beyond which a CLOSE_WAIT socket counts as leaked",
+        leaks.report.threshold_seconds,
+    )
+}
+
+/// Which programs run on this kernel, and the kernel memory of their maps.
+pub(super) fn probe(encoder: &mut DescriptorEncoder, status: &Status) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_probe_info",
+        "The probe's programs and whether each runs on this kernel (main: required; \
+         standby: delivers what the kernel skips the main program for; accept_owner: names \
+         owners of accepted sockets)",
+        None,
+        MetricType::Gauge,
+    )?;
+    for status in &status.parts {
+        let set = [("program", status.part.name()), ("active", bool_label(status.active()))];
+        ConstGauge::new(1).encode(family.encode_family(&set)?)?;
+    }
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_kernel_map_bytes",
+        "Kernel memory each of the probe's BPF maps takes (preallocated at load: SOCKETS \
+         grows with --kernel-sockets, EVENTS is --ring-bytes)",
+        None,
+        MetricType::Gauge,
+    )?;
+    for map in &status.map_memory {
+        let name = map.name.as_str();
+        ConstGauge::new(map.bytes as i64).encode(family.encode_family(&[("map", name)])?)?;
+    }
+    Ok(())
+}
+
+pub(super) fn build_info(encoder: &mut DescriptorEncoder) -> fmt::Result {
+    let version = escape_label_value(env!("CARGO_PKG_VERSION"));
+    let info = encoder.encode_descriptor(
+        "tcpstate_build",
+        "tcpstate build information",
+        None,
+        MetricType::Info,
+    )?;
+    Info::new([("version", version)]).encode(info)
+}

@@ -1,0 +1,317 @@
+//! The Prometheus exposition: a `prometheus-client` collector that reads the aggregator at
+//! scrape time (nothing is updated per event), encoded as OpenMetrics or, for clients that do
+//! not ask for it, the classic Prometheus text format. `families` writes each metric family;
+//! docs/metrics.md lists them, and a golden file holds the whole output.
+
+use std::{collections::HashMap, fmt, sync::Arc};
+
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, registry::Registry};
+use tracer_common::TcpState;
+
+use super::{
+    Shared,
+    gauges::PortLabels,
+    groups::{self, GroupBy},
+};
+use crate::clock::monotonic_ns;
+
+mod families;
+
+/// Label values are escaped as the exposition formats require.
+pub(super) fn escape_label_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[derive(Debug)]
+struct TcpstateCollector {
+    shared: Arc<Shared>,
+    group_by: Option<GroupBy>,
+}
+
+/// One scrape, family by family in the order they appear: each is read from the aggregator
+/// and the status under their locks; nothing is kept between scrapes.
+impl Collector for TcpstateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let now = monotonic_ns();
+        let status = self.shared.status();
+        let agg = self.shared.aggregator();
+        let ports = PortSeries::of(agg.labels());
+        families::transitions(&mut encoder, &agg, &ports)?;
+        families::connect_failures(&mut encoder, &agg, &ports)?;
+        families::resets(&mut encoder, &agg, &ports)?;
+        families::ephemeral_ports(&mut encoder, &agg)?;
+        families::stay_durations(&mut encoder, &agg)?;
+        families::state_seconds(&mut encoder, &agg, now)?;
+        let pass = agg.table().scrape_pass(self.group_by.is_some());
+        let grouped = self.group_by.map(|by| {
+            groups::group_sockets(pass.per_cgroup, &mut self.shared.cgroups(), by, agg.labels())
+        });
+        families::sockets(&mut encoder, &agg, &ports, grouped.as_deref())?;
+        families::oldest_stays(&mut encoder, &pass.oldest, now)?;
+        families::delivery(&mut encoder, &agg, &status)?;
+        families::table(&mut encoder, &agg, &status)?;
+        drop(agg);
+        let close_wait_oldest = pass.oldest[TcpState::CLOSE_WAIT.index()]
+            .map_or(0.0, |entered| now.saturating_sub(entered) as f64 / 1e9);
+        families::leaks(&mut encoder, &self.shared.leaks(), self.group_by, close_wait_oldest)?;
+        families::probe(&mut encoder, &status)?;
+        families::build_info(&mut encoder)
+    }
+}
+
+/// The `port` label of each `--port-label` series (one series without labels otherwise).
+struct PortSeries(Vec<Vec<(&'static str, String)>>);
+
+impl PortSeries {
+    fn of(labels: &PortLabels) -> Self {
+        Self(
+            (0..labels.values())
+                .map(|i| if labels.enabled() { vec![("port", labels.value(i))] } else { vec![] })
+                .collect(),
+        )
+    }
+
+    /// The series' indexes, as the aggregator's counters take them.
+    fn indexes(&self) -> std::ops::Range<usize> {
+        0..self.0.len()
+    }
+
+    /// `base` with series `index`'s port label.
+    fn with(&self, base: &[(&'static str, String)], index: usize) -> Vec<(&'static str, String)> {
+        let mut set = base.to_vec();
+        set.extend(self.0[index].iter().cloned());
+        set
+    }
+}
+
+/// Which exposition format a scraper gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Format {
+    OpenMetrics,
+    PrometheusText,
+}
+
+impl Format {
+    /// OpenMetrics when the `Accept` header asks for it (Prometheus does), the classic text
+    /// format otherwise (curl, older scrapers).
+    pub(super) fn negotiate(accept: Option<&str>) -> Self {
+        let wants_openmetrics = accept.is_some_and(|accept| {
+            accept.split(',').any(|part| {
+                let mut params = part.split(';').map(str::trim);
+                params.next() == Some("application/openmetrics-text")
+                    && !params.any(|p| p.replace(' ', "") == "q=0")
+            })
+        });
+        if wants_openmetrics { Self::OpenMetrics } else { Self::PrometheusText }
+    }
+
+    pub(super) fn content_type(self) -> &'static str {
+        match self {
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Self::PrometheusText => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// The registry the HTTP endpoint encodes.
+pub(super) struct Exporter {
+    registry: Registry,
+}
+
+impl Exporter {
+    pub(super) fn new(shared: Arc<Shared>, group_by: Option<GroupBy>) -> Self {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(TcpstateCollector { shared, group_by }));
+        Self { registry }
+    }
+
+    pub(super) fn render(&self, format: Format) -> Result<String, fmt::Error> {
+        let mut openmetrics = String::with_capacity(16 << 10);
+        prometheus_client::encoding::text::encode(&mut openmetrics, &self.registry)?;
+        Ok(match format {
+            Format::OpenMetrics => openmetrics,
+            Format::PrometheusText => to_prometheus_text(&openmetrics),
+        })
+    }
+}
+
+/// Rewrites OpenMetrics text as Prometheus text format 0.0.4: counter and info families take
+/// their samples' names (`_total`, `_info`), info becomes a gauge, and there is no `# EOF`.
+pub(super) fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut renamed: HashMap<&str, (&str, &str)> = HashMap::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            match rest.split_once(' ') {
+                Some((name, "counter")) => renamed.insert(name, ("_total", "counter")),
+                Some((name, "info")) => renamed.insert(name, ("_info", "gauge")),
+                _ => None,
+            };
+        }
+    }
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let rewritten = ["# TYPE ", "# HELP "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            let (suffix, kind) = renamed.get(name)?;
+            let tail = if *prefix == "# TYPE " { kind } else { tail };
+            Some(format!("{prefix}{name}{suffix} {tail}"))
+        });
+        match rewritten {
+            Some(line) => out.push_str(&line),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn negotiation_follows_the_accept_header() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::negotiate(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(Format::negotiate(Some("*/*")), Format::PrometheusText);
+        assert_eq!(Format::negotiate(None), Format::PrometheusText);
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text; q=0")),
+            Format::PrometheusText
+        );
+    }
+
+    #[test]
+    fn openmetrics_is_rewritten_as_classic_text() {
+        let om = "# HELP x_events Events.\n# TYPE x_events counter\nx_events_total 3\n\
+                  # HELP x_build Build.\n# TYPE x_build info\nx_build_info{version=\"1\"} 1\n\
+                  # HELP x_sockets Sockets.\n# TYPE x_sockets gauge\nx_sockets 2\n# EOF\n";
+        let text = to_prometheus_text(om);
+        assert_eq!(
+            text,
+            "# HELP x_events_total Events.\n# TYPE x_events_total counter\nx_events_total 3\n\
+             # HELP x_build_info Build.\n# TYPE x_build_info gauge\nx_build_info{version=\"1\"} 1\n\
+             # HELP x_sockets Sockets.\n# TYPE x_sockets gauge\nx_sockets 2\n"
+        );
+    }
+
+    /// A daemon's metrics after a known set of transitions, every socket closed again so that
+    /// nothing depends on the time of the scrape: two connections (one the client closes
+    /// first, one the server does), a refused connect and a reset.
+    fn rendered_after_known_transitions() -> String {
+        use tracer_common::TcpState as S;
+
+        use crate::daemon::{aggregate::tests::record, gauges::PortLabels, leak_watch::LeakState};
+
+        let mut aggregator = super::super::Aggregator::new(100, PortLabels::none());
+        let connection: [(u64, [(S, S); 5]); 2] = [
+            (
+                0x1000,
+                [
+                    (S::CLOSE, S::SYN_SENT),
+                    (S::SYN_SENT, S::ESTABLISHED),
+                    (S::ESTABLISHED, S::FIN_WAIT1),
+                    (S::FIN_WAIT1, S::FIN_WAIT2),
+                    (S::FIN_WAIT2, S::CLOSE),
+                ],
+            ),
+            (
+                0x2000,
+                [
+                    (S::LISTEN, S::SYN_RECV),
+                    (S::SYN_RECV, S::ESTABLISHED),
+                    (S::ESTABLISHED, S::CLOSE_WAIT),
+                    (S::CLOSE_WAIT, S::LAST_ACK),
+                    (S::LAST_ACK, S::CLOSE),
+                ],
+            ),
+        ];
+        for (skaddr, moves) in connection {
+            for (step, (old, new)) in moves.into_iter().enumerate() {
+                let ts = 1_000_000 * (step as u64 + 1);
+                aggregator.apply(&record(skaddr, ts, old, new, 40_000));
+            }
+        }
+        let mut refused = record(0x3000, 9_000_000, S::SYN_SENT, S::CLOSE, 40_001);
+        refused.error = libc::ECONNREFUSED as u8;
+        aggregator.apply(&record(0x3000, 8_000_000, S::CLOSE, S::SYN_SENT, 40_001));
+        aggregator.apply(&refused);
+        let mut reset = record(0x4000, 9_500_000, S::ESTABLISHED, S::CLOSE, 40_002);
+        reset.error = libc::ECONNRESET as u8;
+        aggregator.apply(&record(0x4000, 9_000_000, S::SYN_SENT, S::ESTABLISHED, 40_002));
+        aggregator.apply(&reset);
+
+        let shared = Arc::new(Shared::new(aggregator, LeakState::new(Duration::from_secs(60))));
+        let text = Exporter::new(shared, None).render(Format::PrometheusText).unwrap();
+        text.replace(env!("CARGO_PKG_VERSION"), "VERSION")
+    }
+
+    /// The whole `/metrics` output, byte for byte, against `testdata/metrics.txt`: a change
+    /// to any family's name, help, labels or values shows up here. `TCPSTATE_BLESS=1 cargo
+    /// test` rewrites the file after an intended change.
+    #[test]
+    fn metrics_output_matches_the_golden_file() {
+        let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/daemon/testdata/metrics.txt");
+        let rendered = rendered_after_known_transitions();
+        if std::env::var_os("TCPSTATE_BLESS").is_some() {
+            std::fs::write(&golden, &rendered).unwrap();
+        }
+        let expected = std::fs::read_to_string(&golden).unwrap();
+        if rendered != expected {
+            let first = rendered.lines().zip(expected.lines()).find(|(r, e)| r != e);
+            panic!(
+                "/metrics differs from {}: first differing line {first:?} (rendered, golden); \
+                 TCPSTATE_BLESS=1 cargo test metrics_output rewrites it if the change is meant",
+                golden.display()
+            );
+        }
+    }
+
+    /// docs/metrics.md lists exactly the families the daemon serves.
+    #[test]
+    fn every_served_metric_is_documented() {
+        let served: std::collections::BTreeSet<String> = rendered_after_known_transitions()
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .filter_map(|rest| rest.split(' ').next())
+            .map(str::to_owned)
+            .collect();
+        let page = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics.md");
+        let page = std::fs::read_to_string(page).unwrap();
+        let documented: std::collections::BTreeSet<String> = page
+            .lines()
+            .filter_map(|line| line.strip_prefix("| `tcpstate_"))
+            .filter_map(|rest| rest.split('`').next())
+            .map(|name| format!("tcpstate_{name}"))
+            .collect();
+        let undocumented: Vec<_> = served.difference(&documented).collect();
+        let not_served: Vec<_> = documented.difference(&served).collect();
+        assert!(
+            undocumented.is_empty() && not_served.is_empty(),
+            "docs/metrics.md is out of step with /metrics: served but not listed {undocumented:?}; \
+             listed but not served {not_served:?}"
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label_value(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape_label_value("a\nb"), "a\\nb");
+    }
+}
