@@ -85,7 +85,17 @@ impl Report {
 pub(crate) fn run_checks() -> Report {
     let (release, _) = kernel_release();
     let mut report = Report { kernel: release, verdict: Verdict::Ok, findings: Vec::new() };
-    let required = report.require(
+    if check_host(&mut report) && check_programs(&mut report) {
+        check_sock_diag(&mut report);
+        check_namespaces(&mut report);
+    }
+    report
+}
+
+/// What loading needs: kernel, privileges, BTF, tracefs, the tracepoint's layout. False when
+/// one fails.
+fn check_host(report: &mut Report) -> bool {
+    report.require(
         "kernel",
         preflight::check_kernel_version().map(|(major, minor)| {
             let (min_major, min_minor) = preflight::MIN_KERNEL;
@@ -101,11 +111,12 @@ pub(crate) fn run_checks() -> Report {
     ) && report.require(
         "tracefs",
         preflight::ensure_tracefs().map(|path| format!("mounted at {}", path.display())),
-    ) && report.require("tracepoint", tracepoint_format());
-    if !required {
-        return report;
-    }
+    ) && report.require("tracepoint", tracepoint_format())
+}
 
+/// Other tracers, then each program loaded, attached and detached again. False when the
+/// probe cannot attach.
+fn check_programs(report: &mut Report) -> bool {
     let others = other_tracers();
     report.add(
         "other tracers",
@@ -119,34 +130,30 @@ pub(crate) fn run_checks() -> Report {
     // The smallest maps that load: this checks the kernel, not the memory a run will use.
     let options =
         ProbeOptions { ring_bytes: 64 << 10, socket_map_entries: 1024, ..ProbeOptions::default() };
-    match Probe::attach(&options) {
-        Ok(probe) => {
-            report.add("ring buffer", Verdict::Ok, "created");
-            for status in probe.parts() {
-                let name = status.part.name();
-                match &status.unavailable {
-                    None => report.add(name, Verdict::Ok, "loads and attaches"),
-                    Some(reason) => report.add(
-                        name,
-                        Verdict::Degraded,
-                        format!("{reason}; without it {}", status.part.without()),
-                    ),
-                }
-            }
-            // Dropping the probe detaches every program.
-        }
+    let probe = match Probe::attach(&options) {
+        Ok(probe) => probe,
         Err(error) => {
-            let mut detail = error.to_string();
-            let mut source = std::error::Error::source(&error);
-            while let Some(cause) = source {
-                let _ = write!(detail, ": {cause}");
-                source = cause.source();
-            }
-            report.add("programs", Verdict::Fails, detail);
-            return report;
+            report.add("programs", Verdict::Fails, crate::error_chain::one_line(&error));
+            return false;
+        }
+    };
+    report.add("ring buffer", Verdict::Ok, "created");
+    for status in probe.parts() {
+        let name = status.part.name();
+        match &status.unavailable {
+            None => report.add(name, Verdict::Ok, "loads and attaches"),
+            Some(reason) => report.add(
+                name,
+                Verdict::Degraded,
+                format!("{reason}; without it {}", status.part.without()),
+            ),
         }
     }
+    // Dropping the probe detaches every program.
+    true
+}
 
+fn check_sock_diag(report: &mut Report) {
     match sockdiag::dump_tcp() {
         Ok(sockets) => report.add(
             "sock_diag",
@@ -162,6 +169,9 @@ pub(crate) fn run_checks() -> Report {
             ),
         ),
     }
+}
+
+fn check_namespaces(report: &mut Report) {
     let all = netns::dump_all_with(sockdiag::dump_close_wait);
     if all.refused > 0 {
         report.add(
@@ -177,7 +187,6 @@ pub(crate) fn run_checks() -> Report {
     } else {
         report.add("network namespaces", Verdict::Ok, format!("{} dumped", all.dumps.len()));
     }
-    report
 }
 
 fn tracepoint_format() -> Result<String, String> {

@@ -18,6 +18,7 @@ mod clock;
 mod cmdline;
 mod container;
 pub mod daemon;
+mod error_chain;
 pub mod event;
 pub mod explain;
 mod failure;

@@ -80,14 +80,9 @@ fn attach_main(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
 /// level 3 to `kernel.perf_event_paranoid` (their default) at which perf events need
 /// CAP_SYS_ADMIN, CAP_PERFMON not being enough (seen on their 5.10 and 6.1).
 fn perf_event_hint(error: &ProgramError) -> String {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    let denied = std::iter::from_fn(|| {
-        let current = source?;
-        source = current.source();
-        Some(current)
-    })
-    .filter_map(|e| e.downcast_ref::<io::Error>())
-    .any(|e| e.kind() == io::ErrorKind::PermissionDenied);
+    let denied = crate::error_chain::causes(error)
+        .filter_map(|e| e.downcast_ref::<io::Error>())
+        .any(|e| e.kind() == io::ErrorKind::PermissionDenied);
     if !denied {
         return String::new();
     }

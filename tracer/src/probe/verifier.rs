@@ -22,16 +22,7 @@ pub(super) fn refusal(program: &str, error: &ProgramError) -> String {
                 None => io_error.to_string(),
             }
         }
-        other => {
-            let mut text = other.to_string();
-            let mut source = std::error::Error::source(other);
-            while let Some(cause) = source {
-                text.push_str(": ");
-                text.push_str(&cause.to_string());
-                source = cause.source();
-            }
-            text
-        }
+        other => crate::error_chain::one_line(other),
     }
 }
 
