@@ -23,7 +23,6 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 
-pub(crate) use self::groups::GroupBy;
 pub(crate) use self::shared::{Shared, Status};
 use self::{
     aggregate::Aggregator,
@@ -32,6 +31,7 @@ use self::{
     leak_watch::{LeakState, LeakWatch},
     reading::{Reading, dump_namespaces, watch_leaks},
 };
+pub(crate) use self::{groups::GroupBy, table::BYTES_PER_SOCKET};
 use crate::{
     clock::monotonic_ns,
     cmdline::CmdlinePolicy,

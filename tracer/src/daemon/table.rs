@@ -41,6 +41,14 @@ pub(crate) struct Tracked {
 pub(super) type SocketId = u64;
 const SEEDED_ID_LIMIT: u64 = 1 << 62;
 
+/// What the table takes per socket it holds: the packed entry and its share of the index.
+/// `--max-sockets`' help quotes it; `cargo xtask bench` measures the whole daemon at about
+/// this much per tracked socket.
+pub(crate) const BYTES_PER_SOCKET: usize =
+    size_of::<(SocketId, Tracked)>() + INDEX_BYTES_PER_SOCKET;
+/// The index's share: a hash table of ids at its load factor (34 MB at a million sockets).
+const INDEX_BYTES_PER_SOCKET: usize = 34;
+
 /// Sockets live in a packed vector with a small index by id beside it, rather than in a hash
 /// map of whole entries: a hash map's buckets double at each growth, so a million 120-byte
 /// entries took 252 MB of buckets (2^21); packed, with owners pooled, they take 80 MB plus a
@@ -69,7 +77,7 @@ pub(crate) struct ScrapePass {
 }
 
 impl SocketTable {
-    /// One pass over the entries for a scrape: at a million sockets each pass reads 120 MB,
+    /// One pass over the entries for a scrape: at a million sockets each pass reads 80 MB,
     /// so the oldest stays and the per-cgroup counts are taken together. Neighbouring
     /// entries mostly share an owner: the last cgroup's counts are kept at hand, and the
     /// index of the others is consulted only on a change.

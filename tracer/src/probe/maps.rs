@@ -50,6 +50,12 @@ pub(super) fn map_memory() -> Vec<MapMemory> {
     maps
 }
 
+/// Kernel memory per slot of the per-socket map, preallocated: the key, the `SocketState`
+/// value and the LRU hash table's own header per element (64 bytes), as the kernel accounts
+/// it in fdinfo. `--kernel-sockets`' help quotes it; `tcpstate_kernel_map_bytes` reports the
+/// kernel's own figure.
+pub(crate) const KERNEL_SOCKET_SLOT_BYTES: usize = size_of::<u64>() + size_of::<SocketState>() + 64;
+
 /// The kernel's per-socket map (`SOCKETS`), keyed by socket address.
 pub(crate) struct KernelSockets(pub(super) HashMap<MapData, u64, SocketState>);
 

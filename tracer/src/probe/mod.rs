@@ -29,7 +29,7 @@ use tracer_common::{
 };
 
 pub use self::attach::other_tracers;
-pub(crate) use self::maps::{KernelSockets, MapMemory};
+pub(crate) use self::maps::{KERNEL_SOCKET_SLOT_BYTES, KernelSockets, MapMemory};
 pub use self::{
     account::Delivery, btf::BtfError, format::FormatMismatch, preflight::PreflightError,
 };
