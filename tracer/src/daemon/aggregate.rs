@@ -84,6 +84,8 @@ pub(crate) struct Aggregator {
     malformed: u64,
     corrections: u64,
     namespaces: usize,
+    /// Reconciliations completed since start (not the seeding).
+    reconciliations: u64,
     /// Records stamped before this came from sockets a dump may already have listed.
     dedupe_until_ns: u64,
     /// From the start of a dump to the end of its reconciliation: keys of sockets that
@@ -135,6 +137,7 @@ impl Aggregator {
             malformed: 0,
             corrections: 0,
             namespaces: 0,
+            reconciliations: 0,
             dedupe_until_ns: 0,
             changed_during_dump: None,
             saturated: false,
@@ -185,6 +188,10 @@ impl Aggregator {
 
     pub(crate) fn namespaces(&self) -> usize {
         self.namespaces
+    }
+
+    pub(crate) fn reconciliations(&self) -> u64 {
+        self.reconciliations
     }
 
     pub(crate) fn transitions(&self, label: usize, old: TcpState, new: TcpState) -> u64 {
@@ -510,6 +517,7 @@ pub(in crate::daemon) mod tests {
         );
         assert_eq!(outcome, ReconcileOutcome { removed: 1, added: 1, repaired: 1, namespaces: 1 });
         assert_eq!(agg.corrections(), 3);
+        assert_eq!(agg.reconciliations(), 1);
         let gauges = agg.table().gauges();
         assert_eq!(gauges.count(S::ESTABLISHED), 1);
         assert_eq!(gauges.count(S::CLOSE_WAIT), 1);

@@ -11,6 +11,7 @@ use std::{
 };
 
 use socket2::{Domain, Socket, Type};
+use tracer_common::{TcpState, TcpState as S};
 
 pub const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 pub const V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
@@ -57,6 +58,36 @@ fn set_bind_address_no_port(socket: &Socket) -> std::io::Result<()> {
         )
     };
     if ret == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// An old and a new state.
+pub type Transition = (TcpState, TcpState);
+
+/// What the tracepoint reports of the connecting side of one connection, by who closes
+/// first (the active closer's TIME_WAIT is a separate socket the tracepoint does not report).
+pub fn client_side(closer: Closer) -> [Transition; 5] {
+    let opening = [(S::CLOSE, S::SYN_SENT), (S::SYN_SENT, S::ESTABLISHED)];
+    join(opening, closing(closer == Closer::Client))
+}
+
+/// What the tracepoint reports of the accepted side: cloned from the listener, so its first
+/// record leaves LISTEN.
+pub fn server_side(closer: Closer) -> [Transition; 5] {
+    let opening = [(S::LISTEN, S::SYN_RECV), (S::SYN_RECV, S::ESTABLISHED)];
+    join(opening, closing(closer == Closer::Server))
+}
+
+/// The three transitions of a close, for the side that closes first or for its peer.
+fn closing(first: bool) -> [Transition; 3] {
+    if first {
+        [(S::ESTABLISHED, S::FIN_WAIT1), (S::FIN_WAIT1, S::FIN_WAIT2), (S::FIN_WAIT2, S::CLOSE)]
+    } else {
+        [(S::ESTABLISHED, S::CLOSE_WAIT), (S::CLOSE_WAIT, S::LAST_ACK), (S::LAST_ACK, S::CLOSE)]
+    }
+}
+
+fn join(opening: [Transition; 2], closing: [Transition; 3]) -> [Transition; 5] {
+    [opening[0], opening[1], closing[0], closing[1], closing[2]]
 }
 
 /// Who closes a connection first.
@@ -383,6 +414,18 @@ impl Daemon {
         Metrics::parse(&response.body)
     }
 
+    /// Waits until `count` more reconciliations than now have completed (the daemon counts
+    /// them in `tcpstate_reconciliations_total`), and returns a scrape taken after them.
+    pub fn after_reconciliations(&self, count: u32) -> Metrics {
+        const RECONCILIATIONS: &str = "tcpstate_reconciliations_total";
+        let wanted = self.scrape().value(RECONCILIATIONS, &[]) + f64::from(count);
+        eventually(Duration::from_secs(60), || {
+            let metrics = self.scrape();
+            let done = metrics.value(RECONCILIATIONS, &[]);
+            (done >= wanted).then_some(metrics).ok_or(format!("{done} of {wanted} reconciliations"))
+        })
+    }
+
     pub fn stop(self) -> Finished {
         self.process.interrupt()
     }
@@ -511,7 +554,8 @@ pub fn prometheus_query_until(
     let config = dir.join("prometheus.yml");
     let global = "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n";
     std::fs::write(&config, format!("{global}{scrape}")).unwrap();
-    let web = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), free_port());
+    let web_port = ReservedPort::new();
+    let web = web_port.addr();
     let mut prometheus = Command::new("prometheus")
         .arg(format!("--config.file={}", config.display()))
         .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
@@ -601,9 +645,28 @@ impl Drop for Sysctl {
     }
 }
 
-/// A TCP port that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// A loopback port held for one test: bound (with `SO_REUSEADDR`) but not listening, so no
+/// other test's bind or connect picks it while this lives, connecting to it is refused, and
+/// the test's own sockets and daemons (which set `SO_REUSEADDR` too, as std's and Go's
+/// listeners do) can still bind it.
+pub struct ReservedPort {
+    _socket: Socket,
+    pub port: u16,
+}
+
+impl ReservedPort {
+    pub fn new() -> Self {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket.set_reuse_address(true).unwrap();
+        socket.bind(&SocketAddr::new(V4, 0).into()).unwrap();
+        let port = socket.local_addr().unwrap().as_socket().unwrap().port();
+        Self { _socket: socket, port }
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(V4, self.port)
+    }
 }
 
 /// Retries `attempt` until it succeeds or `timeout` passes, then panics with its last

@@ -80,7 +80,8 @@ fn the_image_run_by_podman_counts_a_workload_exactly() {
     let _paranoid = common::Sysctl::at_most("kernel/perf_event_paranoid", 2);
     let listener = TcpListener::bind((V4, 0)).unwrap();
     let port = listener.local_addr().unwrap().port().to_string();
-    let listen = format!("127.0.0.1:{}", common::free_port());
+    let listen_port = common::ReservedPort::new();
+    let listen = listen_port.addr().to_string();
     let env = format!("TCPSTATE_LISTEN={listen}");
     let container = Container::run(&[
         "--pid",

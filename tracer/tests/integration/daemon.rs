@@ -16,36 +16,9 @@ use tracer_common::{TcpState, TcpState as S};
 const TRANSITIONS: &str = "tcpstate_transitions_total";
 const SOCKETS: &str = "tcpstate_sockets";
 
-/// Transitions of one side of a connection, by who closes first.
 /// The name of a state this build knows (every state the tests use).
 fn name(state: TcpState) -> &'static str {
     state.name().expect("a known state")
-}
-
-fn client_side(closer: Closer) -> Vec<(TcpState, TcpState)> {
-    let mut t = vec![(S::CLOSE, S::SYN_SENT), (S::SYN_SENT, S::ESTABLISHED)];
-    t.extend(match closer {
-        Closer::Client => {
-            [(S::ESTABLISHED, S::FIN_WAIT1), (S::FIN_WAIT1, S::FIN_WAIT2), (S::FIN_WAIT2, S::CLOSE)]
-        }
-        Closer::Server => {
-            [(S::ESTABLISHED, S::CLOSE_WAIT), (S::CLOSE_WAIT, S::LAST_ACK), (S::LAST_ACK, S::CLOSE)]
-        }
-    });
-    t
-}
-
-fn server_side(closer: Closer) -> Vec<(TcpState, TcpState)> {
-    let mut t = vec![(S::LISTEN, S::SYN_RECV), (S::SYN_RECV, S::ESTABLISHED)];
-    t.extend(match closer {
-        Closer::Client => {
-            [(S::ESTABLISHED, S::CLOSE_WAIT), (S::CLOSE_WAIT, S::LAST_ACK), (S::LAST_ACK, S::CLOSE)]
-        }
-        Closer::Server => {
-            [(S::ESTABLISHED, S::FIN_WAIT1), (S::FIN_WAIT1, S::FIN_WAIT2), (S::FIN_WAIT2, S::CLOSE)]
-        }
-    });
-    t
 }
 
 /// A client socket bound to a port now, connected later: its port can be labelled before
@@ -104,11 +77,11 @@ fn counters_and_histograms_match_a_known_set_of_connections() {
     let mut expected: HashMap<u16, Vec<(TcpState, TcpState)>> = HashMap::new();
     const HOLD: Duration = Duration::from_millis(50);
     for (listener, closer, socket, port) in plan {
-        expected.entry(port).or_default().extend(client_side(closer));
+        expected.entry(port).or_default().extend(common::client_side(closer));
         expected
             .entry(listener.local_addr().unwrap().port())
             .or_default()
-            .extend(server_side(closer));
+            .extend(common::server_side(closer));
         run_connection(socket, listener, closer, HOLD);
     }
     // Exact deltas for every (from, to) pair, per labelled port.
@@ -269,8 +242,7 @@ fn a_saturated_table_does_not_churn_and_gauges_stay_exact() {
     assert_eq!(first.value("tcpstate_tracked_sockets", &[]), 1000.0);
     assert!(first.value("tcpstate_table_untracked_sockets", &[]) >= (2 * HELD - 1000) as f64);
     // Three more reconciliations: nothing to correct, the gauge still what ss says.
-    thread::sleep(Duration::from_millis(3500));
-    let later = daemon.scrape();
+    let later = daemon.after_reconciliations(3);
     assert_eq!(corrections(&later), corrections(&first), "the table churned");
     let gauge = later.value(SOCKETS, &[("state", "ESTABLISHED"), ("port", &port)]);
     assert_eq!(gauge, ss_count("established", &port));
@@ -321,8 +293,8 @@ fn close_wait_and_established_gauges_agree_with_ss() {
 #[parallel]
 fn sockets_in_another_namespace_are_tracked_apart_and_survive_reconciliation() {
     let ns = NetNs::create("netns");
-    let server_port = common::free_port();
-    let client_port = common::free_port();
+    let (server, client) = (common::ReservedPort::new(), common::ReservedPort::new());
+    let (server_port, client_port) = (server.port, client.port);
     let pair = move || {
         let listener = TcpListener::bind((V4, server_port)).unwrap();
         let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
@@ -340,8 +312,7 @@ fn sockets_in_another_namespace_are_tracked_apart_and_survive_reconciliation() {
     let daemon =
         Daemon::start(&["--port-label", &sp, "--port-label", &cp, "--reconcile-interval", "1"]);
     let outside = pair();
-    thread::sleep(Duration::from_millis(2600)); // two reconciliations
-    let metrics = daemon.scrape();
+    let metrics = daemon.after_reconciliations(2);
     for port in [&sp, &cp] {
         let established = metrics.value(SOCKETS, &[("state", "ESTABLISHED"), ("port", port)]);
         assert_eq!(
@@ -362,7 +333,7 @@ fn sockets_in_another_namespace_are_tracked_apart_and_survive_reconciliation() {
 
     // S::CLOSING the root namespace's pair leaves the namespace's alone, reconciliations included.
     drop(outside);
-    thread::sleep(Duration::from_millis(1500));
+    daemon.after_reconciliations(2);
     common::eventually(Duration::from_secs(10), || {
         let established =
             daemon.scrape().value(SOCKETS, &[("state", "ESTABLISHED"), ("port", &sp)]);
@@ -399,7 +370,8 @@ fn reconciliation_repairs_drift_after_lost_records() {
         common::one_connection(&listener, V4, Closer::Client);
     }
     unsafe { libc::kill(daemon.process.pid() as i32, libc::SIGCONT) };
-    thread::sleep(Duration::from_millis(2500));
+    // A reconciliation that started after the loss repairs the table.
+    daemon.after_reconciliations(2);
     let after = common::eventually(Duration::from_secs(10), || {
         let after = daemon.scrape();
         let established = after.value(SOCKETS, &[("state", "ESTABLISHED"), ("port", &port)]);
@@ -571,8 +543,9 @@ fn a_busy_port_is_an_error_naming_the_flag_and_env_configures_the_daemon() {
     assert!(stderr.contains("--listen") && stderr.contains("in use"), "{stderr}");
     assert_eq!(stderr.matches("in use").count(), 1, "the cause, said once: {stderr}");
 
-    let port = common::free_port().to_string();
-    let listen = format!("127.0.0.1:{}", common::free_port());
+    let (labelled, listen_port) = (common::ReservedPort::new(), common::ReservedPort::new());
+    let port = labelled.port.to_string();
+    let listen = listen_port.addr().to_string();
     let daemon = Daemon::start_with_env(
         &[],
         &[("TCPSTATE_LISTEN", &listen), ("TCPSTATE_PORT_LABELS", &port)],

@@ -22,21 +22,18 @@ fn connect_from_port(port: u16, target: SocketAddr) -> std::io::Result<TcpStream
     Ok(socket.into())
 }
 
-/// A loopback port nothing listens on.
-pub fn closed_port() -> SocketAddr {
-    TcpListener::bind((V4, 0)).unwrap().local_addr().unwrap()
-}
-
 #[test]
 #[parallel]
 fn refused_connects_are_counted_by_reason_and_named_in_watch() {
-    let client_port = common::free_port();
+    let client = common::ReservedPort::new();
+    let client_port = client.port;
     let port = client_port.to_string();
     let daemon = Daemon::start(&["--port-label", &port]);
     let mut watch = Tcpstate::start(&["watch", "--json", "--sport", &port]);
     const ATTEMPTS: usize = 3;
     // Not the client's own port: connecting a port to itself succeeds (simultaneous open).
-    let target = std::iter::repeat_with(closed_port).find(|t| t.port() != client_port).unwrap();
+    let nothing_listens = common::ReservedPort::new();
+    let target = nothing_listens.addr();
     for _ in 0..ATTEMPTS {
         let refused = connect_from_port(client_port, target).unwrap_err();
         assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
@@ -99,7 +96,9 @@ fn timed_out_and_unreachable_connects_are_counted_by_reason() {
     ip_in(&ns, "addr add 10.211.0.1/24 dev veth-a");
     sysctl_in(&ns, "net.ipv4.neigh.veth-a.mcast_solicit=1");
     sysctl_in(&ns, "net.ipv4.neigh.veth-a.retrans_time_ms=200");
-    let (timeout_port, unreachable_port) = (common::free_port(), common::free_port());
+    let (timeout_reserved, unreachable_reserved) =
+        (common::ReservedPort::new(), common::ReservedPort::new());
+    let (timeout_port, unreachable_port) = (timeout_reserved.port, unreachable_reserved.port);
     let (timeout, unreachable) = (timeout_port.to_string(), unreachable_port.to_string());
     let daemon = Daemon::start(&["--port-label", &timeout, "--port-label", &unreachable]);
     let (timed_out, host_unreachable) = ns.run(|| {
@@ -142,7 +141,8 @@ fn timed_out_and_unreachable_connects_are_counted_by_reason() {
 fn resets_are_counted_by_direction_and_state() {
     let listener = TcpListener::bind((V4, 0)).unwrap();
     let server_port = listener.local_addr().unwrap().port().to_string();
-    let client_port = common::free_port();
+    let client_reserved = common::ReservedPort::new();
+    let client_port = client_reserved.port;
     let client = client_port.to_string();
     let daemon = Daemon::start(&["--port-label", &server_port, "--port-label", &client]);
     const CONNECTIONS: usize = 4;

@@ -330,7 +330,8 @@ fn leaks_command_exit_status_with_a_daemon_and_in_snapshot_mode() {
     thread::sleep(Duration::from_millis(1200));
 
     // No daemon there: a snapshot, which says so and finds the process through /proc.
-    let nowhere = format!("http://127.0.0.1:{}", common::free_port());
+    let no_daemon = common::ReservedPort::new();
+    let nowhere = format!("http://{}", no_daemon.addr());
     let snapshot =
         run_tcpstate(&["leaks", "--daemon", &nowhere, "--close-wait-threshold", "1", "--json"]);
     assert_eq!(snapshot.status.code(), Some(1), "{:?}", snapshot.stderr);

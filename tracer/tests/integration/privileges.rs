@@ -6,8 +6,6 @@ use std::{
     net::TcpListener,
     os::unix::fs::PermissionsExt as _,
     process::{Command, Output},
-    thread,
-    time::Duration,
 };
 
 use caps::{CapSet, Capability};
@@ -99,8 +97,7 @@ fn the_running_daemon_keeps_only_the_capabilities_it_needs() {
     let kept: u64 = (1 << DAC_READ_SEARCH) | (1 << SYS_PTRACE) | (1 << SYS_ADMIN) | (1 << BPF);
     let daemon = Daemon::start(&["--reconcile-interval", "1"]);
     // A reconciliation (which enters namespaces) and a scrape ran with them.
-    thread::sleep(Duration::from_millis(1500));
-    assert!(daemon.scrape().value("tcpstate_events_total", &[]) >= 0.0);
+    daemon.after_reconciliations(1);
     let tasks = std::fs::read_dir(format!("/proc/{}/task", daemon.process.pid())).unwrap();
     let mut threads = 0;
     for task in tasks {
@@ -136,7 +133,7 @@ fn namespaces_it_cannot_enter_are_a_warning_and_a_metric() {
     let skipped = Metrics::parse(&metrics.body).value("tcpstate_netns_skipped", &[]);
     assert!(skipped >= 1.0, "tcpstate_netns_skipped {skipped}");
     // Reconciliations keep finding it; the warning stays one line.
-    thread::sleep(Duration::from_millis(2500));
+    daemon.after_reconciliations(2);
     let finished = daemon.stop();
     let log = finished.stderr.join("\n");
     let warning = "cannot enter network namespace";

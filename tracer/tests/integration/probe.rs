@@ -67,35 +67,6 @@ fn states(records: &[&TransitionRecord]) -> Vec<(TcpState, TcpState)> {
     records.iter().map(|r| (r.oldstate, r.newstate)).collect()
 }
 
-const CLIENT_CLOSES_FIRST_CLIENT: [(TcpState, TcpState); 5] = [
-    (S::CLOSE, S::SYN_SENT),
-    (S::SYN_SENT, S::ESTABLISHED),
-    (S::ESTABLISHED, S::FIN_WAIT1),
-    (S::FIN_WAIT1, S::FIN_WAIT2),
-    (S::FIN_WAIT2, S::CLOSE),
-];
-const CLIENT_CLOSES_FIRST_SERVER: [(TcpState, TcpState); 5] = [
-    (S::LISTEN, S::SYN_RECV),
-    (S::SYN_RECV, S::ESTABLISHED),
-    (S::ESTABLISHED, S::CLOSE_WAIT),
-    (S::CLOSE_WAIT, S::LAST_ACK),
-    (S::LAST_ACK, S::CLOSE),
-];
-const SERVER_CLOSES_FIRST_CLIENT: [(TcpState, TcpState); 5] = [
-    (S::CLOSE, S::SYN_SENT),
-    (S::SYN_SENT, S::ESTABLISHED),
-    (S::ESTABLISHED, S::CLOSE_WAIT),
-    (S::CLOSE_WAIT, S::LAST_ACK),
-    (S::LAST_ACK, S::CLOSE),
-];
-const SERVER_CLOSES_FIRST_SERVER: [(TcpState, TcpState); 5] = [
-    (S::LISTEN, S::SYN_RECV),
-    (S::SYN_RECV, S::ESTABLISHED),
-    (S::ESTABLISHED, S::FIN_WAIT1),
-    (S::FIN_WAIT1, S::FIN_WAIT2),
-    (S::FIN_WAIT2, S::CLOSE),
-];
-
 /// Which program delivers the records.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Path {
@@ -228,8 +199,12 @@ fn exact_sequences(addressing: Addressing, closer: Closer, path: Path) {
         records.iter().filter(|r| r.skaddr != client_skaddr && r.sport == server.port()).collect();
 
     let (client_expected, server_expected) = match closer {
-        Closer::Client => (CLIENT_CLOSES_FIRST_CLIENT, CLIENT_CLOSES_FIRST_SERVER),
-        Closer::Server => (SERVER_CLOSES_FIRST_CLIENT, SERVER_CLOSES_FIRST_SERVER),
+        Closer::Client => {
+            (common::client_side(Closer::Client), common::server_side(Closer::Client))
+        }
+        Closer::Server => {
+            (common::client_side(Closer::Server), common::server_side(Closer::Server))
+        }
     };
     assert_eq!(states(&client), client_expected.to_vec(), "client sequence");
     assert_eq!(states(&accepted), server_expected.to_vec(), "accepted sequence");
@@ -364,7 +339,7 @@ fn close_after_shutdown_continues_the_stay() {
         records.iter().filter(|r| r.newstate == S::CLOSE).count() >= 2
     });
     let accepted: Vec<_> = capture.records.iter().filter(|r| r.sport == server.port()).collect();
-    let mut expected = SERVER_CLOSES_FIRST_SERVER.to_vec();
+    let mut expected = common::server_side(Closer::Server).to_vec();
     expected.insert(4, (S::FIN_WAIT2, S::FIN_WAIT2));
     assert_eq!(states(&accepted), expected, "close() is a move within FIN_WAIT2");
 
@@ -402,8 +377,8 @@ fn the_expected_programs_run_on_this_kernel() {
 
 /// The ten transitions one connection makes when the client closes first.
 fn expected_kinds() -> Vec<(TcpState, TcpState)> {
-    let mut kinds = CLIENT_CLOSES_FIRST_CLIENT.to_vec();
-    kinds.extend(CLIENT_CLOSES_FIRST_SERVER);
+    let mut kinds = common::client_side(Closer::Client).to_vec();
+    kinds.extend(common::server_side(Closer::Client));
     kinds
 }
 

@@ -13,7 +13,6 @@ use serial_test::{parallel, serial};
 
 use crate::{
     common::{self, Daemon, run_tcpstate, tcpstate_bin},
-    failures::closed_port,
     leaks::{Helper, hang_up_on},
 };
 
@@ -146,7 +145,7 @@ fn top_shows_a_scripted_workloads_failures_and_leaks_as_they_happen() {
 
     const REFUSED: usize = 3;
     for _ in 0..REFUSED {
-        let error = TcpStream::connect(closed_port()).unwrap_err();
+        let error = TcpStream::connect(common::ReservedPort::new().addr()).unwrap_err();
         assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused);
     }
     let leaky = Helper::start("leak", "top-leaker", &[]);
@@ -294,7 +293,8 @@ fn top_into_a_closed_pipe_ends_quietly() {
 #[test]
 #[parallel]
 fn top_with_an_unreachable_daemon_says_so_and_exits_1() {
-    let url = format!("http://127.0.0.1:{}", common::free_port());
+    let no_daemon = common::ReservedPort::new();
+    let url = format!("http://{}", no_daemon.addr());
     let finished = run_tcpstate(&["top", "--daemon", &url]);
     assert_eq!(finished.status.code(), Some(1), "{:?}", finished.stderr);
     let stderr = finished.stderr.join("\n");

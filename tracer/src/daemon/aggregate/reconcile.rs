@@ -329,6 +329,7 @@ impl Aggregator {
         self.namespaces = index.dumps.len();
         if count {
             self.corrections += outcome.corrections();
+            self.reconciliations += 1;
         }
         outcome
     }

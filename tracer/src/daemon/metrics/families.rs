@@ -348,6 +348,12 @@ pub(super) fn table(
     )?;
     counter(
         encoder,
+        "tcpstate_reconciliations",
+        "sock_diag reconciliations completed since start (the seeding dump not included)",
+        agg.reconciliations(),
+    )?;
+    counter(
+        encoder,
         "tcpstate_owner_lookups_dropped",
         "Accepted sockets whose owner was not looked up in the kernel's map because 262,144 \
          were already waiting (they show no owner until their owner closes them)",
