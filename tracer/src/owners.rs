@@ -14,41 +14,29 @@ use procfs::process::{FDTarget, Process};
 use crate::{
     cmdline::CmdlinePolicy,
     container::{Container, POD_LOGS},
+    socket::Process as Owner,
 };
 
-/// A process, as a leak report names it.
-#[derive(Clone, Debug)]
-pub(crate) struct ProcessInfo {
-    pub comm: String,
-    /// Arguments joined by spaces, as the `CmdlinePolicy` allows (empty for kernel threads).
-    pub cmdline: Option<String>,
-    /// The cgroup v2 path (or the first v1 hierarchy's), when the process has one.
-    pub cgroup: Option<String>,
-    /// The container and pod that cgroup names, if any.
-    pub container: Container,
-}
-
-impl ProcessInfo {
-    /// Reads /proc/<pid>; `None` when the process is gone or unreadable.
-    pub(crate) fn read(pid: u32, policy: CmdlinePolicy) -> Option<(Self, u64)> {
-        let process = Process::new(pid as i32).ok()?;
-        let stat = process.stat().ok()?;
-        let cmdline = policy.render(&process.cmdline().unwrap_or_default());
-        let cgroup = process.cgroups().ok().and_then(|groups| {
-            let groups = groups.0;
-            groups
-                .iter()
-                .find(|g| g.hierarchy == 0)
-                .or(groups.first())
-                .map(|g| g.pathname.clone())
-                .filter(|path| !path.is_empty())
-        });
-        let container = cgroup
-            .as_deref()
-            .map(|path| Container::of_cgroup(path, Path::new(POD_LOGS)))
-            .unwrap_or_default();
-        Some((Self { comm: stat.comm, cmdline, cgroup, container }, stat.starttime))
-    }
+/// Reads /proc/<pid>, with its start time; `None` when the process is gone or unreadable.
+fn read_process(pid: u32, policy: CmdlinePolicy) -> Option<(Owner, u64)> {
+    let process = Process::new(pid as i32).ok()?;
+    let stat = process.stat().ok()?;
+    let cmdline = policy.render(&process.cmdline().unwrap_or_default());
+    let cgroup = process.cgroups().ok().and_then(|groups| {
+        let groups = groups.0;
+        groups
+            .iter()
+            .find(|g| g.hierarchy == 0)
+            .or(groups.first())
+            .map(|g| g.pathname.clone())
+            .filter(|path| !path.is_empty())
+    });
+    let container = cgroup
+        .as_deref()
+        .map(|path| Container::of_cgroup(path, Path::new(POD_LOGS)))
+        .unwrap_or_default();
+    let owner = Owner { pid: Some(pid), comm: Some(stat.comm), cmdline, cgroup, container };
+    Some((owner, stat.starttime))
 }
 
 /// Maps socket inodes to the first process (lowest pid) holding a descriptor for each of
@@ -100,7 +88,7 @@ pub(crate) fn scan_socket_holders(wanted: &HashSet<u32>) -> HashMap<u32, u32> {
 /// Process details, cached by pid and checked against the process start time so a reused
 /// pid is not mistaken for the old process.
 pub(crate) struct ProcessCache {
-    by_pid: HashMap<u32, (ProcessInfo, u64)>,
+    by_pid: HashMap<u32, (Owner, u64)>,
     policy: CmdlinePolicy,
 }
 
@@ -110,14 +98,14 @@ impl ProcessCache {
     }
 
     /// The live process `pid`, if it exists.
-    pub(crate) fn get(&mut self, pid: u32) -> Option<ProcessInfo> {
+    pub(crate) fn get(&mut self, pid: u32) -> Option<Owner> {
         let start = Process::new(pid as i32).ok()?.stat().ok()?.starttime;
         if let Some((info, cached_start)) = self.by_pid.get(&pid)
             && *cached_start == start
         {
             return Some(info.clone());
         }
-        let (info, start) = ProcessInfo::read(pid, self.policy)?;
+        let (info, start) = read_process(pid, self.policy)?;
         self.by_pid.insert(pid, (info.clone(), start));
         Some(info)
     }
@@ -143,7 +131,10 @@ mod tests {
         let holders = scan_socket_holders(&HashSet::from([inode]));
         assert_eq!(holders.get(&inode), Some(&std::process::id()));
         let info = ProcessCache::new(CmdlinePolicy::Full).get(std::process::id()).unwrap();
-        assert_eq!(info.comm, std::fs::read_to_string("/proc/self/comm").unwrap().trim());
+        assert_eq!(
+            info.comm.as_deref(),
+            Some(std::fs::read_to_string("/proc/self/comm").unwrap().trim())
+        );
         assert!(info.cmdline.is_some_and(|c| !c.is_empty()));
     }
 }

@@ -104,11 +104,36 @@ impl SocketKey {
     }
 }
 
-/// The process a socket belongs to, as listings name it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct OwnerName {
-    pub pid: u32,
-    pub comm: String,
+/// A socket's owner and what is known of it: the one shape the socket listings, the leak
+/// report and its log lines use. (The daemon's table keeps the owner in a compact pooled
+/// form, pid, comm and cgroup id, and `watch` prints a record's fields directly: neither
+/// allocates per socket or per record.)
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Process {
+    /// `None`: the owner is not known.
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    /// Arguments joined by spaces, as `--cmdline` allows (`None`: not read, or off).
+    pub cmdline: Option<String>,
+    /// The cgroup v2 path (or the first v1 hierarchy's), when known.
+    pub cgroup: Option<String>,
+    /// `container_id`, `pod_uid`, `pod_namespace`, `pod_name`, `container_name` (null when
+    /// the cgroup names none).
+    #[serde(flatten)]
+    pub container: Container,
+}
+
+impl Process {
+    /// A process known by pid and name, with the cgroup the kernel named for it.
+    pub(crate) fn named(pid: u32, comm: String, cgroup: Option<&CgroupName>) -> Self {
+        Self {
+            pid: Some(pid),
+            comm: Some(comm),
+            cmdline: None,
+            cgroup: cgroup.map(|c| c.path.clone()),
+            container: cgroup.map(|c| c.container.clone()).unwrap_or_default(),
+        }
+    }
 }
 
 /// One socket as every listing shows it; the keys are documented in the README.
@@ -141,11 +166,10 @@ impl SocketView {
         state: TcpState,
         age_ns: u64,
         age_is_lower_bound: bool,
-        owner: Option<OwnerName>,
+        owner: &Process,
         inode: u32,
     ) -> Self {
         let (local, remote) = (key.local(), key.remote());
-        let (owner_pid, owner_comm) = owner.map(|o| (o.pid, o.comm)).unzip();
         Self {
             state,
             family: key.family(),
@@ -156,21 +180,12 @@ impl SocketView {
             netns: key.netns,
             age_seconds: age_ns as f64 / 1e9,
             age_is_lower_bound,
-            owner_pid,
-            owner_comm,
+            owner_pid: owner.pid,
+            owner_comm: owner.comm.clone(),
             inode: (inode != 0).then_some(inode),
-            cgroup: None,
-            container: Container::default(),
+            cgroup: owner.cgroup.clone(),
+            container: owner.container.clone(),
         }
-    }
-
-    /// With the owner's cgroup and what it names.
-    pub(crate) fn in_cgroup(mut self, cgroup: Option<&CgroupName>) -> Self {
-        if let Some(named) = cgroup {
-            self.cgroup = Some(named.path.clone());
-            self.container = named.container.clone();
-        }
-        self
     }
 
     pub(crate) fn local(&self) -> SocketAddr {
@@ -196,9 +211,8 @@ mod tests {
             saddr: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
             daddr: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
         };
-        let owner = OwnerName { pid: 42, comm: "nginx".into() };
-        let view =
-            SocketView::new(&key, TcpState::CLOSE_WAIT, 1_500_000_000, false, Some(owner), 0);
+        let owner = Process::named(42, "nginx".into(), None);
+        let view = SocketView::new(&key, TcpState::CLOSE_WAIT, 1_500_000_000, false, &owner, 0);
         let json = serde_json::to_value(&view).unwrap();
         assert_eq!(json["state"], "CLOSE_WAIT");
         assert_eq!(json["family"], "inet6");

@@ -179,9 +179,9 @@ impl LeakWatch {
     fn log_changes(&mut self, report: &LeakReport) {
         let mut present = HashSet::new();
         for process in &report.processes {
-            present.insert(process.pid);
+            present.insert(process.process.pid);
             let power = process.count.max(1).ilog2();
-            match self.logged.get_mut(&process.pid) {
+            match self.logged.get_mut(&process.process.pid) {
                 None => {
                     log::warn!(
                         "CLOSE_WAIT leak started: {}{}",
@@ -190,7 +190,7 @@ impl LeakWatch {
                     );
                     let series = self.series(process);
                     self.cleared.remove(&series);
-                    self.logged.insert(process.pid, Logged { series, power });
+                    self.logged.insert(process.process.pid, Logged { series, power });
                 }
                 Some(logged) if power > logged.power => {
                     log::warn!(
@@ -220,7 +220,8 @@ impl LeakWatch {
 
     /// The series a process's leaked sockets count in.
     fn series(&self, process: &ProcessLeak) -> Series {
-        let group = self.group_by.and_then(|by| by.group(&process.container)).unwrap_or_default();
+        let group =
+            self.group_by.and_then(|by| by.group(&process.process.container)).unwrap_or_default();
         (process.comm_or_unknown().to_owned(), group)
     }
 
@@ -247,7 +248,7 @@ impl LeakWatch {
 }
 
 fn describe(process: &ProcessLeak) -> String {
-    let pid = process.pid.map_or_else(|| "unknown pid".to_owned(), |p| format!("pid {p}"));
+    let pid = process.process.pid.map_or_else(|| "unknown pid".to_owned(), |p| format!("pid {p}"));
     format!(
         "{pid} ({}) holds {} sockets in CLOSE_WAIT, oldest {}",
         process.comm_or_unknown(),
@@ -260,7 +261,7 @@ fn details(process: &ProcessLeak) -> String {
     let ports: Vec<String> = process.local_ports().iter().take(5).map(u16::to_string).collect();
     let peers: Vec<String> =
         process.top_peers(3).into_iter().map(|(addr, n)| format!("{addr} ({n})")).collect();
-    let cmdline = process.cmdline.as_deref().filter(|c| !c.is_empty()).unwrap_or("-");
+    let cmdline = process.process.cmdline.as_deref().filter(|c| !c.is_empty()).unwrap_or("-");
     let container =
         process.container_description().map_or_else(String::new, |c| format!("; in {c}"));
     format!(

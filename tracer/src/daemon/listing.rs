@@ -19,7 +19,7 @@ use super::{
 use crate::{
     cgroups::CgroupName,
     event::comm_str,
-    socket::{OwnerName, SocketView},
+    socket::{Process, SocketView},
 };
 
 /// Bytes of JSON written per chunk. hyper asks for the next chunk only when it has written
@@ -71,7 +71,7 @@ impl StreamedListing {
         for (tracked, owner, cgroup) in self.sockets.by_ref() {
             chunk.push(if self.opened { b',' } else { b'[' });
             self.opened = true;
-            let view = view(&tracked, owner, self.now).in_cgroup(cgroup.as_deref());
+            let view = view(&tracked, owner, cgroup.as_deref(), self.now);
             serde_json::to_writer(&mut chunk, &view)
                 .expect("a socket view serializes: it has no map with non-string keys");
             if chunk.len() >= CHUNK {
@@ -112,14 +112,21 @@ impl http_body::Body for StreamedListing {
 }
 
 /// What a listing says about one socket.
-pub(super) fn view(tracked: &Tracked, owner: Option<Owner>, now: u64) -> SocketView {
-    let owner = owner.map(|o| OwnerName { pid: o.pid, comm: comm_str(&o.comm).into_owned() });
+pub(super) fn view(
+    tracked: &Tracked,
+    owner: Option<Owner>,
+    cgroup: Option<&CgroupName>,
+    now: u64,
+) -> SocketView {
+    let owner = owner
+        .map(|o| Process::named(o.pid, comm_str(&o.comm).into_owned(), cgroup))
+        .unwrap_or_default();
     SocketView::new(
         &tracked.key,
         tracked.state,
         now.saturating_sub(tracked.entered_ns),
         !tracked.entered_exact,
-        owner,
+        &owner,
         tracked.inode,
     )
 }

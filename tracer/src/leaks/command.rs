@@ -72,7 +72,7 @@ pub(crate) fn render(report: &LeakReport) -> String {
         plural(report.processes.len(), "process", "processes")
     );
     for process in &report.processes {
-        let pid = process.pid.map_or_else(|| "?".to_owned(), |p| p.to_string());
+        let pid = process.process.pid.map_or_else(|| "?".to_owned(), |p| p.to_string());
         let _ = writeln!(
             out,
             "\nPID {pid} {}: {}, oldest {}",
@@ -80,14 +80,14 @@ pub(crate) fn render(report: &LeakReport) -> String {
             plural(process.count, "socket", "sockets"),
             human_age(process.oldest_age_seconds)
         );
-        if process.pid.is_none() {
+        if process.process.pid.is_none() {
             let _ =
                 writeln!(out, "  owner unknown: no process holds a descriptor for these sockets");
         }
-        if let Some(cmdline) = process.cmdline.as_deref().filter(|c| !c.is_empty()) {
+        if let Some(cmdline) = process.process.cmdline.as_deref().filter(|c| !c.is_empty()) {
             let _ = writeln!(out, "  cmdline: {cmdline}");
         }
-        if let Some(cgroup) = &process.cgroup {
+        if let Some(cgroup) = &process.process.cgroup {
             let _ = writeln!(out, "  cgroup:  {cgroup}");
         }
         if let Some(where_) = process.container_description() {

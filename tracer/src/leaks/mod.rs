@@ -16,9 +16,8 @@ use tracer_common::TcpState;
 
 use crate::{
     cmdline::CmdlinePolicy,
-    container::Container,
     owners::{ProcessCache, scan_socket_holders},
-    socket::{OwnerName, SocketKey, SocketView},
+    socket::{Process, SocketKey, SocketView},
 };
 
 /// Where a report comes from.
@@ -34,13 +33,10 @@ pub(crate) enum Source {
 /// The leaked sockets of one process (or of no known process, `pid` null).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct ProcessLeak {
-    pub pid: Option<u32>,
-    pub comm: Option<String>,
-    pub cmdline: Option<String>,
-    pub cgroup: Option<String>,
-    /// `container_id`, `pod_uid`, `pod_namespace`, `pod_name` (null outside containers).
+    /// The process holding them: `pid`, `comm`, `cmdline`, `cgroup` and the container and
+    /// pod its cgroup names (all null when no process could be found).
     #[serde(flatten)]
-    pub container: Container,
+    pub process: Process,
     pub count: usize,
     pub oldest_age_seconds: f64,
     /// Oldest first.
@@ -69,7 +65,7 @@ impl ProcessLeak {
 
     /// `container 3f4e1c2a9b8d (pod shop/checkout-7d9f)`, when the process runs in one.
     pub(crate) fn container_description(&self) -> Option<String> {
-        let c = &self.container;
+        let c = &self.process.container;
         let pod = match (&c.pod_namespace, &c.pod_name, &c.pod_uid) {
             (Some(namespace), Some(name), _) => Some(format!("pod {namespace}/{name}")),
             (_, _, Some(uid)) => Some(format!("pod uid {uid}")),
@@ -84,7 +80,7 @@ impl ProcessLeak {
     }
 
     pub(crate) fn comm_or_unknown(&self) -> &str {
-        self.comm.as_deref().unwrap_or("unknown")
+        self.process.comm.as_deref().unwrap_or("unknown")
     }
 }
 
@@ -178,23 +174,19 @@ impl OwnerResolver {
             .into_iter()
             .map(|(pid, mut sockets)| {
                 sockets.sort_by_key(|c| std::cmp::Reverse(c.age_ns));
-                let info = pid.and_then(|pid| self.processes.get(pid));
-                let owner = pid
-                    .zip(info.as_ref())
-                    .map(|(pid, info)| OwnerName { pid, comm: info.comm.clone() });
+                let process = pid
+                    .and_then(|pid| self.processes.get(pid))
+                    .unwrap_or_else(|| Process { pid, ..Process::default() });
                 ProcessLeak {
-                    pid,
-                    comm: info.as_ref().map(|i| i.comm.clone()),
-                    cmdline: info.as_ref().and_then(|i| i.cmdline.clone()),
-                    container: info.as_ref().map(|i| i.container.clone()).unwrap_or_default(),
-                    cgroup: info.and_then(|i| i.cgroup),
                     count: sockets.len(),
                     oldest_age_seconds: sockets.first().map_or(0.0, |s| s.age_ns as f64 / 1e9),
-                    sockets: sockets.into_iter().map(|c| leaked_socket(c, owner.clone())).collect(),
+                    sockets: sockets.into_iter().map(|c| leaked_socket(c, &process)).collect(),
+                    process,
                 }
             })
             .collect();
-        processes.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.pid.cmp(&b.pid)));
+        processes
+            .sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.process.pid.cmp(&b.process.pid)));
         self.processes.retain(&live);
         LeakReport {
             source,
@@ -205,7 +197,7 @@ impl OwnerResolver {
     }
 }
 
-fn leaked_socket(candidate: &Candidate, owner: Option<OwnerName>) -> SocketView {
+fn leaked_socket(candidate: &Candidate, owner: &Process) -> SocketView {
     SocketView::new(
         &candidate.key,
         TcpState::CLOSE_WAIT,
@@ -263,11 +255,7 @@ mod tests {
             container: Default::default(),
         };
         let leak = ProcessLeak {
-            pid: Some(1),
-            comm: None,
-            cmdline: None,
-            cgroup: None,
-            container: Container::default(),
+            process: Process { pid: Some(1), ..Process::default() },
             count: 3,
             oldest_age_seconds: 1.0,
             sockets: vec![
@@ -280,16 +268,15 @@ mod tests {
         assert_eq!(leak.top_peers(1), vec![(IpAddr::from([10, 0, 0, 9]), 2)]);
         assert_eq!(leak.comm_or_unknown(), "unknown");
         assert_eq!(leak.container_description(), None);
-        let in_pod = ProcessLeak {
-            container: Container {
-                container_id: Some("3f4e1c2a9b8d7e6f".into()),
-                pod_uid: Some("0b7e5a3c-1d2f-4e6a-8b9c-0d1e2f3a4b5c".into()),
-                pod_namespace: Some("shop".into()),
-                pod_name: Some("checkout".into()),
-                container_name: None,
-            },
-            ..leak.clone()
+        let container = crate::container::Container {
+            container_id: Some("3f4e1c2a9b8d7e6f".into()),
+            pod_uid: Some("0b7e5a3c-1d2f-4e6a-8b9c-0d1e2f3a4b5c".into()),
+            pod_namespace: Some("shop".into()),
+            pod_name: Some("checkout".into()),
+            container_name: None,
         };
+        let in_pod =
+            ProcessLeak { process: Process { container, ..leak.process.clone() }, ..leak.clone() };
         assert_eq!(
             in_pod.container_description().as_deref(),
             Some("container 3f4e1c2a9b8d (pod shop/checkout)")

@@ -226,13 +226,15 @@ impl History {
             .processes
             .iter()
             .map(|p| LeakRow {
-                pid: p.pid,
-                comm: p.comm.clone().unwrap_or_else(|| "(unknown owner)".to_owned()),
+                pid: p.process.pid,
+                comm: p.process.comm.clone().unwrap_or_else(|| "(unknown owner)".to_owned()),
                 sockets: p.count,
                 oldest_seconds: p.oldest_age_seconds,
-                container: match (&p.container.pod_namespace, &p.container.pod_name) {
+                container: match (&p.process.container.pod_namespace, &p.process.container.pod_name)
+                {
                     (Some(namespace), Some(name)) => format!("{namespace}/{name}"),
                     _ => p
+                        .process
                         .container
                         .container_id
                         .as_deref()
