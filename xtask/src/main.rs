@@ -5,6 +5,8 @@
 
 mod bench;
 mod cmd;
+mod cross;
+mod dist;
 mod image;
 mod setup;
 mod vmtest;
@@ -27,8 +29,14 @@ struct Cli {
 enum Task {
     /// Install what the build needs and is missing: rust-src, LLVM 22, bpf-linker 0.13.
     Setup,
-    /// Build the release binary at target/release/tcpstate.
-    Build,
+    /// Build the release binary at target/release/tcpstate; with --arch, a static binary
+    /// for that architecture at target/<triple>/release/tcpstate.
+    Build {
+        /// The architecture to build a static binary for (cross-compiled when not this
+        /// machine's).
+        #[arg(long, value_enum)]
+        arch: Option<cross::Arch>,
+    },
     /// Build, then run `tcpstate ARGS` as root (through sudo when not root); default `run`.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -42,6 +50,13 @@ enum Task {
         /// Skip the kernel matrix (the VMs): this machine's kernel only.
         #[arg(long)]
         host_only: bool,
+    },
+    /// Build what a user installs without a toolchain, for x86_64 and aarch64: static
+    /// binaries in tarballs and Debian packages, with SHA256SUMS, in target/dist/.
+    Dist {
+        /// Only this architecture (repeatable). Default: both.
+        #[arg(long, value_enum)]
+        arch: Vec<cross::Arch>,
     },
     /// Build an OCI image of tcpstate (no registry needed), load it into podman and save it as
     /// target/image/tcpstate-VERSION.oci.tar for other hosts.
@@ -75,15 +90,31 @@ fn main() -> anyhow::Result<()> {
     }
     match cli.task {
         Task::Setup => setup::build_prerequisites(&root),
-        Task::Build => {
+        Task::Build { arch } => {
             setup::build_prerequisites(&root)?;
-            build_release(&root)
+            match arch {
+                None => build_release(&root),
+                Some(arch) => {
+                    let binary = cross::build(&root, arch)?;
+                    eprintln!("xtask: {}", binary.display());
+                    Ok(())
+                }
+            }
         }
         Task::Run { args } => {
             setup::build_prerequisites(&root)?;
             build_release(&root)?;
             let args = if args.is_empty() { vec!["run".to_owned()] } else { args };
             run_as_root(&root.join("target/release/tcpstate"), &args)
+        }
+        Task::Dist { arch } => {
+            setup::build_prerequisites(&root)?;
+            setup::dist_prerequisites()?;
+            let arches = if arch.is_empty() { cross::Arch::ALL.to_vec() } else { arch };
+            for artifact in dist::run(&root, &arches)? {
+                eprintln!("xtask: {}", artifact.display());
+            }
+            Ok(())
         }
         Task::Image => {
             setup::build_prerequisites(&root)?;

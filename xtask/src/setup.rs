@@ -87,6 +87,44 @@ pub fn container_prerequisites() -> anyhow::Result<()> {
     ensure_packages(&CONTAINER_PACKAGES, "container tools (podman, runc, busybox-static)")
 }
 
+/// The target's standard library, and for another architecture its C cross toolchain and
+/// libc (for the C and assembly `ring` compiles, and the static link). `file` checks the
+/// result is static.
+pub fn cross_prerequisites(toolchain: &str, arch: crate::cross::Arch) -> anyhow::Result<()> {
+    let installed = capture(Command::new("rustup").args([
+        "target",
+        "list",
+        "--installed",
+        "--toolchain",
+        toolchain,
+    ]))
+    .context("rustup is required (https://rustup.rs)")?;
+    let triple = arch.triple();
+    if !String::from_utf8_lossy(&installed.stdout).lines().any(|line| line.trim() == triple) {
+        run_checked(Command::new("rustup").args([
+            "target",
+            "add",
+            "--toolchain",
+            toolchain,
+            triple,
+        ]))?;
+    }
+    ensure_packages(&["file"], "file (checks binaries are static)")?;
+    if arch == crate::cross::Arch::host() {
+        return Ok(());
+    }
+    let packages = match arch {
+        crate::cross::Arch::Aarch64 => ["gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross"],
+        crate::cross::Arch::X86_64 => ["gcc-x86-64-linux-gnu", "libc6-dev-amd64-cross"],
+    };
+    ensure_packages(&packages, "a C cross toolchain and libc for the target")
+}
+
+/// `cargo xtask dist`: lintian checks the packages, systemd-analyze the unit they install.
+pub fn dist_prerequisites() -> anyhow::Result<()> {
+    ensure_packages(&["lintian", "systemd", "file"], "packaging tools (lintian, systemd, file)")
+}
+
 pub fn bench_prerequisites() -> anyhow::Result<()> {
     ensure_packages(&BENCH_PACKAGES, "benchmark tools (libbpf-tools, bpftool)")
 }

@@ -1,0 +1,114 @@
+//! Static release binaries for each architecture tcpstate ships for, built on this machine.
+//!
+//! Static glibc rather than musl: the daemon tunes glibc's allocator to hand large buffers
+//! back to the system (`mallopt`, `malloc_trim`), and the binary shipped should be built from
+//! the same libc the tests run. The eBPF program inside is compiled for the target's
+//! conventions (aya-build reads the target architecture).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::Context as _;
+
+use crate::{
+    cmd::{cargo, run_checked},
+    setup,
+};
+
+/// An architecture tcpstate ships for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Arch {
+    X86_64,
+    Aarch64,
+}
+
+impl Arch {
+    pub const ALL: [Self; 2] = [Self::X86_64, Self::Aarch64];
+
+    /// Rust's target triple.
+    pub const fn triple(self) -> &'static str {
+        match self {
+            Self::X86_64 => "x86_64-unknown-linux-gnu",
+            Self::Aarch64 => "aarch64-unknown-linux-gnu",
+        }
+    }
+
+    /// Debian's name of the architecture (packages, images).
+    pub const fn debian(self) -> &'static str {
+        match self {
+            Self::X86_64 => "amd64",
+            Self::Aarch64 => "arm64",
+        }
+    }
+
+    /// The name in file names and `uname -m`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::X86_64 => "x86_64",
+            Self::Aarch64 => "aarch64",
+        }
+    }
+
+    /// The GNU toolchain prefix for C a dependency compiles and for linking; `None` on the
+    /// machine's own architecture.
+    fn cross_prefix(self) -> Option<&'static str> {
+        (self != Self::host()).then_some(match self {
+            Self::X86_64 => "x86_64-linux-gnu",
+            Self::Aarch64 => "aarch64-linux-gnu",
+        })
+    }
+
+    /// A binutils tool for this architecture: the host's, or the cross one.
+    pub fn tool(self, name: &str) -> String {
+        self.cross_prefix().map_or_else(|| name.to_owned(), |prefix| format!("{prefix}-{name}"))
+    }
+
+    pub fn host() -> Self {
+        if cfg!(target_arch = "aarch64") { Self::Aarch64 } else { Self::X86_64 }
+    }
+}
+
+/// Builds the static binary for `arch`; returns its path.
+pub fn build(root: &Path, arch: Arch) -> anyhow::Result<PathBuf> {
+    let toolchain = setup::pinned_toolchain(root)?;
+    setup::cross_prerequisites(&toolchain, arch)?;
+    let triple = arch.triple();
+    let env_triple = triple.replace('-', "_");
+    let cargo_triple = env_triple.to_uppercase();
+    let mut command = cargo();
+    command.args(["build", "--release", "--package", "tracer", "--target", triple]);
+    // Only the target's code is static; build scripts and proc macros stay host binaries.
+    command.env(format!("CARGO_TARGET_{cargo_triple}_RUSTFLAGS"), "-C target-feature=+crt-static");
+    if let Some(prefix) = arch.cross_prefix() {
+        command
+            .env(format!("CARGO_TARGET_{cargo_triple}_LINKER"), format!("{prefix}-gcc"))
+            .env(format!("CC_{env_triple}"), format!("{prefix}-gcc"))
+            .env(format!("AR_{env_triple}"), arch.tool("ar"));
+    }
+    eprintln!(
+        "xtask: building a static tcpstate for {} (a few minutes the first time)",
+        arch.name()
+    );
+    run_checked(&mut command)?;
+    let binary = root.join("target").join(triple).join("release/tcpstate");
+    check_static(&binary)?;
+    Ok(binary)
+}
+
+/// A binary that needs no shared library runs on any distribution of its architecture.
+fn check_static(binary: &Path) -> anyhow::Result<()> {
+    let output = Command::new("file")
+        .arg("--brief")
+        .arg(binary)
+        .output()
+        .context("running `file` (package file)")?;
+    let description = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(
+        description.contains("statically linked") || description.contains("static-pie linked"),
+        "{} is not static: {description}",
+        binary.display()
+    );
+    Ok(())
+}
