@@ -1,5 +1,6 @@
-//! `cargo xtask dist`: what a user installs without a toolchain, for each architecture: a
-//! tarball and a Debian package around the static binary, and `SHA256SUMS`, in `target/dist/`.
+//! `cargo xtask dist`: what a user installs without a toolchain, in `target/dist/`: for each
+//! architecture a tarball and a Debian package around the static binary, one OCI image
+//! archive over every architecture, and `SHA256SUMS`.
 
 use std::{
     fmt::Write as _,
@@ -38,12 +39,17 @@ pub fn run(root: &Path, arches: &[Arch]) -> anyhow::Result<Vec<PathBuf>> {
     let dist = root.join("target/dist");
     fs::create_dir_all(&dist)?;
     let mut artifacts = Vec::new();
+    let mut binaries = Vec::new();
     for &arch in arches {
         let binary = stripped(&cross::build(root, arch)?, arch, &dist)?;
         artifacts.push(tarball(root, &dist, arch, &binary)?);
         artifacts.push(deb(root, &dist, arch, &binary)?);
+        binaries.push((arch, binary));
     }
+    let image = image(&dist, &binaries)?;
+    artifacts.push(image.clone());
     write_sums(&dist, &artifacts)?;
+    check_image(&image)?;
     for package in artifacts.iter().filter(|a| a.extension().is_some_and(|e| e == "deb")) {
         lint(package)?;
     }
@@ -101,6 +107,90 @@ fn stripped(binary: &Path, arch: Arch, dist: &Path) -> anyhow::Result<PathBuf> {
     let strip = arch.tool("strip");
     run_checked(Command::new(&strip).args(["--strip-all"]).arg(&copy))?;
     Ok(copy)
+}
+
+/// The image's name, in the archive and once loaded (the DaemonSet's `image:`).
+fn image_name() -> String {
+    format!("localhost/tcpstate:{VERSION}")
+}
+
+/// `tcpstate-VERSION.oci.tar`: one OCI image index over an image per architecture, each the
+/// static binary at /usr/local/bin/tcpstate and nothing else; `podman load` or `docker load`
+/// takes the host's, `skopeo copy --all oci-archive:...` pushes them all to a registry.
+fn image(dist: &Path, binaries: &[(Arch, PathBuf)]) -> anyhow::Result<PathBuf> {
+    let index = format!("localhost/tcpstate-dist:{VERSION}");
+    // A list or an image of that name left by an earlier run would refuse the new one.
+    let _ = Command::new("podman").args(["manifest", "rm", &index]).output();
+    let _ = Command::new("podman").args(["rmi", "--force", &index]).output();
+    run_checked(Command::new("podman").args(["manifest", "create", &index]))?;
+    let mut per_arch = Vec::new();
+    for (arch, binary) in binaries {
+        let rootfs = fresh_dir(&dist.join("stage").join(format!("image-{}", arch.debian())))?;
+        install(binary, &rootfs.join("usr/local/bin/tcpstate"), 0o755)?;
+        // Where tcpstate mounts tracefs when the host's is not mounted into the container.
+        fs::create_dir_all(rootfs.join("sys/kernel/tracing"))?;
+        fs::create_dir_all(rootfs.join("tmp"))?;
+        let tar = rootfs.with_extension("tar");
+        run_checked(
+            Command::new("tar")
+                .args(["--create", "--numeric-owner", "--owner=0", "--group=0", "--file"])
+                .arg(&tar)
+                .arg("--directory")
+                .arg(&rootfs)
+                .arg("."),
+        )?;
+        let name = format!("{index}-{}", arch.debian());
+        run_checked(
+            Command::new("podman")
+                .args(["import", "--quiet", "--os", "linux", "--arch", arch.debian()])
+                .args(["--change", "ENTRYPOINT [\"/usr/local/bin/tcpstate\"]"])
+                .args(["--change", "CMD [\"run\"]"])
+                .args(["--change", "LABEL org.opencontainers.image.title=tcpstate"])
+                .arg(&tar)
+                .arg(&name),
+        )?;
+        run_checked(
+            Command::new("podman")
+                .args(["manifest", "add", &index])
+                .arg(format!("containers-storage:{name}")),
+        )?;
+        per_arch.push(name);
+    }
+    let archive = dist.join(format!("tcpstate-{VERSION}.oci.tar"));
+    let _ = fs::remove_file(&archive);
+    let pushed =
+        run_checked(
+            Command::new("podman")
+                .args(["manifest", "push", "--quiet", "--all", &index])
+                .arg(format!("oci-archive:{}:{}", archive.display(), image_name())),
+        );
+    let _ = Command::new("podman").args(["manifest", "rm", &index]).output();
+    let _ = Command::new("podman").args(["rmi", "--force"]).args(&per_arch).output();
+    pushed?;
+    Ok(archive)
+}
+
+/// The archive loads into podman as the DaemonSet names it, and the host's image runs
+/// `tcpstate check` with the DaemonSet's privileges: ok or degraded, not failed.
+fn check_image(archive: &Path) -> anyhow::Result<()> {
+    run_checked(Command::new("podman").args(["load", "--quiet", "--input"]).arg(archive))?;
+    let status = Command::new("podman")
+        .args(crate::image::PODMAN)
+        .args(["run", "--rm", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"])
+        .args(["--pid", "host", "--network", "host", "--cap-drop", "all"])
+        .args(["--cap-add", "bpf,perfmon,sys_admin,sys_ptrace,dac_read_search,sys_resource"])
+        .args(["-v", "/sys/kernel/tracing:/sys/kernel/tracing"])
+        .arg(image_name())
+        .arg("check")
+        .status()
+        .context("running podman")?;
+    // 0: runs fully; 3: runs degraded (the report says what is missing on this host).
+    anyhow::ensure!(
+        matches!(status.code(), Some(0 | 3)),
+        "the image's `tcpstate check` says tcpstate cannot run ({status})"
+    );
+    eprintln!("xtask: the image loads and runs `tcpstate check` on this host");
+    Ok(())
 }
 
 /// `tcpstate-VERSION-ARCH.tar.gz`: the binary, the systemd unit, alert rules, dashboard,

@@ -52,7 +52,8 @@ enum Task {
         host_only: bool,
     },
     /// Build what a user installs without a toolchain, for x86_64 and aarch64: static
-    /// binaries in tarballs and Debian packages, with SHA256SUMS, in target/dist/.
+    /// binaries in tarballs and Debian packages, one multi-architecture OCI image archive,
+    /// SHA256SUMS, in target/dist/; then check them on this host.
     Dist {
         /// Only this architecture (repeatable). Default: both.
         #[arg(long, value_enum)]
@@ -110,6 +111,7 @@ fn main() -> anyhow::Result<()> {
         Task::Dist { arch } => {
             setup::build_prerequisites(&root)?;
             setup::dist_prerequisites()?;
+            setup::container_prerequisites()?;
             let arches = if arch.is_empty() { cross::Arch::ALL.to_vec() } else { arch };
             for artifact in dist::run(&root, &arches)? {
                 eprintln!("xtask: {}", artifact.display());
