@@ -125,30 +125,10 @@ fn image(dist: &Path, binaries: &[(Arch, PathBuf)]) -> anyhow::Result<PathBuf> {
     run_checked(Command::new("podman").args(["manifest", "create", &index]))?;
     let mut per_arch = Vec::new();
     for (arch, binary) in binaries {
-        let rootfs = fresh_dir(&dist.join("stage").join(format!("image-{}", arch.debian())))?;
-        install(binary, &rootfs.join("usr/local/bin/tcpstate"), 0o755)?;
-        // Where tcpstate mounts tracefs when the host's is not mounted into the container.
-        fs::create_dir_all(rootfs.join("sys/kernel/tracing"))?;
-        fs::create_dir_all(rootfs.join("tmp"))?;
-        let tar = rootfs.with_extension("tar");
-        run_checked(
-            Command::new("tar")
-                .args(["--create", "--numeric-owner", "--owner=0", "--group=0", "--file"])
-                .arg(&tar)
-                .arg("--directory")
-                .arg(&rootfs)
-                .arg("."),
-        )?;
+        let rootfs = dist.join("stage").join(format!("image-{}", arch.debian()));
+        crate::image::root_filesystem(&rootfs, binary)?;
         let name = format!("{index}-{}", arch.debian());
-        run_checked(
-            Command::new("podman")
-                .args(["import", "--quiet", "--os", "linux", "--arch", arch.debian()])
-                .args(["--change", "ENTRYPOINT [\"/usr/local/bin/tcpstate\"]"])
-                .args(["--change", "CMD [\"run\"]"])
-                .args(["--change", "LABEL org.opencontainers.image.title=tcpstate"])
-                .arg(&tar)
-                .arg(&name),
-        )?;
+        crate::image::import(&rootfs, &name, Some(arch.debian()))?;
         run_checked(
             Command::new("podman")
                 .args(["manifest", "add", &index])

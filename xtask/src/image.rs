@@ -31,48 +31,64 @@ pub fn archive(root: &Path) -> PathBuf {
 /// (no systemd user session needed).
 pub const PODMAN: [&str; 4] = ["--runtime", "runc", "--cgroup-manager", "cgroupfs"];
 
-/// Builds the image from `target/release/tcpstate`, imports it into podman and saves the
-/// OCI archive; returns the image's name.
-pub fn build(root: &Path) -> anyhow::Result<String> {
-    let binary = root.join("target/release/tcpstate");
-    let dir = root.join("target/image");
-    let rootfs = dir.join("rootfs");
+/// `rootfs` anew, with `binary` at /usr/local/bin/tcpstate and the directories it needs.
+pub fn root_filesystem(rootfs: &Path, binary: &Path) -> anyhow::Result<()> {
     if rootfs.exists() {
-        fs::remove_dir_all(&rootfs).with_context(|| format!("clearing {}", rootfs.display()))?;
+        fs::remove_dir_all(rootfs).with_context(|| format!("clearing {}", rootfs.display()))?;
     }
     let bin_dir = rootfs.join("usr/local/bin");
     fs::create_dir_all(&bin_dir)?;
     // Where tcpstate mounts tracefs when the host's is not mounted into the container.
     fs::create_dir_all(rootfs.join("sys/kernel/tracing"))?;
     fs::create_dir_all(rootfs.join("tmp"))?;
-    fs::copy(&binary, bin_dir.join("tcpstate"))
+    fs::copy(binary, bin_dir.join("tcpstate"))
         .with_context(|| format!("copying {} (build it first)", binary.display()))?;
+    Ok(())
+}
+
+/// Imports `rootfs` into podman as image `name` running `tcpstate run`, for `arch` (Debian's
+/// name; this machine's when `None`).
+pub fn import(rootfs: &Path, name: &str, arch: Option<&str>) -> anyhow::Result<()> {
+    let tar = rootfs.with_extension("tar");
+    run_checked(
+        Command::new("tar")
+            .args(["--create", "--numeric-owner", "--owner=0", "--group=0", "--file"])
+            .arg(&tar)
+            .arg("--directory")
+            .arg(rootfs)
+            .arg("."),
+    )?;
+    let mut import = Command::new("podman");
+    import.args(PODMAN).args(["import", "--quiet"]);
+    if let Some(arch) = arch {
+        import.args(["--os", "linux", "--arch", arch]);
+    }
+    run_checked(
+        import
+            .args(["--change", "ENTRYPOINT [\"/usr/local/bin/tcpstate\"]"])
+            .args(["--change", "CMD [\"run\"]"])
+            .args(["--change", "LABEL org.opencontainers.image.title=tcpstate"])
+            .arg(&tar)
+            .arg(name),
+    )?;
+    fs::remove_file(&tar).with_context(|| format!("removing {}", tar.display()))
+}
+
+/// Builds the image from `target/release/tcpstate`, imports it into podman and saves the
+/// OCI archive; returns the image's name.
+pub fn build(root: &Path) -> anyhow::Result<String> {
+    let binary = root.join("target/release/tcpstate");
+    let dir = root.join("target/image");
+    let rootfs = dir.join("rootfs");
+    root_filesystem(&rootfs, &binary)?;
     for library in shared_libraries(&binary)? {
         let inside = rootfs.join(library.strip_prefix("/").expect("ldd prints absolute paths"));
         fs::create_dir_all(inside.parent().expect("a library has a directory"))?;
         // The file itself, not the symlink ldd may name.
         fs::copy(&library, &inside).with_context(|| format!("copying {}", library.display()))?;
     }
-    let tar = dir.join("rootfs.tar");
-    run_checked(
-        Command::new("tar")
-            .args(["--create", "--numeric-owner", "--owner=0", "--group=0", "--file"])
-            .arg(&tar)
-            .arg("--directory")
-            .arg(&rootfs)
-            .arg("."),
-    )?;
     let name = name();
-    run_checked(
-        Command::new("podman")
-            .args(PODMAN)
-            .args(["import", "--quiet"])
-            .args(["--change", "ENTRYPOINT [\"/usr/local/bin/tcpstate\"]"])
-            .args(["--change", "CMD [\"run\"]"])
-            .args(["--change", "LABEL org.opencontainers.image.title=tcpstate"])
-            .arg(&tar)
-            .arg(&name),
-    )?;
+    import(&rootfs, &name, None)?;
     let archive = archive(root);
     let _ = fs::remove_file(&archive);
     run_checked(
@@ -82,7 +98,6 @@ pub fn build(root: &Path) -> anyhow::Result<String> {
             .arg(&archive)
             .arg(&name),
     )?;
-    fs::remove_file(&tar)?;
     eprintln!("xtask: image {name} loaded into podman; OCI archive {}", archive.display());
     Ok(name)
 }
