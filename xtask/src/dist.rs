@@ -391,6 +391,16 @@ fn write(to: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    /// The DaemonSet runs the image `dist` writes: the name and the Cargo.toml version.
+    #[test]
+    fn the_daemonset_names_the_image_of_this_version() {
+        let daemonset = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/kubernetes/daemonset.yaml");
+        let text = fs::read_to_string(daemonset).unwrap();
+        let images: Vec<_> =
+            text.lines().filter_map(|line| line.trim().strip_prefix("image: ")).collect();
+        assert_eq!(images, [image_name()], "{daemonset}");
+    }
+
     #[test]
     fn the_packaged_unit_runs_the_packaged_binary() {
         let unit = packaged_unit("[Service]\nExecStart=/usr/local/bin/tcpstate run\n").unwrap();
