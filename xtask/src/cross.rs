@@ -20,6 +20,8 @@ use crate::{
 /// An architecture tcpstate ships for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Arch {
+    /// As `uname -m` and the docs write it (clap would say `x86-64`).
+    #[value(name = "x86_64")]
     X86_64,
     Aarch64,
 }
@@ -111,4 +113,20 @@ fn check_static(binary: &Path) -> anyhow::Result<()> {
         binary.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::ValueEnum as _;
+
+    use super::*;
+
+    /// `--arch` takes the names the docs and `uname -m` use; anything else is a usage error.
+    #[test]
+    fn architectures_are_named_as_uname_names_them() {
+        for arch in Arch::ALL {
+            assert_eq!(Arch::from_str(arch.name(), false), Ok(arch));
+        }
+        assert!(Arch::from_str("sparc", false).is_err());
+    }
 }
