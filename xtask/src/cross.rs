@@ -74,13 +74,27 @@ impl Arch {
 
 /// Builds the static binary for `arch`; returns its path.
 pub fn build(root: &Path, arch: Arch) -> anyhow::Result<PathBuf> {
+    let mut command = cargo_for(root, arch)?;
+    command.args(["build", "--release", "--package", "tracer", "--target", arch.triple()]);
+    eprintln!(
+        "xtask: building a static tcpstate for {} (a few minutes the first time)",
+        arch.name()
+    );
+    run_checked(&mut command)?;
+    let binary = root.join("target").join(arch.triple()).join("release/tcpstate");
+    check_static(&binary)?;
+    Ok(binary)
+}
+
+/// `cargo` set up to build static code for `arch` (the caller adds `--target`): the target's
+/// standard library and C cross toolchain installed, and the environment that selects them.
+/// Builds and test builds share it, so the test binaries run the binary that ships.
+pub fn cargo_for(root: &Path, arch: Arch) -> anyhow::Result<Command> {
     let toolchain = setup::pinned_toolchain(root)?;
     setup::cross_prerequisites(&toolchain, arch)?;
-    let triple = arch.triple();
-    let env_triple = triple.replace('-', "_");
+    let env_triple = arch.triple().replace('-', "_");
     let cargo_triple = env_triple.to_uppercase();
     let mut command = cargo();
-    command.args(["build", "--release", "--package", "tracer", "--target", triple]);
     // Only the target's code is static; build scripts and proc macros stay host binaries.
     command.env(format!("CARGO_TARGET_{cargo_triple}_RUSTFLAGS"), "-C target-feature=+crt-static");
     if let Some(prefix) = arch.cross_prefix() {
@@ -89,14 +103,7 @@ pub fn build(root: &Path, arch: Arch) -> anyhow::Result<PathBuf> {
             .env(format!("CC_{env_triple}"), format!("{prefix}-gcc"))
             .env(format!("AR_{env_triple}"), arch.tool("ar"));
     }
-    eprintln!(
-        "xtask: building a static tcpstate for {} (a few minutes the first time)",
-        arch.name()
-    );
-    run_checked(&mut command)?;
-    let binary = root.join("target").join(triple).join("release/tcpstate");
-    check_static(&binary)?;
-    Ok(binary)
+    Ok(command)
 }
 
 /// A binary that needs no shared library runs on any distribution of its architecture.

@@ -41,7 +41,7 @@ pub fn run(root: &Path, arches: &[Arch]) -> anyhow::Result<Vec<PathBuf>> {
     let mut artifacts = Vec::new();
     let mut binaries = Vec::new();
     for &arch in arches {
-        let binary = stripped(&cross::build(root, arch)?, arch, &dist)?;
+        let binary = release_binary(root, arch)?;
         artifacts.push(tarball(root, &dist, arch, &binary)?);
         artifacts.push(deb(root, &dist, arch, &binary)?);
         binaries.push((arch, binary));
@@ -98,14 +98,16 @@ fn check_install(package: &Path) -> anyhow::Result<()> {
 /// Where the package installs the unit.
 const UNIT: &str = "/lib/systemd/system/tcpstate.service";
 
-/// A copy of `binary` without its symbol tables (the eBPF object inside keeps its BTF: it is
-/// data to the host binary). Shipped binaries are stripped, as Debian's policy asks.
-fn stripped(binary: &Path, arch: Arch, dist: &Path) -> anyhow::Result<PathBuf> {
-    let copy = dist.join("stage").join(format!("tcpstate-{}", arch.name()));
-    fs::create_dir_all(dist.join("stage"))?;
-    fs::copy(binary, &copy).with_context(|| format!("copying {}", binary.display()))?;
-    let strip = arch.tool("strip");
-    run_checked(Command::new(&strip).args(["--strip-all"]).arg(&copy))?;
+/// The binary every artifact of `arch` ships: the static build, stripped (the eBPF object
+/// inside keeps its BTF: it is data to the host binary), as Debian's policy asks. The arm64
+/// kernel matrix runs this very file.
+pub fn release_binary(root: &Path, arch: Arch) -> anyhow::Result<PathBuf> {
+    let binary = cross::build(root, arch)?;
+    let stage = root.join("target/dist/stage");
+    fs::create_dir_all(&stage)?;
+    let copy = stage.join(format!("tcpstate-{}", arch.name()));
+    fs::copy(&binary, &copy).with_context(|| format!("copying {}", binary.display()))?;
+    run_checked(Command::new(arch.tool("strip")).args(["--strip-all"]).arg(&copy))?;
     Ok(copy)
 }
 

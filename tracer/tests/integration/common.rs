@@ -16,8 +16,14 @@ use tracer_common::{TcpState, TcpState as S};
 pub const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 pub const V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
 
+/// The binary under test: the one cargo built with these tests, or the release binary
+/// `TCPSTATE_TEST_BINARY` names (the arm64 kernel matrix runs the one the tarball ships).
 pub fn tcpstate_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_tcpstate")
+    static BINARY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BINARY.get_or_init(|| {
+        std::env::var("TCPSTATE_TEST_BINARY")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_tcpstate").to_owned())
+    })
 }
 
 /// The `comm` of this test process (its main thread), as `ps` shows it.
