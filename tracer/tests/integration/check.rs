@@ -10,6 +10,12 @@ fn expected_parts() -> Option<String> {
     std::env::var("TCPSTATE_TEST_EXPECT_PARTS").ok()
 }
 
+/// The optional programs the kernel matrix says this kernel must refuse (comma-separated).
+pub fn refused_parts() -> Vec<String> {
+    let parts = std::env::var("TCPSTATE_TEST_REFUSED_PARTS").unwrap_or_default();
+    parts.split(',').filter(|p| !p.is_empty()).map(str::to_owned).collect()
+}
+
 #[test]
 #[parallel]
 fn check_loads_every_program_and_says_what_runs() {
@@ -35,7 +41,14 @@ fn check_loads_every_program_and_says_what_runs() {
             assert_eq!(verdict_of(part), "ok", "{part} must run on this kernel: {report:#}");
         }
     }
+    let refused = refused_parts();
+    for part in &refused {
+        assert_eq!(verdict_of(part), "degraded", "{part} must be refused here: {report:#}");
+    }
     let code = checked.status.code();
+    if !refused.is_empty() {
+        assert_eq!(report["verdict"], "degraded", "{report:#}");
+    }
     match report["verdict"].as_str().unwrap() {
         "ok" => assert_eq!(code, Some(0), "{report:#}"),
         "degraded" => assert_eq!(code, Some(3), "{report:#}"),

@@ -590,6 +590,13 @@ fn accepted_sockets_are_named_while_established() {
     let accept_hook = daemon
         .scrape()
         .value("tcpstate_probe_info", &[("program", "accept_owner"), ("active", "true")]);
+    let refused = crate::check::refused_parts().contains(&"accept_owner".to_owned());
+    if refused {
+        let inactive = daemon
+            .scrape()
+            .value("tcpstate_probe_info", &[("program", "accept_owner"), ("active", "false")]);
+        assert_eq!((accept_hook, inactive), (0.0, 1.0), "this kernel must refuse the accept hook");
+    }
     if accept_hook != 1.0 {
         let expected = std::env::var("TCPSTATE_TEST_EXPECT_PARTS").unwrap_or_default();
         assert!(!expected.contains("accept_owner"), "this kernel must run the accept hook");
