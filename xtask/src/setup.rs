@@ -27,10 +27,10 @@ const TEST_PACKAGES: [&str; 5] = ["iproute2", "procps", "python3", "systemd", "t
 /// Debian's package with `prometheus` and `promtool`.
 const PROMETHEUS_PACKAGE: &str = "prometheus";
 
-/// The kernel matrix: the emulator, the initramfs' shell and archiver, module decompressors,
-/// and the key that signs Debian's suites.
-const VM_PACKAGES: [&str; 6] =
-    ["qemu-system-x86", "busybox-static", "cpio", "xz-utils", "zstd", "debian-archive-keyring"];
+/// The kernel matrix: the initramfs' shell and archiver, module decompressors, and the key
+/// that signs Debian's suites.
+const VM_PACKAGES: [&str; 5] =
+    ["busybox-static", "cpio", "xz-utils", "zstd", "debian-archive-keyring"];
 
 /// `cargo xtask image` and the container tests: podman with runc (crun refuses hybrid cgroup
 /// layouts), and a static busybox for the containers the tests run.
@@ -79,8 +79,21 @@ fn test_tools(root: &Path) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-pub fn vm_prerequisites() -> anyhow::Result<()> {
-    ensure_packages(&VM_PACKAGES, "kernel matrix tools (QEMU, busybox, cpio)")
+/// The kernel matrix for guests of `arches`: QEMU for each, and for guests of another
+/// architecture than this machine's, debootstrap to unpack their userland.
+pub fn vm_prerequisites(arches: &[crate::cross::Arch]) -> anyhow::Result<()> {
+    ensure_packages(&VM_PACKAGES, "kernel matrix tools (busybox, cpio)")?;
+    let mut packages = Vec::new();
+    for &arch in arches {
+        packages.push(match arch {
+            crate::cross::Arch::X86_64 => "qemu-system-x86",
+            crate::cross::Arch::Aarch64 => "qemu-system-arm",
+        });
+        if arch != crate::cross::Arch::host() {
+            packages.push("debootstrap");
+        }
+    }
+    ensure_packages(&packages, "kernel matrix emulators (QEMU) and debootstrap")
 }
 
 pub fn container_prerequisites() -> anyhow::Result<()> {

@@ -1,7 +1,9 @@
 #!/bin/busybox sh
 # PID 1 of a kernel-matrix VM. Loads the modules the initramfs carries (9p over virtio, veth),
-# mounts the host's root file system read-only and runs the guest script the host named on the
-# kernel command line inside it: the tests run the host's own binaries against this kernel.
+# mounts the root file system the host shares read-only (its own, or a userland for the
+# guest's architecture with the workspace shared beside it) and runs the guest script the host
+# named on the kernel command line inside it: the tests run the host's binaries against this
+# kernel.
 /bin/busybox mkdir -p /usr/bin /usr/sbin /sbin
 /bin/busybox --install -s
 mount -t proc proc /proc
@@ -15,6 +17,8 @@ done
 script=$(sed -n 's/.*tcpstate.script=\([^ ]*\).*/\1/p' /proc/cmdline)
 # Directories the host lets the guest cover with tmpfs: none of them holds the workspace.
 scratch=$(sed -n 's/.*tcpstate.tmpfs=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
+# The workspace, when the shared root does not hold it: mounted at its own path.
+work=$(sed -n 's/.*tcpstate.work=\([^ ]*\).*/\1/p' /proc/cmdline)
 if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 host /host; then
     echo "vmtest: mounting the host's root over 9p failed"
     poweroff -f
@@ -23,6 +27,14 @@ for fs in proc sys dev; do mount --bind "/$fs" "/host/$fs"; done
 # What the tests write: scratch space, network namespaces, HOME.
 for dir in $scratch; do mount -t tmpfs scratch "/host$dir"; done
 tmpdir=$(echo $scratch | cut -d' ' -f1)
+if [ -n "$work" ]; then
+    # A scratch tmpfs may cover where the host created the mount point.
+    mkdir -p "/host$work" 2>/dev/null
+    if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 work "/host$work"; then
+        echo "vmtest: mounting the workspace over 9p failed"
+        poweroff -f
+    fi
+fi
 mount -t tracefs tracefs /host/sys/kernel/tracing
 mount -t bpf bpf /host/sys/fs/bpf
 # As systemd does on a host: without it, 5.10 lists no cgroup for a process at all.

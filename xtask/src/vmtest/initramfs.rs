@@ -18,19 +18,18 @@ use super::kernels::Kernel;
 /// cannot do: the host's modules are another kernel's.
 const MODULES: [&str; 6] = ["virtio_pci", "9pnet_virtio", "9p", "veth", "inet_diag", "tcp_diag"];
 
-/// Debian's `busybox-static`: the initramfs has no libraries.
-const BUSYBOX: &str = "/bin/busybox";
-
 const INIT: &str = include_str!("init.sh");
 
-/// Writes the initramfs for `kernel` to `out` (an uncompressed newc cpio archive).
-pub fn build(kernel: &Kernel, staging: &Path, out: &Path) -> anyhow::Result<()> {
+/// Writes the initramfs for `kernel` to `out` (an uncompressed newc cpio archive); `busybox`
+/// is a static one (Debian's `busybox-static`) for the guest's architecture: the initramfs has
+/// no libraries.
+pub fn build(kernel: &Kernel, busybox: &Path, staging: &Path, out: &Path) -> anyhow::Result<()> {
     let _ = fs::remove_dir_all(staging);
     for dir in ["bin", "proc", "sys", "dev", "host", "modules"] {
         fs::create_dir_all(staging.join(dir))?;
     }
-    fs::copy(BUSYBOX, staging.join("bin/busybox"))
-        .with_context(|| format!("copying {BUSYBOX} (package busybox-static)"))?;
+    fs::copy(busybox, staging.join("bin/busybox"))
+        .with_context(|| format!("copying {} (package busybox-static)", busybox.display()))?;
     let init = staging.join("init");
     fs::write(&init, INIT)?;
     make_executable(&init)?;

@@ -10,27 +10,61 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::cmd::{capture, download_and_unpack, run_checked};
+use crate::{
+    cmd::{capture, download_and_unpack, run_checked},
+    cross::Arch,
+};
 
-/// One kernel of the matrix.
+/// A Debian suite's stock kernel.
+#[derive(Clone, Copy)]
 pub struct KernelSource {
     /// How `--kernel` selects it: its version.
     pub name: &'static str,
     /// The distribution whose stock kernel it is.
     pub distribution: &'static str,
-    /// Debian suites whose `linux-image-amd64` is looked at; the newest candidate wins.
+    /// Debian suites whose `linux-image-<arch>` is looked at; the newest candidate wins.
     pub suites: &'static [&'static str],
 }
 
-pub const MATRIX: [KernelSource; 3] = [
-    KernelSource { name: "5.10", distribution: "Debian 11 (bullseye)", suites: &["bullseye"] },
-    KernelSource {
-        name: "6.1",
-        distribution: "Debian 12 (bookworm)",
-        suites: &["bookworm", "bookworm-security"],
-    },
-    KernelSource { name: "6.12", distribution: "Debian 13 (trixie)", suites: &["trixie"] },
+const BULLSEYE: KernelSource =
+    KernelSource { name: "5.10", distribution: "Debian 11 (bullseye)", suites: &["bullseye"] };
+const BOOKWORM: KernelSource = KernelSource {
+    name: "6.1",
+    distribution: "Debian 12 (bookworm)",
+    suites: &["bookworm", "bookworm-security"],
+};
+const TRIXIE: KernelSource =
+    KernelSource { name: "6.12", distribution: "Debian 13 (trixie)", suites: &["trixie"] };
+
+/// One VM of the matrix: a kernel on an architecture, and which of tcpstate's programs it must
+/// run (`TCPSTATE_TEST_EXPECT_PARTS`) or refuse (`TCPSTATE_TEST_REFUSED_PARTS`). The tests
+/// assert both, and the support table in docs/kernels.md says the same.
+pub struct Guest {
+    pub kernel: KernelSource,
+    pub arch: Arch,
+    pub runs: &'static str,
+    pub refused: &'static str,
+}
+
+const EVERY_PART: &str = "main,standby,accept_owner";
+
+pub const MATRIX: [Guest; 6] = [
+    Guest { kernel: BULLSEYE, arch: Arch::X86_64, runs: EVERY_PART, refused: "" },
+    Guest { kernel: BOOKWORM, arch: Arch::X86_64, runs: EVERY_PART, refused: "" },
+    Guest { kernel: TRIXIE, arch: Arch::X86_64, runs: EVERY_PART, refused: "" },
+    // arm64 attaches fexit programs to kernel functions from 6.4 on (ftrace direct calls);
+    // before, the kernel refuses the accept hook and owners come from /proc.
+    Guest { kernel: BULLSEYE, arch: Arch::Aarch64, runs: "main,standby", refused: "accept_owner" },
+    Guest { kernel: BOOKWORM, arch: Arch::Aarch64, runs: "main,standby", refused: "accept_owner" },
+    Guest { kernel: TRIXIE, arch: Arch::Aarch64, runs: EVERY_PART, refused: "" },
 ];
+
+impl Guest {
+    /// How progress and results name it, e.g. `6.1/aarch64`.
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.kernel.name, self.arch.name())
+    }
+}
 
 /// A kernel ready to boot.
 pub struct Kernel {
@@ -44,14 +78,14 @@ pub struct Kernel {
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 /// Where the host's apt finds Debian's main archive and its security archive.
-struct Archives {
-    main: String,
+pub struct Archives {
+    pub main: String,
     security: Option<String>,
 }
 
 /// Finds the archives in the host's apt sources (one-line `.list` and deb822 `.sources`):
 /// the kernels come from the same mirror the host already uses.
-fn host_archives() -> anyhow::Result<Archives> {
+pub fn host_archives() -> anyhow::Result<Archives> {
     let mut entries: Vec<(String, String)> = Vec::new();
     let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
     if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
@@ -123,18 +157,20 @@ fn deb822_entries(text: &str) -> Vec<(String, String)> {
     entries
 }
 
-/// A private apt configuration for one kernel's suites.
+/// A private apt configuration for one kernel's suites and architecture.
 struct PrivateApt {
     dir: PathBuf,
+    arch: Arch,
 }
 
 impl PrivateApt {
-    fn new(cache: &Path, source: &KernelSource, archives: &Archives) -> anyhow::Result<Self> {
-        let dir = cache.join("apt").join(source.name);
+    fn new(cache: &Path, guest: &Guest, archives: &Archives) -> anyhow::Result<Self> {
+        let arch = guest.arch.debian();
+        let dir = cache.join("apt").join(arch).join(guest.kernel.name);
         fs::create_dir_all(dir.join("lists/partial"))?;
         fs::create_dir_all(dir.join("archives/partial"))?;
         let mut list = String::new();
-        for suite in source.suites {
+        for suite in guest.kernel.suites {
             let uri = if suite.ends_with("-security") {
                 let Some(security) = &archives.security else {
                     eprintln!(
@@ -146,15 +182,16 @@ impl PrivateApt {
             } else {
                 &archives.main
             };
-            list.push_str(&format!("deb [signed-by={KEYRING}] {uri} {suite} main\n"));
+            list.push_str(&format!("deb [arch={arch} signed-by={KEYRING}] {uri} {suite} main\n"));
         }
         fs::write(dir.join("sources.list"), list)?;
-        Ok(Self { dir })
+        Ok(Self { dir, arch: guest.arch })
     }
 
     fn command(&self, program: &str) -> Command {
         let mut command = Command::new(program);
         let option = |name: &str, value: &Path| format!("{name}={}", value.display());
+        let arch = self.arch.debian();
         command
             .arg("-o")
             .arg(option("Dir::Etc::SourceList", &self.dir.join("sources.list")))
@@ -162,15 +199,18 @@ impl PrivateApt {
             .arg(option("Dir::State::Lists", &self.dir.join("lists")))
             .arg("-o")
             .arg(option("Dir::Cache::Archives", &self.dir.join("archives")))
+            .args(["-o", &format!("APT::Architecture={arch}")])
+            .args(["-o", &format!("APT::Architectures={arch}")])
             // Files are written by root into the project's tree, not by apt's sandbox user.
             .args(["-o", "Debug::NoLocking=1", "-o", "APT::Sandbox::User=root", "-q"]);
         command
     }
 
-    /// The package `linux-image-amd64` of these suites depends on now, e.g.
+    /// The package `linux-image-<arch>` of these suites depends on now, e.g.
     /// `linux-image-6.1.0-56-amd64`.
     fn current_image(&self) -> anyhow::Result<String> {
-        let policy = capture(self.command("apt-cache").args(["policy", "linux-image-amd64"]))
+        let meta = format!("linux-image-{}", self.arch.debian());
+        let policy = capture(self.command("apt-cache").args(["policy", &meta]))
             .context("running apt-cache")?;
         let policy = String::from_utf8_lossy(&policy.stdout);
         let candidate = policy
@@ -178,29 +218,31 @@ impl PrivateApt {
             .find_map(|line| line.trim().strip_prefix("Candidate:"))
             .map(str::trim)
             .filter(|v| *v != "(none)")
-            .context("no linux-image-amd64 in these suites")?;
-        let show = capture(
-            self.command("apt-cache").arg("show").arg(format!("linux-image-amd64={candidate}")),
-        )
-        .context("running apt-cache")?;
+            .with_context(|| format!("no {meta} in these suites"))?;
+        let show =
+            capture(self.command("apt-cache").arg("show").arg(format!("{meta}={candidate}")))
+                .context("running apt-cache")?;
         let show = String::from_utf8_lossy(&show.stdout);
         show.lines()
             .find_map(|line| line.strip_prefix("Depends:"))
             .and_then(|depends| depends.split([',', ' ']).find(|w| w.starts_with("linux-image-")))
             .map(str::to_owned)
-            .with_context(|| format!("linux-image-amd64={candidate} names no image"))
+            .with_context(|| format!("{meta}={candidate} names no image"))
     }
 }
 
-/// The current stock kernel of `source`, downloaded and unpacked once.
-pub fn fetch(cache: &Path, source: &KernelSource) -> anyhow::Result<Kernel> {
+/// The current stock kernel of `guest`, downloaded and unpacked once.
+pub fn fetch(cache: &Path, guest: &Guest) -> anyhow::Result<Kernel> {
     let kernels = cache.join("kernels");
-    let apt = PrivateApt::new(cache, source, &host_archives()?)?;
+    fs::create_dir_all(&kernels)?;
+    let source = &guest.kernel;
+    let apt = PrivateApt::new(cache, guest, &host_archives()?)?;
+    let current = kernels.join(format!("{}-{}.current", source.name, guest.arch.debian()));
     let image = match run_checked(apt.command("apt-get").arg("update")) {
         Ok(()) => apt.current_image()?,
         Err(error) => {
             // Offline: the last kernel fetched for this source, if any.
-            let cached = fs::read_to_string(kernels.join(format!("{}.current", source.name)));
+            let cached = fs::read_to_string(&current);
             match cached {
                 Ok(image) => {
                     eprintln!("vmtest: {error:#}; using the cached {image}");
@@ -216,7 +258,7 @@ pub fn fetch(cache: &Path, source: &KernelSource) -> anyhow::Result<Kernel> {
         download_and_unpack(apt.command("apt-get"), &image, &apt.dir.join("download"), &unpacked)?;
         fs::write(unpacked.join("complete"), "")?;
     }
-    fs::write(kernels.join(format!("{}.current", source.name)), &image)?;
+    fs::write(&current, &image)?;
     unpacked_kernel(&unpacked)
 }
 
@@ -242,6 +284,26 @@ fn unpacked_kernel(dir: &Path) -> anyhow::Result<Kernel> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every kernel boots on every architecture tcpstate ships for, and each optional program
+    /// is either asserted to run or asserted to be refused, never both.
+    #[test]
+    fn the_matrix_covers_each_kernel_on_each_architecture() {
+        for kernel in [BULLSEYE, BOOKWORM, TRIXIE] {
+            for arch in Arch::ALL {
+                let guests: Vec<_> = MATRIX
+                    .iter()
+                    .filter(|g| g.kernel.name == kernel.name && g.arch == arch)
+                    .collect();
+                assert_eq!(guests.len(), 1, "{} on {}", kernel.name, arch.name());
+                let guest = guests[0];
+                assert!(guest.runs.split(',').any(|p| p == "main"), "{}", guest.label());
+                for part in guest.refused.split(',').filter(|p| !p.is_empty()) {
+                    assert!(!guest.runs.split(',').any(|p| p == part), "{}", guest.label());
+                }
+            }
+        }
+    }
 
     #[test]
     fn reads_both_source_formats() {

@@ -1,12 +1,20 @@
-//! `cargo xtask vmtest`: the kernel matrix. Boots each stock kernel of `kernels::MATRIX` in a
-//! throwaway QEMU VM and runs the real integration test binaries inside it, as root.
+//! `cargo xtask vmtest`: the kernel matrix. Boots each stock kernel of `kernels::MATRIX`, on
+//! each architecture, in a throwaway QEMU VM and runs the real integration test binaries
+//! inside it, as root.
 //!
-//! The guest mounts the host's root file system read-only over 9p and runs the very binaries
-//! `cargo test` built here (and python3, ss, promtool from the host), so a VM needs no image of
-//! its own: a kernel, a busybox initramfs and this machine's files.
+//! A guest of this machine's architecture mounts the host's root file system read-only over
+//! 9p and runs the very binaries `cargo test` built here (and python3, ss, promtool from the
+//! host), so it needs no image of its own: a kernel, a busybox initramfs and this machine's
+//! files. A guest of another architecture gets a Debian userland of its own
+//! (`userland`), the workspace at the same path, test binaries cross-built for it, and
+//! the stripped release binary the tarball ships as the binary under test.
+//!
+//! The VMs of each architecture run one after another; the architectures run side by side,
+//! one emulated CPU each.
 
 mod initramfs;
 mod kernels;
+mod userland;
 
 use std::{
     fs,
@@ -20,21 +28,20 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{cmd::cargo, setup};
-use kernels::{KernelSource, MATRIX};
+use crate::{cmd::cargo, cross::Arch, dist, setup};
+use kernels::{Guest, MATRIX};
 
 #[derive(clap::Args, Debug, Default)]
 pub struct VmtestArgs {
     /// Only the kernel of this version (5.10, 6.1 or 6.12); repeat for several. Default: all.
     #[arg(long = "kernel", value_name = "VERSION", value_parser = parse_kernel)]
     pub kernels: Vec<String>,
+    /// Only guests of this architecture; repeat for several. Default: all.
+    #[arg(long = "arch", value_enum, value_name = "ARCH")]
+    pub arches: Vec<Arch>,
     /// Only tests whose name contains this.
     pub filter: Option<String>,
 }
-
-/// What every kernel of the matrix must run; the tests assert it (`TCPSTATE_TEST_EXPECT_PARTS`)
-/// and the README's support table says the same.
-const EXPECTED_PARTS: &str = "main,standby,accept_owner";
 
 /// Tests that check flags, files or this host's privileges rather than the kernel (and the
 /// `deploy` module: the shipped files; `http`: connection handling; `containers`: podman,
@@ -53,9 +60,15 @@ const HOST_ONLY_TESTS: [&str; 10] = [
     "http_endpoint_answers_errors_in_json",
 ];
 
+/// Tests that run Prometheus, which is unpacked for this machine's architecture only: they
+/// check the exposition, which guests of this architecture cover on every kernel.
+const PROMETHEUS_TESTS: [&str; 2] =
+    ["promtool_accepts_the_exposition", "a_real_prometheus_scrapes_the_daemon"];
+
 /// Directories the guest covers with tmpfs (written by the tests: scratch files, network
 /// namespaces under /run), the first one its TMPDIR and HOME; any that holds the workspace is
-/// left alone, or the guest could not see the test binaries.
+/// left alone when the guest sees the workspace through its root, or it could not see the
+/// test binaries.
 const GUEST_SCRATCH: [&str; 4] = ["/tmp", "/var/tmp", "/run", "/root"];
 
 /// Guest CPUs, unless `TCPSTATE_VM_CPUS` says otherwise. One: with two emulated CPUs the burst
@@ -65,61 +78,95 @@ const GUEST_SCRATCH: [&str; 4] = ["/tmp", "/var/tmp", "/run", "/root"];
 const GUEST_CPUS: &str = "1";
 const GUEST_MEMORY: &str = "2048";
 /// Longest a VM may run before it is stopped and counted as failed.
-const VM_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+const VM_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// A `--kernel` value: one of the matrix's versions (a usage error otherwise, exit status 2).
 fn parse_kernel(value: &str) -> Result<String, String> {
-    if MATRIX.iter().any(|k| k.name == value) {
+    if MATRIX.iter().any(|g| g.kernel.name == value) {
         return Ok(value.to_owned());
     }
-    let names: Vec<_> = MATRIX.iter().map(|k| k.name).collect();
+    let mut names: Vec<&str> = Vec::new();
+    for guest in &MATRIX {
+        if !names.contains(&guest.kernel.name) {
+            names.push(guest.kernel.name);
+        }
+    }
     Err(format!("no kernel {value} in the matrix; choose from {}", names.join(", ")))
 }
 
-/// Runs the matrix; `tools` (Prometheus, unpacked) goes first on the guest's PATH as on the host's.
+/// Runs the matrix; `tools` (Prometheus, unpacked) goes first on the PATH of guests of this
+/// machine's architecture, as on the host's.
 pub fn run(root: &Path, args: &VmtestArgs, tools: &Path) -> anyhow::Result<()> {
-    let selected: Vec<&KernelSource> = if args.kernels.is_empty() {
-        MATRIX.iter().collect()
-    } else {
-        // `parse_kernel` accepted only names of the matrix.
-        MATRIX.iter().filter(|k| args.kernels.iter().any(|wanted| wanted == k.name)).collect()
-    };
-    setup::vm_prerequisites()?;
-    let binaries = test_binaries()?;
+    // `parse_kernel` and clap accepted only names of the matrix.
+    let selected: Vec<&Guest> = MATRIX
+        .iter()
+        .filter(|g| args.kernels.is_empty() || args.kernels.iter().any(|k| k == g.kernel.name))
+        .filter(|g| args.arches.is_empty() || args.arches.contains(&g.arch))
+        .collect();
+    let mut arches: Vec<Arch> = selected.iter().map(|g| g.arch).collect();
+    arches.dedup();
+    setup::vm_prerequisites(&arches)?;
     let cache = root.join("target/vmtest");
     fs::create_dir_all(&cache)?;
-
-    let mut results = Vec::new();
-    for source in selected {
-        let started = Instant::now();
-        let outcome = run_kernel(&cache, source, &binaries, args.filter.as_deref(), tools);
-        results.push((source, outcome, started.elapsed()));
+    // Built before any VM starts: the builds want both CPUs, the VMs one each.
+    let mut userlands = Vec::new();
+    for &arch in &arches {
+        userlands.push(Userland::prepare(root, &cache, arch, tools)?);
     }
+
+    let results: Vec<(&Guest, anyhow::Result<KernelRun>, Duration)> = thread::scope(|scope| {
+        let lanes: Vec<_> = userlands
+            .iter()
+            .map(|userland| {
+                let guests: Vec<&Guest> =
+                    selected.iter().copied().filter(|g| g.arch == userland.arch).collect();
+                let cache = &cache;
+                let filter = args.filter.as_deref();
+                scope.spawn(move || {
+                    guests
+                        .into_iter()
+                        .map(|guest| {
+                            let started = Instant::now();
+                            let outcome = run_guest(cache, guest, userland, filter);
+                            (guest, outcome, started.elapsed())
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        lanes.into_iter().flat_map(|lane| lane.join().expect("a VM lane panicked")).collect()
+    });
 
     eprintln!("\nvmtest: kernel matrix");
     let mut failed = Vec::new();
-    for (source, outcome, elapsed) in &results {
+    for (guest, outcome, elapsed) in &results {
+        let name = format!("{} {}", guest.kernel.distribution, guest.arch.name());
         match outcome {
             Ok(run) if run.failures().is_empty() => eprintln!(
-                "vmtest: {:<22} {:<26} passed: {} tests in {} binaries ({:.0} s; programs active: {EXPECTED_PARTS})",
-                source.distribution,
+                "vmtest: {name:<30} {:<26} passed: {} tests in {} binaries ({:.0} s; programs \
+                 active: {}{})",
                 run.release,
                 run.passed(),
                 run.binaries.len(),
-                elapsed.as_secs_f64()
+                elapsed.as_secs_f64(),
+                guest.runs,
+                if guest.refused.is_empty() {
+                    String::new()
+                } else {
+                    format!("; refused as this kernel must: {}", guest.refused)
+                }
             ),
             Ok(run) => {
                 eprintln!(
-                    "vmtest: {:<22} {:<26} FAILED: {}",
-                    source.distribution,
+                    "vmtest: {name:<30} {:<26} FAILED: {}",
                     run.release,
                     run.failures().join(", ")
                 );
-                failed.push(source.name);
+                failed.push(guest.label());
             }
             Err(error) => {
-                eprintln!("vmtest: {:<22} could not run: {error:#}", source.distribution);
-                failed.push(source.name);
+                eprintln!("vmtest: {name:<30} could not run: {error:#}");
+                failed.push(guest.label());
             }
         }
     }
@@ -129,10 +176,64 @@ pub fn run(root: &Path, args: &VmtestArgs, tools: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An integration test binary `cargo test` built: (name, path).
-fn test_binaries() -> anyhow::Result<Vec<(String, PathBuf)>> {
-    let output = cargo()
-        .args(["test", "--release", "--package", "tracer", "--tests", "--no-run"])
+/// What the guests of one architecture run, and from which root file system.
+struct Userland {
+    arch: Arch,
+    /// Shared with the guest read-only as its root.
+    root: PathBuf,
+    /// The workspace, shared at its own path when `root` does not hold it.
+    workspace: Option<PathBuf>,
+    /// A static busybox of the guest's architecture, for the initramfs.
+    busybox: PathBuf,
+    binaries: Vec<(String, PathBuf)>,
+    /// Exported to the tests.
+    environment: Vec<(&'static str, String)>,
+    skipped_tests: Vec<&'static str>,
+}
+
+impl Userland {
+    fn prepare(root: &Path, cache: &Path, arch: Arch, tools: &Path) -> anyhow::Result<Self> {
+        let mut skipped_tests = HOST_ONLY_TESTS.to_vec();
+        if arch == Arch::host() {
+            let mut build = cargo();
+            build.args(["test", "--release", "--package", "tracer", "--tests", "--no-run"]);
+            let path = format!("{}:$PATH", fs::canonicalize(tools)?.display());
+            return Ok(Self {
+                arch,
+                root: PathBuf::from("/"),
+                workspace: None,
+                busybox: PathBuf::from("/bin/busybox"),
+                binaries: test_binaries(build)?,
+                environment: vec![("PATH", path)],
+                skipped_tests,
+            });
+        }
+        let userland = userland::root(cache, arch, &kernels::host_archives()?)?;
+        let workspace = fs::canonicalize(root)?;
+        // The guest mounts the workspace here; a scratch directory that holds it the guest
+        // creates itself.
+        fs::create_dir_all(userland.join(workspace.strip_prefix("/")?))?;
+        let mut build = crate::cross::cargo_for(root, arch)?;
+        build.args(["test", "--release", "--package", "tracer", "--tests", "--no-run"]);
+        build.args(["--target", arch.triple()]);
+        let binaries = test_binaries(build)?;
+        let release = dist::release_binary(root, arch)?;
+        skipped_tests.extend(PROMETHEUS_TESTS);
+        Ok(Self {
+            arch,
+            busybox: userland.join("bin/busybox"),
+            root: userland,
+            workspace: Some(workspace),
+            binaries,
+            environment: vec![("TCPSTATE_TEST_BINARY", release.display().to_string())],
+            skipped_tests,
+        })
+    }
+}
+
+/// The integration test binaries `build` (a `cargo test --no-run`) makes: (name, path).
+fn test_binaries(mut build: Command) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let output = build
         .args(["--message-format", "json-render-diagnostics"])
         .stderr(Stdio::inherit())
         .output()
@@ -158,6 +259,32 @@ fn test_binaries() -> anyhow::Result<Vec<(String, PathBuf)>> {
         bail!("cargo built no integration test binaries");
     }
     Ok(binaries)
+}
+
+/// How QEMU emulates an architecture.
+struct Emulator {
+    program: &'static str,
+    machine: &'static [&'static str],
+    console: &'static str,
+}
+
+impl Emulator {
+    const fn of(arch: Arch) -> Self {
+        match arch {
+            Arch::X86_64 => Self {
+                program: "qemu-system-x86_64",
+                machine: &["-accel", "tcg", "-cpu", "max"],
+                console: "ttyS0",
+            },
+            // Pointer authentication with QEMU's own cheap algorithm: the architected one
+            // costs software emulation a large share of its speed.
+            Arch::Aarch64 => Self {
+                program: "qemu-system-aarch64",
+                machine: &["-M", "virt", "-accel", "tcg", "-cpu", "max,pauth-impdef=on"],
+                console: "ttyAMA0",
+            },
+        }
+    }
 }
 
 /// One test binary's run inside a VM.
@@ -194,51 +321,65 @@ impl KernelRun {
     }
 }
 
-fn run_kernel(
+fn run_guest(
     cache: &Path,
-    source: &KernelSource,
-    binaries: &[(String, PathBuf)],
+    guest: &Guest,
+    userland: &Userland,
     filter: Option<&str>,
-    tools: &Path,
 ) -> anyhow::Result<KernelRun> {
-    let kernel = kernels::fetch(cache, source)?;
-    let work = cache.join("run").join(source.name);
+    let label = guest.label();
+    let kernel = kernels::fetch(cache, guest)?;
+    let work = cache.join("run").join(label.replace('/', "-"));
     fs::create_dir_all(&work)?;
     let initrd = work.join("initramfs.cpio");
-    initramfs::build(&kernel, &work.join("initramfs"), &initrd)?;
-    // The guest reads the script through the host's root: an absolute path outside the
-    // directories it mounts over (tmp, run, root, var/tmp).
+    initramfs::build(&kernel, &userland.busybox, &work.join("initramfs"), &initrd)?;
+    // The guest reads the script through the workspace: an absolute path outside the
+    // directories it mounts over (tmp, run, root, var/tmp) when its root holds the workspace.
     let script = fs::canonicalize(&work)?.join("guest.sh");
-    fs::write(&script, guest_script(binaries, filter, &fs::canonicalize(tools)?))?;
-    let scratch: Vec<&str> =
-        GUEST_SCRATCH.into_iter().filter(|dir| !script.starts_with(dir)).collect();
+    fs::write(&script, guest_script(guest, userland, filter))?;
+    let scratch: Vec<&str> = GUEST_SCRATCH
+        .into_iter()
+        .filter(|dir| userland.workspace.is_some() || !script.starts_with(dir))
+        .collect();
+    let mut kernel_args = format!(
+        "console={} panic=-1 quiet loglevel=3 tcpstate.script={} tcpstate.tmpfs={}",
+        Emulator::of(guest.arch).console,
+        script.display(),
+        scratch.join(",")
+    );
+    let share = |path: &Path, tag: &str| {
+        format!(
+            "local,path={},mount_tag={tag},security_model=none,readonly=on,multidevs=remap",
+            path.display()
+        )
+    };
+    let mut shares = vec![share(&userland.root, "host")];
+    if let Some(workspace) = &userland.workspace {
+        shares.push(share(workspace, "work"));
+        kernel_args.push_str(&format!(" tcpstate.work={}", workspace.display()));
+    }
 
     eprintln!(
-        "vmtest: booting {} ({}) under QEMU software emulation",
-        kernel.release, source.distribution
+        "vmtest[{label}]: booting {} ({}) under QEMU software emulation",
+        kernel.release, guest.kernel.distribution
     );
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-m", GUEST_MEMORY, "-smp"])
-        .arg(std::env::var("TCPSTATE_VM_CPUS").unwrap_or_else(|_| GUEST_CPUS.to_owned()))
-        .args(["-nographic", "-no-reboot", "-kernel"])
-        .arg(&kernel.vmlinuz)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args([
-            "-virtfs",
-            "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
-        ])
+    let emulator = Emulator::of(guest.arch);
+    let mut qemu = Command::new(emulator.program);
+    qemu.args(emulator.machine).args(["-m", GUEST_MEMORY, "-smp"]);
+    qemu.arg(std::env::var("TCPSTATE_VM_CPUS").unwrap_or_else(|_| GUEST_CPUS.to_owned()));
+    qemu.args(["-nographic", "-no-reboot", "-kernel"]).arg(&kernel.vmlinuz);
+    qemu.arg("-initrd").arg(&initrd);
+    for share in shares {
+        qemu.arg("-virtfs").arg(share);
+    }
+    let mut qemu = qemu
         .arg("-append")
-        .arg(format!(
-            "console=ttyS0 panic=-1 quiet loglevel=3 tcpstate.script={} tcpstate.tmpfs={}",
-            script.display(),
-            scratch.join(",")
-        ))
+        .arg(kernel_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .context("starting qemu-system-x86_64 (package qemu-system-x86)")?;
+        .with_context(|| format!("starting {}", emulator.program))?;
     let stdout = qemu.stdout.take().context("qemu stdout")?;
     let (lines, received) = mpsc::channel();
     thread::spawn(move || {
@@ -259,7 +400,7 @@ fn run_kernel(
                 let line = line.trim_end_matches('\r').to_owned();
                 writeln!(log, "{line}")?;
                 if let Some(progress) = parser.feed(&line) {
-                    eprintln!("vmtest[{}]: {progress}", source.name);
+                    eprintln!("vmtest[{label}]: {progress}");
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -272,12 +413,12 @@ fn run_kernel(
     }
     let _ = qemu.wait();
     let log_path = work.join("console.log");
-    let expected: Vec<&str> = binaries.iter().map(|(name, _)| name.as_str()).collect();
+    let expected: Vec<&str> = userland.binaries.iter().map(|(name, _)| name.as_str()).collect();
     let run = parser.finish(&log_path, &expected)?;
     for binary in run.binaries.iter().filter(|b| b.exit_code != Some(0)) {
         eprintln!(
-            "vmtest: ---- {} on {}: test binary `{}` failed (exit {:?}); its output:",
-            source.distribution, run.release, binary.name, binary.exit_code
+            "vmtest: ---- {label} ({}): test binary `{}` failed (exit {:?}); its output:",
+            run.release, binary.name, binary.exit_code
         );
         for line in &binary.output {
             eprintln!("{line}");
@@ -289,14 +430,17 @@ fn run_kernel(
 
 /// The shell script the guest runs: each test binary, one test at a time (emulated CPUs are
 /// slow enough to turn timing margins into flakes), as root.
-fn guest_script(binaries: &[(String, PathBuf)], filter: Option<&str>, tools: &Path) -> String {
+fn guest_script(guest: &Guest, userland: &Userland, filter: Option<&str>) -> String {
     let mut script = String::from("set +e\n");
-    script.push_str(&format!("export PATH={}:$PATH\n", tools.display()));
-    script.push_str(&format!("export TCPSTATE_TEST_EXPECT_PARTS={EXPECTED_PARTS}\n"));
+    for (name, value) in &userland.environment {
+        script.push_str(&format!("export {name}={value}\n"));
+    }
+    script.push_str(&format!("export TCPSTATE_TEST_EXPECT_PARTS={}\n", guest.runs));
+    script.push_str(&format!("export TCPSTATE_TEST_REFUSED_PARTS={}\n", guest.refused));
     script.push_str("export RUST_BACKTRACE=1 TCPSTATE_INTEGRATION_REQUIRED=1\n");
-    let skips: String = HOST_ONLY_TESTS.iter().map(|t| format!(" --skip {t}")).collect();
+    let skips: String = userland.skipped_tests.iter().map(|t| format!(" --skip {t}")).collect();
     let filter = filter.map(|f| format!(" '{}'", f.replace('\'', ""))).unwrap_or_default();
-    for (name, path) in binaries {
+    for (name, path) in &userland.binaries {
         script.push_str(&format!(
             "echo VMTEST-BEGIN {name}\n{} --test-threads=1{skips}{filter} 2>&1\necho VMTEST-END {name} rc=$?\n",
             path.display()
