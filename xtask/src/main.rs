@@ -42,8 +42,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Check formatting and lints, run every test against this machine's kernel as root, then
-    /// the integration tests inside each stock kernel of the matrix (`vmtest`).
+    /// Check formatting and lints, run every test against this machine's kernel as root, build
+    /// and check the release artifacts (`dist`), then the integration tests inside each stock
+    /// kernel of the matrix on both architectures (`vmtest`).
     Test {
         /// Only run tests whose name contains this.
         filter: Option<String>,
@@ -62,8 +63,8 @@ enum Task {
     /// Build an OCI image of tcpstate (no registry needed), load it into podman and save it as
     /// target/image/tcpstate-VERSION.oci.tar for other hosts.
     Image,
-    /// Boot Debian's stock kernels (5.10, 6.1, 6.12) in QEMU and run the integration tests
-    /// inside each.
+    /// Boot Debian's stock kernels (5.10, 6.1, 6.12) for x86_64 and aarch64 in QEMU and run the
+    /// integration tests inside each.
     Vmtest(vmtest::VmtestArgs),
     /// `cargo fmt --check` and clippy with warnings denied.
     Lint,
@@ -110,13 +111,9 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Dist { arch } => {
             setup::build_prerequisites(&root)?;
-            setup::dist_prerequisites()?;
             setup::container_prerequisites()?;
             let arches = if arch.is_empty() { cross::Arch::ALL.to_vec() } else { arch };
-            for artifact in dist::run(&root, &arches)? {
-                eprintln!("xtask: {}", artifact.display());
-            }
-            Ok(())
+            dist_for(&root, &arches)
         }
         Task::Image => {
             setup::build_prerequisites(&root)?;
@@ -133,13 +130,18 @@ fn main() -> anyhow::Result<()> {
             build_release(&root)?;
             let image = image::build(&root)?;
             let host = test(filter.as_deref(), &tools, &image);
+            // What users install, built and checked (lintian, dpkg install and purge, the
+            // image running `tcpstate check`); a filtered run is after one test, not these.
+            let releases = if filter.is_none() { dist_checked(&root) } else { Ok(()) };
             if host_only {
-                return host;
+                host?;
+                return releases;
             }
-            // The matrix runs even when the host failed: both verdicts are worth having.
+            // The matrix runs even when the host failed: every verdict is worth having.
             let args = vmtest::VmtestArgs { filter, ..Default::default() };
             let matrix = vmtest::run(&root, &args, &tools);
             host.context("tests on this machine's kernel failed")?;
+            releases.context("the release artifacts failed their checks")?;
             matrix
         }
         Task::Vmtest(args) => {
@@ -160,6 +162,21 @@ fn main() -> anyhow::Result<()> {
         Task::Loadgen(command) => bench::load::run(command),
         Task::Floor { program } => bench::floor::hold(program),
     }
+}
+
+/// `cargo xtask dist` for `arches`: builds and checks every artifact, and lists them.
+fn dist_for(root: &std::path::Path, arches: &[cross::Arch]) -> anyhow::Result<()> {
+    setup::dist_prerequisites()?;
+    for artifact in dist::run(root, arches)? {
+        eprintln!("xtask: {}", artifact.display());
+    }
+    Ok(())
+}
+
+/// The release artifacts of every architecture, as `cargo xtask test` checks them.
+fn dist_checked(root: &std::path::Path) -> anyhow::Result<()> {
+    eprintln!("xtask: building and checking the release artifacts (`cargo xtask dist`)");
+    dist_for(root, &cross::Arch::ALL)
 }
 
 fn workspace_root() -> PathBuf {
