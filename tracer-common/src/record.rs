@@ -64,7 +64,11 @@ pub struct TransitionRecord {
     /// On a transition to CLOSE, the socket's pending error (`sk_err`, an errno below 256):
     /// why a connect failed or a connection was reset or timed out; 0 otherwise.
     pub error: u8,
-    pub _pad: [u8; 4],
+    /// On SYN_RECV -> ESTABLISHED, the socket's smoothed round-trip time as the kernel keeps
+    /// it (`tcp_sock.srtt_us`, in eighths of a microsecond). Its first sample, taken when the
+    /// final ACK arrived, is the handshake's: from the SYN-ACK to that ACK. 0 otherwise, or
+    /// when the kernel had no sample (a retried SYN-ACK without timestamps).
+    pub srtt_us: u32,
 }
 
 /// Bytes of one record in the ring buffer (the kernel adds its own 8-byte header).
@@ -88,5 +92,13 @@ impl TransitionRecord {
 
     pub const fn rescued(&self) -> bool {
         self.flags & FLAG_RESCUED != 0
+    }
+
+    /// A server's handshake, in nanoseconds: the SYN-ACK's round trip, when this record
+    /// completed one and the kernel measured it.
+    pub fn server_handshake_ns(&self) -> Option<u64> {
+        let completes =
+            (self.oldstate, self.newstate) == (TcpState::SYN_RECV, TcpState::ESTABLISHED);
+        (completes && self.srtt_us != 0).then(|| u64::from(self.srtt_us) * 125)
     }
 }

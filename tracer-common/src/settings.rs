@@ -110,6 +110,9 @@ pub struct KernelSettings {
     /// context: the function's parameter count, from BTF (4 before Linux 6.10, 2 since).
     /// Read directly, because `bpf_get_func_ret` only exists from Linux 5.17.
     pub accept_ret_slot: u32,
+    /// Offset of `tcp_sock.srtt_us`, from BTF: read on SYN_RECV -> ESTABLISHED only, for the
+    /// server's handshake time.
+    pub tcp_srtt_offset: u32,
     /// For the standby program, which reads a transition from the socket itself.
     pub sock: SockOffsets,
     /// 0: wake the reader for every record it has not caught up with (the kernel's default).
@@ -130,6 +133,7 @@ impl KernelSettings {
         task_group_leader_offset: OFFSET_UNKNOWN,
         task_comm_offset: OFFSET_UNKNOWN,
         accept_ret_slot: OFFSET_UNKNOWN,
+        tcp_srtt_offset: OFFSET_UNKNOWN,
         sock: SockOffsets::UNKNOWN,
         wakeup_every: 0,
     };
@@ -137,7 +141,7 @@ impl KernelSettings {
 
 const _: () = assert!(size_of::<KernelFilter>() == 56);
 const _: () = assert!(size_of::<SockOffsets>() == 16);
-const _: () = assert!(size_of::<KernelSettings>() == 104);
+const _: () = assert!(size_of::<KernelSettings>() == 112);
 
 /// Value of the per-socket LRU map, keyed by `skaddr`.
 #[repr(C)]

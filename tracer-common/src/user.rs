@@ -193,7 +193,7 @@ mod tests {
             newstate: crate::TcpState::ESTABLISHED,
             flags: crate::record::FLAG_DWELL_KNOWN,
             error: 0,
-            _pad: [0; 4],
+            srtt_us: 0,
         }
     }
 

@@ -159,7 +159,11 @@ pub fn handle_transition<C: EbpfContext, T: Transition>(
         (*rec).newstate = new;
         (*rec).flags = tracked.flags | record_flags;
         (*rec).error = if new == TcpState::CLOSE { read_sk_err(skaddr) } else { 0 };
-        (*rec)._pad = [0; 4];
+        (*rec).srtt_us = if (old, new) == (TcpState::SYN_RECV, TcpState::ESTABLISHED) {
+            read_srtt(skaddr)
+        } else {
+            0
+        };
     }
     counters.emitted += 1;
     slot.submit(wakeup_flags(counters.emitted));
@@ -296,6 +300,18 @@ fn read_sk_err(skaddr: u64) -> u8 {
     // SAFETY: probe reads fault safely on a bad address.
     let error = unsafe { bpf_probe_read_kernel((skaddr + u64::from(offset)) as *const i32) };
     error.map_or(0, |e| u8::try_from(e).unwrap_or(u8::MAX))
+}
+
+/// The socket's smoothed round-trip time (`tcp_sock.srtt_us`), read only as a server's
+/// handshake completes: the kernel took its first sample from the SYN-ACK just before.
+#[inline(always)]
+fn read_srtt(skaddr: u64) -> u32 {
+    let offset = setting!(tcp_srtt_offset);
+    if offset == OFFSET_UNKNOWN {
+        return 0;
+    }
+    // SAFETY: probe reads fault safely on a bad address.
+    unsafe { bpf_probe_read_kernel((skaddr + u64::from(offset)) as *const u32) }.unwrap_or(0)
 }
 
 /// The socket's network namespace inode (`sk->__sk_common.skc_net.net->ns.inum`), with the

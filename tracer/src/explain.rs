@@ -54,7 +54,8 @@ pub(crate) const EXPLANATIONS: [Explanation; 12] = [
         check: "the destinations (`ss -tn state syn-sent`), whether they listen and are \
                 reachable, firewalls and security groups on the path",
         settings: &["net.ipv4.tcp_syn_retries (about 127 s at the default 6)"],
-        in_tcpstate: "tcpstate_sockets{state=\"SYN_SENT\"}; `tcpstate watch --state SYN_SENT`",
+        in_tcpstate: "tcpstate_sockets{state=\"SYN_SENT\"}; `tcpstate watch --state SYN_SENT`; \
+                      how long connects take: tcpstate_handshake_duration_seconds{role=\"client\"}",
     },
     Explanation {
         state: TcpState::SYN_RECV,
@@ -73,7 +74,8 @@ pub(crate) const EXPLANATIONS: [Explanation; 12] = [
             "net.ipv4.tcp_synack_retries",
             "net.ipv4.tcp_syncookies",
         ],
-        in_tcpstate: "tcpstate_sockets{state=\"SYN_RECV\"} and {state=\"NEW_SYN_RECV\"}",
+        in_tcpstate: "tcpstate_sockets{state=\"SYN_RECV\"} and {state=\"NEW_SYN_RECV\"}; the \
+                      clients' round trips: tcpstate_handshake_duration_seconds{role=\"server\"}",
     },
     Explanation {
         state: TcpState::FIN_WAIT1,

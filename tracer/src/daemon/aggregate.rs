@@ -38,6 +38,29 @@ const DURATION_BUCKET_NS: [u64; DURATION_BUCKETS.len()] = {
     ns
 };
 
+/// Which side of a handshake a socket took, and what its handshake time measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HandshakeRole {
+    /// connect() to the SYN-ACK that established the connection, SYN retries included: the
+    /// socket's SYN_SENT stay.
+    Client,
+    /// The SYN-ACK to the ACK that completed the handshake: the kernel's own first round-trip
+    /// sample. The SYN_RECV stay cannot tell it: the kernel creates the socket only when
+    /// that ACK arrives.
+    Server,
+}
+
+impl HandshakeRole {
+    pub(crate) const ALL: [Self; 2] = [Self::Client, Self::Server];
+
+    pub(crate) const fn name(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Server => "server",
+        }
+    }
+}
+
 /// Completed stays in one state whose length is exactly known.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct StayHistogram {
@@ -79,6 +102,8 @@ pub(crate) struct Aggregator {
     /// [label][received, sent][state the reset hit]
     resets: Vec<[[u64; TcpState::INDEXES]; 2]>,
     stays: [StayHistogram; TcpState::INDEXES],
+    /// [label][role]: completed handshakes.
+    handshakes: Vec<[StayHistogram; 2]>,
     table: SocketTable,
     events: u64,
     malformed: u64,
@@ -131,6 +156,7 @@ impl Aggregator {
             connect_failures: vec![[0; CONNECT_REASONS.len()]; labels.values()],
             resets: vec![[[0; TcpState::INDEXES]; 2]; labels.values()],
             stays: std::array::from_fn(|_| StayHistogram::default()),
+            handshakes: vec![Default::default(); labels.values()],
             table: SocketTable::new(max_sockets, labels.clone()),
             labels,
             events: 0,
@@ -212,6 +238,11 @@ impl Aggregator {
         &self.stays[state.index()]
     }
 
+    /// Completed handshakes of sockets with this port label, in one role.
+    pub(crate) fn handshakes(&self, label: usize, role: HandshakeRole) -> &StayHistogram {
+        &self.handshakes[label][role as usize]
+    }
+
     /// Records a socket's inode learned from a dump.
     pub(crate) fn set_inode(&mut self, id: super::table::SocketId, inode: u32) {
         self.table.set_inode(id, inode);
@@ -241,6 +272,12 @@ impl Aggregator {
         }
         if r.dwell_known() && r.ends_stay() {
             self.stays[old.index()].observe(r.dwell_ns);
+            if (old, new) == (TcpState::SYN_SENT, TcpState::ESTABLISHED) {
+                self.handshakes[label][HandshakeRole::Client as usize].observe(r.dwell_ns);
+            }
+        }
+        if let Some(ns) = r.server_handshake_ns() {
+            self.handshakes[label][HandshakeRole::Server as usize].observe(ns);
         }
 
         let ts = r.ts_ns;
@@ -384,7 +421,7 @@ pub(in crate::daemon) mod tests {
             newstate: new,
             flags: if old == S::CLOSE { 0 } else { FLAG_DWELL_KNOWN },
             error: 0,
-            _pad: [0; 4],
+            srtt_us: 0,
         }
     }
 
@@ -421,6 +458,30 @@ pub(in crate::daemon) mod tests {
         agg.apply(&record(A, 5, S::FIN_WAIT2, S::CLOSE, 1000));
         assert!(agg.table().is_empty());
         assert_eq!(agg.events(), 5);
+    }
+
+    /// A client's handshake is its SYN_SENT stay that ended ESTABLISHED, not the one a
+    /// failed connect ended; a server's is the round trip the kernel measured, not its
+    /// SYN_RECV stay, and none when the kernel has no sample.
+    #[test]
+    fn handshakes_are_counted_by_role() {
+        let mut agg = Aggregator::new(100, PortLabels::none());
+        agg.apply(&record(A, 1, S::CLOSE, S::SYN_SENT, 0));
+        agg.apply(&record(A, 2, S::SYN_SENT, S::ESTABLISHED, 40000));
+        agg.apply(&record(A + 64, 1, S::CLOSE, S::SYN_SENT, 0));
+        agg.apply(&record(A + 64, 2, S::SYN_SENT, S::CLOSE, 40001));
+        agg.apply(&record(A + 128, 1, S::LISTEN, S::SYN_RECV, 80));
+        agg.apply(&TransitionRecord {
+            srtt_us: 8 * 70,
+            ..record(A + 128, 2, S::SYN_RECV, S::ESTABLISHED, 80)
+        });
+        agg.apply(&record(A + 192, 1, S::LISTEN, S::SYN_RECV, 80));
+        agg.apply(&record(A + 192, 2, S::SYN_RECV, S::ESTABLISHED, 80));
+        let client = agg.handshakes(0, HandshakeRole::Client);
+        assert_eq!((client.count, client.sum_ns), (1, 500));
+        let server = agg.handshakes(0, HandshakeRole::Server);
+        assert_eq!((server.count, server.sum_ns), (1, 70_000));
+        assert_eq!(agg.stays(S::SYN_SENT).count, 2, "both SYN_SENT stays are stays");
     }
 
     /// shutdown() then close() reports the close as FIN_WAIT1 -> FIN_WAIT1 (or FIN_WAIT2 ->

@@ -174,6 +174,11 @@ pub(crate) fn sk_err_offset(btf: &KernelBtf) -> Result<u16, BtfError> {
     btf.offset_u16("sock", "sk_err")
 }
 
+/// Offset of `tcp_sock.srtt_us`: the round-trip time a server's handshake completes with.
+pub(crate) fn srtt_offset(btf: &KernelBtf) -> Result<u32, BtfError> {
+    btf.offset_of("tcp_sock", "srtt_us")
+}
+
 /// Where the tracepoint's assignment reads each field, for the standby program, which reads
 /// them from the socket itself.
 pub(crate) fn sock_offsets(btf: &KernelBtf) -> Result<SockOffsets, BtfError> {

@@ -61,6 +61,10 @@ pub(super) fn resolve(options: &ProbeOptions) -> Result<Resolved, ProbeError> {
         task_group_leader_offset: task.group_leader,
         task_comm_offset: task.comm,
         accept_ret_slot: *accept_parameters.as_ref().unwrap_or(&OFFSET_UNKNOWN),
+        tcp_srtt_offset: btf::srtt_offset(&btf).unwrap_or_else(|error| {
+            log::warn!("server handshake durations are not measured: {error}");
+            OFFSET_UNKNOWN
+        }),
         sock: *sock.as_ref().unwrap_or(&SockOffsets::UNKNOWN),
         standby_first: options.standby_first.into(),
         wakeup_every: wakeup_every(options.wakeup_batch_bytes.unwrap_or_else(|| {

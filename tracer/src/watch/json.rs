@@ -235,7 +235,7 @@ pub(super) mod tests {
             newstate: TcpState::CLOSE_WAIT,
             flags: FLAG_DWELL_KNOWN | FLAG_OWNER_KNOWN,
             error: 0,
-            _pad: [0; 4],
+            srtt_us: 0,
         }
     }
 

@@ -107,6 +107,24 @@ fn counters_and_histograms_match_a_known_set_of_connections() {
         Ok(after)
     });
 
+    // Handshakes, per labelled port: one per client socket, one per accepted connection.
+    let handshakes = "tcpstate_handshake_duration_seconds";
+    for (port, transitions) in &expected {
+        let port = port.to_string();
+        for (role, completing) in
+            [("client", (S::SYN_SENT, S::ESTABLISHED)), ("server", (S::SYN_RECV, S::ESTABLISHED))]
+        {
+            let want = transitions.iter().filter(|t| **t == completing).count() as f64;
+            let labels = [("role", role), ("port", port.as_str())];
+            let (count, sum, _) = after.histogram(handshakes, &labels);
+            let (count_before, sum_before, _) = before.histogram(handshakes, &labels);
+            assert_eq!(count - count_before, want, "{role} handshakes on port {port}");
+            let sum = sum - sum_before;
+            // Loopback round trips: well under a second each, and never nothing.
+            assert!(want == 0.0 || (sum > 0.0 && sum < want), "{role} on {port}: {sum} s");
+        }
+    }
+
     // Completed stays: 8 connections give 8 stays in SYN_SENT, SYN_RECV, each closing state,
     // and 16 in ESTABLISHED (both sides), each at least HOLD long.
     let histogram = "tcpstate_state_duration_seconds";

@@ -14,7 +14,7 @@ use super::{PortSeries, escape_label_value};
 use crate::{
     daemon::{
         Status,
-        aggregate::{Aggregator, DURATION_BUCKETS, SAMPLED_STATES},
+        aggregate::{Aggregator, DURATION_BUCKETS, HandshakeRole, SAMPLED_STATES, StayHistogram},
         groups::{GroupBy, GroupLabels},
         leak_watch::LeakState,
         table::Counts,
@@ -163,19 +163,48 @@ pub(super) fn stay_durations(encoder: &mut DescriptorEncoder, agg: &Aggregator) 
         MetricType::Histogram,
     )?;
     for state in stay_states() {
-        let stays = agg.stays(state);
-        let mut buckets: Vec<(f64, u64)> =
-            DURATION_BUCKETS.iter().copied().zip(stays.buckets.iter().copied()).collect();
-        buckets.push((f64::MAX, stays.buckets[DURATION_BUCKETS.len()]));
-        let set = [("state", state.to_string())];
-        family.encode_family(&set)?.encode_histogram::<NoLabelSet>(
-            stays.sum_ns as f64 / 1e9,
-            stays.count,
-            &buckets,
-            None,
-        )?;
+        histogram(&mut family, &[("state", state.to_string())], agg.stays(state))?;
     }
     Ok(())
+}
+
+pub(super) fn handshake_durations(
+    encoder: &mut DescriptorEncoder,
+    agg: &Aggregator,
+    ports: &PortSeries,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_handshake_duration_seconds",
+        "Completed TCP handshakes, by role: client, from connect() to the SYN-ACK that \
+         established the connection (SYN retries included); server, from the SYN-ACK to the \
+         ACK that completed it, as the kernel measured it",
+        None,
+        MetricType::Histogram,
+    )?;
+    for role in HandshakeRole::ALL {
+        for label in ports.indexes() {
+            let set = ports.with(&[("role", role.name().to_owned())], label);
+            histogram(&mut family, &set, agg.handshakes(label, role))?;
+        }
+    }
+    Ok(())
+}
+
+/// One histogram series with the stay buckets.
+fn histogram(
+    family: &mut prometheus_client::encoding::MetricEncoder,
+    labels: &[(&str, String)],
+    stays: &StayHistogram,
+) -> fmt::Result {
+    let mut buckets: Vec<(f64, u64)> =
+        DURATION_BUCKETS.iter().copied().zip(stays.buckets.iter().copied()).collect();
+    buckets.push((f64::MAX, stays.buckets[DURATION_BUCKETS.len()]));
+    family.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
+        stays.sum_ns as f64 / 1e9,
+        stays.count,
+        &buckets,
+        None,
+    )
 }
 
 pub(super) fn state_seconds(

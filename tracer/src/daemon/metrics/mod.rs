@@ -50,6 +50,7 @@ impl Collector for TcpstateCollector {
         families::resets(&mut encoder, &agg, &ports)?;
         families::ephemeral_ports(&mut encoder, &agg)?;
         families::stay_durations(&mut encoder, &agg)?;
+        families::handshake_durations(&mut encoder, &agg, &ports)?;
         families::state_seconds(&mut encoder, &agg, now)?;
         let pass = agg.table().scrape_pass(self.group_by.is_some());
         let grouped = self.group_by.map(|by| {
