@@ -46,7 +46,7 @@ enum Task {
     /// and check the release artifacts (`dist`), then the integration tests inside each stock
     /// kernel of the matrix on both architectures (`vmtest`).
     Test {
-        /// Only run tests whose name contains this.
+        /// Only run tests whose name contains this (or any word of it).
         filter: Option<String>,
         /// Skip the kernel matrix (the VMs): this machine's kernel only.
         #[arg(long)]
@@ -253,7 +253,7 @@ fn test(filter: Option<&str>, tools: &std::path::Path, image: &str) -> anyhow::R
         command.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
     }
     if let Some(filter) = filter {
-        command.args(["--", filter]);
+        command.arg("--").args(filter.split_whitespace());
     }
     run_checked(&mut command)
 }

@@ -39,7 +39,7 @@ pub struct VmtestArgs {
     /// Only guests of this architecture; repeat for several. Default: all.
     #[arg(long = "arch", value_enum, value_name = "ARCH")]
     pub arches: Vec<Arch>,
-    /// Only tests whose name contains this.
+    /// Only tests whose name contains this (or any word of it).
     pub filter: Option<String>,
 }
 
@@ -439,7 +439,12 @@ fn guest_script(guest: &Guest, userland: &Userland, filter: Option<&str>) -> Str
     script.push_str(&format!("export TCPSTATE_TEST_REFUSED_PARTS={}\n", guest.refused));
     script.push_str("export RUST_BACKTRACE=1 TCPSTATE_INTEGRATION_REQUIRED=1\n");
     let skips: String = userland.skipped_tests.iter().map(|t| format!(" --skip {t}")).collect();
-    let filter = filter.map(|f| format!(" '{}'", f.replace('\'', ""))).unwrap_or_default();
+    // Words of the filter are libtest's filters: a test runs when its name contains any.
+    let filter: String = filter
+        .into_iter()
+        .flat_map(str::split_whitespace)
+        .map(|word| format!(" '{}'", word.replace('\'', "")))
+        .collect();
     for (name, path) in &userland.binaries {
         script.push_str(&format!(
             "echo VMTEST-BEGIN {name}\n{} --test-threads=1{skips}{filter} 2>&1\necho VMTEST-END {name} rc=$?\n",
