@@ -5,6 +5,10 @@ use crate::TcpState;
 /// Most ports a kernel-side port filter holds (`--port`, `--sport`, `--dport` each).
 pub const MAX_FILTER_PORTS: usize = 8;
 
+/// Most ports with series of their own (`--port-label`); the kernel counts retransmits for
+/// each.
+pub const MAX_PORT_LABELS: usize = 32;
+
 /// An offset that could not be resolved from the kernel's BTF: the program skips that read.
 pub const OFFSET_UNKNOWN: u32 = u32::MAX;
 
@@ -115,6 +119,13 @@ pub struct KernelSettings {
     pub tcp_srtt_offset: u32,
     /// For the standby program, which reads a transition from the socket itself.
     pub sock: SockOffsets,
+    /// Offset of the `err` field in `tcp:tcp_retransmit_skb`'s record, where the kernel has
+    /// it (a failed retransmit is not counted); `OFFSET_UNKNOWN` where it has not.
+    pub retransmit_err_offset: u32,
+    /// Local ports whose retransmits are counted apart, sorted as the daemon's port labels:
+    /// the `i`th counts in `RETRANSMITS[i + 1]`, any other port in `RETRANSMITS[0]`.
+    pub label_ports: [u16; MAX_PORT_LABELS],
+    pub label_port_count: u32,
     /// 0: wake the reader for every record it has not caught up with (the kernel's default).
     /// Otherwise a power of two: send records without a wakeup, and force one every this many
     /// records a CPU sends; the reader also polls on a timer. Saves a wakeup (and the interrupt
@@ -135,13 +146,16 @@ impl KernelSettings {
         accept_ret_slot: OFFSET_UNKNOWN,
         tcp_srtt_offset: OFFSET_UNKNOWN,
         sock: SockOffsets::UNKNOWN,
+        retransmit_err_offset: OFFSET_UNKNOWN,
+        label_ports: [0; MAX_PORT_LABELS],
+        label_port_count: 0,
         wakeup_every: 0,
     };
 }
 
 const _: () = assert!(size_of::<KernelFilter>() == 56);
 const _: () = assert!(size_of::<SockOffsets>() == 16);
-const _: () = assert!(size_of::<KernelSettings>() == 112);
+const _: () = assert!(size_of::<KernelSettings>() == 184);
 
 /// Value of the per-socket LRU map, keyed by `skaddr`.
 #[repr(C)]
@@ -186,6 +200,33 @@ pub struct KernelCounters {
     /// Main program only: runs that found the standby had already delivered this transition.
     pub deduplicated: u64,
 }
+
+/// TCP state numbers below this are counted apart (the kernel's go up to 13).
+pub const RETRANSMIT_STATES: usize = 16;
+
+/// Per CPU and per port label (`KernelSettings::label_ports`): retransmitted segments, by the
+/// state of the socket that sent them again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetransmitCounts {
+    /// `tcp:tcp_retransmit_skb` firings that went out, by `state` (a higher number in the
+    /// last slot).
+    pub by_state: [u64; RETRANSMIT_STATES],
+    /// `tcp:tcp_retransmit_synack` firings: SYN-ACKs a listener sent again.
+    pub synack: u64,
+    /// Retransmits that failed to go out (kernels whose tracepoint says so): not counted
+    /// above, so that every kernel counts the same thing (older ones fire only for
+    /// retransmits that went out).
+    pub failed: u64,
+}
+
+impl Default for RetransmitCounts {
+    fn default() -> Self {
+        Self { by_state: [0; RETRANSMIT_STATES], synack: 0, failed: 0 }
+    }
+}
+
+const _: () = assert!(size_of::<RetransmitCounts>() == 144);
 
 /// How many recent transitions each program remembers per CPU (`RecentTransitions`).
 pub const RECENT: usize = 4;

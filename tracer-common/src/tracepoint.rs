@@ -1,4 +1,5 @@
-//! Where the kernel program reads `sock:inet_sock_set_state`'s record.
+//! Where the kernel programs read their tracepoints' records: `sock:inet_sock_set_state`'s
+//! here, the retransmit tracepoints' in [`retransmit`] and [`synack`].
 //!
 //! The kernel program reads these offsets directly; the loader checks each one against the
 //! tracepoint's `format` file before attaching and refuses to run on a mismatch, so a kernel
@@ -30,3 +31,29 @@ pub const DADDR_V6: Field = Field { name: "daddr_v6", offset: 56, size: 16 };
 /// Every field the program reads, for the loader's check.
 pub const FIELDS: [Field; 11] =
     [SKADDR, OLDSTATE, NEWSTATE, SPORT, DPORT, FAMILY, PROTOCOL, SADDR, DADDR, SADDR_V6, DADDR_V6];
+
+/// `tcp:tcp_retransmit_skb` (Linux 4.16 on): one firing per retransmitted segment, with the
+/// socket's state.
+pub mod retransmit {
+    use super::Field;
+
+    pub const CATEGORY: &str = "tcp";
+    pub const NAME: &str = "tcp_retransmit_skb";
+    pub const STATE: Field = Field { name: "state", offset: 24, size: 4 };
+    pub const SPORT: Field = Field { name: "sport", offset: 28, size: 2 };
+    pub const FIELDS: [Field; 2] = [STATE, SPORT];
+    /// Newer kernels also fire for retransmits that failed, and say so in this field (an
+    /// errno, 0 for a retransmit that went out); older ones fire only for those that went out.
+    pub const ERR: &str = "err";
+}
+
+/// `tcp:tcp_retransmit_synack`: a listener's SYN-ACK sent again, the handshake's final ACK
+/// not having come.
+pub mod synack {
+    use super::Field;
+
+    pub const CATEGORY: &str = "tcp";
+    pub const NAME: &str = "tcp_retransmit_synack";
+    pub const SPORT: Field = Field { name: "sport", offset: 24, size: 2 };
+    pub const FIELDS: [Field; 1] = [SPORT];
+}

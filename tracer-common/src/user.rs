@@ -8,16 +8,17 @@ use core::{
 use crate::{
     KernelCounters, KernelSettings, RECORD_SIZE, SocketState, TcpState, TransitionRecord,
     record::{AF_INET, AF_INET6},
-    settings::RecentTransitions,
+    settings::{RecentTransitions, RetransmitCounts},
 };
 
-// SAFETY: all five are `#[repr(C)]`, `Copy`, made only of integers and byte arrays, with the
+// SAFETY: all six are `#[repr(C)]`, `Copy`, made only of integers and byte arrays, with the
 // padding spelled out as fields (sizes asserted where they are defined): any bit pattern is valid.
 unsafe impl aya::Pod for TransitionRecord {}
 unsafe impl aya::Pod for SocketState {}
 unsafe impl aya::Pod for KernelCounters {}
 unsafe impl aya::Pod for KernelSettings {}
 unsafe impl aya::Pod for RecentTransitions {}
+unsafe impl aya::Pod for RetransmitCounts {}
 
 /// A state is its name in JSON (`"CLOSE_WAIT"`, `"STATE_13"`), written without allocating.
 impl serde::Serialize for TcpState {

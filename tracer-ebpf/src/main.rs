@@ -22,6 +22,7 @@
 // for `-Z build-std` anyway.
 #![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
+mod retransmits;
 mod transition;
 
 use aya_ebpf::{
@@ -35,8 +36,8 @@ use tracer_common::{
     KernelCounters, KernelSettings, SocketState, TcpState,
     record::{AF_INET6, FLAG_RESCUED},
     settings::{
-        self, COUNTER_SLOTS, COUNTERS_MAIN, COUNTERS_STANDBY, OFFSET_UNKNOWN, RecentTransitions,
-        transition_id,
+        self, COUNTER_SLOTS, COUNTERS_MAIN, COUNTERS_STANDBY, MAX_PORT_LABELS, OFFSET_UNKNOWN,
+        RecentTransitions, RetransmitCounts, transition_id,
     },
     tracepoint as tp,
 };
@@ -58,6 +59,11 @@ static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(1 <<
 /// What could not be delivered, and why; one slot per program.
 #[map]
 static COUNTERS: PerCpuArray<KernelCounters> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// Per CPU, per port label (slot 0: the other ports): retransmits by state.
+#[map]
+static RETRANSMITS: PerCpuArray<RetransmitCounts> =
+    PerCpuArray::with_max_entries(MAX_PORT_LABELS as u32 + 1, 0);
 
 /// Per CPU: the transitions each program delivered last.
 #[map]

@@ -40,7 +40,8 @@ pub(crate) const EXPLANATIONS: [Explanation; 12] = [
         check: "which processes hold them (`ss -tnp state established`, tcpstate_sockets by \
                 port) and whether the count follows the load or only grows",
         settings: &["net.ipv4.tcp_keepalive_time", "ulimit -n (RLIMIT_NOFILE) of the process"],
-        in_tcpstate: "tcpstate_sockets{state=\"ESTABLISHED\"}; /api/sockets?state=ESTABLISHED",
+        in_tcpstate: "tcpstate_sockets{state=\"ESTABLISHED\"}; /api/sockets?state=ESTABLISHED; \
+                      data lost on the way: tcpstate_retransmits_total{state=\"ESTABLISHED\"}",
     },
     Explanation {
         state: TcpState::SYN_SENT,
@@ -55,7 +56,9 @@ pub(crate) const EXPLANATIONS: [Explanation; 12] = [
                 reachable, firewalls and security groups on the path",
         settings: &["net.ipv4.tcp_syn_retries (about 127 s at the default 6)"],
         in_tcpstate: "tcpstate_sockets{state=\"SYN_SENT\"}; `tcpstate watch --state SYN_SENT`; \
-                      how long connects take: tcpstate_handshake_duration_seconds{role=\"client\"}",
+                      how long connects take: tcpstate_handshake_duration_seconds{role=\"client\"}; \
+                      SYN retries (each one adds 1 s, then 2 s, 4 s, ...): \
+                      tcpstate_retransmits_total{state=\"SYN_SENT\"}",
     },
     Explanation {
         state: TcpState::SYN_RECV,
@@ -75,7 +78,8 @@ pub(crate) const EXPLANATIONS: [Explanation; 12] = [
             "net.ipv4.tcp_syncookies",
         ],
         in_tcpstate: "tcpstate_sockets{state=\"SYN_RECV\"} and {state=\"NEW_SYN_RECV\"}; the \
-                      clients' round trips: tcpstate_handshake_duration_seconds{role=\"server\"}",
+                      clients' round trips: tcpstate_handshake_duration_seconds{role=\"server\"}; \
+                      SYN-ACKs sent again: tcpstate_synack_retransmits_total",
     },
     Explanation {
         state: TcpState::FIN_WAIT1,
@@ -88,7 +92,9 @@ pub(crate) const EXPLANATIONS: [Explanation; 12] = [
                   window is full (data still queued to it)",
         check: "the peers (`ss -tn state fin-wait-1`), unsent data (Send-Q), reachability",
         settings: &["net.ipv4.tcp_orphan_retries", "net.ipv4.tcp_max_orphans"],
-        in_tcpstate: "tcpstate_sockets{state=\"FIN_WAIT1\"}; tcpstate_state_duration_seconds",
+        in_tcpstate: "tcpstate_sockets{state=\"FIN_WAIT1\"}; tcpstate_state_duration_seconds; \
+                      a FIN (or the data before it) the peer does not acknowledge: \
+                      tcpstate_retransmits_total{state=\"FIN_WAIT1\"}",
     },
     Explanation {
         state: TcpState::FIN_WAIT2,

@@ -166,7 +166,7 @@ impl DaemonTlsArgs {
 /// The daemon's default address: loopback only, so nothing is exposed without a decision.
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:9977";
 /// Most `--port-label` ports: each adds series to two metric families.
-pub(crate) const MAX_PORT_LABELS: usize = 32;
+pub(crate) use tracer_common::settings::MAX_PORT_LABELS;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -251,6 +251,7 @@ impl ProbeArgs {
             wakeup_batch_bytes: None,
             format_file: self.tracepoint_format.clone(),
             standby_first: false,
+            port_labels: Vec::new(),
         }
     }
 }
@@ -346,11 +347,14 @@ impl RunArgs {
             max_sockets: self.max_sockets,
             reconcile_interval: self.reconcile_interval,
             close_wait_threshold: self.close_wait_threshold,
-            port_labels: self.port_labels,
             web_config: self.web_config,
             cmdline: self.cmdline,
             group_by: self.group_by,
-            probe: self.probe.probe_options(KernelFilter::ALL, daemon::RING_BYTES),
+            probe: ProbeOptions {
+                port_labels: self.port_labels.clone(),
+                ..self.probe.probe_options(KernelFilter::ALL, daemon::RING_BYTES)
+            },
+            port_labels: self.port_labels,
         }
     }
 }

@@ -143,10 +143,12 @@ impl Reading<'_> {
 fn refresh_delivery(probe: &Probe, reader: &RecordReader, shared: &Shared) {
     let duplicates = reader.duplicates_dropped();
     let delivery = probe.delivery(duplicates).map_err(|error| format!("{error:#}"));
+    let retransmits = probe.retransmits().map_err(|error| format!("{error:#}"));
     shared.update_status(|status| {
-        match delivery {
-            Ok(delivery) => {
+        match delivery.and_then(|delivery| Ok((delivery, retransmits?))) {
+            Ok((delivery, retransmits)) => {
                 status.record_delivery(delivery, monotonic_ns());
+                status.retransmits = retransmits;
                 status.counters_error = None;
             }
             Err(error) => {

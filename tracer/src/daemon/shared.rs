@@ -9,7 +9,7 @@ use std::{
 use super::{Aggregator, STATUS_INTERVAL, leak_watch::LeakState};
 use crate::{
     cgroups::CgroupNames,
-    probe::{Delivery, PartStatus},
+    probe::{Delivery, PartStatus, Retransmits},
 };
 
 /// The reader is "stalled" when it has not run for this long.
@@ -25,6 +25,8 @@ pub(crate) struct Status {
     pub parts: Vec<PartStatus>,
     /// Kernel memory of the probe's maps; set once at start.
     pub map_memory: Vec<crate::probe::MapMemory>,
+    /// What the retransmit counters counted, where they run.
+    pub retransmits: Option<Retransmits>,
     /// Second deliveries of one transition the reader dropped.
     pub duplicates_dropped: u64,
     /// When the reader last finished a batch (monotonic ns).

@@ -7,11 +7,14 @@ use aya::{
     Ebpf,
     programs::{BtfTracePoint, FExit, ProgramError, TracePoint},
 };
-use tracer_common::{settings::SockOffsets, tracepoint};
+use tracer_common::{
+    settings::SockOffsets,
+    tracepoint::{self, retransmit, synack},
+};
 
 use super::{
     ACCEPT_FUNCTION, ACCEPT_PROGRAM, BtfError, MAIN_PROGRAM, Part, PartStatus, ProbeError,
-    ProbeOptions, STANDBY_PROGRAM, verifier::refusal,
+    ProbeOptions, RETRANSMIT_PROGRAM, STANDBY_PROGRAM, SYNACK_PROGRAM, verifier::refusal,
 };
 
 /// Attaches the main program, and the optional ones where the kernel takes them: the
@@ -23,6 +26,7 @@ pub(super) fn attach_parts(
     btf: Option<&aya::Btf>,
     sock: Result<&SockOffsets, &BtfError>,
     accept_parameters: Result<&u32, &BtfError>,
+    retransmit_layout: Result<(), String>,
 ) -> Result<Vec<PartStatus>, ProbeError> {
     let mut standby = Err("not attached".to_owned());
     if options.standby_first {
@@ -36,10 +40,12 @@ pub(super) fn attach_parts(
         Ok(_) => attach_accept_owner(ebpf, btf),
         Err(error) => Err(error.to_string()),
     };
+    let retransmits = retransmit_layout.and_then(|()| attach_retransmits(ebpf));
     let parts = vec![
         PartStatus { part: Part::Main, unavailable: None },
         PartStatus { part: Part::Standby, unavailable: standby.err() },
         PartStatus { part: Part::AcceptOwner, unavailable: accept_owner.err() },
+        PartStatus { part: Part::Retransmits, unavailable: retransmits.err() },
     ];
     for status in &parts {
         if let Some(reason) = &status.unavailable {
@@ -127,6 +133,25 @@ fn attach_accept_owner(ebpf: &mut Ebpf, btf: Option<&aya::Btf>) -> Result<(), St
         .map_err(refused)?;
     program.load(ACCEPT_FUNCTION, btf).map_err(refused)?;
     program.attach().map_err(refused)?;
+    Ok(())
+}
+
+/// The two retransmit counters, on their classic tracepoints; one part: either alone would
+/// count half of what the metric says.
+fn attach_retransmits(ebpf: &mut Ebpf) -> Result<(), String> {
+    for (program_name, category, name) in [
+        (RETRANSMIT_PROGRAM, retransmit::CATEGORY, retransmit::NAME),
+        (SYNACK_PROGRAM, synack::CATEGORY, synack::NAME),
+    ] {
+        let refused = |error: ProgramError| refusal(program_name, &error);
+        let program: &mut TracePoint = ebpf
+            .program_mut(program_name)
+            .ok_or("the eBPF object has no retransmit counter")?
+            .try_into()
+            .map_err(refused)?;
+        program.load().map_err(refused)?;
+        program.attach(category, name).map_err(refused)?;
+    }
     Ok(())
 }
 

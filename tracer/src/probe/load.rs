@@ -6,8 +6,8 @@ use std::{fs, io, path::Path};
 use aya::{Ebpf, EbpfLoader};
 use tracer_common::{
     KernelSettings,
-    settings::{OFFSET_UNKNOWN, SockOffsets},
-    tracepoint,
+    settings::{MAX_PORT_LABELS, OFFSET_UNKNOWN, SockOffsets},
+    tracepoint::{self, retransmit, synack},
 };
 
 use super::{
@@ -32,6 +32,23 @@ pub(super) fn check_format(options: &ProbeOptions, tracefs: &Path) -> Result<(),
     format::check(&format_text).map_err(ProbeError::FormatMismatch)
 }
 
+/// Checks the retransmit tracepoints' layouts; returns where `tcp_retransmit_skb`'s record
+/// keeps the retransmit's error (`OFFSET_UNKNOWN` on kernels that fire only for those that
+/// went out), or why the retransmit counter cannot run.
+pub(super) fn retransmit_layout(tracefs: &Path) -> Result<u32, String> {
+    let read = |category: &str, name: &str| {
+        let path = tracefs.join("events").join(category).join(name).join("format");
+        fs::read_to_string(&path).map_err(|error| format!("reading {}: {error}", path.display()))
+    };
+    let skb = read(retransmit::CATEGORY, retransmit::NAME)?;
+    let skb_name = format!("{}:{}", retransmit::CATEGORY, retransmit::NAME);
+    format::check_optional(&skb, &skb_name, &retransmit::FIELDS)?;
+    let synack_format = read(synack::CATEGORY, synack::NAME)?;
+    let synack_name = format!("{}:{}", synack::CATEGORY, synack::NAME);
+    format::check_optional(&synack_format, &synack_name, &synack::FIELDS)?;
+    Ok(format::field_offset(&skb, retransmit::ERR).map_or(OFFSET_UNKNOWN, |offset| offset as u32))
+}
+
 /// The program's settings, with what BTF says of this kernel's structures.
 pub(super) struct Resolved {
     pub(super) settings: KernelSettings,
@@ -49,6 +66,13 @@ pub(super) fn resolve(options: &ProbeOptions) -> Result<Resolved, ProbeError> {
     let sock = btf::sock_offsets(&btf);
     let sk_err = btf::sk_err_offset(&btf);
     let accept_parameters = btf.parameter_count(ACCEPT_FUNCTION);
+    // Sorted, as the daemon numbers its port labels.
+    let mut labels = options.port_labels.clone();
+    labels.sort_unstable();
+    labels.dedup();
+    labels.truncate(MAX_PORT_LABELS);
+    let mut label_ports = [0; MAX_PORT_LABELS];
+    label_ports[..labels.len()].copy_from_slice(&labels);
     let settings = KernelSettings {
         filter: options.filter,
         trace_mptcp: u8::from(options.trace_mptcp),
@@ -66,6 +90,9 @@ pub(super) fn resolve(options: &ProbeOptions) -> Result<Resolved, ProbeError> {
             OFFSET_UNKNOWN
         }),
         sock: *sock.as_ref().unwrap_or(&SockOffsets::UNKNOWN),
+        retransmit_err_offset: OFFSET_UNKNOWN,
+        label_ports,
+        label_port_count: labels.len() as u32,
         standby_first: options.standby_first.into(),
         wakeup_every: wakeup_every(options.wakeup_batch_bytes.unwrap_or_else(|| {
             let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);

@@ -24,12 +24,16 @@ use aya::{
 use thiserror::Error;
 use tracer_common::{
     KernelCounters,
-    settings::{COUNTERS_MAIN, COUNTERS_STANDBY, KernelFilter, RecentTransitions},
+    settings::{
+        COUNTERS_MAIN, COUNTERS_STANDBY, KernelFilter, MAX_PORT_LABELS, RecentTransitions,
+        RetransmitCounts,
+    },
     tracepoint,
 };
 
 pub use self::attach::other_tracers;
 pub(crate) use self::maps::{KERNEL_SOCKET_SLOT_BYTES, KernelSockets, MapMemory};
+
 pub use self::{
     account::Delivery, btf::BtfError, format::FormatMismatch, preflight::PreflightError,
 };
@@ -45,6 +49,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 const MAIN_PROGRAM: &str = "inet_sock_set_state";
 const STANDBY_PROGRAM: &str = "standby";
 const ACCEPT_PROGRAM: &str = "accept_owner";
+const RETRANSMIT_PROGRAM: &str = "tcp_retransmit_skb";
+const SYNACK_PROGRAM: &str = "tcp_retransmit_synack";
 const ACCEPT_FUNCTION: &str = "inet_csk_accept";
 
 /// Settings of one probe instance.
@@ -65,6 +71,9 @@ pub struct ProbeOptions {
     /// Attach the standby program before the main one, so it runs first and delivers every
     /// transition (for tests of the standby's path; the main program then skips them all).
     pub standby_first: bool,
+    /// Local ports whose retransmits are counted apart (the daemon's `--port-label`s), at most
+    /// `MAX_PORT_LABELS`.
+    pub port_labels: Vec<u16>,
 }
 
 impl Default for ProbeOptions {
@@ -77,6 +86,7 @@ impl Default for ProbeOptions {
             wakeup_batch_bytes: None,
             format_file: None,
             standby_first: false,
+            port_labels: Vec::new(),
         }
     }
 }
@@ -145,6 +155,8 @@ pub enum Part {
     Standby,
     /// Names the owner of an accepted socket when accept() returns it.
     AcceptOwner,
+    /// Counts retransmits by state, from `tcp:tcp_retransmit_skb` and `tcp_retransmit_synack`.
+    Retransmits,
 }
 
 impl Part {
@@ -154,6 +166,7 @@ impl Part {
             Self::Main => "main",
             Self::Standby => "standby",
             Self::AcceptOwner => "accept_owner",
+            Self::Retransmits => "retransmits",
         }
     }
 
@@ -169,6 +182,9 @@ impl Part {
             Self::AcceptOwner => {
                 "owners of accepted sockets come from /proc (scanned when a leak needs a name); \
                  their transitions before the owner closes them show no owner"
+            }
+            Self::Retransmits => {
+                "retransmits are not counted (tcpstate_retransmits_total is absent)"
             }
         }
     }
@@ -188,12 +204,24 @@ impl PartStatus {
     }
 }
 
+/// Retransmits the kernel counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Retransmits {
+    /// Per port label as `KernelSettings::label_ports` numbers them (0: the other ports).
+    pub by_label: Vec<RetransmitCounts>,
+    /// Firings the kernel skipped the counters for, because a tracing program was already
+    /// running on that CPU (counted by kernels from 6.7 for these classic tracepoints).
+    pub missed: u64,
+}
+
 /// The attached kernel program and its maps. Dropping it detaches the program.
 pub struct Probe {
     ebpf: Ebpf,
     counters: PerCpuArray<MapData, KernelCounters>,
     /// Per CPU: the two programs' runs (and their recent transitions).
     recent: PerCpuArray<MapData, RecentTransitions>,
+    /// Per CPU and port label: retransmits by state.
+    retransmits: PerCpuArray<MapData, RetransmitCounts>,
     /// With the standby attached: the main program's runs less the standby's runs and misses
     /// as both were attached (see `Probe::runs_apart`).
     runs_apart_at_attach: Option<i64>,
@@ -209,7 +237,11 @@ impl Probe {
         let kernel = preflight::check_kernel_version()?;
         let tracefs = preflight::ensure_tracefs()?;
         load::check_format(options, &tracefs)?;
-        let resolved = load::resolve(options)?;
+        let retransmit_layout = load::retransmit_layout(&tracefs);
+        let mut resolved = load::resolve(options)?;
+        if let Ok(err_offset) = retransmit_layout {
+            resolved.settings.retransmit_err_offset = err_offset;
+        }
         preflight::raise_memlock_if_needed(kernel);
         // Parsed once: the loader, the standby and the fexit program all need it.
         let kernel_btf = aya::Btf::from_sys_fs().ok();
@@ -220,6 +252,7 @@ impl Probe {
             kernel_btf.as_ref(),
             resolved.sock.as_ref(),
             resolved.accept_parameters.as_ref(),
+            retransmit_layout.map(drop),
         )?;
         log::info!(
             "attached to tracepoint {}:{} (ring buffer {} KiB, {} kernel socket slots)",
@@ -233,12 +266,14 @@ impl Probe {
         let ring = take_map(&mut ebpf, "EVENTS", RingBuf::try_from)?;
         let counters = take_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?;
         let recent = take_map(&mut ebpf, "RECENT", PerCpuArray::try_from)?;
+        let retransmits = take_map(&mut ebpf, "RETRANSMITS", PerCpuArray::try_from)?;
         drop(kernel_btf);
         load::release_freed_memory();
         let mut probe = Self {
             ebpf,
             counters,
             recent,
+            retransmits,
             runs_apart_at_attach: None,
             ring: Some(ring),
             parts,
@@ -301,6 +336,30 @@ impl Probe {
             }
         };
         Ok(account(&main, &standby, main_skips, duplicates_dropped))
+    }
+
+    /// Retransmits counted so far, per port label (slot 0: the other ports), summed over
+    /// CPUs; `None` when the retransmit counter does not run on this kernel.
+    pub(crate) fn retransmits(&self) -> Result<Option<Retransmits>, ProbeError> {
+        if !self.parts.iter().any(|p| p.part == Part::Retransmits && p.active()) {
+            return Ok(None);
+        }
+        let map_error = |source| ProbeError::Map { map: "RETRANSMITS", source };
+        let mut by_label = Vec::new();
+        for slot in 0..=MAX_PORT_LABELS as u32 {
+            let per_cpu = self.retransmits.get(&slot, 0).map_err(map_error)?;
+            by_label.push(per_cpu.iter().fold(RetransmitCounts::default(), |mut total, cpu| {
+                for (sum, count) in total.by_state.iter_mut().zip(cpu.by_state) {
+                    *sum += count;
+                }
+                total.synack += cpu.synack;
+                total.failed += cpu.failed;
+                total
+            }));
+        }
+        let missed = self.stats(RETRANSMIT_PROGRAM)?.recursion_misses
+            + self.stats(SYNACK_PROGRAM)?.recursion_misses;
+        Ok(Some(Retransmits { by_label, missed }))
     }
 
     /// Both programs' runs, summed over CPUs.

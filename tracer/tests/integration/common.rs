@@ -519,6 +519,49 @@ impl NetNs {
         Self { name }
     }
 
+    /// Runs `ip -n NS ARGS`.
+    pub fn ip(&self, args: &str) {
+        let status = Command::new("ip")
+            .args(["-n", &self.name])
+            .args(args.split_whitespace())
+            .status()
+            .expect("ip (iproute2)");
+        assert!(status.success(), "ip -n {} {args}", self.name);
+    }
+
+    /// Sets a sysctl inside the namespace.
+    pub fn sysctl(&self, setting: &str) {
+        let status = Command::new("ip")
+            .args(["netns", "exec", &self.name, "sysctl", "-q", "-w", setting])
+            .status()
+            .expect("sysctl (procps)");
+        assert!(status.success(), "sysctl -w {setting} in {}", self.name);
+    }
+
+    /// The namespace's own TCP counter `name` (`RetransSegs`, `TCPSynRetrans`, ...), as
+    /// `nstat` reads it from `/proc/net/snmp` and `/proc/net/netstat`.
+    pub fn tcp_counter(&self, name: &str) -> u64 {
+        let text = self.run(|| {
+            // thread-self: /proc/self/net is the namespace of the process's first thread.
+            ["snmp", "netstat"]
+                .map(|file| std::fs::read_to_string(format!("/proc/thread-self/net/{file}")))
+                .map(Result::unwrap)
+                .concat()
+        });
+        let lines: Vec<&str> = text.lines().collect();
+        lines
+            .windows(2)
+            .filter(|pair| {
+                pair[0].starts_with("Tcp") && pair[0].split(':').next() == pair[1].split(':').next()
+            })
+            .find_map(|pair| {
+                let names = pair[0].split_whitespace().skip(1);
+                let mut values = pair[1].split_whitespace().skip(1);
+                names.zip(&mut values).find(|(n, _)| *n == name).map(|(_, v)| v.parse().unwrap())
+            })
+            .unwrap_or_else(|| panic!("no TCP counter {name} in {}", self.name))
+    }
+
     /// Runs `f` on a thread inside the namespace; sockets it creates live there.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         use std::os::fd::AsRawFd as _;

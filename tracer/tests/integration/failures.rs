@@ -62,25 +62,6 @@ fn refused_connects_are_counted_by_reason_and_named_in_watch() {
     daemon.stop();
 }
 
-/// Runs `ip -n NS ARGS`.
-fn ip_in(ns: &NetNs, args: &str) {
-    let status = std::process::Command::new("ip")
-        .args(["-n", &ns.name])
-        .args(args.split_whitespace())
-        .status()
-        .expect("ip (iproute2)");
-    assert!(status.success(), "ip -n {} {args}", ns.name);
-}
-
-/// Sets a sysctl inside the namespace.
-fn sysctl_in(ns: &NetNs, setting: &str) {
-    let status = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns.name, "sysctl", "-q", "-w", setting])
-        .status()
-        .expect("sysctl (procps)");
-    assert!(status.success(), "sysctl -w {setting} in {}", ns.name);
-}
-
 /// A connect whose SYNs are all dropped times out; one whose next hop never answers ARP
 /// ends with the host unreachable. Each in a namespace of its own with short retries.
 #[test]
@@ -88,14 +69,14 @@ fn sysctl_in(ns: &NetNs, setting: &str) {
 fn timed_out_and_unreachable_connects_are_counted_by_reason() {
     let ns = NetNs::create("failures");
     // One SYN retry: a dropped connect gives up after about 3 s.
-    sysctl_in(&ns, "net.ipv4.tcp_syn_retries=1");
+    ns.sysctl("net.ipv4.tcp_syn_retries=1");
     // A next hop that exists but never answers: ARP gives up after one probe of 200 ms.
-    ip_in(&ns, "link add veth-a type veth peer name veth-b");
-    ip_in(&ns, "link set veth-a up");
-    ip_in(&ns, "link set veth-b up");
-    ip_in(&ns, "addr add 10.211.0.1/24 dev veth-a");
-    sysctl_in(&ns, "net.ipv4.neigh.veth-a.mcast_solicit=1");
-    sysctl_in(&ns, "net.ipv4.neigh.veth-a.retrans_time_ms=200");
+    ns.ip("link add veth-a type veth peer name veth-b");
+    ns.ip("link set veth-a up");
+    ns.ip("link set veth-b up");
+    ns.ip("addr add 10.211.0.1/24 dev veth-a");
+    ns.sysctl("net.ipv4.neigh.veth-a.mcast_solicit=1");
+    ns.sysctl("net.ipv4.neigh.veth-a.retrans_time_ms=200");
     let (timeout_reserved, unreachable_reserved) =
         (common::ReservedPort::new(), common::ReservedPort::new());
     let (timeout_port, unreachable_port) = (timeout_reserved.port, unreachable_reserved.port);
@@ -176,10 +157,10 @@ fn resets_are_counted_by_direction_and_state() {
 #[parallel]
 fn time_wait_sockets_count_against_the_ephemeral_range() {
     let ns = NetNs::create("ports");
-    sysctl_in(&ns, "net.ipv4.ip_local_port_range=40000 40099");
+    ns.sysctl("net.ipv4.ip_local_port_range=40000 40099");
     // Linux reuses a loopback TIME_WAIT port older than a second for the same destination
     // (tcp_tw_reuse=2), which a slow machine reaches mid-test: every connection gets its own.
-    sysctl_in(&ns, "net.ipv4.tcp_tw_reuse=0");
+    ns.sysctl("net.ipv4.tcp_tw_reuse=0");
     let daemon = Daemon::start(&["--reconcile-interval", "1"]);
     const CONNECTIONS: usize = 80;
     ns.run(|| {

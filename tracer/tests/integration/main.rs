@@ -19,6 +19,7 @@ mod http;
 mod leaks;
 mod privileges;
 mod probe;
+mod retransmits;
 mod top;
 mod watch;
 

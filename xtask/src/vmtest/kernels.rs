@@ -46,7 +46,7 @@ pub struct Guest {
     pub refused: &'static str,
 }
 
-const EVERY_PART: &str = "main,standby,accept_owner";
+const EVERY_PART: &str = "main,standby,accept_owner,retransmits";
 
 pub const MATRIX: [Guest; 6] = [
     Guest { kernel: BULLSEYE, arch: Arch::X86_64, runs: EVERY_PART, refused: "" },
@@ -54,8 +54,18 @@ pub const MATRIX: [Guest; 6] = [
     Guest { kernel: TRIXIE, arch: Arch::X86_64, runs: EVERY_PART, refused: "" },
     // arm64 attaches fexit programs to kernel functions from 6.4 on (ftrace direct calls);
     // before, the kernel refuses the accept hook and owners come from /proc.
-    Guest { kernel: BULLSEYE, arch: Arch::Aarch64, runs: "main,standby", refused: "accept_owner" },
-    Guest { kernel: BOOKWORM, arch: Arch::Aarch64, runs: "main,standby", refused: "accept_owner" },
+    Guest {
+        kernel: BULLSEYE,
+        arch: Arch::Aarch64,
+        runs: "main,standby,retransmits",
+        refused: "accept_owner",
+    },
+    Guest {
+        kernel: BOOKWORM,
+        arch: Arch::Aarch64,
+        runs: "main,standby,retransmits",
+        refused: "accept_owner",
+    },
     Guest { kernel: TRIXIE, arch: Arch::Aarch64, runs: EVERY_PART, refused: "" },
 ];
 

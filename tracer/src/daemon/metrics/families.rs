@@ -432,13 +432,85 @@ pub(super) fn leaks(
     )
 }
 
+/// States a socket sends segments again in; their series are always there, others' once seen.
+const RETRANSMITTING_STATES: [TcpState; 7] = [
+    TcpState::ESTABLISHED,
+    TcpState::SYN_SENT,
+    TcpState::SYN_RECV,
+    TcpState::FIN_WAIT1,
+    TcpState::CLOSE_WAIT,
+    TcpState::LAST_ACK,
+    TcpState::CLOSING,
+];
+
+/// Retransmits the kernel counted, where its counters run (absent otherwise: a 0 would claim
+/// that nothing was retransmitted).
+pub(super) fn retransmits(
+    encoder: &mut DescriptorEncoder,
+    status: &Status,
+    ports: &PortSeries,
+) -> fmt::Result {
+    let Some(retransmits) = &status.retransmits else {
+        return Ok(());
+    };
+    let by_label = |label: usize| retransmits.by_label.get(label).copied().unwrap_or_default();
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_retransmits",
+        "Segments sent again, by the state of the socket that sent them: SYN_SENT are SYN \
+         retries (slow or failing connects), ESTABLISHED data loss, FIN_WAIT1 a FIN the peer \
+         does not acknowledge",
+        None,
+        MetricType::Counter,
+    )?;
+    for label in ports.indexes() {
+        let counts = by_label(label);
+        for (number, &count) in counts.by_state.iter().enumerate() {
+            let state = TcpState::from_kernel(number as u8);
+            if count == 0 && !RETRANSMITTING_STATES.contains(&state) {
+                continue;
+            }
+            let set = ports.with(&[("state", state.to_string())], label);
+            ConstCounter::new(count).encode(family.encode_family(&set)?)?;
+        }
+    }
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_synack_retransmits",
+        "SYN-ACKs a listener sent again: the handshake's final ACK did not come",
+        None,
+        MetricType::Counter,
+    )?;
+    if ports.labelled() {
+        for label in ports.indexes() {
+            let set = ports.with(&[], label);
+            ConstCounter::new(by_label(label).synack).encode(family.encode_family(&set)?)?;
+        }
+    } else {
+        ConstCounter::new(by_label(0).synack).encode(family)?;
+    }
+    let failed = retransmits.by_label.iter().map(|counts| counts.failed).sum();
+    counter(
+        encoder,
+        "tcpstate_retransmits_failed",
+        "Retransmits that could not be sent (newer kernels report them); not in \
+         tcpstate_retransmits_total",
+        failed,
+    )?;
+    counter(
+        encoder,
+        "tcpstate_retransmits_missed",
+        "Retransmits not counted: the kernel skipped the counter because a tracing program \
+         already ran on that CPU (counted by kernels from 6.7 on)",
+        retransmits.missed,
+    )
+}
+
 /// Which programs run on this kernel, and the kernel memory of their maps.
 pub(super) fn probe(encoder: &mut DescriptorEncoder, status: &Status) -> fmt::Result {
     let mut family = encoder.encode_descriptor(
         "tcpstate_probe_info",
         "The probe's programs and whether each runs on this kernel (main: required; \
          standby: delivers what the kernel skips the main program for; accept_owner: names \
-         owners of accepted sockets)",
+         owners of accepted sockets; retransmits: counts retransmits by state)",
         None,
         MetricType::Gauge,
     )?;

@@ -61,6 +61,7 @@ impl Collector for TcpstateCollector {
         families::delivery(&mut encoder, &agg, &status)?;
         families::table(&mut encoder, &agg, &status)?;
         drop(agg);
+        families::retransmits(&mut encoder, &status, &ports)?;
         let close_wait_oldest = pass.oldest[TcpState::CLOSE_WAIT.index()]
             .map_or(0.0, |entered| now.saturating_sub(entered) as f64 / 1e9);
         families::leaks(&mut encoder, &self.shared.leaks(), self.group_by, close_wait_oldest)?;
@@ -79,6 +80,11 @@ impl PortSeries {
                 .map(|i| if labels.enabled() { vec![("port", labels.value(i))] } else { vec![] })
                 .collect(),
         )
+    }
+
+    /// Whether the series carry a `port` label (`--port-label` given).
+    fn labelled(&self) -> bool {
+        self.0.iter().any(|set| !set.is_empty())
     }
 
     /// The series' indexes, as the aggregator's counters take them.
@@ -258,6 +264,13 @@ mod tests {
         aggregator.apply(&reset);
 
         let shared = Arc::new(Shared::new(aggregator, LeakState::new(Duration::from_secs(60))));
+        // Two SYN retries, three data retransmits and a SYN-ACK sent again.
+        let mut retransmitted = tracer_common::settings::RetransmitCounts::default();
+        retransmitted.by_state[usize::from(S::SYN_SENT.number())] = 2;
+        retransmitted.by_state[usize::from(S::ESTABLISHED.number())] = 3;
+        retransmitted.synack = 1;
+        let retransmits = crate::probe::Retransmits { by_label: vec![retransmitted], missed: 0 };
+        shared.update_status(|status| status.retransmits = Some(retransmits));
         let text = Exporter::new(shared, None).render(Format::PrometheusText).unwrap();
         text.replace(env!("CARGO_PKG_VERSION"), "VERSION")
     }
