@@ -182,7 +182,9 @@ pub(crate) const EXPLANATIONS: [Explanation; 12] = [
         check: "`ss -ltnp`; a full accept queue (Recv-Q near Send-Q) means the program accepts \
                 too slowly",
         settings: &["net.core.somaxconn", "the backlog the program passes to listen()"],
-        in_tcpstate: "tcpstate_sockets{state=\"LISTEN\"}",
+        in_tcpstate: "tcpstate_sockets{state=\"LISTEN\"}; each listener's accept queue: \
+                      tcpstate_listen_queue_length against tcpstate_listen_queue_limit; \
+                      handshakes dropped because it was full: tcpstate_listen_overflows_total",
     },
     Explanation {
         state: TcpState::CLOSING,

@@ -13,7 +13,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::sockdiag::{DiagSocket, dump_tcp};
+use crate::sockdiag::{DiagSocket, ListenQueue, dump_listen_queues, dump_tcp};
 
 /// A `sock_diag` dump of the calling thread's namespace.
 pub(crate) type Dumper = fn() -> io::Result<Vec<DiagSocket>>;
@@ -190,6 +190,48 @@ pub(crate) fn dump_all_with(dump: Dumper) -> AllDumps {
     AllDumps { dumps, refused }
 }
 
+/// One namespace's listeners, and the kernel's counts of what full accept queues cost there.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct NamespaceListeners {
+    pub inode: u32,
+    pub queues: Vec<ListenQueue>,
+    /// `TcpExt: ListenOverflows`: handshakes dropped because an accept queue was full.
+    pub overflows: Option<u64>,
+    /// `TcpExt: ListenDrops`: every drop at a listener, overflows included.
+    pub drops: Option<u64>,
+}
+
+/// The listeners of every namespace that could be entered (the reconciliation already warns
+/// about the others).
+pub(crate) fn listeners_all() -> Vec<NamespaceListeners> {
+    enumerate()
+        .into_iter()
+        .filter_map(|ns| {
+            inside(&ns, || {
+                let queues = dump_listen_queues()?;
+                // thread-self: /proc/self/net is the namespace of the process's first thread.
+                let netstat = fs::read_to_string("/proc/thread-self/net/netstat").ok();
+                let counter = |name| netstat.as_deref().and_then(|text| tcp_ext(text, name));
+                Ok(NamespaceListeners {
+                    inode: ns.inode,
+                    queues,
+                    overflows: counter("ListenOverflows"),
+                    drops: counter("ListenDrops"),
+                })
+            })
+            .ok()
+        })
+        .collect()
+}
+
+/// Counter `name` of the `TcpExt:` lines (names, then values) of `/proc/net/netstat`.
+fn tcp_ext(netstat: &str, name: &str) -> Option<u64> {
+    let mut lines = netstat.lines().filter(|line| line.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let position = names.split_whitespace().position(|n| n == name)?;
+    values.split_whitespace().nth(position)?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::TcpListener;
@@ -207,5 +249,16 @@ mod tests {
         assert_eq!(found.state, tracer_common::TcpState::LISTEN);
         assert_ne!(found.inode, 0);
         assert!(enumerate().first().is_some_and(|ns| ns.inode == own.inode));
+    }
+
+    #[test]
+    fn netstat_counters_are_found_by_name() {
+        let netstat = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\n\
+                       TcpExt: 0 7 9\n\
+                       IpExt: InNoRoutes\n\
+                       IpExt: 3\n";
+        assert_eq!(tcp_ext(netstat, "ListenOverflows"), Some(7));
+        assert_eq!(tcp_ext(netstat, "ListenDrops"), Some(9));
+        assert_eq!(tcp_ext(netstat, "InNoRoutes"), None);
     }
 }

@@ -12,7 +12,7 @@ use netlink_packet_core::{
 use netlink_packet_sock_diag::{
     SockDiagMessage,
     constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, nlas::Nla},
+    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla},
 };
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
 use tracer_common::{TcpState, ip_from_raw, ip_to_raw, unmap_ipv4};
@@ -77,9 +77,10 @@ pub(crate) fn dump_tcp() -> io::Result<Vec<DiagSocket>> {
     let socket = open()?;
     let mut sockets = Vec::new();
     let others = all_states().difference(StateFlags::CLOSE_WAIT);
+    let mut keep = |response: &InetResponse| sockets.push(diag_socket(response));
     for family in [AF_INET, AF_INET6] {
-        dump_family(&socket, family, others.clone(), ExtensionFlags::empty(), &mut sockets)?;
-        dump_family(&socket, family, StateFlags::CLOSE_WAIT, ExtensionFlags::INFO, &mut sockets)?;
+        dump_family(&socket, family, others.clone(), ExtensionFlags::empty(), &mut keep)?;
+        dump_family(&socket, family, StateFlags::CLOSE_WAIT, ExtensionFlags::INFO, &mut keep)?;
     }
     Ok(sockets)
 }
@@ -88,10 +89,66 @@ pub(crate) fn dump_tcp() -> io::Result<Vec<DiagSocket>> {
 pub(crate) fn dump_close_wait() -> io::Result<Vec<DiagSocket>> {
     let socket = open()?;
     let mut sockets = Vec::new();
+    let mut keep = |response: &InetResponse| sockets.push(diag_socket(response));
     for family in [AF_INET, AF_INET6] {
-        dump_family(&socket, family, StateFlags::CLOSE_WAIT, ExtensionFlags::INFO, &mut sockets)?;
+        dump_family(&socket, family, StateFlags::CLOSE_WAIT, ExtensionFlags::INFO, &mut keep)?;
     }
     Ok(sockets)
+}
+
+/// A listening socket's accept queue, as `ss -ltn` shows it (Recv-Q, Send-Q).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ListenQueue {
+    pub local: SocketAddr,
+    /// Connections established and waiting for accept().
+    pub length: u32,
+    /// The backlog listen() asked for, capped by `net.core.somaxconn`. The kernel queues one
+    /// more than this before it drops SYNs.
+    pub limit: u32,
+    /// Inode of the listener's file, for its owner.
+    pub inode: u32,
+}
+
+/// The listening sockets of the calling thread's namespace, with their accept queues: a
+/// LISTEN-only dump, small even on a busy host.
+pub(crate) fn dump_listen_queues() -> io::Result<Vec<ListenQueue>> {
+    let socket = open()?;
+    let mut queues = Vec::new();
+    let mut keep = |response: &InetResponse| {
+        let socket = diag_socket(response);
+        // For a listener the kernel reports the accept queue in the receive queue field
+        // and its limit in the send queue field.
+        let (length, limit) = (response.header.recv_queue, response.header.send_queue);
+        queues.push(ListenQueue { local: socket.local(), length, limit, inode: socket.inode });
+    };
+    for family in [AF_INET, AF_INET6] {
+        dump_family(&socket, family, StateFlags::LISTEN, ExtensionFlags::empty(), &mut keep)?;
+    }
+    Ok(queues)
+}
+
+fn diag_socket(response: &InetResponse) -> DiagSocket {
+    let since_last_ack_ms = response.nlas.iter().find_map(|nla| match nla {
+        Nla::TcpInfo(info) => last_ack_recv_ms(info),
+        _ => None,
+    });
+    let header = &response.header;
+    let id = &header.socket_id;
+    let (family, saddr, daddr) = unmap_ipv4(
+        u16::from(header.family),
+        ip_to_raw(id.source_address),
+        ip_to_raw(id.destination_address),
+    );
+    DiagSocket {
+        family,
+        state: TcpState::from_kernel(header.state),
+        sport: id.source_port,
+        dport: id.destination_port,
+        saddr,
+        daddr,
+        inode: header.inode,
+        last_ack_ms: since_last_ack_ms.unwrap_or(DiagSocket::NO_ACK_TIME),
+    }
 }
 
 /// `tcpi_last_ack_recv` from a raw `struct tcp_info` (offset 56 since Linux 2.6; stable uAPI).
@@ -106,7 +163,7 @@ fn dump_family(
     family: u8,
     states: StateFlags,
     extensions: ExtensionFlags,
-    out: &mut Vec<DiagSocket>,
+    each: &mut impl FnMut(&InetResponse),
 ) -> io::Result<()> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
@@ -136,27 +193,7 @@ fn dump_family(
             let length = message.header.length as usize;
             match message.payload {
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                    let since_last_ack_ms = response.nlas.iter().find_map(|nla| match nla {
-                        Nla::TcpInfo(info) => last_ack_recv_ms(info),
-                        _ => None,
-                    });
-                    let header = &response.header;
-                    let id = &header.socket_id;
-                    let (family, saddr, daddr) = unmap_ipv4(
-                        u16::from(header.family),
-                        ip_to_raw(id.source_address),
-                        ip_to_raw(id.destination_address),
-                    );
-                    out.push(DiagSocket {
-                        family,
-                        state: TcpState::from_kernel(header.state),
-                        sport: id.source_port,
-                        dport: id.destination_port,
-                        saddr,
-                        daddr,
-                        inode: header.inode,
-                        last_ack_ms: since_last_ack_ms.unwrap_or(DiagSocket::NO_ACK_TIME),
-                    });
+                    each(&response);
                 }
                 NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(error) => return Err(error.to_io()),

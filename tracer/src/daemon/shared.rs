@@ -27,6 +27,8 @@ pub(crate) struct Status {
     pub map_memory: Vec<crate::probe::MapMemory>,
     /// What the retransmit counters counted, where they run.
     pub retransmits: Option<Retransmits>,
+    /// The last dump of the listeners.
+    pub listeners: super::listeners::ListenerReport,
     /// Second deliveries of one transition the reader dropped.
     pub duplicates_dropped: u64,
     /// When the reader last finished a batch (monotonic ns).

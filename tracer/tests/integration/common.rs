@@ -731,3 +731,19 @@ pub fn eventually<T>(timeout: Duration, mut attempt: impl FnMut() -> Result<T, S
         }
     }
 }
+
+/// Runs `promtool ARGS` (`cargo xtask test` puts Debian's on the PATH); its stdout, once it
+/// succeeded.
+pub fn promtool(args: &[&std::ffi::OsStr]) -> String {
+    let output = Command::new("promtool")
+        .args(args)
+        .output()
+        .expect("promtool (Debian package prometheus; `cargo xtask test` installs it)");
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}

@@ -17,6 +17,7 @@ mod deploy;
 mod failures;
 mod http;
 mod leaks;
+mod listeners;
 mod privileges;
 mod probe;
 mod retransmits;

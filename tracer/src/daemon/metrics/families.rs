@@ -17,6 +17,7 @@ use crate::{
         aggregate::{Aggregator, DURATION_BUCKETS, HandshakeRole, SAMPLED_STATES, StayHistogram},
         groups::{GroupBy, GroupLabels},
         leak_watch::LeakState,
+        listeners::Listener,
         table::Counts,
     },
     failure::{CONNECT_REASONS, ResetDirection},
@@ -502,6 +503,64 @@ pub(super) fn retransmits(
          already ran on that CPU (counted by kernels from 6.7 on)",
         retransmits.missed,
     )
+}
+
+/// Accept queues of the fullest listeners, and the handshakes full queues cost.
+pub(super) fn listeners(encoder: &mut DescriptorEncoder, status: &Status) -> fmt::Result {
+    let report = &status.listeners;
+    let labels = |listener: &Listener| {
+        [
+            ("netns", listener.netns.to_string()),
+            ("laddr", listener.queue.local.ip().to_string()),
+            ("port", listener.queue.local.port().to_string()),
+        ]
+    };
+    let other = || {
+        [("netns", "other".to_owned()), ("laddr", "other".to_owned()), ("port", "other".to_owned())]
+    };
+    for (name, help, value, rest) in [
+        (
+            "tcpstate_listen_queue_length",
+            "Connections established and waiting for the listener's accept(), by network              namespace (inode), local address and port: the 20 fullest listeners, the others              summed as \"other\"; dumped every 2 s. The kernel drops handshakes once it is above              tcpstate_listen_queue_limit",
+            (|l: &Listener| l.queue.length) as fn(&Listener) -> u32,
+            report.rest_length,
+        ),
+        (
+            "tcpstate_listen_queue_limit",
+            "The accept queue's limit of the same listeners: the backlog given to listen(),              capped by net.core.somaxconn",
+            |l: &Listener| l.queue.limit,
+            report.rest_limit,
+        ),
+    ] {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for listener in &report.top {
+            ConstGauge::new(i64::from(value(listener)))
+                .encode(family.encode_family(&labels(listener))?)?;
+        }
+        if !report.top.is_empty() {
+            let rest = i64::try_from(rest).unwrap_or(i64::MAX);
+            ConstGauge::new(rest).encode(family.encode_family(&other())?)?;
+        }
+    }
+    for (name, help, pick) in [
+        (
+            "tcpstate_listen_overflows",
+            "Handshakes the kernel dropped because a listener's accept queue was full, per              network namespace with listeners (its TcpExt ListenOverflows)",
+            (|&(_, overflows, _): &(u32, u64, u64)| overflows) as fn(&(u32, u64, u64)) -> u64,
+        ),
+        (
+            "tcpstate_listen_drops",
+            "Every handshake dropped at a listener, full queues included, per network              namespace with listeners (its TcpExt ListenDrops)",
+            |&(_, _, drops): &(u32, u64, u64)| drops,
+        ),
+    ] {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for dropped in &report.dropped {
+            let set = [("netns", dropped.0.to_string())];
+            ConstCounter::new(pick(dropped)).encode(family.encode_family(&set)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// Which programs run on this kernel, and the kernel memory of their maps.

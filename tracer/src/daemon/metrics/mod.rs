@@ -62,6 +62,7 @@ impl Collector for TcpstateCollector {
         families::table(&mut encoder, &agg, &status)?;
         drop(agg);
         families::retransmits(&mut encoder, &status, &ports)?;
+        families::listeners(&mut encoder, &status)?;
         let close_wait_oldest = pass.oldest[TcpState::CLOSE_WAIT.index()]
             .map_or(0.0, |entered| now.saturating_sub(entered) as f64 / 1e9);
         families::leaks(&mut encoder, &self.shared.leaks(), self.group_by, close_wait_oldest)?;
@@ -270,7 +271,26 @@ mod tests {
         retransmitted.by_state[usize::from(S::ESTABLISHED.number())] = 3;
         retransmitted.synack = 1;
         let retransmits = crate::probe::Retransmits { by_label: vec![retransmitted], missed: 0 };
-        shared.update_status(|status| status.retransmits = Some(retransmits));
+        // A listener whose queue is full (8 + 1 waiting), and the drops that cost.
+        let full = crate::daemon::listeners::Listener {
+            netns: 4026531840,
+            queue: crate::sockdiag::ListenQueue {
+                local: ([10, 0, 0, 1], 8080).into(),
+                length: 9,
+                limit: 8,
+                inode: 0,
+            },
+        };
+        let listeners = crate::daemon::listeners::ListenerReport {
+            top: vec![full],
+            rest_length: 0,
+            rest_limit: 4096,
+            dropped: vec![(4026531840, 31, 31)],
+        };
+        shared.update_status(|status| {
+            status.retransmits = Some(retransmits);
+            status.listeners = listeners;
+        });
         let text = Exporter::new(shared, None).render(Format::PrometheusText).unwrap();
         text.replace(env!("CARGO_PKG_VERSION"), "VERSION")
     }
