@@ -35,18 +35,19 @@ pub(super) fn check_format(options: &ProbeOptions, tracefs: &Path) -> Result<(),
 /// Checks the retransmit tracepoints' layouts; returns where `tcp_retransmit_skb`'s record
 /// keeps the retransmit's error (`OFFSET_UNKNOWN` on kernels that fire only for those that
 /// went out), or why the retransmit counter cannot run.
-pub(super) fn retransmit_layout(tracefs: &Path) -> Result<u32, String> {
-    let read = |category: &str, name: &str| {
+fn retransmit_layout(tracefs: &Path) -> Result<u32, String> {
+    let mut formats = Vec::new();
+    for (category, name, fields) in [
+        (retransmit::CATEGORY, retransmit::NAME, &retransmit::FIELDS[..]),
+        (synack::CATEGORY, synack::NAME, &synack::FIELDS[..]),
+    ] {
         let path = tracefs.join("events").join(category).join(name).join("format");
-        fs::read_to_string(&path).map_err(|error| format!("reading {}: {error}", path.display()))
-    };
-    let skb = read(retransmit::CATEGORY, retransmit::NAME)?;
-    let skb_name = format!("{}:{}", retransmit::CATEGORY, retransmit::NAME);
-    format::check_optional(&skb, &skb_name, &retransmit::FIELDS)?;
-    let synack_format = read(synack::CATEGORY, synack::NAME)?;
-    let synack_name = format!("{}:{}", synack::CATEGORY, synack::NAME);
-    format::check_optional(&synack_format, &synack_name, &synack::FIELDS)?;
-    Ok(format::field_offset(&skb, retransmit::ERR).map_or(OFFSET_UNKNOWN, |offset| offset as u32))
+        let text = fs::read_to_string(&path)
+            .map_err(|error| format!("reading {}: {error}", path.display()))?;
+        format::check_optional(&text, &format!("{category}:{name}"), fields)?;
+        formats.push(text);
+    }
+    Ok(format::field_offset(&formats[0], retransmit::ERR).map_or(OFFSET_UNKNOWN, |at| at as u32))
 }
 
 /// The program's settings, with what BTF says of this kernel's structures.
@@ -56,16 +57,20 @@ pub(super) struct Resolved {
     pub(super) sock: Result<SockOffsets, BtfError>,
     /// Where the accept hook finds the return value (it cannot run without it).
     pub(super) accept_parameters: Result<u32, BtfError>,
+    /// Why the retransmit counters cannot run, if they cannot.
+    pub(super) retransmits: Result<(), String>,
 }
 
-/// Reads the kernel's BTF once, for every offset the programs need.
-pub(super) fn resolve(options: &ProbeOptions) -> Result<Resolved, ProbeError> {
+/// Reads the kernel's BTF once, for every offset the programs need, and the retransmit
+/// tracepoints' formats.
+pub(super) fn resolve(options: &ProbeOptions, tracefs: &Path) -> Result<Resolved, ProbeError> {
     let btf = KernelBtf::load()?;
     let netns = NetnsOffsets::resolve(&btf)?;
     let task = TaskOffsets::resolve(&btf)?;
     let sock = btf::sock_offsets(&btf);
     let sk_err = btf::sk_err_offset(&btf);
     let accept_parameters = btf.parameter_count(ACCEPT_FUNCTION);
+    let retransmit_layout = retransmit_layout(tracefs);
     // Sorted, as the daemon numbers its port labels.
     let mut labels = options.port_labels.clone();
     labels.sort_unstable();
@@ -90,7 +95,7 @@ pub(super) fn resolve(options: &ProbeOptions) -> Result<Resolved, ProbeError> {
             OFFSET_UNKNOWN
         }),
         sock: *sock.as_ref().unwrap_or(&SockOffsets::UNKNOWN),
-        retransmit_err_offset: OFFSET_UNKNOWN,
+        retransmit_err_offset: *retransmit_layout.as_ref().unwrap_or(&OFFSET_UNKNOWN),
         label_ports,
         label_port_count: labels.len() as u32,
         standby_first: options.standby_first.into(),
@@ -99,7 +104,7 @@ pub(super) fn resolve(options: &ProbeOptions) -> Result<Resolved, ProbeError> {
             u64::from(options.ring_bytes) / 8 / cpus
         })),
     };
-    Ok(Resolved { settings, sock, accept_parameters })
+    Ok(Resolved { settings, sock, accept_parameters, retransmits: retransmit_layout.map(drop) })
 }
 
 /// Loads the object with `settings` and the map sizes of `options`.

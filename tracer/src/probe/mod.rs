@@ -237,11 +237,7 @@ impl Probe {
         let kernel = preflight::check_kernel_version()?;
         let tracefs = preflight::ensure_tracefs()?;
         load::check_format(options, &tracefs)?;
-        let retransmit_layout = load::retransmit_layout(&tracefs);
-        let mut resolved = load::resolve(options)?;
-        if let Ok(err_offset) = retransmit_layout {
-            resolved.settings.retransmit_err_offset = err_offset;
-        }
+        let resolved = load::resolve(options, &tracefs)?;
         preflight::raise_memlock_if_needed(kernel);
         // Parsed once: the loader, the standby and the fexit program all need it.
         let kernel_btf = aya::Btf::from_sys_fs().ok();
@@ -252,7 +248,7 @@ impl Probe {
             kernel_btf.as_ref(),
             resolved.sock.as_ref(),
             resolved.accept_parameters.as_ref(),
-            retransmit_layout.map(drop),
+            resolved.retransmits.clone(),
         )?;
         log::info!(
             "attached to tracepoint {}:{} (ring buffer {} KiB, {} kernel socket slots)",

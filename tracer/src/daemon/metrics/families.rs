@@ -17,10 +17,11 @@ use crate::{
         aggregate::{Aggregator, DURATION_BUCKETS, HandshakeRole, SAMPLED_STATES, StayHistogram},
         groups::{GroupBy, GroupLabels},
         leak_watch::LeakState,
-        listeners::Listener,
+        listeners::{Listener, ListenerReport},
         table::Counts,
     },
     failure::{CONNECT_REASONS, ResetDirection},
+    sockdiag::ListenQueue,
 };
 
 /// States that have gauges: all but CLOSE (a socket leaves the table when it closes).
@@ -508,57 +509,73 @@ pub(super) fn retransmits(
 /// Accept queues of the fullest listeners, and the handshakes full queues cost.
 pub(super) fn listeners(encoder: &mut DescriptorEncoder, status: &Status) -> fmt::Result {
     let report = &status.listeners;
-    let labels = |listener: &Listener| {
-        [
-            ("netns", listener.netns.to_string()),
-            ("laddr", listener.queue.local.ip().to_string()),
-            ("port", listener.queue.local.port().to_string()),
-        ]
-    };
-    let other = || {
-        [("netns", "other".to_owned()), ("laddr", "other".to_owned()), ("port", "other".to_owned())]
-    };
-    for (name, help, value, rest) in [
-        (
-            "tcpstate_listen_queue_length",
-            "Connections established and waiting for the listener's accept(), by network              namespace (inode), local address and port: the 20 fullest listeners, the others              summed as \"other\"; dumped every 2 s. The kernel drops handshakes once it is above              tcpstate_listen_queue_limit",
-            (|l: &Listener| l.queue.length) as fn(&Listener) -> u32,
-            report.rest_length,
-        ),
-        (
-            "tcpstate_listen_queue_limit",
-            "The accept queue's limit of the same listeners: the backlog given to listen(),              capped by net.core.somaxconn",
-            |l: &Listener| l.queue.limit,
-            report.rest_limit,
-        ),
-    ] {
-        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-        for listener in &report.top {
-            ConstGauge::new(i64::from(value(listener)))
-                .encode(family.encode_family(&labels(listener))?)?;
-        }
-        if !report.top.is_empty() {
-            let rest = i64::try_from(rest).unwrap_or(i64::MAX);
-            ConstGauge::new(rest).encode(family.encode_family(&other())?)?;
-        }
+    listen_queue_gauge(
+        encoder,
+        "tcpstate_listen_queue_length",
+        "Connections established and waiting for the listener's accept(), by network \
+         namespace (inode), local address and port: the 20 fullest listeners, the others \
+         summed as \"other\"; dumped every 2 s. The kernel drops handshakes once it is above \
+         tcpstate_listen_queue_limit",
+        report,
+        |queue| queue.length,
+        report.rest_length,
+    )?;
+    listen_queue_gauge(
+        encoder,
+        "tcpstate_listen_queue_limit",
+        "The accept queue's limit of the same listeners: the backlog given to listen(), \
+         capped by net.core.somaxconn",
+        report,
+        |queue| queue.limit,
+        report.rest_limit,
+    )?;
+    let mut overflows = encoder.encode_descriptor(
+        "tcpstate_listen_overflows",
+        "Handshakes the kernel dropped because a listener's accept queue was full, per \
+         network namespace with listeners (its TcpExt ListenOverflows)",
+        None,
+        MetricType::Counter,
+    )?;
+    for &(netns, count, _) in &report.dropped {
+        let set = [("netns", netns.to_string())];
+        ConstCounter::new(count).encode(overflows.encode_family(&set)?)?;
     }
-    for (name, help, pick) in [
-        (
-            "tcpstate_listen_overflows",
-            "Handshakes the kernel dropped because a listener's accept queue was full, per              network namespace with listeners (its TcpExt ListenOverflows)",
-            (|&(_, overflows, _): &(u32, u64, u64)| overflows) as fn(&(u32, u64, u64)) -> u64,
-        ),
-        (
-            "tcpstate_listen_drops",
-            "Every handshake dropped at a listener, full queues included, per network              namespace with listeners (its TcpExt ListenDrops)",
-            |&(_, _, drops): &(u32, u64, u64)| drops,
-        ),
-    ] {
-        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-        for dropped in &report.dropped {
-            let set = [("netns", dropped.0.to_string())];
-            ConstCounter::new(pick(dropped)).encode(family.encode_family(&set)?)?;
-        }
+    let mut drops = encoder.encode_descriptor(
+        "tcpstate_listen_drops",
+        "Every handshake dropped at a listener, full queues included, per network \
+         namespace with listeners (its TcpExt ListenDrops)",
+        None,
+        MetricType::Counter,
+    )?;
+    for &(netns, _, count) in &report.dropped {
+        let set = [("netns", netns.to_string())];
+        ConstCounter::new(count).encode(drops.encode_family(&set)?)?;
+    }
+    Ok(())
+}
+
+/// One figure of the fullest listeners' queues, and the others' sum as `other`.
+fn listen_queue_gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    report: &ListenerReport,
+    value: impl Fn(&ListenQueue) -> u32,
+    rest: u64,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for Listener { netns, queue } in &report.top {
+        let set = [
+            ("netns", netns.to_string()),
+            ("laddr", queue.local.ip().to_string()),
+            ("port", queue.local.port().to_string()),
+        ];
+        ConstGauge::new(i64::from(value(queue))).encode(family.encode_family(&set)?)?;
+    }
+    if !report.top.is_empty() {
+        let other = [("netns", "other"), ("laddr", "other"), ("port", "other")];
+        let rest = i64::try_from(rest).unwrap_or(i64::MAX);
+        ConstGauge::new(rest).encode(family.encode_family(&other)?)?;
     }
     Ok(())
 }
