@@ -180,11 +180,14 @@ pub(crate) const EXPLANATIONS: [Explanation; 12] = [
         pile_up: "one per listening port and address (more with SO_REUSEPORT); growth means a \
                   program opening listeners it does not close",
         check: "`ss -ltnp`; a full accept queue (Recv-Q near Send-Q) means the program accepts \
-                too slowly",
+                too slowly or not at all: look at its threads (a stuck event loop, a full \
+                worker pool, a lock), e.g. with `top -H -p PID` or a stack dump",
         settings: &["net.core.somaxconn", "the backlog the program passes to listen()"],
         in_tcpstate: "tcpstate_sockets{state=\"LISTEN\"}; each listener's accept queue: \
                       tcpstate_listen_queue_length against tcpstate_listen_queue_limit; \
-                      handshakes dropped because it was full: tcpstate_listen_overflows_total",
+                      handshakes dropped because it was full: tcpstate_listen_overflows_total; \
+                      listeners full for longer than --listen-queue-threshold, with the \
+                      process holding them: `tcpstate leaks`",
     },
     Explanation {
         state: TcpState::CLOSING,

@@ -134,6 +134,26 @@ impl Process {
             container: cgroup.map(|c| c.container.clone()).unwrap_or_default(),
         }
     }
+
+    /// `container 3f4e1c2a9b8d (pod shop/checkout-7d9f)`, when the process runs in one.
+    pub(crate) fn container_description(&self) -> Option<String> {
+        let c = &self.container;
+        let pod = match (&c.pod_namespace, &c.pod_name, &c.pod_uid) {
+            (Some(namespace), Some(name), _) => Some(format!("pod {namespace}/{name}")),
+            (_, _, Some(uid)) => Some(format!("pod uid {uid}")),
+            _ => None,
+        };
+        let container =
+            c.container_id.as_deref().map(|id| format!("container {}", &id[..12.min(id.len())]));
+        match (container, pod) {
+            (Some(container), Some(pod)) => Some(format!("{container} ({pod})")),
+            (one, other) => one.or(other),
+        }
+    }
+
+    pub(crate) fn comm_or_unknown(&self) -> &str {
+        self.comm.as_deref().unwrap_or("unknown")
+    }
 }
 
 /// One socket as every listing shows it; the keys are documented in the README.

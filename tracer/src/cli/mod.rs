@@ -16,9 +16,8 @@ use tracer_common::{TcpState, settings::KernelFilter};
 mod values;
 
 use self::values::{
-    parse_cgroup_path, parse_close_wait_threshold, parse_container_id, parse_count, parse_listen,
-    parse_max_sockets, parse_pod, parse_port, parse_reconcile_interval, parse_ring_bytes,
-    parse_watch_duration,
+    parse_cgroup_path, parse_container_id, parse_count, parse_listen, parse_max_sockets, parse_pod,
+    parse_port, parse_reconcile_interval, parse_ring_bytes, parse_threshold, parse_watch_duration,
 };
 use crate::{
     client::{DaemonTls, DaemonUrl},
@@ -94,7 +93,7 @@ pub struct TopArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) count: Option<u64>,
     /// Without --daemon: sockets in CLOSE_WAIT for longer than this are leaks (as for `run`).
-    #[arg(long, env = "TCPSTATE_CLOSE_WAIT_THRESHOLD", default_value = "60", value_parser = parse_close_wait_threshold, value_name = "SECS")]
+    #[arg(long, env = "TCPSTATE_CLOSE_WAIT_THRESHOLD", default_value = "60", value_parser = parse_threshold, value_name = "SECS")]
     pub(crate) close_wait_threshold: Duration,
 }
 
@@ -131,7 +130,7 @@ pub struct LeaksArgs {
 
     /// In snapshot mode, how long a socket must have been in CLOSE_WAIT to count as leaked
     /// (seconds, or with s/m/h). A daemon applies its own setting.
-    #[arg(long, env = "TCPSTATE_CLOSE_WAIT_THRESHOLD", default_value = "60", value_parser = parse_close_wait_threshold, value_name = "SECS")]
+    #[arg(long, env = "TCPSTATE_CLOSE_WAIT_THRESHOLD", default_value = "60", value_parser = parse_threshold, value_name = "SECS")]
     pub(crate) close_wait_threshold: Duration,
 
     /// In snapshot mode, how much of each process's command line to show: `redacted` masks
@@ -185,8 +184,14 @@ pub struct RunArgs {
 
     /// A socket in CLOSE_WAIT for longer than this is a leak: its process never closed it
     /// after the peer hung up. Seconds (0.1 to 604800), or with s/m/h: `90`, `2m`.
-    #[arg(long, env = "TCPSTATE_CLOSE_WAIT_THRESHOLD", default_value = "60", value_parser = parse_close_wait_threshold, value_name = "SECS")]
+    #[arg(long, env = "TCPSTATE_CLOSE_WAIT_THRESHOLD", default_value = "60", value_parser = parse_threshold, value_name = "SECS")]
     pub(crate) close_wait_threshold: Duration,
+
+    /// A listener whose accept queue stays at 90 % of its limit or more for longer than this
+    /// is stuck: its process stopped calling accept(). Seconds (0.1 to 604800), or with
+    /// s/m/h. Queues are looked at every 2 seconds.
+    #[arg(long, env = "TCPSTATE_LISTEN_QUEUE_THRESHOLD", default_value = "30", value_parser = parse_threshold, value_name = "SECS")]
+    pub(crate) listen_queue_threshold: Duration,
 
     /// Add a `port` label for this local port to tcpstate_transitions_total and
     /// tcpstate_sockets (repeatable, up to 32; comma-separated in the environment). All
@@ -347,6 +352,7 @@ impl RunArgs {
             max_sockets: self.max_sockets,
             reconcile_interval: self.reconcile_interval,
             close_wait_threshold: self.close_wait_threshold,
+            listen_queue_threshold: self.listen_queue_threshold,
             web_config: self.web_config,
             cmdline: self.cmdline,
             group_by: self.group_by,

@@ -124,7 +124,7 @@ pub(super) fn parse_reconcile_interval(value: &str) -> Result<Duration, String> 
     seconds_in(value, 1.0, 3600.0)
 }
 
-pub(super) fn parse_close_wait_threshold(value: &str) -> Result<Duration, String> {
+pub(super) fn parse_threshold(value: &str) -> Result<Duration, String> {
     seconds_in(value, 0.1, 604_800.0)
 }
 

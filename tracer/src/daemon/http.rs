@@ -153,7 +153,7 @@ async fn leaks(State(state): State<AppState>, query: axum::extract::RawQuery) ->
     if query.0.is_some_and(|q| !q.is_empty()) {
         return error(StatusCode::BAD_REQUEST, "/api/leaks takes no parameters");
     }
-    Json(state.shared.leaks().report).into_response()
+    Json(state.shared.leak_report()).into_response()
 }
 
 /// `/api/sockets` query: `state` (a state name, optional), `offset` and `limit` (a page of

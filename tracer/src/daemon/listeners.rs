@@ -1,12 +1,14 @@
 //! Listeners that stop accepting: every namespace's listening sockets are dumped every
 //! `LISTEN_INTERVAL` (a LISTEN-only dump, small even on a busy host), the fullest accept
 //! queues kept with their limits, and each namespace's count of handshakes the kernel
-//! dropped because a queue was full.
+//! dropped because a queue was full; queues that stay full name their owner
+//! (`stuck_listeners`).
 
 use std::{sync::Arc, time::Duration};
 
-use super::shared::Shared;
+use super::{shared::Shared, stuck_listeners::StuckWatch};
 use crate::{
+    leaks::stuck_listeners::StuckListener,
     netns::{self, NamespaceListeners},
     sockdiag::ListenQueue,
 };
@@ -24,7 +26,7 @@ pub(crate) struct Listener {
 }
 
 /// What the last dump of the listeners found.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct ListenerReport {
     /// The `TOP_LISTENERS` fullest listeners: longest queue first, then the largest share of
     /// its limit.
@@ -34,6 +36,9 @@ pub(crate) struct ListenerReport {
     pub rest_limit: u64,
     /// Namespaces with listeners: (inode, `ListenOverflows`, `ListenDrops`).
     pub dropped: Vec<(u32, u64, u64)>,
+    /// Listeners whose queue stayed full past `stuck_threshold`, with their owners.
+    pub stuck: Vec<StuckListener>,
+    pub stuck_threshold: Duration,
 }
 
 /// The report of one dump of every namespace.
@@ -68,16 +73,21 @@ pub(super) fn report(namespaces: Vec<NamespaceListeners>) -> ListenerReport {
 }
 
 /// Dumps the listeners every `LISTEN_INTERVAL`, until the task is aborted.
-pub(super) async fn watch_listeners(shared: Arc<Shared>) {
+pub(super) async fn watch_listeners(shared: Arc<Shared>, mut stuck_watch: StuckWatch) {
     let mut ticks = tokio::time::interval(LISTEN_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         ticks.tick().await;
-        // Entering namespaces blocks (setns on a thread of its own): off the runtime.
-        let Ok(found) = tokio::task::spawn_blocking(netns::listeners_all).await else {
-            return;
-        };
-        let report = report(found);
+        // Entering namespaces and walking /proc block: off the runtime.
+        let evaluated = tokio::task::spawn_blocking(move || {
+            let found = netns::listeners_all();
+            let stuck = stuck_watch.evaluate(&found, std::time::Instant::now());
+            (stuck_watch, found, stuck)
+        });
+        let Ok((watch, found, stuck)) = evaluated.await else { return };
+        stuck_watch = watch;
+        let stuck_threshold = stuck_watch.threshold();
+        let report = ListenerReport { stuck, stuck_threshold, ..report(found) };
         shared.update_status(|status| status.listeners = report);
     }
 }

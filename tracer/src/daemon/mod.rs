@@ -18,6 +18,7 @@ mod ports;
 mod reading;
 mod server;
 mod shared;
+mod stuck_listeners;
 mod table;
 
 use std::{sync::Arc, time::Duration};
@@ -31,6 +32,7 @@ use self::{
     kernel_owners::KernelOwners,
     leak_watch::{LeakState, LeakWatch},
     reading::{Reading, dump_namespaces, watch_leaks},
+    stuck_listeners::StuckWatch,
 };
 pub(crate) use self::{groups::GroupBy, table::BYTES_PER_SOCKET};
 use crate::{
@@ -53,6 +55,8 @@ pub struct Config {
     pub(crate) reconcile_interval: Duration,
     /// A socket in CLOSE_WAIT for longer than this is a leak.
     pub(crate) close_wait_threshold: Duration,
+    /// A listener whose accept queue stays full for longer than this is stuck.
+    pub(crate) listen_queue_threshold: Duration,
     /// Local ports that get a `port` label of their own.
     pub(crate) port_labels: Vec<u16>,
     /// TLS and basic authentication for the endpoint.
@@ -136,7 +140,8 @@ pub async fn run(config: Config, attached: Attached) -> anyhow::Result<()> {
     let (flush_requests, flushes) = tokio::sync::mpsc::channel::<Flush>(16);
     let http = HttpServer::start(listener, &shared, &config, flush_requests.clone());
     let leak_watch = start_leak_watch(&mut probe, &shared, &config);
-    let listener_watch = tokio::spawn(listeners::watch_listeners(shared.clone()));
+    let stuck_watch = StuckWatch::new(config.listen_queue_threshold, config.cmdline);
+    let listener_watch = tokio::spawn(listeners::watch_listeners(shared.clone(), stuck_watch));
     let reading = Reading { probe: &probe, reader, shared: &shared, flushes, flush_requests };
     reading.until(stop, config.reconcile_interval).await?;
     log::info!("stopping: detaching the probe");
@@ -161,6 +166,7 @@ async fn seed(
         LeakState::new(config.close_wait_threshold),
     ));
     shared.update_status(|status| {
+        status.listeners.stuck_threshold = config.listen_queue_threshold;
         status.parts = probe.parts().to_vec();
         status.map_memory = probe.map_memory().to_vec();
     });

@@ -133,6 +133,15 @@ impl Shared {
         self.leaks.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
+    /// The report `/api/leaks` serves: the latest leak evaluation and the stuck listeners.
+    pub(crate) fn leak_report(&self) -> crate::leaks::LeakReport {
+        let mut report = self.leaks.lock().unwrap_or_else(PoisonError::into_inner).report.clone();
+        let status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        report.listen_queue_threshold_seconds = status.listeners.stuck_threshold.as_secs_f64();
+        report.stuck_listeners = status.listeners.stuck.clone();
+        report
+    }
+
     pub(super) fn set_leaks(&self, state: LeakState) {
         *self.leaks.lock().unwrap_or_else(PoisonError::into_inner) = state;
     }

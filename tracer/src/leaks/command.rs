@@ -1,17 +1,22 @@
-//! `tcpstate leaks`: the leak table of a running daemon, or of a one-shot snapshot when no
-//! daemon answers. Exit status 0 without leaks, 1 with leaks, 2 on a usage error, 3 when
-//! neither the daemon nor a snapshot could tell.
+//! `tcpstate leaks`: the leak table and the stuck listeners of a running daemon, or of a
+//! one-shot snapshot when no daemon answers. Exit status 0 when there are none, 1 when there
+//! are, 2 on a usage error, 3 when neither the daemon nor a snapshot could tell.
 
 use std::{fmt::Write as _, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use tracer_common::TcpState;
 
-use super::{Candidate, LeakReport, OwnerResolver, Source, human_age, plural};
+use super::{
+    Candidate, LeakReport, OwnerResolver, Source, human_age, plural,
+    stuck_listeners::{self, StuckListener},
+};
 use crate::{
     client::{self, DaemonTls, DaemonUrl, Endpoint, FetchError},
     cmdline::CmdlinePolicy,
-    netns, sockdiag,
+    netns,
+    owners::ProcessCache,
+    sockdiag,
     socket::SocketKey,
 };
 
@@ -24,8 +29,14 @@ async fn fetch(endpoint: &Endpoint) -> Result<LeakReport, FetchError> {
 }
 
 /// A one-shot look without a daemon: CLOSE_WAIT sockets of every namespace, dated by the time
-/// since their peer's last ACK (a lower bound of their stay), owners from /proc.
+/// since their peer's last ACK (a lower bound of their stay), and the listeners full at this
+/// moment; owners from /proc.
 pub(crate) fn snapshot(threshold: Duration, cmdline: CmdlinePolicy) -> LeakReport {
+    let report = close_wait_snapshot(threshold, cmdline);
+    LeakReport { stuck_listeners: full_listeners(cmdline), ..report }
+}
+
+fn close_wait_snapshot(threshold: Duration, cmdline: CmdlinePolicy) -> LeakReport {
     let threshold_ms = threshold.as_millis();
     let all = netns::dump_all_with(sockdiag::dump_close_wait);
     if all.refused > 0 {
@@ -54,8 +65,89 @@ pub(crate) fn snapshot(threshold: Duration, cmdline: CmdlinePolicy) -> LeakRepor
     OwnerResolver::new(Duration::ZERO, cmdline).report(candidates, Source::Snapshot, threshold)
 }
 
-/// The leak table, as aligned text.
+/// Listeners of every namespace whose accept queue is full now, fullest first.
+fn full_listeners(cmdline: CmdlinePolicy) -> Vec<StuckListener> {
+    let full: Vec<(u32, sockdiag::ListenQueue)> = netns::listeners_all()
+        .into_iter()
+        .flat_map(|ns| ns.queues.into_iter().map(move |queue| (ns.inode, queue)))
+        .filter(|(_, queue)| stuck_listeners::is_full(queue))
+        .collect();
+    let inodes = full.iter().map(|(_, queue)| queue.inode).collect();
+    let mut processes = ProcessCache::new(cmdline);
+    let owners = stuck_listeners::holders(&inodes, &mut Default::default(), &mut processes);
+    let mut listeners: Vec<StuckListener> = full
+        .iter()
+        .map(|(netns, queue)| {
+            let owner = owners.get(&queue.inode).cloned().unwrap_or_default();
+            StuckListener::new(*netns, queue, None, owner)
+        })
+        .collect();
+    listeners.sort_by_key(|l| std::cmp::Reverse(l.queue_length));
+    listeners
+}
+
+/// The leak table and the stuck listeners, as aligned text.
 pub(crate) fn render(report: &LeakReport) -> String {
+    let mut out = render_close_wait(report);
+    render_stuck_listeners(report, &mut out);
+    out
+}
+
+fn render_stuck_listeners(report: &LeakReport, out: &mut String) {
+    let listeners = &report.stuck_listeners;
+    let threshold = human_age(report.listen_queue_threshold_seconds);
+    if listeners.is_empty() {
+        let _ = match report.source {
+            Source::Daemon => writeln!(
+                out,
+                "\nNo stuck listeners: no accept queue has stayed full for over {threshold}."
+            ),
+            Source::Snapshot => writeln!(out, "\nNo listener has a full accept queue."),
+        };
+        return;
+    }
+    let _ = match report.source {
+        Source::Daemon => writeln!(
+            out,
+            "\n{} not accepting (accept queue full for over {threshold}):",
+            plural(listeners.len(), "listener", "listeners")
+        ),
+        Source::Snapshot => writeln!(
+            out,
+            "\n{} with a full accept queue now (a snapshot cannot tell for how long):",
+            plural(listeners.len(), "listener", "listeners")
+        ),
+    };
+    for listener in listeners {
+        let full_for = listener
+            .full_for_seconds
+            .map_or_else(String::new, |s| format!(", full for {}", human_age(s)));
+        let _ = writeln!(
+            out,
+            "\n{} (network namespace {}): {} of {} waiting{full_for}",
+            listener.local(),
+            listener.netns,
+            listener.queue_length,
+            listener.queue_limit
+        );
+        let _ = writeln!(out, "  {}", listener.owner());
+        let process = &listener.process;
+        if let Some(cmdline) = process.cmdline.as_deref().filter(|c| !c.is_empty()) {
+            let _ = writeln!(out, "  cmdline: {cmdline}");
+        }
+        if let Some(where_) = process.container_description() {
+            let _ = writeln!(out, "  in:      {where_}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nA full accept queue means the program no longer calls accept() fast enough (a \
+         stuck event loop, a full worker pool): new handshakes are dropped until clients time \
+         out. `tcpstate explain LISTEN` says what to check."
+    );
+}
+
+fn render_close_wait(report: &LeakReport) -> String {
     let mut out = String::new();
     let threshold = human_age(report.threshold_seconds);
     if report.processes.is_empty() {
@@ -190,7 +282,11 @@ pub async fn run(config: Config) -> ExitCode {
         eprintln!("tcpstate: error: {error}");
         return ExitCode::from(FAILED);
     }
-    if report.leaked_sockets > 0 { ExitCode::from(LEAKS) } else { ExitCode::SUCCESS }
+    if report.leaked_sockets > 0 || !report.stuck_listeners.is_empty() {
+        ExitCode::from(LEAKS)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 #[cfg(test)]
@@ -199,7 +295,32 @@ mod tests {
 
     #[test]
     fn an_empty_report_says_so() {
-        let text = render(&LeakReport::empty(Source::Daemon, Duration::from_secs(60)));
+        let report = LeakReport {
+            listen_queue_threshold_seconds: 30.0,
+            ..LeakReport::empty(Source::Daemon, Duration::from_secs(60))
+        };
+        let text = render(&report);
         assert!(text.starts_with("No CLOSE_WAIT leaks"), "{text}");
+        assert!(
+            text.contains("No stuck listeners: no accept queue has stayed full for over 30.0s")
+        );
+    }
+
+    #[test]
+    fn a_stuck_listener_is_shown_with_its_process() {
+        let report = LeakReport {
+            listen_queue_threshold_seconds: 30.0,
+            stuck_listeners: vec![StuckListener::example()],
+            ..LeakReport::empty(Source::Daemon, Duration::from_secs(60))
+        };
+        let text = render(&report);
+        assert!(
+            text.contains(
+                "1 listener not accepting (accept queue full for over 30.0s):\n\n\
+                 0.0.0.0:8080 (network namespace 7): 129 of 128 waiting, full for 1m 35s\n  \
+                 held by pid 812 (server)\n  cmdline: server --port 8080\n"
+            ),
+            "{text}"
+        );
     }
 }

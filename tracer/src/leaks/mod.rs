@@ -3,6 +3,7 @@
 //! leaks` prints) and how it names the processes; `command` is `tcpstate leaks` itself.
 
 pub mod command;
+pub(crate) mod stuck_listeners;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use tracer_common::TcpState;
 
+use self::stuck_listeners::StuckListener;
 use crate::{
     cmdline::CmdlinePolicy,
     owners::{ProcessCache, scan_socket_holders},
@@ -63,28 +65,16 @@ impl ProcessLeak {
         peers
     }
 
-    /// `container 3f4e1c2a9b8d (pod shop/checkout-7d9f)`, when the process runs in one.
     pub(crate) fn container_description(&self) -> Option<String> {
-        let c = &self.process.container;
-        let pod = match (&c.pod_namespace, &c.pod_name, &c.pod_uid) {
-            (Some(namespace), Some(name), _) => Some(format!("pod {namespace}/{name}")),
-            (_, _, Some(uid)) => Some(format!("pod uid {uid}")),
-            _ => None,
-        };
-        let container =
-            c.container_id.as_deref().map(|id| format!("container {}", &id[..12.min(id.len())]));
-        match (container, pod) {
-            (Some(container), Some(pod)) => Some(format!("{container} ({pod})")),
-            (one, other) => one.or(other),
-        }
+        self.process.container_description()
     }
 
     pub(crate) fn comm_or_unknown(&self) -> &str {
-        self.process.comm.as_deref().unwrap_or("unknown")
+        self.process.comm_or_unknown()
     }
 }
 
-/// Every leak at one moment.
+/// Every leak at one moment, and the listeners that stopped accepting.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct LeakReport {
     pub source: Source,
@@ -92,6 +82,14 @@ pub(crate) struct LeakReport {
     pub leaked_sockets: usize,
     /// Most leaked sockets first.
     pub processes: Vec<ProcessLeak>,
+    /// How long a listener's accept queue must stay full to count as stuck (0 in a snapshot,
+    /// which reports the listeners full at that moment).
+    #[serde(default)]
+    pub listen_queue_threshold_seconds: f64,
+    /// Listeners whose accept queue stayed at 90 % of its limit or more for that long, full
+    /// the longest first.
+    #[serde(default)]
+    pub stuck_listeners: Vec<StuckListener>,
 }
 
 impl LeakReport {
@@ -101,6 +99,8 @@ impl LeakReport {
             threshold_seconds: threshold.as_secs_f64(),
             leaked_sockets: 0,
             processes: Vec::new(),
+            listen_queue_threshold_seconds: 0.0,
+            stuck_listeners: Vec::new(),
         }
     }
 }
@@ -193,6 +193,8 @@ impl OwnerResolver {
             threshold_seconds: threshold.as_secs_f64(),
             leaked_sockets: candidates.len(),
             processes,
+            listen_queue_threshold_seconds: 0.0,
+            stuck_listeners: Vec::new(),
         }
     }
 }

@@ -75,15 +75,31 @@ pub(super) struct FailureRow {
     pub total: f64,
 }
 
-/// One process holding leaked CLOSE_WAIT sockets.
+/// One process holding leaked CLOSE_WAIT sockets, or a listener that stopped accepting.
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct LeakRow {
     pub pid: Option<u32>,
     pub comm: String,
+    /// Leaked sockets, or connections waiting in the listener's accept queue.
     pub sockets: usize,
+    /// The oldest leaked socket's age, or how long the listener's queue has been full.
     pub oldest_seconds: f64,
     /// Its pod (namespace/name), else its container id (12 digits), else empty.
     pub container: String,
+    /// For a stuck listener: its port and its queue's limit.
+    pub listener: Option<(u16, u32)>,
+}
+
+/// A process's pod (namespace/name), else its container id (12 digits), else empty.
+fn pod_or_container(process: &crate::socket::Process) -> String {
+    let container = &process.container;
+    match (&container.pod_namespace, &container.pod_name) {
+        (Some(namespace), Some(name)) => format!("{namespace}/{name}"),
+        _ => container
+            .container_id
+            .as_deref()
+            .map_or_else(String::new, |id| id.chars().take(12).collect()),
+    }
 }
 
 /// The samples of the last minute, oldest first.
@@ -230,18 +246,19 @@ impl History {
                 comm: p.process.comm.clone().unwrap_or_else(|| "(unknown owner)".to_owned()),
                 sockets: p.count,
                 oldest_seconds: p.oldest_age_seconds,
-                container: match (&p.process.container.pod_namespace, &p.process.container.pod_name)
-                {
-                    (Some(namespace), Some(name)) => format!("{namespace}/{name}"),
-                    _ => p
-                        .process
-                        .container
-                        .container_id
-                        .as_deref()
-                        .map_or_else(String::new, |id| id.chars().take(12).collect()),
-                },
+                container: pod_or_container(&p.process),
+                listener: None,
             })
             .collect();
+        let listeners = report.stuck_listeners.iter().map(|l| LeakRow {
+            pid: l.process.pid,
+            comm: l.process.comm.clone().unwrap_or_else(|| "(unknown owner)".to_owned()),
+            sockets: l.queue_length as usize,
+            oldest_seconds: l.full_for_seconds.unwrap_or(0.0),
+            container: pod_or_container(&l.process),
+            listener: Some((l.local_port, l.queue_limit)),
+        });
+        rows.extend(listeners);
         match sort {
             SortKey::Name => rows.sort_by(|a, b| a.comm.cmp(&b.comm).then(a.pid.cmp(&b.pid))),
             SortKey::Count | SortKey::Change => rows.sort_by(|a, b| {

@@ -217,26 +217,43 @@ fn draw_leaks(frame: &mut Frame, area: Rect, history: &History, sort: SortKey, p
     let threshold = history.latest().and_then(|s| s.leaks.as_ref()).map_or(String::new(), |r| {
         format!(" (CLOSE_WAIT over {})", human_age(r.threshold_seconds))
     });
+    let leaks = history.leaks(sort);
+    let any_listener = leaks.iter().any(|row| row.listener.is_some());
+
     // Where the process runs, only where its pod's name has room.
     let with_container = area.width >= 60;
-    let rows: Vec<Row> = history
-        .leaks(sort)
+    let rows: Vec<Row> = leaks
         .into_iter()
         .map(|row| {
+            // A stuck listener's port and queue: beside its container where there is room,
+            // else its port before its name.
+            let (comm, container) = match (row.listener, with_container) {
+                (None, _) => (row.comm, row.container),
+                (Some((port, limit)), true) => {
+                    (row.comm, format!(":{port} full {}/{limit} {}", row.sockets, row.container))
+                }
+                (Some((port, _)), false) => (format!(":{port} {}", row.comm), row.container),
+            };
             let mut cells = vec![
                 right(row.pid.map_or_else(|| "?".to_owned(), |p| p.to_string())),
-                Cell::new(row.comm),
+                Cell::new(comm),
                 right(row.sockets.to_string()),
                 right(human_age(row.oldest_seconds)),
             ];
             if with_container {
-                cells.push(Cell::new(row.container));
+                cells.push(Cell::new(container));
             }
             Row::new(cells).style(palette.alert())
         })
         .collect();
-    let title =
-        if rows.is_empty() { format!("No leaks{threshold}") } else { format!("Leaks{threshold}") };
+    let title = if rows.is_empty() {
+        format!("No leaks{threshold}")
+    } else if any_listener {
+        // No room for the threshold beside it.
+        "Leaks, listeners not accepting".to_owned()
+    } else {
+        format!("Leaks{threshold}")
+    };
     let mut header =
         vec![right("PID".into()), Cell::new("COMM"), right("SOCKS".into()), right("OLDEST".into())];
     let mut widths = vec![
@@ -308,6 +325,15 @@ mod tests {
     }
 
     fn screen(width: u16, height: u16, palette: Palette) -> (String, TestBackend) {
+        screen_of(&history(), width, height, palette)
+    }
+
+    fn screen_of(
+        history: &History,
+        width: u16,
+        height: u16,
+        palette: Palette,
+    ) -> (String, TestBackend) {
         let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
         let status = Status {
             source: "kernel",
@@ -316,7 +342,7 @@ mod tests {
             error: None,
             warning: None,
         };
-        terminal.draw(|frame| draw(frame, &history(), &status, palette)).unwrap();
+        terminal.draw(|frame| draw(frame, history, &status, palette)).unwrap();
         let buffer = terminal.backend().buffer().clone();
         let text = (0..buffer.area.height)
             .map(|y| (0..buffer.area.width).map(|x| buffer[(x, y)].symbol()).collect::<String>())
@@ -337,6 +363,26 @@ mod tests {
             "lost events 0",
         ] {
             assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_stuck_listener_shows_among_the_leaks_with_its_port_and_queue() {
+        use crate::leaks::{LeakReport, Source, stuck_listeners::StuckListener};
+        let report = LeakReport {
+            stuck_listeners: vec![StuckListener::example()],
+            ..LeakReport::empty(Source::Daemon, Duration::from_secs(60))
+        };
+        let mut sample = Sample { leaks: Some(report), ..Sample::default() };
+        sample.sockets.insert("LISTEN".into(), 1.0);
+        let mut history = History::default();
+        history.push(Instant::now(), sample);
+        // Narrow: the port before the name; wide: the queue beside the container.
+        for (width, shown) in [(80, ":8080 server"), (160, ":8080 full 129/128")] {
+            let (text, _) = screen_of(&history, width, 24, Palette { color: false });
+            for expected in ["Leaks, listeners not accepting", shown, "1m 35s"] {
+                assert!(text.contains(expected), "{expected:?} missing at width {width}:\n{text}");
+            }
         }
     }
 

@@ -286,6 +286,7 @@ mod tests {
             rest_length: 0,
             rest_limit: 4096,
             dropped: vec![(4026531840, 31, 31)],
+            ..Default::default()
         };
         shared.update_status(|status| {
             status.retransmits = Some(retransmits);
