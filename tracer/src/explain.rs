@@ -58,7 +58,9 @@ pub(crate) const EXPLANATIONS: [Explanation; 12] = [
         in_tcpstate: "tcpstate_sockets{state=\"SYN_SENT\"}; `tcpstate watch --state SYN_SENT`; \
                       how long connects take: tcpstate_handshake_duration_seconds{role=\"client\"}; \
                       SYN retries (each one adds 1 s, then 2 s, 4 s, ...): \
-                      tcpstate_retransmits_total{state=\"SYN_SENT\"}",
+                      tcpstate_retransmits_total{state=\"SYN_SENT\"}; the destinations that \
+                      refuse or time out most: tcpstate_connect_failures_by_destination, \
+                      /api/destinations, `tcpstate top`",
     },
     Explanation {
         state: TcpState::SYN_RECV,

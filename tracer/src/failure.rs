@@ -89,7 +89,7 @@ impl Failure {
 }
 
 /// The `direction` of tcpstate_resets_total.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum ResetDirection {
     Received = 0,
     Sent = 1,

@@ -8,6 +8,7 @@ use foldhash::{HashSet, HashSetExt as _};
 use tracer_common::{TcpState, TransitionRecord};
 
 use super::{
+    destinations::Destinations,
     gauges::PortLabels,
     ports::PortUsage,
     table::{Owner, SocketId, SocketKey, SocketTable},
@@ -15,7 +16,10 @@ use super::{
 
 mod reconcile;
 
-use crate::failure::{CONNECT_REASONS, Failure, ResetDirection};
+use crate::{
+    event::TransitionExt as _,
+    failure::{CONNECT_REASONS, Failure, ResetDirection},
+};
 pub(super) use reconcile::{DumpIndex, ReconcileOutcome, reconcile_in_slices};
 
 /// Upper bounds of the stay histogram's buckets, in seconds: log-spaced (1-3-10) from 10 µs to
@@ -101,6 +105,8 @@ pub(crate) struct Aggregator {
     connect_failures: Vec<[u64; CONNECT_REASONS.len()]>,
     /// [label][received, sent][state the reset hit]
     resets: Vec<[[u64; TcpState::INDEXES]; 2]>,
+    /// Failed connects and resets of the last minute, by destination.
+    destinations: Destinations,
     stays: [StayHistogram; TcpState::INDEXES],
     /// [label][role]: completed handshakes.
     handshakes: Vec<[StayHistogram; 2]>,
@@ -155,6 +161,7 @@ impl Aggregator {
             transitions: vec![[[0; TcpState::INDEXES]; TcpState::INDEXES]; labels.values()],
             connect_failures: vec![[0; CONNECT_REASONS.len()]; labels.values()],
             resets: vec![[[0; TcpState::INDEXES]; 2]; labels.values()],
+            destinations: Destinations::default(),
             stays: std::array::from_fn(|_| StayHistogram::default()),
             handshakes: vec![Default::default(); labels.values()],
             table: SocketTable::new(max_sockets, labels.clone()),
@@ -234,6 +241,15 @@ impl Aggregator {
         self.resets[label][direction as usize][state.index()]
     }
 
+    /// Failed connects and resets of the last minute, by destination.
+    pub(crate) fn destinations(&self) -> &Destinations {
+        &self.destinations
+    }
+
+    pub(crate) fn destinations_mut(&mut self) -> &mut Destinations {
+        &mut self.destinations
+    }
+
     pub(crate) fn stays(&self, state: TcpState) -> &StayHistogram {
         &self.stays[state.index()]
     }
@@ -265,9 +281,12 @@ impl Aggregator {
         self.transitions[label][old.index()][new.index()] += 1;
         if let Some(failure) = Failure::of(old, new, r.error) {
             if old == TcpState::SYN_SENT {
-                self.connect_failures[label][failure.connect_slot()] += 1;
+                let reason = failure.connect_slot();
+                self.connect_failures[label][reason] += 1;
+                self.destinations.connect_failed(r.ts_ns, reason, r.remote());
             } else if let Some(direction) = failure.reset() {
                 self.resets[label][direction as usize][old.index()] += 1;
+                self.destinations.reset(r.ts_ns, direction, r.netns, r.local(), r.remote());
             }
         }
         if r.dwell_known() && r.ends_stay() {

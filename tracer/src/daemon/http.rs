@@ -1,5 +1,6 @@
-//! The HTTP endpoint: `/metrics`, `/healthz`, `/api/sockets`, `/api/leaks`. Loopback by
-//! default; a request timeout; errors are JSON with a reason (connections: `server`).
+//! The HTTP endpoint: `/metrics`, `/healthz`, `/api/sockets`, `/api/leaks`,
+//! `/api/destinations`. Loopback by default; a request timeout; errors are JSON with a reason
+//! (connections: `server`).
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -58,6 +59,7 @@ pub(super) fn router(state: AppState, users: Option<Arc<BasicAuth>>) -> Router {
         .route("/healthz", only_get(get(healthz)))
         .route("/api/sockets", only_get(get(sockets)))
         .route("/api/leaks", only_get(get(leaks)))
+        .route("/api/destinations", only_get(get(destinations)))
         .fallback(not_found)
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -115,7 +117,7 @@ pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response 
 async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,
-        "no such endpoint; try /metrics, /healthz, /api/sockets or /api/leaks",
+        "no such endpoint; try /metrics, /healthz, /api/sockets, /api/leaks or /api/destinations",
     )
 }
 
@@ -154,6 +156,16 @@ async fn leaks(State(state): State<AppState>, query: axum::extract::RawQuery) ->
         return error(StatusCode::BAD_REQUEST, "/api/leaks takes no parameters");
     }
     Json(state.shared.leak_report()).into_response()
+}
+
+/// Failed connects and resets of the last minute, by destination (applying what waits in the
+/// ring first, as a scrape does).
+async fn destinations(State(state): State<AppState>, query: axum::extract::RawQuery) -> Response {
+    if query.0.is_some_and(|q| !q.is_empty()) {
+        return error(StatusCode::BAD_REQUEST, "/api/destinations takes no parameters");
+    }
+    state.catch_up().await;
+    Json(state.shared.aggregator().destinations().report(monotonic_ns())).into_response()
 }
 
 /// `/api/sockets` query: `state` (a state name, optional), `offset` and `limit` (a page of

@@ -86,6 +86,11 @@ pub(super) async fn watch_listeners(shared: Arc<Shared>, mut stuck_watch: StuckW
         });
         let Ok((watch, found, stuck)) = evaluated.await else { return };
         stuck_watch = watch;
+        let listening = found
+            .iter()
+            .flat_map(|ns| ns.queues.iter().map(|queue| (ns.inode, queue.local.port())))
+            .collect();
+        shared.aggregator().destinations_mut().set_listening(listening);
         let stuck_threshold = stuck_watch.threshold();
         let report = ListenerReport { stuck, stuck_threshold, ..report(found) };
         shared.update_status(|status| status.listeners = report);

@@ -5,6 +5,7 @@
 //! handlers read the aggregator under the same lock, at scrape time only.
 
 mod aggregate;
+mod destinations;
 mod gauges;
 mod groups;
 mod http;
@@ -34,7 +35,10 @@ use self::{
     reading::{Reading, dump_namespaces, watch_leaks},
     stuck_listeners::StuckWatch,
 };
-pub(crate) use self::{groups::GroupBy, table::BYTES_PER_SOCKET};
+pub(crate) use self::{
+    destinations::WINDOW_SECONDS as DESTINATION_WINDOW_SECONDS, groups::GroupBy,
+    table::BYTES_PER_SOCKET,
+};
 use crate::{
     clock::monotonic_ns,
     cmdline::CmdlinePolicy,

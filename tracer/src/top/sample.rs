@@ -28,6 +28,9 @@ pub(super) struct Sample {
     pub connect_failures: BTreeMap<String, f64>,
     /// Resets per direction (received, sent).
     pub resets: BTreeMap<String, f64>,
+    /// The last minute's failed connects by destination and resets by peer, under the name
+    /// of their kind's row (`connect refused`, `reset received`): (where, count).
+    pub destinations: BTreeMap<String, Vec<(String, f64)>>,
     /// Transitions the daemon could not count, per reason.
     pub lost: BTreeMap<String, f64>,
     /// Sockets the daemon tracks.
@@ -64,6 +67,23 @@ impl Sample {
                     add(&mut sample.connect_failures, label("reason"));
                 }
                 "tcpstate_resets_total" => add(&mut sample.resets, label("direction")),
+                "tcpstate_connect_failures_by_destination" => {
+                    let kind = format!("connect {}", label("reason"));
+                    let to = endpoint(&label("daddr"), &label("dport"));
+                    sample.destinations.entry(kind).or_default().push((to, value));
+                }
+                "tcpstate_resets_by_peer" => {
+                    let kind = format!("reset {}", label("direction"));
+                    let (peer, port) = (label("raddr"), label("port"));
+                    // Where this host accepted, the port is its own listener's.
+                    let place = match label("role").as_str() {
+                        "server" => {
+                            format!("{} → :{port}", endpoint(&peer, "").trim_end_matches(':'))
+                        }
+                        _ => endpoint(&peer, &port),
+                    };
+                    sample.destinations.entry(kind).or_default().push((place, value));
+                }
                 "tcpstate_events_lost_total" => add(&mut sample.lost, label("reason")),
                 "tcpstate_tracked_sockets" => sample.tracked = value,
                 "tcpstate_transitions_total" => {
@@ -83,6 +103,11 @@ impl Sample {
     pub(super) fn lost_total(&self) -> f64 {
         self.lost.values().sum()
     }
+}
+
+/// `10.0.0.9:5432`, `[2001:db8::9]:5432`.
+fn endpoint(address: &str, port: &str) -> String {
+    if address.contains(':') { format!("[{address}]:{port}") } else { format!("{address}:{port}") }
 }
 
 /// Takes one sample from the daemon `connection` leads to.
@@ -117,6 +142,11 @@ tcpstate_connect_failures_total{reason="refused"} 5
 # TYPE tcpstate_resets counter
 tcpstate_resets_total{direction="received",state="ESTABLISHED"} 2
 tcpstate_resets_total{direction="received",state="FIN_WAIT1"} 1
+# TYPE tcpstate_connect_failures_by_destination gauge
+tcpstate_connect_failures_by_destination{daddr="10.0.0.9",dport="5432",reason="refused"} 4
+tcpstate_connect_failures_by_destination{daddr="2001:db8::9",dport="443",reason="refused"} 1
+# TYPE tcpstate_resets_by_peer gauge
+tcpstate_resets_by_peer{raddr="10.0.0.3",port="8080",role="server",direction="received"} 2
 # TYPE tcpstate_events_lost counter
 tcpstate_events_lost_total{reason="ring_full"} 6
 tcpstate_events_lost_total{reason="recursion"} 1
@@ -136,6 +166,11 @@ tcpstate_state_duration_seconds_bucket{state="ESTABLISHED",le="+Inf"} 1
         assert_eq!(sample.transitions[&("CLOSE".into(), "SYN_SENT".into())], 10.0);
         assert_eq!(sample.connect_failures["refused"], 5.0);
         assert_eq!(sample.resets["received"], 3.0);
+        assert_eq!(
+            sample.destinations["connect refused"],
+            [("10.0.0.9:5432".to_owned(), 4.0), ("[2001:db8::9]:443".to_owned(), 1.0)]
+        );
+        assert_eq!(sample.destinations["reset received"], [("10.0.0.3 → :8080".to_owned(), 2.0)]);
         assert_eq!(sample.lost_total(), 7.0);
         assert_eq!(sample.oldest["CLOSE_WAIT"], 75.5);
         assert_eq!(sample.tracked, 9.0);

@@ -67,12 +67,15 @@ pub(super) struct TransitionRow {
     pub total: f64,
 }
 
-/// One kind of failure: a connect's reason, or resets in one direction.
+/// One kind of failure (a connect's reason, or resets in one direction), or one of its
+/// destinations of the last minute, listed under it.
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct FailureRow {
     pub what: String,
+    /// For a destination: its average over the last minute.
     pub per_second: f64,
-    pub total: f64,
+    /// Since the daemon started; none for a destination.
+    pub total: Option<f64>,
 }
 
 /// One process holding leaked CLOSE_WAIT sockets, or a listener that stopped accepting.
@@ -219,17 +222,27 @@ impl History {
         let Some(latest) = self.latest() else { return Vec::new() };
         let connects = latest.connect_failures.iter().map(|(reason, total)| {
             let per_second = self.rate(|s| s.connect_failures.get(reason).copied().unwrap_or(0.0));
-            FailureRow { what: format!("connect {reason}"), per_second, total: *total }
+            (format!("connect {reason}"), per_second, *total)
         });
         let resets = latest.resets.iter().map(|(direction, total)| {
             let per_second = self.rate(|s| s.resets.get(direction).copied().unwrap_or(0.0));
-            FailureRow { what: format!("reset {direction}"), per_second, total: *total }
+            (format!("reset {direction}"), per_second, *total)
         });
-        let mut rows: Vec<FailureRow> = connects.chain(resets).filter(|r| r.total > 0.0).collect();
+        let mut kinds: Vec<(String, f64, f64)> =
+            connects.chain(resets).filter(|(_, _, total)| *total > 0.0).collect();
         if sort != SortKey::Name {
-            rows.sort_by(|a, b| {
-                descending(a.per_second, b.per_second).then_with(|| descending(a.total, b.total))
-            });
+            kinds.sort_by(|a, b| descending(a.1, b.1).then_with(|| descending(a.2, b.2)));
+        }
+        let mut rows = Vec::new();
+        for (what, per_second, total) in kinds {
+            let destinations = latest.destinations.get(&what).cloned().unwrap_or_default();
+            rows.push(FailureRow { what, per_second, total: Some(total) });
+            // The daemon lists them most first.
+            rows.extend(destinations.into_iter().map(|(place, count)| FailureRow {
+                what: format!(" {place}"),
+                per_second: count / crate::daemon::DESTINATION_WINDOW_SECONDS,
+                total: None,
+            }));
         }
         rows
     }
@@ -336,6 +349,29 @@ mod tests {
         let close_wait = &h.states(SortKey::Count)[1];
         assert_eq!((close_wait.change, close_wait.trend.clone()), (5.0, vec![0.0, 5.0]));
         assert_eq!(SortKey::Count.next().next().next(), SortKey::Count);
+    }
+
+    #[test]
+    fn destinations_follow_their_kind_with_their_rate_over_the_minute() {
+        let mut latest = sample(1.0, 0.0, 4.0, 0.0);
+        latest.resets.insert("received".into(), 9.0);
+        latest.destinations.insert("connect refused".into(), vec![("10.0.0.9:5432".into(), 30.0)]);
+        // Resets stood still: they come after the refused connects, which grew.
+        let mut earlier = sample(1.0, 0.0, 0.0, 0.0);
+        earlier.resets.insert("received".into(), 9.0);
+        let h = history(&[earlier, latest]);
+        let rows = h.failures(SortKey::Count);
+        let found: Vec<(&str, Option<f64>)> =
+            rows.iter().map(|r| (r.what.as_str(), r.total)).collect();
+        assert_eq!(
+            found,
+            [
+                ("connect refused", Some(4.0)),
+                (" 10.0.0.9:5432", None),
+                ("reset received", Some(9.0))
+            ]
+        );
+        assert_eq!(rows[1].per_second, 0.5, "30 in the last minute");
     }
 
     #[test]

@@ -285,7 +285,7 @@ fn draw_failures(
             Row::new([
                 Cell::new(row.what),
                 right(format!("{:.1}", row.per_second)),
-                right(format!("{:.0}", row.total)),
+                right(row.total.map_or_else(String::new, |total| format!("{total:.0}"))),
             ])
             .style(style)
         })

@@ -476,6 +476,8 @@ fn http_endpoint_answers_errors_in_json_and_negotiates_formats() {
         "/api/sockets?limit=0",
         "/api/sockets?limit=x",
         "/api/sockets?nope=1",
+        "/api/leaks?x=1",
+        "/api/destinations?window=5m",
     ] {
         let response = daemon.get(bad);
         assert_eq!(response.status, 400, "{bad}: {}", response.body);

@@ -1,6 +1,6 @@
 //! Connections that end badly, provoked for real: connects refused, timed out and
 //! unreachable, resets sent with `SO_LINGER {on, 0}` and received by the peer, counted exactly
-//! per labelled port and named in `watch`; and ephemeral ports running out.
+//! per labelled port, by destination, and named in `watch`; and ephemeral ports running out.
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
@@ -148,6 +148,83 @@ fn resets_are_counted_by_direction_and_state() {
             .then_some(())
             .ok_or(format!("sent {sent}, received {received}, stray {stray}"))
     });
+    daemon.stop();
+}
+
+/// Refused connects to one destination and resets on both ends of connections to a listener,
+/// listed by destination: the listener's own resets under its port as the server's.
+#[test]
+#[parallel]
+fn failures_and_resets_are_listed_by_destination() {
+    let ns = NetNs::create("destinations");
+    let netns = std::fs::metadata(format!("/run/netns/{}", ns.name)).unwrap();
+    let netns = std::os::unix::fs::MetadataExt::ino(&netns).to_string();
+    let daemon = Daemon::start(&[]);
+    let listener = ns.run(|| TcpListener::bind((V4, 0)).unwrap());
+    let port = listener.local_addr().unwrap().port();
+    // Resets on a listening port count as the server's once a dump of the listeners saw it.
+    common::eventually(Duration::from_secs(20), || {
+        let metrics = daemon.scrape();
+        let labels = [("netns", netns.as_str())];
+        let seen = metrics.matching("tcpstate_listen_overflows_total", &labels).count();
+        (seen == 1).then_some(()).ok_or("the listener dump has not seen the namespace".to_owned())
+    });
+    const REFUSED: usize = 25;
+    const RESETS: usize = 4;
+    let closed = SocketAddr::new(V4, if port == u16::MAX { port - 1 } else { port + 1 });
+    ns.run(|| {
+        for _ in 0..REFUSED {
+            let refused = TcpStream::connect(closed).unwrap_err();
+            assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+        }
+        for _ in 0..RESETS {
+            let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            Socket::from(stream).set_linger(Some(Duration::ZERO)).unwrap();
+            server.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let reset = std::io::Read::read(&mut &server, &mut [0; 16]).unwrap_err();
+            assert_eq!(reset.kind(), std::io::ErrorKind::ConnectionReset);
+        }
+    });
+    let report = common::eventually(Duration::from_secs(10), || {
+        let report = daemon.get("/api/destinations").json();
+        let found = |list: &str, keys: &[(&str, Value)]| {
+            report[list].as_array().into_iter().flatten().find_map(|entry| {
+                keys.iter().all(|(k, v)| entry[*k] == *v).then(|| entry["count"].as_u64())
+            })
+        };
+        let refused = found(
+            "connect_failures",
+            &[
+                ("address", "127.0.0.1".into()),
+                ("port", closed.port().into()),
+                ("reason", "refused".into()),
+            ],
+        );
+        let reset = |role: &str, direction: &str| {
+            let keys = [
+                ("peer_address", "127.0.0.1".into()),
+                ("port", port.into()),
+                ("role", role.into()),
+                ("direction", direction.into()),
+            ];
+            found("resets", &keys)
+        };
+        let counts = (refused, reset("server", "received"), reset("client", "sent"));
+        let wanted =
+            (Some(Some(REFUSED as u64)), Some(Some(RESETS as u64)), Some(Some(RESETS as u64)));
+        (counts == wanted).then_some(report.clone()).ok_or(format!("{counts:?} in {report:#}"))
+    });
+    assert_eq!(report["window_seconds"], 60.0);
+    // The same counts as gauges.
+    let metrics = daemon.scrape();
+    let dport = closed.port().to_string();
+    let labels = [("daddr", "127.0.0.1"), ("dport", dport.as_str()), ("reason", "refused")];
+    assert_eq!(metrics.value("tcpstate_connect_failures_by_destination", &labels), REFUSED as f64);
+    let port = port.to_string();
+    let labels =
+        [("raddr", "127.0.0.1"), ("port", &port), ("role", "server"), ("direction", "received")];
+    assert_eq!(metrics.value("tcpstate_resets_by_peer", &labels), RESETS as f64);
     daemon.stop();
 }
 

@@ -144,8 +144,9 @@ fn top_shows_a_scripted_workloads_failures_and_leaks_as_they_happen() {
     assert!(screen.contains("sort: count"), "{screen}");
 
     const REFUSED: usize = 3;
+    let nothing_listens = common::ReservedPort::new();
     for _ in 0..REFUSED {
-        let error = TcpStream::connect(common::ReservedPort::new().addr()).unwrap_err();
+        let error = TcpStream::connect(nothing_listens.addr()).unwrap_err();
         assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused);
     }
     let leaky = Helper::start("leak", "top-leaker", &[]);
@@ -154,6 +155,13 @@ fn top_shows_a_scripted_workloads_failures_and_leaks_as_they_happen() {
         numbers_after(s, "connect refused").get(1) == Some(&"3")
             && numbers_after(s, "top-leaker").first() == Some(&"2")
     });
+    // The destination, under its kind.
+    let destination = format!("│ {} ", nothing_listens.addr());
+    let below = screen.lines().skip_while(|l| !l.contains("connect refused")).nth(1);
+    assert!(
+        below.is_some_and(|l| l.contains(&destination)),
+        "{destination} under the refused connects:\n{screen}"
+    );
     let pid = leaky.pid().to_string();
     assert!(
         screen.lines().any(|l| l.contains("top-leaker") && l.contains(&format!("│{pid:>7} "))),

@@ -15,6 +15,7 @@ use crate::{
     daemon::{
         Status,
         aggregate::{Aggregator, DURATION_BUCKETS, HandshakeRole, SAMPLED_STATES, StayHistogram},
+        destinations::DestinationReport,
         groups::{GroupBy, GroupLabels},
         leak_watch::LeakState,
         listeners::{Listener, ListenerReport},
@@ -124,6 +125,47 @@ pub(super) fn resets(
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// The destinations with most failed connects, and the peers with most resets, over the last
+/// minute.
+pub(super) fn destinations(
+    encoder: &mut DescriptorEncoder,
+    report: &DestinationReport,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_connect_failures_by_destination",
+        "Failed connects in the last minute to one destination address and port, for one \
+         reason (as in tcpstate_connect_failures_total): the 10 with most",
+        None,
+        MetricType::Gauge,
+    )?;
+    for failures in &report.connect_failures {
+        let set = [
+            ("daddr", failures.address.to_string()),
+            ("dport", failures.port.to_string()),
+            ("reason", failures.reason.clone()),
+        ];
+        ConstGauge::new(failures.count as i64).encode(family.encode_family(&set)?)?;
+    }
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_resets_by_peer",
+        "Connections ended by a reset in the last minute, by peer address and service port: \
+         the remote port where this host connected (role client), the local listening port \
+         where it accepted (role server); the 10 with most",
+        None,
+        MetricType::Gauge,
+    )?;
+    for resets in &report.resets {
+        let set = [
+            ("raddr", resets.peer_address.to_string()),
+            ("port", resets.port.to_string()),
+            ("role", resets.role.name().to_owned()),
+            ("direction", resets.direction.clone()),
+        ];
+        ConstGauge::new(resets.count as i64).encode(family.encode_family(&set)?)?;
     }
     Ok(())
 }

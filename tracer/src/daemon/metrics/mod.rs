@@ -48,6 +48,7 @@ impl Collector for TcpstateCollector {
         families::transitions(&mut encoder, &agg, &ports)?;
         families::connect_failures(&mut encoder, &agg, &ports)?;
         families::resets(&mut encoder, &agg, &ports)?;
+        families::destinations(&mut encoder, &agg.destinations().report(now))?;
         families::ephemeral_ports(&mut encoder, &agg)?;
         families::stay_durations(&mut encoder, &agg)?;
         families::handshake_durations(&mut encoder, &agg, &ports)?;
@@ -227,6 +228,8 @@ mod tests {
         use crate::daemon::{aggregate::tests::record, gauges::PortLabels, leak_watch::LeakState};
 
         let mut aggregator = super::super::Aggregator::new(100, PortLabels::none());
+        // Every record a moment ago: within the last minute's failures by destination.
+        let base = monotonic_ns().saturating_sub(1_000_000_000);
         let connection: [(u64, [(S, S); 5]); 2] = [
             (
                 0x1000,
@@ -251,17 +254,17 @@ mod tests {
         ];
         for (skaddr, moves) in connection {
             for (step, (old, new)) in moves.into_iter().enumerate() {
-                let ts = 1_000_000 * (step as u64 + 1);
+                let ts = base + 1_000_000 * (step as u64 + 1);
                 aggregator.apply(&record(skaddr, ts, old, new, 40_000));
             }
         }
-        let mut refused = record(0x3000, 9_000_000, S::SYN_SENT, S::CLOSE, 40_001);
+        let mut refused = record(0x3000, base + 9_000_000, S::SYN_SENT, S::CLOSE, 40_001);
         refused.error = libc::ECONNREFUSED as u8;
-        aggregator.apply(&record(0x3000, 8_000_000, S::CLOSE, S::SYN_SENT, 40_001));
+        aggregator.apply(&record(0x3000, base + 8_000_000, S::CLOSE, S::SYN_SENT, 40_001));
         aggregator.apply(&refused);
-        let mut reset = record(0x4000, 9_500_000, S::ESTABLISHED, S::CLOSE, 40_002);
+        let mut reset = record(0x4000, base + 9_500_000, S::ESTABLISHED, S::CLOSE, 40_002);
         reset.error = libc::ECONNRESET as u8;
-        aggregator.apply(&record(0x4000, 9_000_000, S::SYN_SENT, S::ESTABLISHED, 40_002));
+        aggregator.apply(&record(0x4000, base + 9_000_000, S::SYN_SENT, S::ESTABLISHED, 40_002));
         aggregator.apply(&reset);
 
         let shared = Arc::new(Shared::new(aggregator, LeakState::new(Duration::from_secs(60))));
