@@ -122,6 +122,9 @@ pub struct KernelSettings {
     /// Offset of the `err` field in `tcp:tcp_retransmit_skb`'s record, where the kernel has
     /// it (a failed retransmit is not counted); `OFFSET_UNKNOWN` where it has not.
     pub retransmit_err_offset: u32,
+    /// Offset of the `daddr_v6` field in `tcp:tcp_retransmit_skb`'s record: retransmits are
+    /// also counted by destination.
+    pub retransmit_daddr_offset: u32,
     /// Local ports whose retransmits are counted apart, sorted as the daemon's port labels:
     /// the `i`th counts in `RETRANSMITS[i + 1]`, any other port in `RETRANSMITS[0]`.
     pub label_ports: [u16; MAX_PORT_LABELS],
@@ -147,6 +150,7 @@ impl KernelSettings {
         tcp_srtt_offset: OFFSET_UNKNOWN,
         sock: SockOffsets::UNKNOWN,
         retransmit_err_offset: OFFSET_UNKNOWN,
+        retransmit_daddr_offset: OFFSET_UNKNOWN,
         label_ports: [0; MAX_PORT_LABELS],
         label_port_count: 0,
         wakeup_every: 0,
@@ -218,15 +222,34 @@ pub struct RetransmitCounts {
     /// above, so that every kernel counts the same thing (older ones fire only for
     /// retransmits that went out).
     pub failed: u64,
+    /// Retransmits counted above that found no room in `RETRANSMIT_DESTINATIONS` (counted in
+    /// slot 0 only, whatever their port).
+    pub unlisted: u64,
 }
 
 impl Default for RetransmitCounts {
     fn default() -> Self {
-        Self { by_state: [0; RETRANSMIT_STATES], synack: 0, failed: 0 }
+        Self { by_state: [0; RETRANSMIT_STATES], synack: 0, failed: 0, unlisted: 0 }
     }
 }
 
-const _: () = assert!(size_of::<RetransmitCounts>() == 144);
+const _: () = assert!(size_of::<RetransmitCounts>() == 152);
+
+/// Destinations whose retransmits are counted apart, least recently retransmitting evicted
+/// first: the top ones of the last minute are what matters.
+pub const RETRANSMIT_DESTINATIONS: u32 = 1024;
+
+/// Key of `RETRANSMIT_DESTINATIONS`: where retransmitted segments went.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RetransmitDestination {
+    /// IPv6, or IPv4 as v4-mapped IPv6, as the tracepoint gives it.
+    pub daddr: [u8; 16],
+    pub dport: u16,
+    pub _pad: u16,
+}
+
+const _: () = assert!(size_of::<RetransmitDestination>() == 20);
 
 /// How many recent transitions each program remembers per CPU (`RecentTransitions`).
 pub const RECENT: usize = 4;

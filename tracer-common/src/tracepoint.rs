@@ -41,7 +41,11 @@ pub mod retransmit {
     pub const NAME: &str = "tcp_retransmit_skb";
     pub const STATE: Field = Field { name: "state", offset: 24, size: 4 };
     pub const SPORT: Field = Field { name: "sport", offset: 28, size: 2 };
-    pub const FIELDS: [Field; 2] = [STATE, SPORT];
+    pub const DPORT: Field = Field { name: "dport", offset: 30, size: 2 };
+    pub const FIELDS: [Field; 3] = [STATE, SPORT, DPORT];
+    /// The destination address, IPv4 as v4-mapped IPv6; its offset moved when kernels added
+    /// a `family` field before the addresses, so the loader finds it in the format.
+    pub const DADDR_V6: &str = "daddr_v6";
     /// Newer kernels also fire for retransmits that failed, and say so in this field (an
     /// errno, 0 for a retransmit that went out); older ones fire only for those that went out.
     pub const ERR: &str = "err";

@@ -8,10 +8,10 @@ use core::{
 use crate::{
     KernelCounters, KernelSettings, RECORD_SIZE, SocketState, TcpState, TransitionRecord,
     record::{AF_INET, AF_INET6},
-    settings::{RecentTransitions, RetransmitCounts},
+    settings::{RecentTransitions, RetransmitCounts, RetransmitDestination},
 };
 
-// SAFETY: all six are `#[repr(C)]`, `Copy`, made only of integers and byte arrays, with the
+// SAFETY: all seven are `#[repr(C)]`, `Copy`, made only of integers and byte arrays, with the
 // padding spelled out as fields (sizes asserted where they are defined): any bit pattern is valid.
 unsafe impl aya::Pod for TransitionRecord {}
 unsafe impl aya::Pod for SocketState {}
@@ -19,6 +19,15 @@ unsafe impl aya::Pod for KernelCounters {}
 unsafe impl aya::Pod for KernelSettings {}
 unsafe impl aya::Pod for RecentTransitions {}
 unsafe impl aya::Pod for RetransmitCounts {}
+unsafe impl aya::Pod for RetransmitDestination {}
+
+impl RetransmitDestination {
+    /// The address, IPv4 where the kernel gave it v4-mapped.
+    pub fn address(&self) -> IpAddr {
+        let v6 = Ipv6Addr::from(self.daddr);
+        v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+    }
+}
 
 /// A state is its name in JSON (`"CLOSE_WAIT"`, `"STATE_13"`), written without allocating.
 impl serde::Serialize for TcpState {

@@ -29,7 +29,7 @@ use aya_ebpf::{
     EbpfContext as _,
     helpers::bpf_probe_read_kernel,
     macros::{btf_tracepoint, fexit, map, tracepoint},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, FExitContext, TracePointContext},
 };
 use tracer_common::{
@@ -37,7 +37,8 @@ use tracer_common::{
     record::{AF_INET6, FLAG_RESCUED},
     settings::{
         self, COUNTER_SLOTS, COUNTERS_MAIN, COUNTERS_STANDBY, MAX_PORT_LABELS, OFFSET_UNKNOWN,
-        RecentTransitions, RetransmitCounts, transition_id,
+        RETRANSMIT_DESTINATIONS as DESTINATION_SLOTS, RecentTransitions, RetransmitCounts,
+        RetransmitDestination, transition_id,
     },
     tracepoint as tp,
 };
@@ -64,6 +65,12 @@ static COUNTERS: PerCpuArray<KernelCounters> = PerCpuArray::with_max_entries(COU
 #[map]
 static RETRANSMITS: PerCpuArray<RetransmitCounts> =
     PerCpuArray::with_max_entries(MAX_PORT_LABELS as u32 + 1, 0);
+
+/// Per CPU, per destination: retransmits that went out. LRU: destinations that stopped
+/// retransmitting make room for new ones.
+#[map]
+static RETRANSMIT_DST: LruPerCpuHashMap<RetransmitDestination, u64> =
+    LruPerCpuHashMap::with_max_entries(DESTINATION_SLOTS, 0);
 
 /// Per CPU: the transitions each program delivered last.
 #[map]

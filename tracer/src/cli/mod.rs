@@ -72,8 +72,8 @@ pub enum Command {
     /// state diagram.
     Explain(ExplainArgs),
     /// A live view, refreshed each second: sockets per state and their trend, transitions per
-    /// second, leaking processes, failed connections, lost events. `s` changes the order, `q`
-    /// quits. Reads the kernel itself (as root) or, with --daemon, a running daemon.
+    /// second, leaking processes and stuck listeners, failed connections and retransmits with
+    /// their destinations, lost events. `s` changes the order, `q` quits. Reads the kernel itself (as root) or, with --daemon, a running daemon.
     Top(TopArgs),
 }
 

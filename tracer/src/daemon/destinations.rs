@@ -1,13 +1,14 @@
 //! Where connections fail: failed connects by destination and reason, and resets by peer,
-//! counted over the last minute in 10-second buckets of bounded size. The top ones are served
-//! as gauges, at `/api/destinations` and in `tcpstate top`.
+//! counted over the last minute in 10-second buckets of bounded size, and retransmits by
+//! destination, from the kernel's counts read every few seconds. The top ones are served as
+//! gauges, at `/api/destinations` and in `tcpstate top`.
 //!
 //! A reset's "peer" is the service it concerns: for a connection this side opened, the remote
 //! address and port; for one a local listener accepted, the remote address and the local
 //! (listening) port, since the client's own port says nothing.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     net::{IpAddr, SocketAddr},
 };
 
@@ -78,6 +79,14 @@ pub(crate) struct Resets {
     pub count: u64,
 }
 
+/// Retransmitted segments to one destination, over the window.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct RetransmitsTo {
+    pub address: IpAddr,
+    pub port: u16,
+    pub count: u64,
+}
+
 /// What `/api/destinations` serves.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct DestinationReport {
@@ -87,6 +96,18 @@ pub(crate) struct DestinationReport {
     pub resets: Vec<Resets>,
     /// Failures in the window that no bucket had room for.
     pub uncounted: u64,
+    /// Most first, at most `TOP_DESTINATIONS`; empty where the retransmit counters do not run.
+    pub retransmits: Vec<RetransmitsTo>,
+    /// Retransmits in the window the kernel's destination map had no room for.
+    pub retransmits_unlisted: u64,
+}
+
+/// The kernel's retransmit counts by destination at one moment (since attach).
+#[derive(Clone, Debug, Default)]
+struct RetransmitSnapshot {
+    at_ns: u64,
+    by_destination: HashMap<SocketAddr, u64>,
+    unlisted: u64,
 }
 
 #[derive(Default)]
@@ -103,6 +124,11 @@ pub(crate) struct Destinations {
     buckets: [Bucket; BUCKETS],
     /// Ports listeners listen on, per namespace: a reset socket on one of them was accepted.
     listening: HashSet<(u32, u16)>,
+    /// Snapshots at least `BUCKET_NS` apart, oldest first: the first is the window's start
+    /// (at attach, all zero, until the daemon is a minute old).
+    retransmit_history: VecDeque<RetransmitSnapshot>,
+    /// The latest snapshot.
+    retransmits_now: RetransmitSnapshot,
 }
 
 impl Destinations {
@@ -127,6 +153,57 @@ impl Destinations {
         let (role, port) =
             if accepted { (Role::Server, local.port()) } else { (Role::Client, remote.port()) };
         self.count(at_ns, Key::Reset { direction, role, peer: remote.ip(), port });
+    }
+
+    /// The kernel's retransmit counts by destination, read at `at_ns`.
+    pub(crate) fn retransmits_read(
+        &mut self,
+        at_ns: u64,
+        by_destination: Vec<(SocketAddr, u64)>,
+        unlisted: u64,
+    ) {
+        let by_destination = by_destination.into_iter().collect();
+        let snapshot = RetransmitSnapshot { at_ns, by_destination, unlisted };
+        if self.retransmit_history.is_empty() {
+            self.retransmit_history.push_back(RetransmitSnapshot::default());
+        }
+        let last = self.retransmit_history.back().map_or(0, |s| s.at_ns);
+        if at_ns.saturating_sub(last) >= BUCKET_NS {
+            self.retransmit_history.push_back(snapshot.clone());
+        }
+        // The window starts at the newest snapshot at least a window old.
+        let window_ns = BUCKET_NS * BUCKETS as u64;
+        while self
+            .retransmit_history
+            .get(1)
+            .is_some_and(|next| at_ns.saturating_sub(next.at_ns) >= window_ns)
+        {
+            self.retransmit_history.pop_front();
+        }
+        self.retransmits_now = snapshot;
+    }
+
+    /// Retransmits per destination since the window's start, most first.
+    fn retransmits(&self) -> (Vec<RetransmitsTo>, u64) {
+        let Some(start) = self.retransmit_history.front() else { return (Vec::new(), 0) };
+        let now = &self.retransmits_now;
+        let mut found: Vec<RetransmitsTo> = now
+            .by_destination
+            .iter()
+            .map(|(to, &count)| {
+                // Lower than at the start: evicted from the kernel's map and counted again
+                // from 0 since.
+                let before = start.by_destination.get(to).copied().unwrap_or(0);
+                let count = if count >= before { count - before } else { count };
+                RetransmitsTo { address: to.ip(), port: to.port(), count }
+            })
+            .filter(|to| to.count > 0)
+            .collect();
+        found.sort_by(|a, b| {
+            b.count.cmp(&a.count).then_with(|| (a.address, a.port).cmp(&(b.address, b.port)))
+        });
+        found.truncate(TOP_DESTINATIONS);
+        (found, now.unlisted.saturating_sub(start.unlisted))
     }
 
     fn count(&mut self, at_ns: u64, key: Key) {
@@ -202,7 +279,15 @@ impl Destinations {
         });
         connect_failures.truncate(TOP_DESTINATIONS);
         resets.truncate(TOP_DESTINATIONS);
-        DestinationReport { window_seconds: WINDOW_SECONDS, connect_failures, resets, uncounted }
+        let (retransmits, retransmits_unlisted) = self.retransmits();
+        DestinationReport {
+            window_seconds: WINDOW_SECONDS,
+            connect_failures,
+            resets,
+            uncounted,
+            retransmits,
+            retransmits_unlisted,
+        }
     }
 }
 
@@ -256,6 +341,27 @@ mod tests {
         assert!(found.contains(&(addr(2, 0).ip(), 8080, Role::Server, "received")), "{found:?}");
         assert!(found.contains(&(addr(3, 0).ip(), 443, Role::Client, "sent")), "{found:?}");
         assert!(found.contains(&(addr(2, 0).ip(), 51234, Role::Client, "received")), "{found:?}");
+    }
+
+    #[test]
+    fn retransmits_count_from_the_newest_snapshot_a_minute_old() {
+        let mut d = Destinations::default();
+        let (a, b) = (addr(1, 443), addr(2, 80));
+        // Since attach, until the daemon is a minute old.
+        d.retransmits_read(5 * SECOND, vec![(a, 3)], 0);
+        let report = d.report(5 * SECOND);
+        assert_eq!((report.retransmits[0].address, report.retransmits[0].count), (a.ip(), 3));
+        for t in (10..=70).step_by(5) {
+            d.retransmits_read(t * SECOND, vec![(a, 3 + t), (b, 1)], 2);
+        }
+        // At 70 s the window starts at the snapshot of 10 s: a grew by 60, b not at all.
+        let report = d.report(70 * SECOND);
+        let found: Vec<_> = report.retransmits.iter().map(|r| (r.port, r.count)).collect();
+        assert_eq!(found, [(443, 60)]);
+        assert_eq!(report.retransmits_unlisted, 0);
+        // Evicted and back: counted from 0 again.
+        d.retransmits_read(75 * SECOND, vec![(a, 4)], 2);
+        assert_eq!(d.report(75 * SECOND).retransmits[0].count, 4);
     }
 
     #[test]

@@ -100,6 +100,7 @@ impl Reading<'_> {
         let shared = self.shared;
         let mut batch = Batch::default();
         let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
+        let mut retransmit_tick = tokio::time::interval(RETRANSMIT_READ_INTERVAL);
         let mut reconcile_tick = tokio::time::interval(reconcile_interval);
         reconcile_tick.tick().await;
         let mut pending_reconcile = None;
@@ -120,6 +121,7 @@ impl Reading<'_> {
                     refresh_delivery(self.probe, &self.reader, shared);
                     shared.release_memory_if_needed();
                 }
+                _ = retransmit_tick.tick() => read_retransmit_destinations(self.probe, shared),
                 _ = reconcile_tick.tick(), if pending_reconcile.is_none() => {
                     let (shared, flush) = (shared.clone(), self.flush_requests.clone());
                     pending_reconcile =
@@ -134,6 +136,28 @@ impl Reading<'_> {
             }
             shared.update_status(|status| status.last_read_ns = monotonic_ns());
         }
+    }
+}
+
+/// How often retransmits by destination are read: each read walks the kernel's map (two
+/// system calls per destination that retransmitted).
+const RETRANSMIT_READ_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Reads the kernel's retransmits by destination into the last minute's. A failed read
+/// leaves the previous one (the per-state counters report the map's trouble).
+fn read_retransmit_destinations(probe: &Probe, shared: &Shared) {
+    match probe.retransmit_destinations() {
+        Ok(Some(by_destination)) => {
+            let unlisted = shared
+                .status()
+                .retransmits
+                .and_then(|r| r.by_label.first().map(|slot| slot.unlisted))
+                .unwrap_or(0);
+            let now = monotonic_ns();
+            shared.aggregator().destinations_mut().retransmits_read(now, by_destination, unlisted);
+        }
+        Ok(None) => {}
+        Err(error) => log::debug!("retransmits by destination not read: {error:#}"),
     }
 }
 

@@ -181,6 +181,10 @@ format:
 \tfield:__u16 sport;\toffset:28;\tsize:2;\tsigned:0;
 \tfield:__u16 dport;\toffset:30;\tsize:2;\tsigned:0;
 \tfield:__u16 family;\toffset:32;\tsize:2;\tsigned:0;
+\tfield:__u8 saddr[4];\toffset:34;\tsize:4;\tsigned:0;
+\tfield:__u8 daddr[4];\toffset:38;\tsize:4;\tsigned:0;
+\tfield:__u8 saddr_v6[16];\toffset:42;\tsize:16;\tsigned:0;
+\tfield:__u8 daddr_v6[16];\toffset:58;\tsize:16;\tsigned:0;
 \tfield:int err;\toffset:76;\tsize:4;\tsigned:1;
 ";
 
@@ -191,6 +195,7 @@ format:
             |text: &str| check_optional(text, "tcp:tcp_retransmit_skb", &retransmit::FIELDS);
         assert_eq!(check_skb(RETRANSMIT_6_18), Ok(()));
         assert_eq!(field_offset(RETRANSMIT_6_18, retransmit::ERR), Some(76));
+        assert_eq!(field_offset(RETRANSMIT_6_18, retransmit::DADDR_V6), Some(58));
         let without_err =
             RETRANSMIT_6_18.lines().filter(|line| !line.contains(" err;")).collect::<Vec<_>>();
         let without_err = without_err.join("\n");

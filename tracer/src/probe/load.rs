@@ -32,10 +32,19 @@ pub(super) fn check_format(options: &ProbeOptions, tracefs: &Path) -> Result<(),
     format::check(&format_text).map_err(ProbeError::FormatMismatch)
 }
 
-/// Checks the retransmit tracepoints' layouts; returns where `tcp_retransmit_skb`'s record
-/// keeps the retransmit's error (`OFFSET_UNKNOWN` on kernels that fire only for those that
-/// went out), or why the retransmit counter cannot run.
-fn retransmit_layout(tracefs: &Path) -> Result<u32, String> {
+/// Where `tcp_retransmit_skb`'s record keeps what the retransmit counters read at offsets
+/// that differ between kernels.
+struct RetransmitLayout {
+    /// The retransmit's error (`OFFSET_UNKNOWN` on kernels that fire only for those that went
+    /// out).
+    err: u32,
+    /// The destination address (IPv6, or v4-mapped).
+    daddr: u32,
+}
+
+/// Checks the retransmit tracepoints' layouts; returns where the varying fields are, or why
+/// the retransmit counters cannot run.
+fn retransmit_layout(tracefs: &Path) -> Result<RetransmitLayout, String> {
     let mut formats = Vec::new();
     for (category, name, fields) in [
         (retransmit::CATEGORY, retransmit::NAME, &retransmit::FIELDS[..]),
@@ -47,7 +56,15 @@ fn retransmit_layout(tracefs: &Path) -> Result<u32, String> {
         format::check_optional(&text, &format!("{category}:{name}"), fields)?;
         formats.push(text);
     }
-    Ok(format::field_offset(&formats[0], retransmit::ERR).map_or(OFFSET_UNKNOWN, |at| at as u32))
+    let offset = |name| format::field_offset(&formats[0], name).map(|at| at as u32);
+    let daddr = offset(retransmit::DADDR_V6).ok_or_else(|| {
+        format!(
+            "tcp:{}'s format has no field `{}` (the destination)",
+            retransmit::NAME,
+            retransmit::DADDR_V6
+        )
+    })?;
+    Ok(RetransmitLayout { err: offset(retransmit::ERR).unwrap_or(OFFSET_UNKNOWN), daddr })
 }
 
 /// The program's settings, with what BTF says of this kernel's structures.
@@ -95,7 +112,8 @@ pub(super) fn resolve(options: &ProbeOptions, tracefs: &Path) -> Result<Resolved
             OFFSET_UNKNOWN
         }),
         sock: *sock.as_ref().unwrap_or(&SockOffsets::UNKNOWN),
-        retransmit_err_offset: *retransmit_layout.as_ref().unwrap_or(&OFFSET_UNKNOWN),
+        retransmit_err_offset: retransmit_layout.as_ref().map_or(OFFSET_UNKNOWN, |l| l.err),
+        retransmit_daddr_offset: retransmit_layout.as_ref().map_or(OFFSET_UNKNOWN, |l| l.daddr),
         label_ports,
         label_port_count: labels.len() as u32,
         standby_first: options.standby_first.into(),

@@ -18,7 +18,7 @@ use std::{io, os::fd::AsFd as _, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfError,
-    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::ProgramError,
 };
 use thiserror::Error;
@@ -26,7 +26,7 @@ use tracer_common::{
     KernelCounters,
     settings::{
         COUNTERS_MAIN, COUNTERS_STANDBY, KernelFilter, MAX_PORT_LABELS, RecentTransitions,
-        RetransmitCounts,
+        RetransmitCounts, RetransmitDestination,
     },
     tracepoint,
 };
@@ -222,6 +222,8 @@ pub struct Probe {
     recent: PerCpuArray<MapData, RecentTransitions>,
     /// Per CPU and port label: retransmits by state.
     retransmits: PerCpuArray<MapData, RetransmitCounts>,
+    /// Per CPU and destination: retransmits.
+    retransmit_destinations: PerCpuHashMap<MapData, RetransmitDestination, u64>,
     /// With the standby attached: the main program's runs less the standby's runs and misses
     /// as both were attached (see `Probe::runs_apart`).
     runs_apart_at_attach: Option<i64>,
@@ -263,6 +265,8 @@ impl Probe {
         let counters = take_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?;
         let recent = take_map(&mut ebpf, "RECENT", PerCpuArray::try_from)?;
         let retransmits = take_map(&mut ebpf, "RETRANSMITS", PerCpuArray::try_from)?;
+        let retransmit_destinations =
+            take_map(&mut ebpf, "RETRANSMIT_DST", PerCpuHashMap::try_from)?;
         drop(kernel_btf);
         load::release_freed_memory();
         let mut probe = Self {
@@ -270,6 +274,7 @@ impl Probe {
             counters,
             recent,
             retransmits,
+            retransmit_destinations,
             runs_apart_at_attach: None,
             ring: Some(ring),
             parts,
@@ -350,12 +355,37 @@ impl Probe {
                 }
                 total.synack += cpu.synack;
                 total.failed += cpu.failed;
+                total.unlisted += cpu.unlisted;
                 total
             }));
         }
         let missed = self.stats(RETRANSMIT_PROGRAM)?.recursion_misses
             + self.stats(SYNACK_PROGRAM)?.recursion_misses;
         Ok(Some(Retransmits { by_label, missed }))
+    }
+
+    /// Retransmits by destination (address, port) since attach, summed over CPUs, where the
+    /// retransmit counters run. Destinations evicted to make room for others start again
+    /// from 0 when they come back.
+    pub(crate) fn retransmit_destinations(
+        &self,
+    ) -> Result<Option<Vec<(std::net::SocketAddr, u64)>>, ProbeError> {
+        if !self.parts.iter().any(|p| p.part == Part::Retransmits && p.active()) {
+            return Ok(None);
+        }
+        let map_error = |source| ProbeError::Map { map: "RETRANSMIT_DST", source };
+        let mut found = Vec::new();
+        for entry in self.retransmit_destinations.iter() {
+            let (key, per_cpu) = match entry {
+                Ok(entry) => entry,
+                // Evicted between listing its key and reading it.
+                Err(MapError::KeyNotFound) => continue,
+                Err(source) => return Err(map_error(source)),
+            };
+            let count = per_cpu.iter().sum();
+            found.push(((key.address(), key.dport).into(), count));
+        }
+        Ok(Some(found))
     }
 
     /// Both programs' runs, summed over CPUs.

@@ -1,6 +1,6 @@
 //! `tcpstate top`: a live view, refreshed each second, of what the daemon knows: sockets per
-//! state with their trend, transitions per second, leaking processes, failed connections,
-//! lost events.
+//! state with their trend, transitions per second, leaking processes and stuck listeners,
+//! failed connections and retransmits with the destinations behind them, lost events.
 //!
 //! It always reads a daemon's `/metrics` and `/api/leaks`: the one given with `--daemon`, or,
 //! without it, one it runs itself inside this process on a loopback port of its own (which

@@ -28,8 +28,11 @@ pub(super) struct Sample {
     pub connect_failures: BTreeMap<String, f64>,
     /// Resets per direction (received, sent).
     pub resets: BTreeMap<String, f64>,
-    /// The last minute's failed connects by destination and resets by peer, under the name
-    /// of their kind's row (`connect refused`, `reset received`): (where, count).
+    /// Segments sent again, all states together.
+    pub retransmits: f64,
+    /// The last minute's failed connects by destination, resets by peer and retransmits by
+    /// destination, under the name of their kind's row (`connect refused`, `reset received`,
+    /// `retransmits`): (where, count).
     pub destinations: BTreeMap<String, Vec<(String, f64)>>,
     /// Transitions the daemon could not count, per reason.
     pub lost: BTreeMap<String, f64>,
@@ -67,6 +70,11 @@ impl Sample {
                     add(&mut sample.connect_failures, label("reason"));
                 }
                 "tcpstate_resets_total" => add(&mut sample.resets, label("direction")),
+                "tcpstate_retransmits_total" => sample.retransmits += value,
+                "tcpstate_retransmits_by_destination" => {
+                    let to = endpoint(&label("daddr"), &label("dport"));
+                    sample.destinations.entry("retransmits".into()).or_default().push((to, value));
+                }
                 "tcpstate_connect_failures_by_destination" => {
                     let kind = format!("connect {}", label("reason"));
                     let to = endpoint(&label("daddr"), &label("dport"));
@@ -147,6 +155,11 @@ tcpstate_connect_failures_by_destination{daddr="10.0.0.9",dport="5432",reason="r
 tcpstate_connect_failures_by_destination{daddr="2001:db8::9",dport="443",reason="refused"} 1
 # TYPE tcpstate_resets_by_peer gauge
 tcpstate_resets_by_peer{raddr="10.0.0.3",port="8080",role="server",direction="received"} 2
+# TYPE tcpstate_retransmits counter
+tcpstate_retransmits_total{state="ESTABLISHED"} 7
+tcpstate_retransmits_total{state="SYN_SENT"} 2
+# TYPE tcpstate_retransmits_by_destination gauge
+tcpstate_retransmits_by_destination{daddr="10.0.0.7",dport="443"} 6
 # TYPE tcpstate_events_lost counter
 tcpstate_events_lost_total{reason="ring_full"} 6
 tcpstate_events_lost_total{reason="recursion"} 1
@@ -171,6 +184,8 @@ tcpstate_state_duration_seconds_bucket{state="ESTABLISHED",le="+Inf"} 1
             [("10.0.0.9:5432".to_owned(), 4.0), ("[2001:db8::9]:443".to_owned(), 1.0)]
         );
         assert_eq!(sample.destinations["reset received"], [("10.0.0.3 → :8080".to_owned(), 2.0)]);
+        assert_eq!(sample.retransmits, 9.0);
+        assert_eq!(sample.destinations["retransmits"], [("10.0.0.7:443".to_owned(), 6.0)]);
         assert_eq!(sample.lost_total(), 7.0);
         assert_eq!(sample.oldest["CLOSE_WAIT"], 75.5);
         assert_eq!(sample.tracked, 9.0);

@@ -217,7 +217,8 @@ impl History {
         rows
     }
 
-    /// Failed connects by reason, then resets by direction; kinds never seen are left out.
+    /// Failed connects by reason, resets by direction and retransmits, each followed by its
+    /// destinations of the last minute; kinds never seen are left out.
     pub(super) fn failures(&self, sort: SortKey) -> Vec<FailureRow> {
         let Some(latest) = self.latest() else { return Vec::new() };
         let connects = latest.connect_failures.iter().map(|(reason, total)| {
@@ -228,8 +229,16 @@ impl History {
             let per_second = self.rate(|s| s.resets.get(direction).copied().unwrap_or(0.0));
             (format!("reset {direction}"), per_second, *total)
         });
-        let mut kinds: Vec<(String, f64, f64)> =
-            connects.chain(resets).filter(|(_, _, total)| *total > 0.0).collect();
+        let retransmits = std::iter::once((
+            "retransmits".to_owned(),
+            self.rate(|s| s.retransmits),
+            latest.retransmits,
+        ));
+        let mut kinds: Vec<(String, f64, f64)> = connects
+            .chain(resets)
+            .chain(retransmits)
+            .filter(|(_, _, total)| *total > 0.0)
+            .collect();
         if sort != SortKey::Name {
             kinds.sort_by(|a, b| descending(a.1, b.1).then_with(|| descending(a.2, b.2)));
         }

@@ -290,7 +290,7 @@ fn draw_failures(
             .style(style)
         })
         .collect();
-    let title = if rows.is_empty() { "No failed connections" } else { "Failed connections" };
+    let title = if rows.is_empty() { "No failed connections" } else { "Failures and retransmits" };
     let header = Row::new([Cell::new("WHAT"), right("/s".into()), right("TOTAL".into())])
         .style(palette.heading());
     let widths = [Constraint::Fill(1), Constraint::Length(7), Constraint::Length(8)];

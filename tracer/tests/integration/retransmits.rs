@@ -1,6 +1,7 @@
 //! Retransmits counted by the kernel program against the kernel's own counters, each caused
 //! for real between two namespaces joined by a veth pair: SYNs to an address nobody answers,
-//! data and a FIN the peer stops acknowledging, SYN-ACKs whose answer never comes.
+//! data and a FIN the peer stops acknowledging, SYN-ACKs whose answer never comes; by state
+//! and by destination.
 //!
 //! Packets are lost by sending them to a link-layer address nobody has (a permanent neighbour
 //! entry): they leave without error and the peer drops them, as loss on a wire does. (A
@@ -157,5 +158,32 @@ fn retransmits_by_state_equal_the_namespaces_own_counters() {
              the namespaces' TCPSynRetrans and RetransSegs {kernel:?}"
         ))
     });
+    // By destination: every segment the client sent again went to one of the three
+    // addresses it connected to (read from the kernel every 5 s).
+    let client_sent_again = (client.tcp_counter("RetransSegs") - client_before[1]) as f64;
+    let destinations = [NOWHERE, SERVER_SYNACK, SERVER].map(|ip| IpAddr::from(ip).to_string());
+    common::eventually(Duration::from_secs(15), || {
+        let report = daemon.get("/api/destinations").json();
+        let listed = report["retransmits"].as_array().cloned().unwrap_or_default();
+        let ours: Vec<_> = listed
+            .iter()
+            .filter(|r| destinations.iter().any(|d| r["address"] == d.as_str()))
+            .collect();
+        let per_destination: Vec<f64> =
+            ours.iter().map(|r| r["count"].as_f64().unwrap_or(0.0)).collect();
+        let all_to_the_listener = ours.iter().all(|r| r["port"] == listen_port);
+        let to_nowhere = ours.iter().any(|r| r["address"] == "10.213.0.3");
+        (per_destination.iter().sum::<f64>() == client_sent_again
+            && all_to_the_listener
+            && to_nowhere)
+            .then_some(())
+            .ok_or(format!("the client's {client_sent_again} retransmits in {listed:?}"))
+    });
+    let metrics = daemon.scrape();
+    let listen = listen_port.to_string();
+    let labels = [("daddr", "10.213.0.3"), ("dport", listen.as_str())];
+    let syn_retries = retransmits_in(&metrics, "SYN_SENT", syn_port)
+        - retransmits_in(&before, "SYN_SENT", syn_port);
+    assert_eq!(metrics.value("tcpstate_retransmits_by_destination", &labels), syn_retries);
     daemon.stop();
 }

@@ -129,8 +129,8 @@ pub(super) fn resets(
     Ok(())
 }
 
-/// The destinations with most failed connects, and the peers with most resets, over the last
-/// minute.
+/// The destinations with most failed connects and retransmits, and the peers with most
+/// resets, over the last minute.
 pub(super) fn destinations(
     encoder: &mut DescriptorEncoder,
     report: &DestinationReport,
@@ -149,6 +149,18 @@ pub(super) fn destinations(
             ("reason", failures.reason.clone()),
         ];
         ConstGauge::new(failures.count as i64).encode(family.encode_family(&set)?)?;
+    }
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_retransmits_by_destination",
+        "Segments retransmitted in about the last minute to one destination address and port, \
+         counted in the kernel: the 10 with most",
+        None,
+        MetricType::Gauge,
+    )?;
+    for retransmits in &report.retransmits {
+        let set =
+            [("daddr", retransmits.address.to_string()), ("dport", retransmits.port.to_string())];
+        ConstGauge::new(retransmits.count as i64).encode(family.encode_family(&set)?)?;
     }
     let mut family = encoder.encode_descriptor(
         "tcpstate_resets_by_peer",

@@ -267,6 +267,9 @@ mod tests {
         aggregator.apply(&record(0x4000, base + 9_000_000, S::SYN_SENT, S::ESTABLISHED, 40_002));
         aggregator.apply(&reset);
 
+        // Four segments sent again to one destination.
+        let upstream = ([10, 0, 0, 9], 5432).into();
+        aggregator.destinations_mut().retransmits_read(base, vec![(upstream, 4)], 0);
         let shared = Arc::new(Shared::new(aggregator, LeakState::new(Duration::from_secs(60))));
         // Two SYN retries, three data retransmits and a SYN-ACK sent again.
         let mut retransmitted = tracer_common::settings::RetransmitCounts::default();
