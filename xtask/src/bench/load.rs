@@ -28,6 +28,9 @@ pub enum LoadCommand {
     Storm(StormArgs),
     /// Open --connections connections and hold them until stdin closes; prints `ready N`.
     Hold(HoldArgs),
+    /// Start --sockets connects at once to --to, an address whose packets are lost, and wait
+    /// until every one has given up after its SYN retries; prints `timed_out N`.
+    SynRetries(SynRetriesArgs),
 }
 
 #[derive(Args, Debug)]
@@ -51,6 +54,14 @@ pub struct HoldArgs {
     pub connections: usize,
     #[arg(long)]
     pub port: u16,
+}
+
+#[derive(Args, Debug)]
+pub struct SynRetriesArgs {
+    #[arg(long)]
+    pub sockets: usize,
+    #[arg(long)]
+    pub to: SocketAddr,
 }
 
 /// Client source addresses: 127.0.1.1 .. 127.0.250.250.
@@ -121,6 +132,7 @@ pub fn run(command: LoadCommand) -> anyhow::Result<()> {
     match command {
         LoadCommand::Storm(args) => storm(&args),
         LoadCommand::Hold(args) => hold(&args),
+        LoadCommand::SynRetries(args) => syn_retries(&args),
     }
 }
 
@@ -223,5 +235,35 @@ fn hold(args: &HoldArgs) -> anyhow::Result<()> {
     let _ = std::io::stdin().read(&mut [0u8; 1]);
     drop(held);
     drop(clients);
+    Ok(())
+}
+
+fn syn_retries(args: &SynRetriesArgs) -> anyhow::Result<()> {
+    let mut pending = Vec::with_capacity(args.sockets);
+    for _ in 0..args.sockets {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_nonblocking(true)?;
+        match socket.connect(&args.to.into()) {
+            Err(error) if error.raw_os_error() == Some(libc::EINPROGRESS) => pending.push(socket),
+            other => anyhow::bail!("connect to {} did not stay in progress: {other:?}", args.to),
+        }
+    }
+    // Each gives up after its last SYN retry times out (net.ipv4.tcp_syn_retries).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut timed_out = 0;
+    while !pending.is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(200));
+        let mut still = Vec::with_capacity(pending.len());
+        for socket in pending {
+            match socket.take_error()? {
+                Some(error) if error.raw_os_error() == Some(libc::ETIMEDOUT) => timed_out += 1,
+                Some(error) => anyhow::bail!("connect to {} failed otherwise: {error}", args.to),
+                None => still.push(socket),
+            }
+        }
+        pending = still;
+    }
+    anyhow::ensure!(pending.is_empty(), "{} connects never gave up", pending.len());
+    println!("timed_out {timed_out}");
     Ok(())
 }

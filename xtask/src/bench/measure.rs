@@ -44,6 +44,17 @@ pub struct ProgStats {
     pub recursion_misses: u64,
 }
 
+impl ProgStats {
+    /// What ran between `self` and `later`.
+    pub fn delta_to(self, later: Self) -> Self {
+        Self {
+            run_time_ns: later.run_time_ns.saturating_sub(self.run_time_ns),
+            run_cnt: later.run_cnt.saturating_sub(self.run_cnt),
+            recursion_misses: later.recursion_misses.saturating_sub(self.recursion_misses),
+        }
+    }
+}
+
 /// Every loaded program's statistics, by id (bpftool omits counters that are zero).
 pub fn programs() -> anyhow::Result<HashMap<u64, (String, ProgStats)>> {
     let output =

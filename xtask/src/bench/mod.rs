@@ -7,6 +7,7 @@ pub mod floor;
 pub mod load;
 mod measure;
 mod report;
+mod retransmits;
 mod run;
 mod scale;
 mod tracers;
@@ -176,12 +177,25 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     if args.only.is_some() {
         return Ok(());
     }
+    log.line("bench: retransmits: SYNs to an address whose packets are lost".to_owned());
+    let retransmits = bench.retransmit_cost()?;
+    log.line(format!(
+        "bench:   {} retransmits, {:.0} ns per call",
+        retransmits.prog.run_cnt,
+        retransmits.ns_per_call()
+    ));
     let scale = if args.hold > 0 { Some(bench.scale()?) } else { None };
     log.line("bench: saturation: 10,000 sockets against --max-sockets 1000".to_owned());
     let saturation = bench.saturation()?;
 
-    let report =
-        render(args, per_connection, &outcomes, scale.as_deref(), &saturation, started.elapsed());
+    let measured = report::Measured {
+        per_connection,
+        outcomes: &outcomes,
+        retransmits: &retransmits,
+        scale: scale.as_deref(),
+        saturation: &saturation,
+    };
+    let report = render(args, &measured, started.elapsed());
     println!("{report}");
     let kept = report::keep_run(root, &log.text, &report)?;
     eprintln!("bench: this run's output is in {}", kept.display());

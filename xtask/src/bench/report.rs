@@ -4,7 +4,11 @@
 use std::{fmt::Write as _, io::Write as _, path::Path, process::Command, thread, time::Duration};
 
 use super::scale::{RECONCILE_INTERVAL, RSS_SAMPLE_EVERY, RSS_WINDOW, Saturation, ScalePoint};
-use super::{BenchArgs, Config, Outcome, measure::ProgStats};
+use super::{
+    BenchArgs, Config, Outcome,
+    measure::ProgStats,
+    retransmits::{RetransmitCost, SYN_RETRIES},
+};
 use crate::cmd::capture;
 
 fn median(values: &mut [f64]) -> f64 {
@@ -69,14 +73,17 @@ fn cost_per_firing(rate: f64, bare: f64, per_connection: f64) -> f64 {
     (cpus / rate - cpus / bare) / per_connection * 1e9
 }
 
-pub(super) fn render(
-    args: &BenchArgs,
-    per_connection: f64,
-    outcomes: &[(Config, Outcome)],
-    scale: Option<&[ScalePoint]>,
-    saturation: &Saturation,
-    took: Duration,
-) -> String {
+/// Everything one bench run measured.
+pub(super) struct Measured<'a> {
+    pub per_connection: f64,
+    pub outcomes: &'a [(Config, Outcome)],
+    pub retransmits: &'a RetransmitCost,
+    pub scale: Option<&'a [ScalePoint]>,
+    pub saturation: &'a Saturation,
+}
+
+pub(super) fn render(args: &BenchArgs, measured: &Measured, took: Duration) -> String {
+    let Measured { per_connection, outcomes, retransmits, scale, saturation } = *measured;
     let mut out = String::new();
     let commit = capture(Command::new("git").args(["rev-parse", "--short", "HEAD"]))
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
@@ -256,6 +263,23 @@ pub(super) fn render(
             );
         }
     }
+    let r = retransmits;
+    let _ = writeln!(
+        out,
+        "\nRetransmits: {} connects to an address whose packets are lost, with \
+         `tcp_syn_retries={SYN_RETRIES}`: the namespace counted {} SYNs sent again \
+         (`TCPSynRetrans`, which counts those the kernel failed to send too); `tcpstate run` \
+         counted {} by state, {} failed to send, and {} under the destination; the retransmit \
+         programs ran {} times at {:.0} ns per call in the kernel. The storm has no \
+         retransmits: there they never run.",
+        r.sockets,
+        r.kernel,
+        r.by_state,
+        r.failed,
+        r.by_destination,
+        r.prog.run_cnt,
+        r.ns_per_call(),
+    );
     let s = saturation;
     let _ = writeln!(
         out,

@@ -273,13 +273,5 @@ impl Bench<'_> {
 }
 
 fn deltas(after: (ProgStats, ProgStats), before: (ProgStats, ProgStats)) -> (ProgStats, ProgStats) {
-    (delta(after.0, before.0), delta(after.1, before.1))
-}
-
-fn delta(after: ProgStats, before: ProgStats) -> ProgStats {
-    ProgStats {
-        run_time_ns: after.run_time_ns.saturating_sub(before.run_time_ns),
-        run_cnt: after.run_cnt.saturating_sub(before.run_cnt),
-        recursion_misses: after.recursion_misses.saturating_sub(before.recursion_misses),
-    }
+    (before.0.delta_to(after.0), before.1.delta_to(after.1))
 }

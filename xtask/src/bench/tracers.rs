@@ -123,6 +123,18 @@ impl Tracer {
         Ok((measure::sum(&programs, &main), measure::sum(&programs, &standby)))
     }
 
+    /// Statistics of this tracer's programs whose kernel name starts with `prefix`.
+    pub(super) fn prog_stats_named(&self, prefix: &str) -> anyhow::Result<ProgStats> {
+        let programs = measure::programs()?;
+        let named: HashSet<u64> = self
+            .programs
+            .iter()
+            .copied()
+            .filter(|id| programs.get(id).is_some_and(|(name, _)| name.starts_with(prefix)))
+            .collect();
+        Ok(measure::sum(&programs, &named))
+    }
+
     /// Times the tracepoint fired for this tracer since its programs loaded: every run of its
     /// main program plus every run the kernel skipped. The standby runs for the same firings,
     /// so it is left out.
