@@ -127,6 +127,8 @@ pub(crate) struct Aggregator {
     saturated: bool,
     /// Sockets the last dump listed that the table could not hold.
     untracked: usize,
+    /// Transitions of sockets the kernel's map did not hold, by what the table knew of them.
+    kernel_forgot: KernelForgot,
     /// From the last dump: the most used destinations' shares of the ephemeral port range,
     /// and the highest share.
     port_usage: (Vec<PortUsage>, f64),
@@ -136,6 +138,19 @@ pub(crate) struct Aggregator {
     unnamed: Option<VecDeque<Unnamed>>,
     /// Waits given up because `MAX_UNNAMED` sockets were already waiting.
     unnamed_dropped: u64,
+}
+
+/// Transitions whose record carries no stay although the socket existed before (the kernel's
+/// per-socket map did not hold it), by what the daemon's table knew of the socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct KernelForgot {
+    /// The table saw it enter its state: the kernel's map evicted it (more sockets than
+    /// `--kernel-sockets`), or could not take it. Its stay is taken from the table.
+    pub evicted: u64,
+    /// Older than the daemon: known from a dump only, its stay unknown to both.
+    pub older: u64,
+    /// Unknown to the table too (its earlier record was lost, or the table was full).
+    pub unknown: u64,
 }
 
 /// A socket waiting for its owner to be looked up in the kernel's map.
@@ -175,6 +190,7 @@ impl Aggregator {
             changed_during_dump: None,
             saturated: false,
             untracked: 0,
+            kernel_forgot: KernelForgot::default(),
             port_usage: (Vec::new(), 0.0),
             unnamed: None,
             unnamed_dropped: 0,
@@ -187,6 +203,11 @@ impl Aggregator {
 
     pub(crate) fn untracked(&self) -> usize {
         self.untracked
+    }
+
+    /// Transitions of sockets the kernel's map did not hold, by what the table knew.
+    pub(crate) fn kernel_forgot(&self) -> KernelForgot {
+        self.kernel_forgot
     }
 
     pub(crate) fn labels(&self) -> &PortLabels {
@@ -289,12 +310,6 @@ impl Aggregator {
                 self.destinations.reset(r.ts_ns, direction, r.netns, r.local(), r.remote());
             }
         }
-        if r.dwell_known() && r.ends_stay() {
-            self.stays[old.index()].observe(r.dwell_ns);
-            if (old, new) == (TcpState::SYN_SENT, TcpState::ESTABLISHED) {
-                self.handshakes[label][HandshakeRole::Client as usize].observe(r.dwell_ns);
-            }
-        }
         if let Some(ns) = r.server_handshake_ns() {
             self.handshakes[label][HandshakeRole::Server as usize].observe(ns);
         }
@@ -313,6 +328,14 @@ impl Aggregator {
         if ts <= self.dedupe_until_ns && key.complete() {
             // A dump that ran while this socket changed state may have listed it too.
             self.table.drop_seeded_duplicate(&key, ts);
+        }
+        if r.ends_stay()
+            && let Some(stay_ns) = self.stay(r)
+        {
+            self.stays[old.index()].observe(stay_ns);
+            if (old, new) == (TcpState::SYN_SENT, TcpState::ESTABLISHED) {
+                self.handshakes[label][HandshakeRole::Client as usize].observe(stay_ns);
+            }
         }
         let tracked = if new == TcpState::CLOSE {
             self.note_changed(key);
@@ -342,6 +365,32 @@ impl Aggregator {
             }
             if new != TcpState::CLOSE {
                 gauges.add(r.sport, new, 1, ts);
+            }
+        }
+    }
+
+    /// How long the record's socket stayed in its old state: as the kernel measured it, or,
+    /// where the kernel's map no longer held the socket, from when the table saw it enter
+    /// that state. Counts why the kernel did not know.
+    fn stay(&mut self, r: &TransitionRecord) -> Option<u64> {
+        if r.dwell_known() {
+            return Some(r.dwell_ns);
+        }
+        if TcpState::creates_socket(r.oldstate, r.newstate) {
+            return None;
+        }
+        match self.table.get(r.skaddr) {
+            Some(known) if known.entered_exact && known.state == r.oldstate => {
+                self.kernel_forgot.evicted += 1;
+                Some(r.ts_ns.saturating_sub(known.entered_ns))
+            }
+            Some(known) if !known.entered_exact => {
+                self.kernel_forgot.older += 1;
+                None
+            }
+            _ => {
+                self.kernel_forgot.unknown += 1;
+                None
             }
         }
     }
@@ -477,6 +526,26 @@ pub(in crate::daemon) mod tests {
         agg.apply(&record(A, 5, S::FIN_WAIT2, S::CLOSE, 1000));
         assert!(agg.table().is_empty());
         assert_eq!(agg.events(), 5);
+    }
+
+    /// A record without a stay (the kernel's map forgot the socket) of a socket the table saw
+    /// enter its state is measured from the table; one the table knows only from a dump is
+    /// not, and each is counted by cause.
+    #[test]
+    fn a_stay_the_kernel_forgot_is_taken_from_the_table() {
+        let mut agg = Aggregator::new(100, PortLabels::none());
+        agg.apply(&record(A, 1_000, S::CLOSE, S::SYN_SENT, 40000));
+        agg.apply(&record(A, 2_000, S::SYN_SENT, S::ESTABLISHED, 40000));
+        let forgotten =
+            |id, ts, old, new| TransitionRecord { flags: 0, ..record(id, ts, old, new, 40000) };
+        agg.apply(&forgotten(A, 9_000, S::ESTABLISHED, S::FIN_WAIT1));
+        let established = agg.stays(S::ESTABLISHED);
+        assert_eq!((established.count, established.sum_ns), (1, 7_000));
+        assert_eq!(agg.kernel_forgot(), KernelForgot { evicted: 1, older: 0, unknown: 0 });
+        // Never seen by the table: no stay, counted as unknown.
+        agg.apply(&forgotten(A + 64, 9_500, S::FIN_WAIT2, S::CLOSE));
+        assert_eq!(agg.kernel_forgot().unknown, 1);
+        assert_eq!(agg.stays(S::FIN_WAIT2).count, 0);
     }
 
     /// A client's handshake is its SYN_SENT stay that ended ESTABLISHED, not the one a

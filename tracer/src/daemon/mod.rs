@@ -32,7 +32,7 @@ use self::{
     gauges::PortLabels,
     kernel_owners::KernelOwners,
     leak_watch::{LeakState, LeakWatch},
-    reading::{Reading, dump_namespaces, watch_leaks},
+    reading::{KernelMapPressure, Reading, dump_namespaces, watch_leaks},
     stuck_listeners::StuckWatch,
 };
 pub(crate) use self::{
@@ -146,7 +146,9 @@ pub async fn run(config: Config, attached: Attached) -> anyhow::Result<()> {
     let leak_watch = start_leak_watch(&mut probe, &shared, &config);
     let stuck_watch = StuckWatch::new(config.listen_queue_threshold, config.cmdline);
     let listener_watch = tokio::spawn(listeners::watch_listeners(shared.clone(), stuck_watch));
-    let reading = Reading { probe: &probe, reader, shared: &shared, flushes, flush_requests };
+    let kernel_map = KernelMapPressure::new(config.probe.socket_map_entries);
+    let reading =
+        Reading { probe: &probe, reader, shared: &shared, flushes, flush_requests, kernel_map };
     reading.until(stop, config.reconcile_interval).await?;
     log::info!("stopping: detaching the probe");
     leak_watch.abort();

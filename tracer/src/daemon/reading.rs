@@ -88,6 +88,35 @@ pub(super) struct Reading<'a> {
     pub(super) shared: &'a Arc<Shared>,
     pub(super) flushes: tokio::sync::mpsc::Receiver<Flush>,
     pub(super) flush_requests: tokio::sync::mpsc::Sender<Flush>,
+    pub(super) kernel_map: KernelMapPressure,
+}
+
+/// Warns once when the daemon tracks more sockets than 80 % of the kernel's per-socket map:
+/// beyond its slots the kernel forgets the least recently changed sockets.
+pub(super) struct KernelMapPressure {
+    slots: u32,
+    warned: bool,
+}
+
+impl KernelMapPressure {
+    pub(super) fn new(slots: u32) -> Self {
+        Self { slots, warned: false }
+    }
+
+    fn check(&mut self, tracked: usize) {
+        if self.warned || (tracked as u64) * 5 < u64::from(self.slots) * 4 {
+            return;
+        }
+        self.warned = true;
+        log::warn!(
+            "the daemon tracks {tracked} sockets, over 80 % of the kernel's per-socket map \
+             ({} slots): past it the kernel forgets the least recently changed sockets, whose \
+             stays then come from the daemon's table \
+             (tcpstate_kernel_untracked_sightings_total{{cause=\"evicted\"}}) and whose owners \
+             may be missing; raise --kernel-sockets (TCPSTATE_KERNEL_SOCKETS)",
+            self.slots
+        );
+    }
 }
 
 impl Reading<'_> {
@@ -120,6 +149,8 @@ impl Reading<'_> {
                 _ = status_tick.tick() => {
                     refresh_delivery(self.probe, &self.reader, shared);
                     shared.release_memory_if_needed();
+                    let tracked = shared.aggregator().table().len();
+                    self.kernel_map.check(tracked);
                 }
                 _ = retransmit_tick.tick() => read_retransmit_destinations(self.probe, shared),
                 _ = reconcile_tick.tick(), if pending_reconcile.is_none() => {

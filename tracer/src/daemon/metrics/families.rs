@@ -406,6 +406,23 @@ pub(super) fn table(
         "Per-socket kernel map updates that failed (the socket's next duration is unknown)",
         status.delivery.map_update_failed,
     )?;
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_kernel_untracked_sightings",
+        "Transitions of sockets the kernel's per-socket map did not hold, by cause: evicted \
+         (the map held more than --kernel-sockets; the stay is taken from the daemon's table \
+         instead), older_than_daemon (known from a dump only: stay unknown), unknown (the \
+         daemon had no entry either)",
+        None,
+        MetricType::Counter,
+    )?;
+    let forgot = agg.kernel_forgot();
+    for (cause, count) in [
+        ("evicted", forgot.evicted),
+        ("older_than_daemon", forgot.older),
+        ("unknown", forgot.unknown),
+    ] {
+        ConstCounter::new(count).encode(family.encode_family(&[("cause", cause)])?)?;
+    }
     gauge(
         encoder,
         "tcpstate_tracked_sockets",
