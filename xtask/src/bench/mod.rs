@@ -105,6 +105,8 @@ struct Outcome {
     peak_rss: u64,
     /// Transitions of the tracer's own traffic during the window (the daemon's scrapes).
     expected_extra: u64,
+    /// Runs of the retransmit programs during the storm (`tcpstate run`).
+    retransmit_runs: u64,
 }
 
 impl Outcome {

@@ -270,8 +270,9 @@ pub(super) fn render(args: &BenchArgs, measured: &Measured, took: Duration) -> S
          `tcp_syn_retries={SYN_RETRIES}`: the namespace counted {} SYNs sent again \
          (`TCPSynRetrans`, which counts those the kernel failed to send too); `tcpstate run` \
          counted {} by state, {} failed to send, and {} under the destination; the retransmit \
-         programs ran {} times at {:.0} ns per call in the kernel. The storm has no \
-         retransmits: there they never run.",
+         programs ran {} times at {:.0} ns per call in the kernel. In the `tcpstate run` storms \
+         above they ran {} times in all (the storm's own retransmits), and their runs are not \
+         counted as transitions.",
         r.sockets,
         r.kernel,
         r.by_state,
@@ -279,6 +280,11 @@ pub(super) fn render(args: &BenchArgs, measured: &Measured, took: Duration) -> S
         r.by_destination,
         r.prog.run_cnt,
         r.ns_per_call(),
+        outcomes
+            .iter()
+            .filter(|(c, _)| *c == Config::Daemon)
+            .map(|(_, o)| o.retransmit_runs)
+            .sum::<u64>(),
     );
     let s = saturation;
     let _ = writeln!(

@@ -1,6 +1,6 @@
 //! What a retransmit costs: `tcpstate run` attached while connects inside the benchmark's
-//! namespace retry their SYNs to an address whose packets are lost. The storm has no
-//! retransmits, so the retransmit programs never run in it; this is their own figure.
+//! namespace retry their SYNs to an address whose packets are lost. The storm has few
+//! retransmits, if any, so its figures do not show the retransmit programs' cost.
 
 use std::{net::SocketAddr, process::Command, thread, time::Duration};
 
@@ -84,7 +84,7 @@ impl Bench<'_> {
         let (tracer, addr) = self.daemon(&[])?;
         let metric = |text: &str, name: &str, labels: &[&str]| measure::metric(text, name, labels);
         let (before, _) = measure::http_get(addr, "/metrics")?;
-        let prog_before = tracer.prog_stats_named("tcp_retransmit")?;
+        let prog_before = tracer.prog_stats_named("tcp_retransmit_")?;
         let kernel_before = syn_retransmits()?;
         let to = SocketAddr::from(([10, 250, 0, 3], PORT)).to_string();
         let output = self
@@ -117,7 +117,7 @@ impl Bench<'_> {
                 listed(&after)
             )
         })?;
-        let prog = prog_before.delta_to(tracer.prog_stats_named("tcp_retransmit")?);
+        let prog = prog_before.delta_to(tracer.prog_stats_named("tcp_retransmit_")?);
         thread::sleep(Duration::from_millis(100));
         tracer.stop()?;
         Ok(RetransmitCost {

@@ -157,6 +157,7 @@ impl Bench<'_> {
             }
             Config::Daemon => {
                 let (tracer, addr) = self.daemon(&[])?;
+                let retransmits_before = tracer.prog_stats_named("tcp_retransmit_")?;
                 let cpu_before = measure::cpu_seconds(tracer.pid())?;
                 let prog_before = tracer.prog_stats()?;
                 let firings_before = tracer.firings()?;
@@ -204,6 +205,9 @@ impl Bench<'_> {
                     change("tcpstate_events_lost_total", &["cause=\"recursion\""]);
                 outcome.lost_map = Some(change("tcpstate_kernel_map_update_failures_total", &[]));
                 outcome.rescued = change("tcpstate_events_rescued_total", &[]);
+                outcome.retransmit_runs = retransmits_before
+                    .delta_to(tracer.prog_stats_named("tcp_retransmit_")?)
+                    .run_cnt;
                 tracer.stop()?;
             }
             Config::Watch => {

@@ -76,6 +76,10 @@ pub(super) fn wait_for(
     Ok(())
 }
 
+/// Kernel names (15 characters at most) of tcpstate's programs that are not on the state-change
+/// tracepoint: their runs are no firings of it.
+const ELSEWHERE: [&str; 2] = ["tcp_retransmit_", "accept_owner"];
+
 impl Tracer {
     pub(super) fn start(
         mut command: Command,
@@ -113,12 +117,19 @@ impl Tracer {
         self.stderr.lock().unwrap().iter().any(|l| l.contains(needle))
     }
 
-    /// Statistics of the main program(s) and of the standby (zero when there is none).
+    /// Statistics of the main program(s) and of the standby (zero when there is none), on
+    /// the state-change tracepoint only.
     pub(super) fn prog_stats(&self) -> anyhow::Result<(ProgStats, ProgStats)> {
         let programs = measure::programs()?;
+        let on_the_tracepoint = |id: &&u64| {
+            programs
+                .get(*id)
+                .is_some_and(|(name, _)| !ELSEWHERE.iter().any(|p| name.starts_with(p)))
+        };
         let (standby, main): (HashSet<u64>, HashSet<u64>) = self
             .programs
             .iter()
+            .filter(on_the_tracepoint)
             .partition(|id| programs.get(id).is_some_and(|(name, _)| name == "standby"));
         Ok((measure::sum(&programs, &main), measure::sum(&programs, &standby)))
     }
@@ -139,15 +150,8 @@ impl Tracer {
     /// main program plus every run the kernel skipped. The standby runs for the same firings,
     /// so it is left out.
     pub(super) fn firings(&self) -> anyhow::Result<u64> {
-        let programs = measure::programs()?;
-        let main: HashSet<u64> = self
-            .programs
-            .iter()
-            .copied()
-            .filter(|id| programs.get(id).is_some_and(|(name, _)| name != "standby"))
-            .collect();
-        let stats = measure::sum(&programs, &main);
-        Ok(stats.run_cnt + stats.recursion_misses)
+        let (main, _) = self.prog_stats()?;
+        Ok(main.run_cnt + main.recursion_misses)
     }
 
     /// `firings` once a scrape's last transitions are in: a connection's final ACK can be
