@@ -22,8 +22,9 @@ use self::values::{
 use crate::{
     client::{DaemonTls, DaemonUrl},
     cmdline::CmdlinePolicy,
-    daemon, leaks,
-    probe::ProbeOptions,
+    daemon::{self, KernelMapSize},
+    leaks,
+    probe::{DEFAULT_KERNEL_SOCKETS, ProbeOptions},
     socket::Family,
     top, watch,
 };
@@ -232,8 +233,8 @@ pub(crate) struct ProbeArgs {
     #[arg(long, env = "TCPSTATE_RING_BYTES", value_parser = parse_ring_bytes, value_name = "BYTES")]
     pub(crate) ring_bytes: Option<u32>,
 
-    #[arg(long, env = "TCPSTATE_KERNEL_SOCKETS", help = kernel_sockets_help(), default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1024..=16_777_216), value_name = "N")]
-    pub(crate) kernel_sockets: u32,
+    #[arg(long, env = "TCPSTATE_KERNEL_SOCKETS", help = kernel_sockets_help(), value_parser = clap::value_parser!(u32).range(1024..=16_777_216), value_name = "N")]
+    pub(crate) kernel_sockets: Option<u32>,
 
     /// Read the tracepoint layout from this file instead of tracefs (testing the layout check).
     #[arg(long, hide = true, value_name = "FILE")]
@@ -250,7 +251,7 @@ impl ProbeArgs {
     ) -> ProbeOptions {
         ProbeOptions {
             ring_bytes: self.ring_bytes.unwrap_or(default_ring_bytes),
-            socket_map_entries: self.kernel_sockets,
+            socket_map_entries: self.kernel_sockets.unwrap_or(DEFAULT_KERNEL_SOCKETS),
             trace_mptcp: self.mptcp,
             filter,
             wakeup_batch_bytes: None,
@@ -340,13 +341,20 @@ fn max_sockets_help() -> String {
 
 fn kernel_sockets_help() -> String {
     format!(
-        "Sockets the kernel program tracks at once (an LRU map, preallocated: {} bytes each).",
+        "Sockets the kernel program tracks at once (an LRU map, preallocated: {} bytes each). \
+         Default: `run` sizes it for the host at start, twice the TCP sockets present rounded \
+         up to a power of two, at least {DEFAULT_KERNEL_SOCKETS} and at most --max-sockets \
+         rounded up; the other commands take {DEFAULT_KERNEL_SOCKETS}.",
         crate::probe::KERNEL_SOCKET_SLOT_BYTES
     )
 }
 
 impl RunArgs {
     pub fn config(self) -> daemon::Config {
+        let kernel_sockets = match self.probe.kernel_sockets {
+            Some(slots) => KernelMapSize::Given(slots),
+            None => KernelMapSize::for_host(self.max_sockets),
+        };
         daemon::Config {
             listen: self.listen,
             max_sockets: self.max_sockets,
@@ -358,8 +366,10 @@ impl RunArgs {
             group_by: self.group_by,
             probe: ProbeOptions {
                 port_labels: self.port_labels.clone(),
+                socket_map_entries: kernel_sockets.slots(),
                 ..self.probe.probe_options(KernelFilter::ALL, daemon::RING_BYTES)
             },
+            kernel_sockets,
             port_labels: self.port_labels,
         }
     }

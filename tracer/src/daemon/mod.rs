@@ -9,6 +9,7 @@ mod destinations;
 mod gauges;
 mod groups;
 mod http;
+mod kernel_map;
 mod kernel_owners;
 mod leak_watch;
 mod listeners;
@@ -30,14 +31,15 @@ pub(crate) use self::shared::{Shared, Status};
 use self::{
     aggregate::Aggregator,
     gauges::PortLabels,
+    kernel_map::KernelMapPressure,
     kernel_owners::KernelOwners,
     leak_watch::{LeakState, LeakWatch},
-    reading::{KernelMapPressure, Reading, dump_namespaces, watch_leaks},
+    reading::{Reading, dump_namespaces, watch_leaks},
     stuck_listeners::StuckWatch,
 };
 pub(crate) use self::{
     destinations::WINDOW_SECONDS as DESTINATION_WINDOW_SECONDS, groups::GroupBy,
-    table::BYTES_PER_SOCKET,
+    kernel_map::KernelMapSize, table::BYTES_PER_SOCKET,
 };
 use crate::{
     clock::monotonic_ns,
@@ -71,6 +73,8 @@ pub struct Config {
     pub(crate) group_by: Option<GroupBy>,
     /// The kernel side.
     pub(crate) probe: ProbeOptions,
+    /// The kernel's per-socket map's size (in `probe`), and why.
+    pub(crate) kernel_sockets: KernelMapSize,
 }
 
 /// How long a record may wait in the ring when the kernel sends no wakeup.
@@ -184,10 +188,11 @@ async fn seed(
     let seeded = shared.aggregator().reconcile(dumps.dumps, started, finished, false);
     log::info!(
         "tcpstate {} attached to tracepoint sock:inet_sock_set_state; serving {scheme}://{listen}/metrics; \
-         seeded {} existing sockets from {} network namespaces",
+         seeded {} existing sockets from {} network namespaces; kernel map: {}",
         env!("CARGO_PKG_VERSION"),
         seeded.added,
-        seeded.namespaces
+        seeded.namespaces,
+        config.kernel_sockets.describe()
     );
     shared.update_status(|status| status.last_read_ns = monotonic_ns());
     Ok(shared)

@@ -9,6 +9,7 @@ use tracer_common::{DecodeError, TransitionRecord};
 use super::{
     Flush, LARGE_ALLOCATION, STATUS_INTERVAL, Shared,
     aggregate::{self, DumpIndex, ReconcileOutcome},
+    kernel_map::KernelMapPressure,
     kernel_owners::KernelOwners,
     leak_watch::{self, LeakWatch},
 };
@@ -89,34 +90,6 @@ pub(super) struct Reading<'a> {
     pub(super) flushes: tokio::sync::mpsc::Receiver<Flush>,
     pub(super) flush_requests: tokio::sync::mpsc::Sender<Flush>,
     pub(super) kernel_map: KernelMapPressure,
-}
-
-/// Warns once when the daemon tracks more sockets than 80 % of the kernel's per-socket map:
-/// beyond its slots the kernel forgets the least recently changed sockets.
-pub(super) struct KernelMapPressure {
-    slots: u32,
-    warned: bool,
-}
-
-impl KernelMapPressure {
-    pub(super) fn new(slots: u32) -> Self {
-        Self { slots, warned: false }
-    }
-
-    fn check(&mut self, tracked: usize) {
-        if self.warned || (tracked as u64) * 5 < u64::from(self.slots) * 4 {
-            return;
-        }
-        self.warned = true;
-        log::warn!(
-            "the daemon tracks {tracked} sockets, over 80 % of the kernel's per-socket map \
-             ({} slots): past it the kernel forgets the least recently changed sockets, whose \
-             stays then come from the daemon's table \
-             (tcpstate_kernel_untracked_sightings_total{{cause=\"evicted\"}}) and whose owners \
-             may be missing; raise --kernel-sockets (TCPSTATE_KERNEL_SOCKETS)",
-            self.slots
-        );
-    }
 }
 
 impl Reading<'_> {

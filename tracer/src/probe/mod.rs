@@ -32,6 +32,9 @@ use tracer_common::{
 };
 
 pub use self::attach::other_tracers;
+
+/// Sockets the kernel's per-socket map holds unless told or sized otherwise.
+pub(crate) const DEFAULT_KERNEL_SOCKETS: u32 = 1 << 18;
 pub(crate) use self::maps::{KERNEL_SOCKET_SLOT_BYTES, KernelSockets, MapMemory};
 
 pub use self::{
@@ -80,7 +83,7 @@ impl Default for ProbeOptions {
     fn default() -> Self {
         Self {
             ring_bytes: 4 << 20,
-            socket_map_entries: 1 << 18,
+            socket_map_entries: DEFAULT_KERNEL_SOCKETS,
             trace_mptcp: false,
             filter: KernelFilter::ALL,
             wakeup_batch_bytes: None,

@@ -1,5 +1,6 @@
-//! More sockets than the kernel's per-socket map holds: the kernel forgets the least recently
-//! changed ones, says so once, and the daemon measures their stays from its own table.
+//! The kernel's per-socket map: sized for the host at start, and when it holds fewer sockets
+//! than there are, the kernel forgets the least recently changed ones, the daemon says so
+//! once and measures their stays from its own table.
 
 use std::{
     net::{TcpListener, TcpStream},
@@ -7,7 +8,7 @@ use std::{
 };
 
 use crate::common::{self, Daemon, V4};
-use serial_test::serial;
+use serial_test::{parallel, serial};
 
 const CONNECTIONS: usize = 3000;
 const WARNING: &str = "over 80 % of the kernel's per-socket map";
@@ -28,6 +29,8 @@ fn established_stays(daemon: &Daemon) -> (f64, f64) {
 fn stays_are_exact_when_the_kernel_map_overflows() {
     common::allow_open_files(4 * CONNECTIONS as u64);
     let mut daemon = Daemon::start(&["--kernel-sockets", "1024"]);
+    let started = daemon.process.wait_for_stderr("kernel map: ", Duration::ZERO);
+    assert!(started.contains("kernel map: 1024 sockets (--kernel-sockets)"), "{started}");
     let listener = TcpListener::bind((V4, 0)).unwrap();
     let target = listener.local_addr().unwrap();
     let held: Vec<(TcpStream, TcpStream)> = (0..CONNECTIONS)
@@ -66,4 +69,27 @@ fn stays_are_exact_when_the_kernel_map_overflows() {
     let warnings = finished.stderr.iter().filter(|line| line.contains(WARNING)).count();
     assert_eq!(warnings, 1, "the warning comes once: {:?}", finished.stderr);
     assert!(finished.stderr.iter().any(|l| l.contains("--kernel-sockets")), "it names the flag");
+}
+
+/// Without --kernel-sockets the daemon sizes the map for the sockets present, and says so.
+#[test]
+#[parallel]
+fn the_kernel_map_is_sized_for_the_sockets_present() {
+    let listener = TcpListener::bind((V4, 0)).unwrap();
+    let target = listener.local_addr().unwrap();
+    let _held: Vec<(TcpStream, TcpStream)> = (0..500)
+        .map(|_| (TcpStream::connect(target).unwrap(), listener.accept().unwrap().0))
+        .collect();
+    let mut daemon = Daemon::start(&[]);
+    let started = daemon.process.wait_for_stderr("kernel map: ", Duration::ZERO);
+    let sized = started.split("kernel map: ").nth(1).unwrap_or_else(|| panic!("{started}"));
+    let numbers: Vec<u64> =
+        sized.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect();
+    let [slots, present] = numbers[..] else { panic!("{sized}") };
+    assert!(present >= 1000, "the 1000 sockets held are counted: {sized}");
+    assert!(slots >= 2 * present && slots >= 262_144 && slots.is_power_of_two(), "{sized}");
+    let metrics = daemon.scrape();
+    let bytes = metrics.value("tcpstate_kernel_map_bytes", &[("map", "SOCKETS")]);
+    assert!(bytes >= slots as f64 * 64.0, "{bytes} bytes for {slots} slots");
+    daemon.stop();
 }
