@@ -15,12 +15,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tracer_common::TcpState;
 
-use super::{Shared, listing::StreamedListing, metrics::Exporter, table::Tracked};
+use super::{Shared, listing::StreamedListing, metrics::Exporter, table::SocketId};
 use crate::{clock::monotonic_ns, web_config::BasicAuth};
 
 /// A request that takes longer gets 408.
 pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// `/api/sockets` listings built or sent at once: each holds a copy of its entries.
+/// `/api/sockets` listings built or sent at once: each holds its sockets' ids.
 pub(super) const MAX_LISTINGS: usize = 2;
 /// How long a listing waits for its turn before the client is told to retry (503).
 const LISTING_WAIT: Duration = Duration::from_secs(2);
@@ -216,33 +216,32 @@ async fn sockets(
     let listing = tokio::task::spawn_blocking(move || {
         let now = monotonic_ns();
         let agg = shared.aggregator();
-        let mut matching: Vec<&Tracked> = agg
+        // Oldest first: the interesting ones when something is stuck. Ties broken by
+        // address, so pages of the same list follow each other. Only the sort keys and ids
+        // are copied (24 bytes a socket, then 8): the chunks read the entries themselves.
+        let mut matching: Vec<((u64, u32, u16, u16), SocketId)> = agg
             .table()
             .iter()
-            .map(|(_, tracked)| tracked)
-            .filter(|tracked| wanted.is_none_or(|state| tracked.state == state))
+            .filter(|(_, t)| wanted.is_none_or(|state| t.state == state))
+            .map(|(id, t)| ((t.entered_ns, t.key.netns, t.key.sport, t.key.dport), id))
             .collect();
-        // Oldest first: the interesting ones when something is stuck.
-        // Ties broken by address, so pages of the same list follow each other.
-        matching.sort_unstable_by_key(|t| (t.entered_ns, t.key.netns, t.key.sport, t.key.dport));
+        matching.sort_unstable();
         let total = matching.len();
+        let page: Vec<SocketId> =
+            matching.into_iter().skip(offset).take(limit).map(|(_, id)| id).collect();
         // Named here, off the async workers: a cgroup not seen before walks the hierarchy.
         let mut cgroups = shared.cgroups();
-        let page: Vec<_> = matching
-            .into_iter()
-            .skip(offset)
-            .take(limit)
-            .map(|t| {
-                let owner = agg.table().owner(t);
-                (t.clone(), owner, owner.and_then(|owner| cgroups.get(owner.cgroup)))
-            })
-            .collect();
+        for tracked in page.iter().filter_map(|&id| agg.table().get(id)) {
+            if let Some(owner) = agg.table().owner(tracked) {
+                cgroups.get(owner.cgroup);
+            }
+        }
         (page, now, total)
     })
     .await;
     match listing {
         Ok((page, now, total)) => {
-            let body = StreamedListing::new(page, now, state.shared.clone(), turn);
+            let body = StreamedListing::new(page, wanted, now, state.shared.clone(), turn);
             (
                 [(header::CONTENT_TYPE, "application/json")],
                 [("x-total-count", total.to_string())],

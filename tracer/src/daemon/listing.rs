@@ -1,7 +1,8 @@
 //! The body of an `/api/sockets` answer: a JSON list written a chunk at a time, as the
-//! connection asks for more, from a copy of the matching table entries. No buffer as large as
-//! the answer exists: a 100,000-socket listing holds about 12 MB of entries instead of the
-//! 26 MB of its JSON, and gives it back as it goes.
+//! connection asks for more. The listing keeps only the ids of the matching sockets, in
+//! order (8 bytes each); each chunk reads its sockets from the table as it is written. No
+//! copy of the entries nor buffer as large as the answer exists: a million-socket listing
+//! holds 8 MB, not the 200 MB of entries or 260 MB of JSON.
 
 use std::{
     pin::Pin,
@@ -12,9 +13,11 @@ use std::{
 use axum::body::Bytes;
 use tokio::sync::OwnedSemaphorePermit;
 
+use tracer_common::TcpState;
+
 use super::{
     LARGE_ALLOCATION, Shared,
-    table::{Owner, Tracked},
+    table::{Owner, SocketId, Tracked},
 };
 use crate::{
     cgroups::CgroupName,
@@ -26,13 +29,13 @@ use crate::{
 /// most of the last: a client that reads slowly holds its turn, not more memory.
 const CHUNK: usize = 64 << 10;
 
-/// One socket of a listing, with its owner and the owner's cgroup named.
-pub(super) type Listed = (Tracked, Option<Owner>, Option<Arc<CgroupName>>);
-
 /// A listing being sent; it keeps its turn (see `http::MAX_LISTINGS`) until the last chunk
 /// is handed to the connection or the client goes away.
 pub(super) struct StreamedListing {
-    sockets: std::vec::IntoIter<Listed>,
+    /// The listed sockets, in order. One that closed (or left the state asked for) before
+    /// its chunk is written is left out.
+    ids: std::vec::IntoIter<SocketId>,
+    state: Option<TcpState>,
     /// Monotonic time the listing was taken at: every socket's age is measured against it.
     now: u64,
     opened: bool,
@@ -45,14 +48,16 @@ pub(super) struct StreamedListing {
 
 impl StreamedListing {
     pub(super) fn new(
-        sockets: Vec<Listed>,
+        ids: Vec<SocketId>,
+        state: Option<TcpState>,
         now: u64,
         shared: Arc<Shared>,
         turn: OwnedSemaphorePermit,
     ) -> Self {
-        let large = sockets.len() * std::mem::size_of::<Listed>() > LARGE_ALLOCATION;
+        let large = ids.len() * size_of::<SocketId>() > LARGE_ALLOCATION;
         Self {
-            sockets: sockets.into_iter(),
+            ids: ids.into_iter(),
+            state,
             now,
             opened: false,
             closed: false,
@@ -68,10 +73,20 @@ impl StreamedListing {
             return None;
         }
         let mut chunk = Vec::with_capacity(CHUNK + 1024);
-        for (tracked, owner, cgroup) in self.sockets.by_ref() {
+        // Held for one chunk's sockets (a few hundred lookups): the reader waits that long
+        // at most. The owners' cgroups were named when the listing was taken.
+        let agg = self.shared.aggregator();
+        let mut cgroups = self.shared.cgroups();
+        for id in self.ids.by_ref() {
+            let Some(tracked) = agg.table().get(id) else { continue };
+            if self.state.is_some_and(|state| tracked.state != state) {
+                continue;
+            }
             chunk.push(if self.opened { b',' } else { b'[' });
             self.opened = true;
-            let view = view(&tracked, owner, cgroup.as_deref(), self.now);
+            let owner = agg.table().owner(tracked);
+            let cgroup = owner.and_then(|owner| cgroups.get(owner.cgroup));
+            let view = view(tracked, owner, cgroup.as_deref(), self.now);
             serde_json::to_writer(&mut chunk, &view)
                 .expect("a socket view serializes: it has no map with non-string keys");
             if chunk.len() >= CHUNK {

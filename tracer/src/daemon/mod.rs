@@ -124,7 +124,7 @@ pub fn attach(config: &Config) -> anyhow::Result<Attached> {
     Ok(Attached { listener, probe })
 }
 
-/// Large allocations (a listing's copy of the table, a dump) always get their own mapping,
+/// Large allocations (a listing's ids, a dump) always get their own mapping,
 /// returned to the system when freed. glibc otherwise raises its mmap threshold after the
 /// first such free, and later ones land in the heap, where the small allocations made
 /// meanwhile pin them: 64 listings of 100,000 sockets left 44 MiB behind that way.
