@@ -6,6 +6,7 @@
 mod bench;
 mod cmd;
 mod cross;
+mod debian;
 mod dist;
 mod image;
 mod setup;

@@ -10,7 +10,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::cmd::{as_root, capture, download_and_unpack, run_checked};
+use crate::{
+    cmd::{as_root, capture, download_and_unpack, run_checked},
+    debian::{PrivateApt, host_archives},
+};
 
 /// LLVM major that the pinned rustc emits bitcode for; bpf-linker must be built against it.
 const LLVM_MAJOR: u32 = 22;
@@ -21,11 +24,18 @@ const LLVM_PACKAGES: [&str; 4] = ["llvm-22-dev", "libpolly-22-dev", "libzstd-dev
 /// Tests use network namespaces and `ss` (`iproute2`), set sysctls inside them (`procps`),
 /// run leaking helper processes (`python3`), check the unit (`systemd-analyze`) and drive
 /// `tcpstate top` in a terminal (`tmux`).
-/// Prometheus comes unpacked, not installed: see `test_tools`.
-const TEST_PACKAGES: [&str; 5] = ["iproute2", "procps", "python3", "systemd", "tmux"];
+/// Prometheus and VictoriaMetrics come unpacked, not installed (see `test_tools`), the latter
+/// through a private apt configuration that checks Debian's signatures with
+/// `debian-archive-keyring`.
+const TEST_PACKAGES: [&str; 6] =
+    ["iproute2", "procps", "python3", "systemd", "tmux", "debian-archive-keyring"];
 
 /// Debian's package with `prometheus` and `promtool`.
 const PROMETHEUS_PACKAGE: &str = "prometheus";
+/// Debian's package with `victoria-metrics`, the OTLP receiver of the export tests: trixie's,
+/// since bookworm's predates its OTLP receiver.
+const VICTORIA_METRICS_PACKAGE: &str = "victoria-metrics";
+const VICTORIA_METRICS_SUITES: [&str; 1] = ["trixie"];
 
 /// The kernel matrix: the initramfs' shell and archiver, module decompressors, and the key
 /// that signs Debian's suites.
@@ -58,24 +68,71 @@ pub fn build_prerequisites(root: &Path) -> anyhow::Result<()> {
 
 /// What the tests need; returns the directory to put first on their PATH.
 pub fn test_prerequisites(root: &Path) -> anyhow::Result<PathBuf> {
-    ensure_packages(&TEST_PACKAGES, "test tools (iproute2, procps, python3, systemd, tmux)")?;
+    ensure_packages(
+        &TEST_PACKAGES,
+        "test tools (iproute2, procps, python3, systemd, tmux, debian-archive-keyring)",
+    )?;
     test_tools(root)
 }
 
-/// `prometheus` and `promtool`, unpacked from Debian's package into `target/tools`: installing
-/// the package would also enable and start a system-wide Prometheus service. The tests run a
-/// Prometheus of their own, only for as long as they need it.
+/// `prometheus`, `promtool` and `victoria-metrics`, unpacked from Debian's packages into
+/// `target/tools` and linked from `target/tools/bin`: installing the packages would also
+/// enable and start system-wide services. The tests run their own, only for as long as they
+/// need them.
 fn test_tools(root: &Path) -> anyhow::Result<PathBuf> {
-    let dir = root.join("target/tools").join(PROMETHEUS_PACKAGE);
-    let bin = dir.join("usr/bin");
-    if bin.join("prometheus").is_file() && bin.join("promtool").is_file() {
+    let tools = root.join("target/tools");
+    let bin = tools.join("bin");
+    let wanted = [
+        (PROMETHEUS_PACKAGE, "prometheus"),
+        (PROMETHEUS_PACKAGE, "promtool"),
+        (VICTORIA_METRICS_PACKAGE, "victoria-metrics"),
+    ];
+    if wanted.iter().all(|(_, program)| bin.join(program).is_file()) {
         return Ok(bin);
     }
-    eprintln!("xtask: unpacking Debian's {PROMETHEUS_PACKAGE} package for the tests (about 20 s)");
-    apt_update_once()?;
-    let mut apt_get = Command::new("apt-get");
-    apt_get.args(["-q", "-o", "APT::Sandbox::User=root"]);
-    download_and_unpack(apt_get, PROMETHEUS_PACKAGE, &root.join("target/tools/download"), &dir)?;
+    let prometheus = tools.join(PROMETHEUS_PACKAGE);
+    if !prometheus.join("usr/bin/prometheus").is_file() {
+        eprintln!(
+            "xtask: unpacking Debian's {PROMETHEUS_PACKAGE} package for the tests (about 20 s)"
+        );
+        apt_update_once()?;
+        let mut apt_get = Command::new("apt-get");
+        apt_get.args(["-q", "-o", "APT::Sandbox::User=root"]);
+        download_and_unpack(apt_get, PROMETHEUS_PACKAGE, &tools.join("download"), &prometheus)?;
+    }
+    let victoria = tools.join(VICTORIA_METRICS_PACKAGE);
+    if !victoria.join("usr/bin/victoria-metrics").is_file() {
+        eprintln!(
+            "xtask: unpacking Debian {}'s {VICTORIA_METRICS_PACKAGE} package for the tests",
+            VICTORIA_METRICS_SUITES.join(", ")
+        );
+        let apt = PrivateApt::new(
+            tools.join("apt"),
+            crate::cross::Arch::host(),
+            &VICTORIA_METRICS_SUITES,
+            &host_archives()?,
+        )?;
+        run_checked(apt.command("apt-get").arg("update")).with_context(|| {
+            format!("reading Debian {}'s package lists", VICTORIA_METRICS_SUITES.join(", "))
+        })?;
+        download_and_unpack(
+            apt.command("apt-get"),
+            VICTORIA_METRICS_PACKAGE,
+            &apt.dir.join("download"),
+            &victoria,
+        )?;
+    }
+    fs::create_dir_all(&bin)?;
+    for (package, program) in wanted {
+        let link = bin.join(program);
+        let _ = fs::remove_file(&link);
+        // Relative: guests of the kernel matrix see the tree at another path.
+        std::os::unix::fs::symlink(
+            Path::new("..").join(package).join("usr/bin").join(program),
+            &link,
+        )?;
+        anyhow::ensure!(link.is_file(), "{} is not in Debian's {package} package", program);
+    }
     Ok(bin)
 }
 

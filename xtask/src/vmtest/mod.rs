@@ -61,10 +61,16 @@ const HOST_ONLY_TESTS: [&str; 11] = [
     "http_endpoint_answers_errors_in_json",
 ];
 
-/// Tests that run Prometheus, which is unpacked for this machine's architecture only: they
-/// check the exposition, which guests of this architecture cover on every kernel.
-const PROMETHEUS_TESTS: [&str; 2] =
-    ["promtool_accepts_the_exposition", "a_real_prometheus_scrapes_the_daemon"];
+/// Tests that run Prometheus or VictoriaMetrics, which are unpacked for this machine's
+/// architecture only: they check the exposition and the OTLP export, userspace work that
+/// guests of this architecture cover on every kernel.
+const RECEIVER_TESTS: [&str; 5] = [
+    "promtool_accepts_the_exposition",
+    "a_real_prometheus_scrapes_the_daemon",
+    "the_export_lands_in_a_real_receiver_equal_to_metrics",
+    "an_outage_of_the_receiver_is_counted_and_survived",
+    "credentials_in_the_headers_variable_reach_the_receiver",
+];
 
 /// Directories the guest covers with tmpfs (written by the tests: scratch files, network
 /// namespaces under /run), the first one its TMPDIR and HOME; any that holds the workspace is
@@ -209,7 +215,7 @@ impl Userland {
                 skipped_tests,
             });
         }
-        let userland = userland::root(cache, arch, &kernels::host_archives()?)?;
+        let userland = userland::root(cache, arch, &crate::debian::host_archives()?)?;
         let workspace = fs::canonicalize(root)?;
         // The guest mounts the workspace here; a scratch directory that holds it the guest
         // creates itself.
@@ -219,7 +225,7 @@ impl Userland {
         build.args(["--target", arch.triple()]);
         let binaries = test_binaries(build)?;
         let release = dist::release_binary(root, arch)?;
-        skipped_tests.extend(PROMETHEUS_TESTS);
+        skipped_tests.extend(RECEIVER_TESTS);
         Ok(Self {
             arch,
             busybox: userland.join("bin/busybox"),

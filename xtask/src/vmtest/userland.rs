@@ -8,7 +8,7 @@ use std::{fs, path::Path, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use super::kernels::Archives;
+use crate::debian::Archives;
 use crate::{cmd::run_checked, cross::Arch};
 
 /// Packages beyond debootstrap's minimal base (which brings util-linux).
