@@ -216,6 +216,15 @@ pub struct RunArgs {
     #[arg(long, env = "TCPSTATE_GROUP_BY", value_enum, value_name = "container|pod")]
     pub(crate) group_by: Option<daemon::GroupBy>,
 
+    /// Push the metrics over OTLP/HTTP (protobuf) to this receiver as well: a base URL such as
+    /// http://collector:4318 (/v1/metrics is appended) or the full URL. Without it, the
+    /// standard OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_METRICS_ENDPOINT turn the
+    /// export on; OTEL_EXPORTER_OTLP_HEADERS, _TIMEOUT, _CERTIFICATE, _CLIENT_CERTIFICATE,
+    /// _CLIENT_KEY, OTEL_METRIC_EXPORT_INTERVAL (ms, default 60000), OTEL_RESOURCE_ATTRIBUTES
+    /// and OTEL_SERVICE_NAME are read as the OpenTelemetry SDKs read them.
+    #[arg(long, value_name = "URL")]
+    pub(crate) otlp_endpoint: Option<String>,
+
     #[command(flatten)]
     pub(crate) probe: ProbeArgs,
 }
@@ -351,6 +360,8 @@ fn kernel_sockets_help() -> String {
 
 impl RunArgs {
     pub fn config(self) -> daemon::Config {
+        // `validate` refused bad settings for `run`; `top`'s own daemon exports nothing.
+        let otlp = self.otlp_settings().ok().flatten();
         let kernel_sockets = match self.probe.kernel_sockets {
             Some(slots) => KernelMapSize::Given(slots),
             None => KernelMapSize::for_host(self.max_sockets),
@@ -371,7 +382,20 @@ impl RunArgs {
             },
             kernel_sockets,
             port_labels: self.port_labels,
+            otlp,
         }
+    }
+
+    /// The OTLP export's settings from `--otlp-endpoint` and the environment; `None` when
+    /// neither asks for it.
+    fn otlp_settings(&self) -> Result<Option<daemon::OtlpSettings>, daemon::OtlpSettingError> {
+        let settings = daemon::OtlpSettings::read(self.otlp_endpoint.as_deref(), |name| {
+            std::env::var(name).ok()
+        })?;
+        if let Some(settings) = &settings {
+            daemon::check_otlp(settings)?;
+        }
+        Ok(settings)
     }
 }
 
@@ -430,6 +454,8 @@ impl TopArgs {
                 daemon.close_wait_threshold = self.close_wait_threshold;
                 // Nothing but this process reads it: no TLS or passwords in its way.
                 daemon.web_config = None;
+                // The metrics go to the screen only.
+                daemon.otlp = None;
                 top::Source::Kernel(Box::new(daemon))
             }
         };
@@ -448,7 +474,7 @@ pub fn validate(cli: &Cli) -> Result<(), String> {
                     args.port_labels.len()
                 ));
             }
-            Ok(())
+            args.otlp_settings().map(drop).map_err(|error| error.to_string())
         }
         Command::Leaks(args) => args.daemon_tls.clone().config().check(&args.daemon),
         Command::Top(args) => match &args.daemon {

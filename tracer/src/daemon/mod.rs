@@ -15,6 +15,7 @@ mod leak_watch;
 mod listeners;
 mod listing;
 mod metrics;
+mod otlp;
 mod owner_pool;
 mod ports;
 mod reading;
@@ -27,6 +28,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 
+pub(crate) use self::otlp::{OtlpSettings, SettingError as OtlpSettingError, check as check_otlp};
 pub(crate) use self::shared::{Shared, Status};
 use self::{
     aggregate::Aggregator,
@@ -34,6 +36,7 @@ use self::{
     kernel_map::KernelMapPressure,
     kernel_owners::KernelOwners,
     leak_watch::{LeakState, LeakWatch},
+    otlp::OtlpExport,
     reading::{Reading, dump_namespaces, watch_leaks},
     stuck_listeners::StuckWatch,
 };
@@ -75,6 +78,8 @@ pub struct Config {
     pub(crate) probe: ProbeOptions,
     /// The kernel's per-socket map's size (in `probe`), and why.
     pub(crate) kernel_sockets: KernelMapSize,
+    /// Where to push the metrics over OTLP, if anywhere.
+    pub(crate) otlp: Option<OtlpSettings>,
 }
 
 /// How long a record may wait in the ring when the kernel sends no wakeup.
@@ -146,7 +151,14 @@ pub async fn run(config: Config, attached: Attached) -> anyhow::Result<()> {
     let reader = RecordReader::new(ring, POLL_INTERVAL).context("watching the ring buffer")?;
     let shared = seed(&config, &probe, listener.local_addr()?).await?;
     let (flush_requests, flushes) = tokio::sync::mpsc::channel::<Flush>(16);
-    let http = HttpServer::start(listener, &shared, &config, flush_requests.clone());
+    let exporter = Arc::new(metrics::Exporter::new(shared.clone(), config.group_by));
+    let http =
+        HttpServer::start(listener, &shared, &config, exporter.clone(), flush_requests.clone());
+    let otlp = config
+        .otlp
+        .clone()
+        .map(|settings| OtlpExport::start(settings, shared.clone(), exporter))
+        .transpose()?;
     let leak_watch = start_leak_watch(&mut probe, &shared, &config);
     let stuck_watch = StuckWatch::new(config.listen_queue_threshold, config.cmdline);
     let listener_watch = tokio::spawn(listeners::watch_listeners(shared.clone(), stuck_watch));
@@ -160,6 +172,9 @@ pub async fn run(config: Config, attached: Attached) -> anyhow::Result<()> {
     let http_stopped = http.stop();
     drop(probe);
     log::debug!("probe detached");
+    if let Some(otlp) = otlp {
+        otlp.stop().await;
+    }
     http_stopped.await
 }
 
@@ -209,11 +224,12 @@ impl HttpServer {
         listener: tokio::net::TcpListener,
         shared: &Arc<Shared>,
         config: &Config,
+        exporter: Arc<metrics::Exporter>,
         flush: tokio::sync::mpsc::Sender<Flush>,
     ) -> Self {
         let state = http::AppState {
             shared: shared.clone(),
-            exporter: Arc::new(metrics::Exporter::new(shared.clone(), config.group_by)),
+            exporter,
             flush,
             listings: Arc::new(tokio::sync::Semaphore::new(http::MAX_LISTINGS)),
         };

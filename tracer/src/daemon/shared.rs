@@ -37,6 +37,8 @@ pub(crate) struct Status {
     pub netns_refused: usize,
     /// Why the kernel's counters could not be read at the last status tick, if they could not.
     pub counters_error: Option<String>,
+    /// What the OTLP exports did, when they run.
+    pub otlp: Option<super::otlp::OtlpStatus>,
     /// (when, ring-buffer overflows so far) samples over `OVERFLOW_WINDOW_NS`.
     overflow_history: VecDeque<(u64, u64)>,
 }

@@ -18,6 +18,7 @@ mod failures;
 mod http;
 mod leaks;
 mod listeners;
+mod otlp;
 mod pressure;
 mod privileges;
 mod probe;

@@ -19,6 +19,7 @@ use crate::{
         groups::{GroupBy, GroupLabels},
         leak_watch::LeakState,
         listeners::{Listener, ListenerReport},
+        otlp::OtlpStatus,
         table::Counts,
     },
     failure::{CONNECT_REASONS, ResetDirection},
@@ -675,6 +676,29 @@ pub(super) fn probe(encoder: &mut DescriptorEncoder, status: &Status) -> fmt::Re
     for map in &status.map_memory {
         let name = map.name.as_str();
         ConstGauge::new(map.bytes as i64).encode(family.encode_family(&[("map", name)])?)?;
+    }
+    Ok(())
+}
+
+/// Only when the daemon exports over OTLP.
+pub(super) fn otlp(encoder: &mut DescriptorEncoder, otlp: &OtlpStatus) -> fmt::Result {
+    let family = encoder.encode_descriptor(
+        "tcpstate_otlp_exports",
+        "OTLP exports the receiver accepted",
+        None,
+        MetricType::Counter,
+    )?;
+    ConstCounter::new(otlp.exports).encode(family)?;
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_otlp_export_failures",
+        "OTLP exports that did not land, by reason: unreachable (no connection), tls (handshake \
+         failed), timeout, unauthorized (401/403: the headers' credentials), throttled (429), \
+         rejected (another 4xx), server_error (5xx, or the connection broke)",
+        None,
+        MetricType::Counter,
+    )?;
+    for (reason, failures) in OtlpStatus::REASONS.iter().zip(otlp.failures) {
+        ConstCounter::new(failures).encode(family.encode_family(&[("reason", *reason)])?)?;
     }
     Ok(())
 }

@@ -68,6 +68,9 @@ impl Collector for TcpstateCollector {
             .map_or(0.0, |entered| now.saturating_sub(entered) as f64 / 1e9);
         families::leaks(&mut encoder, &self.shared.leaks(), self.group_by, close_wait_oldest)?;
         families::probe(&mut encoder, &status)?;
+        if let Some(otlp) = &status.otlp {
+            families::otlp(&mut encoder, otlp)?;
+        }
         families::build_info(&mut encoder)
     }
 }
@@ -188,7 +191,7 @@ pub(super) fn to_prometheus_text(openmetrics: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::time::Duration;
 
     use super::*;
@@ -222,7 +225,7 @@ mod tests {
     /// A daemon's metrics after a known set of transitions, every socket closed again so that
     /// nothing depends on the time of the scrape: two connections (one the client closes
     /// first, one the server does), a refused connect and a reset.
-    fn rendered_after_known_transitions() -> String {
+    pub(in crate::daemon) fn exporter_after_known_transitions() -> Exporter {
         use tracer_common::TcpState as S;
 
         use crate::daemon::{aggregate::tests::record, gauges::PortLabels, leak_watch::LeakState};
@@ -294,11 +297,20 @@ mod tests {
             dropped: vec![(4026531840, 31, 31)],
             ..Default::default()
         };
+        // Exports over OTLP: twelve landed, two found the receiver down, one was refused.
+        let mut otlp = crate::daemon::otlp::OtlpStatus { exports: 12, ..Default::default() };
+        otlp.failures[0] = 2;
+        otlp.failures[3] = 1;
         shared.update_status(|status| {
             status.retransmits = Some(retransmits);
             status.listeners = listeners;
+            status.otlp = Some(otlp);
         });
-        let text = Exporter::new(shared, None).render(Format::PrometheusText).unwrap();
+        Exporter::new(shared, None)
+    }
+
+    fn rendered_after_known_transitions() -> String {
+        let text = exporter_after_known_transitions().render(Format::PrometheusText).unwrap();
         text.replace(env!("CARGO_PKG_VERSION"), "VERSION")
     }
 
