@@ -64,6 +64,8 @@ pub(super) struct LeakWatch {
     resolver: OwnerResolver,
     last_inode_dump: Option<Instant>,
     logged: HashMap<Option<u32>, Logged>,
+    /// Since when leaked sockets of no known owner have been present, unlogged.
+    unnamed: UnnamedSince,
     cleared: HashMap<Series, Instant>,
     group_by: Option<GroupBy>,
     /// The kernel's per-socket map: owners recorded after a socket's last record.
@@ -84,6 +86,7 @@ impl LeakWatch {
             resolver: OwnerResolver::new(LOOKUP_INTERVAL, cmdline),
             last_inode_dump: None,
             logged: HashMap::new(),
+            unnamed: UnnamedSince::default(),
             cleared: HashMap::new(),
         }
     }
@@ -178,7 +181,15 @@ impl LeakWatch {
 
     fn log_changes(&mut self, report: &LeakReport) {
         let mut present = HashSet::new();
+        let unnamed = report.processes.iter().any(|p| p.process.pid.is_none());
+        let unnamed_loggable = self.unnamed.loggable(unnamed, Instant::now());
         for process in &report.processes {
+            if process.process.pid.is_none()
+                && !self.logged.contains_key(&None)
+                && !unnamed_loggable
+            {
+                continue;
+            }
             present.insert(process.process.pid);
             let power = process.count.max(1).ilog2();
             match self.logged.get_mut(&process.process.pid) {
@@ -247,6 +258,25 @@ impl LeakWatch {
     }
 }
 
+/// Leaked sockets whose owner is not known yet are logged only once the /proc walk (at most
+/// every `LOOKUP_INTERVAL`) has had its chance to name them: sockets that crossed the
+/// threshold just after a walk would otherwise show as a leak of an unknown process that
+/// "clears" when the next walk names their owner. `/api/leaks` still lists them at once.
+#[derive(Debug, Default)]
+struct UnnamedSince(Option<Instant>);
+
+impl UnnamedSince {
+    /// Whether unnamed sockets, `present` now, have been present for a whole lookup interval.
+    fn loggable(&mut self, present: bool, now: Instant) -> bool {
+        if !present {
+            self.0 = None;
+            return false;
+        }
+        let since = *self.0.get_or_insert(now);
+        now.duration_since(since) >= LOOKUP_INTERVAL
+    }
+}
+
 fn describe(process: &ProcessLeak) -> String {
     let pid = process.process.pid.map_or_else(|| "unknown pid".to_owned(), |p| format!("pid {p}"));
     format!(
@@ -269,4 +299,21 @@ fn details(process: &ProcessLeak) -> String {
         ports.join(","),
         peers.join(", ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unnamed_sockets_wait_one_lookup_interval_before_they_are_logged() {
+        let start = Instant::now();
+        let mut unnamed = UnnamedSince::default();
+        assert!(!unnamed.loggable(true, start));
+        assert!(!unnamed.loggable(true, start + LOOKUP_INTERVAL / 2));
+        assert!(unnamed.loggable(true, start + LOOKUP_INTERVAL));
+        // Named meanwhile: gone, and a later unnamed leak waits again.
+        assert!(!unnamed.loggable(false, start + LOOKUP_INTERVAL * 2));
+        assert!(!unnamed.loggable(true, start + LOOKUP_INTERVAL * 3));
+    }
 }
