@@ -4,10 +4,11 @@
 //! - an empty program (`r0 = 0; exit`): what the storm loses to it is the kernel's own cost of
 //!   running a BPF program there (the tracepoint's record built for it, the dispatch, bpf
 //!   statistics), which no program can go below;
-//! - a record per firing: a timestamp and a 128-byte ring-buffer record (tcpstate's size)
-//!   reserved, filled and submitted, drained by a thread that only moves the consumer
-//!   position. That is the least any tracer that sends each transition to userspace pays;
-//!   tcpstate's cost above it is its own logic (per-socket state, owner, loss accounting).
+//! - a record per firing: a timestamp and a ring-buffer record of 128 bytes (tcpstate's
+//!   size), 64 (one cache line) or 32 reserved, filled and submitted, drained by a thread that
+//!   only moves the consumer position. That is the least any tracer that sends each
+//!   transition to userspace pays, by record size; tcpstate's cost above it is its own logic
+//!   (per-socket state, owner, loss accounting).
 //!
 //! A dozen instructions need no compiler or ELF: they are loaded with bpf(2) and attached with
 //! perf_event_open(2) and two ioctls, as libbpf does for tracepoints. aya only loads programs
@@ -29,8 +30,12 @@ use clap::ValueEnum;
 pub enum Floor {
     /// `r0 = 0; exit`.
     Empty,
-    /// A timestamped 128-byte ring-buffer record per firing.
+    /// A timestamped 128-byte ring-buffer record per firing (tcpstate's size).
     Record,
+    /// The same with a 64-byte record: one cache line.
+    Record64,
+    /// The same with a 32-byte record.
+    Record32,
 }
 
 impl Floor {
@@ -39,6 +44,18 @@ impl Floor {
         match self {
             Self::Empty => "floor",
             Self::Record => "floor_record",
+            Self::Record64 => "floor_record64",
+            Self::Record32 => "floor_record32",
+        }
+    }
+
+    /// Bytes of each record, for the record floors.
+    const fn record_bytes(self) -> Option<i32> {
+        match self {
+            Self::Empty => None,
+            Self::Record => Some(128),
+            Self::Record64 => Some(64),
+            Self::Record32 => Some(32),
         }
     }
 }
@@ -56,8 +73,6 @@ const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
 
 /// Bytes of the record floor's ring: as `tcpstate run`'s default.
 const RING_BYTES: u32 = 4 << 20;
-/// Bytes of one record: as tcpstate's (`tracer_common::RECORD_SIZE`).
-const RECORD_BYTES: i32 = 128;
 /// How often the drain thread moves the consumer position: often enough that the ring never
 /// fills (it holds about 30,000 records, 100 ms of a storm), so every reservation succeeds and
 /// the floor always pays for a whole record.
@@ -98,13 +113,14 @@ fn empty_program() -> Vec<u64> {
     vec![mov_imm(0, 0), EXIT]
 }
 
-/// `r7 = ktime; r0 = reserve(ring, 128); if r0 { 16 stores of r7; submit(r0, NO_WAKEUP) }`.
-fn record_program(ring: libc::c_int) -> Vec<u64> {
+/// `r7 = ktime; r0 = reserve(ring, bytes); if r0 { bytes/8 stores of r7; submit(r0,
+/// NO_WAKEUP) }`.
+fn record_program(ring: libc::c_int, bytes: i32) -> Vec<u64> {
     let mut program = vec![call(BPF_FUNC_KTIME_GET_NS), mov_reg(7, 0)];
     // `ld_imm64 r1, map fd` (BPF_LD | BPF_IMM | BPF_DW, src = BPF_PSEUDO_MAP_FD): two slots.
     program.extend([insn(0x18, 1, 1, 0, ring), 0]);
-    program.extend([mov_imm(2, RECORD_BYTES), mov_imm(3, 0), call(BPF_FUNC_RINGBUF_RESERVE)]);
-    let words = RECORD_BYTES / 8;
+    program.extend([mov_imm(2, bytes), mov_imm(3, 0), call(BPF_FUNC_RINGBUF_RESERVE)]);
+    let words = bytes / 8;
     // `if r0 == 0 goto exit` (BPF_JMP | BPF_JEQ | BPF_K) over the stores and the submit.
     program.push(insn(0x15, 0, 0, (words + 3) as i16, 0));
     program.extend((0..words).map(|word| store(0, 7, (word * 8) as i16)));
@@ -290,11 +306,11 @@ pub fn hold(floor: Floor) -> anyhow::Result<()> {
         unsafe { libc::signal(signal, libc::SIG_DFL) };
     }
     let name = floor.name();
-    let (program, ring) = match floor {
-        Floor::Empty => (load(name, &empty_program())?, None),
-        Floor::Record => {
+    let (program, ring) = match floor.record_bytes() {
+        None => (load(name, &empty_program())?, None),
+        Some(bytes) => {
             let ring = create_ring()?;
-            (load(name, &record_program(ring))?, Some(ring))
+            (load(name, &record_program(ring, bytes))?, Some(ring))
         }
     };
     let _event = attach(program, tracepoint_id()?)?;
@@ -324,13 +340,15 @@ mod tests {
     }
 
     #[test]
-    fn the_record_program_jumps_over_the_stores_and_the_submit_to_its_exit() {
-        let program = record_program(3);
-        let branch = program.iter().position(|i| i & 0xff == 0x15).unwrap();
-        let offset = (program[branch] >> 16) as u16 as i16 as usize;
-        // A jump lands `offset` instructions after the next one: on `r0 = 0; exit`.
-        assert_eq!(&program[branch + 1 + offset..], [mov_imm(0, 0), EXIT]);
-        let stores = program.iter().filter(|i| *i & 0xff == 0x7b).count();
-        assert_eq!(stores * 8, RECORD_BYTES as usize, "every word of the record is written");
+    fn the_record_programs_jump_over_the_stores_and_the_submit_to_their_exit() {
+        for bytes in [128, 64, 32] {
+            let program = record_program(3, bytes);
+            let branch = program.iter().position(|i| i & 0xff == 0x15).unwrap();
+            let offset = (program[branch] >> 16) as u16 as i16 as usize;
+            // A jump lands `offset` instructions after the next one: on `r0 = 0; exit`.
+            assert_eq!(&program[branch + 1 + offset..], [mov_imm(0, 0), EXIT], "{bytes}");
+            let stores = program.iter().filter(|i| *i & 0xff == 0x7b).count();
+            assert_eq!(stores * 8, bytes as usize, "every word of the record is written");
+        }
     }
 }

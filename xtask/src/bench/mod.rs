@@ -58,6 +58,10 @@ pub enum Config {
     /// A 128-byte ring-buffer record per firing and nothing else: the least a tracer that
     /// sends every transition pays.
     RecordFloor,
+    /// The same with a 64-byte record (one cache line).
+    RecordFloor64,
+    /// The same with a 32-byte record.
+    RecordFloor32,
     #[value(name = "run")]
     Daemon,
     Watch,
@@ -65,14 +69,24 @@ pub enum Config {
 }
 
 impl Config {
-    const ALL: [Self; 6] =
-        [Self::Bare, Self::Floor, Self::RecordFloor, Self::Daemon, Self::Watch, Self::Tcpstates];
+    const ALL: [Self; 8] = [
+        Self::Bare,
+        Self::Floor,
+        Self::RecordFloor,
+        Self::RecordFloor64,
+        Self::RecordFloor32,
+        Self::Daemon,
+        Self::Watch,
+        Self::Tcpstates,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Self::Bare => "nothing attached (bare)",
             Self::Floor => "an empty program (the kernel's own cost)",
             Self::RecordFloor => "a 128-byte ring record per firing, nothing else",
+            Self::RecordFloor64 => "a 64-byte ring record per firing, nothing else",
+            Self::RecordFloor32 => "a 32-byte ring record per firing, nothing else",
             Self::Daemon => "`tcpstate run` (scraped 1/s)",
             Self::Watch => "`tcpstate watch --json`",
             Self::Tcpstates => "libbpf-tools `tcpstates`",
@@ -81,7 +95,18 @@ impl Config {
 
     /// A floor: a program that runs on every firing and delivers nothing to count as lost.
     fn is_floor(self) -> bool {
-        matches!(self, Self::Floor | Self::RecordFloor)
+        self.floor_program().is_some()
+    }
+
+    /// The program `cargo xtask floor` holds for a floor.
+    fn floor_program(self) -> Option<floor::Floor> {
+        match self {
+            Self::Floor => Some(floor::Floor::Empty),
+            Self::RecordFloor => Some(floor::Floor::Record),
+            Self::RecordFloor64 => Some(floor::Floor::Record64),
+            Self::RecordFloor32 => Some(floor::Floor::Record32),
+            Self::Bare | Self::Daemon | Self::Watch | Self::Tcpstates => None,
+        }
     }
 }
 
@@ -194,7 +219,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         per_connection,
         outcomes: &outcomes,
         retransmits: &retransmits,
-        scale: scale.as_deref(),
+        scale: scale.as_ref(),
         saturation: &saturation,
     };
     let report = render(args, &measured, started.elapsed());

@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, io::Write as _, path::Path, process::Command, thread, time::Duration};
 
-use super::scale::{RECONCILE_INTERVAL, RSS_SAMPLE_EVERY, RSS_WINDOW, Saturation, ScalePoint};
+use super::scale::{RECONCILE_INTERVAL, RSS_SAMPLE_EVERY, RSS_WINDOW, Saturation, ScaleRun};
 use super::{
     BenchArgs, Config, Outcome,
     measure::ProgStats,
@@ -78,7 +78,7 @@ pub(super) struct Measured<'a> {
     pub per_connection: f64,
     pub outcomes: &'a [(Config, Outcome)],
     pub retransmits: &'a RetransmitCost,
-    pub scale: Option<&'a [ScalePoint]>,
+    pub scale: Option<&'a ScaleRun>,
     pub saturation: &'a Saturation,
 }
 
@@ -214,23 +214,25 @@ pub(super) fn render(args: &BenchArgs, measured: &Measured, took: Duration) -> S
          kernel.bpf_stats_enabled=1, whose own overhead is most of the empty program's time per \
          call; per transition: all the tracer's programs' time over the firings."
     );
-    if let Some(points) = scale {
+    if let Some(run) = scale {
+        let points = &run.points;
         let _ = writeln!(
             out,
-            "\nScale run, `tcpstate run --group-by container --reconcile-interval {}` with connections held open (both ends on this host, so two sockets each; `/metrics` passes over the whole table to group it). Daemon RSS: the lowest and the highest sampled every {} ms over {} s, which holds one reconciliation (a sock_diag dump of every socket, indexed); per tracked socket from the lowest:\n",
+            "\nScale run, `tcpstate run --group-by container --reconcile-interval {}` with connections held open (both ends on this host, so two sockets each; `/metrics` passes over the whole table to group it), the kernel map sized by the daemon at start ({} slots: no `--kernel-sockets`, as a user runs it). Daemon RSS: the lowest and the highest sampled every {} ms over {} s, which holds one reconciliation (a sock_diag dump of every socket, indexed); per tracked socket from the lowest; during the listing, the highest sampled every 10 ms while it streamed:\n",
             RECONCILE_INTERVAL.as_secs(),
+            run.kernel_slots,
             RSS_SAMPLE_EVERY.as_millis(),
             RSS_WINDOW.as_secs(),
         );
         let _ = writeln!(
             out,
-            "| connections | tracked sockets | daemon RSS | while reconciling | per tracked socket | `/metrics` (median of 5) | `/api/sockets?state=ESTABLISHED` | RSS after that listing | kernel per-socket map |"
+            "| connections | tracked sockets | daemon RSS | while reconciling | per tracked socket | `/metrics` (median of 5) | `/api/sockets?state=ESTABLISHED` | RSS during that listing | RSS after it | kernel per-socket map |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
         for p in points {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {:.0} B | {:.1} ms | {:.0} ms ({} sockets, {:.1} MiB) | {} | {} |",
+                "| {} | {} | {} | {} | {:.0} B | {:.1} ms | {:.0} ms ({} sockets, {:.1} MiB) | {} | {} | {} |",
                 p.connections,
                 p.tracked,
                 mib(p.rss),
@@ -240,6 +242,7 @@ pub(super) fn render(args: &BenchArgs, measured: &Measured, took: Duration) -> S
                 p.listing.as_secs_f64() * 1e3,
                 p.listed,
                 p.listing_bytes as f64 / (1 << 20) as f64,
+                mib(p.rss_during_listing),
                 mib(p.rss_after_listing),
                 mib(p.kernel_map),
             );
@@ -262,6 +265,22 @@ pub(super) fn render(args: &BenchArgs, measured: &Measured, took: Duration) -> S
                 parallel.settled_after.as_secs_f64(),
             );
         }
+        let c = &run.closing;
+        let _ = writeln!(
+            out,
+            "\nEvery held connection then closed ({} sockets against {} kernel map slots): the \
+             ESTABLISHED stay histogram gained {} of the {} stays that ended (two per \
+             connection, two per scrape meanwhile); transitions the kernel's map no longer \
+             held: {} evicted (stays taken from the daemon's table), {} older than the \
+             daemon, {} unknown.",
+            c.sockets,
+            run.kernel_slots,
+            c.counted,
+            c.expected,
+            c.evicted,
+            c.older_than_daemon,
+            c.unknown,
+        );
     }
     let r = retransmits;
     let _ = writeln!(

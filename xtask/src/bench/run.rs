@@ -14,6 +14,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use clap::ValueEnum as _;
 
 use super::tracers::Tracer;
 use super::{
@@ -141,12 +142,10 @@ impl Bench<'_> {
             Config::Bare => {
                 (outcome.connections, outcome.seconds) = self.run_storm(seconds, 0)?;
             }
-            Config::Floor | Config::RecordFloor => {
+            Config::Floor | Config::RecordFloor | Config::RecordFloor64 | Config::RecordFloor32 => {
+                let program = config.floor_program().expect("a floor");
                 let mut command = Command::new(&self.xtask);
-                command.arg("floor");
-                if config == Config::RecordFloor {
-                    command.arg("record");
-                }
+                command.arg("floor").arg(program.to_possible_value().expect("a value").get_name());
                 let floor = Tracer::start(command, |t| t.stderr_contains("attached"))?;
                 let prog_before = floor.prog_stats()?;
                 let firings_before = floor.firings()?;

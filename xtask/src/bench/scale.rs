@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 
 use super::{
     load, measure,
@@ -34,11 +34,67 @@ pub struct ScalePoint {
     pub(super) listing: Duration,
     pub(super) listed: usize,
     pub(super) listing_bytes: usize,
+    /// The highest RSS sampled while the listing streamed.
+    pub(super) rss_during_listing: u64,
     pub(super) rss_after_listing: u64,
     /// Kernel memory of the per-socket map (`tcpstate_kernel_map_bytes{map="SOCKETS"}`).
     pub(super) kernel_map: u64,
     /// Measured at the first point only.
     pub(super) parallel: Option<ParallelListings>,
+}
+
+/// The scale run: its points, and what closing every held connection left in the stay
+/// histogram.
+pub struct ScaleRun {
+    pub(super) points: Vec<ScalePoint>,
+    /// The kernel map's size as the daemon chose it (no `--kernel-sockets`).
+    pub(super) kernel_slots: u64,
+    pub(super) closing: ClosedStays,
+}
+
+/// Every held connection closed: the ESTABLISHED stays the histogram gained against those
+/// that ended, and how many of their transitions the kernel's map no longer held.
+pub struct ClosedStays {
+    pub(super) sockets: usize,
+    /// Stays that ended: two per held connection, two per scrape made meanwhile.
+    pub(super) expected: u64,
+    pub(super) counted: u64,
+    /// `tcpstate_kernel_untracked_sightings_total` gained, by cause.
+    pub(super) evicted: u64,
+    pub(super) older_than_daemon: u64,
+    pub(super) unknown: u64,
+}
+
+/// The highest RSS of a process, sampled every 10 ms on a thread of its own until stopped.
+struct PeakRss {
+    sampling: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    sampler: thread::JoinHandle<()>,
+}
+
+impl PeakRss {
+    fn start(pid: u32) -> anyhow::Result<Self> {
+        let sampling = Arc::new(AtomicBool::new(true));
+        let peak = Arc::new(AtomicU64::new(measure::memory(pid)?.1));
+        let sampler = {
+            let (sampling, peak) = (sampling.clone(), peak.clone());
+            thread::spawn(move || {
+                while sampling.load(Ordering::Relaxed) {
+                    if let Ok((_, rss)) = measure::memory(pid) {
+                        peak.fetch_max(rss, Ordering::Relaxed);
+                    }
+                    thread::sleep(Duration::from_millis(10));
+                }
+            })
+        };
+        Ok(Self { sampling, peak, sampler })
+    }
+
+    fn stop(self) -> u64 {
+        self.sampling.store(false, Ordering::Relaxed);
+        self.sampler.join().expect("the RSS sampler thread");
+        self.peak.load(Ordering::Relaxed)
+    }
 }
 
 /// Clients reading the full `/api/sockets` at once (issue: 64 clients at 100,000 sockets,
@@ -160,13 +216,14 @@ impl Drop for Holders {
 impl Bench<'_> {
     /// Holds connections open under the daemon: memory per tracked socket and how long the
     /// endpoints take with that many.
-    pub(super) fn scale(&self) -> anyhow::Result<Vec<ScalePoint>> {
+    pub(super) fn scale(&self) -> anyhow::Result<ScaleRun> {
         fresh_namespace()?;
-        // Room for every held socket in the daemon's table and the kernel's map (both ends
-        // of each connection are on this host).
+        // Room for every held socket in the daemon's table (both ends of each connection are
+        // on this host). The kernel's map is left to the daemon's own sizing, as a user runs
+        // it: started on an idle host, it takes its smallest size, which the held sockets
+        // then overflow.
         let sockets = 2 * self.args.hold + 10_000;
         let max_sockets = sockets.max(1_000_000).to_string();
-        let kernel_sockets = sockets.next_power_of_two().clamp(1 << 18, 1 << 24).to_string();
         // With the most expensive scrape: --group-by passes over the whole table.
         let (tracer, addr) = self.daemon(&[
             "--group-by",
@@ -175,10 +232,16 @@ impl Bench<'_> {
             &RECONCILE_INTERVAL.as_secs().to_string(),
             "--max-sockets",
             &max_sockets,
-            "--kernel-sockets",
-            &kernel_sockets,
         ])?;
         let idle_rss = measure::memory(tracer.pid())?.1;
+        // `...; kernel map: 262144 sockets (...)` in the startup line.
+        let kernel_slots = tracer
+            .stderr_line("kernel map: ")
+            .and_then(|line| {
+                let size = line.split("kernel map: ").nth(1)?.split_whitespace().next()?;
+                size.parse().ok()
+            })
+            .context("the daemon's startup line gives no kernel map size")?;
         let mut points = Vec::new();
         let mut holders = Holders::new();
         // The first point as the issue that set the listing targets measured them (100,000
@@ -198,8 +261,10 @@ impl Bench<'_> {
                 .collect::<Result<_, _>>()?;
             metrics_times.sort();
             let (rss_steady, rss_reconciling) = rss_range(tracer.pid())?;
+            let during = PeakRss::start(tracer.pid())?;
             let (listing, listing_time) =
                 measure::http_get(addr, "/api/sockets?state=ESTABLISHED&limit=10000000")?;
+            let rss_during_listing = during.stop();
             // Counted without building a million JSON values.
             let listed = serde_json::from_str::<Vec<serde::de::IgnoredAny>>(&listing)?.len();
             let listing_bytes = listing.len();
@@ -221,14 +286,15 @@ impl Bench<'_> {
                 listing: listing_time,
                 listed,
                 listing_bytes,
+                rss_during_listing,
                 rss_after_listing,
                 kernel_map,
                 parallel,
             });
         }
-        drop(holders);
+        let closing = close_all(addr, holders)?;
         tracer.stop()?;
-        Ok(points)
+        Ok(ScaleRun { points, kernel_slots, closing })
     }
 
     /// 5,000 connections (10,000 sockets) held under a daemon whose table holds 1,000: the
@@ -293,6 +359,43 @@ impl Bench<'_> {
     }
 }
 
+/// Closes every held connection and waits until the daemon tracks them no more: the
+/// ESTABLISHED stays the histogram gained, against the two per connection (and two per
+/// scrape of this wait) that ended, and the map's untracked sightings meanwhile.
+fn close_all(addr: SocketAddr, holders: Holders) -> anyhow::Result<ClosedStays> {
+    const STAYS: &str = "tcpstate_state_duration_seconds_count";
+    const ESTABLISHED: &str = r#"state="ESTABLISHED""#;
+    const SIGHTINGS: &str = "tcpstate_kernel_untracked_sightings_total";
+    let cause = |text: &str, cause: &str| {
+        measure::metric(text, SIGHTINGS, &[&format!("cause=\"{cause}\"")]) as u64
+    };
+    let (before, _) = measure::http_get(addr, "/metrics")?;
+    let sockets = 2 * holders.held;
+    drop(holders);
+    // Each scrape's own connection ends its ESTABLISHED stay after the scrape was rendered.
+    let mut scrapes = 1;
+    let mut last = f64::MAX;
+    let after = loop {
+        thread::sleep(Duration::from_secs(1));
+        let Ok((after, _)) = measure::http_get(addr, "/metrics") else { continue };
+        scrapes += 1;
+        let tracked = measure::metric(&after, "tcpstate_tracked_sockets", &[]);
+        if (tracked < 1_000.0 && tracked == last) || scrapes > 120 {
+            break after;
+        }
+        last = tracked;
+    };
+    Ok(ClosedStays {
+        sockets,
+        expected: sockets as u64 + 2 * (scrapes - 1),
+        counted: (measure::metric(&after, STAYS, &[ESTABLISHED])
+            - measure::metric(&before, STAYS, &[ESTABLISHED])) as u64,
+        evicted: cause(&after, "evicted") - cause(&before, "evicted"),
+        older_than_daemon: cause(&after, "older_than_daemon") - cause(&before, "older_than_daemon"),
+        unknown: cause(&after, "unknown") - cause(&before, "unknown"),
+    })
+}
+
 /// `clients` threads read the full listing at once, each retrying after a 503 until served,
 /// while the daemon's RSS is sampled; then how long its memory takes to come back.
 fn parallel_listings(
@@ -301,19 +404,7 @@ fn parallel_listings(
     clients: usize,
 ) -> anyhow::Result<ParallelListings> {
     let rss_before = measure::memory(pid)?.1;
-    let sampling = Arc::new(AtomicBool::new(true));
-    let peak = Arc::new(AtomicU64::new(rss_before));
-    let sampler = {
-        let (sampling, peak) = (sampling.clone(), peak.clone());
-        thread::spawn(move || {
-            while sampling.load(Ordering::Relaxed) {
-                if let Ok((_, rss)) = measure::memory(pid) {
-                    peak.fetch_max(rss, Ordering::Relaxed);
-                }
-                thread::sleep(Duration::from_millis(10));
-            }
-        })
-    };
+    let peak = PeakRss::start(pid)?;
     let started = Instant::now();
     let readers: Vec<_> = (0..clients)
         .map(|_| {
@@ -337,8 +428,7 @@ fn parallel_listings(
         served += 1;
     }
     let took = started.elapsed();
-    sampling.store(false, Ordering::Relaxed);
-    sampler.join().expect("the sampler thread");
+    let rss_peak = peak.stop();
     let settling = Instant::now();
     let rss_after = loop {
         let rss = measure::memory(pid)?.1;
@@ -353,7 +443,7 @@ fn parallel_listings(
         retried,
         took,
         rss_before,
-        rss_peak: peak.load(Ordering::Relaxed),
+        rss_peak,
         rss_after,
         settled_after: settling.elapsed(),
     })

@@ -114,7 +114,12 @@ impl Tracer {
     }
 
     pub(super) fn stderr_contains(&self, needle: &str) -> bool {
-        self.stderr.lock().unwrap().iter().any(|l| l.contains(needle))
+        self.stderr_line(needle).is_some()
+    }
+
+    /// The first stderr line so far that contains `needle`.
+    pub(super) fn stderr_line(&self, needle: &str) -> Option<String> {
+        self.stderr.lock().unwrap().iter().find(|l| l.contains(needle)).cloned()
     }
 
     /// Statistics of the main program(s) and of the standby (zero when there is none), on
