@@ -172,10 +172,14 @@ pub async fn run(config: Config, attached: Attached) -> anyhow::Result<()> {
     let http_stopped = http.stop();
     drop(probe);
     log::debug!("probe detached");
-    if let Some(otlp) = otlp {
-        otlp.stop().await;
-    }
-    http_stopped.await
+    // The last export and the HTTP connections' grace run together: exit stays within 2 s.
+    let last_export = async {
+        if let Some(otlp) = otlp {
+            otlp.stop().await;
+        }
+    };
+    let (http_stopped, ()) = tokio::join!(http_stopped, last_export);
+    http_stopped
 }
 
 /// The shared state, its table seeded with every socket a sock_diag dump of every namespace

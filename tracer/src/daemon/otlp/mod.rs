@@ -24,8 +24,8 @@ use super::{Shared, metrics};
 
 /// Longest wait between attempts while the receiver fails (the interval when longer).
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// How long the last export at shutdown may take.
-const FINAL_EXPORT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the last export at shutdown may take: the daemon exits within 2 s of a signal.
+const FINAL_EXPORT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What the exports did, served as `tcpstate_otlp_*`.
 #[derive(Clone, Debug, Default)]
@@ -75,7 +75,11 @@ impl OtlpExport {
     /// Sends what changed since the last export, then stops.
     pub(super) async fn stop(self) {
         let _ = self.stop.send(());
-        if tokio::time::timeout(FINAL_EXPORT_TIMEOUT * 2, self.task).await.is_err() {
+        // The encoding too must fit: past this, the task is left behind.
+        if tokio::time::timeout(FINAL_EXPORT_TIMEOUT + Duration::from_millis(500), self.task)
+            .await
+            .is_err()
+        {
             log::debug!("the last OTLP export did not finish");
         }
     }
