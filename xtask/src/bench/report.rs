@@ -265,6 +265,27 @@ pub(super) fn render(args: &BenchArgs, measured: &Measured, took: Duration) -> S
                 parallel.settled_after.as_secs_f64(),
             );
         }
+        let _ = writeln!(
+            out,
+            "\nThe storm under the same daemon, `--seconds` each, with nothing held and with every \
+             connection above held (the kernel map full of live entries, which the storm's \
+             sockets evict; the daemon's CPU includes its reconciliations every {} s):\n\n\
+             | sockets held | connections/s | firings | in-kernel ns per call | daemon CPU s per M firings | daemon peak RSS |\n\
+             |---|---|---|---|---|---|",
+            RECONCILE_INTERVAL.as_secs(),
+        );
+        for storm in &run.storms {
+            let _ = writeln!(
+                out,
+                "| {} | {:.0} | {} | {:.0} | {:.2} | {} |",
+                storm.held_sockets,
+                storm.rate,
+                storm.firings,
+                storm.ns_per_call,
+                storm.cpu_per_million,
+                mib(storm.rss_peak),
+            );
+        }
         let c = &run.closing;
         let _ = writeln!(
             out,

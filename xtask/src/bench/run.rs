@@ -88,7 +88,7 @@ impl Bench<'_> {
     }
 
     /// Runs a storm in the namespace; returns (connections, seconds).
-    fn run_storm(&self, seconds: f64, rate: u64) -> anyhow::Result<(u64, f64)> {
+    pub(super) fn run_storm(&self, seconds: f64, rate: u64) -> anyhow::Result<(u64, f64)> {
         let output = self
             .loadgen()
             .args(["storm", "--seconds", &seconds.to_string(), "--rate", &rate.to_string()])
@@ -275,6 +275,9 @@ impl Bench<'_> {
     }
 }
 
-fn deltas(after: (ProgStats, ProgStats), before: (ProgStats, ProgStats)) -> (ProgStats, ProgStats) {
+pub(super) fn deltas(
+    after: (ProgStats, ProgStats),
+    before: (ProgStats, ProgStats),
+) -> (ProgStats, ProgStats) {
     (before.0.delta_to(after.0), before.1.delta_to(after.1))
 }

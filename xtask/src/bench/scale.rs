@@ -18,7 +18,8 @@ use anyhow::{Context as _, bail};
 
 use super::{
     load, measure,
-    run::{Bench, NETNS, STORM_PORT, fresh_namespace},
+    run::{Bench, NETNS, STORM_PORT, deltas, fresh_namespace},
+    tracers::Tracer,
 };
 
 /// One measurement of the scale run.
@@ -47,9 +48,24 @@ pub struct ScalePoint {
 /// histogram.
 pub struct ScaleRun {
     pub(super) points: Vec<ScalePoint>,
+    /// The storm under the same daemon before any connection was held, and with all held.
+    pub(super) storms: [ScaleStorm; 2],
     /// The kernel map's size as the daemon chose it (no `--kernel-sockets`).
     pub(super) kernel_slots: u64,
     pub(super) closing: ClosedStays,
+}
+
+/// A storm under the scale run's daemon.
+pub struct ScaleStorm {
+    /// Sockets held open meanwhile (and so in the kernel's map, as far as it holds them).
+    pub(super) held_sockets: usize,
+    pub(super) rate: f64,
+    pub(super) firings: u64,
+    /// The main program's kernel time per call.
+    pub(super) ns_per_call: f64,
+    /// The daemon's CPU over the storm, per million firings (its reconciliations included).
+    pub(super) cpu_per_million: f64,
+    pub(super) rss_peak: u64,
 }
 
 /// Every held connection closed: the ESTABLISHED stays the histogram gained against those
@@ -242,6 +258,8 @@ impl Bench<'_> {
                 size.parse().ok()
             })
             .context("the daemon's startup line gives no kernel map size")?;
+        eprintln!("bench: scale run: a storm with no connection held");
+        let empty = self.storm_beside(&tracer, 0)?;
         let mut points = Vec::new();
         let mut holders = Holders::new();
         // The first point as the issue that set the listing targets measured them (100,000
@@ -292,9 +310,33 @@ impl Bench<'_> {
                 parallel,
             });
         }
+        eprintln!("bench: scale run: a storm beside {} held connections", holders.held);
+        let full = self.storm_beside(&tracer, 2 * holders.held)?;
         let closing = close_all(addr, holders)?;
         tracer.stop()?;
-        Ok(ScaleRun { points, kernel_slots, closing })
+        Ok(ScaleRun { points, storms: [empty, full], kernel_slots, closing })
+    }
+
+    /// A storm of `--seconds` under the scale run's daemon, `held_sockets` held meanwhile.
+    fn storm_beside(&self, tracer: &Tracer, held_sockets: usize) -> anyhow::Result<ScaleStorm> {
+        let pid = tracer.pid();
+        let cpu_before = measure::cpu_seconds(pid)?;
+        let prog_before = tracer.prog_stats()?;
+        let firings_before = tracer.firings()?;
+        let peak = PeakRss::start(pid)?;
+        let (connections, seconds) = self.run_storm(self.args.seconds, 0)?;
+        let firings = tracer.settled_firings()? - firings_before;
+        let rss_peak = peak.stop();
+        let (main, _) = deltas(tracer.prog_stats()?, prog_before);
+        let cpu = measure::cpu_seconds(pid)? - cpu_before;
+        Ok(ScaleStorm {
+            held_sockets,
+            rate: connections as f64 / seconds,
+            firings,
+            ns_per_call: main.run_time_ns as f64 / main.run_cnt.max(1) as f64,
+            cpu_per_million: cpu / (firings.max(1) as f64 / 1e6),
+            rss_peak,
+        })
     }
 
     /// 5,000 connections (10,000 sockets) held under a daemon whose table holds 1,000: the
