@@ -293,7 +293,7 @@ pub(super) fn render(args: &BenchArgs, measured: &Measured, took: Duration) -> S
              ESTABLISHED stay histogram gained {} of the {} stays that ended (two per \
              connection, two per scrape meanwhile); transitions the kernel's map no longer \
              held: {} evicted (stays taken from the daemon's table), {} older than the \
-             daemon, {} unknown.",
+             daemon, {} unknown; transitions lost meanwhile (`tcpstate_events_lost_total`): {}.",
             c.sockets,
             run.kernel_slots,
             c.counted,
@@ -301,6 +301,7 @@ pub(super) fn render(args: &BenchArgs, measured: &Measured, took: Duration) -> S
             c.evicted,
             c.older_than_daemon,
             c.unknown,
+            c.lost,
         );
     }
     let r = retransmits;

@@ -79,6 +79,9 @@ pub struct ClosedStays {
     pub(super) evicted: u64,
     pub(super) older_than_daemon: u64,
     pub(super) unknown: u64,
+    /// Transitions not delivered meanwhile (`tcpstate_events_lost_total`): a lost record
+    /// leaves its socket's next stay unknown.
+    pub(super) lost: u64,
 }
 
 /// The highest RSS of a process, sampled every 10 ms on a thread of its own until stopped.
@@ -435,6 +438,8 @@ fn close_all(addr: SocketAddr, holders: Holders) -> anyhow::Result<ClosedStays> 
         evicted: cause(&after, "evicted") - cause(&before, "evicted"),
         older_than_daemon: cause(&after, "older_than_daemon") - cause(&before, "older_than_daemon"),
         unknown: cause(&after, "unknown") - cause(&before, "unknown"),
+        lost: (measure::metric(&after, "tcpstate_events_lost_total", &[])
+            - measure::metric(&before, "tcpstate_events_lost_total", &[])) as u64,
     })
 }
 
