@@ -47,14 +47,17 @@ impl KernelFilter {
     };
 }
 
-/// Where the standby program finds the tracepoint's fields in `struct sock` (and the
-/// `struct inet_sock` that begins with it), from BTF; byte offsets, as the tracepoint's own
-/// assignment reads them. `u16::MAX` where unknown (the standby is then not attached).
+/// Where the programs on BTF tracepoints (the standby, the retransmit counters) find the
+/// classic tracepoints' fields in `struct sock` (and the `struct inet_sock` that begins with
+/// it), from BTF; byte offsets, as the tracepoints' own assignments read them. `u16::MAX`
+/// where unknown (those programs are then not attached).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockOffsets {
     /// `sk->__sk_common.skc_family` (u16).
     pub family: u16,
+    /// `sk->__sk_common.skc_state` (u8).
+    pub state: u16,
     /// `sk->sk_protocol` (u16).
     pub protocol: u16,
     /// `inet_sk(sk)->inet_sport` (be16).
@@ -74,6 +77,7 @@ pub struct SockOffsets {
 impl SockOffsets {
     pub const UNKNOWN: Self = Self {
         family: u16::MAX,
+        state: u16::MAX,
         protocol: u16::MAX,
         sport: u16::MAX,
         dport: u16::MAX,
@@ -117,14 +121,16 @@ pub struct KernelSettings {
     /// Offset of `tcp_sock.srtt_us`, from BTF: read on SYN_RECV -> ESTABLISHED only, for the
     /// server's handshake time.
     pub tcp_srtt_offset: u32,
-    /// For the standby program, which reads a transition from the socket itself.
+    /// For the programs that read a socket's fields from the socket itself.
     pub sock: SockOffsets,
-    /// Offset of the `err` field in `tcp:tcp_retransmit_skb`'s record, where the kernel has
-    /// it (a failed retransmit is not counted); `OFFSET_UNKNOWN` where it has not.
-    pub retransmit_err_offset: u32,
-    /// Offset of the `daddr_v6` field in `tcp:tcp_retransmit_skb`'s record: retransmits are
-    /// also counted by destination.
-    pub retransmit_daddr_offset: u32,
+    /// Offset of `request_sock.__req_common.skc_num` (the local port, host order), from BTF:
+    /// the SYN-ACK retransmit counter reads the request's port, as its tracepoint does;
+    /// `u16::MAX` when unknown.
+    pub request_port_offset: u16,
+    /// 1 where `tcp_retransmit_skb` passes its programs the retransmit's error (a third
+    /// argument, 0 for a retransmit that went out): newer kernels fire for failed retransmits
+    /// too; older ones fire only for those that went out.
+    pub retransmit_has_err: u32,
     /// Local ports whose retransmits are counted apart, sorted as the daemon's port labels:
     /// the `i`th counts in `RETRANSMITS[i + 1]`, any other port in `RETRANSMITS[0]`.
     pub label_ports: [u16; MAX_PORT_LABELS],
@@ -149,8 +155,8 @@ impl KernelSettings {
         accept_ret_slot: OFFSET_UNKNOWN,
         tcp_srtt_offset: OFFSET_UNKNOWN,
         sock: SockOffsets::UNKNOWN,
-        retransmit_err_offset: OFFSET_UNKNOWN,
-        retransmit_daddr_offset: OFFSET_UNKNOWN,
+        request_port_offset: u16::MAX,
+        retransmit_has_err: 0,
         label_ports: [0; MAX_PORT_LABELS],
         label_port_count: 0,
         wakeup_every: 0,
@@ -158,7 +164,7 @@ impl KernelSettings {
 }
 
 const _: () = assert!(size_of::<KernelFilter>() == 56);
-const _: () = assert!(size_of::<SockOffsets>() == 16);
+const _: () = assert!(size_of::<SockOffsets>() == 18);
 const _: () = assert!(size_of::<KernelSettings>() == 184);
 
 /// Value of the per-socket LRU map, keyed by `skaddr`.

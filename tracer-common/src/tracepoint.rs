@@ -1,5 +1,5 @@
-//! Where the kernel programs read their tracepoints' records: `sock:inet_sock_set_state`'s
-//! here, the retransmit tracepoints' in [`retransmit`] and [`synack`].
+//! Where the main kernel program reads its tracepoint's record, `sock:inet_sock_set_state`;
+//! the names of the retransmit tracepoints, [`retransmit`] and [`synack`].
 //!
 //! The kernel program reads these offsets directly; the loader checks each one against the
 //! tracepoint's `format` file before attaching and refuses to run on a mismatch, so a kernel
@@ -32,32 +32,16 @@ pub const DADDR_V6: Field = Field { name: "daddr_v6", offset: 56, size: 16 };
 pub const FIELDS: [Field; 11] =
     [SKADDR, OLDSTATE, NEWSTATE, SPORT, DPORT, FAMILY, PROTOCOL, SADDR, DADDR, SADDR_V6, DADDR_V6];
 
-/// `tcp:tcp_retransmit_skb` (Linux 4.16 on): one firing per retransmitted segment, with the
-/// socket's state.
+/// `tcp:tcp_retransmit_skb` (Linux 4.16 on): one firing per segment sent again. Its programs
+/// run on the BTF flavour and read the socket itself, not this record.
 pub mod retransmit {
-    use super::Field;
-
     pub const CATEGORY: &str = "tcp";
     pub const NAME: &str = "tcp_retransmit_skb";
-    pub const STATE: Field = Field { name: "state", offset: 24, size: 4 };
-    pub const SPORT: Field = Field { name: "sport", offset: 28, size: 2 };
-    pub const DPORT: Field = Field { name: "dport", offset: 30, size: 2 };
-    pub const FIELDS: [Field; 3] = [STATE, SPORT, DPORT];
-    /// The destination address, IPv4 as v4-mapped IPv6; its offset moved when kernels added
-    /// a `family` field before the addresses, so the loader finds it in the format.
-    pub const DADDR_V6: &str = "daddr_v6";
-    /// Newer kernels also fire for retransmits that failed, and say so in this field (an
-    /// errno, 0 for a retransmit that went out); older ones fire only for those that went out.
-    pub const ERR: &str = "err";
 }
 
 /// `tcp:tcp_retransmit_synack`: a listener's SYN-ACK sent again, the handshake's final ACK
-/// not having come.
+/// not having come. BTF flavour, as `retransmit`.
 pub mod synack {
-    use super::Field;
-
     pub const CATEGORY: &str = "tcp";
     pub const NAME: &str = "tcp_retransmit_synack";
-    pub const SPORT: Field = Field { name: "sport", offset: 24, size: 2 };
-    pub const FIELDS: [Field; 1] = [SPORT];
 }

@@ -23,6 +23,7 @@
 #![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 mod retransmits;
+mod sock;
 mod transition;
 
 use aya_ebpf::{
@@ -32,6 +33,7 @@ use aya_ebpf::{
     maps::{LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, FExitContext, TracePointContext},
 };
+use sock::Sock;
 use tracer_common::{
     KernelCounters, KernelSettings, SocketState, TcpState,
     record::{AF_INET6, FLAG_RESCUED},
@@ -142,13 +144,10 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 /// the main program has not delivered on this CPU is one the kernel skipped it for.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn standby(ctx: BtfTracePointContext) -> i32 {
-    // Read as a plain number: the verifier allows no arithmetic on the typed pointer the
-    // argument would be, and the id and the field reads need some.
-    // SAFETY: the context holds the tracepoint's arguments as u64s; a probe read cannot fault.
-    let sk: u64 = unsafe { bpf_probe_read_kernel(ctx.as_ptr().cast::<u64>()) }.unwrap_or(0);
     let state = |n| TcpState::from_kernel(ctx.arg::<i32>(n) as u8);
-    let source = SockFields { sk, oldstate: state(1), newstate: state(2) };
-    let id = transition_id(source.sk, source.oldstate, source.newstate);
+    let source =
+        SockFields { sock: Sock::argument(&ctx, 0), oldstate: state(1), newstate: state(2) };
+    let id = transition_id(source.sock.0, source.oldstate, source.newstate);
     let Some(recent) = RECENT.get_ptr_mut(0) else {
         return 0;
     };
@@ -174,7 +173,7 @@ pub fn standby(ctx: BtfTracePointContext) -> i32 {
 /// `*counter += 1` in one instruction that an interrupt cannot split (BPF_XADD, on every
 /// kernel). Rust offers no atomic read-modify-write for BPF on its stable surface.
 #[inline(always)]
-fn atomic_increment(counter: *mut u64) {
+pub(crate) fn atomic_increment(counter: *mut u64) {
     #[cfg(target_arch = "bpf")]
     // SAFETY: `counter` points to an aligned u64 in a map value, updated only this way.
     unsafe {
@@ -271,29 +270,20 @@ impl Transition for FormatRecord<'_> {
 /// The same fields, read from the socket the way the tracepoint's own assignment does
 /// (offsets resolved from BTF by the loader). Slower, probe reads; used only for rescues.
 struct SockFields {
-    sk: u64,
+    sock: Sock,
     oldstate: TcpState,
     newstate: TcpState,
-}
-
-impl SockFields {
-    #[inline(always)]
-    fn read<T: Copy + Default>(&self, offset: u16) -> T {
-        // SAFETY: probe reads fault safely; a bad read yields the default.
-        unsafe { bpf_probe_read_kernel((self.sk + u64::from(offset)) as *const T) }
-            .unwrap_or_default()
-    }
 }
 
 impl Transition for SockFields {
     #[inline(always)]
     fn protocol(&self) -> u16 {
-        self.read(setting!(sock.protocol))
+        self.sock.read(setting!(sock.protocol))
     }
 
     #[inline(always)]
     fn skaddr(&self) -> u64 {
-        self.sk
+        self.sock.0
     }
 
     #[inline(always)]
@@ -303,23 +293,22 @@ impl Transition for SockFields {
 
     #[inline(always)]
     fn ports(&self) -> (u16, u16) {
-        let sport: u16 = self.read(setting!(sock.sport));
-        let dport: u16 = self.read(setting!(sock.dport));
-        (u16::from_be(sport), u16::from_be(dport))
+        self.sock.ports()
     }
 
     #[inline(always)]
     fn family(&self) -> u16 {
-        self.read(setting!(sock.family))
+        self.sock.family()
     }
 
     #[inline(always)]
     fn addresses(&self, family: u16) -> ([u64; 2], [u64; 2]) {
+        let sock = self.sock;
         if family == AF_INET6 {
-            (self.read(setting!(sock.saddr_v6)), self.read(setting!(sock.daddr_v6)))
+            (sock.read(setting!(sock.saddr_v6)), sock.read(setting!(sock.daddr_v6)))
         } else {
-            let saddr: u32 = self.read(setting!(sock.saddr));
-            let daddr: u32 = self.read(setting!(sock.daddr));
+            let saddr: u32 = sock.read(setting!(sock.saddr));
+            let daddr: u32 = sock.read(setting!(sock.daddr));
             ([u64::from(saddr), 0], [u64::from(daddr), 0])
         }
     }

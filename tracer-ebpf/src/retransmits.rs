@@ -1,25 +1,19 @@
 //! Retransmits counted in the kernel, per CPU, by port label and by the state of the socket
-//! that sent again, and by destination: no record per retransmit, a few loads, one hash
+//! that sent again, and by destination: no record per retransmit, a few reads, one hash
 //! lookup and two increments.
+//!
+//! On the tracepoints' BTF flavour: the kernel does not run a classic tracepoint's program
+//! while another tracing program or a map syscall (the daemon reading its maps) runs on that
+//! CPU, and kernels before 6.7 do not count those skips. The BTF flavour is skipped at most
+//! when the same program is running there (and counted), or, on older kernels, runs nested in
+//! itself: hence the atomic increments.
 
-use aya_ebpf::{
-    EbpfContext as _, bindings::BPF_NOEXIST, helpers::bpf_probe_read_kernel, macros::tracepoint,
-    programs::TracePointContext,
+use aya_ebpf::{bindings::BPF_NOEXIST, macros::btf_tracepoint, programs::BtfTracePointContext};
+use tracer_common::settings::{MAX_PORT_LABELS, RETRANSMIT_STATES, RetransmitDestination};
+
+use crate::{
+    RETRANSMIT_DST, RETRANSMITS, SETTINGS, atomic_increment, sock::Sock, transition::setting,
 };
-use tracer_common::{
-    settings::{MAX_PORT_LABELS, OFFSET_UNKNOWN, RETRANSMIT_STATES, RetransmitDestination},
-    tracepoint::{Field, retransmit, synack},
-};
-
-use crate::{RETRANSMIT_DST, RETRANSMITS, SETTINGS, transition::setting};
-
-/// A field of the tracepoint's record, at the offset the loader checked against its format.
-#[inline(always)]
-fn load<T: Copy>(ctx: &TracePointContext, field: Field) -> T {
-    // SAFETY: the loader checked the field's offset and size against the format file before
-    // attaching; the offset is naturally aligned for `T`.
-    unsafe { ctx.as_ptr().cast::<u8>().add(field.offset).cast::<T>().read() }
-}
 
 /// `RETRANSMITS` slot of a local port: its label's, or 0 for the other ports.
 #[inline(always)]
@@ -42,50 +36,41 @@ fn label_slot(sport: u16) -> u32 {
     0
 }
 
-#[tracepoint]
-pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
-    let slot = label_slot(load(&ctx, retransmit::SPORT));
-    let Some(counts) = RETRANSMITS.get_ptr_mut(slot) else {
+/// `tcp_retransmit_skb(sk, skb[, err])`: one firing per segment sent again.
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
+    let sock = Sock::argument(&ctx, 0);
+    let (local_port, remote_port) = sock.ports();
+    let Some(counts) = RETRANSMITS.get_ptr_mut(label_slot(local_port)) else {
         return 0;
     };
-    let err_offset = setting!(retransmit_err_offset);
-    if err_offset != OFFSET_UNKNOWN {
-        // A probe read: the verifier allows only constant offsets for context loads.
-        // SAFETY: the offset is the format file's; a probe read cannot fault.
-        let err = unsafe {
-            bpf_probe_read_kernel(ctx.as_ptr().cast::<u8>().add(err_offset as usize).cast::<i32>())
-        };
-        if err.unwrap_or(0) != 0 {
-            // SAFETY: this CPU's slot. The kernel runs no tracepoint program nested in another
-            // on one CPU (it skips and counts the nested one), so a plain increment is exact.
-            unsafe { (*counts).failed += 1 };
-            return 0;
-        }
+    // The third argument exists only where the loader says so: the verifier refuses a read
+    // past the last one, and prunes this branch where the setting is 0.
+    if setting!(retransmit_has_err) != 0 && ctx.arg::<i32>(2) != 0 {
+        // SAFETY: this CPU's slot, a map value.
+        atomic_increment(unsafe { &raw mut (*counts).failed });
+        return 0;
     }
-    let state = (load::<i32>(&ctx, retransmit::STATE) as usize).min(RETRANSMIT_STATES - 1);
+    let state = usize::from(sock.read::<u8>(setting!(sock.state))).min(RETRANSMIT_STATES - 1);
     // SAFETY: as above; `state` is within the array.
-    unsafe { (*counts).by_state[state & (RETRANSMIT_STATES - 1)] += 1 };
-    count_destination(&ctx);
+    atomic_increment(unsafe { &raw mut (*counts).by_state[state & (RETRANSMIT_STATES - 1)] });
+    count_destination(sock, remote_port);
     0
 }
 
-/// One more retransmit to the record's destination, in this CPU's share of its entry.
+/// One more retransmit to the socket's destination, in this CPU's share of its entry.
 #[inline(always)]
-fn count_destination(ctx: &TracePointContext) {
-    let offset = setting!(retransmit_daddr_offset) as usize;
-    // A probe read: the offset depends on the kernel's layout, and context loads must be
-    // constant. SAFETY: the offset is the format file's; a probe read cannot fault.
-    let Ok(daddr) = (unsafe {
-        bpf_probe_read_kernel(ctx.as_ptr().cast::<u8>().add(offset).cast::<[u8; 16]>())
-    }) else {
+fn count_destination(sock: Sock, remote_port: u16) {
+    let Some(daddr) = sock.remote_address_v6() else {
         return count_unlisted();
     };
-    let key = RetransmitDestination { daddr, dport: load(ctx, retransmit::DPORT), _pad: 0 };
+    let key = RetransmitDestination { daddr, dport: remote_port, _pad: 0 };
     if increment(&key) {
         return;
     }
-    // A new entry: this CPU's share starts at 1, the others' at 0. Another CPU may insert the
-    // same destination meanwhile; the lookup after a refused insert finds theirs.
+    // A new entry: this CPU's share starts at 1, the others' at 0. Another CPU (or a run
+    // nested in this one) may insert the same destination meanwhile; the lookup after a
+    // refused insert finds theirs.
     if RETRANSMIT_DST.insert(key, 1, u64::from(BPF_NOEXIST)).is_ok() || increment(&key) {
         return;
     }
@@ -96,8 +81,7 @@ fn count_destination(ctx: &TracePointContext) {
 #[inline(always)]
 fn increment(key: &RetransmitDestination) -> bool {
     let Some(count) = RETRANSMIT_DST.get_ptr_mut(key) else { return false };
-    // SAFETY: this CPU's share of the entry; no program nests on one CPU.
-    unsafe { *count += 1 };
+    atomic_increment(count);
     true
 }
 
@@ -105,17 +89,20 @@ fn increment(key: &RetransmitDestination) -> bool {
 #[inline(always)]
 fn count_unlisted() {
     if let Some(counts) = RETRANSMITS.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot.
-        unsafe { (*counts).unlisted += 1 };
+        // SAFETY: this CPU's slot, a map value.
+        atomic_increment(unsafe { &raw mut (*counts).unlisted });
     }
 }
 
-#[tracepoint]
-pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
-    let slot = label_slot(load(&ctx, synack::SPORT));
-    if let Some(counts) = RETRANSMITS.get_ptr_mut(slot) {
-        // SAFETY: this CPU's slot.
-        unsafe { (*counts).synack += 1 };
+/// `tcp_retransmit_synack(sk, req)`: a listener's SYN-ACK sent again, counted under the
+/// request's local port, as the classic tracepoint records it.
+#[btf_tracepoint(function = "tcp_retransmit_synack")]
+pub fn tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
+    let request = Sock::argument(&ctx, 1);
+    let local_port: u16 = request.read(setting!(request_port_offset));
+    if let Some(counts) = RETRANSMITS.get_ptr_mut(label_slot(local_port)) {
+        // SAFETY: this CPU's slot, a map value.
+        atomic_increment(unsafe { &raw mut (*counts).synack });
     }
     0
 }

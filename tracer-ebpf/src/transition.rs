@@ -20,14 +20,14 @@ use tracer_common::{
     settings::{KernelFilter, MAX_FILTER_PORTS, OFFSET_UNKNOWN},
 };
 
-use crate::{COUNTERS, EVENTS, SETTINGS, SOCKETS};
+use crate::{COUNTERS, EVENTS, SOCKETS};
 
 /// Reads one field of the read-only `SETTINGS` global. A volatile read keeps the compiler from
 /// folding in the compiled default; the verifier still sees the loaded (frozen) value.
 macro_rules! setting {
     ($($field:ident).+) => {
         // SAFETY: `SETTINGS` is a plain-data static; the loader fills it before load.
-        unsafe { core::ptr::read_volatile(&raw const SETTINGS.$($field).+) }
+        unsafe { core::ptr::read_volatile(&raw const $crate::SETTINGS.$($field).+) }
     };
 }
 pub(crate) use setting;

@@ -40,7 +40,7 @@ pub(super) fn attach_parts(
         Ok(_) => attach_accept_owner(ebpf, btf),
         Err(error) => Err(error.to_string()),
     };
-    let retransmits = retransmit_layout.and_then(|()| attach_retransmits(ebpf));
+    let retransmits = retransmit_layout.and_then(|()| attach_retransmits(ebpf, btf));
     let parts = vec![
         PartStatus { part: Part::Main, unavailable: None },
         PartStatus { part: Part::Standby, unavailable: standby.err() },
@@ -136,21 +136,21 @@ fn attach_accept_owner(ebpf: &mut Ebpf, btf: Option<&aya::Btf>) -> Result<(), St
     Ok(())
 }
 
-/// The two retransmit counters, on their classic tracepoints; one part: either alone would
-/// count half of what the metric says.
-fn attach_retransmits(ebpf: &mut Ebpf) -> Result<(), String> {
-    for (program_name, category, name) in [
-        (RETRANSMIT_PROGRAM, retransmit::CATEGORY, retransmit::NAME),
-        (SYNACK_PROGRAM, synack::CATEGORY, synack::NAME),
-    ] {
+/// The two retransmit counters, on their tracepoints' BTF flavour; one part: either alone
+/// would count half of what the metric says.
+fn attach_retransmits(ebpf: &mut Ebpf, btf: Option<&aya::Btf>) -> Result<(), String> {
+    let btf = btf.ok_or("no kernel BTF")?;
+    for (program_name, tracepoint) in
+        [(RETRANSMIT_PROGRAM, retransmit::NAME), (SYNACK_PROGRAM, synack::NAME)]
+    {
         let refused = |error: ProgramError| refusal(program_name, &error);
-        let program: &mut TracePoint = ebpf
+        let program: &mut BtfTracePoint = ebpf
             .program_mut(program_name)
             .ok_or("the eBPF object has no retransmit counter")?
             .try_into()
             .map_err(refused)?;
-        program.load().map_err(refused)?;
-        program.attach(category, name).map_err(refused)?;
+        program.load(tracepoint, btf).map_err(refused)?;
+        program.attach().map_err(refused)?;
     }
     Ok(())
 }

@@ -23,6 +23,8 @@ pub enum BtfError {
     NoMember { type_name: String, path: String, reason: String },
     #[error("kernel BTF has no function `{name}`: {reason}")]
     NoFunction { name: String, reason: String },
+    #[error("kernel BTF has no tracepoint `{name}`: {reason}")]
+    NoTracepoint { name: String, reason: String },
 }
 
 impl BtfError {
@@ -83,6 +85,32 @@ impl KernelBtf {
         match self.0.resolve_chained_type(&func) {
             Ok(Type::FuncProto(proto)) => Ok(proto.parameters.len() as u32),
             _ => Err(no_function("its type is not a function prototype".to_owned())),
+        }
+    }
+
+    /// How many arguments tracepoint `name` passes the programs on its BTF flavour (the
+    /// `btf_trace_<name>` prototype, less its leading `void *`).
+    pub(crate) fn tracepoint_argument_count(&self, name: &str) -> Result<u32, BtfError> {
+        let no_tracepoint =
+            |reason: String| BtfError::NoTracepoint { name: name.to_owned(), reason };
+        let typedef = format!("btf_trace_{name}");
+        let types =
+            self.0.resolve_types_by_name(&typedef).map_err(|e| no_tracepoint(e.to_string()))?;
+        let Some(Type::Typedef(typedef)) =
+            types.into_iter().find(|ty| matches!(ty, Type::Typedef(_)))
+        else {
+            return Err(no_tracepoint("no such tracepoint".to_owned()));
+        };
+        let pointer = self.0.resolve_chained_type(&typedef).ok();
+        let proto = match pointer {
+            Some(Type::Ptr(pointer)) => self.0.resolve_chained_type(&pointer).ok(),
+            _ => None,
+        };
+        match proto {
+            Some(Type::FuncProto(proto)) if !proto.parameters.is_empty() => {
+                Ok(proto.parameters.len() as u32 - 1)
+            }
+            _ => Err(no_tracepoint("its type is not a pointer to a function prototype".to_owned())),
         }
     }
 
@@ -179,8 +207,14 @@ pub(crate) fn srtt_offset(btf: &KernelBtf) -> Result<u32, BtfError> {
     btf.offset_of("tcp_sock", "srtt_us")
 }
 
-/// Where the tracepoint's assignment reads each field, for the standby program, which reads
-/// them from the socket itself.
+/// Offset of a request socket's local port (`inet_rsk(req)->ir_num`, host order), which the
+/// SYN-ACK retransmit counter reads.
+pub(crate) fn request_port_offset(btf: &KernelBtf) -> Result<u16, BtfError> {
+    btf.offset_u16("request_sock", "__req_common.skc_num")
+}
+
+/// Where the classic tracepoints' assignments read each field, for the programs on BTF
+/// tracepoints, which read them from the socket itself.
 pub(crate) fn sock_offsets(btf: &KernelBtf) -> Result<SockOffsets, BtfError> {
     // `inet_sk(sk)` is a cast: struct inet_sock begins with its struct sock.
     if btf.offset_of("inet_sock", "sk")? != 0 {
@@ -188,6 +222,7 @@ pub(crate) fn sock_offsets(btf: &KernelBtf) -> Result<SockOffsets, BtfError> {
     }
     Ok(SockOffsets {
         family: btf.offset_u16("sock", "__sk_common.skc_family")?,
+        state: btf.offset_u16("sock", "__sk_common.skc_state")?,
         protocol: btf.offset_u16("sock", "sk_protocol")?,
         sport: btf.offset_u16("inet_sock", "inet_sport")?,
         dport: btf.offset_u16("sock", "__sk_common.skc_dport")?,
@@ -232,6 +267,15 @@ mod tests {
         let accept_parameters = btf.parameter_count("inet_csk_accept").unwrap();
         assert!([2, 4].contains(&accept_parameters), "{accept_parameters}");
         assert!(btf.parameter_count("no_such_function_in_any_kernel").is_err());
+        // (sk, skb) on older kernels, (sk, skb, err) on newer ones.
+        let retransmit_arguments = btf.tracepoint_argument_count("tcp_retransmit_skb").unwrap();
+        assert!([2, 3].contains(&retransmit_arguments), "{retransmit_arguments}");
+        assert_eq!(btf.tracepoint_argument_count("inet_sock_set_state").unwrap(), 3);
+        assert!(btf.tracepoint_argument_count("no_such_tracepoint").is_err());
+        // skc_num follows skc_dport in the port pair, after the hashes and addresses.
+        let request_port = request_port_offset(&btf).unwrap();
+        assert_eq!(request_port, btf.offset_u16("sock", "__sk_common.skc_num").unwrap());
+        assert_eq!(sock.state, 18, "skc_state follows skc_family");
         let error = btf.offset_of("sock", "__sk_common.no_such_member").unwrap_err();
         assert!(error.to_string().contains("no_such_member"), "{error}");
     }

@@ -64,20 +64,6 @@ pub(crate) fn check(format_text: &str) -> Result<(), FormatMismatch> {
     check_fields(format_text, &tracepoint::FIELDS)
 }
 
-/// Checks an optional program's tracepoint (`category:name`): the mismatch, said in a sentence.
-pub(super) fn check_optional(
-    format_text: &str,
-    tracepoint: &str,
-    expected: &[Field],
-) -> Result<(), String> {
-    check_fields(format_text, expected).map_err(|mismatch| mismatch.describe(tracepoint))
-}
-
-/// Offset of field `name` in the format, if it has one.
-pub(super) fn field_offset(format_text: &str, name: &str) -> Option<usize> {
-    format_text.lines().filter_map(parse_field_line).find(|f| f.0 == name).map(|f| f.1)
-}
-
 fn check_fields(format_text: &str, expected_fields: &[Field]) -> Result<(), FormatMismatch> {
     let fields: Vec<_> = format_text.lines().filter_map(parse_field_line).collect();
     for &expected in expected_fields {
@@ -169,43 +155,5 @@ print fmt: \"family=%s ...\"
             Some(("saddr", 32, 4))
         );
         assert_eq!(parse_field_line("print fmt: \"x\""), None);
-    }
-
-    /// `tcp:tcp_retransmit_skb`'s format on 6.18: `err` at the end.
-    const RETRANSMIT_6_18: &str = "name: tcp_retransmit_skb
-format:
-\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
-\tfield:const void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;
-\tfield:const void * skaddr;\toffset:16;\tsize:8;\tsigned:0;
-\tfield:int state;\toffset:24;\tsize:4;\tsigned:1;
-\tfield:__u16 sport;\toffset:28;\tsize:2;\tsigned:0;
-\tfield:__u16 dport;\toffset:30;\tsize:2;\tsigned:0;
-\tfield:__u16 family;\toffset:32;\tsize:2;\tsigned:0;
-\tfield:__u8 saddr[4];\toffset:34;\tsize:4;\tsigned:0;
-\tfield:__u8 daddr[4];\toffset:38;\tsize:4;\tsigned:0;
-\tfield:__u8 saddr_v6[16];\toffset:42;\tsize:16;\tsigned:0;
-\tfield:__u8 daddr_v6[16];\toffset:58;\tsize:16;\tsigned:0;
-\tfield:int err;\toffset:76;\tsize:4;\tsigned:1;
-";
-
-    #[test]
-    fn retransmit_layout_is_checked_and_err_found_where_the_kernel_has_it() {
-        use tracer_common::tracepoint::retransmit;
-        let check_skb =
-            |text: &str| check_optional(text, "tcp:tcp_retransmit_skb", &retransmit::FIELDS);
-        assert_eq!(check_skb(RETRANSMIT_6_18), Ok(()));
-        assert_eq!(field_offset(RETRANSMIT_6_18, retransmit::ERR), Some(76));
-        assert_eq!(field_offset(RETRANSMIT_6_18, retransmit::DADDR_V6), Some(58));
-        let without_err =
-            RETRANSMIT_6_18.lines().filter(|line| !line.contains(" err;")).collect::<Vec<_>>();
-        let without_err = without_err.join("\n");
-        assert_eq!(check_skb(&without_err), Ok(()));
-        assert_eq!(field_offset(&without_err, retransmit::ERR), None);
-        let moved = RETRANSMIT_6_18.replace("int state;\toffset:24", "int state;\toffset:20");
-        assert_eq!(
-            check_skb(&moved).unwrap_err(),
-            "field `state` is at offset 20 (size 4) in tcp:tcp_retransmit_skb's format, \
-             but tcpstate reads it at offset 24 (size 4)"
-        );
     }
 }

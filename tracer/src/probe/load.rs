@@ -32,39 +32,18 @@ pub(super) fn check_format(options: &ProbeOptions, tracefs: &Path) -> Result<(),
     format::check(&format_text).map_err(ProbeError::FormatMismatch)
 }
 
-/// Where `tcp_retransmit_skb`'s record keeps what the retransmit counters read at offsets
-/// that differ between kernels.
+/// What the retransmit counters need from BTF beyond the socket's offsets: where a request
+/// socket keeps its port, and whether `tcp_retransmit_skb` passes the retransmit's error.
 struct RetransmitLayout {
-    /// The retransmit's error (`OFFSET_UNKNOWN` on kernels that fire only for those that went
-    /// out).
-    err: u32,
-    /// The destination address (IPv6, or v4-mapped).
-    daddr: u32,
+    request_port: u16,
+    has_err: bool,
 }
 
-/// Checks the retransmit tracepoints' layouts; returns where the varying fields are, or why
-/// the retransmit counters cannot run.
-fn retransmit_layout(tracefs: &Path) -> Result<RetransmitLayout, String> {
-    let mut formats = Vec::new();
-    for (category, name, fields) in [
-        (retransmit::CATEGORY, retransmit::NAME, &retransmit::FIELDS[..]),
-        (synack::CATEGORY, synack::NAME, &synack::FIELDS[..]),
-    ] {
-        let path = tracefs.join("events").join(category).join(name).join("format");
-        let text = fs::read_to_string(&path)
-            .map_err(|error| format!("reading {}: {error}", path.display()))?;
-        format::check_optional(&text, &format!("{category}:{name}"), fields)?;
-        formats.push(text);
-    }
-    let offset = |name| format::field_offset(&formats[0], name).map(|at| at as u32);
-    let daddr = offset(retransmit::DADDR_V6).ok_or_else(|| {
-        format!(
-            "tcp:{}'s format has no field `{}` (the destination)",
-            retransmit::NAME,
-            retransmit::DADDR_V6
-        )
-    })?;
-    Ok(RetransmitLayout { err: offset(retransmit::ERR).unwrap_or(OFFSET_UNKNOWN), daddr })
+fn retransmit_layout(btf: &KernelBtf) -> Result<RetransmitLayout, BtfError> {
+    let request_port = btf::request_port_offset(btf)?;
+    let arguments = btf.tracepoint_argument_count(retransmit::NAME)?;
+    btf.tracepoint_argument_count(synack::NAME)?;
+    Ok(RetransmitLayout { request_port, has_err: arguments >= 3 })
 }
 
 /// The program's settings, with what BTF says of this kernel's structures.
@@ -78,16 +57,15 @@ pub(super) struct Resolved {
     pub(super) retransmits: Result<(), String>,
 }
 
-/// Reads the kernel's BTF once, for every offset the programs need, and the retransmit
-/// tracepoints' formats.
-pub(super) fn resolve(options: &ProbeOptions, tracefs: &Path) -> Result<Resolved, ProbeError> {
+/// Reads the kernel's BTF once, for every offset the programs need.
+pub(super) fn resolve(options: &ProbeOptions) -> Result<Resolved, ProbeError> {
     let btf = KernelBtf::load()?;
     let netns = NetnsOffsets::resolve(&btf)?;
     let task = TaskOffsets::resolve(&btf)?;
     let sock = btf::sock_offsets(&btf);
     let sk_err = btf::sk_err_offset(&btf);
     let accept_parameters = btf.parameter_count(ACCEPT_FUNCTION);
-    let retransmit_layout = retransmit_layout(tracefs);
+    let retransmit_layout = retransmit_layout(&btf);
     // Sorted, as the daemon numbers its port labels.
     let mut labels = options.port_labels.clone();
     labels.sort_unstable();
@@ -112,8 +90,8 @@ pub(super) fn resolve(options: &ProbeOptions, tracefs: &Path) -> Result<Resolved
             OFFSET_UNKNOWN
         }),
         sock: *sock.as_ref().unwrap_or(&SockOffsets::UNKNOWN),
-        retransmit_err_offset: retransmit_layout.as_ref().map_or(OFFSET_UNKNOWN, |l| l.err),
-        retransmit_daddr_offset: retransmit_layout.as_ref().map_or(OFFSET_UNKNOWN, |l| l.daddr),
+        request_port_offset: retransmit_layout.as_ref().map_or(u16::MAX, |l| l.request_port),
+        retransmit_has_err: retransmit_layout.as_ref().is_ok_and(|l| l.has_err).into(),
         label_ports,
         label_port_count: labels.len() as u32,
         standby_first: options.standby_first.into(),
@@ -122,7 +100,13 @@ pub(super) fn resolve(options: &ProbeOptions, tracefs: &Path) -> Result<Resolved
             u64::from(options.ring_bytes) / 8 / cpus
         })),
     };
-    Ok(Resolved { settings, sock, accept_parameters, retransmits: retransmit_layout.map(drop) })
+    // The retransmit counters read the socket as the standby does.
+    let retransmits = sock
+        .as_ref()
+        .map(drop)
+        .and(retransmit_layout.map(drop).as_ref().map(drop))
+        .map_err(ToString::to_string);
+    Ok(Resolved { settings, sock, accept_parameters, retransmits })
 }
 
 /// Loads the object with `settings` and the map sizes of `options`.

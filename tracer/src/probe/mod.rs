@@ -242,7 +242,7 @@ impl Probe {
         let kernel = preflight::check_kernel_version()?;
         let tracefs = preflight::ensure_tracefs()?;
         load::check_format(options, &tracefs)?;
-        let resolved = load::resolve(options, &tracefs)?;
+        let resolved = load::resolve(options)?;
         preflight::raise_memlock_if_needed(kernel);
         // Parsed once: the loader, the standby and the fexit program all need it.
         let kernel_btf = aya::Btf::from_sys_fs().ok();

@@ -572,8 +572,8 @@ pub(super) fn retransmits(
     counter(
         encoder,
         "tcpstate_retransmits_missed",
-        "Retransmits not counted: the kernel skipped the counter because a tracing program \
-         already ran on that CPU (counted by kernels from 6.7 on)",
+        "Retransmits not counted: the kernel skipped the counter because it already ran on \
+         that CPU (counted by the kernels that skip it)",
         retransmits.missed,
     )
 }
