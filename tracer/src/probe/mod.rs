@@ -212,8 +212,8 @@ impl PartStatus {
 pub(crate) struct Retransmits {
     /// Per port label as `KernelSettings::label_ports` numbers them (0: the other ports).
     pub by_label: Vec<RetransmitCounts>,
-    /// Firings the kernel skipped the counters for, because a tracing program was already
-    /// running on that CPU (counted by kernels from 6.7 for these classic tracepoints).
+    /// Firings the kernel skipped the counters for, because the same counter was already
+    /// running on that CPU (BTF tracepoints; counted by the kernels that skip them).
     pub missed: u64,
 }
 
