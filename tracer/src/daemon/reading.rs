@@ -152,11 +152,13 @@ const RETRANSMIT_READ_INTERVAL: Duration = Duration::from_secs(5);
 fn read_retransmit_destinations(probe: &Probe, shared: &Shared) {
     match probe.retransmit_destinations() {
         Ok(Some(by_destination)) => {
-            let unlisted = shared
-                .status()
-                .retransmits
-                .and_then(|r| r.by_label.first().map(|slot| slot.unlisted))
-                .unwrap_or(0);
+            let unlisted = shared.read_status(|status| {
+                status
+                    .retransmits
+                    .as_ref()
+                    .and_then(|r| r.by_label.first())
+                    .map_or(0, |s| s.unlisted)
+            });
             let now = monotonic_ns();
             shared.aggregator().destinations_mut().retransmits_read(now, by_destination, unlisted);
         }

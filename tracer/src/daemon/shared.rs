@@ -157,6 +157,11 @@ impl Shared {
         self.status.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
+    /// One answer from the status, without copying the rest of it.
+    pub(super) fn read_status<T>(&self, read: impl FnOnce(&Status) -> T) -> T {
+        read(&self.status.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
     pub(super) fn update_status(&self, update: impl FnOnce(&mut Status)) {
         update(&mut self.status.lock().unwrap_or_else(PoisonError::into_inner));
     }

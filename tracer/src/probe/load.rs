@@ -101,11 +101,10 @@ pub(super) fn resolve(options: &ProbeOptions) -> Result<Resolved, ProbeError> {
         })),
     };
     // The retransmit counters read the socket as the standby does.
-    let retransmits = sock
-        .as_ref()
-        .map(drop)
-        .and(retransmit_layout.map(drop).as_ref().map(drop))
-        .map_err(ToString::to_string);
+    let retransmits = match (&sock, &retransmit_layout) {
+        (Ok(_), Ok(_)) => Ok(()),
+        (Err(error), _) | (_, Err(error)) => Err(error.to_string()),
+    };
     Ok(Resolved { settings, sock, accept_parameters, retransmits })
 }
 
