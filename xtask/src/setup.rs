@@ -46,8 +46,9 @@ const VM_PACKAGES: [&str; 5] =
 /// layouts), and a static busybox for the containers the tests run.
 const CONTAINER_PACKAGES: [&str; 3] = ["podman", "runc", "busybox-static"];
 
-/// The benchmark's peer (`tcpstates`) and the reader of eBPF program statistics (`bpftool`).
-const BENCH_PACKAGES: [&str; 2] = ["libbpf-tools", "bpftool"];
+/// The benchmark's peer (`tcpstates`), the reader of eBPF program statistics (`bpftool`) and
+/// the profiler that splits the programs' time into parts (`perf`).
+const BENCH_PACKAGES: [&str; 3] = ["libbpf-tools", "bpftool", "linux-perf"];
 
 /// Everything `cargo build` needs for the eBPF crate.
 pub fn build_prerequisites(root: &Path) -> anyhow::Result<()> {
@@ -196,7 +197,7 @@ pub fn dist_prerequisites() -> anyhow::Result<()> {
 }
 
 pub fn bench_prerequisites() -> anyhow::Result<()> {
-    ensure_packages(&BENCH_PACKAGES, "benchmark tools (libbpf-tools, bpftool)")
+    ensure_packages(&BENCH_PACKAGES, "benchmark tools (libbpf-tools, bpftool, linux-perf)")
 }
 
 /// The toolchain `rust-toolchain.toml` pins.

@@ -6,6 +6,7 @@
 pub mod floor;
 pub mod load;
 mod measure;
+mod profile;
 mod report;
 mod retransmits;
 mod run;
@@ -201,7 +202,15 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             outcomes.push((config, outcome));
         }
     }
+    let mut profiles = Vec::new();
+    for config in profile::PROFILED.into_iter().filter(|c| configs.contains(c)) {
+        log.line(format!("bench: profile: {} under `perf record`", config.label()));
+        profiles.push((config, bench.profile(config, per_connection, &root.join("target/bench"))?));
+    }
     if args.only.is_some() {
+        let mut table = String::new();
+        report::render_profiles(&mut table, &profiles);
+        println!("{table}");
         return Ok(());
     }
     log.line("bench: retransmits: SYNs to an address whose packets are lost".to_owned());
@@ -221,6 +230,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         retransmits: &retransmits,
         scale: scale.as_ref(),
         saturation: &saturation,
+        profiles: &profiles,
     };
     let report = render(args, &measured, started.elapsed());
     println!("{report}");

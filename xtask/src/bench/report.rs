@@ -7,6 +7,7 @@ use super::scale::{RECONCILE_INTERVAL, RSS_SAMPLE_EVERY, RSS_WINDOW, Saturation,
 use super::{
     BenchArgs, Config, Outcome,
     measure::ProgStats,
+    profile::{Part, Profile},
     retransmits::{RetransmitCost, SYN_RETRIES},
 };
 use crate::cmd::capture;
@@ -80,10 +81,11 @@ pub(super) struct Measured<'a> {
     pub retransmits: &'a RetransmitCost,
     pub scale: Option<&'a ScaleRun>,
     pub saturation: &'a Saturation,
+    pub profiles: &'a [(Config, Profile)],
 }
 
 pub(super) fn render(args: &BenchArgs, measured: &Measured, took: Duration) -> String {
-    let Measured { per_connection, outcomes, retransmits, scale, saturation } = *measured;
+    let Measured { per_connection, outcomes, retransmits, scale, saturation, profiles } = *measured;
     let mut out = String::new();
     let commit = capture(Command::new("git").args(["rev-parse", "--short", "HEAD"]))
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
@@ -304,6 +306,7 @@ pub(super) fn render(args: &BenchArgs, measured: &Measured, took: Duration) -> S
             c.lost,
         );
     }
+    render_profiles(&mut out, profiles);
     let r = retransmits;
     let _ = writeln!(
         out,
@@ -346,6 +349,48 @@ pub(super) fn render(args: &BenchArgs, measured: &Measured, took: Duration) -> S
         s.ss,
     );
     out
+}
+
+/// The profiles side by side: each part's in-kernel ns per transition, and the difference
+/// of the second to the first.
+pub(super) fn render_profiles(out: &mut String, profiles: &[(Config, Profile)]) {
+    if profiles.is_empty() {
+        return;
+    }
+    let samples: Vec<String> = profiles.iter().map(|(_, p)| p.total().to_string()).collect();
+    let _ = writeln!(
+        out,
+        "\nWhere the in-kernel time per transition goes: one more storm each under `perf record \
+         -a -g` ({} samples inside the programs), each sample put on the kernel function the \
+         program was calling (or on its own instructions), the shares scaled to that storm's \
+         in-kernel ns per transition:\n",
+        samples.join(" and ")
+    );
+    let difference = profiles.len() == 2;
+    let mut header = String::from("| part |");
+    for (config, _) in profiles {
+        let _ = write!(header, " {} |", config.label());
+    }
+    let _ = writeln!(out, "{header}{}", if difference { " difference |" } else { "" });
+    let _ = writeln!(out, "|---|{}", "---|".repeat(profiles.len() + usize::from(difference)));
+    let row = |out: &mut String, label: &str, ns: &dyn Fn(&Profile) -> f64| {
+        let values: Vec<f64> = profiles.iter().map(|(_, p)| ns(p)).collect();
+        if values.iter().all(|v| *v == 0.0) {
+            return;
+        }
+        let _ = write!(out, "| {label} |");
+        for value in &values {
+            let _ = write!(out, " {value:.0} |");
+        }
+        if difference {
+            let _ = write!(out, " {:+.0} |", values[1] - values[0]);
+        }
+        out.push('\n');
+    };
+    for part in Part::ALL {
+        row(out, part.label(), &|p| p.ns(part));
+    }
+    row(out, "all", &|p| p.ns_per_transition);
 }
 
 /// Where the current table starts in BENCHMARKS.md; the method above it is written by hand.
