@@ -79,8 +79,8 @@ impl Part {
             "__htab_map_lookup_elem" | "lookup_nulls_elem_raw" | "htab_lru_map_lookup_elem" => {
                 Self::MapLookup
             }
-            "htab_lru_map_update_elem" => Self::MapInsert,
-            "htab_lru_map_delete_elem" => Self::MapDelete,
+            "htab_lru_map_update_elem" | "htab_map_update_elem" => Self::MapInsert,
+            "htab_lru_map_delete_elem" | "htab_map_delete_elem" => Self::MapDelete,
             "bpf_probe_read_kernel" => Self::ProbeReads,
             "bpf_get_current_pid_tgid"
             | "bpf_get_current_cgroup_id"
