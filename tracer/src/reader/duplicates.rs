@@ -10,13 +10,21 @@
 //! reused, two deliveries by the same program, or far apart, are two transitions.
 //!
 //! Every such pair includes a standby record, and those are rare (about one in 2,000), so the
-//! common path only writes the record into a fixed window; the search runs for standby
-//! records, and for main records while a standby record is recent.
+//! common path only writes the record into a fixed window and one index slot; the search runs
+//! for standby records, and for main records while a standby record is recent. Both searches
+//! take constant time, so a host where the standby delivers much (another tracer's programs
+//! often interrupted by network processing, or tests that attach the standby first) costs the
+//! reader no more per record.
+
+use std::collections::HashMap;
 
 use tracer_common::{TcpState, TransitionRecord};
 
 /// Records remembered: at 260,000 transitions per second, about 15 ms.
 const WINDOW: usize = 4096;
+/// Slots of the index of the main program's newest record per socket: sparse enough that
+/// another socket rarely took a socket's slot within the window.
+const INDEX_SLOTS: usize = 16 * WINDOW;
 /// Farthest apart the two deliveries of one firing can be: the second program runs when the
 /// interrupts that came in between are done.
 const MAX_APART_NS: u64 = 50_000_000;
@@ -43,8 +51,12 @@ impl Seen {
 pub(super) struct Duplicates {
     /// The main program's last `WINDOW` records, a ring indexed by `sequence`.
     handled: Box<[Seen]>,
-    /// The standby's records that are still the last of their socket, within the window.
-    rescued: Vec<Seen>,
+    /// By hash of a socket address: the sequence of the newest of the main program's records
+    /// whose address hashes there (0: none yet).
+    newest_handled: Box<[u64]>,
+    /// The standby's records that are still the last of their socket, by address. Those older
+    /// than the window count as absent, and are swept out when the map has grown.
+    rescued: HashMap<u64, Seen>,
     /// Records read so far.
     sequence: u64,
     dropped: u64,
@@ -54,11 +66,19 @@ impl Default for Duplicates {
     fn default() -> Self {
         Self {
             handled: vec![Seen::default(); WINDOW].into_boxed_slice(),
-            rescued: Vec::new(),
+            newest_handled: vec![0; INDEX_SLOTS].into_boxed_slice(),
+            rescued: HashMap::new(),
             sequence: 0,
             dropped: 0,
         }
     }
+}
+
+/// The index slot of a socket address (Fibonacci hashing: addresses differ in their middle
+/// bits, the multiplication spreads those over the top ones).
+fn index_slot(skaddr: u64) -> usize {
+    const BITS: u32 = INDEX_SLOTS.trailing_zeros();
+    (skaddr.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - BITS)) as usize
 }
 
 impl Duplicates {
@@ -71,34 +91,62 @@ impl Duplicates {
             ts_ns: record.ts_ns,
             sequence: self.sequence,
         };
+        if !record.rescued() && self.rescued.is_empty() {
+            // Nearly every record: the main program's, with no standby record to compare.
+            self.remember_handled(seen);
+            false
+        } else {
+            self.compare(seen, record.rescued())
+        }
+    }
+
+    fn remember_handled(&mut self, seen: Seen) {
+        self.handled[(seen.sequence % WINDOW as u64) as usize] = seen;
+        self.newest_handled[index_slot(seen.skaddr)] = seen.sequence;
+    }
+
+    /// A standby record, or a main record while standby records are pending.
+    #[cold]
+    fn compare(&mut self, seen: Seen, rescued: bool) -> bool {
         let oldest_remembered = self.sequence.saturating_sub(WINDOW as u64);
-        self.rescued.retain(|r| r.sequence > oldest_remembered);
-        let pending = self.rescued.iter().position(|r| r.skaddr == seen.skaddr);
-        let repeat = if record.rescued() {
+        // The socket's pending standby record is no longer its last one after this record,
+        // or is matched by it: either way it goes.
+        let pending = self.rescued.remove(&seen.skaddr).filter(|r| r.sequence > oldest_remembered);
+        let repeat = if rescued {
             // The socket's last record, if the main program delivered it.
             let last_handled = self.last_handled(seen.skaddr, oldest_remembered);
-            let is_last = |h: &Seen| pending.is_none_or(|p| self.rescued[p].sequence < h.sequence);
+            let is_last = |h: &Seen| pending.is_none_or(|p| p.sequence < h.sequence);
             last_handled.is_some_and(|h| is_last(&h) && h.delivered_again_as(&seen))
         } else {
-            pending.is_some_and(|p| self.rescued[p].delivered_again_as(&seen))
+            pending.is_some_and(|p| p.delivered_again_as(&seen))
         };
-        if let Some(p) = pending {
-            // No longer the socket's last record, or just matched.
-            self.rescued.swap_remove(p);
-        }
         if repeat {
             self.dropped += 1;
-        } else if record.rescued() {
-            self.rescued.push(seen);
+        } else if rescued {
+            if self.rescued.len() >= 2 * WINDOW {
+                self.rescued.retain(|_, r| r.sequence > oldest_remembered);
+            }
+            self.rescued.insert(seen.skaddr, seen);
         } else {
-            self.handled[(seen.sequence % WINDOW as u64) as usize] = seen;
+            self.remember_handled(seen);
         }
         repeat
     }
 
-    /// The newest of the main program's remembered records of `skaddr`.
+    /// The newest of the main program's remembered records of `skaddr`: found through the
+    /// index, or, where another socket's record took the slot since, by a scan of the window.
     fn last_handled(&self, skaddr: u64, oldest_remembered: u64) -> Option<Seen> {
-        (oldest_remembered + 1..self.sequence)
+        let newest = self.newest_handled[index_slot(skaddr)];
+        if newest <= oldest_remembered {
+            // No main record of any address with this slot within the window.
+            return None;
+        }
+        // In the window, so still in the ring: only a later lap overwrites it.
+        let candidate = self.handled[(newest % WINDOW as u64) as usize];
+        if candidate.skaddr == skaddr {
+            return Some(candidate);
+        }
+        (oldest_remembered + 1..newest)
             .rev()
             .map(|sequence| (sequence, self.handled[(sequence % WINDOW as u64) as usize]))
             // A slot whose sequence differs holds an older lap's record: that position was
@@ -115,6 +163,8 @@ impl Duplicates {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use tracer_common::{RECORD_SIZE, TcpState as S};
 
     use super::*;
@@ -181,13 +231,182 @@ mod tests {
         assert_eq!(duplicates.dropped(), 0);
     }
 
+    /// The rule `Duplicates` implements, applied by brute force to each socket's whole history:
+    /// a standby record repeats the socket's newest kept main record in the window when no
+    /// kept standby record came after that; a main record repeats the socket's last record
+    /// when that is a kept standby record in the window.
+    #[derive(Default)]
+    struct Rule {
+        /// Per socket: every record, whether the standby delivered it, whether it was dropped.
+        by_socket: HashMap<u64, Vec<(Seen, bool, bool)>>,
+    }
+
+    impl Rule {
+        fn is_repeat(&mut self, seen: Seen, rescued: bool) -> bool {
+            let oldest = seen.sequence.saturating_sub(WINDOW as u64);
+            let history = self.by_socket.entry(seen.skaddr).or_default();
+            let in_window = || history.iter().rev().filter(|(s, ..)| s.sequence > oldest);
+            let pending = in_window()
+                .next()
+                .filter(|&&(_, by_standby, dropped)| by_standby && !dropped)
+                .map(|(s, ..)| *s);
+            let repeat = if rescued {
+                let handled =
+                    in_window().find(|&&(_, by_standby, dropped)| !by_standby && !dropped);
+                handled.is_some_and(|(h, ..)| {
+                    pending.is_none_or(|p| p.sequence < h.sequence) && h.delivered_again_as(&seen)
+                })
+            } else {
+                pending.is_some_and(|p| p.delivered_again_as(&seen))
+            };
+            history.push((seen, rescued, repeat));
+            repeat
+        }
+    }
+
+    /// xorshift64: a fixed, reproducible stream.
+    struct Random(u64);
+
+    impl Random {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// `count` socket addresses that all share `skaddr`'s index slot.
+    fn sharing_a_slot(skaddr: u64, count: usize) -> Vec<u64> {
+        (1..)
+            .map(|n| skaddr + (n << 6))
+            .filter(|&a| index_slot(a) == index_slot(skaddr))
+            .take(count)
+            .collect()
+    }
+
+    /// Sockets few, many, and crowded into one index slot; the standby delivering rarely or
+    /// nearly always; second deliveries near, late, and beyond the window: the window, its
+    /// index and its sweeps answer as the rule does.
+    #[test]
+    fn every_answer_follows_the_rule() {
+        let pairs =
+            [(S::CLOSE, S::SYN_SENT), (S::SYN_SENT, S::ESTABLISHED), (S::LAST_ACK, S::CLOSE)];
+        let crowded = sharing_a_slot(1 << 40, 8);
+        let mut random = Random(0x2545_F491_4F6C_DD1D);
+        let (mut duplicates, mut rule) = (Duplicates::default(), Rule::default());
+        let mut recent = std::collections::VecDeque::new();
+        let mut ts_ns = 1_000_000_000;
+        let mut repeats = 0;
+        for n in 0..60_000u64 {
+            // Phases: the standby delivers 1 %, 20 % or 95 % of the records.
+            let standby_percent = [1, 20, 95][(n / 7_000 % 3) as usize];
+            // About 40 ms per window: both the window and the time apart decide.
+            ts_ns += if random.below(1_000) == 0 { MAX_APART_NS } else { random.below(20_000) };
+            let mut r = if recent.len() > 100 && random.below(10) == 0 {
+                // The other program's delivery of an earlier firing, now and then one from
+                // beyond the window.
+                let back = if random.below(4) == 0 {
+                    random.below(recent.len() as u64)
+                } else {
+                    random.below(8)
+                };
+                let mut again: TransitionRecord = recent[recent.len() - 1 - back as usize];
+                again.flags ^= tracer_common::record::FLAG_RESCUED;
+                again
+            } else {
+                let skaddr = match random.below(3) {
+                    0 => random.below(64) << 12,
+                    1 => random.below(300_000) << 6,
+                    _ => crowded[random.below(crowded.len() as u64) as usize],
+                };
+                let (old, new) = pairs[random.below(pairs.len() as u64) as usize];
+                let mut r = record(skaddr, old, new);
+                if random.below(100) < standby_percent {
+                    r.flags |= tracer_common::record::FLAG_RESCUED;
+                }
+                r.ts_ns = ts_ns;
+                r
+            };
+            if random.below(2) == 0 {
+                r.ts_ns = ts_ns;
+            }
+            let seen = Seen {
+                skaddr: r.skaddr,
+                pair: (r.oldstate, r.newstate),
+                ts_ns: r.ts_ns,
+                sequence: n + 1,
+            };
+            let expected = rule.is_repeat(seen, r.rescued());
+            assert_eq!(duplicates.is_repeat(&r), expected, "record {n}");
+            repeats += u64::from(expected);
+            recent.push_back(r);
+            if recent.len() > WINDOW + WINDOW / 2 {
+                recent.pop_front();
+            }
+        }
+        assert!(repeats > 1_000, "second deliveries exercised: {repeats}");
+        assert_eq!(duplicates.dropped(), repeats);
+    }
+
+    /// Another socket's main record took the index slot after this socket's: found anyway.
+    #[test]
+    fn a_socket_whose_index_slot_was_taken_is_found() {
+        let [mine, other] = sharing_a_slot(1 << 40, 2)[..] else { unreachable!() };
+        let mut duplicates = Duplicates::default();
+        assert!(!duplicates.is_repeat(&record(mine, S::LAST_ACK, S::CLOSE)));
+        assert!(!duplicates.is_repeat(&record(other, S::CLOSE, S::SYN_SENT)));
+        assert!(duplicates.is_repeat(&by_standby(record(mine, S::LAST_ACK, S::CLOSE), 1_000)));
+    }
+
+    /// The window's edge, exactly: a main record is compared while fewer than `WINDOW` records
+    /// came after it.
+    #[test]
+    fn the_window_ends_exactly_after_window_records() {
+        for (others, repeat) in [(WINDOW as u64 - 2, true), (WINDOW as u64 - 1, false)] {
+            let mut duplicates = Duplicates::default();
+            let first = record(7, S::FIN_WAIT1, S::FIN_WAIT2);
+            assert!(!duplicates.is_repeat(&first));
+            for skaddr in 0..others {
+                assert!(!duplicates.is_repeat(&record(1_000_000 + skaddr, S::CLOSE, S::SYN_SENT)));
+            }
+            assert_eq!(duplicates.is_repeat(&by_standby(first, 0)), repeat, "after {others}");
+        }
+    }
+
+    /// A sweep of the standby's records keeps those still in the window.
+    #[test]
+    fn a_sweep_keeps_what_is_within_the_window() {
+        let mut duplicates = Duplicates::default();
+        // The sweep runs at the insert after 2 * WINDOW records; a few more come after it.
+        for skaddr in 0..(2 * WINDOW as u64 + 10) {
+            assert!(!duplicates.is_repeat(&by_standby(record(skaddr, S::CLOSE, S::SYN_SENT), 0)));
+        }
+        assert!(duplicates.rescued.len() <= WINDOW + 10, "swept");
+        let before_the_sweep = 2 * WINDOW as u64 - 100;
+        assert!(duplicates.is_repeat(&record(before_the_sweep, S::CLOSE, S::SYN_SENT)));
+    }
+
+    /// A standby record older than the window is not compared, however close in time.
+    #[test]
+    fn a_standby_record_beyond_the_window_is_forgotten() {
+        let mut duplicates = Duplicates::default();
+        let first = by_standby(record(7, S::FIN_WAIT1, S::FIN_WAIT2), 0);
+        assert!(!duplicates.is_repeat(&first));
+        for skaddr in 0..(WINDOW as u64) {
+            assert!(!duplicates.is_repeat(&record(1_000_000 + skaddr, S::CLOSE, S::SYN_SENT)));
+        }
+        assert!(!duplicates.is_repeat(&record(7, S::FIN_WAIT1, S::FIN_WAIT2)), "out of the window");
+    }
+
     #[test]
     fn memory_stays_within_the_window() {
         let mut duplicates = Duplicates::default();
         for skaddr in 0..(3 * WINDOW as u64) {
             assert!(!duplicates.is_repeat(&by_standby(record(skaddr, S::CLOSE, S::SYN_SENT), 0)));
         }
-        assert!(duplicates.rescued.len() <= WINDOW);
+        // Swept when it has grown to twice the window: at most that, whatever the traffic.
+        assert!(duplicates.rescued.len() <= 2 * WINDOW);
         assert_eq!(duplicates.handled.len(), WINDOW);
         // Forgotten after the window: a record that old is not compared any more.
         assert!(!duplicates.is_repeat(&record(0, S::CLOSE, S::SYN_SENT)));
