@@ -110,9 +110,13 @@ fn timed_out_and_unreachable_connects_are_counted_by_reason() {
         };
         let found = (count("timeout", &timeout), count("unreachable", &unreachable));
         let stray = count("refused", &timeout) + count("timeout", &unreachable);
-        (found == (1.0, 1.0) && stray == 0.0)
-            .then_some(())
-            .ok_or(format!("timeout, unreachable: {found:?}; stray {stray}"))
+        // What the timed-out connect was counted as instead, if anything, and what was lost.
+        let elsewhere = ["aborted", "other", "refused"].map(|reason| count(reason, &timeout));
+        let lost = metrics.sum("tcpstate_events_lost_total", &[]);
+        (found == (1.0, 1.0) && stray == 0.0).then_some(()).ok_or(format!(
+            "timeout, unreachable: {found:?}; stray {stray}; on the timeout port as aborted, \
+             other, refused: {elsewhere:?}; transitions lost: {lost}"
+        ))
     });
     daemon.stop();
 }
