@@ -74,6 +74,11 @@ impl Default for Duplicates {
     }
 }
 
+/// Where the record read as `sequence` sits in the ring of the main program's records.
+fn ring_slot(sequence: u64) -> usize {
+    (sequence % WINDOW as u64) as usize
+}
+
 /// The index slot of a socket address (Fibonacci hashing: addresses differ in their middle
 /// bits, the multiplication spreads those over the top ones).
 fn index_slot(skaddr: u64) -> usize {
@@ -101,7 +106,7 @@ impl Duplicates {
     }
 
     fn remember_handled(&mut self, seen: Seen) {
-        self.handled[(seen.sequence % WINDOW as u64) as usize] = seen;
+        self.handled[ring_slot(seen.sequence)] = seen;
         self.newest_handled[index_slot(seen.skaddr)] = seen.sequence;
     }
 
@@ -142,13 +147,13 @@ impl Duplicates {
             return None;
         }
         // In the window, so still in the ring: only a later lap overwrites it.
-        let candidate = self.handled[(newest % WINDOW as u64) as usize];
+        let candidate = self.handled[ring_slot(newest)];
         if candidate.skaddr == skaddr {
             return Some(candidate);
         }
         (oldest_remembered + 1..newest)
             .rev()
-            .map(|sequence| (sequence, self.handled[(sequence % WINDOW as u64) as usize]))
+            .map(|sequence| (sequence, self.handled[ring_slot(sequence)]))
             // A slot whose sequence differs holds an older lap's record: that position was
             // the standby's.
             .find(|(sequence, h)| h.sequence == *sequence && h.skaddr == skaddr)
@@ -163,8 +168,6 @@ impl Duplicates {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use tracer_common::{RECORD_SIZE, TcpState as S};
 
     use super::*;

@@ -139,6 +139,14 @@ impl Outcome {
     fn rate(&self) -> f64 {
         self.connections as f64 / self.seconds
     }
+
+    /// In-kernel time of all the tracer's programs per tracepoint firing; `None` without
+    /// firings.
+    fn in_kernel_ns_per_transition(&self) -> Option<f64> {
+        (self.firings > 0).then(|| {
+            (self.prog.run_time_ns + self.standby.run_time_ns) as f64 / self.firings as f64
+        })
+    }
 }
 
 /// The bench's progress lines: printed as they come, and kept for the run's record.

@@ -180,11 +180,7 @@ impl Bench<'_> {
             bail!("`perf script` failed ({})", script.status);
         }
         let mut profile = attribute(&String::from_utf8_lossy(&script.stdout), programs_of(config));
-        if outcome.firings > 0 {
-            profile.ns_per_transition = (outcome.prog.run_time_ns + outcome.standby.run_time_ns)
-                as f64
-                / outcome.firings as f64;
-        }
+        profile.ns_per_transition = outcome.in_kernel_ns_per_transition().unwrap_or(0.0);
         if profile.total() == 0 {
             bail!(
                 "`perf record` took no sample inside {}'s programs: does this kernel list BPF \

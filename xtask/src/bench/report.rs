@@ -57,11 +57,7 @@ fn per_call(runs: &[&Outcome], stats: &dyn Fn(&Outcome) -> ProgStats) -> Option<
 
 /// Median in-kernel time of all the tracer's programs per tracepoint firing.
 fn per_transition(runs: &[&Outcome]) -> String {
-    let mut ns: Vec<f64> = runs
-        .iter()
-        .filter(|o| o.firings > 0)
-        .map(|o| (o.prog.run_time_ns + o.standby.run_time_ns) as f64 / o.firings as f64)
-        .collect();
+    let mut ns: Vec<f64> = runs.iter().filter_map(|o| o.in_kernel_ns_per_transition()).collect();
     if ns.is_empty() { "–".to_owned() } else { format!("{:.0}", median(&mut ns)) }
 }
 
