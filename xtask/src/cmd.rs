@@ -34,6 +34,40 @@ pub fn run_checked(command: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where `run_logged` keeps each tool's output.
+const LOG_DIR: &str = "target/xtask-logs";
+/// Lines of a failed tool's log shown on the terminal.
+const TAIL_LINES: usize = 30;
+
+/// Runs `command` with its output kept in `target/xtask-logs/NAME.log` instead of the
+/// terminal: a first run installs with apt, rustup and cargo, whose hundreds of lines say
+/// nothing while they work. One line says what runs and where its log is; when the command
+/// fails, the log's last lines follow.
+pub fn run_logged(command: &mut Command, name: &str) -> anyhow::Result<()> {
+    let text = describe(command);
+    let dir = std::env::current_dir().context("the current directory")?.join(LOG_DIR);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log = dir.join(format!("{name}.log"));
+    let file =
+        std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    eprintln!("xtask: {text} (output in {LOG_DIR}/{name}.log)");
+    let status = command
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .status()
+        .with_context(|| format!("could not start `{text}`"))?;
+    if !status.success() {
+        let output = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = output.lines().collect();
+        for line in &lines[lines.len().saturating_sub(TAIL_LINES)..] {
+            eprintln!("  | {line}");
+        }
+        bail!("`{text}` failed ({status}); its whole output is in {}", log.display());
+    }
+    Ok(())
+}
+
 /// Runs `command` and captures its output; `None` when it cannot start.
 pub fn capture(command: &mut Command) -> Option<Output> {
     command.output().ok()
@@ -68,7 +102,7 @@ pub fn download_and_unpack(
 ) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(scratch);
     std::fs::create_dir_all(scratch)?;
-    run_checked(apt_get.arg("download").arg(package).current_dir(scratch))
+    run_logged(apt_get.arg("download").arg(package).current_dir(scratch), "apt-get-download")
         .with_context(|| format!("downloading Debian package {package}"))?;
     let deb = std::fs::read_dir(scratch)?
         .flatten()
@@ -77,7 +111,7 @@ pub fn download_and_unpack(
         .with_context(|| format!("apt-get download left no .deb of {package}"))?;
     let _ = std::fs::remove_dir_all(into);
     std::fs::create_dir_all(into)?;
-    run_checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(into))?;
+    run_logged(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(into), "dpkg-deb")?;
     std::fs::remove_dir_all(scratch)?;
     Ok(())
 }

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::cross::Arch;
+use crate::arch::Arch;
 
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 

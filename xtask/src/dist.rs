@@ -13,10 +13,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::{
-    cmd::run_checked,
-    cross::{self, Arch},
-};
+use crate::{arch::Arch, cmd::run_checked, cross};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 const SUMMARY: &str = "eBPF tracer of TCP socket state changes, CLOSE_WAIT leaks and their owners";

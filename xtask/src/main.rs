@@ -1,13 +1,17 @@
-//! Project tasks: `cargo xtask setup | build | run | test | lint | bench`.
+//! Project tasks: `cargo xtask setup | build | run | test | lint | dist | image | vmtest |
+//! bench`.
 //!
 //! Every task that builds runs `setup` first, so a fresh machine needs nothing but the repo,
 //! rustup and the package registries.
 
+mod arch;
 mod bench;
 mod cmd;
 mod cross;
 mod debian;
 mod dist;
+#[cfg(test)]
+mod doc_pointers;
 mod image;
 mod setup;
 mod vmtest;
@@ -17,7 +21,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use crate::cmd::{cargo, run_checked};
+use crate::cmd::{cargo, run_checked, run_logged};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Build, run, test and benchmark tcpstate")]
@@ -36,7 +40,7 @@ enum Task {
         /// The architecture to build a static binary for (cross-compiled when not this
         /// machine's).
         #[arg(long, value_enum)]
-        arch: Option<cross::Arch>,
+        arch: Option<arch::Arch>,
     },
     /// Build, then run `tcpstate ARGS` as root (through sudo when not root); default `run`.
     Run {
@@ -59,7 +63,7 @@ enum Task {
     Dist {
         /// Only this architecture (repeatable). Default: both.
         #[arg(long, value_enum)]
-        arch: Vec<cross::Arch>,
+        arch: Vec<arch::Arch>,
     },
     /// Build an OCI image of tcpstate (no registry needed), load it into podman and save it as
     /// target/image/tcpstate-VERSION.oci.tar for other hosts.
@@ -113,7 +117,7 @@ fn main() -> anyhow::Result<()> {
         Task::Dist { arch } => {
             setup::build_prerequisites(&root)?;
             setup::container_prerequisites()?;
-            let arches = if arch.is_empty() { cross::Arch::ALL.to_vec() } else { arch };
+            let arches = if arch.is_empty() { arch::Arch::ALL.to_vec() } else { arch };
             dist_for(&root, &arches)
         }
         Task::Image => {
@@ -166,7 +170,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// `cargo xtask dist` for `arches`: builds and checks every artifact, and lists them.
-fn dist_for(root: &std::path::Path, arches: &[cross::Arch]) -> anyhow::Result<()> {
+fn dist_for(root: &std::path::Path, arches: &[arch::Arch]) -> anyhow::Result<()> {
     setup::dist_prerequisites()?;
     for artifact in dist::run(root, arches)? {
         eprintln!("xtask: {}", artifact.display());
@@ -177,7 +181,7 @@ fn dist_for(root: &std::path::Path, arches: &[cross::Arch]) -> anyhow::Result<()
 /// The release artifacts of every architecture, as `cargo xtask test` checks them.
 fn dist_checked(root: &std::path::Path) -> anyhow::Result<()> {
     eprintln!("xtask: building and checking the release artifacts (`cargo xtask dist`)");
-    dist_for(root, &cross::Arch::ALL)
+    dist_for(root, &arch::Arch::ALL)
 }
 
 fn workspace_root() -> PathBuf {
@@ -198,7 +202,7 @@ fn build_release(root: &std::path::Path) -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("xtask: building tcpstate (the first build takes about 4 minutes on 2 cores)");
-    run_checked(&mut command)
+    run_logged(&mut command, "build-release")
 }
 
 /// Whether `target/release/tcpstate` is newer than every source and manifest of the crates

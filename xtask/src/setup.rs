@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    cmd::{as_root, capture, download_and_unpack, run_checked},
+    cmd::{as_root, capture, download_and_unpack, run_logged},
     debian::{PrivateApt, host_archives},
 };
 
@@ -109,13 +109,13 @@ fn test_tools(root: &Path) -> anyhow::Result<PathBuf> {
         );
         let apt = PrivateApt::new(
             tools.join("apt"),
-            crate::cross::Arch::host(),
+            crate::arch::Arch::host(),
             &VICTORIA_METRICS_SUITES,
             &host_archives()?,
         )?;
-        run_checked(apt.command("apt-get").arg("update")).with_context(|| {
-            format!("reading Debian {}'s package lists", VICTORIA_METRICS_SUITES.join(", "))
-        })?;
+        run_logged(apt.command("apt-get").arg("update"), "apt-get-update-private").with_context(
+            || format!("reading Debian {}'s package lists", VICTORIA_METRICS_SUITES.join(", ")),
+        )?;
         download_and_unpack(
             apt.command("apt-get"),
             VICTORIA_METRICS_PACKAGE,
@@ -139,15 +139,15 @@ fn test_tools(root: &Path) -> anyhow::Result<PathBuf> {
 
 /// The kernel matrix for guests of `arches`: QEMU for each, and for guests of another
 /// architecture than this machine's, debootstrap to unpack their userland.
-pub fn vm_prerequisites(arches: &[crate::cross::Arch]) -> anyhow::Result<()> {
+pub fn vm_prerequisites(arches: &[crate::arch::Arch]) -> anyhow::Result<()> {
     ensure_packages(&VM_PACKAGES, "kernel matrix tools (busybox, cpio)")?;
     let mut packages = Vec::new();
     for &arch in arches {
         packages.push(match arch {
-            crate::cross::Arch::X86_64 => "qemu-system-x86",
-            crate::cross::Arch::Aarch64 => "qemu-system-arm",
+            crate::arch::Arch::X86_64 => "qemu-system-x86",
+            crate::arch::Arch::Aarch64 => "qemu-system-arm",
         });
-        if arch != crate::cross::Arch::host() {
+        if arch != crate::arch::Arch::host() {
             packages.push("debootstrap");
         }
     }
@@ -161,7 +161,7 @@ pub fn container_prerequisites() -> anyhow::Result<()> {
 /// The target's standard library, and for another architecture its C cross toolchain and
 /// libc (for the C and assembly `ring` compiles, and the static link). `file` checks the
 /// result is static.
-pub fn cross_prerequisites(toolchain: &str, arch: crate::cross::Arch) -> anyhow::Result<()> {
+pub fn cross_prerequisites(toolchain: &str, arch: crate::arch::Arch) -> anyhow::Result<()> {
     let installed = capture(Command::new("rustup").args([
         "target",
         "list",
@@ -172,21 +172,18 @@ pub fn cross_prerequisites(toolchain: &str, arch: crate::cross::Arch) -> anyhow:
     .context("rustup is required (https://rustup.rs)")?;
     let triple = arch.triple();
     if !String::from_utf8_lossy(&installed.stdout).lines().any(|line| line.trim() == triple) {
-        run_checked(Command::new("rustup").args([
-            "target",
-            "add",
-            "--toolchain",
-            toolchain,
-            triple,
-        ]))?;
+        run_logged(
+            Command::new("rustup").args(["target", "add", "--toolchain", toolchain, triple]),
+            "rustup-target",
+        )?;
     }
     ensure_packages(&["file"], "file (checks binaries are static)")?;
-    if arch == crate::cross::Arch::host() {
+    if arch == crate::arch::Arch::host() {
         return Ok(());
     }
     let packages = match arch {
-        crate::cross::Arch::Aarch64 => ["gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross"],
-        crate::cross::Arch::X86_64 => ["gcc-x86-64-linux-gnu", "libc6-dev-amd64-cross"],
+        crate::arch::Arch::Aarch64 => ["gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross"],
+        crate::arch::Arch::X86_64 => ["gcc-x86-64-linux-gnu", "libc6-dev-amd64-cross"],
     };
     ensure_packages(&packages, "a C cross toolchain and libc for the target")
 }
@@ -240,8 +237,9 @@ fn ensure_components(toolchain: &str) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    run_checked(
+    run_logged(
         Command::new("rustup").args(["component", "add", "--toolchain", toolchain]).args(&missing),
+        "rustup-component",
     )
 }
 
@@ -282,13 +280,14 @@ fn install_bpf_linker(toolchain: &str) -> anyhow::Result<()> {
         "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about 2 \
          minutes on 2 cores, once)"
     );
-    run_checked(
+    run_logged(
         Command::new("rustup")
             .args(["run", toolchain, "cargo", "install", "--force", "--locked"])
             .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
             .args(["--no-default-features", "--features", &format!("llvm-{LLVM_MAJOR}")])
             // Without it the build script searches /usr/lib64 and fails to find -lLLVM.
             .env("LLVM_PREFIX", LLVM_PREFIX),
+        "bpf-linker",
     )
 }
 
@@ -314,11 +313,12 @@ fn ensure_packages(packages: &[&str], what: &str) -> anyhow::Result<()> {
     }
     eprintln!("xtask: installing {what}: {} (a minute or two)", missing.join(" "));
     apt_update_once()?;
-    run_checked(
+    run_logged(
         as_root("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
+        "apt-get-install",
     )
     .with_context(|| format!("installing {what}"))
 }
@@ -328,7 +328,7 @@ fn apt_update_once() -> anyhow::Result<()> {
     static UPDATE: Once = Once::new();
     let mut result = Ok(());
     UPDATE.call_once(|| {
-        result = run_checked(as_root("apt-get").args(["update", "-q"]));
+        result = run_logged(as_root("apt-get").args(["update", "-q"]), "apt-get-update");
     });
     result
 }

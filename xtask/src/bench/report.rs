@@ -83,6 +83,24 @@ pub(super) struct Measured<'a> {
 pub(super) fn render(args: &BenchArgs, measured: &Measured, took: Duration) -> String {
     let Measured { per_connection, outcomes, retransmits, scale, saturation, profiles } = *measured;
     let mut out = String::new();
+    render_header(&mut out, args, per_connection, took);
+    let bare: Vec<f64> =
+        outcomes.iter().filter(|(c, _)| *c == Config::Bare).map(|(_, o)| o.rate()).collect();
+    let bare_median = median(&mut bare.clone());
+    render_storms(&mut out, outcomes, bare_median);
+    render_costs(&mut out, outcomes, bare_median, per_connection);
+    render_transitions(&mut out, outcomes);
+    if let Some(run) = scale {
+        render_scale(&mut out, run);
+    }
+    render_profiles(&mut out, profiles);
+    render_retransmits(&mut out, retransmits, outcomes);
+    render_saturation(&mut out, saturation);
+    out
+}
+
+/// What was run, where, and how.
+fn render_header(out: &mut String, args: &BenchArgs, per_connection: f64, took: Duration) {
     let commit = capture(Command::new("git").args(["rev-parse", "--short", "HEAD"]))
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
@@ -105,9 +123,10 @@ pub(super) fn render(args: &BenchArgs, measured: &Measured, took: Duration) -> S
          connection, measured at 1,000 connections/s. Medians over {} rounds, (min–max).\n",
         args.clients, args.rounds
     );
-    let bare: Vec<f64> =
-        outcomes.iter().filter(|(c, _)| *c == Config::Bare).map(|(_, o)| o.rate()).collect();
-    let bare_median = median(&mut bare.clone());
+}
+
+/// The main table: each configuration's storm rate, delivery, losses and cost.
+fn render_storms(out: &mut String, outcomes: &[(Config, Outcome)], bare_median: f64) {
     let _ = writeln!(
         out,
         "| configuration | connections/s | vs bare | tracer CPU s per M transitions | \
@@ -174,6 +193,15 @@ pub(super) fn render(args: &BenchArgs, measured: &Measured, took: Duration) -> S
             mib(rss),
         );
     }
+}
+
+/// The cost per firing each configuration adds to bare, from the storm rates.
+fn render_costs(
+    out: &mut String,
+    outcomes: &[(Config, Outcome)],
+    bare_median: f64,
+    per_connection: f64,
+) {
     let costs: Vec<String> = Config::ALL
         .into_iter()
         .filter(|c| *c != Config::Bare)
@@ -193,6 +221,10 @@ pub(super) fn render(args: &BenchArgs, measured: &Measured, took: Duration) -> S
          userspace.",
         costs.join(", ")
     );
+}
+
+/// What the table's transition counts cover.
+fn render_transitions(out: &mut String, outcomes: &[(Config, Outcome)]) {
     let connections: u64 = outcomes.iter().map(|(_, o)| o.connections).sum();
     let storm: u64 = outcomes
         .iter()
@@ -200,110 +232,131 @@ pub(super) fn render(args: &BenchArgs, measured: &Measured, took: Duration) -> S
         .map(|(_, o)| o.expected + o.expected_extra)
         .sum();
     let fired: u64 = outcomes.iter().map(|(_, o)| o.firings).sum();
+    // What the figures say, whichever way they fall: more firings than the storms made is
+    // other traffic; fewer is the storms' own estimate running over (it counts transitions
+    // per connection from a calibration run).
+    let accounting = if storm <= fired {
+        format!(
+            "the storms' {connections} connections account for {storm} of the {fired} under \
+             tracers, and {} came from other traffic on the host",
+            fired - storm
+        )
+    } else {
+        format!(
+            "the storms' {connections} connections were expected to make {storm}, {} more than \
+             the {fired} that fired under tracers (the expectation counts transitions per \
+             connection from a calibration run)",
+            storm - fired
+        )
+    };
     let _ = writeln!(
         out,
         "\nTransitions: every firing of the tracepoint while the tracer was attached (its main \
-         program's runs plus the runs the kernel skipped); the storms' {connections} connections \
-         account for {storm} of the {fired} under tracers, the rest is other traffic on the \
-         host. Delivered: what the tracer output (`watch`, `tcpstates`: lines, counted through a \
-         pipe; `run`: `tcpstate_events_total`). Lost: firings minus delivered; counted: what the \
-         tool itself reports (`tcpstates`: its \"lost N events\" lines and the kernel's \
-         recursion_misses for its program). In-kernel time: `run_time_ns / run_cnt` with \
-         kernel.bpf_stats_enabled=1, whose own overhead is most of the empty program's time per \
-         call; per transition: all the tracer's programs' time over the firings."
+         program's runs plus the runs the kernel skipped); {accounting}. Delivered: what the \
+         tracer output (`watch`, `tcpstates`: lines, counted through a pipe; `run`: \
+         `tcpstate_events_total`). Lost: firings minus delivered; counted: what the tool itself \
+         reports (`tcpstates`: its \"lost N events\" lines and the kernel's recursion_misses for \
+         its program). In-kernel time: `run_time_ns / run_cnt` with kernel.bpf_stats_enabled=1, \
+         whose own overhead is most of the empty program's time per call; per transition: all \
+         the tracer's programs' time over the firings."
     );
-    if let Some(run) = scale {
-        let points = &run.points;
+}
+
+/// The scale run: memory and endpoints with connections held, the storm beside them, and the
+/// closing check.
+fn render_scale(out: &mut String, run: &ScaleRun) {
+    let points = &run.points;
+    let _ = writeln!(
+        out,
+        "\nScale run, `tcpstate run --group-by container --reconcile-interval {}` with connections held open (both ends on this host, so two sockets each; `/metrics` passes over the whole table to group it), the kernel map sized by the daemon at start ({} slots: no `--kernel-sockets`, as a user runs it). Daemon RSS: the lowest and the highest sampled every {} ms over {} s, which holds one reconciliation (a sock_diag dump of every socket, indexed); per tracked socket from the lowest; during the listing, the highest sampled every 10 ms while it streamed:\n",
+        RECONCILE_INTERVAL.as_secs(),
+        run.kernel_slots,
+        RSS_SAMPLE_EVERY.as_millis(),
+        RSS_WINDOW.as_secs(),
+    );
+    let _ = writeln!(
+        out,
+        "| connections | tracked sockets | daemon RSS | while reconciling | per tracked socket | `/metrics` (median of 5) | `/api/sockets?state=ESTABLISHED` | RSS during that listing | RSS after it | kernel per-socket map |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+    for p in points {
         let _ = writeln!(
             out,
-            "\nScale run, `tcpstate run --group-by container --reconcile-interval {}` with connections held open (both ends on this host, so two sockets each; `/metrics` passes over the whole table to group it), the kernel map sized by the daemon at start ({} slots: no `--kernel-sockets`, as a user runs it). Daemon RSS: the lowest and the highest sampled every {} ms over {} s, which holds one reconciliation (a sock_diag dump of every socket, indexed); per tracked socket from the lowest; during the listing, the highest sampled every 10 ms while it streamed:\n",
-            RECONCILE_INTERVAL.as_secs(),
-            run.kernel_slots,
-            RSS_SAMPLE_EVERY.as_millis(),
-            RSS_WINDOW.as_secs(),
-        );
-        let _ = writeln!(
-            out,
-            "| connections | tracked sockets | daemon RSS | while reconciling | per tracked socket | `/metrics` (median of 5) | `/api/sockets?state=ESTABLISHED` | RSS during that listing | RSS after it | kernel per-socket map |"
-        );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
-        for p in points {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {:.0} B | {:.1} ms | {:.0} ms ({} sockets, {:.1} MiB) | {} | {} | {} |",
-                p.connections,
-                p.tracked,
-                mib(p.rss),
-                mib(p.rss_reconciling),
-                p.per_socket,
-                p.metrics.as_secs_f64() * 1e3,
-                p.listing.as_secs_f64() * 1e3,
-                p.listed,
-                p.listing_bytes as f64 / (1 << 20) as f64,
-                mib(p.rss_during_listing),
-                mib(p.rss_after_listing),
-                mib(p.kernel_map),
-            );
-        }
-        for (p, parallel) in points.iter().filter_map(|p| Some((p, p.parallel.as_ref()?))) {
-            let _ = writeln!(
-                out,
-                "\n{} clients reading the full `/api/sockets` at once with {} tracked sockets: \
-                 all {} served in {:.1} s ({} answers were 503 and retried a second later); \
-                 daemon RSS {} before, peak {} (+{}), {} {:.0} s after the last answer.",
-                parallel.clients,
-                p.tracked,
-                parallel.served,
-                parallel.took.as_secs_f64(),
-                parallel.retried,
-                mib(parallel.rss_before),
-                mib(parallel.rss_peak),
-                mib(parallel.rss_peak.saturating_sub(parallel.rss_before)),
-                mib(parallel.rss_after),
-                parallel.settled_after.as_secs_f64(),
-            );
-        }
-        let _ = writeln!(
-            out,
-            "\nThe storm under the same daemon, `--seconds` each, with nothing held and with every \
-             connection above held (the kernel map full of live entries, which the storm's \
-             sockets evict; the daemon's CPU includes its reconciliations every {} s):\n\n\
-             | sockets held | connections/s | firings | in-kernel ns per call | daemon CPU s per M firings | daemon peak RSS |\n\
-             |---|---|---|---|---|---|",
-            RECONCILE_INTERVAL.as_secs(),
-        );
-        for storm in &run.storms {
-            let _ = writeln!(
-                out,
-                "| {} | {:.0} | {} | {:.0} | {:.2} | {} |",
-                storm.held_sockets,
-                storm.rate,
-                storm.firings,
-                storm.ns_per_call,
-                storm.cpu_per_million,
-                mib(storm.rss_peak),
-            );
-        }
-        let c = &run.closing;
-        let _ = writeln!(
-            out,
-            "\nEvery held connection then closed ({} sockets against {} kernel map slots): the \
-             ESTABLISHED stay histogram gained {} of the {} stays that ended (two per \
-             connection, two per scrape meanwhile); transitions the kernel's map no longer \
-             held: {} evicted (stays taken from the daemon's table), {} older than the \
-             daemon, {} unknown; transitions lost meanwhile (`tcpstate_events_lost_total`): {}.",
-            c.sockets,
-            run.kernel_slots,
-            c.counted,
-            c.expected,
-            c.evicted,
-            c.older_than_daemon,
-            c.unknown,
-            c.lost,
+            "| {} | {} | {} | {} | {:.0} B | {:.1} ms | {:.0} ms ({} sockets, {:.1} MiB) | {} | {} | {} |",
+            p.connections,
+            p.tracked,
+            mib(p.rss),
+            mib(p.rss_reconciling),
+            p.per_socket,
+            p.metrics.as_secs_f64() * 1e3,
+            p.listing.as_secs_f64() * 1e3,
+            p.listed,
+            p.listing_bytes as f64 / (1 << 20) as f64,
+            mib(p.rss_during_listing),
+            mib(p.rss_after_listing),
+            mib(p.kernel_map),
         );
     }
-    render_profiles(&mut out, profiles);
-    let r = retransmits;
+    for (p, parallel) in points.iter().filter_map(|p| Some((p, p.parallel.as_ref()?))) {
+        let _ = writeln!(
+            out,
+            "\n{} clients reading the full `/api/sockets` at once with {} tracked sockets: \
+             all {} served in {:.1} s ({} answers were 503 and retried a second later); \
+             daemon RSS {} before, peak {} (+{}), {} {:.0} s after the last answer.",
+            parallel.clients,
+            p.tracked,
+            parallel.served,
+            parallel.took.as_secs_f64(),
+            parallel.retried,
+            mib(parallel.rss_before),
+            mib(parallel.rss_peak),
+            mib(parallel.rss_peak.saturating_sub(parallel.rss_before)),
+            mib(parallel.rss_after),
+            parallel.settled_after.as_secs_f64(),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nThe storm under the same daemon, `--seconds` each, with nothing held and with every \
+         connection above held (the kernel map full of live entries, which the storm's \
+         sockets evict; the daemon's CPU includes its reconciliations every {} s):\n\n\
+         | sockets held | connections/s | firings | in-kernel ns per call | daemon CPU s per M firings | daemon peak RSS |\n\
+         |---|---|---|---|---|---|",
+        RECONCILE_INTERVAL.as_secs(),
+    );
+    for storm in &run.storms {
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {} | {:.0} | {:.2} | {} |",
+            storm.held_sockets,
+            storm.rate,
+            storm.firings,
+            storm.ns_per_call,
+            storm.cpu_per_million,
+            mib(storm.rss_peak),
+        );
+    }
+    let c = &run.closing;
+    let _ = writeln!(
+        out,
+        "\nEvery held connection then closed ({} sockets against {} kernel map slots): the \
+         ESTABLISHED stay histogram gained {} of the {} stays that ended (two per \
+         connection, two per scrape meanwhile); transitions the kernel's map no longer \
+         held: {} evicted (stays taken from the daemon's table), {} older than the \
+         daemon, {} unknown; transitions lost meanwhile (`tcpstate_events_lost_total`): {}.",
+        c.sockets,
+        run.kernel_slots,
+        c.counted,
+        c.expected,
+        c.evicted,
+        c.older_than_daemon,
+        c.unknown,
+        c.lost,
+    );
+}
+
+/// What the retransmit counters counted against the kernel's own counts.
+fn render_retransmits(out: &mut String, r: &RetransmitCost, outcomes: &[(Config, Outcome)]) {
     let _ = writeln!(
         out,
         "\nRetransmits: {} connects to an address whose packets are lost, with \
@@ -326,7 +379,10 @@ pub(super) fn render(args: &BenchArgs, measured: &Measured, took: Duration) -> S
             .map(|(_, o)| o.retransmit_runs)
             .sum::<u64>(),
     );
-    let s = saturation;
+}
+
+/// The saturated table's check.
+fn render_saturation(out: &mut String, s: &Saturation) {
     let _ = writeln!(
         out,
         "\nSaturated table: {} steady sockets against `--max-sockets {}`, reconciled every \
@@ -344,7 +400,6 @@ pub(super) fn render(args: &BenchArgs, measured: &Measured, took: Duration) -> S
         s.gauge,
         s.ss,
     );
-    out
 }
 
 /// The profiles side by side: each part's in-kernel ns per transition, and the difference

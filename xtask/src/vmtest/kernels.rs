@@ -10,8 +10,8 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
+    arch::Arch,
     cmd::{capture, download_and_unpack, run_checked},
-    cross::Arch,
     debian::{PrivateApt, host_archives},
 };
 

@@ -28,7 +28,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{cmd::cargo, cross::Arch, dist, setup};
+use crate::{arch::Arch, cmd::cargo, dist, setup};
 use kernels::{Guest, MATRIX};
 
 #[derive(clap::Args, Debug, Default)]

@@ -9,7 +9,7 @@ use std::{fs, path::Path, path::PathBuf, process::Command};
 use anyhow::{Context as _, bail};
 
 use crate::debian::Archives;
-use crate::{cmd::run_checked, cross::Arch};
+use crate::{arch::Arch, cmd::run_checked};
 
 /// Packages beyond debootstrap's minimal base (which brings util-linux).
 const PACKAGES: &str = "python3,iproute2,procps,busybox-static";
