@@ -2,10 +2,10 @@
 
 use crate::TcpState;
 
-/// `TransitionRecord::flags`: `dwell_ns` holds the time spent in `oldstate`. Unset on a first
+/// `TransitionRecord::flags`: `stay_ns` holds the time spent in `oldstate`. Unset on a first
 /// sighting (a socket created or accepted just now, or older than the tracer), where the stay
 /// is unknown; an unknown stay is never reported as 0.
-pub const FLAG_DWELL_KNOWN: u8 = 1 << 0;
+pub const FLAG_STAY_KNOWN: u8 = 1 << 0;
 /// `TransitionRecord::flags`: `owner_tgid`/`owner_comm`/`owner_cgroup` name the process that
 /// owns the socket and its cgroup, captured at a transition that ran in that process's
 /// context (connect, listen, close) or when accept() returned the socket.
@@ -32,10 +32,10 @@ pub struct TransitionRecord {
     pub ts_ns: u64,
     /// The kernel address of the `struct sock`; unique while the socket lives, reused after CLOSE.
     pub skaddr: u64,
-    /// Nanoseconds spent in `oldstate`, valid when `FLAG_DWELL_KNOWN` is set. A move to the
+    /// Nanoseconds spent in `oldstate`, valid when `FLAG_STAY_KNOWN` is set. A move to the
     /// state the socket is already in (close() after shutdown() reports one) does not end
     /// the stay: its record carries the time so far, and the next record the whole stay.
-    pub dwell_ns: u64,
+    pub stay_ns: u64,
     /// The owner's cgroup v2 id (its cgroup directory's inode), valid when `FLAG_OWNER_KNOWN`
     /// is set: names its container without reading `/proc`.
     pub owner_cgroup: u64,
@@ -82,8 +82,8 @@ impl TransitionRecord {
         self.oldstate != self.newstate
     }
 
-    pub const fn dwell_known(&self) -> bool {
-        self.flags & FLAG_DWELL_KNOWN != 0
+    pub const fn stay_known(&self) -> bool {
+        self.flags & FLAG_STAY_KNOWN != 0
     }
 
     pub const fn owner_known(&self) -> bool {

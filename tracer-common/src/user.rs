@@ -185,7 +185,7 @@ mod tests {
         TransitionRecord {
             ts_ns: 123_456_789,
             skaddr: 0xffff_8880_1234_5678,
-            dwell_ns: 42,
+            stay_ns: 42,
             owner_cgroup: 4242,
             pid: 7,
             tgid: 8,
@@ -201,7 +201,7 @@ mod tests {
             protocol: crate::record::IPPROTO_TCP,
             oldstate: crate::TcpState::SYN_SENT,
             newstate: crate::TcpState::ESTABLISHED,
-            flags: crate::record::FLAG_DWELL_KNOWN,
+            flags: crate::record::FLAG_STAY_KNOWN,
             error: 0,
             srtt_us: 0,
         }

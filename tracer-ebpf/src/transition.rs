@@ -16,7 +16,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use tracer_common::{
     KernelCounters, SocketState, TcpState, TransitionRecord,
-    record::{FLAG_DWELL_KNOWN, FLAG_OWNER_KNOWN, IPPROTO_MPTCP, IPPROTO_TCP},
+    record::{FLAG_OWNER_KNOWN, FLAG_STAY_KNOWN, IPPROTO_MPTCP, IPPROTO_TCP},
     settings::{KernelFilter, MAX_FILTER_PORTS, OFFSET_UNKNOWN},
 };
 
@@ -141,7 +141,7 @@ pub fn handle_transition<C: EbpfContext, T: Transition>(
     unsafe {
         (*rec).ts_ns = now;
         (*rec).skaddr = skaddr;
-        (*rec).dwell_ns = tracked.dwell_ns;
+        (*rec).stay_ns = tracked.stay_ns;
         (*rec).owner_cgroup = tracked.owner_cgroup;
         (*rec).pid = pid_tgid as u32;
         (*rec).tgid = tgid;
@@ -171,7 +171,7 @@ pub fn handle_transition<C: EbpfContext, T: Transition>(
 
 /// What the per-socket map knows about a transition's socket.
 struct Tracked {
-    dwell_ns: u64,
+    stay_ns: u64,
     owner_cgroup: u64,
     owner_tgid: u32,
     netns: u32,
@@ -205,13 +205,13 @@ fn track_socket(
                 unsafe { *owner_comm = process_comm() };
             }
             let tracked = Tracked {
-                dwell_ns: now.saturating_sub(entry.entered_ns),
+                stay_ns: now.saturating_sub(entry.entered_ns),
                 owner_cgroup: entry.owner_cgroup,
                 owner_tgid: entry.owner_tgid,
                 netns: entry.netns,
                 // SAFETY: as above.
                 owner_comm: unsafe { *owner_comm },
-                flags: FLAG_DWELL_KNOWN,
+                flags: FLAG_STAY_KNOWN,
             };
             if new == TcpState::CLOSE {
                 // The kernel reuses the address for a later socket.
@@ -233,7 +233,7 @@ fn track_socket(
                 (0, [0; 2], 0)
             };
             let tracked = Tracked {
-                dwell_ns: 0,
+                stay_ns: 0,
                 owner_cgroup,
                 owner_tgid,
                 netns: read_netns(skaddr),

@@ -21,7 +21,7 @@ pub trait TransitionExt {
     fn ip(&self, raw: &[u8; 16]) -> IpAddr;
     fn local(&self) -> SocketAddr;
     fn remote(&self) -> SocketAddr;
-    fn dwell(&self) -> Option<Duration>;
+    fn stay(&self) -> Option<Duration>;
     /// (pid, comm) of the owner, when known.
     fn owner(&self) -> Option<(u32, Cow<'_, str>)>;
     fn family(&self) -> Family;
@@ -42,8 +42,8 @@ impl TransitionExt for TransitionRecord {
         SocketAddr::new(self.ip(&self.daddr), self.dport)
     }
 
-    fn dwell(&self) -> Option<Duration> {
-        self.dwell_known().then(|| Duration::from_nanos(self.dwell_ns))
+    fn stay(&self) -> Option<Duration> {
+        self.stay_known().then(|| Duration::from_nanos(self.stay_ns))
     }
 
     fn owner(&self) -> Option<(u32, Cow<'_, str>)> {

@@ -25,7 +25,16 @@ fn main() -> ExitCode {
     let mut logger = env_logger::Builder::from_env(
         env_logger::Env::new().filter_or("TCPSTATE_LOG", default_level),
     );
-    logger.format_timestamp_millis();
+    // Lines say `tcpstate`, the program's name, rather than the crate's module path; the
+    // libraries' own lines keep their names (aya, hyper).
+    logger.format(|out, record| {
+        use std::io::Write as _;
+        let target = record.target();
+        let source =
+            if target == "tracer" || target.starts_with("tracer::") { "tcpstate" } else { target };
+        let at = out.timestamp_millis();
+        writeln!(out, "[{at} {:<5} {source}] {}", record.level(), record.args())
+    });
     if let Command::Top(_) = cli.command {
         // Written over the panels otherwise: shown in the screen's bottom line instead.
         logger.target(env_logger::Target::Pipe(Box::new(tracer::top::WarningLine)));

@@ -13,6 +13,8 @@ mod dist;
 #[cfg(test)]
 mod doc_pointers;
 mod image;
+#[cfg(test)]
+mod module_graph;
 mod setup;
 mod vmtest;
 

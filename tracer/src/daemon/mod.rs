@@ -1,53 +1,44 @@
 //! `tcpstate run`: the daemon. Loads the probe, seeds the socket table from `sock_diag`,
 //! aggregates every transition, reconciles with fresh dumps, and serves it all over HTTP.
 //!
-//! One task owns the ring buffer and applies records to the aggregator in batches; HTTP
-//! handlers read the aggregator under the same lock, at scrape time only.
+//! Rooms: `core` (the socket table, the reader's loop, the interface every diagnosis
+//! implements), `collectors` (one module per diagnosis), `serve` (HTTP), `export` (the
+//! Prometheus exposition and OTLP), and `status` (the daemon's health, a leaf).
 
-mod aggregate;
-mod destinations;
-mod gauges;
-mod groups;
-mod http;
-mod kernel_map;
-mod kernel_owners;
-mod leak_watch;
-mod listeners;
-mod listing;
-mod metrics;
-mod otlp;
-mod owner_pool;
-mod ports;
-mod reading;
-mod server;
-mod shared;
-mod stuck_listeners;
-mod table;
+mod collectors;
+mod core;
+mod export;
+mod serve;
+mod status;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 
-pub(crate) use self::otlp::{OtlpSettings, SettingError as OtlpSettingError, check as check_otlp};
-pub(crate) use self::shared::{Shared, Status};
-use self::{
-    aggregate::Aggregator,
-    gauges::PortLabels,
-    kernel_map::KernelMapPressure,
-    kernel_owners::KernelOwners,
-    leak_watch::{LeakState, LeakWatch},
-    otlp::OtlpExport,
-    reading::{Reading, dump_namespaces, watch_leaks},
-    stuck_listeners::StuckWatch,
-};
+pub(crate) use self::core::KernelMapSize;
 pub(crate) use self::{
-    destinations::WINDOW_SECONDS as DESTINATION_WINDOW_SECONDS, groups::GroupBy,
-    kernel_map::KernelMapSize, table::BYTES_PER_SOCKET,
+    collectors::DESTINATION_WINDOW_SECONDS,
+    core::{groups::GroupBy, table::BYTES_PER_SOCKET},
+    export::otlp::{OtlpSettings, SettingError as OtlpSettingError, check as check_otlp},
+};
+use self::{
+    core::{
+        Aggregator, Diagnoses, KernelMapPressure, KernelOwners, PortLabels, Shared,
+        reader_loop::{self, Reading, dump_namespaces},
+    },
+    export::{
+        exposition::Exporter,
+        otlp::{OtlpExport, status::OtlpStatus},
+    },
+    serve::HttpServer,
 };
 use crate::{
     clock::monotonic_ns,
     cmdline::CmdlinePolicy,
-    probe::{Probe, ProbeOptions},
+    probe::{KernelSockets, Probe, ProbeOptions},
     reader::RecordReader,
     web_config::WebConfig,
 };
@@ -86,10 +77,6 @@ pub struct Config {
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Ring size unless `--ring-bytes` says otherwise.
 pub(crate) const RING_BYTES: u32 = 4 << 20;
-/// How often the kernel's counters are read and health is judged.
-const STATUS_INTERVAL: Duration = Duration::from_secs(1);
-/// How long shutdown waits for HTTP connections to finish.
-const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_millis(800);
 /// A listing or dump larger than this is followed by `malloc_trim`: built on blocking threads,
 /// each with its own malloc arena, their freed memory otherwise stays with the process.
 pub(crate) const LARGE_ALLOCATION: usize = 1 << 20;
@@ -116,7 +103,7 @@ impl Attached {
 /// (`capabilities::keep_only`) are dropped for every thread the daemon will have.
 pub fn attach(config: &Config) -> anyhow::Result<Attached> {
     crate::probe::preflight::check_privileges()?;
-    let listener = http::bind(config.listen)?;
+    let listener = serve::bind(config.listen)?;
     if !config.listen.ip().is_loopback() && config.web_config.is_none() {
         log::warn!(
             "serving {} without TLS or authentication: whoever reaches it reads every socket \
@@ -149,26 +136,48 @@ pub async fn run(config: Config, attached: Attached) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener).context("serving HTTP")?;
     let ring = probe.take_ring().context("ring buffer already taken")?;
     let reader = RecordReader::new(ring, POLL_INTERVAL).context("watching the ring buffer")?;
-    let shared = seed(&config, &probe, listener.local_addr()?).await?;
+    let labels = PortLabels::new(config.port_labels.clone());
+    let kernel_sockets = kernel_sockets(&mut probe);
+    let diagnoses = collectors::all(&config, &labels, kernel_sockets.clone());
+    let shared = seed(&config, &probe, &diagnoses, labels, listener.local_addr()?).await?;
     let (flush_requests, flushes) = tokio::sync::mpsc::channel::<Flush>(16);
-    let exporter = Arc::new(metrics::Exporter::new(shared.clone(), config.group_by));
-    let http =
-        HttpServer::start(listener, &shared, &config, exporter.clone(), flush_requests.clone());
+    let otlp_status = config.otlp.is_some().then(|| Arc::new(Mutex::new(OtlpStatus::default())));
+    let exporter = Arc::new(Exporter::new(
+        shared.clone(),
+        diagnoses.clone(),
+        config.group_by,
+        otlp_status.clone(),
+    ));
+    let http = HttpServer::start(
+        listener,
+        &shared,
+        diagnoses.clone(),
+        config.web_config.clone(),
+        exporter.clone(),
+        flush_requests.clone(),
+    );
     let otlp = config
         .otlp
         .clone()
-        .map(|settings| OtlpExport::start(settings, shared.clone(), exporter))
+        .zip(otlp_status)
+        .map(|(settings, status)| OtlpExport::start(settings, status, exporter))
         .transpose()?;
-    let leak_watch = start_leak_watch(&mut probe, &shared, &config);
-    let stuck_watch = StuckWatch::new(config.listen_queue_threshold, config.cmdline);
-    let listener_watch = tokio::spawn(listeners::watch_listeners(shared.clone(), stuck_watch));
+    let watch = start_watch(kernel_sockets, &shared, &diagnoses);
+    let listener_dumps = tokio::spawn(reader_loop::dump_listeners(diagnoses.clone()));
     let kernel_map = KernelMapPressure::new(config.probe.socket_map_entries);
-    let reading =
-        Reading { probe: &probe, reader, shared: &shared, flushes, flush_requests, kernel_map };
+    let reading = Reading {
+        probe: &probe,
+        reader,
+        shared: &shared,
+        diagnoses,
+        flushes,
+        flush_requests,
+        kernel_map,
+    };
     reading.until(stop, config.reconcile_interval).await?;
     log::info!("stopping: detaching the probe");
-    leak_watch.abort();
-    listener_watch.abort();
+    watch.abort();
+    listener_dumps.abort();
     let http_stopped = http.stop();
     drop(probe);
     log::debug!("probe detached");
@@ -187,15 +196,12 @@ pub async fn run(config: Config, attached: Attached) -> anyhow::Result<()> {
 async fn seed(
     config: &Config,
     probe: &Probe,
+    diagnoses: &Diagnoses,
+    labels: PortLabels,
     listen: std::net::SocketAddr,
 ) -> anyhow::Result<Arc<Shared>> {
-    let labels = PortLabels::new(config.port_labels.clone());
-    let shared = Arc::new(Shared::new(
-        Aggregator::new(config.max_sockets, labels),
-        LeakState::new(config.close_wait_threshold),
-    ));
+    let shared = Arc::new(Shared::new(Aggregator::new(config.max_sockets, labels)));
     shared.update_status(|status| {
-        status.listeners.stuck_threshold = config.listen_queue_threshold;
         status.parts = probe.parts().to_vec();
         status.map_memory = probe.map_memory().to_vec();
     });
@@ -204,6 +210,9 @@ async fn seed(
     shared.update_status(|status| status.netns_refused = dumps.refused);
     let tls = config.web_config.as_ref().is_some_and(|w| w.tls.is_some());
     let scheme = if tls { "https" } else { "http" };
+    for diagnosis in diagnoses.iter() {
+        diagnosis.sockets_dumped(&dumps.dumps);
+    }
     let seeded = shared.aggregator().reconcile(dumps.dumps, started, finished, false);
     log::info!(
         "tcpstate {} attached to tracepoint sock:inet_sock_set_state; serving {scheme}://{listen}/metrics; \
@@ -217,65 +226,12 @@ async fn seed(
     Ok(shared)
 }
 
-/// The HTTP endpoint, served on a task of its own until stopped.
-struct HttpServer {
-    task: tokio::task::JoinHandle<()>,
-    stop: tokio::sync::oneshot::Sender<()>,
-}
-
-impl HttpServer {
-    fn start(
-        listener: tokio::net::TcpListener,
-        shared: &Arc<Shared>,
-        config: &Config,
-        exporter: Arc<metrics::Exporter>,
-        flush: tokio::sync::mpsc::Sender<Flush>,
-    ) -> Self {
-        let state = http::AppState {
-            shared: shared.clone(),
-            exporter,
-            flush,
-            listings: Arc::new(tokio::sync::Semaphore::new(http::MAX_LISTINGS)),
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let web = config.web_config.clone();
-        let task = tokio::spawn(async move {
-            let users = web.as_ref().and_then(|w| w.users.clone());
-            let tls = web.and_then(|w| w.tls);
-            server::serve(listener, http::router(state, users), tls, async {
-                let _ = stopped.await;
-            })
-            .await;
-        });
-        Self { task, stop }
-    }
-
-    /// Stops accepting now; the future gives connections still open a moment to finish.
-    fn stop(self) -> impl Future<Output = anyhow::Result<()>> {
-        let _ = self.stop.send(());
-        async move {
-            match tokio::time::timeout(HTTP_SHUTDOWN_GRACE, self.task).await {
-                Ok(Ok(())) => {}
-                Ok(Err(join)) => return Err(join).context("HTTP server task"),
-                Err(_elapsed) => log::debug!("closing HTTP connections still open"),
-            }
-            log::debug!("HTTP server stopped");
-            Ok(())
-        }
-    }
-}
-
-/// The leak watch, with the kernel's socket map when the accept hook runs: only that hook
-/// records owners no record carries; without it the lookups would find nothing, once a
-/// second for every socket without an owner.
-fn start_leak_watch(
-    probe: &mut Probe,
-    shared: &Arc<Shared>,
-    config: &Config,
-) -> tokio::task::JoinHandle<()> {
+/// The kernel's per-socket map, where the accept hook runs: only that hook records owners no
+/// record carries; without it, lookups there would find nothing.
+fn kernel_sockets(probe: &mut Probe) -> Option<Arc<KernelSockets>> {
     let accept_hook =
         probe.parts().iter().any(|p| p.part == crate::probe::Part::AcceptOwner && p.active());
-    let kernel_sockets = accept_hook
+    accept_hook
         .then(|| probe.socket_map())
         .and_then(|map| {
             map.inspect_err(|error| {
@@ -283,16 +239,19 @@ fn start_leak_watch(
             })
             .ok()
         })
-        .map(Arc::new);
-    let kernel_owners = kernel_sockets.clone().map(KernelOwners::new);
+        .map(Arc::new)
+}
+
+/// The once-a-second watch: owners of accepted sockets from the kernel's map, then the
+/// diagnoses that look at the table.
+fn start_watch(
+    kernel_sockets: Option<Arc<KernelSockets>>,
+    shared: &Arc<Shared>,
+    diagnoses: &Diagnoses,
+) -> tokio::task::JoinHandle<()> {
+    let kernel_owners = kernel_sockets.map(KernelOwners::new);
     if kernel_owners.is_some() {
         shared.aggregator().queue_unnamed_sockets();
     }
-    let watch = LeakWatch::new(
-        config.close_wait_threshold,
-        config.cmdline,
-        config.group_by,
-        kernel_sockets,
-    );
-    tokio::spawn(watch_leaks(shared.clone(), kernel_owners, watch))
+    tokio::spawn(reader_loop::watch_every_second(shared.clone(), kernel_owners, diagnoses.clone()))
 }

@@ -48,7 +48,7 @@ impl Columns {
             None => ("-".to_owned(), Cow::Borrowed("-")),
         };
         let ms = record
-            .dwell()
+            .stay()
             .map_or_else(|| "-".to_owned(), |d| format!("{:.3}", d.as_secs_f64() * 1e3));
         let width = self.address_width;
         write!(

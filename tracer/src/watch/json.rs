@@ -37,7 +37,7 @@ pub(super) fn write_line(
         dport: record.dport,
         old: record.oldstate,
         new: record.newstate,
-        dwell_ns: record.dwell().map(|_| record.dwell_ns),
+        stay_ns: record.stay().map(|_| record.stay_ns),
         cgroup: cgroup.map(|c| c.path.as_str()),
         container_id: cgroup.and_then(|c| c.container.container_id.as_deref()),
         error: record.failure().map(Failure::name),
@@ -60,7 +60,7 @@ pub const JSON_KEYS: [&str; 17] = [
     "dport",
     "old",
     "new",
-    "dwell_ns",
+    "stay_ns",
     "cgroup",
     "container_id",
     "error",
@@ -83,7 +83,7 @@ struct JsonTransition<'a> {
     dport: u16,
     old: TcpState,
     new: TcpState,
-    dwell_ns: Option<u64>,
+    stay_ns: Option<u64>,
     cgroup: Option<&'a str>,
     container_id: Option<&'a str>,
     error: Option<&'static str>,
@@ -123,8 +123,8 @@ impl JsonTransition<'_> {
         write_state(out, self.old)?;
         out.write_all(b"\",\"new\":\"")?;
         write_state(out, self.new)?;
-        out.write_all(b"\",\"dwell_ns\":")?;
-        write_option(out, self.dwell_ns, write_number)?;
+        out.write_all(b"\",\"stay_ns\":")?;
+        write_option(out, self.stay_ns, write_number)?;
         out.write_all(b",\"cgroup\":")?;
         write_option(out, self.cgroup, write_str)?;
         out.write_all(b",\"container_id\":")?;
@@ -208,7 +208,7 @@ impl serde::Serialize for Hex {
 
 #[cfg(test)]
 pub(super) mod tests {
-    use tracer_common::record::{AF_INET6, FLAG_DWELL_KNOWN, FLAG_OWNER_KNOWN, IPPROTO_TCP};
+    use tracer_common::record::{AF_INET6, FLAG_OWNER_KNOWN, FLAG_STAY_KNOWN, IPPROTO_TCP};
 
     use super::*;
 
@@ -217,7 +217,7 @@ pub(super) mod tests {
         TransitionRecord {
             ts_ns: 5_000_000_000,
             skaddr: 0xffff_8881_0000_1000,
-            dwell_ns: 1_500_000,
+            stay_ns: 1_500_000,
             owner_cgroup: 0,
             pid: 11,
             tgid: 10,
@@ -233,7 +233,7 @@ pub(super) mod tests {
             protocol: IPPROTO_TCP,
             oldstate: TcpState::ESTABLISHED,
             newstate: TcpState::CLOSE_WAIT,
-            flags: FLAG_DWELL_KNOWN | FLAG_OWNER_KNOWN,
+            flags: FLAG_STAY_KNOWN | FLAG_OWNER_KNOWN,
             error: 0,
             srtt_us: 0,
         }
@@ -258,7 +258,7 @@ pub(super) mod tests {
                 dport: 65535,
                 old: TcpState::SYN_SENT,
                 new: TcpState::from_kernel(42),
-                dwell_ns: None,
+                stay_ns: None,
                 cgroup: None,
                 container_id: None,
                 error: None,
@@ -277,7 +277,7 @@ pub(super) mod tests {
                 dport: 1,
                 old: TcpState::ESTABLISHED,
                 new: TcpState::CLOSE,
-                dwell_ns: Some(0),
+                stay_ns: Some(0),
                 cgroup: Some("/kubepods.slice/pod\"x\".slice"),
                 container_id: Some("abc"),
                 error: Some("refused"),
@@ -335,7 +335,7 @@ pub(super) mod tests {
         assert_eq!(value["old"], "ESTABLISHED");
         assert_eq!(value["new"], "CLOSE_WAIT");
         assert_eq!(value["owner_comm"], "server");
-        assert_eq!(value["dwell_ns"], 1_500_000);
+        assert_eq!(value["stay_ns"], 1_500_000);
         assert_eq!(value["cgroup"], cgroup.path);
         assert_eq!(value["container_id"], id);
     }
@@ -345,7 +345,7 @@ pub(super) mod tests {
         let mut unknown = record();
         unknown.flags = 0;
         let value = json_of(&unknown, None);
-        assert!(value["dwell_ns"].is_null());
+        assert!(value["stay_ns"].is_null());
         assert!(value["owner_pid"].is_null());
         assert!(value["owner_comm"].is_null());
         assert!(value["cgroup"].is_null() && value["container_id"].is_null());

@@ -176,7 +176,9 @@ impl Tcpstate {
         let mut this = Self { child, stdout, stderr, stderr_seen: Vec::new() };
         // Generous: under software emulation (the kernel matrix) attaching took over 30 s
         // once on 5.10, after the previous test's process had just detached its programs.
-        this.wait_for_stderr("attached to tracepoint", Duration::from_secs(90));
+        let started = this.wait_for_stderr("attached to tracepoint", Duration::from_secs(90));
+        // The program speaks as itself, not as its crate's modules.
+        assert!(started.contains(" tcpstate] "), "the start line names tcpstate: {started}");
         this
     }
 

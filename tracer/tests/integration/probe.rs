@@ -230,15 +230,15 @@ fn exact_sequences(addressing: Addressing, closer: Closer, path: Path) {
     // First sightings have no duration; every later record has one, each stay runs from the
     // previous transition to this one, and together they fit in the socket's lifetime.
     for sequence in [&client, &accepted] {
-        assert_eq!(sequence[0].dwell(), None, "first sighting must not report a duration");
-        assert!(sequence[1..].iter().all(|r| r.dwell().is_some()), "later records have durations");
+        assert_eq!(sequence[0].stay(), None, "first sighting must not report a duration");
+        assert!(sequence[1..].iter().all(|r| r.stay().is_some()), "later records have durations");
         for pair in sequence.windows(2) {
-            assert_eq!(pair[1].dwell_ns, pair[1].ts_ns - pair[0].ts_ns, "stay ends where it began");
+            assert_eq!(pair[1].stay_ns, pair[1].ts_ns - pair[0].ts_ns, "stay ends where it began");
         }
-        let total: Duration = sequence.iter().filter_map(|r| r.dwell()).sum();
+        let total: Duration = sequence.iter().filter_map(|r| r.stay()).sum();
         assert!(total <= lifetime, "stays sum to {total:?}, more than the {lifetime:?} lifetime");
     }
-    let established = client[2].dwell().unwrap();
+    let established = client[2].stay().unwrap();
     assert!(established >= HOLD, "ESTABLISHED lasted {established:?}, the client held it {HOLD:?}");
 
     // The owner is this process on every client record, including the ones the kernel emits
@@ -347,14 +347,14 @@ fn close_after_shutdown_continues_the_stay() {
     let mut entered_ns = None;
     for r in &accepted {
         if let Some(entered_ns) = entered_ns {
-            assert!(r.dwell().is_some(), "{r:?}");
-            assert_eq!(r.dwell_ns, r.ts_ns - entered_ns, "{:?} -> {:?}", r.oldstate, r.newstate);
+            assert!(r.stay().is_some(), "{r:?}");
+            assert_eq!(r.stay_ns, r.ts_ns - entered_ns, "{:?} -> {:?}", r.oldstate, r.newstate);
         }
         if r.oldstate != r.newstate {
             entered_ns = Some(r.ts_ns);
         }
     }
-    let (within, leaving) = (accepted[4].dwell().unwrap(), accepted[5].dwell().unwrap());
+    let (within, leaving) = (accepted[4].stay().unwrap(), accepted[5].stay().unwrap());
     assert!(within >= HOLD, "FIN_WAIT2 so far at close(): {within:?}, held {HOLD:?}");
     assert!(leaving >= within, "FIN_WAIT2 lasted {leaving:?}, less than the {within:?} before");
 }

@@ -27,17 +27,17 @@ const MAX_LOOKS: u8 = 4;
 const RETRY_AFTER_NS: u64 = 1_000_000_000;
 
 #[derive(Clone)]
-pub(super) struct KernelOwners {
+pub(crate) struct KernelOwners {
     map: Arc<KernelSockets>,
 }
 
 impl KernelOwners {
-    pub(super) fn new(map: Arc<KernelSockets>) -> Self {
+    pub(crate) fn new(map: Arc<KernelSockets>) -> Self {
         Self { map }
     }
 
     /// Looks up the owners of the sockets that are due; returns how many were found.
-    pub(super) fn fill(&self, shared: &Shared) -> usize {
+    pub(crate) fn fill(&self, shared: &Shared) -> usize {
         let now = monotonic_ns();
         let due = shared.aggregator().take_unnamed(now, MAX_LOOKUPS);
         if due.is_empty() {

@@ -58,17 +58,17 @@ fn sockets_present() -> Option<u64> {
 
 /// Warns once when the daemon tracks more sockets than 80 % of the kernel's map: past its
 /// slots the kernel forgets the least recently changed sockets.
-pub(super) struct KernelMapPressure {
+pub(crate) struct KernelMapPressure {
     slots: u32,
     warned: bool,
 }
 
 impl KernelMapPressure {
-    pub(super) fn new(slots: u32) -> Self {
+    pub(crate) fn new(slots: u32) -> Self {
         Self { slots, warned: false }
     }
 
-    pub(super) fn check(&mut self, tracked: usize) {
+    pub(crate) fn check(&mut self, tracked: usize) {
         if self.warned || (tracked as u64) * 5 < u64::from(self.slots) * 4 {
             return;
         }

@@ -10,12 +10,12 @@ use foldhash::{HashMap, HashMapExt as _};
 
 use tracer_common::TcpState;
 
-pub(super) use super::owner_pool::Owner;
+pub(crate) use super::owner_pool::Owner;
 use super::{
     gauges::{PortLabels, StateGauges},
     owner_pool::{OwnerId, OwnerPool},
 };
-pub(super) use crate::socket::SocketKey;
+pub(crate) use crate::socket::SocketKey;
 
 /// What the daemon knows about one live socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,7 +38,7 @@ pub(crate) struct Tracked {
 /// Identifier of a table entry: the kernel address for traced sockets; below
 /// `SEEDED_ID_LIMIT` for sockets known only from a dump (kernel addresses have the top bit
 /// set on every 64-bit architecture Linux runs BPF on).
-pub(super) type SocketId = u64;
+pub(crate) type SocketId = u64;
 const SEEDED_ID_LIMIT: u64 = 1 << 62;
 
 /// What the table takes per socket it holds: the packed entry and its share of the index.
@@ -66,7 +66,7 @@ pub(crate) struct SocketTable {
 }
 
 /// Sockets per port label and state.
-pub(super) type Counts = Vec<[i64; TcpState::INDEXES]>;
+pub(crate) type Counts = Vec<[i64; TcpState::INDEXES]>;
 
 /// What a scrape needs from the whole table, gathered in one pass.
 pub(crate) struct ScrapePass {

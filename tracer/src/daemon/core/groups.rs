@@ -72,7 +72,7 @@ impl GroupBy {
 
 /// Tracked sockets per group, port label and state, from the per-cgroup counts of a scrape
 /// pass: the `TOP_GROUPS` largest groups, then `other` when there are more.
-pub(super) fn group_sockets(
+pub(crate) fn group_sockets(
     per_cgroup: Vec<(u64, Counts)>,
     cgroups: &mut CgroupNames,
     by: GroupBy,

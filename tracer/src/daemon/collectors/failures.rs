@@ -1,20 +1,36 @@
-//! Where connections fail: failed connects by destination and reason, and resets by peer,
-//! counted over the last minute in 10-second buckets of bounded size, and retransmits by
-//! destination, from the kernel's counts read every few seconds. The top ones are served as
-//! gauges, at `/api/destinations` and in `tcpstate top`.
+//! Where connections fail: failed connects by reason and resets by the state they hit, since
+//! start; and the same by destination and by peer over the last minute, in 10-second buckets
+//! of bounded size. The top ones are served as gauges, at `/api/destinations` and in
+//! `tcpstate top`.
 //!
 //! A reset's "peer" is the service it concerns: for a connection this side opened, the remote
 //! address and port; for one a local listener accepted, the remote address and the local
 //! (listening) port, since the client's own port says nothing.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, HashSet},
+    fmt,
     net::{IpAddr, SocketAddr},
+    sync::{Mutex, MutexGuard, PoisonError},
+    time::Instant,
 };
 
+use prometheus_client::{
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+};
 use serde::{Deserialize, Serialize};
+use tracer_common::TcpState;
 
-use crate::failure::{CONNECT_REASONS, ResetDirection};
+use crate::{
+    daemon::{
+        core::{Diagnosis, PortLabels, Transition},
+        export::family::{PortSeries, Scrape},
+    },
+    event::TransitionExt as _,
+    failure::{CONNECT_REASONS, Failure, ResetDirection},
+    netns::NamespaceListeners,
+};
 
 /// How far back the counts go, in seconds: six 10-second buckets, the current one filling.
 pub(crate) const WINDOW_SECONDS: f64 = (BUCKET_NS * BUCKETS as u64 / 1_000_000_000) as f64;
@@ -79,15 +95,7 @@ pub(crate) struct Resets {
     pub count: u64,
 }
 
-/// Retransmitted segments to one destination, over the window.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub(crate) struct RetransmitsTo {
-    pub address: IpAddr,
-    pub port: u16,
-    pub count: u64,
-}
-
-/// What `/api/destinations` serves.
+/// This diagnosis's part of `/api/destinations`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct DestinationReport {
     pub window_seconds: f64,
@@ -96,18 +104,6 @@ pub(crate) struct DestinationReport {
     pub resets: Vec<Resets>,
     /// Failures in the window that no bucket had room for.
     pub uncounted: u64,
-    /// Most first, at most `TOP_DESTINATIONS`; empty where the retransmit counters do not run.
-    pub retransmits: Vec<RetransmitsTo>,
-    /// Retransmits in the window the kernel's destination map had no room for.
-    pub retransmits_unlisted: u64,
-}
-
-/// The kernel's retransmit counts by destination at one moment (since attach).
-#[derive(Clone, Debug, Default)]
-struct RetransmitSnapshot {
-    at_ns: u64,
-    by_destination: HashMap<SocketAddr, u64>,
-    unlisted: u64,
 }
 
 #[derive(Default)]
@@ -124,11 +120,6 @@ pub(crate) struct Destinations {
     buckets: [Bucket; BUCKETS],
     /// Ports listeners listen on, per namespace: a reset socket on one of them was accepted.
     listening: HashSet<(u32, u16)>,
-    /// Snapshots at least `BUCKET_NS` apart, oldest first: the first is the window's start
-    /// (at attach, all zero, until the daemon is a minute old).
-    retransmit_history: VecDeque<RetransmitSnapshot>,
-    /// The latest snapshot.
-    retransmits_now: RetransmitSnapshot,
 }
 
 impl Destinations {
@@ -153,57 +144,6 @@ impl Destinations {
         let (role, port) =
             if accepted { (Role::Server, local.port()) } else { (Role::Client, remote.port()) };
         self.count(at_ns, Key::Reset { direction, role, peer: remote.ip(), port });
-    }
-
-    /// The kernel's retransmit counts by destination, read at `at_ns`.
-    pub(crate) fn retransmits_read(
-        &mut self,
-        at_ns: u64,
-        by_destination: Vec<(SocketAddr, u64)>,
-        unlisted: u64,
-    ) {
-        let by_destination = by_destination.into_iter().collect();
-        let snapshot = RetransmitSnapshot { at_ns, by_destination, unlisted };
-        if self.retransmit_history.is_empty() {
-            self.retransmit_history.push_back(RetransmitSnapshot::default());
-        }
-        let last = self.retransmit_history.back().map_or(0, |s| s.at_ns);
-        if at_ns.saturating_sub(last) >= BUCKET_NS {
-            self.retransmit_history.push_back(snapshot.clone());
-        }
-        // The window starts at the newest snapshot at least a window old.
-        let window_ns = BUCKET_NS * BUCKETS as u64;
-        while self
-            .retransmit_history
-            .get(1)
-            .is_some_and(|next| at_ns.saturating_sub(next.at_ns) >= window_ns)
-        {
-            self.retransmit_history.pop_front();
-        }
-        self.retransmits_now = snapshot;
-    }
-
-    /// Retransmits per destination since the window's start, most first.
-    fn retransmits(&self) -> (Vec<RetransmitsTo>, u64) {
-        let Some(start) = self.retransmit_history.front() else { return (Vec::new(), 0) };
-        let now = &self.retransmits_now;
-        let mut found: Vec<RetransmitsTo> = now
-            .by_destination
-            .iter()
-            .map(|(to, &count)| {
-                // Lower than at the start: evicted from the kernel's map and counted again
-                // from 0 since.
-                let before = start.by_destination.get(to).copied().unwrap_or(0);
-                let count = if count >= before { count - before } else { count };
-                RetransmitsTo { address: to.ip(), port: to.port(), count }
-            })
-            .filter(|to| to.count > 0)
-            .collect();
-        found.sort_by(|a, b| {
-            b.count.cmp(&a.count).then_with(|| (a.address, a.port).cmp(&(b.address, b.port)))
-        });
-        found.truncate(TOP_DESTINATIONS);
-        (found, now.unlisted.saturating_sub(start.unlisted))
     }
 
     fn count(&mut self, at_ns: u64, key: Key) {
@@ -279,16 +219,160 @@ impl Destinations {
         });
         connect_failures.truncate(TOP_DESTINATIONS);
         resets.truncate(TOP_DESTINATIONS);
-        let (retransmits, retransmits_unlisted) = self.retransmits();
-        DestinationReport {
-            window_seconds: WINDOW_SECONDS,
-            connect_failures,
-            resets,
-            uncounted,
-            retransmits,
-            retransmits_unlisted,
+        DestinationReport { window_seconds: WINDOW_SECONDS, connect_failures, resets, uncounted }
+    }
+}
+
+/// Failed connects and resets since start, per port label; and by destination over the last
+/// minute.
+pub(super) struct Failures {
+    counts: Mutex<Counts>,
+}
+
+struct Counts {
+    /// [label][reason], reasons in `failure::CONNECT_REASONS` order.
+    connect_failures: Vec<[u64; CONNECT_REASONS.len()]>,
+    /// [label][received, sent][state the reset hit]
+    resets: Vec<[[u64; TcpState::INDEXES]; 2]>,
+    destinations: Destinations,
+}
+
+impl Failures {
+    pub(super) fn new(labels: &PortLabels) -> Self {
+        let counts = Counts {
+            connect_failures: vec![[0; CONNECT_REASONS.len()]; labels.values()],
+            resets: vec![[[0; TcpState::INDEXES]; 2]; labels.values()],
+            destinations: Destinations::default(),
+        };
+        Self { counts: Mutex::new(counts) }
+    }
+
+    fn counts(&self) -> MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Diagnosis for Failures {
+    fn transitions(&self, batch: &[Transition]) {
+        let mut counts = self.counts();
+        for &Transition { record: ref r, label, .. } in batch {
+            let Some(failure) = Failure::of(r.oldstate, r.newstate, r.error) else { continue };
+            if r.oldstate == TcpState::SYN_SENT {
+                let reason = failure.connect_slot();
+                counts.connect_failures[label][reason] += 1;
+                counts.destinations.connect_failed(r.ts_ns, reason, r.remote());
+            } else if let Some(direction) = failure.reset() {
+                counts.resets[label][direction as usize][r.oldstate.index()] += 1;
+                counts.destinations.reset(r.ts_ns, direction, r.netns, r.local(), r.remote());
+            }
         }
     }
+
+    /// A reset on a listening port concerns that local service.
+    fn listeners_dumped(&self, listeners: &[NamespaceListeners], _now: Instant) {
+        let listening = listeners
+            .iter()
+            .flat_map(|ns| ns.queues.iter().map(|queue| (ns.inode, queue.local.port())))
+            .collect();
+        self.counts().destinations.set_listening(listening);
+    }
+
+    fn metrics(&self, encoder: &mut DescriptorEncoder, scrape: &Scrape) -> fmt::Result {
+        let counts = self.counts();
+        connect_failures(encoder, &counts, scrape.ports)?;
+        resets(encoder, &counts, scrape.ports)?;
+        by_destination(encoder, &counts.destinations.report(scrape.now))
+    }
+
+    fn destinations(&self, now_ns: u64, sections: &mut serde_json::Map<String, serde_json::Value>) {
+        let report = self.counts().destinations.report(now_ns);
+        if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(report) {
+            sections.extend(fields);
+        }
+    }
+}
+
+fn connect_failures(
+    encoder: &mut DescriptorEncoder,
+    counts: &Counts,
+    ports: &PortSeries,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_connect_failures",
+        "connect() attempts that failed (SYN_SENT -> CLOSE), by reason: refused, timeout, \
+         unreachable, reset, aborted (given up by the program), other",
+        None,
+        MetricType::Counter,
+    )?;
+    for label in ports.indexes() {
+        for (reason, count) in CONNECT_REASONS.iter().zip(&counts.connect_failures[label]) {
+            let set = ports.with(&[("reason", (*reason).to_owned())], label);
+            ConstCounter::new(*count).encode(family.encode_family(&set)?)?;
+        }
+    }
+    Ok(())
+}
+
+fn resets(encoder: &mut DescriptorEncoder, counts: &Counts, ports: &PortSeries) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_resets",
+        "Connections ended by a reset, received from the peer or sent by this host \
+         (SO_LINGER 0, close() with unread data, ss -K), by the state it hit",
+        None,
+        MetricType::Counter,
+    )?;
+    for label in ports.indexes() {
+        for direction in ResetDirection::ALL {
+            for state in TcpState::ALL {
+                let count = counts.resets[label][direction as usize][state.index()];
+                if count > 0 {
+                    let base =
+                        [("direction", direction.name().to_owned()), ("state", state.to_string())];
+                    ConstCounter::new(count)
+                        .encode(family.encode_family(&ports.with(&base, label))?)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The destinations with most failed connects, and the peers with most resets, over the
+/// last minute.
+fn by_destination(encoder: &mut DescriptorEncoder, report: &DestinationReport) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_connect_failures_by_destination",
+        "Failed connects in the last minute to one destination address and port, for one \
+         reason (as in tcpstate_connect_failures_total): the 10 with most",
+        None,
+        MetricType::Gauge,
+    )?;
+    for failures in &report.connect_failures {
+        let set = [
+            ("daddr", failures.address.to_string()),
+            ("dport", failures.port.to_string()),
+            ("reason", failures.reason.clone()),
+        ];
+        ConstGauge::new(failures.count as i64).encode(family.encode_family(&set)?)?;
+    }
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_resets_by_peer",
+        "Connections ended by a reset in the last minute, by peer address and service port: \
+         the remote port where this host connected (role client), the local listening port \
+         where it accepted (role server); the 10 with most",
+        None,
+        MetricType::Gauge,
+    )?;
+    for resets in &report.resets {
+        let set = [
+            ("raddr", resets.peer_address.to_string()),
+            ("port", resets.port.to_string()),
+            ("role", resets.role.name().to_owned()),
+            ("direction", resets.direction.clone()),
+        ];
+        ConstGauge::new(resets.count as i64).encode(family.encode_family(&set)?)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -341,27 +425,6 @@ mod tests {
         assert!(found.contains(&(addr(2, 0).ip(), 8080, Role::Server, "received")), "{found:?}");
         assert!(found.contains(&(addr(3, 0).ip(), 443, Role::Client, "sent")), "{found:?}");
         assert!(found.contains(&(addr(2, 0).ip(), 51234, Role::Client, "received")), "{found:?}");
-    }
-
-    #[test]
-    fn retransmits_count_from_the_newest_snapshot_a_minute_old() {
-        let mut d = Destinations::default();
-        let (a, b) = (addr(1, 443), addr(2, 80));
-        // Since attach, until the daemon is a minute old.
-        d.retransmits_read(5 * SECOND, vec![(a, 3)], 0);
-        let report = d.report(5 * SECOND);
-        assert_eq!((report.retransmits[0].address, report.retransmits[0].count), (a.ip(), 3));
-        for t in (10..=70).step_by(5) {
-            d.retransmits_read(t * SECOND, vec![(a, 3 + t), (b, 1)], 2);
-        }
-        // At 70 s the window starts at the snapshot of 10 s: a grew by 60, b not at all.
-        let report = d.report(70 * SECOND);
-        let found: Vec<_> = report.retransmits.iter().map(|r| (r.port, r.count)).collect();
-        assert_eq!(found, [(443, 60)]);
-        assert_eq!(report.retransmits_unlisted, 0);
-        // Evicted and back: counted from 0 again.
-        d.retransmits_read(75 * SECOND, vec![(a, 4)], 2);
-        assert_eq!(d.report(75 * SECOND).retransmits[0].count, 4);
     }
 
     #[test]

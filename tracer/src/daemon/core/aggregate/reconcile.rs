@@ -21,9 +21,8 @@ use tracer_common::TcpState;
 
 use super::{Aggregator, SAMPLED_STATES, table_states, tracked_state};
 use crate::{
-    daemon::{
+    daemon::core::{
         gauges::PortLabels,
-        ports::{self, PortUsage},
         table::{SocketId, SocketKey},
     },
     netns::NamespaceDump,
@@ -86,7 +85,6 @@ pub(crate) struct DumpIndex {
     sampled: Vec<Vec<i64>>,
     /// [state index][port label], of the table's states.
     counted: Vec<Vec<i64>>,
-    port_usage: Option<(Vec<PortUsage>, f64)>,
     hasher: RandomState,
     slots: Vec<Slot>,
     /// Which positions a table entry has claimed, a bit each.
@@ -125,7 +123,6 @@ impl DumpIndex {
             covered: dumps.iter().map(|d| d.inode).collect(),
             sampled: vec![vec![0; labels.values()]; SAMPLED_STATES.len()],
             counted: vec![vec![0; labels.values()]; TcpState::INDEXES],
-            port_usage: Some(ports::usage(&dumps)),
             starts,
             dumps: Vec::new(),
             started_ns,
@@ -239,9 +236,6 @@ impl Aggregator {
 
     /// Sets what comes from dumps alone; returns the entries to visit.
     fn reconcile_start(&mut self, index: &mut DumpIndex) -> Vec<SocketId> {
-        if let Some(usage) = index.port_usage.take() {
-            self.port_usage = usage;
-        }
         for (state, per_label) in SAMPLED_STATES.iter().zip(&index.sampled) {
             self.table.gauges_mut().set_counts(*state, per_label, index.finished_ns);
         }
@@ -396,8 +390,8 @@ mod tests {
     }
 
     fn established(agg: &mut Aggregator, skaddr: u64, sport: u16) {
-        agg.apply(&record(skaddr, 1, S::CLOSE, S::SYN_SENT, 0));
-        agg.apply(&record(skaddr, 2, S::SYN_SENT, S::ESTABLISHED, sport));
+        agg.apply(record(skaddr, 1, S::CLOSE, S::SYN_SENT, 0));
+        agg.apply(record(skaddr, 2, S::SYN_SENT, S::ESTABLISHED, sport));
     }
 
     #[test]
@@ -409,8 +403,8 @@ mod tests {
         agg.begin_dump();
         let outcome = reconcile_around(&mut agg, listed, (30, 40), |agg| {
             // Both seeded entries get their addresses from records while the lock is free.
-            agg.apply(&record(A, 45, S::ESTABLISHED, S::CLOSE_WAIT, 1000));
-            agg.apply(&record(A + 8, 46, S::ESTABLISHED, S::FIN_WAIT1, 2000));
+            agg.apply(record(A, 45, S::ESTABLISHED, S::CLOSE_WAIT, 1000));
+            agg.apply(record(A + 8, 46, S::ESTABLISHED, S::FIN_WAIT1, 2000));
         });
         assert_eq!(outcome.corrections(), 0, "{outcome:?}");
         assert_eq!(agg.table().len(), 2);
@@ -428,9 +422,9 @@ mod tests {
         let listed = dump(vec![diag(S::ESTABLISHED, 1000), diag(S::ESTABLISHED, 2000)]);
         let outcome = reconcile_around(&mut agg, listed, (10, 20), |agg| {
             for (skaddr, sport) in [(A, 1000), (A + 8, 2000)] {
-                agg.apply(&record(skaddr, 25, S::ESTABLISHED, S::CLOSE_WAIT, sport));
-                agg.apply(&record(skaddr, 26, S::CLOSE_WAIT, S::LAST_ACK, sport));
-                agg.apply(&record(skaddr, 27, S::LAST_ACK, S::CLOSE, sport));
+                agg.apply(record(skaddr, 25, S::ESTABLISHED, S::CLOSE_WAIT, sport));
+                agg.apply(record(skaddr, 26, S::CLOSE_WAIT, S::LAST_ACK, sport));
+                agg.apply(record(skaddr, 27, S::LAST_ACK, S::CLOSE, sport));
             }
         });
         assert_eq!(outcome.corrections(), 0, "{outcome:?}");
@@ -445,7 +439,7 @@ mod tests {
         let listener = |agg: &mut Aggregator, skaddr| {
             let mut r = record(skaddr, 1, S::CLOSE, S::LISTEN, 8080);
             (r.dport, r.daddr) = (0, [0; 16]);
-            agg.apply(&r);
+            agg.apply(r);
         };
         listener(&mut agg, A);
         listener(&mut agg, A + 8);

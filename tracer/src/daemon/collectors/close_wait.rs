@@ -4,42 +4,48 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::Arc,
+    fmt,
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
+use prometheus_client::{
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, gauge::ConstGauge},
+};
 use tracer_common::TcpState;
 
-use super::{
-    Shared,
-    groups::{GroupBy, GroupLabels},
-    table::{Owner, SocketId, SocketKey},
-};
 use crate::{
     clock::monotonic_ns,
     cmdline::CmdlinePolicy,
+    daemon::{
+        core::{
+            Diagnosis, Shared,
+            groups::{GroupBy, GroupLabels},
+            table::{Owner, SocketId, SocketKey},
+        },
+        export::family::{Scrape, escape_label_value, gauge_f64},
+    },
     leaks::{Candidate, LeakReport, OwnerResolver, ProcessLeak, Source, human_age},
     netns,
     probe::KernelSockets,
     sockdiag,
 };
 
-/// How often the detector looks.
-pub(super) const EVALUATION_INTERVAL: Duration = Duration::from_secs(1);
 /// At most one /proc walk, and one sock_diag dump for missing inodes, this often.
 const LOOKUP_INTERVAL: Duration = Duration::from_secs(5);
 /// Most processes with their own `comm` label in tcpstate_close_wait_leaked_sockets.
-pub(super) const TOP_PROCESSES: usize = 20;
+const TOP_PROCESSES: usize = 20;
 /// A process that stopped leaking keeps a 0 sample this long, so the metric returns to 0.
 const CLEARED_RETENTION: Duration = Duration::from_secs(600);
 
 /// The labels of one series of tcpstate_close_wait_leaked_sockets: the process's `comm` and,
 /// under `--group-by`, its group (empty labels otherwise).
-pub(super) type Series = (String, GroupLabels);
+type Series = (String, GroupLabels);
 
-/// What the exporter needs of the latest evaluation.
+/// The latest evaluation.
 #[derive(Clone, Debug)]
-pub(crate) struct LeakState {
+struct LeakState {
     pub report: LeakReport,
     /// Leaked sockets per series: the top processes (with their group under `--group-by`),
     /// "other" for the rest, and recently cleared ones at 0.
@@ -47,7 +53,7 @@ pub(crate) struct LeakState {
 }
 
 impl LeakState {
-    pub(crate) fn new(threshold: Duration) -> Self {
+    fn new(threshold: Duration) -> Self {
         Self { report: LeakReport::empty(Source::Daemon, threshold), by_comm: Vec::new() }
     }
 }
@@ -59,7 +65,53 @@ struct Logged {
     power: u32,
 }
 
-pub(super) struct LeakWatch {
+/// The diagnosis: the watch evaluates once a second; scrapes and reports read the latest.
+pub(super) struct CloseWaitLeaks {
+    watch: Mutex<LeakWatch>,
+    latest: Mutex<LeakState>,
+    group_by: Option<GroupBy>,
+}
+
+impl CloseWaitLeaks {
+    pub(super) fn new(
+        threshold: Duration,
+        cmdline: CmdlinePolicy,
+        group_by: Option<GroupBy>,
+        kernel_sockets: Option<Arc<KernelSockets>>,
+    ) -> Self {
+        Self {
+            watch: Mutex::new(LeakWatch::new(threshold, cmdline, group_by, kernel_sockets)),
+            latest: Mutex::new(LeakState::new(threshold)),
+            group_by,
+        }
+    }
+
+    fn latest(&self) -> std::sync::MutexGuard<'_, LeakState> {
+        self.latest.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Diagnosis for CloseWaitLeaks {
+    fn every_second(&self, shared: &Shared) {
+        let state = self.watch.lock().unwrap_or_else(PoisonError::into_inner).evaluate(shared);
+        *self.latest() = state;
+    }
+
+    fn metrics(&self, encoder: &mut DescriptorEncoder, scrape: &Scrape) -> fmt::Result {
+        let oldest = scrape.oldest[TcpState::CLOSE_WAIT.index()]
+            .map_or(0.0, |entered| scrape.now.saturating_sub(entered) as f64 / 1e9);
+        families(encoder, &self.latest(), self.group_by, oldest)
+    }
+
+    fn findings(&self, report: &mut LeakReport) {
+        let latest = self.latest();
+        report.threshold_seconds = latest.report.threshold_seconds;
+        report.leaked_sockets = latest.report.leaked_sockets;
+        report.processes.clone_from(&latest.report.processes);
+    }
+}
+
+struct LeakWatch {
     threshold: Duration,
     resolver: OwnerResolver,
     last_inode_dump: Option<Instant>,
@@ -73,7 +125,7 @@ pub(super) struct LeakWatch {
 }
 
 impl LeakWatch {
-    pub(super) fn new(
+    fn new(
         threshold: Duration,
         cmdline: CmdlinePolicy,
         group_by: Option<GroupBy>,
@@ -92,7 +144,7 @@ impl LeakWatch {
     }
 
     /// One evaluation (blocking: reads /proc, may dump sock_diag).
-    pub(super) fn evaluate(&mut self, shared: &Shared) -> LeakState {
+    fn evaluate(&mut self, shared: &Shared) -> LeakState {
         let now = monotonic_ns();
         let threshold_ns = self.threshold.as_nanos() as u64;
         let mut candidates: Vec<(SocketId, Candidate)> = {
@@ -298,6 +350,42 @@ fn details(process: &ProcessLeak) -> String {
         "; local ports {}; top peers {}{container}; cmdline: {cmdline}",
         ports.join(","),
         peers.join(", ")
+    )
+}
+
+/// CLOSE_WAIT leaks by process (and group under `--group-by`), the oldest CLOSE_WAIT socket's
+/// age in seconds, and the threshold.
+fn families(
+    encoder: &mut DescriptorEncoder,
+    leaks: &LeakState,
+    group_by: Option<GroupBy>,
+    close_wait_oldest: f64,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_close_wait_leaked_sockets",
+        "Sockets in CLOSE_WAIT for longer than --close-wait-threshold, by the comm of the \
+         process holding them: the 20 processes with most, the rest summed as comm=\"other\"",
+        None,
+        MetricType::Gauge,
+    )?;
+    for ((comm, group), count) in &leaks.by_comm {
+        let mut set = vec![("comm", escape_label_value(comm))];
+        if group_by.is_some() {
+            set.extend(group.pairs().map(|(name, value)| (name, escape_label_value(&value))));
+        }
+        ConstGauge::new(*count as i64).encode(family.encode_family(&set)?)?;
+    }
+    gauge_f64(
+        encoder,
+        "tcpstate_close_wait_oldest_age_seconds",
+        "Age of the oldest socket in CLOSE_WAIT (0 when there is none)",
+        close_wait_oldest,
+    )?;
+    gauge_f64(
+        encoder,
+        "tcpstate_close_wait_threshold_seconds",
+        "The --close-wait-threshold beyond which a CLOSE_WAIT socket counts as leaked",
+        leaks.report.threshold_seconds,
     )
 }
 

@@ -14,8 +14,8 @@ use opentelemetry_proto::tonic::{
 };
 
 use super::{
-    exposition::{Family, Kind, Value},
     naming,
+    read_back::{Family, Kind, Value},
 };
 
 /// When the values began and when they were read, in ns since the Unix epoch.
@@ -175,7 +175,7 @@ fn key_value(key: String, value: String) -> KeyValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::otlp::exposition::Series;
+    use crate::daemon::export::otlp::read_back::Series;
 
     const TIMES: Times = Times { start: 1, now: 2 };
 

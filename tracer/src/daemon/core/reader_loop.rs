@@ -1,5 +1,6 @@
-//! The reader's side of the daemon: records applied in batches, flushes for scrapes, the
-//! kernel's counters each second, and reconciliation with sock_diag dumps off its way.
+//! The reader's side of the daemon: records applied in batches and handed to the diagnoses,
+//! flushes for scrapes, the kernel's counters each second, reconciliation with sock_diag dumps
+//! off its way; and the periodic inputs of the diagnoses (listener dumps, the 1 Hz watch).
 
 use std::{sync::Arc, time::Duration};
 
@@ -7,21 +8,26 @@ use anyhow::Context as _;
 use tracer_common::{DecodeError, TransitionRecord};
 
 use super::{
-    Flush, LARGE_ALLOCATION, STATUS_INTERVAL, Shared,
+    Diagnoses, Shared, Transition,
     aggregate::{self, DumpIndex, ReconcileOutcome},
     kernel_map::KernelMapPressure,
     kernel_owners::KernelOwners,
-    leak_watch::{self, LeakWatch},
 };
 use crate::{
     clock::monotonic_ns,
+    daemon::{Flush, LARGE_ALLOCATION, status::STATUS_INTERVAL},
     netns::{self, AllDumps},
     probe::Probe,
     reader::RecordReader,
 };
 
+/// How often the listeners are dumped for the diagnoses.
+const LISTEN_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the diagnoses' watch runs.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Dumps every network namespace off the async workers; returns when it started and ended.
-pub(super) async fn dump_namespaces() -> anyhow::Result<(AllDumps, u64, u64)> {
+pub(crate) async fn dump_namespaces() -> anyhow::Result<(AllDumps, u64, u64)> {
     let started = monotonic_ns();
     let dumps = tokio::task::spawn_blocking(netns::dump_all).await.context("sock_diag dump")?;
     Ok((dumps, started, monotonic_ns()))
@@ -31,9 +37,14 @@ pub(super) async fn dump_namespaces() -> anyhow::Result<(AllDumps, u64, u64)> {
 /// and its index are built on a thread of their own at a lower priority (on a busy host they
 /// took the CPU the reader needed, and the ring filled), and the table is then locked only in
 /// short slices while the reader goes on applying records.
-fn reconcile(shared: &Shared, flush: &tokio::sync::mpsc::Sender<Flush>) -> ReconcileOutcome {
+fn reconcile(
+    shared: &Shared,
+    diagnoses: &Diagnoses,
+    flush: &tokio::sync::mpsc::Sender<Flush>,
+) -> ReconcileOutcome {
     let labels = shared.aggregator().labels().clone();
     shared.aggregator().begin_dump();
+    let diagnoses = diagnoses.clone();
     let dumped = std::thread::Builder::new()
         .name("tcpstate-dump".into())
         .spawn(move || {
@@ -47,6 +58,9 @@ fn reconcile(shared: &Shared, flush: &tokio::sync::mpsc::Sender<Flush>) -> Recon
                 Duration::from_nanos(finished - started)
             );
             let bytes = dumps.bytes();
+            for diagnosis in diagnoses.iter() {
+                diagnosis.sockets_dumped(&dumps.dumps);
+            }
             (DumpIndex::new(dumps.dumps, started, finished, &labels), dumps.refused, bytes)
         })
         .map(|thread| thread.join());
@@ -83,17 +97,18 @@ fn lower_this_threads_priority() {
 
 /// The reader's loop: records applied in batches as they come, flushes asked for by scrapes
 /// and reconciliations, the kernel's counters each second, a reconciliation each interval.
-pub(super) struct Reading<'a> {
-    pub(super) probe: &'a Probe,
-    pub(super) reader: RecordReader,
-    pub(super) shared: &'a Arc<Shared>,
-    pub(super) flushes: tokio::sync::mpsc::Receiver<Flush>,
-    pub(super) flush_requests: tokio::sync::mpsc::Sender<Flush>,
-    pub(super) kernel_map: KernelMapPressure,
+pub(crate) struct Reading<'a> {
+    pub(crate) probe: &'a Probe,
+    pub(crate) reader: RecordReader,
+    pub(crate) shared: &'a Arc<Shared>,
+    pub(crate) diagnoses: Diagnoses,
+    pub(crate) flushes: tokio::sync::mpsc::Receiver<Flush>,
+    pub(crate) flush_requests: tokio::sync::mpsc::Sender<Flush>,
+    pub(crate) kernel_map: KernelMapPressure,
 }
 
 impl Reading<'_> {
-    pub(super) async fn until(
+    pub(crate) async fn until(
         mut self,
         stop: impl Future<Output = ()>,
         reconcile_interval: Duration,
@@ -102,7 +117,6 @@ impl Reading<'_> {
         let shared = self.shared;
         let mut batch = Batch::default();
         let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
-        let mut retransmit_tick = tokio::time::interval(RETRANSMIT_READ_INTERVAL);
         let mut reconcile_tick = tokio::time::interval(reconcile_interval);
         reconcile_tick.tick().await;
         let mut pending_reconcile = None;
@@ -110,26 +124,27 @@ impl Reading<'_> {
             tokio::select! {
                 read = self.reader.next_batch(|item| batch.collect(item)) => {
                     read.context("reading the ring buffer")?;
-                    batch.apply(shared);
+                    batch.apply(shared, &self.diagnoses);
                 }
                 Some(flush) = self.flushes.recv() => {
                     self.reader.drain_now(|item| batch.collect(item));
-                    batch.apply(shared);
+                    batch.apply(shared, &self.diagnoses);
                     // A scrape's loss counts then cover what its event counts do.
-                    refresh_delivery(self.probe, &self.reader, shared);
+                    refresh_delivery(self.probe, &self.reader, shared, &self.diagnoses);
                     let _ = flush.send(());
                 }
                 _ = status_tick.tick() => {
-                    refresh_delivery(self.probe, &self.reader, shared);
+                    refresh_delivery(self.probe, &self.reader, shared, &self.diagnoses);
                     shared.release_memory_if_needed();
                     let tracked = shared.aggregator().table().len();
                     self.kernel_map.check(tracked);
                 }
-                _ = retransmit_tick.tick() => read_retransmit_destinations(self.probe, shared),
                 _ = reconcile_tick.tick(), if pending_reconcile.is_none() => {
                     let (shared, flush) = (shared.clone(), self.flush_requests.clone());
-                    pending_reconcile =
-                        Some(tokio::task::spawn_blocking(move || reconcile(&shared, &flush)));
+                    let diagnoses = self.diagnoses.clone();
+                    pending_reconcile = Some(tokio::task::spawn_blocking(move || {
+                        reconcile(&shared, &diagnoses, &flush)
+                    }));
                 }
                 done = async { pending_reconcile.as_mut().expect("guarded").await }, if pending_reconcile.is_some() => {
                     pending_reconcile = None;
@@ -143,42 +158,19 @@ impl Reading<'_> {
     }
 }
 
-/// How often retransmits by destination are read: each read walks the kernel's map (two
-/// system calls per destination that retransmitted).
-const RETRANSMIT_READ_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Reads the kernel's retransmits by destination into the last minute's. A failed read
-/// leaves the previous one (the per-state counters report the map's trouble).
-fn read_retransmit_destinations(probe: &Probe, shared: &Shared) {
-    match probe.retransmit_destinations() {
-        Ok(Some(by_destination)) => {
-            let unlisted = shared.read_status(|status| {
-                status
-                    .retransmits
-                    .as_ref()
-                    .and_then(|r| r.by_label.first())
-                    .map_or(0, |s| s.unlisted)
-            });
-            let now = monotonic_ns();
-            shared.aggregator().destinations_mut().retransmits_read(now, by_destination, unlisted);
-        }
-        Ok(None) => {}
-        Err(error) => log::debug!("retransmits by destination not read: {error:#}"),
-    }
-}
-
 /// Reads the kernel's delivery and loss counters into the status: every `STATUS_INTERVAL`, and
 /// whenever the ring is flushed for a reader (a scrape, a reconciliation). A failed read is
 /// reported (log, /healthz), not fatal: records still flow.
-fn refresh_delivery(probe: &Probe, reader: &RecordReader, shared: &Shared) {
+fn refresh_delivery(probe: &Probe, reader: &RecordReader, shared: &Shared, diagnoses: &Diagnoses) {
     let duplicates = reader.duplicates_dropped();
+    let now = monotonic_ns();
     let delivery = probe.delivery(duplicates).map_err(|error| format!("{error:#}"));
-    let retransmits = probe.retransmits().map_err(|error| format!("{error:#}"));
+    let diagnosed: Result<(), String> =
+        diagnoses.iter().try_for_each(|diagnosis| diagnosis.kernel_counters(probe, now));
     shared.update_status(|status| {
-        match delivery.and_then(|delivery| Ok((delivery, retransmits?))) {
-            Ok((delivery, retransmits)) => {
-                status.record_delivery(delivery, monotonic_ns());
-                status.retransmits = retransmits;
+        match delivery.and_then(|delivery| diagnosed.map(|()| delivery)) {
+            Ok(delivery) => {
+                status.record_delivery(delivery, now);
                 status.counters_error = None;
             }
             Err(error) => {
@@ -192,35 +184,52 @@ fn refresh_delivery(probe: &Probe, reader: &RecordReader, shared: &Shared) {
     });
 }
 
-/// Evaluates leaks every second, off the async workers.
-pub(super) async fn watch_leaks(
+/// Runs the diagnoses' watch once a second, off the async workers: owners from the kernel's
+/// map first, so that a socket found stuck is named like any other.
+pub(crate) async fn watch_every_second(
     shared: Arc<Shared>,
     kernel_owners: Option<KernelOwners>,
-    mut watch: LeakWatch,
+    diagnoses: Diagnoses,
 ) {
-    let mut tick = tokio::time::interval(leak_watch::EVALUATION_INTERVAL);
+    let mut tick = tokio::time::interval(WATCH_INTERVAL);
     loop {
         tick.tick().await;
-        let task_shared = shared.clone();
-        let kernel_owners = kernel_owners.clone();
-        let evaluated = tokio::task::spawn_blocking(move || {
-            // Owners first: a leaked accepted socket is then named like any other.
+        let (shared, kernel_owners, diagnoses) =
+            (shared.clone(), kernel_owners.clone(), diagnoses.clone());
+        let watched = tokio::task::spawn_blocking(move || {
             if let Some(kernel_owners) = kernel_owners {
-                kernel_owners.fill(&task_shared);
+                kernel_owners.fill(&shared);
             }
-            let state = watch.evaluate(&task_shared);
-            (watch, state)
+            for diagnosis in diagnoses.iter() {
+                diagnosis.every_second(&shared);
+            }
         })
         .await;
-        match evaluated {
-            Ok((returned, state)) => {
-                watch = returned;
-                shared.set_leaks(state);
+        if let Err(error) = watched {
+            log::error!("the once-a-second watch stopped: {error}");
+            return;
+        }
+    }
+}
+
+/// Dumps every namespace's listeners every `LISTEN_INTERVAL` for the diagnoses, until the
+/// task is aborted.
+pub(crate) async fn dump_listeners(diagnoses: Diagnoses) {
+    let mut ticks = tokio::time::interval(LISTEN_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        ticks.tick().await;
+        let diagnoses = diagnoses.clone();
+        // Entering namespaces (and the diagnoses' /proc walks) block: off the runtime.
+        let dumped = tokio::task::spawn_blocking(move || {
+            let found = netns::listeners_all();
+            let now = std::time::Instant::now();
+            for diagnosis in diagnoses.iter() {
+                diagnosis.listeners_dumped(&found, now);
             }
-            Err(error) => {
-                log::error!("leak detection stopped: {error}");
-                return;
-            }
+        });
+        if dumped.await.is_err() {
+            return;
         }
     }
 }
@@ -229,6 +238,8 @@ pub(super) async fn watch_leaks(
 #[derive(Default)]
 struct Batch {
     records: Vec<TransitionRecord>,
+    /// The records as applied, for the diagnoses; kept to reuse its allocation.
+    applied: Vec<Transition>,
     malformed: u64,
 }
 
@@ -240,13 +251,17 @@ impl Batch {
         }
     }
 
-    fn apply(&mut self, shared: &Shared) {
+    /// Applies the records to the table, then hands them to the diagnoses, all under one
+    /// lock: a scrape sees every family at the same record.
+    fn apply(&mut self, shared: &Shared, diagnoses: &Diagnoses) {
         if self.records.is_empty() && self.malformed == 0 {
             return;
         }
         let mut agg = shared.aggregator();
-        for record in self.records.drain(..) {
-            agg.apply(&record);
+        self.applied.clear();
+        self.applied.extend(self.records.drain(..).map(|record| agg.apply(record)));
+        for diagnosis in diagnoses.iter() {
+            diagnosis.transitions(&self.applied);
         }
         agg.count_malformed(std::mem::take(&mut self.malformed));
     }

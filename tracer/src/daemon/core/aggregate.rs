@@ -8,79 +8,24 @@ use foldhash::{HashSet, HashSetExt as _};
 use tracer_common::{TcpState, TransitionRecord};
 
 use super::{
-    destinations::Destinations,
     gauges::PortLabels,
-    ports::PortUsage,
+    histogram::DurationHistogram,
     table::{Owner, SocketId, SocketKey, SocketTable},
 };
 
 mod reconcile;
 
-use crate::{
-    event::TransitionExt as _,
-    failure::{CONNECT_REASONS, Failure, ResetDirection},
-};
-pub(super) use reconcile::{DumpIndex, ReconcileOutcome, reconcile_in_slices};
+pub(crate) use reconcile::{DumpIndex, ReconcileOutcome, reconcile_in_slices};
 
-/// Upper bounds of the stay histogram's buckets, in seconds: log-spaced (1-3-10) from 10 µs to
-/// 1000 s, then one hour.
-pub(super) const DURATION_BUCKETS: [f64; 18] = [
-    1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0,
-    1000.0, 3600.0,
-];
-
-/// The same bounds in whole nanoseconds: a record's stay is sorted into its bucket with integer
-/// comparisons, where a division and float comparisons per record took a tenth of the
-/// daemon's CPU under a connection storm.
-const DURATION_BUCKET_NS: [u64; DURATION_BUCKETS.len()] = {
-    let mut ns = [0; DURATION_BUCKETS.len()];
-    let mut i = 0;
-    while i < ns.len() {
-        ns[i] = (DURATION_BUCKETS[i] * 1e9 + 0.5) as u64;
-        i += 1;
-    }
-    ns
-};
-
-/// Which side of a handshake a socket took, and what its handshake time measures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum HandshakeRole {
-    /// connect() to the SYN-ACK that established the connection, SYN retries included: the
-    /// socket's SYN_SENT stay.
-    Client,
-    /// The SYN-ACK to the ACK that completed the handshake: the kernel's own first round-trip
-    /// sample. The SYN_RECV stay cannot tell it: the kernel creates the socket only when
-    /// that ACK arrives.
-    Server,
-}
-
-impl HandshakeRole {
-    pub(crate) const ALL: [Self; 2] = [Self::Client, Self::Server];
-
-    pub(crate) const fn name(self) -> &'static str {
-        match self {
-            Self::Client => "client",
-            Self::Server => "server",
-        }
-    }
-}
-
-/// Completed stays in one state whose length is exactly known.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct StayHistogram {
-    /// Per bucket (not cumulative); the last slot is +Inf.
-    pub buckets: [u64; DURATION_BUCKETS.len() + 1],
-    pub sum_ns: u128,
-    pub count: u64,
-}
-
-impl StayHistogram {
-    fn observe(&mut self, ns: u64) {
-        let bucket = DURATION_BUCKET_NS.partition_point(|&bound| bound < ns);
-        self.buckets[bucket] += 1;
-        self.sum_ns += u128::from(ns);
-        self.count += 1;
-    }
+/// A record as the diagnoses receive it, with what the core found out applying it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Transition {
+    pub record: TransitionRecord,
+    /// The series of the socket's local port (`--port-label`).
+    pub label: usize,
+    /// How long the socket stayed in its old state, where exactly known: as the kernel
+    /// measured it, or from the table where the kernel's map had forgotten the socket.
+    pub stay_ns: Option<u64>,
 }
 
 /// States the tracepoint never reports: their gauges come from dumps only.
@@ -101,15 +46,7 @@ pub(crate) struct Aggregator {
     labels: PortLabels,
     /// [label][old][new]
     transitions: Vec<[[u64; TcpState::INDEXES]; TcpState::INDEXES]>,
-    /// [label][reason], reasons in `failure::CONNECT_REASONS` order.
-    connect_failures: Vec<[u64; CONNECT_REASONS.len()]>,
-    /// [label][received, sent][state the reset hit]
-    resets: Vec<[[u64; TcpState::INDEXES]; 2]>,
-    /// Failed connects and resets of the last minute, by destination.
-    destinations: Destinations,
-    stays: [StayHistogram; TcpState::INDEXES],
-    /// [label][role]: completed handshakes.
-    handshakes: Vec<[StayHistogram; 2]>,
+    stays: [DurationHistogram; TcpState::INDEXES],
     table: SocketTable,
     events: u64,
     malformed: u64,
@@ -129,9 +66,6 @@ pub(crate) struct Aggregator {
     untracked: usize,
     /// Transitions of sockets the kernel's map did not hold, by what the table knew of them.
     kernel_forgot: KernelForgot,
-    /// From the last dump: the most used destinations' shares of the ephemeral port range,
-    /// and the highest share.
-    port_usage: (Vec<PortUsage>, f64),
     /// Established sockets no record named an owner for, in the order they became due for
     /// a look in the kernel's map; kept only where the accept hook fills that map (see
     /// `kernel_owners`).
@@ -174,11 +108,7 @@ impl Aggregator {
     pub(crate) fn new(max_sockets: usize, labels: PortLabels) -> Self {
         Self {
             transitions: vec![[[0; TcpState::INDEXES]; TcpState::INDEXES]; labels.values()],
-            connect_failures: vec![[0; CONNECT_REASONS.len()]; labels.values()],
-            resets: vec![[[0; TcpState::INDEXES]; 2]; labels.values()],
-            destinations: Destinations::default(),
-            stays: std::array::from_fn(|_| StayHistogram::default()),
-            handshakes: vec![Default::default(); labels.values()],
+            stays: std::array::from_fn(|_| DurationHistogram::default()),
             table: SocketTable::new(max_sockets, labels.clone()),
             labels,
             events: 0,
@@ -191,7 +121,6 @@ impl Aggregator {
             saturated: false,
             untracked: 0,
             kernel_forgot: KernelForgot::default(),
-            port_usage: (Vec::new(), 0.0),
             unnamed: None,
             unnamed_dropped: 0,
         }
@@ -235,11 +164,6 @@ impl Aggregator {
         self.unnamed_dropped
     }
 
-    /// The most used destinations' shares of the ephemeral port range, and the highest.
-    pub(crate) fn port_usage(&self) -> &(Vec<PortUsage>, f64) {
-        &self.port_usage
-    }
-
     pub(crate) fn namespaces(&self) -> usize {
         self.namespaces
     }
@@ -252,32 +176,8 @@ impl Aggregator {
         self.transitions[label][old.index()][new.index()]
     }
 
-    /// Failed connects of sockets with this port label, by reason (`CONNECT_REASONS` order).
-    pub(crate) fn connect_failures(&self, label: usize) -> &[u64; CONNECT_REASONS.len()] {
-        &self.connect_failures[label]
-    }
-
-    /// Resets of sockets with this port label, by the state they hit.
-    pub(crate) fn resets(&self, label: usize, direction: ResetDirection, state: TcpState) -> u64 {
-        self.resets[label][direction as usize][state.index()]
-    }
-
-    /// Failed connects and resets of the last minute, by destination.
-    pub(crate) fn destinations(&self) -> &Destinations {
-        &self.destinations
-    }
-
-    pub(crate) fn destinations_mut(&mut self) -> &mut Destinations {
-        &mut self.destinations
-    }
-
-    pub(crate) fn stays(&self, state: TcpState) -> &StayHistogram {
+    pub(crate) fn stays(&self, state: TcpState) -> &DurationHistogram {
         &self.stays[state.index()]
-    }
-
-    /// Completed handshakes of sockets with this port label, in one role.
-    pub(crate) fn handshakes(&self, label: usize, role: HandshakeRole) -> &StayHistogram {
-        &self.handshakes[label][role as usize]
     }
 
     /// Records a socket's inode learned from a dump.
@@ -294,25 +194,13 @@ impl Aggregator {
         self.malformed += records;
     }
 
-    /// Applies one transition record.
-    pub(crate) fn apply(&mut self, r: &TransitionRecord) {
+    /// Applies one transition record; returns it as the diagnoses see it.
+    pub(crate) fn apply(&mut self, r: TransitionRecord) -> Transition {
         self.events += 1;
         let (old, new) = (r.oldstate, r.newstate);
         let label = self.labels.index(r.sport);
         self.transitions[label][old.index()][new.index()] += 1;
-        if let Some(failure) = Failure::of(old, new, r.error) {
-            if old == TcpState::SYN_SENT {
-                let reason = failure.connect_slot();
-                self.connect_failures[label][reason] += 1;
-                self.destinations.connect_failed(r.ts_ns, reason, r.remote());
-            } else if let Some(direction) = failure.reset() {
-                self.resets[label][direction as usize][old.index()] += 1;
-                self.destinations.reset(r.ts_ns, direction, r.netns, r.local(), r.remote());
-            }
-        }
-        if let Some(ns) = r.server_handshake_ns() {
-            self.handshakes[label][HandshakeRole::Server as usize].observe(ns);
-        }
+        let r = &r;
 
         let ts = r.ts_ns;
         let key = SocketKey::from_record(r);
@@ -329,13 +217,9 @@ impl Aggregator {
             // A dump that ran while this socket changed state may have listed it too.
             self.table.drop_seeded_duplicate(&key, ts);
         }
-        if r.ends_stay()
-            && let Some(stay_ns) = self.stay(r)
-        {
+        let stay_ns = if r.ends_stay() { self.stay(r) } else { None };
+        if let Some(stay_ns) = stay_ns {
             self.stays[old.index()].observe(stay_ns);
-            if (old, new) == (TcpState::SYN_SENT, TcpState::ESTABLISHED) {
-                self.handshakes[label][HandshakeRole::Client as usize].observe(stay_ns);
-            }
         }
         let tracked = if new == TcpState::CLOSE {
             self.note_changed(key);
@@ -367,14 +251,15 @@ impl Aggregator {
                 gauges.add(r.sport, new, 1, ts);
             }
         }
+        Transition { record: *r, label, stay_ns }
     }
 
     /// How long the record's socket stayed in its old state: as the kernel measured it, or,
     /// where the kernel's map no longer held the socket, from when the table saw it enter
     /// that state. Counts why the kernel did not know.
     fn stay(&mut self, r: &TransitionRecord) -> Option<u64> {
-        if r.dwell_known() {
-            return Some(r.dwell_ns);
+        if r.stay_known() {
+            return Some(r.stay_ns);
         }
         if TcpState::creates_socket(r.oldstate, r.newstate) {
             return None;
@@ -448,11 +333,11 @@ impl Aggregator {
 }
 
 #[cfg(test)]
-pub(in crate::daemon) mod tests {
+pub(crate) mod tests {
 
     use tracer_common::{
         TcpState as S,
-        record::{AF_INET, FLAG_DWELL_KNOWN, FLAG_OWNER_KNOWN, IPPROTO_TCP},
+        record::{AF_INET, FLAG_OWNER_KNOWN, FLAG_STAY_KNOWN, IPPROTO_TCP},
     };
 
     use super::*;
@@ -461,7 +346,7 @@ pub(in crate::daemon) mod tests {
     pub(super) const NETNS: u32 = 4_026_531_840;
 
     /// A record of socket `skaddr` moving from `old` to `new` at `ts`, local port `sport`.
-    pub(in crate::daemon) fn record(
+    pub(crate) fn record(
         skaddr: u64,
         ts: u64,
         old: TcpState,
@@ -471,7 +356,7 @@ pub(in crate::daemon) mod tests {
         TransitionRecord {
             ts_ns: ts,
             skaddr,
-            dwell_ns: 500,
+            stay_ns: 500,
             owner_cgroup: 0,
             pid: 0,
             tgid: 0,
@@ -487,7 +372,7 @@ pub(in crate::daemon) mod tests {
             protocol: IPPROTO_TCP,
             oldstate: old,
             newstate: new,
-            flags: if old == S::CLOSE { 0 } else { FLAG_DWELL_KNOWN },
+            flags: if old == S::CLOSE { 0 } else { FLAG_STAY_KNOWN },
             error: 0,
             srtt_us: 0,
         }
@@ -515,15 +400,15 @@ pub(in crate::daemon) mod tests {
     #[test]
     fn counts_transitions_and_completed_stays() {
         let mut agg = Aggregator::new(100, PortLabels::none());
-        agg.apply(&record(A, 1, S::CLOSE, S::SYN_SENT, 0));
-        agg.apply(&record(A, 2, S::SYN_SENT, S::ESTABLISHED, 1000));
-        agg.apply(&record(A, 3, S::ESTABLISHED, S::FIN_WAIT1, 1000));
+        agg.apply(record(A, 1, S::CLOSE, S::SYN_SENT, 0));
+        agg.apply(record(A, 2, S::SYN_SENT, S::ESTABLISHED, 1000));
+        agg.apply(record(A, 3, S::ESTABLISHED, S::FIN_WAIT1, 1000));
         assert_eq!(agg.transitions(0, S::CLOSE, S::SYN_SENT), 1);
         assert_eq!(agg.stays(S::CLOSE).count, 0, "first sightings have no stay");
         assert_eq!(agg.stays(S::SYN_SENT).count, 1);
         assert_eq!(agg.table().gauges().count(S::FIN_WAIT1), 1);
-        agg.apply(&record(A, 4, S::FIN_WAIT1, S::FIN_WAIT2, 1000));
-        agg.apply(&record(A, 5, S::FIN_WAIT2, S::CLOSE, 1000));
+        agg.apply(record(A, 4, S::FIN_WAIT1, S::FIN_WAIT2, 1000));
+        agg.apply(record(A, 5, S::FIN_WAIT2, S::CLOSE, 1000));
         assert!(agg.table().is_empty());
         assert_eq!(agg.events(), 5);
     }
@@ -534,42 +419,18 @@ pub(in crate::daemon) mod tests {
     #[test]
     fn a_stay_the_kernel_forgot_is_taken_from_the_table() {
         let mut agg = Aggregator::new(100, PortLabels::none());
-        agg.apply(&record(A, 1_000, S::CLOSE, S::SYN_SENT, 40000));
-        agg.apply(&record(A, 2_000, S::SYN_SENT, S::ESTABLISHED, 40000));
+        agg.apply(record(A, 1_000, S::CLOSE, S::SYN_SENT, 40000));
+        agg.apply(record(A, 2_000, S::SYN_SENT, S::ESTABLISHED, 40000));
         let forgotten =
             |id, ts, old, new| TransitionRecord { flags: 0, ..record(id, ts, old, new, 40000) };
-        agg.apply(&forgotten(A, 9_000, S::ESTABLISHED, S::FIN_WAIT1));
+        agg.apply(forgotten(A, 9_000, S::ESTABLISHED, S::FIN_WAIT1));
         let established = agg.stays(S::ESTABLISHED);
         assert_eq!((established.count, established.sum_ns), (1, 7_000));
         assert_eq!(agg.kernel_forgot(), KernelForgot { evicted: 1, older: 0, unknown: 0 });
         // Never seen by the table: no stay, counted as unknown.
-        agg.apply(&forgotten(A + 64, 9_500, S::FIN_WAIT2, S::CLOSE));
+        agg.apply(forgotten(A + 64, 9_500, S::FIN_WAIT2, S::CLOSE));
         assert_eq!(agg.kernel_forgot().unknown, 1);
         assert_eq!(agg.stays(S::FIN_WAIT2).count, 0);
-    }
-
-    /// A client's handshake is its SYN_SENT stay that ended ESTABLISHED, not the one a
-    /// failed connect ended; a server's is the round trip the kernel measured, not its
-    /// SYN_RECV stay, and none when the kernel has no sample.
-    #[test]
-    fn handshakes_are_counted_by_role() {
-        let mut agg = Aggregator::new(100, PortLabels::none());
-        agg.apply(&record(A, 1, S::CLOSE, S::SYN_SENT, 0));
-        agg.apply(&record(A, 2, S::SYN_SENT, S::ESTABLISHED, 40000));
-        agg.apply(&record(A + 64, 1, S::CLOSE, S::SYN_SENT, 0));
-        agg.apply(&record(A + 64, 2, S::SYN_SENT, S::CLOSE, 40001));
-        agg.apply(&record(A + 128, 1, S::LISTEN, S::SYN_RECV, 80));
-        agg.apply(&TransitionRecord {
-            srtt_us: 8 * 70,
-            ..record(A + 128, 2, S::SYN_RECV, S::ESTABLISHED, 80)
-        });
-        agg.apply(&record(A + 192, 1, S::LISTEN, S::SYN_RECV, 80));
-        agg.apply(&record(A + 192, 2, S::SYN_RECV, S::ESTABLISHED, 80));
-        let client = agg.handshakes(0, HandshakeRole::Client);
-        assert_eq!((client.count, client.sum_ns), (1, 500));
-        let server = agg.handshakes(0, HandshakeRole::Server);
-        assert_eq!((server.count, server.sum_ns), (1, 70_000));
-        assert_eq!(agg.stays(S::SYN_SENT).count, 2, "both SYN_SENT stays are stays");
     }
 
     /// shutdown() then close() reports the close as FIN_WAIT1 -> FIN_WAIT1 (or FIN_WAIT2 ->
@@ -577,16 +438,16 @@ pub(in crate::daemon) mod tests {
     #[test]
     fn a_move_to_the_same_state_continues_the_stay() {
         let mut agg = Aggregator::new(100, PortLabels::none());
-        agg.apply(&record(A, 1, S::CLOSE, S::SYN_SENT, 0));
-        agg.apply(&record(A, 2, S::SYN_SENT, S::ESTABLISHED, 1000));
-        agg.apply(&record(A, 3, S::ESTABLISHED, S::FIN_WAIT1, 1000));
-        agg.apply(&record(A, 7, S::FIN_WAIT1, S::FIN_WAIT1, 1000));
+        agg.apply(record(A, 1, S::CLOSE, S::SYN_SENT, 0));
+        agg.apply(record(A, 2, S::SYN_SENT, S::ESTABLISHED, 1000));
+        agg.apply(record(A, 3, S::ESTABLISHED, S::FIN_WAIT1, 1000));
+        agg.apply(record(A, 7, S::FIN_WAIT1, S::FIN_WAIT1, 1000));
         assert_eq!(agg.transitions(0, S::FIN_WAIT1, S::FIN_WAIT1), 1, "counted as a transition");
         assert_eq!(agg.stays(S::FIN_WAIT1).count, 0, "but the stay goes on");
         let tracked = agg.table().get(A).expect("tracked");
         assert_eq!((tracked.state, tracked.entered_ns), (S::FIN_WAIT1, 3), "entered at 3, not 7");
         assert_eq!(agg.table().gauges().count(S::FIN_WAIT1), 1);
-        agg.apply(&record(A, 9, S::FIN_WAIT1, S::FIN_WAIT2, 1000));
+        agg.apply(record(A, 9, S::FIN_WAIT1, S::FIN_WAIT2, 1000));
         assert_eq!(agg.stays(S::FIN_WAIT1).count, 1, "one stay, ended by the real move");
     }
 
@@ -610,9 +471,9 @@ pub(in crate::daemon) mod tests {
 
         // An untracked socket's records still move it between gauges; a new one counts too.
         let untracked = record(A, 500, S::ESTABLISHED, S::CLOSE_WAIT, 1004);
-        agg.apply(&untracked);
-        agg.apply(&record(A + 8, 501, S::CLOSE, S::SYN_SENT, 0));
-        agg.apply(&record(A + 8, 502, S::SYN_SENT, S::ESTABLISHED, 2000));
+        agg.apply(untracked);
+        agg.apply(record(A + 8, 501, S::CLOSE, S::SYN_SENT, 0));
+        agg.apply(record(A + 8, 502, S::SYN_SENT, S::ESTABLISHED, 2000));
         let gauges = agg.table().gauges();
         assert_eq!((gauges.count(S::ESTABLISHED), gauges.count(S::CLOSE_WAIT)), (5, 1));
         assert_eq!(gauges.count(S::SYN_SENT), 0);
@@ -629,7 +490,7 @@ pub(in crate::daemon) mod tests {
         let mut agg = Aggregator::new(100, PortLabels::none());
         agg.reconcile(dump(vec![diag(S::ESTABLISHED, 1000)]), 10, 20, false);
         assert_eq!(agg.table().gauges().count(S::ESTABLISHED), 1);
-        agg.apply(&record(A, 30, S::ESTABLISHED, S::CLOSE_WAIT, 1000));
+        agg.apply(record(A, 30, S::ESTABLISHED, S::CLOSE_WAIT, 1000));
         assert_eq!(agg.table().gauges().count(S::ESTABLISHED), 0);
         assert_eq!(agg.table().gauges().count(S::CLOSE_WAIT), 1);
         assert_eq!(agg.table().len(), 1);
@@ -640,8 +501,8 @@ pub(in crate::daemon) mod tests {
         let mut agg = Aggregator::new(100, PortLabels::none());
         // Created at t=5 and established at t=6, while the dump ran (t=4..8) and listed it.
         agg.reconcile(dump(vec![diag(S::ESTABLISHED, 1000)]), 4, 8, false);
-        agg.apply(&record(A, 5, S::CLOSE, S::SYN_SENT, 0));
-        agg.apply(&record(A, 6, S::SYN_SENT, S::ESTABLISHED, 1000));
+        agg.apply(record(A, 5, S::CLOSE, S::SYN_SENT, 0));
+        agg.apply(record(A, 6, S::SYN_SENT, S::ESTABLISHED, 1000));
         assert_eq!(agg.table().len(), 1);
         assert_eq!(agg.table().gauges().count(S::ESTABLISHED), 1);
     }
@@ -649,10 +510,10 @@ pub(in crate::daemon) mod tests {
     #[test]
     fn reconciliation_removes_adds_and_repairs_and_counts() {
         let mut agg = Aggregator::new(100, PortLabels::none());
-        agg.apply(&record(A, 1, S::CLOSE, S::SYN_SENT, 0));
-        agg.apply(&record(A, 2, S::SYN_SENT, S::ESTABLISHED, 1000)); // gone without CLOSE
-        agg.apply(&record(A + 8, 1, S::CLOSE, S::SYN_SENT, 0));
-        agg.apply(&record(A + 8, 2, S::SYN_SENT, S::ESTABLISHED, 2000)); // now CLOSE_WAIT
+        agg.apply(record(A, 1, S::CLOSE, S::SYN_SENT, 0));
+        agg.apply(record(A, 2, S::SYN_SENT, S::ESTABLISHED, 1000)); // gone without CLOSE
+        agg.apply(record(A + 8, 1, S::CLOSE, S::SYN_SENT, 0));
+        agg.apply(record(A + 8, 2, S::SYN_SENT, S::ESTABLISHED, 2000)); // now CLOSE_WAIT
         agg.begin_dump();
         let outcome = agg.reconcile(
             dump(vec![
@@ -703,7 +564,7 @@ pub(in crate::daemon) mod tests {
         let mut agg = Aggregator::new(100, PortLabels::none());
         let mut other = record(A, 1, S::CLOSE, S::SYN_SENT, 0);
         other.netns = 99;
-        agg.apply(&other);
+        agg.apply(other);
         agg.begin_dump();
         let outcome = agg.reconcile(dump(vec![]), 10, 20, true);
         assert_eq!(outcome.removed, 0);
@@ -713,12 +574,12 @@ pub(in crate::daemon) mod tests {
     #[test]
     fn a_socket_closed_while_the_dump_ran_is_not_resurrected() {
         let mut agg = Aggregator::new(100, PortLabels::none());
-        agg.apply(&record(A, 1, S::CLOSE, S::SYN_SENT, 0));
-        agg.apply(&record(A, 2, S::SYN_SENT, S::ESTABLISHED, 1000));
+        agg.apply(record(A, 1, S::CLOSE, S::SYN_SENT, 0));
+        agg.apply(record(A, 2, S::SYN_SENT, S::ESTABLISHED, 1000));
         agg.begin_dump();
-        agg.apply(&record(A, 15, S::ESTABLISHED, S::FIN_WAIT1, 1000));
-        agg.apply(&record(A, 16, S::FIN_WAIT1, S::FIN_WAIT2, 1000));
-        agg.apply(&record(A, 17, S::FIN_WAIT2, S::CLOSE, 1000));
+        agg.apply(record(A, 15, S::ESTABLISHED, S::FIN_WAIT1, 1000));
+        agg.apply(record(A, 16, S::FIN_WAIT1, S::FIN_WAIT2, 1000));
+        agg.apply(record(A, 17, S::FIN_WAIT2, S::CLOSE, 1000));
         let outcome = agg.reconcile(dump(vec![diag(S::ESTABLISHED, 1000)]), 10, 20, true);
         assert_eq!(outcome.added, 0);
         assert!(agg.table().is_empty());
@@ -730,13 +591,13 @@ pub(in crate::daemon) mod tests {
     fn established_sockets_without_an_owner_are_queued_for_the_kernel_map() {
         let mut agg = Aggregator::new(100, PortLabels::none());
         agg.queue_unnamed_sockets();
-        agg.apply(&record(A, 10, S::LISTEN, S::SYN_RECV, 8080));
-        agg.apply(&record(A, 11, S::SYN_RECV, S::ESTABLISHED, 8080));
-        agg.apply(&record(A + 8, 12, S::LISTEN, S::SYN_RECV, 8080));
-        agg.apply(&record(A + 8, 13, S::SYN_RECV, S::ESTABLISHED, 8080));
+        agg.apply(record(A, 10, S::LISTEN, S::SYN_RECV, 8080));
+        agg.apply(record(A, 11, S::SYN_RECV, S::ESTABLISHED, 8080));
+        agg.apply(record(A + 8, 12, S::LISTEN, S::SYN_RECV, 8080));
+        agg.apply(record(A + 8, 13, S::SYN_RECV, S::ESTABLISHED, 8080));
         let mut client = record(A + 16, 14, S::SYN_SENT, S::ESTABLISHED, 40000);
         (client.owner_tgid, client.flags) = (77, client.flags | FLAG_OWNER_KNOWN);
-        agg.apply(&client);
+        agg.apply(client);
         assert!(agg.take_unnamed(11 + FIRST_LOOK_AFTER_NS - 1, 10).is_empty(), "not yet due");
         agg.set_owner(A + 8, Owner { pid: 5, comm: [0; 16], cgroup: 0 });
         let due = agg.take_unnamed(14 + FIRST_LOOK_AFTER_NS, 10);
@@ -744,7 +605,7 @@ pub(in crate::daemon) mod tests {
         assert!(agg.take_unnamed(u64::MAX, 10).is_empty(), "taken once");
 
         let mut without = Aggregator::new(100, PortLabels::none());
-        without.apply(&record(A, 11, S::SYN_RECV, S::ESTABLISHED, 8080));
+        without.apply(record(A, 11, S::SYN_RECV, S::ESTABLISHED, 8080));
         assert!(without.take_unnamed(u64::MAX, 10).is_empty(), "queued only when asked");
     }
 
@@ -758,31 +619,5 @@ pub(in crate::daemon) mod tests {
         }
         assert_eq!(agg.unnamed_dropped(), 3);
         assert_eq!(agg.unnamed.as_ref().map(|q| q.front().map(|u| u.id)), Some(Some(3)));
-    }
-
-    #[test]
-    fn histogram_buckets_are_log_spaced() {
-        let mut h = StayHistogram::default();
-        h.observe(5_000); // 5 µs: first bucket (<= 10 µs)
-        h.observe(2_000_000_000); // 2 s: the 3 s bucket
-        h.observe(7_200_000_000_000); // 2 h: +Inf
-        assert_eq!(h.buckets[0], 1);
-        assert_eq!(h.buckets[DURATION_BUCKETS.iter().position(|&b| b == 3.0).unwrap()], 1);
-        assert_eq!(h.buckets[DURATION_BUCKETS.len()], 1);
-        assert_eq!(h.count, 3);
-    }
-
-    #[test]
-    fn stays_on_a_bound_fall_in_its_bucket_as_prometheus_le_says() {
-        assert_eq!(DURATION_BUCKET_NS[0], 10_000);
-        assert_eq!(DURATION_BUCKET_NS[DURATION_BUCKETS.len() - 1], 3_600_000_000_000);
-        for (i, &bound) in DURATION_BUCKET_NS.iter().enumerate() {
-            assert_eq!(bound as f64 / 1e9, DURATION_BUCKETS[i], "bound {i} converts back exactly");
-            for (ns, bucket) in [(bound - 1, i), (bound, i), (bound + 1, i + 1)] {
-                let mut h = StayHistogram::default();
-                h.observe(ns);
-                assert_eq!(h.buckets[bucket], 1, "{ns} ns belongs in bucket {bucket}");
-            }
-        }
     }
 }

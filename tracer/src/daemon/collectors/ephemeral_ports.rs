@@ -3,14 +3,47 @@
 //! share of its namespace's `net.ipv4.ip_local_port_range` that its sockets hold. A client
 //! that opens short connections to one destination runs out of ports there first.
 
-use std::net::IpAddr;
+use std::{
+    fmt,
+    net::IpAddr,
+    sync::{Mutex, PoisonError},
+};
 
+use prometheus_client::{
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, gauge::ConstGauge},
+};
 use tracer_common::TcpState;
 
-use crate::{netns::NamespaceDump, sockdiag::DiagSocket};
+use crate::{
+    daemon::{
+        core::Diagnosis,
+        export::family::{Scrape, gauge_f64},
+    },
+    netns::NamespaceDump,
+    sockdiag::DiagSocket,
+};
+
+/// The most used destinations' shares of the ephemeral port range, and the highest share, at
+/// the last dump.
+#[derive(Default)]
+pub(super) struct EphemeralPorts {
+    usage: Mutex<(Vec<PortUsage>, f64)>,
+}
+
+impl Diagnosis for EphemeralPorts {
+    fn sockets_dumped(&self, dumps: &[NamespaceDump]) {
+        let found = usage(dumps);
+        *self.usage.lock().unwrap_or_else(PoisonError::into_inner) = found;
+    }
+
+    fn metrics(&self, encoder: &mut DescriptorEncoder, _scrape: &Scrape) -> fmt::Result {
+        families(encoder, &self.usage.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
 
 /// Destinations with a series of their own; the maximum over all is exported apart.
-pub(super) const TOP_DESTINATIONS: usize = 10;
+const TOP_DESTINATIONS: usize = 10;
 
 /// One destination's share of the ephemeral range.
 #[derive(Clone, Debug, PartialEq)]
@@ -24,7 +57,7 @@ pub(crate) struct PortUsage {
 
 /// The `TOP_DESTINATIONS` most used destinations, most used first, and the highest ratio.
 /// The same destination in two namespaces is one series with the higher ratio.
-pub(super) fn usage(dumps: &[NamespaceDump]) -> (Vec<PortUsage>, f64) {
+fn usage(dumps: &[NamespaceDump]) -> (Vec<PortUsage>, f64) {
     let mut top: Vec<PortUsage> = Vec::new();
     let mut max = 0.0f64;
     for dump in dumps {
@@ -73,6 +106,36 @@ fn keep_top(usages: &mut Vec<PortUsage>) {
         }
         fresh
     });
+}
+
+/// The ten most used local-address-to-destination port ranges, and the highest share.
+fn families(
+    encoder: &mut DescriptorEncoder,
+    (port_usage, max_usage): &(Vec<PortUsage>, f64),
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(
+        "tcpstate_ephemeral_port_usage_ratio",
+        "Share of the ephemeral port range (net.ipv4.ip_local_port_range) held by sockets to \
+         one destination from one local address, TIME_WAIT included, at the last \
+         reconciliation: the 10 highest",
+        None,
+        MetricType::Gauge,
+    )?;
+    for usage in port_usage {
+        let set = [
+            ("saddr", usage.saddr.to_string()),
+            ("daddr", usage.daddr.to_string()),
+            ("dport", usage.dport.to_string()),
+        ];
+        ConstGauge::new(usage.ratio).encode(family.encode_family(&set)?)?;
+    }
+    gauge_f64(
+        encoder,
+        "tcpstate_ephemeral_port_usage_max_ratio",
+        "The highest share of the ephemeral port range any destination holds (see \
+         tcpstate_ephemeral_port_usage_ratio)",
+        *max_usage,
+    )
 }
 
 #[cfg(test)]

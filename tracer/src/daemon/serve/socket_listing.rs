@@ -15,12 +15,15 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use tracer_common::TcpState;
 
-use super::{
-    LARGE_ALLOCATION, Shared,
-    table::{Owner, SocketId, Tracked},
-};
 use crate::{
     cgroups::CgroupName,
+    daemon::{
+        LARGE_ALLOCATION,
+        core::{
+            Shared,
+            table::{Owner, SocketId, Tracked},
+        },
+    },
     event::comm_str,
     socket::{Process, SocketView},
 };

@@ -1,6 +1,6 @@
-//! The HTTP endpoint: `/metrics`, `/healthz`, `/api/sockets`, `/api/leaks`,
+//! The HTTP endpoint's routes: `/metrics`, `/healthz`, `/api/sockets`, `/api/leaks`,
 //! `/api/destinations`. Loopback by default; a request timeout; errors are JSON with a reason
-//! (connections: `server`).
+//! (connections: `connections`).
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -15,26 +15,36 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tracer_common::TcpState;
 
-use super::{Shared, listing::StreamedListing, metrics::Exporter, table::SocketId};
-use crate::{clock::monotonic_ns, web_config::BasicAuth};
+use super::socket_listing::StreamedListing;
+use crate::{
+    clock::monotonic_ns,
+    daemon::{
+        Flush,
+        core::{Diagnoses, Shared, table::SocketId},
+        export::exposition::{Exporter, Format},
+    },
+    leaks::{LeakReport, Source},
+    web_config::BasicAuth,
+};
 
 /// A request that takes longer gets 408.
-pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// `/api/sockets` listings built or sent at once: each holds its sockets' ids.
-pub(super) const MAX_LISTINGS: usize = 2;
+pub(crate) const MAX_LISTINGS: usize = 2;
 /// How long a listing waits for its turn before the client is told to retry (503).
 const LISTING_WAIT: Duration = Duration::from_secs(2);
 /// Default and largest `limit` of `/api/sockets`.
-pub(super) const DEFAULT_SOCKET_LIMIT: usize = 100_000;
-pub(super) const MAX_SOCKET_LIMIT: usize = 10_000_000;
+pub(crate) const DEFAULT_SOCKET_LIMIT: usize = 100_000;
+pub(crate) const MAX_SOCKET_LIMIT: usize = 10_000_000;
 
 /// What the handlers share.
 #[derive(Clone)]
-pub(super) struct AppState {
+pub(crate) struct AppState {
     pub shared: Arc<Shared>,
+    pub diagnoses: Diagnoses,
     pub exporter: Arc<Exporter>,
     /// Asks the reader to apply what is waiting in the ring before a response is built.
-    pub flush: tokio::sync::mpsc::Sender<super::Flush>,
+    pub flush: tokio::sync::mpsc::Sender<Flush>,
     /// Turns for `/api/sockets` listings (`MAX_LISTINGS`).
     pub listings: Arc<Semaphore>,
 }
@@ -44,7 +54,7 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl AppState {
     /// Every transition that happened before the request is counted in its response.
-    pub(super) async fn catch_up(&self) {
+    pub(crate) async fn catch_up(&self) {
         let (done, wait) = tokio::sync::oneshot::channel();
         if self.flush.send(done).await.is_ok() {
             let _ = tokio::time::timeout(FLUSH_TIMEOUT, wait).await;
@@ -53,7 +63,7 @@ impl AppState {
 }
 
 /// The endpoints; with `users`, every request needs one's basic-auth credentials.
-pub(super) fn router(state: AppState, users: Option<Arc<BasicAuth>>) -> Router {
+pub(crate) fn router(state: AppState, users: Option<Arc<BasicAuth>>) -> Router {
     let router = Router::new()
         .route("/metrics", only_get(get(metrics)))
         .route("/healthz", only_get(get(healthz)))
@@ -97,7 +107,7 @@ async fn authenticate(
 }
 
 /// Every endpoint is read-only: other methods get 405 with an `Allow` header.
-pub(super) fn only_get(route: MethodRouter<AppState>) -> MethodRouter<AppState> {
+pub(crate) fn only_get(route: MethodRouter<AppState>) -> MethodRouter<AppState> {
     route.fallback(|| async {
         let mut response =
             error(StatusCode::METHOD_NOT_ALLOWED, "only GET (and HEAD) is allowed here");
@@ -106,7 +116,7 @@ pub(super) fn only_get(route: MethodRouter<AppState>) -> MethodRouter<AppState> 
     })
 }
 
-pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     #[derive(Serialize)]
     struct ErrorBody {
         error: String,
@@ -123,7 +133,7 @@ async fn not_found() -> Response {
 
 async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
-    let format = super::metrics::Format::negotiate(accept);
+    let format = Format::negotiate(accept);
     state.catch_up().await;
     let exporter = state.exporter.clone();
     // Encoding scans the socket table: keep it off the async workers.
@@ -150,12 +160,15 @@ async fn healthz(State(state): State<AppState>) -> Response {
     }
 }
 
-/// The latest leak evaluation (at most a second old): per process, its leaked sockets.
+/// Everything stuck, as the diagnoses last found it (at most a second or two old): per
+/// process, its leaked sockets; the listeners stuck full.
 async fn leaks(State(state): State<AppState>, query: axum::extract::RawQuery) -> Response {
     if query.0.is_some_and(|q| !q.is_empty()) {
         return error(StatusCode::BAD_REQUEST, "/api/leaks takes no parameters");
     }
-    Json(state.shared.leak_report()).into_response()
+    let mut report = LeakReport::empty(Source::Daemon, Duration::ZERO);
+    state.diagnoses.report(&mut report);
+    Json(report).into_response()
 }
 
 /// Failed connects and resets of the last minute, by destination (applying what waits in the
@@ -165,14 +178,14 @@ async fn destinations(State(state): State<AppState>, query: axum::extract::RawQu
         return error(StatusCode::BAD_REQUEST, "/api/destinations takes no parameters");
     }
     state.catch_up().await;
-    Json(state.shared.aggregator().destinations().report(monotonic_ns())).into_response()
+    Json(state.diagnoses.destinations(monotonic_ns())).into_response()
 }
 
 /// `/api/sockets` query: `state` (a state name, optional), `offset` and `limit` (a page of
 /// the oldest-first list).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct SocketsQuery {
+pub(crate) struct SocketsQuery {
     state: Option<TcpState>,
     offset: Option<usize>,
     limit: Option<usize>,
@@ -255,7 +268,7 @@ async fn sockets(
 
 /// Binds the endpoint (before the async runtime starts: see `daemon::attach`); a busy or
 /// forbidden address is an error that names the flag.
-pub(super) fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+pub(crate) fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     let bound = std::net::TcpListener::bind(addr).and_then(|listener| {
         listener.set_nonblocking(true)?;
         Ok(listener)

@@ -5,13 +5,14 @@
 //! carries everything, and memory stays what one export takes.
 
 mod encode;
-mod exposition;
 mod naming;
+pub(crate) mod read_back;
 pub(crate) mod settings;
+pub(crate) mod status;
 mod transport;
 
 use std::{
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -19,25 +20,14 @@ use hyper::body::Bytes;
 use prost::Message as _;
 
 pub(crate) use self::settings::{OtlpSettings, SettingError};
+use self::status::OtlpStatus;
 use self::transport::{ExportError, Transport};
-use super::{Shared, metrics};
+use super::exposition::{Exporter, Format};
 
 /// Longest wait between attempts while the receiver fails (the interval when longer).
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long the last export at shutdown may take: the daemon exits within 2 s of a signal.
 const FINAL_EXPORT_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// What the exports did, served as `tcpstate_otlp_*`.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct OtlpStatus {
-    pub(crate) exports: u64,
-    /// Failed exports by reason, in the order of `REASONS`.
-    pub(crate) failures: [u64; ExportError::REASONS.len()],
-}
-
-impl OtlpStatus {
-    pub(crate) const REASONS: [&'static str; 7] = ExportError::REASONS;
-}
 
 /// Checks what only a connection attempt would otherwise find wrong: the certificate files.
 pub(crate) fn check(settings: &OtlpSettings) -> Result<(), SettingError> {
@@ -48,19 +38,18 @@ pub(crate) fn check(settings: &OtlpSettings) -> Result<(), SettingError> {
 }
 
 /// The export task; `stop` ends it after one last export.
-pub(super) struct OtlpExport {
+pub(crate) struct OtlpExport {
     task: tokio::task::JoinHandle<()>,
     stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl OtlpExport {
-    pub(super) fn start(
+    pub(crate) fn start(
         settings: OtlpSettings,
-        shared: Arc<Shared>,
-        exporter: Arc<metrics::Exporter>,
+        status: Arc<Mutex<OtlpStatus>>,
+        exporter: Arc<Exporter>,
     ) -> anyhow::Result<Self> {
         let transport = Transport::new(&settings)?;
-        shared.update_status(|status| status.otlp = Some(OtlpStatus::default()));
         log::info!(
             "exporting metrics over OTLP to {} every {} ms",
             settings.endpoint,
@@ -68,12 +57,12 @@ impl OtlpExport {
         );
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let exporting =
-            Exporting { settings, transport, shared, exporter, start_ns: unix_ns(), outage: None };
+            Exporting { settings, transport, status, exporter, start_ns: unix_ns(), outage: None };
         Ok(Self { task: tokio::spawn(exporting.run(stopped)), stop })
     }
 
     /// Sends what changed since the last export, then stops.
-    pub(super) async fn stop(self) {
+    pub(crate) async fn stop(self) {
         let _ = self.stop.send(());
         // The encoding too must fit: past this, the task is left behind.
         if tokio::time::timeout(FINAL_EXPORT_TIMEOUT + Duration::from_millis(500), self.task)
@@ -95,8 +84,9 @@ struct Outage {
 struct Exporting {
     settings: OtlpSettings,
     transport: Transport,
-    shared: Arc<Shared>,
-    exporter: Arc<metrics::Exporter>,
+    /// What the exports did, served in `/metrics`.
+    status: Arc<Mutex<OtlpStatus>>,
+    exporter: Arc<Exporter>,
     /// When the cumulative values began (ns since the Unix epoch).
     start_ns: u64,
     outage: Option<Outage>,
@@ -153,11 +143,7 @@ impl Exporting {
     }
 
     fn succeeded(&mut self) {
-        self.shared.update_status(|status| {
-            if let Some(otlp) = &mut status.otlp {
-                otlp.exports += 1;
-            }
-        });
+        self.status.lock().unwrap_or_else(PoisonError::into_inner).exports += 1;
         if let Some(outage) = self.outage.take() {
             log::info!(
                 "OTLP export to {} works again after {} failed exports over {} s",
@@ -170,12 +156,8 @@ impl Exporting {
 
     fn failed(&mut self, error: &ExportError) {
         let reason = error.reason();
-        self.shared.update_status(|status| {
-            if let Some(otlp) = &mut status.otlp {
-                let at = ExportError::REASONS.iter().position(|r| *r == reason).unwrap_or(0);
-                otlp.failures[at] += 1;
-            }
-        });
+        let at = ExportError::REASONS.iter().position(|r| *r == reason).unwrap_or(0);
+        self.status.lock().unwrap_or_else(PoisonError::into_inner).failures[at] += 1;
         let outage =
             self.outage.get_or_insert(Outage { since: Instant::now(), failed: 0, reason: "" });
         outage.failed += 1;
@@ -195,13 +177,12 @@ impl Exporting {
 
 /// The scrape as an encoded OTLP request.
 fn encode_scrape(
-    exporter: &metrics::Exporter,
+    exporter: &Exporter,
     resource: &[(String, String)],
     start_ns: u64,
 ) -> Result<Bytes, String> {
-    let text =
-        exporter.render(metrics::Format::OpenMetrics).map_err(|e| format!("rendering: {e}"))?;
-    let families = exposition::parse(&text)?;
+    let text = exporter.render(Format::OpenMetrics).map_err(|e| format!("rendering: {e}"))?;
+    let families = read_back::parse(&text)?;
     let times = encode::Times { start: start_ns, now: unix_ns() };
     Ok(Bytes::from(encode::request(&families, resource, times).encode_to_vec()))
 }
@@ -217,11 +198,11 @@ mod tests {
     };
 
     use super::*;
-    use crate::daemon::metrics::tests::exporter_after_known_transitions;
+    use crate::daemon::export::exposition::tests::exporter_after_known_transitions;
 
-    fn known_families() -> Vec<exposition::Family> {
-        let text = exporter_after_known_transitions().render(metrics::Format::OpenMetrics).unwrap();
-        exposition::parse(&text).unwrap()
+    fn known_families() -> Vec<read_back::Family> {
+        let text = exporter_after_known_transitions().render(Format::OpenMetrics).unwrap();
+        read_back::parse(&text).unwrap()
     }
 
     /// Every family of a full scrape crosses over, with as many points as it has series.

@@ -1,113 +1,67 @@
 //! The Prometheus exposition: a `prometheus-client` collector that reads the aggregator at
 //! scrape time (nothing is updated per event), encoded as OpenMetrics or, for clients that do
-//! not ask for it, the classic Prometheus text format. `families` writes each metric family;
-//! docs/metrics.md lists them, and a golden file holds the whole output.
+//! not ask for it, the classic Prometheus text format. The core and each diagnosis write their
+//! own families; docs/metrics.md lists them, and a golden file holds the whole output.
 
-use std::{collections::HashMap, fmt, sync::Arc};
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, registry::Registry};
-use tracer_common::TcpState;
 
 use super::{
-    Shared,
-    gauges::PortLabels,
-    groups::{self, GroupBy},
+    family::{PortSeries, Scrape},
+    otlp::status::OtlpStatus,
 };
-use crate::clock::monotonic_ns;
-
-mod families;
-
-/// Label values are escaped as the exposition formats require.
-pub(super) fn escape_label_value(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+use crate::{
+    clock::monotonic_ns,
+    daemon::core::{
+        Diagnoses, Shared, families,
+        groups::{self, GroupBy},
+    },
+};
 
 #[derive(Debug)]
 struct TcpstateCollector {
     shared: Arc<Shared>,
+    diagnoses: Diagnoses,
     group_by: Option<GroupBy>,
+    otlp: Option<Arc<Mutex<OtlpStatus>>>,
 }
 
-/// One scrape, family by family in the order they appear: each is read from the aggregator
-/// and the status under their locks; nothing is kept between scrapes.
+/// One scrape: the core's families, then each diagnosis's, then the daemon's own. The
+/// aggregator stays locked until every diagnosis has written, so a scrape sees one moment of
+/// the records (the reader feeds the diagnoses under the same lock); nothing is kept between
+/// scrapes.
 impl Collector for TcpstateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let now = monotonic_ns();
         let status = self.shared.status();
         let agg = self.shared.aggregator();
         let ports = PortSeries::of(agg.labels());
-        families::transitions(&mut encoder, &agg, &ports)?;
-        families::connect_failures(&mut encoder, &agg, &ports)?;
-        families::resets(&mut encoder, &agg, &ports)?;
-        families::destinations(&mut encoder, &agg.destinations().report(now))?;
-        families::ephemeral_ports(&mut encoder, &agg)?;
-        families::stay_durations(&mut encoder, &agg)?;
-        families::handshake_durations(&mut encoder, &agg, &ports)?;
-        families::state_seconds(&mut encoder, &agg, now)?;
         let pass = agg.table().scrape_pass(self.group_by.is_some());
         let grouped = self.group_by.map(|by| {
             groups::group_sockets(pass.per_cgroup, &mut self.shared.cgroups(), by, agg.labels())
         });
-        families::sockets(&mut encoder, &agg, &ports, grouped.as_deref())?;
-        families::oldest_stays(&mut encoder, &pass.oldest, now)?;
-        families::delivery(&mut encoder, &agg, &status)?;
-        families::table(&mut encoder, &agg, &status)?;
+        let scrape = Scrape { now, ports: &ports, oldest: &pass.oldest };
+        families::write(&mut encoder, &agg, &status, &scrape, grouped.as_deref())?;
+        for diagnosis in self.diagnoses.iter() {
+            diagnosis.metrics(&mut encoder, &scrape)?;
+        }
         drop(agg);
-        families::retransmits(&mut encoder, &status, &ports)?;
-        families::listeners(&mut encoder, &status)?;
-        let close_wait_oldest = pass.oldest[TcpState::CLOSE_WAIT.index()]
-            .map_or(0.0, |entered| now.saturating_sub(entered) as f64 / 1e9);
-        families::leaks(&mut encoder, &self.shared.leaks(), self.group_by, close_wait_oldest)?;
         families::probe(&mut encoder, &status)?;
-        if let Some(otlp) = &status.otlp {
-            families::otlp(&mut encoder, otlp)?;
+        if let Some(otlp) = &self.otlp {
+            otlp.lock().unwrap_or_else(PoisonError::into_inner).metrics(&mut encoder)?;
         }
         families::build_info(&mut encoder)
     }
 }
 
-/// The `port` label of each `--port-label` series (one series without labels otherwise).
-struct PortSeries(Vec<Vec<(&'static str, String)>>);
-
-impl PortSeries {
-    fn of(labels: &PortLabels) -> Self {
-        Self(
-            (0..labels.values())
-                .map(|i| if labels.enabled() { vec![("port", labels.value(i))] } else { vec![] })
-                .collect(),
-        )
-    }
-
-    /// Whether the series carry a `port` label (`--port-label` given).
-    fn labelled(&self) -> bool {
-        self.0.iter().any(|set| !set.is_empty())
-    }
-
-    /// The series' indexes, as the aggregator's counters take them.
-    fn indexes(&self) -> std::ops::Range<usize> {
-        0..self.0.len()
-    }
-
-    /// `base` with series `index`'s port label.
-    fn with(&self, base: &[(&'static str, String)], index: usize) -> Vec<(&'static str, String)> {
-        let mut set = base.to_vec();
-        set.extend(self.0[index].iter().cloned());
-        set
-    }
-}
-
 /// Which exposition format a scraper gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Format {
+pub(crate) enum Format {
     OpenMetrics,
     PrometheusText,
 }
@@ -115,7 +69,7 @@ pub(super) enum Format {
 impl Format {
     /// OpenMetrics when the `Accept` header asks for it (Prometheus does), the classic text
     /// format otherwise (curl, older scrapers).
-    pub(super) fn negotiate(accept: Option<&str>) -> Self {
+    pub(crate) fn negotiate(accept: Option<&str>) -> Self {
         let wants_openmetrics = accept.is_some_and(|accept| {
             accept.split(',').any(|part| {
                 let mut params = part.split(';').map(str::trim);
@@ -126,7 +80,7 @@ impl Format {
         if wants_openmetrics { Self::OpenMetrics } else { Self::PrometheusText }
     }
 
-    pub(super) fn content_type(self) -> &'static str {
+    pub(crate) fn content_type(self) -> &'static str {
         match self {
             Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
             Self::PrometheusText => "text/plain; version=0.0.4; charset=utf-8",
@@ -135,18 +89,24 @@ impl Format {
 }
 
 /// The registry the HTTP endpoint encodes.
-pub(super) struct Exporter {
+pub(crate) struct Exporter {
     registry: Registry,
 }
 
 impl Exporter {
-    pub(super) fn new(shared: Arc<Shared>, group_by: Option<GroupBy>) -> Self {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        diagnoses: Diagnoses,
+        group_by: Option<GroupBy>,
+        otlp: Option<Arc<Mutex<OtlpStatus>>>,
+    ) -> Self {
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(TcpstateCollector { shared, group_by }));
+        let collector = TcpstateCollector { shared, diagnoses, group_by, otlp };
+        registry.register_collector(Box::new(collector));
         Self { registry }
     }
 
-    pub(super) fn render(&self, format: Format) -> Result<String, fmt::Error> {
+    pub(crate) fn render(&self, format: Format) -> Result<String, fmt::Error> {
         let mut openmetrics = String::with_capacity(16 << 10);
         prometheus_client::encoding::text::encode(&mut openmetrics, &self.registry)?;
         Ok(match format {
@@ -158,7 +118,7 @@ impl Exporter {
 
 /// Rewrites OpenMetrics text as Prometheus text format 0.0.4: counter and info families take
 /// their samples' names (`_total`, `_info`), info becomes a gauge, and there is no `# EOF`.
-pub(super) fn to_prometheus_text(openmetrics: &str) -> String {
+pub(crate) fn to_prometheus_text(openmetrics: &str) -> String {
     let mut out = String::with_capacity(openmetrics.len());
     let mut renamed: HashMap<&str, (&str, &str)> = HashMap::new();
     for line in openmetrics.lines() {
@@ -191,10 +151,9 @@ pub(super) fn to_prometheus_text(openmetrics: &str) -> String {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
-    use std::time::Duration;
-
+pub(crate) mod tests {
     use super::*;
+    use crate::daemon::export::family::escape_label_value;
 
     #[test]
     fn negotiation_follows_the_accept_header() {
@@ -224,15 +183,26 @@ pub(super) mod tests {
 
     /// A daemon's metrics after a known set of transitions, every socket closed again so that
     /// nothing depends on the time of the scrape: two connections (one the client closes
-    /// first, one the server does), a refused connect and a reset.
-    pub(in crate::daemon) fn exporter_after_known_transitions() -> Exporter {
+    /// first, one the server does), a refused connect and a reset; and the diagnoses' known
+    /// kernel counts and listener dumps.
+    pub(crate) fn exporter_after_known_transitions() -> Exporter {
         use tracer_common::TcpState as S;
 
-        use crate::daemon::{aggregate::tests::record, gauges::PortLabels, leak_watch::LeakState};
+        use crate::daemon::{
+            collectors,
+            core::{Aggregator, PortLabels, tests::record},
+        };
 
-        let mut aggregator = super::super::Aggregator::new(100, PortLabels::none());
+        let mut aggregator = Aggregator::new(100, PortLabels::none());
         // Every record a moment ago: within the last minute's failures by destination.
         let base = monotonic_ns().saturating_sub(1_000_000_000);
+        let diagnoses = collectors::tests::after_known_inputs(base);
+        let mut apply = |record| {
+            let applied = aggregator.apply(record);
+            for diagnosis in diagnoses.iter() {
+                diagnosis.transitions(&[applied]);
+            }
+        };
         let connection: [(u64, [(S, S); 5]); 2] = [
             (
                 0x1000,
@@ -258,55 +228,23 @@ pub(super) mod tests {
         for (skaddr, moves) in connection {
             for (step, (old, new)) in moves.into_iter().enumerate() {
                 let ts = base + 1_000_000 * (step as u64 + 1);
-                aggregator.apply(&record(skaddr, ts, old, new, 40_000));
+                apply(record(skaddr, ts, old, new, 40_000));
             }
         }
         let mut refused = record(0x3000, base + 9_000_000, S::SYN_SENT, S::CLOSE, 40_001);
         refused.error = libc::ECONNREFUSED as u8;
-        aggregator.apply(&record(0x3000, base + 8_000_000, S::CLOSE, S::SYN_SENT, 40_001));
-        aggregator.apply(&refused);
+        apply(record(0x3000, base + 8_000_000, S::CLOSE, S::SYN_SENT, 40_001));
+        apply(refused);
         let mut reset = record(0x4000, base + 9_500_000, S::ESTABLISHED, S::CLOSE, 40_002);
         reset.error = libc::ECONNRESET as u8;
-        aggregator.apply(&record(0x4000, base + 9_000_000, S::SYN_SENT, S::ESTABLISHED, 40_002));
-        aggregator.apply(&reset);
-
-        // Four segments sent again to one destination.
-        let upstream = ([10, 0, 0, 9], 5432).into();
-        aggregator.destinations_mut().retransmits_read(base, vec![(upstream, 4)], 0);
-        let shared = Arc::new(Shared::new(aggregator, LeakState::new(Duration::from_secs(60))));
-        // Two SYN retries, three data retransmits and a SYN-ACK sent again.
-        let mut retransmitted = tracer_common::settings::RetransmitCounts::default();
-        retransmitted.by_state[usize::from(S::SYN_SENT.number())] = 2;
-        retransmitted.by_state[usize::from(S::ESTABLISHED.number())] = 3;
-        retransmitted.synack = 1;
-        let retransmits = crate::probe::Retransmits { by_label: vec![retransmitted], missed: 0 };
-        // A listener whose queue is full (8 + 1 waiting), and the drops that cost.
-        let full = crate::daemon::listeners::Listener {
-            netns: 4026531840,
-            queue: crate::sockdiag::ListenQueue {
-                local: ([10, 0, 0, 1], 8080).into(),
-                length: 9,
-                limit: 8,
-                inode: 0,
-            },
-        };
-        let listeners = crate::daemon::listeners::ListenerReport {
-            top: vec![full],
-            rest_length: 0,
-            rest_limit: 4096,
-            dropped: vec![(4026531840, 31, 31)],
-            ..Default::default()
-        };
+        apply(record(0x4000, base + 9_000_000, S::SYN_SENT, S::ESTABLISHED, 40_002));
+        apply(reset);
+        let shared = Arc::new(Shared::new(aggregator));
         // Exports over OTLP: twelve landed, two found the receiver down, one was refused.
-        let mut otlp = crate::daemon::otlp::OtlpStatus { exports: 12, ..Default::default() };
+        let mut otlp = OtlpStatus { exports: 12, ..Default::default() };
         otlp.failures[0] = 2;
         otlp.failures[3] = 1;
-        shared.update_status(|status| {
-            status.retransmits = Some(retransmits);
-            status.listeners = listeners;
-            status.otlp = Some(otlp);
-        });
-        Exporter::new(shared, None)
+        Exporter::new(shared, diagnoses, None, Some(Arc::new(Mutex::new(otlp))))
     }
 
     fn rendered_after_known_transitions() -> String {
@@ -320,7 +258,7 @@ pub(super) mod tests {
     #[test]
     fn metrics_output_matches_the_golden_file() {
         let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("src/daemon/testdata/metrics.txt");
+            .join("src/daemon/export/testdata/metrics.txt");
         let rendered = rendered_after_known_transitions();
         if std::env::var_os("TCPSTATE_BLESS").is_some() {
             std::fs::write(&golden, &rendered).unwrap();
