@@ -9,6 +9,7 @@
 //! and the integration tests (the probe, the reader, a record's accessors) use; everything
 //! else is `pub(crate)`, which `unreachable_pub` keeps so.
 
+mod bounded_body;
 pub mod capabilities;
 pub mod cgroups;
 pub mod check;

@@ -7,13 +7,15 @@ mod url;
 use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
-use http_body_util::{BodyExt as _, Empty};
+use http_body_util::Empty;
 use hyper::{
     Request, StatusCode, body::Bytes, client::conn::http1::SendRequest, header::HeaderValue,
 };
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _};
 use tokio_rustls::TlsConnector;
+
+use crate::bounded_body::read_at_most;
 
 pub(crate) use self::url::{DaemonTls, DaemonUrl};
 
@@ -107,6 +109,10 @@ fn tls_connector(
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long to wait for the whole answer.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
+/// The most of an answer read: far above any report or scrape of the daemon's (its largest,
+/// `/metrics` with `--group-by`, is bounded to some hundred KiB), so only another server
+/// reaches it.
+const MAX_ANSWER_BYTES: usize = 64 << 20;
 
 /// Why an answer could not be had.
 #[derive(Debug)]
@@ -172,8 +178,17 @@ impl Connection {
             let request = request.body(Empty::<Bytes>::new())?;
             let response = sender.send_request(request).await.context("sending the request")?;
             let status = response.status();
-            let body =
-                response.into_body().collect().await.context("reading the response")?.to_bytes();
+            let body = read_at_most(response.into_body(), MAX_ANSWER_BYTES)
+                .await
+                .context("reading the response")?;
+            if body.truncated {
+                bail!(
+                    "{url}{path} answered more than {} MiB: is it tcpstate's daemon? Check \
+                     --daemon",
+                    MAX_ANSWER_BYTES >> 20
+                );
+            }
+            let body = Bytes::from(body.bytes);
             if status == StatusCode::UNAUTHORIZED {
                 bail!(
                     "{url}{path} answered 401: the daemon wants a user and password (its \

@@ -555,3 +555,182 @@ fn bad_otlp_settings_are_usage_errors_naming_the_variable() {
         assert!(stderr.contains(needle), "{args:?} {env:?}: {stderr}");
     }
 }
+
+/// What a hostile or broken receiver answers every export with.
+#[derive(Clone, Copy)]
+enum Answer {
+    /// 200 with a body announced as 500 MB, sent until the daemon stops reading.
+    Endless,
+    /// 200 with an OTLP partial success: 3 data points rejected.
+    PartialSuccess,
+}
+
+/// A receiver of the test's own on loopback that answers every request with `answer`,
+/// until dropped. Each connection is served on a thread that ends when the daemon closes it.
+struct HostileReceiver {
+    addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HostileReceiver {
+    fn start(answer: Answer) -> Self {
+        use std::sync::{Arc, atomic::AtomicBool};
+        let listener = TcpListener::bind((V4, 0)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        std::thread::spawn(move || {
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        std::thread::spawn(move || Self::serve(stream, answer));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Self { addr, stop }
+    }
+
+    fn serve(stream: TcpStream, answer: Answer) {
+        stream.set_nonblocking(false).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut writer = stream;
+        loop {
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = value.trim().parse().unwrap();
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
+            match answer {
+                Answer::Endless => {
+                    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\n\
+                                Content-Length: 500000000\r\n\r\n";
+                    if writer.write_all(head.as_bytes()).is_err() {
+                        return;
+                    }
+                    // Until the daemon closes the connection, or 500 MB.
+                    let chunk = vec![0u8; 64 << 10];
+                    for _ in 0..(500_000_000 / chunk.len()) {
+                        if writer.write_all(&chunk).is_err() {
+                            return;
+                        }
+                    }
+                    return;
+                }
+                Answer::PartialSuccess => {
+                    // ExportMetricsServiceResponse { partial_success: { rejected_data_points:
+                    // 3, error_message: "bad points" } }, encoded by hand.
+                    let message = b"bad points";
+                    let mut partial = vec![0x08, 3, 0x12, message.len() as u8];
+                    partial.extend_from_slice(message);
+                    let mut response = vec![0x0a, partial.len() as u8];
+                    response.extend_from_slice(&partial);
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\n\
+                         Content-Length: {}\r\n\r\n",
+                        response.len()
+                    );
+                    if writer.write_all(head.as_bytes()).is_err()
+                        || writer.write_all(&response).is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for HostileReceiver {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap()
+}
+
+/// A receiver answering 200 with a body that does not end cannot take the daemon's memory:
+/// at most 64 KiB of it is read, the connection is dropped, and the answer is counted as
+/// unreadable and logged once, while the exports themselves go on and count as landed.
+#[test]
+#[parallel]
+fn an_endless_answer_is_cut_counted_and_logged_once() {
+    let receiver = HostileReceiver::start(Answer::Endless);
+    let daemon = Daemon::start_with_env(
+        &["--otlp-endpoint", &receiver.url()],
+        &[("OTEL_METRIC_EXPORT_INTERVAL", INTERVAL_MS)],
+    );
+    let unreadable = |metrics: &Metrics| {
+        metrics.value("tcpstate_otlp_unreadable_answers_total", &[("reason", "oversized")])
+    };
+    let metrics = common::eventually(Duration::from_secs(30), || {
+        let metrics = daemon.scrape();
+        let count = unreadable(&metrics);
+        (count >= 4.0).then_some(metrics).ok_or(format!("{count} oversized answers counted"))
+    });
+    assert!(metrics.value("tcpstate_otlp_exports_total", &[]) >= 4.0);
+    let peak = peak_rss_kib(daemon.process.pid());
+    // Without the bound, one such answer took the daemon past 600 MB.
+    assert!(peak < 100 * 1024, "the daemon's peak RSS reached {peak} KiB");
+    let finished = daemon.stop();
+    let warned: Vec<_> =
+        finished.stderr.iter().filter(|l| l.contains("not an OTLP response")).collect();
+    assert_eq!(warned.len(), 1, "logged once while it lasts: {:#?}", finished.stderr);
+}
+
+/// A partial success is what the OTLP specification says it is: the export landed, and the
+/// data points the receiver rejected are counted, with its reason logged once.
+#[test]
+#[parallel]
+fn a_partial_success_counts_the_rejected_points() {
+    let receiver = HostileReceiver::start(Answer::PartialSuccess);
+    let daemon = Daemon::start_with_env(
+        &["--otlp-endpoint", &receiver.url()],
+        &[("OTEL_METRIC_EXPORT_INTERVAL", INTERVAL_MS)],
+    );
+    let metrics = common::eventually(Duration::from_secs(30), || {
+        let metrics = daemon.scrape();
+        let exports = metrics.value("tcpstate_otlp_exports_total", &[]);
+        (exports >= 3.0).then_some(metrics).ok_or(format!("{exports} exports"))
+    });
+    let exports = metrics.value("tcpstate_otlp_exports_total", &[]);
+    let rejected = metrics.value("tcpstate_otlp_rejected_points_total", &[]);
+    // A scrape may fall between an export's answer and its count: within one export.
+    assert!(
+        (rejected - 3.0 * exports).abs() <= 3.0,
+        "{rejected} points rejected over {exports} exports, 3 each"
+    );
+    assert_eq!(
+        metrics.value("tcpstate_otlp_unreadable_answers_total", &[("reason", "malformed")]),
+        0.0
+    );
+    let finished = daemon.stop();
+    let warned: Vec<_> = finished.stderr.iter().filter(|l| l.contains("bad points")).collect();
+    assert_eq!(warned.len(), 1, "logged once while it lasts: {:#?}", finished.stderr);
+}

@@ -21,7 +21,7 @@ use prost::Message as _;
 
 pub(crate) use self::settings::{OtlpSettings, SettingError};
 use self::status::OtlpStatus;
-use self::transport::{ExportError, Transport};
+use self::transport::{ExportError, Landed, Transport};
 use super::exposition::{Exporter, Format};
 
 /// Longest wait between attempts while the receiver fails (the interval when longer).
@@ -56,8 +56,15 @@ impl OtlpExport {
             settings.interval.as_millis()
         );
         let (stop, stopped) = tokio::sync::oneshot::channel();
-        let exporting =
-            Exporting { settings, transport, status, exporter, start_ns: unix_ns(), outage: None };
+        let exporting = Exporting {
+            settings,
+            transport,
+            status,
+            exporter,
+            start_ns: unix_ns(),
+            outage: None,
+            answer_trouble: None,
+        };
         Ok(Self { task: tokio::spawn(exporting.run(stopped)), stop })
     }
 
@@ -90,6 +97,8 @@ struct Exporting {
     /// When the cumulative values began (ns since the Unix epoch).
     start_ns: u64,
     outage: Option<Outage>,
+    /// The kind of trouble with success answers last logged, while it lasts.
+    answer_trouble: Option<String>,
 }
 
 impl Exporting {
@@ -137,13 +146,21 @@ impl Exporting {
             }
         };
         match self.transport.post(body).await {
-            Ok(()) => self.succeeded(),
+            Ok(landed) => self.succeeded(&landed),
             Err(error) => self.failed(&error),
         }
     }
 
-    fn succeeded(&mut self) {
-        self.status.lock().unwrap_or_else(PoisonError::into_inner).exports += 1;
+    fn succeeded(&mut self, landed: &Landed) {
+        {
+            let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+            status.exports += 1;
+            status.rejected_points += landed.rejected_points;
+            if let Some(unreadable) = landed.unreadable {
+                status.unreadable_answers[unreadable as usize] += 1;
+            }
+        }
+        self.warn_about_answer(landed);
         if let Some(outage) = self.outage.take() {
             log::info!(
                 "OTLP export to {} works again after {} failed exports over {} s",
@@ -151,6 +168,39 @@ impl Exporting {
                 outage.failed,
                 outage.since.elapsed().as_secs()
             );
+        }
+    }
+
+    /// A partial success or an answer that is none, logged when it starts or its reason
+    /// changes, not at every export.
+    fn warn_about_answer(&mut self, landed: &Landed) {
+        let (key, trouble) = match (landed.unreadable, landed.rejected_points) {
+            (Some(unreadable), _) => (
+                unreadable.name().to_owned(),
+                format!(
+                    "answered with success but a body that is not an OTLP response ({}); \
+                     counted in tcpstate_otlp_unreadable_answers_total",
+                    unreadable.name()
+                ),
+            ),
+            (None, 0) => {
+                self.answer_trouble = None;
+                return;
+            }
+            (None, rejected) => {
+                let reason = landed.rejection.as_deref().unwrap_or("no reason given");
+                (
+                    format!("rejected: {reason}"),
+                    format!(
+                        "accepted the export but rejected {rejected} data points ({reason}); \
+                         counted in tcpstate_otlp_rejected_points_total"
+                    ),
+                )
+            }
+        };
+        if self.answer_trouble.as_ref() != Some(&key) {
+            log::warn!("OTLP receiver {} {trouble}", self.settings.endpoint);
+            self.answer_trouble = Some(key);
         }
     }
 

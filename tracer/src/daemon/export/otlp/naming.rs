@@ -68,6 +68,8 @@ fn unit(prometheus: &str) -> Option<&'static str> {
         "owner_lookups_dropped_total" => "{lookup}",
         "table_saturated" => "1",
         "otlp_exports_total" | "otlp_export_failures_total" => "{export}",
+        "otlp_rejected_points_total" => "{data_point}",
+        "otlp_unreadable_answers_total" => "{answer}",
         _ => return None,
     })
 }

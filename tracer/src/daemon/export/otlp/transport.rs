@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::Full;
 use hyper::{
     Request, StatusCode,
     body::Bytes,
@@ -15,7 +15,59 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _};
 use tokio_rustls::TlsConnector;
 
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
+use prost::Message as _;
+
 use super::settings::{OtlpSettings, OtlpUrl};
+use crate::bounded_body::{BoundedBody, read_at_most};
+
+/// What a receiver's success answer said, as the OTLP specification has it: an
+/// `ExportMetricsServiceResponse` whose `partial_success` counts the data points it rejected.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Landed {
+    /// Data points the receiver said it rejected, and why.
+    pub rejected_points: u64,
+    pub rejection: Option<String>,
+    /// An answer that was not one: longer than `MAX_ANSWER_BYTES`, or not the message.
+    pub unreadable: Option<Unreadable>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Unreadable {
+    Oversized,
+    Malformed,
+}
+
+impl Unreadable {
+    pub(super) const REASONS: [&'static str; 2] = ["oversized", "malformed"];
+
+    pub(super) const fn name(self) -> &'static str {
+        Self::REASONS[self as usize]
+    }
+}
+
+impl Landed {
+    fn read(answer: &BoundedBody) -> Self {
+        if answer.truncated {
+            return Self { unreadable: Some(Unreadable::Oversized), ..Self::default() };
+        }
+        match ExportMetricsServiceResponse::decode(answer.bytes.as_slice()) {
+            Ok(response) => {
+                let partial = response.partial_success.unwrap_or_default();
+                Self {
+                    rejected_points: u64::try_from(partial.rejected_data_points).unwrap_or(0),
+                    rejection: Some(partial.error_message).filter(|m| !m.is_empty()),
+                    unreadable: None,
+                }
+            }
+            Err(_) => Self { unreadable: Some(Unreadable::Malformed), ..Self::default() },
+        }
+    }
+}
+
+/// The most of an answer kept: enough for any error message or partial success; the rest of
+/// a longer one is not read.
+const MAX_ANSWER_BYTES: usize = 64 << 10;
 
 /// Why an export did not land; `reason()` is the failure counter's label.
 #[derive(Debug)]
@@ -112,7 +164,7 @@ impl Transport {
     }
 
     /// Posts one encoded request; connection, TLS and answer all within the timeout.
-    pub(super) async fn post(&mut self, body: Bytes) -> Result<(), ExportError> {
+    pub(super) async fn post(&mut self, body: Bytes) -> Result<Landed, ExportError> {
         match tokio::time::timeout(self.timeout, self.exchange(body)).await {
             Ok(result) => result,
             Err(_) => {
@@ -123,7 +175,7 @@ impl Transport {
         }
     }
 
-    async fn exchange(&mut self, body: Bytes) -> Result<(), ExportError> {
+    async fn exchange(&mut self, body: Bytes) -> Result<Landed, ExportError> {
         let kept = self.sender.take().filter(|sender| !sender.is_closed());
         let reused = kept.is_some();
         let mut sender = match kept {
@@ -143,17 +195,17 @@ impl Transport {
             Err(error) => return Err(ExportError::ServerError(format!("sending: {error}"))),
         };
         let status = response.status();
-        let answer = response
-            .into_body()
-            .collect()
+        let answer = read_at_most(response.into_body(), MAX_ANSWER_BYTES)
             .await
-            .map_err(|e| ExportError::ServerError(format!("reading the answer: {e}")))?
-            .to_bytes();
-        self.sender = Some(sender);
-        if status.is_success() {
-            return Ok(());
+            .map_err(|e| ExportError::ServerError(format!("reading the answer: {e}")))?;
+        // The rest of an oversized answer is left unread: the connection goes with it.
+        if !answer.truncated {
+            self.sender = Some(sender);
         }
-        let text = String::from_utf8_lossy(&answer).into_owned();
+        if status.is_success() {
+            return Ok(Landed::read(&answer));
+        }
+        let text = String::from_utf8_lossy(&answer.bytes).into_owned();
         Err(match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 ExportError::Unauthorized(status, text)
@@ -270,4 +322,39 @@ fn tls_connector(settings: &OtlpSettings) -> anyhow::Result<(TlsConnector, Serve
         format!("`{}` is not a host name TLS can verify", settings.endpoint.host)
     })?;
     Ok((TlsConnector::from(Arc::new(config)), name))
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsPartialSuccess;
+
+    use super::*;
+
+    fn answer(bytes: Vec<u8>, truncated: bool) -> BoundedBody {
+        BoundedBody { bytes, truncated }
+    }
+
+    #[test]
+    fn a_success_answer_is_read_as_the_specification_says() {
+        let partial = ExportMetricsServiceResponse {
+            partial_success: Some(ExportMetricsPartialSuccess {
+                rejected_data_points: 3,
+                error_message: "bad points".to_owned(),
+            }),
+        };
+        let landed = Landed::read(&answer(partial.encode_to_vec(), false));
+        assert_eq!(landed.rejected_points, 3);
+        assert_eq!(landed.rejection.as_deref(), Some("bad points"));
+        assert_eq!(landed.unreadable, None);
+        // An empty body is the empty message: everything accepted.
+        assert_eq!(Landed::read(&answer(Vec::new(), false)), Landed::default());
+    }
+
+    #[test]
+    fn an_answer_that_is_not_one_is_told_apart() {
+        let oversized = Landed::read(&answer(vec![0; 10], true));
+        assert_eq!(oversized.unreadable, Some(Unreadable::Oversized));
+        let malformed = Landed::read(&answer(b"<html>OK</html>".to_vec(), false));
+        assert_eq!(malformed.unreadable, Some(Unreadable::Malformed));
+    }
 }
