@@ -25,10 +25,17 @@ impl CmdlinePolicy {
     pub(crate) fn render(self, args: &[String]) -> Option<String> {
         match self {
             Self::Full => Some(args.join(" ")),
-            Self::Redacted => Some(redact(args).join(" ")),
+            Self::Redacted => Some(redact(&words(args)).join(" ")),
             Self::Off => None,
         }
     }
+}
+
+/// The command line's words: each argument split at whitespace too. A process that renamed
+/// itself (`exec -a "app --password x"`, `setproctitle`) or a `sh -c "..."` wrapper carries
+/// a whole command line in one argument, and its secrets with it.
+fn words(args: &[String]) -> Vec<String> {
+    args.iter().flat_map(|arg| arg.split_whitespace()).map(str::to_owned).collect()
 }
 
 fn looks_secret(name: &str) -> bool {
@@ -38,7 +45,7 @@ fn looks_secret(name: &str) -> bool {
 
 /// Masks `NAME=value` and `--NAME value` where NAME looks secret, and the password of every
 /// `scheme://user:password@host` anywhere in an argument.
-pub(crate) fn redact(args: &[String]) -> Vec<String> {
+fn redact(args: &[String]) -> Vec<String> {
     let mut shown = Vec::with_capacity(args.len());
     let mut value_follows = false;
     for arg in args {
@@ -104,6 +111,26 @@ mod tests {
         );
         assert_eq!(shown(line, CmdlinePolicy::Full).unwrap(), line);
         assert_eq!(shown(line, CmdlinePolicy::Off), None);
+    }
+
+    /// A whole command line in one argument, as `exec -a` titles, programs that rename
+    /// themselves and `sh -c` wrappers have it: its secrets are masked word by word.
+    #[test]
+    fn secrets_inside_one_argument_are_masked() {
+        let args = vec![
+            "myapp --password s3cr3tpw --token tok999".to_owned(),
+            "-c".to_owned(),
+            "psql postgres://u:pw@db/x && run\tAPI_KEY=k1 --db-password=p1".to_owned(),
+        ];
+        let shown = CmdlinePolicy::Redacted.render(&args).unwrap();
+        for secret in ["s3cr3tpw", "tok999", ":pw@", "k1", "p1"] {
+            assert!(!shown.contains(secret), "{secret} shown in {shown}");
+        }
+        assert_eq!(
+            shown,
+            "myapp --password *** --token *** -c psql postgres://u:***@db/x && run API_KEY=*** \
+             --db-password=***"
+        );
     }
 
     #[test]

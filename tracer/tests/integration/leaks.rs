@@ -67,6 +67,22 @@ impl Helper {
 
     /// Started through `wrapper` (e.g. `setpriv` to run as another user).
     fn start_under(wrapper: &[&str], mode: &str, comm: &str, extra: &[&str]) -> Self {
+        Self::spawn(wrapper, None, mode, comm, extra)
+    }
+
+    /// Started with `title` as its argv[0], as `exec -a TITLE` does: a whole command line in
+    /// one argument, as programs that rename themselves show it.
+    fn start_titled(title: &str, mode: &str, comm: &str) -> Self {
+        Self::spawn(&[], Some(title), mode, comm, &[])
+    }
+
+    fn spawn(
+        wrapper: &[&str],
+        title: Option<&str>,
+        mode: &str,
+        comm: &str,
+        extra: &[&str],
+    ) -> Self {
         let script = common::temp_file("helper.py", HELPER);
         let python = if std::path::Path::new("/usr/bin/python3").exists() {
             "/usr/bin/python3"
@@ -81,6 +97,9 @@ impl Helper {
             }
             None => Command::new(python),
         };
+        if let Some(title) = title {
+            std::os::unix::process::CommandExt::arg0(&mut command, title);
+        }
         let mut child = command
             .arg(&script)
             .args([mode, comm])
@@ -323,6 +342,45 @@ fn a_socket_in_close_wait_before_the_daemon_started_is_a_lower_bound_with_its_ow
         assert!(socket["age_seconds"].as_f64().unwrap() >= 1.4, "{socket}");
     }
     daemon.stop();
+}
+
+/// A process titled `myapp --password s3cr3tpw --token tok999` (one argument, as `exec -a`
+/// sets it): its secrets are masked in /api/leaks, `tcpstate leaks` from the daemon and as a
+/// snapshot, and the log.
+#[test]
+#[parallel]
+fn secrets_inside_one_argument_are_masked_everywhere() {
+    let daemon = Daemon::start(&["--close-wait-threshold", "1"]);
+    let title = "myapp --password s3cr3tpw --token tok999";
+    let leaky = Helper::start_titled(title, "leak", "lk-titled");
+    hang_up_on(leaky.port, 2);
+    let report = leaks_until(&daemon, Duration::from_secs(10), |r| {
+        process(r, leaky.pid()).is_some_and(|p| p["count"] == 2)
+    });
+    let leak = process(&report, leaky.pid()).unwrap_or_else(|| panic!("{report:#}"));
+    let cmdline = leak["cmdline"].as_str().unwrap();
+    assert!(cmdline.starts_with("myapp --password *** --token ***"), "{cmdline}");
+    let addr = format!("http://{}", daemon.addr);
+    let from_daemon = run_tcpstate(&["leaks", "--daemon", &addr]).stdout.join("\n");
+    let nowhere = common::ReservedPort::new();
+    let nowhere = format!("http://{}", nowhere.addr());
+    let snapshot = run_tcpstate(&["leaks", "--daemon", &nowhere, "--close-wait-threshold", "1"]);
+    let snapshot = snapshot.stdout.join("\n");
+    for (surface, text) in [("leaks", &from_daemon), ("snapshot", &snapshot)] {
+        assert!(text.contains("myapp --password ***"), "{surface} shows the masked title: {text}");
+    }
+    let log = daemon.stop().stderr.join("\n");
+    assert!(log.contains("myapp --password ***"), "the log names the command line: {log}");
+    for (surface, text) in [
+        ("/api/leaks", report.to_string()),
+        ("leaks", from_daemon),
+        ("snapshot", snapshot),
+        ("log", log),
+    ] {
+        for secret in ["s3cr3tpw", "tok999"] {
+            assert!(!text.contains(secret), "{secret} shown by {surface}: {text}");
+        }
+    }
 }
 
 #[test]
