@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tracer_common::TcpState;
 
-use super::socket_listing::StreamedListing;
+use super::{connections::LISTEN_BACKLOG, socket_listing::StreamedListing};
 use crate::{
     clock::monotonic_ns,
     daemon::{
@@ -75,11 +75,34 @@ pub(crate) fn router(state: AppState, users: Option<Arc<BasicAuth>>) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
+        .layer(axum::middleware::from_fn(http_norms))
         .with_state(state);
     match users {
         Some(users) => router.layer(axum::middleware::from_fn_with_state(users, authenticate)),
         None => router,
     }
+}
+
+/// What HTTP asks of every request before any route: an HTTP/1.1 request names its `Host`
+/// (400 otherwise, RFC 9112 3.2), and a method the endpoint serves nowhere (CONNECT, POST,
+/// ...) is 405 with `Allow` whatever the path.
+async fn http_norms(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let has_host =
+        request.headers().contains_key(header::HOST) || request.uri().authority().is_some();
+    if request.version() == axum::http::Version::HTTP_11 && !has_host {
+        return error(StatusCode::BAD_REQUEST, "an HTTP/1.1 request needs a Host header");
+    }
+    if !matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD) {
+        return method_not_allowed();
+    }
+    next.run(request).await
+}
+
+/// 405 with the methods every endpoint takes.
+fn method_not_allowed() -> Response {
+    let mut response = error(StatusCode::METHOD_NOT_ALLOWED, "only GET (and HEAD) is allowed here");
+    response.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+    response
 }
 
 /// 401 unless the request carries a configured user's credentials. The bcrypt check runs
@@ -108,12 +131,7 @@ async fn authenticate(
 
 /// Every endpoint is read-only: other methods get 405 with an `Allow` header.
 pub(crate) fn only_get(route: MethodRouter<AppState>) -> MethodRouter<AppState> {
-    route.fallback(|| async {
-        let mut response =
-            error(StatusCode::METHOD_NOT_ALLOWED, "only GET (and HEAD) is allowed here");
-        response.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
-        response
-    })
+    route.fallback(|| async { method_not_allowed() })
 }
 
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -269,10 +287,20 @@ async fn sockets(
 /// Binds the endpoint (before the async runtime starts: see `daemon::attach`); a busy or
 /// forbidden address is an error that names the flag.
 pub(crate) fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
-    let bound = std::net::TcpListener::bind(addr).and_then(|listener| {
-        listener.set_nonblocking(true)?;
-        Ok(listener)
-    });
+    let bound = (|| {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            // As std's bind: [::] takes IPv4 clients too where the host allows it.
+            let _ = socket.set_only_v6(false);
+        }
+        socket.bind(&addr.into())?;
+        // std's listen uses 128: a burst of reconnecting clients overflowed it.
+        socket.listen(LISTEN_BACKLOG)?;
+        socket.set_nonblocking(true)?;
+        Ok::<_, io::Error>(std::net::TcpListener::from(socket))
+    })();
     bound.map_err(|error| {
         // One cause, said once: the known ones in words, others as the system reports them.
         let cause = match error.kind() {
