@@ -124,6 +124,14 @@ pub(crate) struct Process {
 }
 
 impl Process {
+    /// "PID 812 server", or what is known of it.
+    pub(crate) fn owner_line(&self) -> String {
+        match self.pid {
+            Some(pid) => format!("PID {pid} {}", self.comm_or_unknown()),
+            None => format!("{} (no process found)", self.comm_or_unknown()),
+        }
+    }
+
     /// A process known by pid and name, with the cgroup the kernel named for it.
     pub(crate) fn named(pid: u32, comm: String, cgroup: Option<&CgroupName>) -> Self {
         Self {

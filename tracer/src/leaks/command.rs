@@ -90,7 +90,47 @@ fn full_listeners(cmdline: CmdlinePolicy) -> Vec<StuckListener> {
 pub(crate) fn render(report: &LeakReport) -> String {
     let mut out = render_close_wait(report);
     render_stuck_listeners(report, &mut out);
+    render_findings(report, &mut out);
     out
+}
+
+/// The other diagnoses' findings, grouped by kind, each kind's advice once under it.
+fn render_findings(report: &LeakReport, out: &mut String) {
+    let mut kinds: Vec<&str> = report.findings.iter().map(|f| f.kind.as_str()).collect();
+    kinds.dedup();
+    kinds.sort_unstable();
+    kinds.dedup();
+    for kind in kinds {
+        let found: Vec<_> = report.findings.iter().filter(|f| f.kind == kind).collect();
+        let _ = writeln!(out, "\n{} ({}):", capitalized(kind), found.len());
+        for finding in &found {
+            let _ = writeln!(
+                out,
+                "\n{}: {} (for {})",
+                finding.process.owner_line(),
+                finding.summary,
+                human_age(finding.for_seconds)
+            );
+            for line in &finding.details {
+                let _ = writeln!(out, "  {line}");
+            }
+            let process = &finding.process;
+            if let Some(cmdline) = process.cmdline.as_deref().filter(|c| !c.is_empty()) {
+                let _ = writeln!(out, "  cmdline: {cmdline}");
+            }
+            if let Some(where_) = process.container_description() {
+                let _ = writeln!(out, "  in:      {where_}");
+            }
+        }
+        if let Some(advice) = found.iter().map(|f| f.advice.as_str()).find(|a| !a.is_empty()) {
+            let _ = writeln!(out, "\n{advice}");
+        }
+    }
+}
+
+fn capitalized(text: &str) -> String {
+    let mut chars = text.chars();
+    chars.next().map_or_else(String::new, |first| first.to_uppercase().chain(chars).collect())
 }
 
 fn render_stuck_listeners(report: &LeakReport, out: &mut String) {
@@ -282,11 +322,7 @@ pub async fn run(config: Config) -> ExitCode {
         eprintln!("tcpstate: error: {error}");
         return ExitCode::from(FAILED);
     }
-    if report.leaked_sockets > 0 || !report.stuck_listeners.is_empty() {
-        ExitCode::from(LEAKS)
-    } else {
-        ExitCode::SUCCESS
-    }
+    if report.anything_stuck() { ExitCode::from(LEAKS) } else { ExitCode::SUCCESS }
 }
 
 #[cfg(test)]
@@ -322,5 +358,29 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    /// Another diagnosis's findings need nothing of this module: shown by kind, with their
+    /// process, details and advice, and the exit status says something is stuck.
+    #[test]
+    fn findings_of_any_kind_are_shown_and_round_trip() {
+        let report = LeakReport {
+            findings: vec![crate::leaks::Finding::example()],
+            ..LeakReport::empty(Source::Daemon, Duration::from_secs(60))
+        };
+        assert!(report.anything_stuck());
+        let text = render(&report);
+        assert!(
+            text.contains(
+                "Connection churn (1):\n\nPID 4242 client: opens 50 connections/s to \
+                 10.0.0.9:5432, median lifetime 3 ms (for 1m 15s)\n  no connection is reused: \
+                 pool them\n  cmdline: client --upstream 10.0.0.9:5432\n\n`tcpstate explain \
+                 TIME_WAIT` says what churn costs.\n"
+            ),
+            "{text}"
+        );
+        let json = serde_json::to_string(&report).unwrap();
+        assert_eq!(serde_json::from_str::<LeakReport>(&json).unwrap(), report);
+        assert!(json.contains(r#""kind":"connection churn","pid":4242"#), "{json}");
     }
 }

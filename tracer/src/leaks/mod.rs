@@ -90,9 +90,60 @@ pub(crate) struct LeakReport {
     /// the longest first.
     #[serde(default)]
     pub stuck_listeners: Vec<StuckListener>,
+    /// What the other diagnoses found stuck, each in the same shape.
+    #[serde(default)]
+    pub findings: Vec<Finding>,
+}
+
+/// Something a diagnosis found stuck, in a shape `tcpstate leaks` and `top` show without
+/// knowing the diagnosis: a diagnosis adds findings of a new kind without touching either.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Finding {
+    /// The diagnosis's name for it, a few words: "connection churn", "stalled reader".
+    pub kind: String,
+    /// The process behind it, as far as known.
+    #[serde(flatten)]
+    pub process: Process,
+    /// Sockets or connections it concerns.
+    pub count: usize,
+    /// How long it has lasted so far, in seconds.
+    pub for_seconds: f64,
+    /// One line that says what was found.
+    pub summary: String,
+    /// Lines under it: the sockets, destinations or figures behind it.
+    #[serde(default)]
+    pub details: Vec<String>,
+    /// What to check, said once per kind under the findings.
+    #[serde(default)]
+    pub advice: String,
+}
+
+impl Finding {
+    #[cfg(test)]
+    pub(crate) fn example() -> Self {
+        Self {
+            kind: "connection churn".into(),
+            process: Process {
+                pid: Some(4242),
+                comm: Some("client".into()),
+                cmdline: Some("client --upstream 10.0.0.9:5432".into()),
+                ..Process::default()
+            },
+            count: 3000,
+            for_seconds: 75.0,
+            summary: "opens 50 connections/s to 10.0.0.9:5432, median lifetime 3 ms".into(),
+            details: vec!["no connection is reused: pool them".into()],
+            advice: "`tcpstate explain TIME_WAIT` says what churn costs.".into(),
+        }
+    }
 }
 
 impl LeakReport {
+    /// Whether anything at all is stuck: `tcpstate leaks` exits 1 then.
+    pub(crate) fn anything_stuck(&self) -> bool {
+        self.leaked_sockets > 0 || !self.stuck_listeners.is_empty() || !self.findings.is_empty()
+    }
+
     pub(crate) fn empty(source: Source, threshold: Duration) -> Self {
         Self {
             source,
@@ -101,6 +152,7 @@ impl LeakReport {
             processes: Vec::new(),
             listen_queue_threshold_seconds: 0.0,
             stuck_listeners: Vec::new(),
+            findings: Vec::new(),
         }
     }
 }
@@ -195,6 +247,7 @@ impl OwnerResolver {
             processes,
             listen_queue_threshold_seconds: 0.0,
             stuck_listeners: Vec::new(),
+            findings: Vec::new(),
         }
     }
 }

@@ -91,6 +91,8 @@ pub(super) struct LeakRow {
     pub container: String,
     /// For a stuck listener: its port and its queue's limit.
     pub listener: Option<(u16, u32)>,
+    /// For another diagnosis's finding: its kind.
+    pub kind: Option<String>,
 }
 
 /// A process's pod (namespace/name), else its container id (12 digits), else empty.
@@ -270,6 +272,7 @@ impl History {
                 oldest_seconds: p.oldest_age_seconds,
                 container: pod_or_container(&p.process),
                 listener: None,
+                kind: None,
             })
             .collect();
         let listeners = report.stuck_listeners.iter().map(|l| LeakRow {
@@ -279,8 +282,18 @@ impl History {
             oldest_seconds: l.full_for_seconds.unwrap_or(0.0),
             container: pod_or_container(&l.process),
             listener: Some((l.local_port, l.queue_limit)),
+            kind: None,
         });
         rows.extend(listeners);
+        rows.extend(report.findings.iter().map(|f| LeakRow {
+            pid: f.process.pid,
+            comm: f.process.comm.clone().unwrap_or_else(|| "(unknown owner)".to_owned()),
+            sockets: f.count,
+            oldest_seconds: f.for_seconds,
+            container: pod_or_container(&f.process),
+            listener: None,
+            kind: Some(f.kind.clone()),
+        }));
         match sort {
             SortKey::Name => rows.sort_by(|a, b| a.comm.cmp(&b.comm).then(a.pid.cmp(&b.pid))),
             SortKey::Count | SortKey::Change => rows.sort_by(|a, b| {

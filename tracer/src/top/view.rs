@@ -219,6 +219,7 @@ fn draw_leaks(frame: &mut Frame, area: Rect, history: &History, sort: SortKey, p
     });
     let leaks = history.leaks(sort);
     let any_listener = leaks.iter().any(|row| row.listener.is_some());
+    let any_finding = leaks.iter().any(|row| row.kind.is_some());
 
     // Where the process runs, only where its pod's name has room.
     let with_container = area.width >= 60;
@@ -228,6 +229,10 @@ fn draw_leaks(frame: &mut Frame, area: Rect, history: &History, sort: SortKey, p
             // A stuck listener's port and queue: beside its container where there is room,
             // else its port before its name.
             let (comm, container) = match (row.listener, with_container) {
+                // Another diagnosis's finding: its kind where the container goes.
+                (None, true) if row.kind.is_some() => {
+                    (row.comm, format!("{} {}", row.kind.unwrap_or_default(), row.container))
+                }
                 (None, _) => (row.comm, row.container),
                 (Some((port, limit)), true) => {
                     (row.comm, format!(":{port} full {}/{limit} {}", row.sockets, row.container))
@@ -251,6 +256,8 @@ fn draw_leaks(frame: &mut Frame, area: Rect, history: &History, sort: SortKey, p
     } else if any_listener {
         // No room for the threshold beside it.
         "Leaks, listeners not accepting".to_owned()
+    } else if any_finding {
+        "Leaks and stuck sockets".to_owned()
     } else {
         format!("Leaks{threshold}")
     };
@@ -383,6 +390,21 @@ mod tests {
             for expected in ["Leaks, listeners not accepting", shown, "1m 35s"] {
                 assert!(text.contains(expected), "{expected:?} missing at width {width}:\n{text}");
             }
+        }
+    }
+
+    #[test]
+    fn another_diagnosis_finding_shows_among_the_leaks_with_its_kind() {
+        use crate::leaks::{Finding, LeakReport, Source};
+        let report = LeakReport {
+            findings: vec![Finding::example()],
+            ..LeakReport::empty(Source::Daemon, Duration::from_secs(60))
+        };
+        let mut history = History::default();
+        history.push(Instant::now(), Sample { leaks: Some(report), ..Sample::default() });
+        let (text, _) = screen_of(&history, 160, 24, Palette { color: false });
+        for expected in ["Leaks and stuck sockets", "4242", "client", "connection churn", "3000"] {
+            assert!(text.contains(expected), "{expected:?} missing:\n{text}");
         }
     }
 

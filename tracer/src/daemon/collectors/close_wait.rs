@@ -109,6 +109,10 @@ impl Diagnosis for CloseWaitLeaks {
         report.leaked_sockets = latest.report.leaked_sockets;
         report.processes.clone_from(&latest.report.processes);
     }
+
+    fn units(&self) -> &'static [(&'static str, &'static str)] {
+        &[("close_wait_leaked_sockets", "{socket}")]
+    }
 }
 
 struct LeakWatch {

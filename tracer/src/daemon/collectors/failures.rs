@@ -290,6 +290,15 @@ impl Diagnosis for Failures {
             sections.extend(fields);
         }
     }
+
+    fn units(&self) -> &'static [(&'static str, &'static str)] {
+        &[
+            ("connect_failures_total", "{connection}"),
+            ("resets_total", "{connection}"),
+            ("connect_failures_by_destination", "{connection}"),
+            ("resets_by_peer", "{connection}"),
+        ]
+    }
 }
 
 fn connect_failures(

@@ -136,6 +136,15 @@ impl Diagnosis for ListenQueues {
         leaks.listen_queue_threshold_seconds = report.stuck_threshold.as_secs_f64();
         leaks.stuck_listeners = report.stuck.clone();
     }
+
+    fn units(&self) -> &'static [(&'static str, &'static str)] {
+        &[
+            ("listen_queue_length", "{connection}"),
+            ("listen_queue_limit", "{connection}"),
+            ("listen_overflows_total", "{handshake}"),
+            ("listen_drops_total", "{handshake}"),
+        ]
+    }
 }
 
 /// Accept queues of the fullest listeners, and the handshakes full queues cost.

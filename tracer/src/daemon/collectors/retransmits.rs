@@ -109,6 +109,16 @@ impl Diagnosis for Retransmits {
         sections.insert("retransmits".to_owned(), serde_json::to_value(top).unwrap_or_default());
         sections.insert("retransmits_unlisted".to_owned(), unlisted.into());
     }
+
+    fn units(&self) -> &'static [(&'static str, &'static str)] {
+        &[
+            ("retransmits_total", "{segment}"),
+            ("retransmits_by_destination", "{segment}"),
+            ("synack_retransmits_total", "{segment}"),
+            ("retransmits_failed_total", "{segment}"),
+            ("retransmits_missed_total", "{segment}"),
+        ]
+    }
 }
 
 /// Retransmitted segments to one destination, over the window.

@@ -55,6 +55,12 @@ pub(crate) trait Diagnosis: Send + Sync {
 
     /// Its findings in the one report of what is stuck (`/api/leaks`, `tcpstate leaks`, `top`).
     fn findings(&self, _report: &mut LeakReport) {}
+
+    /// The OTLP (UCUM) unit of each of its families whose name does not say it (`_seconds`,
+    /// `_bytes` and `_ratio` do): the Prometheus name without `tcpstate_`, and the unit.
+    fn units(&self) -> &'static [(&'static str, &'static str)] {
+        &[]
+    }
 }
 
 /// The diagnoses the daemon runs, in the order their families appear in `/metrics`.
@@ -71,6 +77,11 @@ impl Diagnoses {
         for diagnosis in self.iter() {
             diagnosis.findings(report);
         }
+    }
+
+    /// The unit a diagnosis declares for the family `name` (without `tcpstate_`).
+    pub(crate) fn unit(&self, name: &str) -> Option<&'static str> {
+        self.iter().flat_map(Diagnosis::units).find(|(family, _)| *family == name).map(|(_, u)| *u)
     }
 
     /// `/api/destinations`: every diagnosis's sections, in one object.

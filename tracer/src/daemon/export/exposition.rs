@@ -91,6 +91,7 @@ impl Format {
 /// The registry the HTTP endpoint encodes.
 pub(crate) struct Exporter {
     registry: Registry,
+    diagnoses: Diagnoses,
 }
 
 impl Exporter {
@@ -101,9 +102,14 @@ impl Exporter {
         otlp: Option<Arc<Mutex<OtlpStatus>>>,
     ) -> Self {
         let mut registry = Registry::default();
-        let collector = TcpstateCollector { shared, diagnoses, group_by, otlp };
+        let collector = TcpstateCollector { shared, diagnoses: diagnoses.clone(), group_by, otlp };
         registry.register_collector(Box::new(collector));
-        Self { registry }
+        Self { registry, diagnoses }
+    }
+
+    /// The OTLP unit a diagnosis declares for family `name` (without `tcpstate_`).
+    pub(crate) fn declared_unit(&self, name: &str) -> Option<&'static str> {
+        self.diagnoses.unit(name)
     }
 
     pub(crate) fn render(&self, format: Format) -> Result<String, fmt::Error> {

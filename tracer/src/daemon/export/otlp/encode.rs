@@ -27,12 +27,14 @@ pub(super) struct Times {
 
 /// The request for `families`, under `resource`. A family the naming table does not know is
 /// left out (and the tests fail).
+/// `declared`: the unit a diagnosis declares for a family (by its name without `tcpstate_`).
 pub(super) fn request(
     families: &[Family],
     resource: &[(String, String)],
     times: Times,
+    declared: &dyn Fn(&str) -> Option<&'static str>,
 ) -> ExportMetricsServiceRequest {
-    let metrics = families.iter().filter_map(|family| metric(family, times)).collect();
+    let metrics = families.iter().filter_map(|family| metric(family, times, declared)).collect();
     ExportMetricsServiceRequest {
         resource_metrics: vec![ResourceMetrics {
             resource: Some(Resource {
@@ -62,9 +64,14 @@ pub(super) fn prometheus_name(family: &Family) -> String {
     }
 }
 
-fn metric(family: &Family, times: Times) -> Option<Metric> {
+fn metric(
+    family: &Family,
+    times: Times,
+    declared: &dyn Fn(&str) -> Option<&'static str>,
+) -> Option<Metric> {
     let prometheus = prometheus_name(family);
-    let (name, unit) = naming::otlp_name(&prometheus)?;
+    let own = prometheus.strip_prefix("tcpstate_").and_then(declared);
+    let (name, unit) = naming::otlp_name(&prometheus, own)?;
     let cumulative = AggregationTemporality::Cumulative as i32;
     // Counts travel as integers; seconds and ratios as doubles.
     let integer = unit.starts_with('{');
@@ -201,7 +208,7 @@ mod tests {
             Kind::Gauge,
             vec![Series { labels: labels(&[("state", "CLOSE_WAIT")]), value: Value::Number(3.0) }],
         );
-        let metric = metric(&sockets, TIMES).unwrap();
+        let metric = metric(&sockets, TIMES, &|_| None).unwrap();
         assert_eq!(metric.name, "system.network.connection.count");
         assert_eq!(metric.unit, "{connection}");
         let Some(Data::Sum(sum)) = metric.data else { panic!("not a sum") };
@@ -231,7 +238,7 @@ mod tests {
                 },
             }],
         );
-        let metric = metric(&stays, TIMES).unwrap();
+        let metric = metric(&stays, TIMES, &|_| None).unwrap();
         assert_eq!((metric.name.as_str(), metric.unit.as_str()), ("tcpstate.state_duration", "s"));
         let Some(Data::Histogram(histogram)) = metric.data else { panic!("not a histogram") };
         let point = &histogram.data_points[0];
@@ -247,7 +254,7 @@ mod tests {
             Kind::Counter,
             vec![Series { labels: labels(&[("reason", "refused")]), value: Value::Number(4.0) }],
         );
-        let metric = metric(&failures, TIMES).unwrap();
+        let metric = metric(&failures, TIMES, &|_| Some("{connection}")).unwrap();
         assert_eq!(metric.name, "tcpstate.connect_failures");
         let Some(Data::Sum(sum)) = metric.data else { panic!("not a sum") };
         assert!(sum.is_monotonic);

@@ -234,7 +234,8 @@ fn encode_scrape(
     let text = exporter.render(Format::OpenMetrics).map_err(|e| format!("rendering: {e}"))?;
     let families = read_back::parse(&text)?;
     let times = encode::Times { start: start_ns, now: unix_ns() };
-    Ok(Bytes::from(encode::request(&families, resource, times).encode_to_vec()))
+    let declared = |name: &str| exporter.declared_unit(name);
+    Ok(Bytes::from(encode::request(&families, resource, times, &declared).encode_to_vec()))
 }
 
 fn unix_ns() -> u64 {
@@ -255,6 +256,13 @@ mod tests {
         read_back::parse(&text).unwrap()
     }
 
+    /// A family's OTLP name and unit, with what its diagnosis declares.
+    fn otlp_name(prometheus: &str) -> Option<(String, &'static str)> {
+        let exporter = exporter_after_known_transitions();
+        let own = prometheus.strip_prefix("tcpstate_").and_then(|n| exporter.declared_unit(n));
+        naming::otlp_name(prometheus, own)
+    }
+
     /// Every family of a full scrape crosses over, with as many points as it has series.
     #[test]
     fn every_family_is_exported_with_every_series() {
@@ -265,7 +273,7 @@ mod tests {
         let unnamed: Vec<_> = families
             .iter()
             .map(encode::prometheus_name)
-            .filter(|name| naming::otlp_name(name).is_none())
+            .filter(|name| otlp_name(name).is_none())
             .collect();
         assert!(unnamed.is_empty(), "no OTLP name for {unnamed:?}: add them to naming.rs");
         assert_eq!(metrics.len(), families.len());
@@ -298,7 +306,7 @@ mod tests {
             .collect();
         for family in known_families() {
             let prometheus = encode::prometheus_name(&family);
-            let (name, unit) = naming::otlp_name(&prometheus).unwrap();
+            let (name, unit) = otlp_name(&prometheus).unwrap();
             assert_eq!(
                 documented.get(&prometheus),
                 Some(&(name.clone(), unit.to_owned())),

@@ -8,10 +8,14 @@
 /// The semantic convention's count of connections by state.
 pub(super) const CONNECTION_COUNT: &str = "system.network.connection.count";
 
-/// The OTLP name and UCUM unit of a family, by its Prometheus name; `None` for a family this
-/// table does not know (a test keeps that from happening).
-pub(super) fn otlp_name(prometheus: &str) -> Option<(String, &'static str)> {
-    let unit = unit(prometheus)?;
+/// The OTLP name and UCUM unit of a family, by its Prometheus name, with the unit its
+/// diagnosis declares for it if any; `None` for a family whose unit nobody knows (a test
+/// keeps that from happening).
+pub(super) fn otlp_name(
+    prometheus: &str,
+    declared: Option<&'static str>,
+) -> Option<(String, &'static str)> {
+    let unit = unit(prometheus).or(declared)?;
     let name = match prometheus {
         "tcpstate_sockets" => CONNECTION_COUNT.to_owned(),
         // `tcpstate.state` alone would not say what it counts.
@@ -30,7 +34,8 @@ pub(super) fn otlp_name(prometheus: &str) -> Option<(String, &'static str)> {
     Some((name, unit))
 }
 
-/// The unit of each family the daemon serves.
+/// The unit of each of the core's and the export's families, and of every family whose name
+/// says it; diagnoses declare their own (`Diagnosis::units`).
 fn unit(prometheus: &str) -> Option<&'static str> {
     if prometheus.ends_with("_seconds") || prometheus.ends_with("_seconds_total") {
         return Some("s");
@@ -43,20 +48,8 @@ fn unit(prometheus: &str) -> Option<&'static str> {
     }
     Some(match prometheus.strip_prefix("tcpstate_")? {
         "transitions_total" | "kernel_untracked_sightings_total" => "{transition}",
-        "sockets"
-        | "connect_failures_total"
-        | "resets_total"
-        | "connect_failures_by_destination"
-        | "resets_by_peer"
-        | "listen_queue_length"
-        | "listen_queue_limit" => "{connection}",
-        "tracked_sockets" | "table_untracked_sockets" | "close_wait_leaked_sockets" => "{socket}",
-        "retransmits_total"
-        | "retransmits_by_destination"
-        | "synack_retransmits_total"
-        | "retransmits_failed_total"
-        | "retransmits_missed_total" => "{segment}",
-        "listen_overflows_total" | "listen_drops_total" => "{handshake}",
+        "sockets" => "{connection}",
+        "tracked_sockets" | "table_untracked_sockets" => "{socket}",
         "events_total"
         | "events_lost_total"
         | "events_rescued_total"
@@ -119,7 +112,7 @@ mod tests {
 
     #[test]
     fn names_follow_the_conventions() {
-        let name = |p| otlp_name(p).unwrap();
+        let name = |p| otlp_name(p, None).unwrap();
         assert_eq!(name("tcpstate_sockets"), (CONNECTION_COUNT.to_owned(), "{connection}"));
         assert_eq!(
             name("tcpstate_transitions_total"),
@@ -134,7 +127,8 @@ mod tests {
             ("tcpstate.kernel_map_memory".to_owned(), "By")
         );
         assert_eq!(name("tcpstate_build_info"), ("tcpstate.build_info".to_owned(), "1"));
-        assert_eq!(otlp_name("tcpstate_something_new"), None);
+        assert_eq!(otlp_name("tcpstate_something_new", None), None);
+        assert_eq!(otlp_name("tcpstate_something_new", Some("{thing}")).unwrap().1, "{thing}");
     }
 
     #[test]
