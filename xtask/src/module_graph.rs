@@ -438,6 +438,27 @@ mod tests {
         );
     }
 
+    /// Two files of one crate never share a name in different rooms (`mod.rs` aside): a name
+    /// says what a file holds, wherever it is.
+    #[test]
+    fn no_two_files_share_a_name() {
+        for src in ["tracer/src", "xtask/src"] {
+            let mut sources = BTreeMap::new();
+            let root = workspace().join(src);
+            read_dir(&root, &root, &mut sources).unwrap();
+            let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+            for path in sources.keys() {
+                let name = path.rsplit('/').next().unwrap_or(path);
+                if ["mod.rs", "main.rs", "lib.rs"].contains(&name) {
+                    continue;
+                }
+                if let Some(other) = seen.insert(name, path) {
+                    panic!("{src}: {other} and {path} share a name");
+                }
+            }
+        }
+    }
+
     #[test]
     fn use_trees_expand_to_each_path() {
         let paths = expand(&without_renames("crate::{a::{b, c as d}, e}, super::f"));

@@ -31,7 +31,7 @@ use self::{
     },
     export::{
         exposition::Exporter,
-        otlp::{OtlpExport, status::OtlpStatus},
+        otlp::{OtlpExport, outcomes::OtlpStatus},
     },
     serve::HttpServer,
 };

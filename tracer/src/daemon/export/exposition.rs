@@ -13,7 +13,7 @@ use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, regis
 
 use super::{
     family::{PortSeries, Scrape},
-    otlp::status::OtlpStatus,
+    otlp::outcomes::OtlpStatus,
 };
 use crate::{
     clock::monotonic_ns,

@@ -6,9 +6,9 @@
 
 mod encode;
 mod naming;
+pub(crate) mod outcomes;
 pub(crate) mod read_back;
 pub(crate) mod settings;
-pub(crate) mod status;
 mod transport;
 
 use std::{
@@ -19,8 +19,8 @@ use std::{
 use hyper::body::Bytes;
 use prost::Message as _;
 
+use self::outcomes::OtlpStatus;
 pub(crate) use self::settings::{OtlpSettings, SettingError};
-use self::status::OtlpStatus;
 use self::transport::{ExportError, Landed, Transport};
 use super::exposition::{Exporter, Format};
 
