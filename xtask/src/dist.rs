@@ -1,6 +1,7 @@
 //! `cargo xtask dist`: what a user installs without a toolchain, in `target/dist/`: for each
 //! architecture a tarball and a Debian package around the static binary, one OCI image
-//! archive over every architecture, and `SHA256SUMS`.
+//! archive over every architecture, the Helm chart (whose appVersion is the image's tag), and
+//! `SHA256SUMS`.
 
 use std::{
     fmt::Write as _,
@@ -45,6 +46,9 @@ pub fn run(root: &Path, arches: &[Arch]) -> anyhow::Result<Vec<PathBuf>> {
     }
     let image = image(&dist, &binaries)?;
     artifacts.push(image.clone());
+    let (helm, python) = crate::setup::chart_prerequisites(root)?;
+    let tools = crate::chart::Tools { helm, python, bin: root.join("target/tools/bin") };
+    artifacts.push(crate::chart::package(&tools, root, &dist)?);
     write_sums(&dist, &artifacts)?;
     check_image(&image)?;
     for package in artifacts.iter().filter(|a| a.extension().is_some_and(|e| e == "deb")) {
@@ -395,8 +399,11 @@ mod tests {
     fn the_daemonset_names_the_image_of_this_version() {
         let daemonset = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/kubernetes/daemonset.yaml");
         let text = fs::read_to_string(daemonset).unwrap();
-        let images: Vec<_> =
-            text.lines().filter_map(|line| line.trim().strip_prefix("image: ")).collect();
+        let images: Vec<_> = text
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("image: "))
+            .map(|i| i.trim_matches('"'))
+            .collect();
         assert_eq!(images, [image_name()], "{daemonset}");
     }
 

@@ -1,11 +1,12 @@
-//! Project tasks: `cargo xtask setup | build | run | test | lint | dist | image | vmtest |
-//! bench`.
+//! Project tasks: `cargo xtask setup | build | run | test | lint | dist | chart | image |
+//! vmtest | bench`.
 //!
 //! Every task that builds runs `setup` first, so a fresh machine needs nothing but the repo,
 //! rustup and the package registries.
 
 mod arch;
 mod bench;
+mod chart;
 mod cmd;
 mod cross;
 mod debian;
@@ -67,6 +68,9 @@ enum Task {
         #[arg(long, value_enum)]
         arch: Vec<arch::Arch>,
     },
+    /// Write deploy/kubernetes/daemonset.yaml from the Helm chart with default values (`test`
+    /// fails while the two differ), then check the chart as `test` does.
+    Chart,
     /// Build an OCI image of tcpstate (no registry needed), load it into podman and save it as
     /// target/image/tcpstate-VERSION.oci.tar for other hosts.
     Image,
@@ -122,6 +126,11 @@ fn main() -> anyhow::Result<()> {
             let arches = if arch.is_empty() { arch::Arch::ALL.to_vec() } else { arch };
             dist_for(&root, &arches)
         }
+        Task::Chart => {
+            let tools = chart_tools(&root)?;
+            chart::write_manifest(&root, &tools)?;
+            chart::check(&root, &tools)
+        }
         Task::Image => {
             setup::build_prerequisites(&root)?;
             setup::container_prerequisites()?;
@@ -137,17 +146,25 @@ fn main() -> anyhow::Result<()> {
             build_release(&root)?;
             let image = image::build(&root)?;
             let host = test(filter.as_deref(), &tools, &image);
+            // The chart: lint, render, validate, promtool; the manifest it generates.
+            let chart = if filter.is_none() {
+                chart_tools(&root).and_then(|chart_tools| chart::check(&root, &chart_tools))
+            } else {
+                Ok(())
+            };
             // What users install, built and checked (lintian, dpkg install and purge, the
             // image running `tcpstate check`); a filtered run is after one test, not these.
             let releases = if filter.is_none() { dist_checked(&root) } else { Ok(()) };
             if host_only {
                 host?;
+                chart.context("the Helm chart failed its checks")?;
                 return releases;
             }
             // The matrix runs even when the host failed: every verdict is worth having.
             let args = vmtest::VmtestArgs { filter, ..Default::default() };
             let matrix = vmtest::run(&root, &args, &tools);
             host.context("tests on this machine's kernel failed")?;
+            chart.context("the Helm chart failed its checks")?;
             releases.context("the release artifacts failed their checks")?;
             matrix
         }
@@ -169,6 +186,13 @@ fn main() -> anyhow::Result<()> {
         Task::Loadgen(command) => bench::load::run(command),
         Task::Floor { program } => bench::floor::hold(program),
     }
+}
+
+/// helm, kubernetes-validate and promtool, installed where missing.
+fn chart_tools(root: &std::path::Path) -> anyhow::Result<chart::Tools> {
+    let bin = setup::test_prerequisites(root)?;
+    let (helm, python) = setup::chart_prerequisites(root)?;
+    Ok(chart::Tools { helm, python, bin })
 }
 
 /// `cargo xtask dist` for `arches`: builds and checks every artifact, and lists them.

