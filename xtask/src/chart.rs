@@ -26,19 +26,40 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// `kubeVersion` says the oldest; the newest is the newest the validator ships).
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.25.0", "1.33.0"];
 
-/// The chart's tools: helm and the validator's Python path.
+/// The chart's tools.
 pub struct Tools {
-    pub helm: PathBuf,
-    pub python: PathBuf,
+    pub installed: crate::setup::ChartTools,
     /// Where promtool is.
     pub bin: PathBuf,
 }
+
+/// Checks the Prometheus Operator's objects in a JSON list of manifests with the validators
+/// generated from its CRDs; prints one line per object, exits 1 if any is invalid.
+const OPERATOR_CHECK: &str = r#"import { readFileSync } from 'node:fs';
+const [schemas, file] = process.argv.slice(2);
+const prefix = 'ComGithubPrometheusOperatorPrometheusOperatorPkgApisMonitoringV1';
+let failed = 0;
+for (const doc of JSON.parse(readFileSync(file, 'utf8'))) {
+  if (doc.apiVersion !== 'monitoring.coreos.com/v1') continue;
+  const { validate } = await import(`${schemas}/${prefix}${doc.kind}.js`);
+  if (validate(doc)) {
+    console.log(`valid ${doc.kind}`);
+  } else {
+    failed++;
+    console.log(`invalid ${doc.kind}: ${JSON.stringify(validate.errors)}`);
+  }
+}
+process.exit(failed ? 1 : 0);
+"#;
 
 /// Every check of the chart; fails naming the values file and what was wrong.
 pub fn check(root: &Path, tools: &Tools) -> anyhow::Result<()> {
     let chart = root.join(CHART);
     eprintln!("xtask: checking the Helm chart (lint, render, validate, promtool)");
-    run_logged(Command::new(&tools.helm).args(["lint", "--strict"]).arg(&chart), "helm-lint")?;
+    run_logged(
+        Command::new(&tools.installed.helm).args(["lint", "--strict"]).arg(&chart),
+        "helm-lint",
+    )?;
     let mut values: Vec<PathBuf> = fs::read_dir(chart.join("ci"))?
         .flatten()
         .map(|entry| entry.path())
@@ -58,6 +79,8 @@ pub fn check(root: &Path, tools: &Tools) -> anyhow::Result<()> {
             validate(tools, &path, version).with_context(|| format!("ci/{name}.yaml"))?;
         }
         let documents = documents(&rendered).with_context(|| format!("ci/{name}.yaml"))?;
+        validate_operator_objects(tools, &documents, &scratch, &name)
+            .with_context(|| format!("ci/{name}.yaml"))?;
         check_rules(root, tools, &documents, &scratch.join(format!("{name}-rules.yml")))
             .with_context(|| format!("ci/{name}.yaml"))?;
         check_dashboard(root, &documents).with_context(|| format!("ci/{name}.yaml"))?;
@@ -71,7 +94,7 @@ pub fn check(root: &Path, tools: &Tools) -> anyhow::Result<()> {
 
 /// `helm template` of the chart as release `tcpstate` in namespace `tcpstate`.
 fn render(tools: &Tools, chart: &Path, values: Option<&Path>) -> anyhow::Result<String> {
-    let mut helm = Command::new(&tools.helm);
+    let mut helm = Command::new(&tools.installed.helm);
     helm.args(["template", "tcpstate"]).arg(chart).args(["--namespace", "tcpstate"]);
     if let Some(values) = values {
         helm.arg("--values").arg(values);
@@ -108,7 +131,7 @@ fn validate(tools: &Tools, rendered: &Path, version: &str) -> anyhow::Result<()>
         Command::new("python3")
             .args(["-m", "kubernetes_validate", "--strict", "-k", version])
             .arg(rendered)
-            .env("PYTHONPATH", &tools.python),
+            .env("PYTHONPATH", &tools.installed.python),
     )
     .context("running kubernetes-validate")?;
     let text = String::from_utf8_lossy(&output.stdout).into_owned()
@@ -121,6 +144,36 @@ fn validate(tools: &Tools, rendered: &Path, version: &str) -> anyhow::Result<()>
     ensure!(
         output.status.success() && unknown.is_empty() && text.contains("passed"),
         "not valid for Kubernetes {version}:\n{text}"
+    );
+    Ok(())
+}
+
+/// The Prometheus Operator's objects against the schemas of its CRDs.
+fn validate_operator_objects(
+    tools: &Tools,
+    documents: &[serde_json::Value],
+    scratch: &Path,
+    name: &str,
+) -> anyhow::Result<()> {
+    let objects: Vec<_> =
+        documents.iter().filter(|d| d["apiVersion"] == "monitoring.coreos.com/v1").collect();
+    if objects.is_empty() {
+        return Ok(());
+    }
+    let script = scratch.join("operator-check.mjs");
+    fs::write(&script, OPERATOR_CHECK)?;
+    let list = scratch.join(format!("{name}-operator.json"));
+    fs::write(&list, serde_json::to_string(&objects)?)?;
+    let output = capture(
+        Command::new("node").arg(&script).arg(&tools.installed.operator_schemas).arg(&list),
+    )
+    .context("running node")?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    let valid = text.lines().filter(|l| l.starts_with("valid ")).count();
+    ensure!(
+        output.status.success() && valid == objects.len(),
+        "Prometheus Operator objects not valid against its CRD schemas:\n{text}"
     );
     Ok(())
 }
@@ -180,6 +233,105 @@ fn plain_manifest(tools: &Tools, chart: &Path) -> anyhow::Result<String> {
     Ok(manifest)
 }
 
+/// podman's settings for the chart's pod on this machine: runc (crun refuses its hybrid cgroup
+/// layout), cgroupfs, and limits under the sandbox's RLIMIT_NOFILE cap.
+const CONTAINERS_CONF: &str = "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \
+                               \"nproc=1024:1024\"]\n[engine]\nruntime = \"runc\"\n\
+                               cgroup_manager = \"cgroupfs\"\n";
+const POD: &str = "tcpstate-chart";
+
+/// The chart's DaemonSet, as its pod, run for real with `podman kube play` from `image` on
+/// this host: `/metrics` answers on the node's port and `tcpstate check` in the pod says ok
+/// or degraded. podman 4.3 takes Pods, not DaemonSets; on host networking it refuses port
+/// declarations, and it knows no `spec.nodeName` field reference: those alone are changed.
+pub fn run_pod(root: &Path, tools: &Tools, image: &str) -> anyhow::Result<()> {
+    let (repository, tag) = image.rsplit_once(':').context("an image name with a tag")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut helm = Command::new(&tools.installed.helm);
+    helm.args(["template", "tcpstate"])
+        .arg(root.join(CHART))
+        .args(["--namespace", "tcpstate", "--show-only", "templates/daemonset.yaml"])
+        .args(["--set", &format!("image.repository={repository},image.tag={tag},port={port}")]);
+    let output = capture(&mut helm).context("running helm")?;
+    ensure!(output.status.success(), "helm template: {}", String::from_utf8_lossy(&output.stderr));
+    let daemonset = documents(&String::from_utf8(output.stdout)?)?
+        .into_iter()
+        .next()
+        .context("no DaemonSet rendered")?;
+    let mut spec = daemonset["spec"]["template"]["spec"].clone();
+    for container in spec["containers"].as_array_mut().into_iter().flatten() {
+        container.as_object_mut().map(|c| c.remove("ports"));
+        for variable in container["env"].as_array_mut().into_iter().flatten() {
+            if variable["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName" {
+                *variable = serde_json::json!({ "name": variable["name"], "value": "this-node" });
+            }
+        }
+    }
+    let pod = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": POD, "labels": daemonset["spec"]["template"]["metadata"]["labels"] },
+        "spec": spec,
+    });
+    let scratch = root.join("target/chart-check");
+    fs::create_dir_all(&scratch)?;
+    let manifest = scratch.join("pod.json");
+    fs::write(&manifest, serde_json::to_string_pretty(&pod)?)?;
+    let conf = scratch.join("containers.conf");
+    fs::write(&conf, CONTAINERS_CONF)?;
+    let podman = |args: &[&str]| {
+        let mut command = Command::new("podman");
+        command.args(args).env("CONTAINERS_CONF", &conf);
+        command
+    };
+    eprintln!("xtask: running the chart's pod with podman kube play (port {port})");
+    run_logged(podman(&["kube", "play", "--replace"]).arg(&manifest), "podman-kube-play")?;
+    // As NOTES.txt says to run it: by name, as `kubectl exec POD -- tcpstate ...` does.
+    let checked = pod_answers(port).and_then(|()| {
+        let output =
+            capture(&mut podman(&["exec", &format!("{POD}-tcpstate"), "tcpstate", "check"]))
+                .context("running podman exec")?;
+        let code = output.status.code();
+        ensure!(
+            matches!(code, Some(0 | 3)),
+            "`tcpstate check` in the chart's pod exited {code:?}:\n{}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        Ok(())
+    });
+    let logs = capture(&mut podman(&["logs", &format!("{POD}-tcpstate")]));
+    let _ = capture(podman(&["kube", "down"]).arg(&manifest));
+    checked.with_context(|| {
+        let logs =
+            logs.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
+        format!("the chart's pod; its log:\n{logs}")
+    })
+}
+
+/// Waits up to a minute for the pod's `/metrics` to answer 200 with tcpstate's families.
+fn pod_answers(port: u16) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut last = String::new();
+    while std::time::Instant::now() < deadline {
+        if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let request = "GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n";
+            let mut answer = String::new();
+            if stream.write_all(request.as_bytes()).is_ok()
+                && stream.read_to_string(&mut answer).is_ok()
+            {
+                if answer.starts_with("HTTP/1.1 200") && answer.contains("tcpstate_sockets") {
+                    return Ok(());
+                }
+                last = answer.lines().next().unwrap_or_default().to_owned();
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    bail!("/metrics on the node's port {port} did not answer within a minute (last: {last:?})")
+}
+
 /// `cargo xtask chart`: writes the plain manifest from the chart.
 pub fn write_manifest(root: &Path, tools: &Tools) -> anyhow::Result<()> {
     let manifest = plain_manifest(tools, &root.join(CHART))?;
@@ -192,7 +344,7 @@ pub fn write_manifest(root: &Path, tools: &Tools) -> anyhow::Result<()> {
 /// OCI archive carries); returns the `.tgz`.
 pub fn package(tools: &Tools, root: &Path, dist: &Path) -> anyhow::Result<PathBuf> {
     run_logged(
-        Command::new(&tools.helm)
+        Command::new(&tools.installed.helm)
             .arg("package")
             .arg(root.join(CHART))
             .args(["--version", VERSION, "--app-version", VERSION, "--destination"])

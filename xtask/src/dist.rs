@@ -46,8 +46,8 @@ pub fn run(root: &Path, arches: &[Arch]) -> anyhow::Result<Vec<PathBuf>> {
     }
     let image = image(&dist, &binaries)?;
     artifacts.push(image.clone());
-    let (helm, python) = crate::setup::chart_prerequisites(root)?;
-    let tools = crate::chart::Tools { helm, python, bin: root.join("target/tools/bin") };
+    let installed = crate::setup::chart_prerequisites(root)?;
+    let tools = crate::chart::Tools { installed, bin: root.join("target/tools/bin") };
     artifacts.push(crate::chart::package(&tools, root, &dist)?);
     write_sums(&dist, &artifacts)?;
     check_image(&image)?;

