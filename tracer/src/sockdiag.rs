@@ -12,7 +12,7 @@ use netlink_packet_core::{
 use netlink_packet_sock_diag::{
     SockDiagMessage,
     constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla},
+    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, Timer, nlas::Nla},
 };
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
 use tracer_common::{TcpState, ip_from_raw, ip_to_raw, unmap_ipv4};
@@ -25,6 +25,10 @@ pub(crate) struct DiagSocket {
     /// `AF_INET` or `AF_INET6`.
     pub family: u16,
     pub state: TcpState,
+    /// A timewait minisocket: what the kernel keeps of a connection it closed, listed in its
+    /// substate (TIME_WAIT, or FIN_WAIT2 for an orphan that waited too long for the peer's
+    /// FIN). The tracepoint saw the connection close; no record will come for it.
+    pub timewait: bool,
     pub sport: u16,
     pub dport: u16,
     /// Network-order address bytes; IPv4 (and IPv4-mapped IPv6) in the first four.
@@ -142,6 +146,7 @@ fn diag_socket(response: &InetResponse) -> DiagSocket {
     DiagSocket {
         family,
         state: TcpState::from_kernel(header.state),
+        timewait: header.timer == Some(Timer::TimeWait),
         sport: id.source_port,
         dport: id.destination_port,
         saddr,

@@ -151,6 +151,7 @@ mod tests {
         DiagSocket {
             family: tracer_common::record::AF_INET,
             state,
+            timewait: false,
             sport: local.port(),
             dport: remote.port(),
             saddr: tracer_common::ip_to_raw(local.ip()),

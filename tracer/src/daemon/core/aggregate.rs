@@ -64,6 +64,9 @@ pub(crate) struct Aggregator {
     saturated: bool,
     /// Sockets the last dump listed that the table could not hold.
     untracked: usize,
+    /// [port label]: the last dump's timewait minisockets in FIN_WAIT2, as counted in the
+    /// gauges (see `DumpIndex::timewait`).
+    timewait_counted: Vec<i64>,
     /// Transitions of sockets the kernel's map did not hold, by what the table knew of them.
     kernel_forgot: KernelForgot,
     /// Established sockets no record named an owner for, in the order they became due for
@@ -110,6 +113,7 @@ impl Aggregator {
             transitions: vec![[[0; TcpState::INDEXES]; TcpState::INDEXES]; labels.values()],
             stays: std::array::from_fn(|_| DurationHistogram::default()),
             table: SocketTable::new(max_sockets, labels.clone()),
+            timewait_counted: vec![0; labels.values()],
             labels,
             events: 0,
             malformed: 0,
@@ -382,6 +386,7 @@ pub(crate) mod tests {
         DiagSocket {
             family: AF_INET,
             state,
+            timewait: false,
             sport,
             dport: 80,
             saddr: tracer_common::ip_to_raw([127, 0, 0, 1].into()),

@@ -259,7 +259,10 @@ fn table(encoder: &mut DescriptorEncoder, agg: &Aggregator, status: &Status) -> 
     counter(
         encoder,
         "tcpstate_reconcile_corrections",
-        "Table entries a sock_diag reconciliation added, removed or repaired",
+        "Drift a sock_diag reconciliation repaired: table entries it added, removed or whose \
+         state it changed, that no record explained (a transition lost, or never reported); \
+         sockets that moved while the dump ran, connects whose local port was not picked yet \
+         and timewait minisockets are not drift",
         agg.corrections(),
     )?;
     counter(

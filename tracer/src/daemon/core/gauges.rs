@@ -93,6 +93,15 @@ impl StateGauges {
         self.total[state] += delta;
     }
 
+    /// Adds `delta` sockets in `state` to port label `label` (sockets counted from a dump,
+    /// with no port at hand).
+    pub(crate) fn add_to_label(&mut self, label: usize, state: TcpState, delta: i64, ts: u64) {
+        let state = state.index();
+        self.accrue(state, ts);
+        self.by_label[label][state] += delta;
+        self.total[state] += delta;
+    }
+
     /// Replaces a state's counts, per label: with a dump's for the states the tracepoint never
     /// reports (TIME_WAIT, NEW_SYN_RECV) and while the table is saturated.
     pub(crate) fn set_counts(&mut self, state: TcpState, per_label: &[i64], ts: u64) {

@@ -11,7 +11,7 @@
 //! replaced or adopted meanwhile are not added back.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     hash::{BuildHasher, RandomState},
     sync::MutexGuard,
     time::{Duration, Instant},
@@ -32,6 +32,14 @@ use crate::{
 /// Table entries visited per hold of the lock: about a millisecond of work, so that the
 /// holder is rarely preempted with the lock held on a busy host.
 const SLICE: usize = 4_096;
+
+/// A connecting socket the table holds without its local port is removed only once it has
+/// not moved for longer than a connect lasts (the default 6 SYN retries give up after about
+/// 127 s): then its last record was lost.
+const CONNECT_OUTLIVES_NS: u64 = 300_000_000_000;
+
+/// Corrections of each kind logged (at debug level) per reconciliation, to tell what drifts.
+const EXAMPLES: u64 = 5;
 
 /// Between slices: time for the threads waiting for the lock to take it.
 const PAUSE: Duration = Duration::from_millis(1);
@@ -85,10 +93,18 @@ pub(crate) struct DumpIndex {
     sampled: Vec<Vec<i64>>,
     /// [state index][port label], of the table's states.
     counted: Vec<Vec<i64>>,
+    /// [port label]: timewait minisockets listed in a table state (FIN_WAIT2: an orphan that
+    /// waited too long for its peer's FIN). The tracepoint saw them close, and no record
+    /// comes for them: they count in their state's gauge from the dump, not in the table.
+    timewait: Vec<i64>,
     hasher: RandomState,
     slots: Vec<Slot>,
     /// Which positions a table entry has claimed, a bit each.
     matched: Vec<u64>,
+    /// Connecting sockets the table holds without their local port, by (namespace,
+    /// destination address, destination port): as many SYN_SENT sockets to the same place
+    /// in the dump are theirs, not sockets the table lacks.
+    connecting: HashMap<(u32, [u8; 16], u16), u32>,
 }
 
 /// A dumped socket in the index: part of its key's hash, to skip most other keys without
@@ -123,6 +139,7 @@ impl DumpIndex {
             covered: dumps.iter().map(|d| d.inode).collect(),
             sampled: vec![vec![0; labels.values()]; SAMPLED_STATES.len()],
             counted: vec![vec![0; labels.values()]; TcpState::INDEXES],
+            timewait: vec![0; labels.values()],
             starts,
             dumps: Vec::new(),
             started_ns,
@@ -130,6 +147,7 @@ impl DumpIndex {
             hasher: RandomState::new(),
             slots: Vec::new(),
             matched: vec![0; (total as usize).div_ceil(64)],
+            connecting: HashMap::new(),
         };
         let mut indexed = Vec::new();
         for (dump, &start) in dumps.iter().zip(&index.starts) {
@@ -139,7 +157,11 @@ impl DumpIndex {
                     index.sampled[i][label] += 1;
                 } else if tracked_state(socket.state) {
                     index.counted[socket.state.index()][label] += 1;
-                    indexed.push(position);
+                    if socket.timewait {
+                        index.timewait[label] += 1;
+                    } else {
+                        indexed.push(position);
+                    }
                 }
             }
         }
@@ -208,7 +230,7 @@ impl DumpIndex {
             (start..)
                 .zip(&dump.sockets)
                 .filter(|&(position, socket)| {
-                    tracked_state(socket.state) && !self.is_matched(position)
+                    tracked_state(socket.state) && !socket.timewait && !self.is_matched(position)
                 })
                 .map(|(_, socket)| (SocketKey::from_diag(dump.inode, socket), socket))
         })
@@ -259,15 +281,33 @@ impl Aggregator {
             }
             let changed_since_dump = tracked.last_seen_ns >= index.started_ns;
             let (key, state) = (tracked.key, tracked.state);
+            if !key.complete() && state == TcpState::SYN_SENT {
+                // connect() moves a socket to SYN_SENT before it picks the local port, so
+                // the record has none and no dump can match it: the dump lists it under its
+                // port. Left to its next record, unless older than any connect lasts.
+                if now.saturating_sub(tracked.last_seen_ns) < CONNECT_OUTLIVES_NS {
+                    *index.connecting.entry((key.netns, key.daddr, key.dport)).or_default() += 1;
+                    continue;
+                }
+            }
             match index.claim(&key) {
                 Some(socket) => {
                     self.table.set_inode(id, socket.inode);
                     if socket.state != state && !changed_since_dump {
+                        if outcome.repaired < EXAMPLES {
+                            log::debug!(
+                                "reconcile: {key:?} is {} in the dump, {state} in the table",
+                                socket.state
+                            );
+                        }
                         self.table.repair_state(id, socket.state, entered_at(socket, now), now);
                         outcome.repaired += 1;
                     }
                 }
                 None if !changed_since_dump => {
+                    if outcome.removed < EXAMPLES {
+                        log::debug!("reconcile: {key:?} ({state}) is in no dump: removed");
+                    }
                     self.table.remove(id, now);
                     outcome.removed += 1;
                 }
@@ -287,11 +327,26 @@ impl Aggregator {
         let now = index.finished_ns;
         let changed = self.changed_during_dump.take().unwrap_or_default();
         let mut untracked = 0;
+        let mut connecting = index.connecting.clone();
         for (key, socket) in index.unclaimed() {
             if changed.contains(&key) {
                 continue;
             }
+            if socket.state == TcpState::SYN_SENT
+                && let Some(waiting) = connecting.get_mut(&(key.netns, key.daddr, key.dport))
+                && *waiting > 0
+            {
+                // The table holds it, without its local port (see `reconcile_slice`).
+                *waiting -= 1;
+                continue;
+            }
             let entered = entered_at(socket, now);
+            if outcome.added < EXAMPLES {
+                log::debug!(
+                    "reconcile: {key:?} ({}) is missing from the table: added",
+                    socket.state
+                );
+            }
             if self.table.insert_seeded(key, socket.state, socket.inode, entered, now) {
                 outcome.added += 1;
             } else {
@@ -313,10 +368,25 @@ impl Aggregator {
             for state in table_states() {
                 self.table.gauges_mut().set_counts(state, &counted[state.index()], now);
             }
-        } else if was_saturated {
-            // Everything fits again: the table is the count.
-            let states: Vec<TcpState> = table_states().collect();
-            self.table.recount_gauges(&states, now);
+        } else {
+            if was_saturated {
+                // Everything fits again: the table is the count, plus the minisockets below.
+                let states: Vec<TcpState> = table_states().collect();
+                self.table.recount_gauges(&states, now);
+                self.timewait_counted.iter_mut().for_each(|count| *count = 0);
+            }
+            // The dump's timewait minisockets in FIN_WAIT2 replace the previous dump's.
+            for (label, (&now_listed, before)) in
+                index.timewait.iter().zip(&mut self.timewait_counted).enumerate()
+            {
+                let delta = now_listed - *before;
+                self.table.gauges_mut().add_to_label(label, TcpState::FIN_WAIT2, delta, now);
+                *before = now_listed;
+            }
+        }
+        if self.saturated {
+            // Set from the dump, which counted them already.
+            self.timewait_counted.clone_from(&index.timewait);
         }
         self.dedupe_until_ns = index.finished_ns;
         outcome.namespaces = index.dumps.len();
@@ -392,6 +462,54 @@ mod tests {
     fn established(agg: &mut Aggregator, skaddr: u64, sport: u16) {
         agg.apply(record(skaddr, 1, S::CLOSE, S::SYN_SENT, 0));
         agg.apply(record(skaddr, 2, S::SYN_SENT, S::ESTABLISHED, sport));
+    }
+
+    /// An orphan that waited too long in FIN_WAIT2 becomes a timewait minisocket, which dumps
+    /// list in FIN_WAIT2 with no record to come: it counts in the FIN_WAIT2 gauge from each
+    /// dump, like TIME_WAIT, and neither its appearance nor its expiry is a correction.
+    #[test]
+    fn timewait_minisockets_in_fin_wait2_count_from_the_dump_only() {
+        let mut agg = Aggregator::new(100, PortLabels::none());
+        let mut minisocket = diag(S::FIN_WAIT2, 40_000);
+        (minisocket.timewait, minisocket.inode) = (true, 0);
+        agg.begin_dump();
+        let outcome = agg.reconcile(dump(vec![minisocket]), 10, 20, true);
+        assert_eq!(outcome.corrections(), 0, "{outcome:?}");
+        assert!(agg.table().is_empty(), "not in the table");
+        assert_eq!(agg.table().gauges().count(S::FIN_WAIT2), 1, "counted from the dump");
+        agg.begin_dump();
+        let outcome = agg.reconcile(dump(vec![]), 30, 40, true);
+        assert_eq!(outcome.corrections(), 0, "{outcome:?}");
+        assert_eq!(agg.table().gauges().count(S::FIN_WAIT2), 0, "expired");
+        assert_eq!(agg.corrections(), 0);
+    }
+
+    /// connect() reports SYN_SENT before it picks the local port: while the connect waits
+    /// (a listener that drops SYNs), the table holds the socket under port 0 and the dump
+    /// under its port. That is no drift: nothing is removed, added or counted, and the count
+    /// stays one; only a connect older than any connect lasts is removed as drift.
+    #[test]
+    fn a_connect_without_its_local_port_yet_is_not_a_correction() {
+        let mut agg = Aggregator::new(100, PortLabels::none());
+        agg.apply(record(A, 1_000, S::CLOSE, S::SYN_SENT, 0));
+        let mut connecting = diag(S::SYN_SENT, 40_000);
+        connecting.sport = 40_000;
+        agg.begin_dump();
+        let outcome = agg.reconcile(dump(vec![connecting.clone()]), 2_000, 3_000, true);
+        assert_eq!(outcome.corrections(), 0, "{outcome:?}");
+        assert_eq!(agg.table().len(), 1);
+        assert_eq!(agg.table().gauges().count(S::SYN_SENT), 1);
+        // Its next record completes the key.
+        agg.apply(record(A, 4_000, S::SYN_SENT, S::ESTABLISHED, 40_000));
+        assert_eq!(agg.table().gauges().count(S::ESTABLISHED), 1);
+
+        // A connect whose records stopped long ago: its CLOSE was lost.
+        let mut stale = Aggregator::new(100, PortLabels::none());
+        stale.apply(record(A, 1_000, S::CLOSE, S::SYN_SENT, 0));
+        let later = 1_000 + CONNECT_OUTLIVES_NS + 1;
+        stale.begin_dump();
+        let outcome = stale.reconcile(dump(vec![]), later, later + 10, true);
+        assert_eq!(outcome.removed, 1, "{outcome:?}");
     }
 
     #[test]
