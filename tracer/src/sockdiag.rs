@@ -4,7 +4,7 @@
 //! The tracepoint only reports changes; a dump tells what exists right now: sockets older than
 //! the daemon, and TIME_WAIT and NEW_SYN_RECV sockets, which never appear on the tracepoint.
 
-use std::{io, net::SocketAddr};
+use std::{collections::HashSet, io, net::SocketAddr};
 
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
@@ -80,13 +80,35 @@ fn open() -> io::Result<Socket> {
 pub(crate) fn dump_tcp() -> io::Result<Vec<DiagSocket>> {
     let socket = open()?;
     let mut sockets = Vec::new();
+    let mut close_wait = Vec::new();
     let others = all_states().difference(StateFlags::CLOSE_WAIT);
-    let mut keep = |response: &InetResponse| sockets.push(diag_socket(response));
     for family in [AF_INET, AF_INET6] {
+        let mut keep = |response: &InetResponse| sockets.push(diag_socket(response));
         dump_family(&socket, family, others.clone(), ExtensionFlags::empty(), &mut keep)?;
+        let mut keep = |response: &InetResponse| close_wait.push(diag_socket(response));
         dump_family(&socket, family, StateFlags::CLOSE_WAIT, ExtensionFlags::INFO, &mut keep)?;
     }
+    drop_listed_again(&mut sockets, &close_wait);
+    sockets.append(&mut close_wait);
     Ok(sockets)
+}
+
+/// A socket that moved to CLOSE_WAIT between the two requests is in both answers, and the
+/// CLOSE_WAIT one is newer: the earlier listing goes. Kept, it made a reconciliation add
+/// the socket a second time and the next one remove it again (on a slow host, several
+/// times a second under churn). Only the states a socket enters CLOSE_WAIT from are looked
+/// up, and only when there is a CLOSE_WAIT socket at all.
+fn drop_listed_again(earlier: &mut Vec<DiagSocket>, close_wait: &[DiagSocket]) {
+    type Tuple = (u16, [u8; 16], u16, [u8; 16], u16);
+    let tuple = |s: &DiagSocket| -> Tuple { (s.family, s.saddr, s.sport, s.daddr, s.dport) };
+    if close_wait.is_empty() {
+        return;
+    }
+    let later: HashSet<Tuple> = close_wait.iter().map(tuple).collect();
+    earlier.retain(|socket| {
+        let precedes = matches!(socket.state, TcpState::ESTABLISHED | TcpState::SYN_RECV);
+        !(precedes && !socket.timewait && later.contains(&tuple(socket)))
+    });
 }
 
 /// Dumps the CLOSE_WAIT sockets of the current network namespace only.
@@ -227,6 +249,35 @@ mod tests {
     #[test]
     fn a_dumped_socket_takes_48_bytes() {
         assert_eq!(size_of::<DiagSocket>(), 48);
+    }
+
+    /// Listed ESTABLISHED by the first request and CLOSE_WAIT by the second: kept once, as
+    /// the second says. Other sockets, and a CLOSE_WAIT socket's namesake in another family
+    /// or state, stay.
+    #[test]
+    fn a_socket_in_both_answers_is_kept_once_as_the_later_says() {
+        let socket = |state, family: u8, sport| DiagSocket {
+            family: family.into(),
+            state,
+            timewait: false,
+            sport,
+            dport: 40_000,
+            saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            daddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            inode: 0,
+            last_ack_ms: DiagSocket::NO_ACK_TIME,
+        };
+        let moved = socket(TcpState::ESTABLISHED, AF_INET, 8080);
+        let mut earlier = vec![
+            moved.clone(),
+            socket(TcpState::ESTABLISHED, AF_INET, 8081),
+            socket(TcpState::ESTABLISHED, AF_INET6, 8080),
+            socket(TcpState::LISTEN, AF_INET, 8080),
+        ];
+        let kept = earlier[1..].to_vec();
+        let close_wait = vec![socket(TcpState::CLOSE_WAIT, AF_INET, 8080)];
+        drop_listed_again(&mut earlier, &close_wait);
+        assert_eq!(earlier, kept);
     }
 
     /// A real CLOSE_WAIT socket: its dump entry says how long since the peer's FIN.

@@ -658,7 +658,11 @@ fn reconciliation_under_churn_corrects_nothing() {
     let ns = NetNs::create("drift");
     // Orphans in FIN_WAIT2 become minisockets after a second instead of a minute.
     ns.sysctl("net.ipv4.tcp_fin_timeout=1");
-    let daemon = Daemon::start(&["--reconcile-interval", "1"]);
+    // Each reconciliation logs its first corrections of each kind: shown if any happen.
+    let daemon = Daemon::start_with_env(
+        &["--reconcile-interval", "1"],
+        &[("TCPSTATE_LOG", "info,tracer::daemon::core::aggregate::reconcile=debug")],
+    );
     let before = daemon.scrape();
     let corrections = |m: &Metrics| m.value("tcpstate_reconcile_corrections_total", &[]);
     let reconciliations = |m: &Metrics| m.value("tcpstate_reconciliations_total", &[]);
@@ -699,10 +703,11 @@ fn reconciliation_under_churn_corrects_nothing() {
         "reconciled {} times",
         reconciliations(&after) - reconciliations(&before)
     );
+    let corrected = corrections(&after) - corrections(&before);
+    let log = daemon.stop().stderr;
+    let examples: Vec<&String> = log.iter().filter(|l| l.contains("reconcile:")).collect();
     assert_eq!(
-        corrections(&after) - corrections(&before),
-        0.0,
-        "corrections under churn: the table drifted, or moves were taken for drift"
+        corrected, 0.0,
+        "corrections under churn: the table drifted, or moves were taken for drift:\n{examples:#?}"
     );
-    daemon.stop();
 }

@@ -229,6 +229,12 @@ impl Aggregator {
             self.note_changed(key);
             self.table.remove(r.skaddr, ts).is_some()
         } else {
+            if self.changed_during_dump.is_some() && !self.table.contains(r.skaddr) {
+                // New to the table while a reconciliation runs: the walk may have passed
+                // already (a record committed just after the flush that precedes the walk),
+                // and the dump may list the socket too; it must not be added a second time.
+                self.note_changed(key);
+            }
             let owner = r.owner_known().then_some(Owner {
                 pid: r.owner_tgid,
                 comm: r.owner_comm,
