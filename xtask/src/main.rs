@@ -1,5 +1,5 @@
 //! Project tasks: `cargo xtask setup | build | run | test | lint | dist | chart | image |
-//! vmtest | bench`.
+//! vmtest | bench | soak`.
 //!
 //! Every task that builds runs `setup` first, so a fresh machine needs nothing but the repo,
 //! rustup and the package registries.
@@ -17,6 +17,7 @@ mod image;
 #[cfg(test)]
 mod module_graph;
 mod setup;
+mod soak;
 mod vmtest;
 
 use std::path::PathBuf;
@@ -82,6 +83,11 @@ enum Task {
     /// Measure throughput, loss, CPU and memory side by side with libbpf-tools tcpstates;
     /// records the table in BENCHMARKS.md. Needs root.
     Bench(bench::BenchArgs),
+    /// Run the daemon under churn, a slow CLOSE_WAIT leak and a stuck listener for N minutes,
+    /// sampling memory, CPU, gauges against `ss`, losses and drift every minute; fails on a
+    /// gauge that differs from `ss`, on drift, or on memory that grows over the second half.
+    /// Needs root.
+    Soak(soak::SoakArgs),
     /// The benchmark's load generator (run inside its network namespace).
     #[command(hide = true, subcommand)]
     Loadgen(bench::load::LoadCommand),
@@ -185,6 +191,12 @@ fn main() -> anyhow::Result<()> {
             setup::bench_prerequisites()?;
             build_release(&root)?;
             bench::run(&root, &args)
+        }
+        Task::Soak(args) => {
+            setup::build_prerequisites(&root)?;
+            setup::test_prerequisites(&root)?;
+            build_release(&root)?;
+            soak::run(&root, &args)
         }
         Task::Loadgen(command) => bench::load::run(command),
         Task::Floor { program } => bench::floor::hold(program),

@@ -5,7 +5,7 @@
 
 pub mod floor;
 pub mod load;
-mod measure;
+pub mod measure;
 mod profile;
 mod report;
 mod retransmits;
