@@ -51,9 +51,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Check formatting and lints, run every test against this machine's kernel as root, build
-    /// and check the release artifacts (`dist`), then the integration tests inside each stock
-    /// kernel of the matrix on both architectures (`vmtest`).
+    /// Check formatting and lints, run every test against this machine's kernel as root, check
+    /// the Helm chart, soak the daemon for three minutes (`soak`), build and check the release
+    /// artifacts (`dist`), then the integration tests inside each stock kernel of the matrix
+    /// on both architectures (`vmtest`).
     Test {
         /// Only run tests whose name contains this (or any word of it).
         filter: Option<String>,
@@ -84,9 +85,9 @@ enum Task {
     /// records the table in BENCHMARKS.md. Needs root.
     Bench(bench::BenchArgs),
     /// Run the daemon under churn, a slow CLOSE_WAIT leak and a stuck listener for N minutes,
-    /// sampling memory, CPU, gauges against `ss`, losses and drift every minute; fails on a
-    /// gauge that differs from `ss`, on drift, or on memory that grows over the second half.
-    /// Needs root.
+    /// sampling memory, CPU, its sockets against `ss`, losses and drift every minute; fails
+    /// on a socket count that differs from `ss`, on drift, or on memory that grows over the
+    /// second half. Needs root.
     Soak(soak::SoakArgs),
     /// The benchmark's load generator (run inside its network namespace).
     #[command(hide = true, subcommand)]
@@ -161,12 +162,16 @@ fn main() -> anyhow::Result<()> {
             } else {
                 Ok(())
             };
+            // A few minutes of the soak: gauges, drift and memory over time, not one moment.
+            let soaked =
+                if filter.is_none() { soak::run(&root, &soak::SoakArgs::short()) } else { Ok(()) };
             // What users install, built and checked (lintian, dpkg install and purge, the
             // image running `tcpstate check`); a filtered run is after one test, not these.
             let releases = if filter.is_none() { dist_checked(&root) } else { Ok(()) };
             if host_only {
                 host?;
                 chart.context("the Helm chart failed its checks")?;
+                soaked.context("the soak failed")?;
                 return releases;
             }
             // The matrix runs even when the host failed: every verdict is worth having.
@@ -174,6 +179,7 @@ fn main() -> anyhow::Result<()> {
             let matrix = vmtest::run(&root, &args, &tools);
             host.context("tests on this machine's kernel failed")?;
             chart.context("the Helm chart failed its checks")?;
+            soaked.context("the soak failed")?;
             releases.context("the release artifacts failed their checks")?;
             matrix
         }

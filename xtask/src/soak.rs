@@ -61,6 +61,14 @@ const COMPARED: [(&str, &str); 8] = [
     ("CLOSING", "CLOSING"),
 ];
 
+impl SoakArgs {
+    /// The soak `cargo xtask test` runs: long enough for several reconciliations and for a
+    /// steady leak of memory to show, short enough for CI.
+    pub fn short() -> Self {
+        Self { minutes: 3, rate: 500, rss_growth_percent: 10.0, sample_seconds: 30 }
+    }
+}
+
 /// One minute's sample.
 #[derive(Debug)]
 struct Sample {
