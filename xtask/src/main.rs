@@ -6,6 +6,7 @@
 
 mod arch;
 mod bench;
+mod benchmarks_md;
 mod chart;
 mod cmd;
 mod cross;

@@ -28,7 +28,10 @@ use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
 
 use anyhow::{Context as _, bail, ensure};
 
-use crate::bench::measure::{cpu_seconds, http_get, memory, metric};
+use crate::{
+    bench::measure::{cpu_seconds, http_get, memory, metric},
+    benchmarks_md::{commit, machine, record_section},
+};
 
 #[derive(clap::Args, Debug)]
 pub struct SoakArgs {
@@ -45,6 +48,9 @@ pub struct SoakArgs {
     /// Seconds between samples.
     #[arg(long, default_value_t = 60)]
     pub sample_seconds: u64,
+    /// Make this run's figures the soak section of BENCHMARKS.md (passed or not).
+    #[arg(long)]
+    pub record: bool,
 }
 
 /// States the daemon's table holds (what its gauges count), compared with `ss` at each
@@ -65,7 +71,7 @@ impl SoakArgs {
     /// The soak `cargo xtask test` runs: long enough for several reconciliations and for a
     /// steady leak of memory to show, short enough for CI.
     pub fn short() -> Self {
-        Self { minutes: 3, rate: 500, rss_growth_percent: 10.0, sample_seconds: 30 }
+        Self { minutes: 3, rate: 500, rss_growth_percent: 10.0, sample_seconds: 30, record: false }
     }
 }
 
@@ -142,47 +148,158 @@ pub fn run(root: &Path, args: &SoakArgs) -> anyhow::Result<()> {
     load.join();
     daemon.stop();
     sampled?;
-    verdict(&samples, args)
+    let figures = Figures::of(&samples, args)?;
+    eprintln!("soak: {}", figures.summary());
+    let verdict = figures.verdict(&samples);
+    if args.record {
+        let section = figures.section(args, verdict.as_ref().err());
+        record_section(&root.join("BENCHMARKS.md"), SECTION_HEADING, &section)?;
+        eprintln!("soak: BENCHMARKS.md's soak section is this run's");
+    }
+    verdict
 }
 
-/// The run's figures, and whether it passed.
-fn verdict(samples: &[Sample], args: &SoakArgs) -> anyhow::Result<()> {
-    let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
-        bail!("no sample taken");
-    };
-    let half = &samples[samples.len() / 2];
-    let max = samples.iter().map(|s| s.rss).max().unwrap_or(0);
-    let later_max = samples[samples.len() / 2..].iter().map(|s| s.rss).max().unwrap_or(0);
-    let hours = last.at.as_secs_f64() / 3600.0;
-    let cpu_per_hour = (last.cpu_seconds - first.cpu_seconds)
-        / (hours - first.at.as_secs_f64() / 3600.0).max(1e-9);
-    let growth = later_max.saturating_sub(half.rss);
-    let allowed = ((half.rss as f64 * args.rss_growth_percent / 100.0) as u64).max(2 << 20);
-    eprintln!(
-        "soak: {} samples over {:.0} min, {} connections: RSS first {:.1} MiB, last {:.1} MiB, \
-         max {:.1} MiB; second half grew {:.2} MiB (allowed {:.2}); CPU {:.1} s per hour; \
-         drift {} corrections; {} transitions lost (counted)",
-        samples.len(),
-        last.at.as_secs_f64() / 60.0,
-        last.connections,
-        mib(first.rss),
-        mib(last.rss),
-        mib(max),
-        mib(growth),
-        mib(allowed),
-        cpu_per_hour,
-        last.corrections,
-        last.lost,
-    );
-    let mismatched: Vec<_> = samples.iter().filter(|s| !s.differing.is_empty()).collect();
-    ensure!(
-        mismatched.is_empty(),
-        "gauges differed from ss at {} samples: {mismatched:?}",
-        mismatched.len()
-    );
-    ensure!(last.corrections == 0.0, "the table drifted: {} corrections", last.corrections);
-    ensure!(growth <= allowed, "RSS grew {:.2} MiB over the second half", mib(growth));
-    Ok(())
+/// The soak's section of BENCHMARKS.md.
+const SECTION_HEADING: &str = "## Soak";
+
+/// What a run measured, from its samples.
+struct Figures {
+    samples: usize,
+    minutes: f64,
+    connections: u64,
+    rss_first: u64,
+    rss_half: u64,
+    rss_last: u64,
+    rss_max: u64,
+    /// How far the second half's highest sample rose above the half's.
+    growth: u64,
+    allowed: u64,
+    cpu_per_hour: f64,
+    lost: f64,
+    corrections: f64,
+    equal_to_ss: usize,
+    /// RSS at about a dozen moments of the run: (minute, bytes).
+    rss_course: Vec<(f64, u64)>,
+}
+
+impl Figures {
+    fn of(samples: &[Sample], args: &SoakArgs) -> anyhow::Result<Self> {
+        let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
+            bail!("no sample taken");
+        };
+        let half = &samples[samples.len() / 2];
+        let later_max = samples[samples.len() / 2..].iter().map(|s| s.rss).max().unwrap_or(0);
+        let hours = (last.at.as_secs_f64() - first.at.as_secs_f64()) / 3600.0;
+        let step = samples.len().div_ceil(12).max(1);
+        let mut rss_course: Vec<_> =
+            samples.iter().step_by(step).map(|s| (s.at.as_secs_f64() / 60.0, s.rss)).collect();
+        if !(samples.len() - 1).is_multiple_of(step) {
+            rss_course.push((last.at.as_secs_f64() / 60.0, last.rss));
+        }
+        Ok(Self {
+            samples: samples.len(),
+            minutes: last.at.as_secs_f64() / 60.0,
+            connections: last.connections,
+            rss_first: first.rss,
+            rss_half: half.rss,
+            rss_last: last.rss,
+            rss_max: samples.iter().map(|s| s.rss).max().unwrap_or(0),
+            growth: later_max.saturating_sub(half.rss),
+            allowed: ((half.rss as f64 * args.rss_growth_percent / 100.0) as u64).max(2 << 20),
+            cpu_per_hour: (last.cpu_seconds - first.cpu_seconds) / hours.max(1e-9),
+            lost: last.lost,
+            corrections: last.corrections,
+            equal_to_ss: samples.iter().filter(|s| s.differing.is_empty()).count(),
+            rss_course,
+        })
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{} samples over {:.0} min, {} connections: RSS first {:.1} MiB, last {:.1} MiB, \
+             max {:.1} MiB; second half grew {:.2} MiB (allowed {:.2}); CPU {:.1} s per hour; \
+             drift {} corrections; {} transitions lost (counted); table = ss at {} of {} samples",
+            self.samples,
+            self.minutes,
+            self.connections,
+            mib(self.rss_first),
+            mib(self.rss_last),
+            mib(self.rss_max),
+            mib(self.growth),
+            mib(self.allowed),
+            self.cpu_per_hour,
+            self.corrections,
+            self.lost,
+            self.equal_to_ss,
+            self.samples,
+        )
+    }
+
+    /// Whether the run passed: the table equal to `ss` at every sample, no correction, and
+    /// memory flat over the second half.
+    fn verdict(&self, samples: &[Sample]) -> anyhow::Result<()> {
+        let mismatched: Vec<_> = samples.iter().filter(|s| !s.differing.is_empty()).collect();
+        ensure!(
+            mismatched.is_empty(),
+            "gauges differed from ss at {} samples: {mismatched:?}",
+            mismatched.len()
+        );
+        ensure!(self.corrections == 0.0, "the table drifted: {} corrections", self.corrections);
+        ensure!(
+            self.growth <= self.allowed,
+            "RSS grew {:.2} MiB over the second half",
+            mib(self.growth)
+        );
+        Ok(())
+    }
+
+    /// The soak's section of BENCHMARKS.md.
+    fn section(&self, args: &SoakArgs, failed: Option<&anyhow::Error>) -> String {
+        let mut out = format!("{SECTION_HEADING}\n\n");
+        out += &format!("- Commit: {}\n- Machine: {}\n", commit(), machine());
+        out += &format!(
+            "- Command: `cargo xtask soak --minutes {} --rate {} --sample-seconds {} \
+             --rss-growth-percent {} --record`\n",
+            args.minutes, args.rate, args.sample_seconds, args.rss_growth_percent
+        );
+        out += &format!(
+            "- Load (in a network namespace of its own): {} connections opened and closed per \
+             second, a CLOSE_WAIT leak growing by one socket every 30 s, a listener that never \
+             accepts; sampled every {} s (what it checks: docs/development.md, \"The soak\").\n",
+            args.rate, args.sample_seconds
+        );
+        out += &format!(
+            "- Verdict: {}\n\n",
+            failed.map_or_else(|| "passed".to_owned(), |e| format!("failed: {e:#}"))
+        );
+        out += "| minutes | connections | table = `ss` (samples) | daemon RSS: first | at the half \
+                | last | max | second-half growth (allowed) | daemon CPU s per hour | transitions \
+                lost | corrections |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
+        out += &format!(
+            "| {:.0} | {} | {} of {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.2} MiB \
+             ({:.2}) | {:.1} | {} | {} |\n\n",
+            self.minutes,
+            self.connections,
+            self.equal_to_ss,
+            self.samples,
+            mib(self.rss_first),
+            mib(self.rss_half),
+            mib(self.rss_last),
+            mib(self.rss_max),
+            mib(self.growth),
+            mib(self.allowed),
+            self.cpu_per_hour,
+            self.lost,
+            self.corrections,
+        );
+        let course: Vec<String> = self
+            .rss_course
+            .iter()
+            .map(|(minute, rss)| format!("{minute:.0} min {:.1}", mib(*rss)))
+            .collect();
+        out += &format!("Daemon RSS over the run (MiB): {}.\n", course.join(", "));
+        out
+    }
 }
 
 /// Flushes the daemon (a scrape applies what waits in the ring), counts the namespace's
@@ -466,5 +583,78 @@ impl Load {
         for thread in self.threads {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(minute: u64, rss_mib: u64) -> Sample {
+        Sample {
+            at: Duration::from_secs(minute * 60),
+            rss: rss_mib << 20,
+            cpu_seconds: minute as f64,
+            connections: minute * 1000,
+            lost: 0.0,
+            corrections: 0.0,
+            compared: vec![("ESTABLISHED", 2)],
+            differing: Vec::new(),
+        }
+    }
+
+    fn args() -> SoakArgs {
+        SoakArgs {
+            minutes: 30,
+            rate: 500,
+            rss_growth_percent: 10.0,
+            sample_seconds: 60,
+            record: true,
+        }
+    }
+
+    /// Memory that keeps growing through the second half fails, however slowly it started;
+    /// a warm-up in the first half does not.
+    #[test]
+    fn growth_in_the_second_half_fails_and_a_warm_up_does_not() {
+        let warm_up: Vec<_> =
+            (1..=30).map(|m| sample(m, if m < 10 { 20 + m } else { 30 })).collect();
+        let figures = Figures::of(&warm_up, &args()).unwrap();
+        assert!(figures.verdict(&warm_up).is_ok(), "{}", figures.summary());
+
+        let leaking: Vec<_> = (1..=30).map(|m| sample(m, 20 + m / 3)).collect();
+        let figures = Figures::of(&leaking, &args()).unwrap();
+        assert_eq!(figures.growth, 5 << 20);
+        assert!(figures.verdict(&leaking).is_err(), "{}", figures.summary());
+    }
+
+    #[test]
+    fn a_sample_that_differs_from_ss_fails_and_is_counted() {
+        let mut samples: Vec<_> = (1..=10).map(|m| sample(m, 20)).collect();
+        samples[4].differing.push(("ESTABLISHED", 3, 2));
+        let figures = Figures::of(&samples, &args()).unwrap();
+        assert_eq!(figures.equal_to_ss, 9);
+        assert!(figures.verdict(&samples).is_err());
+    }
+
+    /// The section gives the course of memory from the first sample to the last, each once,
+    /// and the verdict.
+    #[test]
+    fn the_section_shows_memory_from_first_to_last_sample() {
+        for count in [1, 2, 12, 13, 120] {
+            let samples: Vec<_> = (1..=count).map(|m| sample(m, 20)).collect();
+            let figures = Figures::of(&samples, &args()).unwrap();
+            let minutes: Vec<f64> = figures.rss_course.iter().map(|(m, _)| *m).collect();
+            assert_eq!(minutes.first(), Some(&1.0), "{count} samples");
+            assert_eq!(minutes.last(), Some(&(count as f64)), "{count} samples");
+            assert!(minutes.windows(2).all(|w| w[0] < w[1]), "{count} samples: {minutes:?}");
+            assert!(minutes.len() <= 13, "{count} samples: {minutes:?}");
+        }
+        let samples: Vec<_> = (1..=3).map(|m| sample(m, 20)).collect();
+        let figures = Figures::of(&samples, &args()).unwrap();
+        let section = figures.section(&args(), None);
+        assert!(section.starts_with("## Soak\n"), "{section}");
+        assert!(section.contains("- Verdict: passed"), "{section}");
+        assert!(section.contains("| 3 | 3000 | 3 of 3 |"), "{section}");
     }
 }

@@ -1,7 +1,7 @@
 //! The bench's report: the Markdown table of every configuration's medians, which replaces
 //! the current one in BENCHMARKS.md, and each run's full output under `target/bench/`.
 
-use std::{fmt::Write as _, io::Write as _, path::Path, process::Command, thread, time::Duration};
+use std::{fmt::Write as _, io::Write as _, path::Path, thread, time::Duration};
 
 use super::scale::{RECONCILE_INTERVAL, RSS_SAMPLE_EVERY, RSS_WINDOW, Saturation, ScaleRun};
 use super::{
@@ -10,7 +10,7 @@ use super::{
     profile::{Part, Profile},
     retransmits::{RetransmitCost, SYN_RETRIES},
 };
-use crate::cmd::capture;
+use crate::benchmarks_md::{commit, machine, record_section};
 
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -19,29 +19,6 @@ fn median(values: &mut [f64]) -> f64 {
 
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_default();
-    let cpus = thread::available_parallelism().map_or(0, |n| n.get());
-    let memory = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .next()
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or_else(String::new, |kb| format!("{:.0} GiB", kb as f64 / 1_048_576.0));
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cpus} × {cpu}, {memory}, Linux {}", kernel.trim())
 }
 
 /// Median in-kernel time per run of one program, over the runs where it ran.
@@ -102,11 +79,8 @@ pub(super) fn render(args: &BenchArgs, measured: &Measured, took: Duration) -> S
 
 /// What was run, where, and how.
 fn render_header(out: &mut String, args: &BenchArgs, per_connection: f64, took: Duration) {
-    let commit = capture(Command::new("git").args(["rev-parse", "--short", "HEAD"]))
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
     let _ = writeln!(out, "{CURRENT_HEADING}\n");
-    let _ = writeln!(out, "- Commit: {commit}");
+    let _ = writeln!(out, "- Commit: {}", commit());
     let _ = writeln!(out, "- Machine: {}", machine());
     let _ = writeln!(
         out,
@@ -474,17 +448,13 @@ pub(super) fn render_profiles(out: &mut String, profiles: &[(Config, Profile)]) 
     row(out, "all", &|p| p.ns_per_transition);
 }
 
-/// Where the current table starts in BENCHMARKS.md; the method above it is written by hand.
+/// The bench's section of BENCHMARKS.md; the method above it is written by hand.
 const CURRENT_HEADING: &str = "## Current figures";
 
-/// Replaces the current table of BENCHMARKS.md with `report`, keeping the method above it.
+/// Replaces the current table of BENCHMARKS.md with `report`, keeping the method above it
+/// and the other tools' sections.
 pub(super) fn record(path: &Path, report: &str) -> anyhow::Result<()> {
-    let existing = std::fs::read_to_string(path)?;
-    let Some(method) = existing.find(CURRENT_HEADING).map(|at| &existing[..at]) else {
-        anyhow::bail!("{} has no `{CURRENT_HEADING}` section to replace", path.display());
-    };
-    std::fs::write(path, format!("{method}{report}"))?;
-    Ok(())
+    record_section(path, CURRENT_HEADING, report)
 }
 
 /// Keeps this run's whole output (the per-round log and the report) with the environment it
