@@ -13,6 +13,16 @@ pub const FLAG_OWNER_KNOWN: u8 = 1 << 1;
 /// `TransitionRecord::flags`: the kernel skipped the main program for this event because it
 /// was already running on this CPU, and the standby program delivered it instead.
 pub const FLAG_RESCUED: u8 = 1 << 2;
+/// `TransitionRecord::flags`: the record ends a connection (a transition to CLOSE from a
+/// state past the handshake) and `totals` holds what the socket carried; the kernel sends
+/// [`CLOSED_RECORD_SIZE`] bytes for it, [`RECORD_SIZE`] for any other.
+pub const FLAG_CLOSED: u8 = 1 << 3;
+/// `TransitionRecord::flags`, with `FLAG_CLOSED`: `totals.lifetime_ns` is known (the kernel
+/// saw the connection begin).
+pub const FLAG_LIFETIME_KNOWN: u8 = 1 << 4;
+/// `TransitionRecord::flags`, with `FLAG_LIFETIME_KNOWN`: the connection was accepted from a
+/// listener (this host is its server); without it, this host connected (its client).
+pub const FLAG_ACCEPTED: u8 = 1 << 5;
 
 /// Address family values as the tracepoint reports them.
 pub const AF_INET: u16 = 2;
@@ -69,11 +79,40 @@ pub struct TransitionRecord {
     /// final ACK arrived, is the handshake's: from the SYN-ACK to that ACK. 0 otherwise, or
     /// when the kernel had no sample (a retried SYN-ACK without timestamps).
     pub srtt_us: u32,
+    /// What a connection carried, valid with `FLAG_CLOSED`: sent only in records that end a
+    /// connection, all zero in the others.
+    pub totals: ConnectionTotals,
 }
 
-/// Bytes of one record in the ring buffer (the kernel adds its own 8-byte header).
+/// What a connection carried over its life, read from its `tcp_sock` as it closes (the
+/// counters `tcplife` reads: nothing per packet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionTotals {
+    /// Payload bytes the peer acknowledged: `tcp_sock.bytes_acked` without the SYN (which a
+    /// client's counts) and the FIN (once acknowledged), which take a sequence number each
+    /// but carry no data. On a connection whose start the tracer did not see, a client's
+    /// SYN cannot be told and stays in (one byte more).
+    pub bytes_sent: u64,
+    /// Payload bytes received in order: `tcp_sock.bytes_received` without the peer's FIN.
+    pub bytes_received: u64,
+    /// From the connection's first transition (SYN_SENT, or SYN_RECV for an accepted one) to
+    /// CLOSE, valid with `FLAG_LIFETIME_KNOWN`.
+    pub lifetime_ns: u64,
+    /// The smoothed round-trip time at close (`tcp_sock.srtt_us`, eighths of a microsecond);
+    /// 0 when the kernel had no sample.
+    pub srtt_us: u32,
+    /// Segments retransmitted over the connection's life (`tcp_sock.total_retrans`).
+    pub total_retrans: u32,
+}
+
+/// Bytes of one record in the ring buffer (the kernel adds its own 8-byte header), for any
+/// transition but one that ends a connection: the record without its `totals`.
 pub const RECORD_SIZE: usize = 128;
-const _: () = assert!(size_of::<TransitionRecord>() == RECORD_SIZE);
+/// Bytes of a record that ends a connection: the whole `TransitionRecord`.
+pub const CLOSED_RECORD_SIZE: usize = 160;
+const _: () = assert!(core::mem::offset_of!(TransitionRecord, totals) == RECORD_SIZE);
+const _: () = assert!(size_of::<TransitionRecord>() == CLOSED_RECORD_SIZE);
 const _: () = assert!(align_of::<TransitionRecord>() == 8);
 
 impl TransitionRecord {
@@ -92,6 +131,36 @@ impl TransitionRecord {
 
     pub const fn rescued(&self) -> bool {
         self.flags & FLAG_RESCUED != 0
+    }
+
+    /// What the connection this record ends carried, if it ends one.
+    pub const fn closed(&self) -> Option<&ConnectionTotals> {
+        if self.flags & FLAG_CLOSED != 0 { Some(&self.totals) } else { None }
+    }
+
+    /// The lifetime of the connection this record ends, where the kernel saw it begin.
+    pub const fn lifetime_ns(&self) -> Option<u64> {
+        if self.flags & (FLAG_CLOSED | FLAG_LIFETIME_KNOWN) == FLAG_CLOSED | FLAG_LIFETIME_KNOWN {
+            Some(self.totals.lifetime_ns)
+        } else {
+            None
+        }
+    }
+
+    /// Whether the connection this record ends was accepted (true) or connected (false),
+    /// where the kernel saw it begin.
+    pub const fn accepted(&self) -> Option<bool> {
+        if self.lifetime_ns().is_some() { Some(self.flags & FLAG_ACCEPTED != 0) } else { None }
+    }
+
+    /// The bytes the kernel sends for this record.
+    pub const fn wire_size(&self) -> usize {
+        if self.flags & FLAG_CLOSED != 0 { CLOSED_RECORD_SIZE } else { RECORD_SIZE }
+    }
+
+    /// The smoothed round-trip time at close, in nanoseconds, where the kernel had a sample.
+    pub fn closing_rtt_ns(&self) -> Option<u64> {
+        self.closed().filter(|t| t.srtt_us != 0).map(|t| u64::from(t.srtt_us) * 125)
     }
 
     /// A server's handshake, in nanoseconds: the SYN-ACK's round trip, when this record

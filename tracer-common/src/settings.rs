@@ -118,9 +118,11 @@ pub struct KernelSettings {
     /// context: the function's parameter count, from BTF (4 before Linux 6.10, 2 since).
     /// Read directly, because `bpf_get_func_ret` only exists from Linux 5.17.
     pub accept_ret_slot: u32,
-    /// Offset of `tcp_sock.srtt_us`, from BTF: read on SYN_RECV -> ESTABLISHED only, for the
-    /// server's handshake time.
+    /// Offset of `tcp_sock.srtt_us`, from BTF: read on SYN_RECV -> ESTABLISHED, for the
+    /// server's handshake time, and as a connection closes.
     pub tcp_srtt_offset: u32,
+    /// Where a closing connection's totals are read, from BTF.
+    pub totals: TotalsOffsets,
     /// For the programs that read a socket's fields from the socket itself.
     pub sock: SockOffsets,
     /// Offset of `request_sock.__req_common.skc_num` (the local port, host order), from BTF:
@@ -154,6 +156,7 @@ impl KernelSettings {
         task_comm_offset: OFFSET_UNKNOWN,
         accept_ret_slot: OFFSET_UNKNOWN,
         tcp_srtt_offset: OFFSET_UNKNOWN,
+        totals: TotalsOffsets::UNKNOWN,
         sock: SockOffsets::UNKNOWN,
         request_port_offset: u16::MAX,
         retransmit_has_err: 0,
@@ -165,7 +168,40 @@ impl KernelSettings {
 
 const _: () = assert!(size_of::<KernelFilter>() == 56);
 const _: () = assert!(size_of::<SockOffsets>() == 18);
-const _: () = assert!(size_of::<KernelSettings>() == 184);
+const _: () = assert!(size_of::<TotalsOffsets>() == 24);
+const _: () = assert!(size_of::<KernelSettings>() == 208);
+
+/// Offsets in `struct tcp_sock` of the counters a connection's totals are read from as it
+/// closes (`ConnectionTotals`, whose RTT is read at `KernelSettings::tcp_srtt_offset`), from
+/// BTF; `OFFSET_UNKNOWN` where the kernel lacks one (the total is then 0 and the loader says so).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TotalsOffsets {
+    pub bytes_acked: u32,
+    pub bytes_received: u32,
+    pub total_retrans: u32,
+    /// `tcp_sock.snd_una` and `tcp_sock.write_seq`: equal once everything queued, the FIN
+    /// included, was acknowledged.
+    pub snd_una: u32,
+    pub write_seq: u32,
+    /// `sock.sk_flags`, whose `SOCK_DONE` bit says the peer's FIN arrived.
+    pub sk_flags: u32,
+}
+
+impl TotalsOffsets {
+    /// `SOCK_DONE` in `sk_flags` (bit 1 of `enum sock_flags` since Linux 2.6): set by
+    /// `tcp_fin` when the peer's FIN arrives.
+    pub const SOCK_DONE: u64 = 1 << 1;
+
+    pub const UNKNOWN: Self = Self {
+        bytes_acked: OFFSET_UNKNOWN,
+        bytes_received: OFFSET_UNKNOWN,
+        total_retrans: OFFSET_UNKNOWN,
+        snd_una: OFFSET_UNKNOWN,
+        write_seq: OFFSET_UNKNOWN,
+        sk_flags: OFFSET_UNKNOWN,
+    };
+}
 
 /// Value of the per-socket LRU map, keyed by `skaddr`.
 #[repr(C)]
@@ -173,6 +209,10 @@ const _: () = assert!(size_of::<KernelSettings>() == 184);
 pub struct SocketState {
     /// When the socket entered its current state (`bpf_ktime_get_ns`).
     pub entered_ns: u64,
+    /// When the connection began (its creation's `bpf_ktime_get_ns`), with
+    /// [`SocketState::ACCEPTED`] set for a socket a listener accepted; 0 where its creation
+    /// was not seen.
+    pub born: u64,
     /// The owner's cgroup v2 id (`bpf_get_current_cgroup_id`, the cgroup directory's inode),
     /// 0 while unknown.
     pub owner_cgroup: u64,
@@ -183,7 +223,13 @@ pub struct SocketState {
     pub owner_comm: [u8; 16],
 }
 
-const _: () = assert!(size_of::<SocketState>() == 40);
+const _: () = assert!(size_of::<SocketState>() == 48);
+
+impl SocketState {
+    /// `born`'s top bit: the socket was accepted from a listener. Monotonic nanoseconds
+    /// reach it after 292 years of uptime.
+    pub const ACCEPTED: u64 = 1 << 63;
+}
 
 /// Per-CPU counters, one slot per program (`COUNTERS_MAIN`, `COUNTERS_STANDBY`), so a program
 /// interrupted on its CPU by the other never races on a counter.

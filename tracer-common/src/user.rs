@@ -7,7 +7,7 @@ use core::{
 
 use crate::{
     KernelCounters, KernelSettings, RECORD_SIZE, SocketState, TcpState, TransitionRecord,
-    record::{AF_INET, AF_INET6},
+    record::{AF_INET, AF_INET6, CLOSED_RECORD_SIZE, FLAG_CLOSED},
     settings::{RecentTransitions, RetransmitCounts, RetransmitDestination},
 };
 
@@ -79,24 +79,32 @@ impl fmt::Display for DecodeError {
 impl core::error::Error for DecodeError {}
 
 impl TransitionRecord {
-    /// Decodes one ring-buffer item. The only decoder of records: checks the length, and
-    /// copies with an unaligned read (the slice carries no alignment promise).
+    /// Decodes one ring-buffer item. The only decoder of records: checks the length against
+    /// the record's kind (`FLAG_CLOSED` records carry `totals`, the others end before them),
+    /// and copies bytewise (the slice carries no alignment promise).
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        if bytes.len() != RECORD_SIZE {
-            return Err(DecodeError::Length { got: bytes.len(), want: RECORD_SIZE });
+        let flags_at = core::mem::offset_of!(Self, flags);
+        let closed = bytes.get(flags_at).is_some_and(|flags| flags & FLAG_CLOSED != 0);
+        let want = if closed { CLOSED_RECORD_SIZE } else { RECORD_SIZE };
+        if bytes.len() != want {
+            return Err(DecodeError::Length { got: bytes.len(), want });
         }
-        // SAFETY: the length is exactly `size_of::<Self>()` and every bit pattern is a valid
-        // `TransitionRecord` (see the `Pod` impl above).
-        let mut record = unsafe { bytes.as_ptr().cast::<Self>().read_unaligned() };
+        // SAFETY: every bit pattern is a valid `TransitionRecord` (see the `Pod` impl above),
+        // so all zeroes is one; `want` bytes fit in it.
+        let mut record: Self = unsafe { core::mem::zeroed() };
+        unsafe {
+            core::ptr::copy_nonoverlapping(bytes.as_ptr(), (&raw mut record).cast::<u8>(), want);
+        }
         (record.family, record.saddr, record.daddr) =
             unmap_ipv4(record.family, record.saddr, record.daddr);
         Ok(record)
     }
 
-    /// The record's bytes, as the kernel program writes them (for tests and tools).
+    /// The record's bytes, as the kernel program sends them (for tests and tools).
     pub fn as_bytes(&self) -> &[u8] {
-        // SAFETY: `Self` is `repr(C)` with no implicit padding, so all its bytes are initialized.
-        unsafe { core::slice::from_raw_parts((self as *const Self).cast::<u8>(), RECORD_SIZE) }
+        // SAFETY: `Self` is `repr(C)` with no implicit padding, so all its bytes are
+        // initialized, and `wire_size` is at most its size.
+        unsafe { core::slice::from_raw_parts((self as *const Self).cast::<u8>(), self.wire_size()) }
     }
 }
 
@@ -204,7 +212,59 @@ mod tests {
             flags: crate::record::FLAG_STAY_KNOWN,
             error: 0,
             srtt_us: 0,
+            totals: crate::record::ConnectionTotals::default(),
         }
+    }
+
+    fn closing() -> TransitionRecord {
+        TransitionRecord {
+            oldstate: crate::TcpState::LAST_ACK,
+            newstate: crate::TcpState::CLOSE,
+            flags: FLAG_CLOSED | crate::record::FLAG_LIFETIME_KNOWN,
+            totals: crate::record::ConnectionTotals {
+                bytes_sent: 1_000_001,
+                bytes_received: 3_000_000,
+                lifetime_ns: 5_000_000,
+                srtt_us: 8 * 40,
+                total_retrans: 2,
+            },
+            ..sample()
+        }
+    }
+
+    /// A record that ends a connection is sent whole, any other without its totals, and both
+    /// come back as they were sent.
+    #[test]
+    fn a_closing_record_carries_its_totals_and_the_others_do_not() {
+        let plain = sample();
+        assert_eq!(plain.as_bytes().len(), RECORD_SIZE);
+        assert_eq!(TransitionRecord::decode(plain.as_bytes()), Ok(plain));
+        let closing = closing();
+        assert_eq!(closing.as_bytes().len(), CLOSED_RECORD_SIZE);
+        let decoded = TransitionRecord::decode(closing.as_bytes()).unwrap();
+        assert_eq!(decoded.closed().map(|t| t.bytes_sent), Some(1_000_001));
+        assert_eq!(decoded.lifetime_ns(), Some(5_000_000));
+        assert_eq!(decoded.accepted(), Some(false));
+        assert_eq!(decoded.closing_rtt_ns(), Some(40_000));
+        assert_eq!(plain.lifetime_ns(), None);
+        assert_eq!(plain.closed(), None);
+    }
+
+    /// A closing record cut to the plain size, or a plain one with a tail, is the kernel
+    /// object and the binary disagreeing: an error, not a record with garbage totals.
+    #[test]
+    fn a_record_whose_length_does_not_match_its_kind_is_an_error() {
+        let closing = closing();
+        assert_eq!(
+            TransitionRecord::decode(&closing.as_bytes()[..RECORD_SIZE]),
+            Err(DecodeError::Length { got: RECORD_SIZE, want: CLOSED_RECORD_SIZE })
+        );
+        let mut long = [0u8; CLOSED_RECORD_SIZE];
+        long[..RECORD_SIZE].copy_from_slice(sample().as_bytes());
+        assert_eq!(
+            TransitionRecord::decode(&long),
+            Err(DecodeError::Length { got: CLOSED_RECORD_SIZE, want: RECORD_SIZE })
+        );
     }
 
     #[test]

@@ -15,9 +15,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use tracer_common::{
-    KernelCounters, SocketState, TcpState, TransitionRecord,
-    record::{FLAG_OWNER_KNOWN, FLAG_STAY_KNOWN, IPPROTO_MPTCP, IPPROTO_TCP},
-    settings::{KernelFilter, MAX_FILTER_PORTS, OFFSET_UNKNOWN},
+    KernelCounters, RECORD_SIZE, SocketState, TcpState, TransitionRecord,
+    record::{
+        ConnectionTotals, FLAG_ACCEPTED, FLAG_CLOSED, FLAG_LIFETIME_KNOWN, FLAG_OWNER_KNOWN,
+        FLAG_STAY_KNOWN, IPPROTO_MPTCP, IPPROTO_TCP,
+    },
+    settings::{KernelFilter, MAX_FILTER_PORTS, OFFSET_UNKNOWN, TotalsOffsets},
 };
 
 use crate::{COUNTERS, EVENTS, SOCKETS};
@@ -126,52 +129,172 @@ pub fn handle_transition<C: EbpfContext, T: Transition>(
         counters.filtered += 1;
         return;
     }
-    // One null check of the reservation, dominating every use of it: kernels before 6.3 do
-    // not know a checked ring-buffer pointer is non-null, so a second check (an `Option`
-    // matched twice) makes them explore a "null" path where the slot is never released, and
-    // they refuse the program ("Unreleased reference").
-    let Some(mut slot) = EVENTS.reserve::<TransitionRecord>(0) else {
-        counters.ringbuf_full += 1;
-        return;
-    };
-    let rec = slot.as_mut_ptr();
     let (saddr, daddr) = source.addresses(family);
-    // SAFETY: `rec` is the 8-aligned slot of `size_of::<TransitionRecord>()` bytes reserved
-    // above; every field is written before submit.
+    let common = Common {
+        now,
+        skaddr,
+        pid_tgid,
+        sport,
+        dport,
+        family,
+        protocol,
+        old,
+        new,
+        flags: tracked.flags | record_flags,
+        saddr,
+        daddr,
+    };
+    // One reservation per branch, each with one null check dominating every use of it:
+    // kernels before 6.3 do not know a checked ring-buffer pointer is non-null, so a second
+    // check (an `Option` matched twice) makes them explore a "null" path where the slot is
+    // never released, and they refuse the program ("Unreleased reference"). A record that ends
+    // a connection is the whole `TransitionRecord`; any other is sent without its totals.
+    if closes_connection(old, new) {
+        let Some(mut slot) = EVENTS.reserve::<TransitionRecord>(0) else {
+            counters.ringbuf_full += 1;
+            return;
+        };
+        let rec = slot.as_mut_ptr();
+        let (totals, lifetime_flags) = read_totals(skaddr, old, tracked.born, now);
+        // SAFETY: `rec` is the 8-aligned slot of `CLOSED_RECORD_SIZE` bytes reserved above.
+        unsafe {
+            write_record(rec, &common, &tracked);
+            (*rec).flags |= FLAG_CLOSED | lifetime_flags;
+            (*rec).srtt_us = 0;
+            (*rec).totals = totals;
+        }
+        counters.emitted += 1;
+        slot.submit(wakeup_flags(counters.emitted));
+    } else {
+        let Some(mut slot) = EVENTS.reserve::<[u64; RECORD_SIZE / 8]>(0) else {
+            counters.ringbuf_full += 1;
+            return;
+        };
+        let rec = slot.as_mut_ptr().cast::<TransitionRecord>();
+        // SAFETY: `rec` is the 8-aligned slot of `RECORD_SIZE` bytes reserved above: every
+        // field before `totals`, which `write_record` leaves alone.
+        unsafe {
+            write_record(rec, &common, &tracked);
+            (*rec).srtt_us = if (old, new) == (TcpState::SYN_RECV, TcpState::ESTABLISHED) {
+                read_srtt(skaddr)
+            } else {
+                0
+            };
+        }
+        counters.emitted += 1;
+        slot.submit(wakeup_flags(counters.emitted));
+    }
+}
+
+/// A record's fields that come from the transition itself.
+struct Common {
+    now: u64,
+    skaddr: u64,
+    pid_tgid: u64,
+    sport: u16,
+    dport: u16,
+    family: u16,
+    protocol: u16,
+    old: TcpState,
+    new: TcpState,
+    flags: u8,
+    saddr: [u64; 2],
+    daddr: [u64; 2],
+}
+
+/// Writes every field of the record before `totals` but `srtt_us`.
+///
+/// # Safety
+/// `rec` points at a reserved, 8-aligned slot of at least `RECORD_SIZE` bytes.
+#[inline(always)]
+unsafe fn write_record(rec: *mut TransitionRecord, common: &Common, tracked: &Tracked) {
     unsafe {
-        (*rec).ts_ns = now;
-        (*rec).skaddr = skaddr;
+        (*rec).ts_ns = common.now;
+        (*rec).skaddr = common.skaddr;
         (*rec).stay_ns = tracked.stay_ns;
         (*rec).owner_cgroup = tracked.owner_cgroup;
-        (*rec).pid = pid_tgid as u32;
-        (*rec).tgid = tgid;
+        (*rec).pid = common.pid_tgid as u32;
+        (*rec).tgid = (common.pid_tgid >> 32) as u32;
         (*rec).owner_tgid = tracked.owner_tgid;
         (*rec).netns = tracked.netns;
         current_comm((&raw mut (*rec).comm).cast());
         *(&raw mut (*rec).owner_comm).cast::<Comm>() = tracked.owner_comm;
-        *(&raw mut (*rec).saddr).cast::<[u64; 2]>() = saddr;
-        *(&raw mut (*rec).daddr).cast::<[u64; 2]>() = daddr;
-        (*rec).sport = sport;
-        (*rec).dport = dport;
-        (*rec).family = family;
-        (*rec).protocol = protocol;
-        (*rec).oldstate = old;
-        (*rec).newstate = new;
-        (*rec).flags = tracked.flags | record_flags;
-        (*rec).error = if new == TcpState::CLOSE { read_sk_err(skaddr) } else { 0 };
-        (*rec).srtt_us = if (old, new) == (TcpState::SYN_RECV, TcpState::ESTABLISHED) {
-            read_srtt(skaddr)
-        } else {
-            0
-        };
+        *(&raw mut (*rec).saddr).cast::<[u64; 2]>() = common.saddr;
+        *(&raw mut (*rec).daddr).cast::<[u64; 2]>() = common.daddr;
+        (*rec).sport = common.sport;
+        (*rec).dport = common.dport;
+        (*rec).family = common.family;
+        (*rec).protocol = common.protocol;
+        (*rec).oldstate = common.old;
+        (*rec).newstate = common.new;
+        (*rec).flags = common.flags;
+        (*rec).error = if common.new == TcpState::CLOSE { read_sk_err(common.skaddr) } else { 0 };
     }
-    counters.emitted += 1;
-    slot.submit(wakeup_flags(counters.emitted));
+}
+
+/// A transition to CLOSE from a state past the handshake: the end of a connection, whose
+/// totals the record carries. A failed connect or handshake carried nothing.
+#[inline(always)]
+fn closes_connection(old: TcpState, new: TcpState) -> bool {
+    use TcpState as S;
+    new == S::CLOSE
+        && matches!(
+            old,
+            S::ESTABLISHED | S::FIN_WAIT1 | S::FIN_WAIT2 | S::CLOSE_WAIT | S::LAST_ACK | S::CLOSING
+        )
+}
+
+/// What the closing connection carried, read from its `tcp_sock` at the offsets the loader
+/// resolved (a counter whose offset is unknown reads 0), and its lifetime flags. The kernel's
+/// byte counters count sequence numbers, and a SYN and a FIN take one each without carrying
+/// data: a client's SYN, our FIN once acknowledged and the peer's FIN once received come off.
+#[inline(always)]
+fn read_totals(skaddr: u64, old: TcpState, born: u64, now: u64) -> (ConnectionTotals, u8) {
+    use TcpState as S;
+    let offsets = setting!(totals);
+    // SAFETY: probe reads fault safely on a bad address.
+    let read_u64 = |offset: u32| {
+        if offset == OFFSET_UNKNOWN {
+            return 0;
+        }
+        unsafe { bpf_probe_read_kernel((skaddr + u64::from(offset)) as *const u64) }.unwrap_or(0)
+    };
+    let read_u32 = |offset: u32| {
+        if offset == OFFSET_UNKNOWN {
+            return 0;
+        }
+        unsafe { bpf_probe_read_kernel((skaddr + u64::from(offset)) as *const u32) }.unwrap_or(0)
+    };
+    let birth_ns = born & !SocketState::ACCEPTED;
+    let accepted = born & SocketState::ACCEPTED != 0;
+    let (lifetime_ns, flags) = match (birth_ns, accepted) {
+        (0, _) => (0, 0),
+        (_, true) => (now.saturating_sub(birth_ns), FLAG_LIFETIME_KNOWN | FLAG_ACCEPTED),
+        (_, false) => (now.saturating_sub(birth_ns), FLAG_LIFETIME_KNOWN),
+    };
+    let client_syn = u64::from(birth_ns != 0 && !accepted);
+    let fin_sent = matches!(old, S::FIN_WAIT1 | S::FIN_WAIT2 | S::CLOSING | S::LAST_ACK);
+    let fin_acked = fin_sent
+        && offsets.snd_una != OFFSET_UNKNOWN
+        && offsets.write_seq != OFFSET_UNKNOWN
+        && read_u32(offsets.snd_una) == read_u32(offsets.write_seq);
+    let fin_received = offsets.sk_flags != OFFSET_UNKNOWN
+        && read_u64(offsets.sk_flags) & TotalsOffsets::SOCK_DONE != 0;
+    let totals = ConnectionTotals {
+        bytes_sent: read_u64(offsets.bytes_acked).saturating_sub(client_syn + u64::from(fin_acked)),
+        bytes_received: read_u64(offsets.bytes_received).saturating_sub(u64::from(fin_received)),
+        lifetime_ns,
+        srtt_us: read_srtt(skaddr),
+        total_retrans: read_u32(offsets.total_retrans),
+    };
+    (totals, flags)
 }
 
 /// What the per-socket map knows about a transition's socket.
 struct Tracked {
     stay_ns: u64,
+    /// The map's `SocketState::born`: 0 where the socket's creation was not seen.
+    born: u64,
     owner_cgroup: u64,
     owner_tgid: u32,
     netns: u32,
@@ -206,6 +329,7 @@ fn track_socket(
             }
             let tracked = Tracked {
                 stay_ns: now.saturating_sub(entry.entered_ns),
+                born: entry.born,
                 owner_cgroup: entry.owner_cgroup,
                 owner_tgid: entry.owner_tgid,
                 netns: entry.netns,
@@ -232,8 +356,16 @@ fn track_socket(
             } else {
                 (0, [0; 2], 0)
             };
+            // A connection is born where its socket is created; a socket first seen later is
+            // older than the tracer, and its lifetime unknown.
+            let born = match (creation, old) {
+                (false, _) => 0,
+                (true, TcpState::LISTEN) => now | SocketState::ACCEPTED,
+                (true, _) => now,
+            };
             let tracked = Tracked {
                 stay_ns: 0,
+                born,
                 owner_cgroup,
                 owner_tgid,
                 netns: read_netns(skaddr),
@@ -243,6 +375,7 @@ fn track_socket(
             if new != TcpState::CLOSE {
                 let mut entry = SocketState {
                     entered_ns: now,
+                    born,
                     owner_cgroup,
                     owner_tgid,
                     netns: tracked.netns,

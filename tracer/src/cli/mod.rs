@@ -277,6 +277,12 @@ pub struct WatchArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// One line per closed connection, as `tcplife` shows them: owner, addresses, bytes
+    /// sent and received, lifetime and round-trip time at close. Without `--state`, the
+    /// kernel sends only transitions to CLOSE.
+    #[arg(long)]
+    pub closed: bool,
+
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS", value_parser = parse_watch_duration)]
     pub(crate) duration: Option<u64>,
@@ -417,12 +423,17 @@ impl WatchArgs {
             cgroup: self.cgroup,
             pod: self.pod,
         };
+        let mut kernel_filter = filter.kernel_filter();
+        if self.closed && kernel_filter.state_mask == 0 {
+            kernel_filter.state_mask = TcpState::CLOSE.mask_bit();
+        }
         watch::Config {
             json: self.json,
+            closed: self.closed,
             duration: self.duration.map(Duration::from_secs),
             stats: self.stats,
             count: self.count,
-            probe: self.probe.probe_options(filter.kernel_filter(), watch::RING_BYTES),
+            probe: self.probe.probe_options(kernel_filter, watch::RING_BYTES),
             filter,
         }
     }

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use btf_rs::{Btf, Type};
 use thiserror::Error;
-use tracer_common::settings::SockOffsets;
+use tracer_common::settings::{OFFSET_UNKNOWN, SockOffsets, TotalsOffsets};
 
 pub(crate) const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -205,6 +205,34 @@ pub(crate) fn sk_err_offset(btf: &KernelBtf) -> Result<u16, BtfError> {
 /// Offset of `tcp_sock.srtt_us`: the round-trip time a server's handshake completes with.
 pub(crate) fn srtt_offset(btf: &KernelBtf) -> Result<u32, BtfError> {
     btf.offset_of("tcp_sock", "srtt_us")
+}
+
+/// Offsets of the counters a closing connection's totals are read from; any one the kernel
+/// lacks is unknown (its total then reads 0), and named in the error list.
+pub(crate) fn totals_offsets(btf: &KernelBtf) -> (TotalsOffsets, Vec<BtfError>) {
+    let mut missing = Vec::new();
+    let mut offset = |type_name: &str, field: &str| {
+        btf.offset_of(type_name, field).unwrap_or_else(|error| {
+            missing.push(error);
+            OFFSET_UNKNOWN
+        })
+    };
+    let offsets = TotalsOffsets {
+        bytes_acked: offset("tcp_sock", "bytes_acked"),
+        bytes_received: offset("tcp_sock", "bytes_received"),
+        total_retrans: offset("tcp_sock", "total_retrans"),
+        snd_una: offset("tcp_sock", "snd_una"),
+        write_seq: offset("tcp_sock", "write_seq"),
+        // In `sock_common` since Linux 4.20 (`sk_flags` is a macro for it), in `sock` before.
+        sk_flags: btf
+            .offset_of("sock", "__sk_common.skc_flags")
+            .or_else(|_| btf.offset_of("sock", "sk_flags"))
+            .unwrap_or_else(|error| {
+                missing.push(error);
+                OFFSET_UNKNOWN
+            }),
+    };
+    (offsets, missing)
 }
 
 /// Offset of a request socket's local port (`inet_rsk(req)->ir_num`, host order), which the

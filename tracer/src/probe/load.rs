@@ -86,9 +86,22 @@ pub(super) fn resolve(options: &ProbeOptions) -> Result<Resolved, ProbeError> {
         task_comm_offset: task.comm,
         accept_ret_slot: *accept_parameters.as_ref().unwrap_or(&OFFSET_UNKNOWN),
         tcp_srtt_offset: btf::srtt_offset(&btf).unwrap_or_else(|error| {
-            log::warn!("server handshake durations are not measured: {error}");
+            log::warn!(
+                "server handshake durations and round-trip times at close are not measured: \
+                 {error}"
+            );
             OFFSET_UNKNOWN
         }),
+        totals: {
+            let (offsets, missing) = btf::totals_offsets(&btf);
+            for error in missing {
+                log::warn!(
+                    "closed connections' totals are incomplete (a missing counter reads 0, \
+                     a missing sequence field leaves the FIN counted as a byte): {error}"
+                );
+            }
+            offsets
+        },
         sock: *sock.as_ref().unwrap_or(&SockOffsets::UNKNOWN),
         request_port_offset: retransmit_layout.as_ref().map_or(u16::MAX, |l| l.request_port),
         retransmit_has_err: retransmit_layout.as_ref().is_ok_and(|l| l.has_err).into(),

@@ -236,6 +236,7 @@ pub(super) mod tests {
             flags: FLAG_STAY_KNOWN | FLAG_OWNER_KNOWN,
             error: 0,
             srtt_us: 0,
+            totals: Default::default(),
         }
     }
 

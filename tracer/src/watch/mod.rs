@@ -1,5 +1,6 @@
 //! `tcpstate watch`: a live, filterable stream of transitions, in aligned columns or JSON lines.
 
+mod closed;
 mod columns;
 mod filter;
 mod json;
@@ -14,8 +15,8 @@ use anyhow::Context as _;
 use tracer_common::TransitionRecord;
 
 pub(crate) use self::filter::Filter;
-pub use self::json::JSON_KEYS;
-use self::{columns::Columns, losses::LossReporter};
+pub use self::{closed::CLOSED_JSON_KEYS, json::JSON_KEYS};
+use self::{closed::ClosedColumns, columns::Columns, losses::LossReporter};
 use crate::{
     cgroups::{CgroupName, CgroupNames},
     event::TransitionExt as _,
@@ -39,6 +40,8 @@ const LOSS_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 pub struct Config {
     /// JSON lines instead of aligned columns.
     pub(crate) json: bool,
+    /// One line per closed connection (`tcplife`'s view) instead of one per transition.
+    pub(crate) closed: bool,
     /// Stop after this long.
     pub(crate) duration: Option<Duration>,
     /// Print delivery statistics at exit.
@@ -55,7 +58,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let ring = probe.take_ring().context("ring buffer already taken")?;
     let mut reader = RecordReader::new(ring, POLL_INTERVAL).context("watching the ring buffer")?;
     let mut session = Session {
-        printer: Printer::new(config.json, config.filter.family, io::stdout().lock()),
+        printer: Printer::new(
+            Layout::new(config.json, config.closed, config.filter.family),
+            io::stdout().lock(),
+        ),
         cgroups: CgroupNames::default(),
         losses: LossReporter::default(),
         read: 0,
@@ -131,7 +137,7 @@ impl<W: Write> Session<'_, W> {
         }
         self.read += 1;
         match item {
-            Ok(record) if self.filter.keeps(&record) => {
+            Ok(record) if self.printer.layout.shows(&record) && self.filter.keeps(&record) => {
                 // Named only when something shows or filters it.
                 let cgroup = if self.printer.is_json() || self.filter.filters_containers() {
                     record.owner().and_then(|_| self.cgroups.get(record.owner_cgroup))
@@ -167,35 +173,63 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Writes transitions as aligned columns or JSON lines.
+/// What a line is (a transition, or a closed connection) and how it is written.
+enum Layout {
+    Columns(Columns),
+    Json,
+    ClosedColumns(ClosedColumns),
+    ClosedJson,
+}
+
+impl Layout {
+    fn new(json: bool, closed: bool, family: Option<Family>) -> Self {
+        match (closed, json) {
+            (false, false) => Self::Columns(Columns::for_family(family)),
+            (false, true) => Self::Json,
+            (true, false) => Self::ClosedColumns(ClosedColumns::for_family(family)),
+            (true, true) => Self::ClosedJson,
+        }
+    }
+
+    /// Whether `record` makes a line: every transition, or only those that end a connection.
+    fn shows(&self, record: &TransitionRecord) -> bool {
+        match self {
+            Self::Columns(_) | Self::Json => true,
+            Self::ClosedColumns(_) | Self::ClosedJson => record.closed().is_some(),
+        }
+    }
+}
+
+/// Writes transitions or closed connections as aligned columns or JSON lines.
 struct Printer<W: Write> {
-    /// `None`: JSON lines.
-    columns: Option<Columns>,
+    layout: Layout,
     out: BufWriter<W>,
 }
 
 impl<W: Write> Printer<W> {
-    fn new(json: bool, family: Option<Family>, out: W) -> Self {
-        let columns = (!json).then(|| Columns::for_family(family));
-        Self { columns, out: BufWriter::with_capacity(64 << 10, out) }
+    fn new(layout: Layout, out: W) -> Self {
+        Self { layout, out: BufWriter::with_capacity(64 << 10, out) }
     }
 
     const fn is_json(&self) -> bool {
-        self.columns.is_none()
+        matches!(self.layout, Layout::Json | Layout::ClosedJson)
     }
 
     fn header(&mut self) -> io::Result<()> {
-        if let Some(columns) = &self.columns {
-            columns.write_header(&mut self.out)?;
-            self.out.flush()?;
+        match &self.layout {
+            Layout::Columns(columns) => columns.write_header(&mut self.out)?,
+            Layout::ClosedColumns(columns) => columns.write_header(&mut self.out)?,
+            Layout::Json | Layout::ClosedJson => return Ok(()),
         }
-        Ok(())
+        self.out.flush()
     }
 
     fn print(&mut self, record: &TransitionRecord, cgroup: Option<&CgroupName>) -> io::Result<()> {
-        match &self.columns {
-            Some(columns) => columns.write_line(&mut self.out, record),
-            None => json::write_line(&mut self.out, record, cgroup),
+        match &self.layout {
+            Layout::Columns(columns) => columns.write_line(&mut self.out, record),
+            Layout::Json => json::write_line(&mut self.out, record, cgroup),
+            Layout::ClosedColumns(columns) => columns.write_line(&mut self.out, record),
+            Layout::ClosedJson => closed::write_json(&mut self.out, record, cgroup),
         }
     }
 }

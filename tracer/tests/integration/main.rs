@@ -17,6 +17,7 @@ mod deploy;
 mod failures;
 mod http;
 mod leaks;
+mod lifetimes;
 mod listeners;
 mod otlp;
 mod pressure;

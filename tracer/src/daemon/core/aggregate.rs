@@ -385,6 +385,7 @@ pub(crate) mod tests {
             flags: if old == S::CLOSE { 0 } else { FLAG_STAY_KNOWN },
             error: 0,
             srtt_us: 0,
+            totals: Default::default(),
         }
     }
 

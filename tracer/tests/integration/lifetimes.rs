@@ -1,0 +1,223 @@
+//! Closed connections, exact where the kernel knows the answer: a client sends 1,000,000 bytes
+//! and receives 3,000,000, over loopback and over a veth pair between two namespaces, then
+//! both close gracefully. `watch --closed` names both ends with exactly those bytes, a
+//! lifetime within the test's own wall time, and the round-trip time `ss -ti` showed.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    process::Command,
+    sync::{Barrier, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use serial_test::parallel;
+use tracer::watch::CLOSED_JSON_KEYS;
+
+use crate::common::{NetNs, ReservedPort, Tcpstate};
+
+pub const SENT: usize = 1_000_000;
+pub const RECEIVED: usize = 3_000_000;
+
+/// What one transfer left to compare with: the client's local address, the smoothed RTT
+/// `ss -ti` showed for each end just before they closed (milliseconds), and the wall time
+/// from before connect() to after both closed.
+pub struct Transfer {
+    pub client: SocketAddr,
+    pub client_rtt_ms: f64,
+    pub server_rtt_ms: f64,
+    pub wall: Duration,
+}
+
+fn read_exactly(stream: &mut TcpStream, count: usize) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut left = count;
+    while left > 0 {
+        let n = stream.read(&mut buf[..left.min(64 << 10)]).expect("read");
+        assert!(n > 0, "EOF with {left} bytes still to come");
+        left -= n;
+    }
+}
+
+/// The smoothed RTT `ss -tin` shows for the socket whose local address is `local`, in the
+/// namespace `namespace` (the host's when `None`), in milliseconds.
+fn ss_rtt_ms(namespace: Option<&NetNs>, local: SocketAddr) -> f64 {
+    let filter = format!("( src {local} )");
+    let output = match namespace {
+        Some(ns) => Command::new("ip")
+            .args(["netns", "exec", &ns.name, "ss", "-tinH", "state", "established", &filter])
+            .output(),
+        None => Command::new("ss").args(["-tinH", "state", "established", &filter]).output(),
+    }
+    .expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.split_whitespace()
+        .find_map(|field| field.strip_prefix("rtt:"))
+        .and_then(|rtt| rtt.split('/').next())
+        .and_then(|srtt| srtt.parse().ok())
+        .unwrap_or_else(|| panic!("no rtt for {local} in ss -tin: {text}"))
+}
+
+/// One connection to `listener` (in `server_ns`) from `client_ns`: the client sends `SENT`
+/// bytes, the server reads them and answers `RECEIVED`, `ss` is sampled, then the server
+/// shuts down its side, the client reads the EOF and closes, and the server closes last.
+pub fn transfer(
+    client_ns: Option<&NetNs>,
+    server_ns: Option<&NetNs>,
+    listener: &TcpListener,
+    target: SocketAddr,
+) -> Transfer {
+    let sampled = Barrier::new(3);
+    let (locals, ready) = mpsc::channel();
+    let started = Instant::now();
+    let (client, client_rtt_ms, server_rtt_ms) = thread::scope(|scope| {
+        let server_ready = locals.clone();
+        let sampled_server = &sampled;
+        let server = scope.spawn(move || {
+            let (mut stream, _) = listener.accept().expect("accept");
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            read_exactly(&mut stream, SENT);
+            stream.write_all(&vec![b's'; RECEIVED]).unwrap();
+            server_ready.send(("server", stream.local_addr().unwrap())).unwrap();
+            sampled_server.wait();
+            stream.shutdown(std::net::Shutdown::Write).unwrap();
+            assert_eq!(stream.read(&mut [0u8; 16]).unwrap(), 0, "the client sends nothing more");
+        });
+        let sampled_client = &sampled;
+        let client = scope.spawn(move || {
+            let run = || {
+                let mut stream =
+                    TcpStream::connect_timeout(&target, Duration::from_secs(5)).expect("connect");
+                stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                stream.write_all(&vec![b'c'; SENT]).unwrap();
+                read_exactly(&mut stream, RECEIVED);
+                let local = stream.local_addr().unwrap();
+                locals.send(("client", local)).unwrap();
+                sampled_client.wait();
+                assert_eq!(stream.read(&mut [0u8; 16]).unwrap(), 0, "the server's FIN");
+                local
+            };
+            match client_ns {
+                Some(ns) => ns.run(run),
+                None => run(),
+            }
+        });
+        let mut ends: Vec<(&str, SocketAddr)> = (0..2).map(|_| ready.recv().unwrap()).collect();
+        ends.sort_unstable();
+        let [(_, client_local), (_, server_local)] = [ends[0], ends[1]];
+        // Both ends are idle: every byte was acknowledged.
+        thread::sleep(Duration::from_millis(100));
+        let rtts = (ss_rtt_ms(client_ns, client_local), ss_rtt_ms(server_ns, server_local));
+        sampled.wait();
+        server.join().unwrap();
+        (client.join().unwrap(), rtts.0, rtts.1)
+    });
+    Transfer { client, client_rtt_ms, server_rtt_ms, wall: started.elapsed() }
+}
+
+/// The `--closed --json` line of the end whose local address is `local`.
+pub fn closed_line(lines: &[Value], local: SocketAddr) -> &Value {
+    lines
+        .iter()
+        .find(|v| {
+            v["saddr"].as_str() == Some(&local.ip().to_string())
+                && v["sport"].as_u64() == Some(u64::from(local.port()))
+        })
+        .unwrap_or_else(|| panic!("no closed connection from {local} in {lines:#?}"))
+}
+
+/// The round-trip time at close against `ss`'s sampled just before: the FIN exchange after
+/// the sample adds one or two RTT samples, each moving the smoothed value by an eighth of its
+/// difference (RFC 6298), and loopback samples vary by tens of microseconds; a unit error
+/// (µs for ms, eighths of µs for µs) is off by 8 to 1000 times, far outside.
+fn assert_rtt_near(line: &Value, ss_ms: f64) {
+    let ours_ms = line["rtt_ns"].as_u64().expect("an RTT at close") as f64 / 1e6;
+    let tolerance = ss_ms / 2.0 + 0.1;
+    assert!(
+        (ours_ms - ss_ms).abs() <= tolerance,
+        "RTT at close {ours_ms} ms, ss said {ss_ms} ms before (tolerance {tolerance}): {line}"
+    );
+}
+
+/// Both ends of `transfer`'s connection in `lines`, checked: exact bytes each way, roles,
+/// lifetimes within the wall time, RTTs near `ss`'s.
+pub fn check_both_ends(lines: &[Value], transfer: &Transfer, server: SocketAddr) {
+    let client = closed_line(lines, transfer.client);
+    let server_end = lines
+        .iter()
+        .find(|v| {
+            v["sport"].as_u64() == Some(u64::from(server.port()))
+                && v["dport"].as_u64() == Some(u64::from(transfer.client.port()))
+        })
+        .unwrap_or_else(|| panic!("no closed connection of the server in {lines:#?}"));
+    for (end, role, sent, received) in
+        [(client, "client", SENT, RECEIVED), (server_end, "server", RECEIVED, SENT)]
+    {
+        assert_eq!(end["role"], role, "{end}");
+        assert_eq!(end["bytes_sent"].as_u64(), Some(sent as u64), "{role}: {end}");
+        assert_eq!(end["bytes_received"].as_u64(), Some(received as u64), "{role}: {end}");
+        let lifetime = end["lifetime_ns"].as_u64().expect("a lifetime");
+        assert!(
+            lifetime > 0 && lifetime <= transfer.wall.as_nanos() as u64,
+            "{role}: lifetime {lifetime} ns, the test took {:?}: {end}",
+            transfer.wall
+        );
+        assert!(end["error"].is_null(), "a graceful close: {end}");
+    }
+    assert_rtt_near(client, transfer.client_rtt_ms);
+    assert_rtt_near(server_end, transfer.server_rtt_ms);
+}
+
+fn watch_closed(port: u16) -> Tcpstate {
+    Tcpstate::start(&["watch", "--closed", "--json", "--port", &port.to_string()])
+}
+
+fn closed_lines(watch: &mut Tcpstate, count: usize) -> Vec<Value> {
+    let mut lines = Vec::new();
+    watch.stdout_lines(count, Duration::from_secs(10), &mut lines);
+    lines
+        .iter()
+        .map(|line| {
+            let value: Value = serde_json::from_str(line).unwrap();
+            let mut keys: Vec<&str> =
+                value.as_object().unwrap().keys().map(String::as_str).collect();
+            let mut expected = CLOSED_JSON_KEYS;
+            keys.sort_unstable();
+            expected.sort_unstable();
+            assert_eq!(keys, expected, "{line}");
+            value
+        })
+        .collect()
+}
+
+#[test]
+#[parallel]
+fn closed_connections_over_loopback_carry_exact_bytes_lifetimes_and_rtt() {
+    let port = ReservedPort::new();
+    let listener = TcpListener::bind(port.addr()).unwrap();
+    let mut watch = watch_closed(port.port);
+    let transfer = transfer(None, None, &listener, port.addr());
+    let lines = closed_lines(&mut watch, 2);
+    check_both_ends(&lines, &transfer, port.addr());
+}
+
+#[test]
+#[parallel]
+fn closed_connections_over_a_veth_pair_carry_exact_bytes_lifetimes_and_rtt() {
+    let client = NetNs::create("life-client");
+    let server = NetNs::create("life-server");
+    client.ip(&format!("link add life-c type veth peer name life-s netns {}", server.name));
+    client.ip("addr add 10.214.0.1/24 dev life-c");
+    client.ip("link set life-c up");
+    server.ip("addr add 10.214.0.2/24 dev life-s");
+    server.ip("link set life-s up");
+    let port = ReservedPort::new();
+    let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 214, 0, 2)), port.port);
+    let listener = server.run(|| TcpListener::bind(target).unwrap());
+    let mut watch = watch_closed(port.port);
+    let transfer = transfer(Some(&client), Some(&server), &listener, target);
+    let lines = closed_lines(&mut watch, 2);
+    check_both_ends(&lines, &transfer, target);
+}
