@@ -122,15 +122,18 @@ pub(crate) const EXPLANATIONS: [Explanation; 12] = [
         leaves: "gone after 60 s (fixed in Linux)",
         pile_up: "normal on the side that closes first; a problem only when it runs short of \
                   ports: many short connections to the same destination address and port",
-        check: "`ss -tan state time-wait | awk '{print $4}' | sort | uniq -c | sort -n`; keep \
-                connections alive or pooled, or let the server close first",
+        check: "`tcpstate leaks` names connection churn: the process that opens (or the service \
+                that accepts) many connections a second that live milliseconds, and where to; \
+                keep connections alive or pooled, or let the server close first",
         settings: &[
             "net.ipv4.ip_local_port_range",
             "net.ipv4.tcp_tw_reuse",
             "net.ipv4.tcp_max_tw_buckets",
         ],
         in_tcpstate: "tcpstate_sockets{state=\"TIME_WAIT\"} (counted from sock_diag at each \
-                      reconciliation: the tracepoint does not report TIME_WAIT sockets)",
+                      reconciliation: the tracepoint does not report TIME_WAIT sockets); \
+                      tcpstate_connection_churn and tcpstate_connection_lifetime_seconds; \
+                      `tcpstate watch --closed --port PORT` shows each connection's lifetime",
     },
     Explanation {
         state: TcpState::CLOSE,

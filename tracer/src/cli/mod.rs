@@ -16,8 +16,9 @@ use tracer_common::{TcpState, settings::KernelFilter};
 mod values;
 
 use self::values::{
-    parse_cgroup_path, parse_container_id, parse_count, parse_listen, parse_max_sockets, parse_pod,
-    parse_port, parse_reconcile_interval, parse_ring_bytes, parse_threshold, parse_watch_duration,
+    parse_cgroup_path, parse_churn_lifetime, parse_churn_rate, parse_container_id, parse_count,
+    parse_listen, parse_max_sockets, parse_pod, parse_port, parse_reconcile_interval,
+    parse_ring_bytes, parse_threshold, parse_watch_duration,
 };
 use crate::{
     client::{DaemonTls, DaemonUrl},
@@ -193,6 +194,17 @@ pub struct RunArgs {
     /// s/m/h. Queues are looked at every 2 seconds.
     #[arg(long, env = "TCPSTATE_LISTEN_QUEUE_THRESHOLD", default_value = "30", value_parser = parse_threshold, value_name = "SECS")]
     pub(crate) listen_queue_threshold: Duration,
+
+    /// A destination (or a local service) that gets at least this many new connections per
+    /// second over the last minute, living a median of less than --churn-lifetime, is
+    /// connection churn: named with its process (1 to 1000000).
+    #[arg(long, env = "TCPSTATE_CHURN_RATE", default_value = "50", value_parser = parse_churn_rate, value_name = "PER_SECOND")]
+    pub(crate) churn_rate: f64,
+
+    /// The median lifetime under which a destination's connections are churn, in seconds
+    /// (0.001 to 3600; `0.1` is 100 ms).
+    #[arg(long, env = "TCPSTATE_CHURN_LIFETIME", default_value = "0.1", value_parser = parse_churn_lifetime, value_name = "SECS")]
+    pub(crate) churn_lifetime: Duration,
 
     /// Add a `port` label for this local port to tcpstate_transitions_total and
     /// tcpstate_sockets (repeatable, up to 32; comma-separated in the environment). All
@@ -378,6 +390,7 @@ impl RunArgs {
             reconcile_interval: self.reconcile_interval,
             close_wait_threshold: self.close_wait_threshold,
             listen_queue_threshold: self.listen_queue_threshold,
+            churn: daemon::ChurnThresholds { rate: self.churn_rate, lifetime: self.churn_lifetime },
             web_config: self.web_config,
             cmdline: self.cmdline,
             group_by: self.group_by,

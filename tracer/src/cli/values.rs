@@ -128,6 +128,19 @@ pub(super) fn parse_threshold(value: &str) -> Result<Duration, String> {
     seconds_in(value, 0.1, 604_800.0)
 }
 
+pub(super) fn parse_churn_lifetime(value: &str) -> Result<Duration, String> {
+    seconds_in(value, 0.001, 3600.0)
+}
+
+pub(super) fn parse_churn_rate(value: &str) -> Result<f64, String> {
+    let rate: f64 =
+        value.parse().map_err(|_| "expected a number of connections per second".to_owned())?;
+    if !(1.0..=1_000_000.0).contains(&rate) {
+        return Err("must be from 1 to 1000000 connections per second".to_owned());
+    }
+    Ok(rate)
+}
+
 pub(super) fn parse_max_sockets(value: &str) -> Result<usize, String> {
     let n: usize = value.parse().map_err(|_| "expected a whole number".to_owned())?;
     if !(1000..=50_000_000).contains(&n) {

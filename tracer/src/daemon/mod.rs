@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::Context as _;
 
-pub(crate) use self::core::KernelMapSize;
+pub(crate) use self::{collectors::ChurnThresholds, core::KernelMapSize};
 pub(crate) use self::{
     collectors::DESTINATION_WINDOW_SECONDS,
     core::{groups::GroupBy, table::BYTES_PER_SOCKET},
@@ -57,6 +57,8 @@ pub struct Config {
     pub(crate) close_wait_threshold: Duration,
     /// A listener whose accept queue stays full for longer than this is stuck.
     pub(crate) listen_queue_threshold: Duration,
+    /// When a destination's short connections count as churn.
+    pub(crate) churn: collectors::ChurnThresholds,
     /// Local ports that get a `port` label of their own.
     pub(crate) port_labels: Vec<u16>,
     /// TLS and basic authentication for the endpoint.

@@ -361,14 +361,23 @@ mod tests {
     }
 
     /// Another diagnosis's findings need nothing of this module: shown by kind, with their
-    /// process, details and advice, and the exit status says something is stuck.
+    /// process, details and advice; the exit status says something is stuck only for a
+    /// finding that is.
     #[test]
     fn findings_of_any_kind_are_shown_and_round_trip() {
         let report = LeakReport {
             findings: vec![crate::leaks::Finding::example()],
             ..LeakReport::empty(Source::Daemon, Duration::from_secs(60))
         };
-        assert!(report.anything_stuck());
+        assert!(!report.anything_stuck(), "churn is not stuck");
+        let stuck = LeakReport {
+            findings: vec![crate::leaks::Finding {
+                stuck: true,
+                ..crate::leaks::Finding::example()
+            }],
+            ..report.clone()
+        };
+        assert!(stuck.anything_stuck());
         let text = render(&report);
         assert!(
             text.contains(

@@ -116,6 +116,10 @@ pub(crate) struct Finding {
     /// What to check, said once per kind under the findings.
     #[serde(default)]
     pub advice: String,
+    /// Something stuck (a leak, a stall), which makes `tcpstate leaks` exit 1; a pattern to
+    /// fix (connection churn) is shown without.
+    #[serde(default)]
+    pub stuck: bool,
 }
 
 impl Finding {
@@ -134,6 +138,7 @@ impl Finding {
             summary: "opens 50 connections/s to 10.0.0.9:5432, median lifetime 3 ms".into(),
             details: vec!["no connection is reused: pool them".into()],
             advice: "`tcpstate explain TIME_WAIT` says what churn costs.".into(),
+            stuck: false,
         }
     }
 }
@@ -141,7 +146,9 @@ impl Finding {
 impl LeakReport {
     /// Whether anything at all is stuck: `tcpstate leaks` exits 1 then.
     pub(crate) fn anything_stuck(&self) -> bool {
-        self.leaked_sockets > 0 || !self.stuck_listeners.is_empty() || !self.findings.is_empty()
+        self.leaked_sockets > 0
+            || !self.stuck_listeners.is_empty()
+            || self.findings.iter().any(|finding| finding.stuck)
     }
 
     pub(crate) fn empty(source: Source, threshold: Duration) -> Self {

@@ -9,6 +9,7 @@ use std::{
 
 use tracer_common::TransitionRecord;
 
+use super::columns::address_width;
 use crate::{
     cgroups::CgroupName, clock::WallClock, event::TransitionExt as _, failure::Failure,
     socket::Family,
@@ -109,12 +110,7 @@ pub(super) struct ClosedColumns {
 
 impl ClosedColumns {
     pub(super) fn for_family(family: Option<Family>) -> Self {
-        let address_width = match family {
-            Some(Family::Inet) => 21,
-            Some(Family::Inet6) => 47,
-            Some(Family::Unknown) | None => 25,
-        };
-        Self { address_width, clock: WallClock::now() }
+        Self { address_width: address_width(family), clock: WallClock::now() }
     }
 
     pub(super) fn write_header(&self, out: &mut impl Write) -> io::Result<()> {

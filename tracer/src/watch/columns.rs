@@ -10,6 +10,16 @@ use tracer_common::TransitionRecord;
 
 use crate::{clock::WallClock, event::TransitionExt as _, socket::Family};
 
+/// Width of an address:port column for the family shown (`None`: both): IPv4 fits 21,
+/// bracketed IPv6 up to 47; longer IPv6 addresses push the row right.
+pub(super) const fn address_width(family: Option<Family>) -> usize {
+    match family {
+        Some(Family::Inet) => 21,
+        Some(Family::Inet6) => 47,
+        Some(Family::Unknown) | None => 25,
+    }
+}
+
 pub(super) struct Columns {
     /// Width of an address:port: IPv4 fits 21, bracketed IPv6 up to 47.
     address_width: usize,
@@ -20,12 +30,7 @@ impl Columns {
     /// Wide enough for the family shown (`None`: both); longer IPv6 addresses push the row
     /// right.
     pub(super) fn for_family(family: Option<Family>) -> Self {
-        let address_width = match family {
-            Some(Family::Inet) => 21,
-            Some(Family::Inet6) => 47,
-            Some(Family::Unknown) | None => 25,
-        };
-        Self { address_width, clock: WallClock::now() }
+        Self { address_width: address_width(family), clock: WallClock::now() }
     }
 
     pub(super) fn write_header(&self, out: &mut impl Write) -> io::Result<()> {

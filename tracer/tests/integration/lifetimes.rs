@@ -14,9 +14,10 @@ use std::{
 
 use serde_json::Value;
 use serial_test::parallel;
+use socket2::{Domain, Socket, Type};
 use tracer::watch::CLOSED_JSON_KEYS;
 
-use crate::common::{NetNs, ReservedPort, Tcpstate};
+use crate::common::{self, Daemon, Metrics, NetNs, ReservedPort, Tcpstate};
 
 pub const SENT: usize = 1_000_000;
 pub const RECEIVED: usize = 3_000_000;
@@ -67,6 +68,7 @@ pub fn transfer(
     client_ns: Option<&NetNs>,
     server_ns: Option<&NetNs>,
     listener: &TcpListener,
+    client_bind: SocketAddr,
     target: SocketAddr,
 ) -> Transfer {
     let sampled = Barrier::new(3);
@@ -88,8 +90,11 @@ pub fn transfer(
         let sampled_client = &sampled;
         let client = scope.spawn(move || {
             let run = || {
-                let mut stream =
-                    TcpStream::connect_timeout(&target, Duration::from_secs(5)).expect("connect");
+                let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+                socket.set_reuse_address(true).unwrap();
+                socket.bind(&client_bind.into()).expect("bind the client's reserved port");
+                socket.connect_timeout(&target.into(), Duration::from_secs(5)).expect("connect");
+                let mut stream: TcpStream = socket.into();
                 stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
                 stream.write_all(&vec![b'c'; SENT]).unwrap();
                 read_exactly(&mut stream, RECEIVED);
@@ -192,15 +197,70 @@ fn closed_lines(watch: &mut Tcpstate, count: usize) -> Vec<Value> {
         .collect()
 }
 
+/// The daemon's view of the same connection: each end's histograms (its local port
+/// labelled, so no other test's connections share the series) and `/api/destinations`.
+fn check_daemon(daemon: &Daemon, transfer: &Transfer, server: SocketAddr) {
+    let client_port = transfer.client.port().to_string();
+    let server_port = server.port().to_string();
+    let metrics = common::eventually(Duration::from_secs(10), || {
+        let metrics = daemon.scrape();
+        let closed = |role, port: &str| {
+            metrics.histogram("tcpstate_connection_sent_bytes", &[("role", role), ("port", port)]).0
+        };
+        let ends = (closed("client", &client_port), closed("server", &server_port));
+        (ends == (1.0, 1.0)).then_some(metrics).ok_or(format!("closed connections: {ends:?}"))
+    });
+    let sums = |metrics: &Metrics, name, role, port: &str| {
+        let (count, sum, _) = metrics.histogram(name, &[("role", role), ("port", port)]);
+        (count, sum)
+    };
+    for (role, port, sent, received) in
+        [("client", &client_port, SENT, RECEIVED), ("server", &server_port, RECEIVED, SENT)]
+    {
+        let bytes = |name| sums(&metrics, name, role, port);
+        assert_eq!(bytes("tcpstate_connection_sent_bytes"), (1.0, sent as f64), "{role}");
+        assert_eq!(bytes("tcpstate_connection_received_bytes"), (1.0, received as f64), "{role}");
+        let (count, seconds) = bytes("tcpstate_connection_lifetime_seconds");
+        assert!(
+            count == 1.0 && seconds > 0.0 && seconds <= transfer.wall.as_secs_f64(),
+            "{role}: lifetime {seconds} s, the test took {:?}",
+            transfer.wall
+        );
+        assert_eq!(bytes("tcpstate_connection_rtt_seconds").0, 1.0, "{role}");
+    }
+    let destinations = daemon.get("/api/destinations").json();
+    let listed = destinations["closed_connections"].as_array().expect("closed_connections");
+    let to_server = listed
+        .iter()
+        .find(|d| {
+            d["role"] == "client"
+                && d["port"].as_u64() == Some(u64::from(server.port()))
+                && d["address"].as_str() == Some(&server.ip().to_string())
+        })
+        .unwrap_or_else(|| panic!("no destination {server} in {destinations:#}"));
+    assert_eq!(to_server["connections"], 1, "{to_server}");
+    assert_eq!(to_server["bytes_sent"].as_u64(), Some(SENT as u64), "{to_server}");
+    assert_eq!(to_server["bytes_received"].as_u64(), Some(RECEIVED as u64), "{to_server}");
+    assert!(to_server["max_rtt_seconds"].as_f64().is_some_and(|rtt| rtt > 0.0), "{to_server}");
+    assert_eq!(to_server["pid"].as_u64(), Some(u64::from(std::process::id())), "{to_server}");
+}
+
+fn daemon_labelling(ports: [u16; 2]) -> Daemon {
+    let [a, b] = ports.map(|port| port.to_string());
+    Daemon::start(&["--port-label", &a, "--port-label", &b])
+}
+
 #[test]
 #[parallel]
 fn closed_connections_over_loopback_carry_exact_bytes_lifetimes_and_rtt() {
-    let port = ReservedPort::new();
-    let listener = TcpListener::bind(port.addr()).unwrap();
-    let mut watch = watch_closed(port.port);
-    let transfer = transfer(None, None, &listener, port.addr());
+    let (server_port, client_port) = (ReservedPort::new(), ReservedPort::new());
+    let listener = TcpListener::bind(server_port.addr()).unwrap();
+    let daemon = daemon_labelling([server_port.port, client_port.port]);
+    let mut watch = watch_closed(server_port.port);
+    let transfer = transfer(None, None, &listener, client_port.addr(), server_port.addr());
     let lines = closed_lines(&mut watch, 2);
-    check_both_ends(&lines, &transfer, port.addr());
+    check_both_ends(&lines, &transfer, server_port.addr());
+    check_daemon(&daemon, &transfer, server_port.addr());
 }
 
 #[test]
@@ -213,11 +273,67 @@ fn closed_connections_over_a_veth_pair_carry_exact_bytes_lifetimes_and_rtt() {
     client.ip("link set life-c up");
     server.ip("addr add 10.214.0.2/24 dev life-s");
     server.ip("link set life-s up");
-    let port = ReservedPort::new();
-    let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 214, 0, 2)), port.port);
+    let (server_port, client_port) = (ReservedPort::new(), ReservedPort::new());
+    let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 214, 0, 2)), server_port.port);
+    let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 214, 0, 1)), client_port.port);
     let listener = server.run(|| TcpListener::bind(target).unwrap());
-    let mut watch = watch_closed(port.port);
-    let transfer = transfer(Some(&client), Some(&server), &listener, target);
+    let daemon = daemon_labelling([server_port.port, client_port.port]);
+    let mut watch = watch_closed(server_port.port);
+    let transfer = transfer(Some(&client), Some(&server), &listener, bind, target);
     let lines = closed_lines(&mut watch, 2);
     check_both_ends(&lines, &transfer, target);
+    check_daemon(&daemon, &transfer, target);
+}
+
+/// Hundreds of connections a second that each live a millisecond, to one server: connection
+/// churn, named with this process for both the destination and the local service, in
+/// `/api/leaks` and the log; a connection that lives is not.
+#[test]
+#[parallel]
+fn connection_churn_is_found_and_named() {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let target = listener.local_addr().unwrap();
+    let mut daemon = Daemon::start(&["--churn-rate", "10"]);
+    let started = Instant::now();
+    let mut opened = 0;
+    // 1,000 connections in about 4 s: over 10 per second over any minute that holds them.
+    while opened < 1000 {
+        common::one_connection(&listener, IpAddr::V4(Ipv4Addr::LOCALHOST), common::Closer::Client);
+        opened += 1;
+        if opened % 250 == 0 {
+            thread::sleep(Duration::from_secs(1));
+        }
+    }
+    let findings = common::eventually(Duration::from_secs(15), || {
+        let report = daemon.get("/api/leaks").json();
+        let churn: Vec<Value> = report["findings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|f| f["kind"] == "connection churn")
+            .filter(|f| f["summary"].as_str().is_some_and(|s| s.contains(&target.to_string())))
+            .cloned()
+            .collect();
+        (churn.len() == 2).then_some(churn).ok_or(format!("churn findings: {report:#}"))
+    });
+    for finding in &findings {
+        assert_eq!(finding["pid"].as_u64(), Some(u64::from(std::process::id())), "{finding}");
+        assert!(finding["count"].as_u64().is_some_and(|n| n >= 1000), "{finding}");
+    }
+    let summaries: Vec<&str> = findings.iter().filter_map(|f| f["summary"].as_str()).collect();
+    assert!(summaries.iter().any(|s| s.starts_with("opens ")), "{summaries:?}");
+    assert!(summaries.iter().any(|s| s.starts_with("accepts ")), "{summaries:?}");
+    let churn_rate = daemon.scrape().value(
+        "tcpstate_connection_churn",
+        &[("role", "client"), ("address", "127.0.0.1"), ("port", &target.port().to_string())],
+    );
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(
+        (10.0..=1000.0 / 50.0 + 1.0).contains(&churn_rate),
+        "rate {churn_rate} after {elapsed} s"
+    );
+    let logged = daemon
+        .process
+        .wait_for_stderr(&format!("connections/s to {target}"), Duration::from_secs(5));
+    assert!(logged.contains("connection churn: PID"), "{logged}");
 }

@@ -1,10 +1,12 @@
 //! The diagnoses, one module each: who leaks CLOSE_WAIT sockets, which listener stopped
 //! accepting, where connects fail and segments are sent again, how long handshakes take, which
-//! destinations use up the ephemeral ports. Each implements the core's `Diagnosis`: it declares
+//! destinations use up the ephemeral ports, what closed connections carried and which
+//! destinations churn through short ones. Each implements the core's `Diagnosis`: it declares
 //! what it consumes, keeps its own state, and writes its own metric families, API sections and
 //! findings. Adding one is a module here and a line in [`all`].
 
 mod close_wait;
+mod closed_connections;
 mod ephemeral_ports;
 mod failures;
 mod handshakes;
@@ -13,7 +15,9 @@ mod retransmits;
 
 use std::sync::Arc;
 
-pub(crate) use self::failures::WINDOW_SECONDS as DESTINATION_WINDOW_SECONDS;
+pub(crate) use self::{
+    closed_connections::ChurnThresholds, failures::WINDOW_SECONDS as DESTINATION_WINDOW_SECONDS,
+};
 use super::{
     Config,
     core::{Diagnoses, Diagnosis, PortLabels},
@@ -44,6 +48,7 @@ fn with(
         Arc::new(failures::Failures::new(labels)) as Arc<dyn Diagnosis>,
         Arc::new(retransmits),
         Arc::new(handshakes::Handshakes::new(labels)),
+        Arc::new(closed_connections::ClosedConnections::new(labels, config.churn, config.cmdline)),
         Arc::new(ephemeral_ports::EphemeralPorts::default()),
         Arc::new(listen_queues),
         Arc::new(close_wait::CloseWaitLeaks::new(
