@@ -314,11 +314,13 @@ fn connection_churn_is_found_and_named() {
             .filter(|f| f["summary"].as_str().is_some_and(|s| s.contains(&target.to_string())))
             .cloned()
             .collect();
-        (churn.len() == 2).then_some(churn).ok_or(format!("churn findings: {report:#}"))
+        // Found as soon as the rate crosses the threshold; counted whole once the daemon has
+        // applied every record (a second later at most: findings are made once a second).
+        let whole = churn.iter().all(|f| f["count"].as_u64().is_some_and(|n| n >= 1000));
+        (churn.len() == 2 && whole).then_some(churn).ok_or(format!("churn findings: {report:#}"))
     });
     for finding in &findings {
         assert_eq!(finding["pid"].as_u64(), Some(u64::from(std::process::id())), "{finding}");
-        assert!(finding["count"].as_u64().is_some_and(|n| n >= 1000), "{finding}");
     }
     let summaries: Vec<&str> = findings.iter().filter_map(|f| f["summary"].as_str()).collect();
     assert!(summaries.iter().any(|s| s.starts_with("opens ")), "{summaries:?}");
