@@ -9,7 +9,7 @@ use std::{
 
 use tracer_common::TransitionRecord;
 
-use super::columns::address_width;
+use super::columns::{address_width, end_line, owner_columns};
 use crate::{
     cgroups::CgroupName, clock::WallClock, event::TransitionExt as _, failure::Failure,
     socket::Family,
@@ -129,10 +129,7 @@ impl ClosedColumns {
         record: &TransitionRecord,
     ) -> io::Result<()> {
         let Some(totals) = record.closed() else { return Ok(()) };
-        let (pid, comm) = match record.owner() {
-            Some((pid, comm)) => (pid.to_string(), comm),
-            None => ("-".to_owned(), Cow::Borrowed("-")),
-        };
+        let (pid, comm) = owner_columns(record);
         let ms = |ns: Option<u64>| {
             ns.map_or_else(|| "-".to_owned(), |ns| format!("{:.3}", ns as f64 / 1e6))
         };
@@ -151,10 +148,7 @@ impl ClosedColumns {
             ms(record.lifetime_ns()),
             ms(record.closing_rtt_ns()),
         )?;
-        match record.failure() {
-            Some(failure) => writeln!(out, "  {}", failure.name()),
-            None => writeln!(out),
-        }
+        end_line(out, record)
     }
 }
 

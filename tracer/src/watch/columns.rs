@@ -47,11 +47,7 @@ impl Columns {
         out: &mut impl Write,
         record: &TransitionRecord,
     ) -> io::Result<()> {
-        // The owner when known: in softirq the running task is unrelated to the socket.
-        let (pid, comm) = match record.owner() {
-            Some((pid, comm)) => (pid.to_string(), comm),
-            None => ("-".to_owned(), Cow::Borrowed("-")),
-        };
+        let (pid, comm) = owner_columns(record);
         let ms = record
             .stay()
             .map_or_else(|| "-".to_owned(), |d| format!("{:.3}", d.as_secs_f64() * 1e3));
@@ -67,10 +63,24 @@ impl Columns {
             format!("{} -> {}", record.oldstate, record.newstate),
             ms
         )?;
-        match record.failure() {
-            Some(failure) => writeln!(out, "  {}", failure.name()),
-            None => writeln!(out),
-        }
+        end_line(out, record)
+    }
+}
+
+/// PID and COMM of the socket's owner, `-` where not known: in softirq the running task is
+/// unrelated to the socket.
+pub(super) fn owner_columns(record: &TransitionRecord) -> (String, Cow<'_, str>) {
+    match record.owner() {
+        Some((pid, comm)) => (pid.to_string(), comm),
+        None => ("-".to_owned(), Cow::Borrowed("-")),
+    }
+}
+
+/// Ends a line: for a connection that ended badly, with why.
+pub(super) fn end_line(out: &mut impl Write, record: &TransitionRecord) -> io::Result<()> {
+    match record.failure() {
+        Some(failure) => writeln!(out, "  {}", failure.name()),
+        None => writeln!(out),
     }
 }
 
