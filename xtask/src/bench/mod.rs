@@ -48,6 +48,11 @@ pub struct BenchArgs {
     /// recorded: for looking into one tracer.
     #[arg(long, hide = true, value_enum)]
     pub only: Option<Config>,
+    /// Another tcpstate binary (built from another commit, or with a change left out): its
+    /// `tcpstate run` storms in every round beside this build's, for a before and after in
+    /// one table.
+    #[arg(long, value_name = "TCPSTATE")]
+    pub baseline: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -65,18 +70,23 @@ pub enum Config {
     RecordFloor32,
     #[value(name = "run")]
     Daemon,
+    /// `tcpstate run` of the `--baseline` binary.
+    #[value(skip)]
+    Baseline,
     Watch,
     Tcpstates,
 }
 
 impl Config {
-    const ALL: [Self; 8] = [
+    /// Every configuration, in the table's order.
+    const ALL: [Self; 9] = [
         Self::Bare,
         Self::Floor,
         Self::RecordFloor,
         Self::RecordFloor64,
         Self::RecordFloor32,
         Self::Daemon,
+        Self::Baseline,
         Self::Watch,
         Self::Tcpstates,
     ];
@@ -89,6 +99,7 @@ impl Config {
             Self::RecordFloor64 => "a 64-byte ring record per firing, nothing else",
             Self::RecordFloor32 => "a 32-byte ring record per firing, nothing else",
             Self::Daemon => "`tcpstate run` (scraped 1/s)",
+            Self::Baseline => "`tcpstate run` of the `--baseline` binary (scraped 1/s)",
             Self::Watch => "`tcpstate watch --json`",
             Self::Tcpstates => "libbpf-tools `tcpstates`",
         }
@@ -106,7 +117,7 @@ impl Config {
             Self::RecordFloor => Some(floor::Floor::Record),
             Self::RecordFloor64 => Some(floor::Floor::Record64),
             Self::RecordFloor32 => Some(floor::Floor::Record32),
-            Self::Bare | Self::Daemon | Self::Watch | Self::Tcpstates => None,
+            Self::Bare | Self::Daemon | Self::Baseline | Self::Watch | Self::Tcpstates => None,
         }
     }
 }
@@ -172,6 +183,14 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     if args.rounds == 0 || args.seconds <= 0.0 {
         bail!("--rounds and --seconds must be positive");
     }
+    if let Some(baseline) = &args.baseline
+        && !baseline.is_file()
+    {
+        bail!(
+            "--baseline {}: no such file; give a tcpstate binary, e.g. one built with `cargo build --release -p tracer` in a worktree of another commit",
+            baseline.display()
+        );
+    }
     let bench = Bench::new(root, args)?;
     let _stats = BpfStats::enable()?;
     let _namespace = NamespaceCleanup;
@@ -183,10 +202,15 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     log.line(format!("bench: {per_connection:.3} transitions per connection"));
 
     let mut outcomes: Vec<(Config, Outcome)> = Vec::new();
-    let configs: Vec<Config> = match args.only {
-        Some(only) => vec![Config::Bare, only],
-        None => Config::ALL.to_vec(),
-    };
+    let configs: Vec<Config> = Config::ALL
+        .into_iter()
+        .filter(|&c| match (c, args.only) {
+            (Config::Bare, _) => true,
+            (Config::Baseline, _) => args.baseline.is_some(),
+            (c, Some(only)) => c == only,
+            (_, None) => true,
+        })
+        .collect();
     for round in 1..=args.rounds {
         for &config in &configs {
             log.line(format!("bench: round {round}/{}: {}", args.rounds, config.label()));
@@ -216,9 +240,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         profiles.push((config, bench.profile(config, per_connection, &root.join("target/bench"))?));
     }
     if args.only.is_some() {
-        let mut table = String::new();
-        report::render_profiles(&mut table, &profiles);
-        println!("{table}");
+        println!("{}", report::render_storms_only(&outcomes, per_connection, &profiles));
         return Ok(());
     }
     log.line("bench: retransmits: SYNs to an address whose packets are lost".to_owned());

@@ -77,6 +77,28 @@ pub(super) fn render(args: &BenchArgs, measured: &Measured, took: Duration) -> S
     out
 }
 
+/// The storms alone, for `--only`: the main table, the losses, the costs and the profiles.
+pub(super) fn render_storms_only(
+    outcomes: &[(Config, Outcome)],
+    per_connection: f64,
+    profiles: &[(Config, Profile)],
+) -> String {
+    let mut out = String::new();
+    let mut bare: Vec<f64> =
+        outcomes.iter().filter(|(c, _)| *c == Config::Bare).map(|(_, o)| o.rate()).collect();
+    let bare_median = median(&mut bare);
+    render_storms(&mut out, outcomes, bare_median);
+    render_losses(&mut out, outcomes);
+    render_costs(&mut out, outcomes, bare_median, per_connection);
+    render_profiles(&mut out, profiles);
+    out
+}
+
+/// The configurations that stormed, in the table's order.
+fn measured_configs(outcomes: &[(Config, Outcome)]) -> impl Iterator<Item = Config> + '_ {
+    Config::ALL.into_iter().filter(|config| outcomes.iter().any(|(c, _)| c == config))
+}
+
 /// What was run, where, and how.
 fn render_header(out: &mut String, args: &BenchArgs, per_connection: f64, took: Duration) {
     let _ = writeln!(out, "{CURRENT_HEADING}\n");
@@ -84,11 +106,12 @@ fn render_header(out: &mut String, args: &BenchArgs, per_connection: f64, took: 
     let _ = writeln!(out, "- Machine: {}", machine());
     let _ = writeln!(
         out,
-        "- Command: `cargo xtask bench --rounds {} --seconds {} --clients {} --hold {}` (took {:.0} s)",
+        "- Command: `cargo xtask bench --rounds {} --seconds {} --clients {} --hold {}{}` (took {:.0} s)",
         args.rounds,
         args.seconds,
         args.clients,
         args.hold,
+        args.baseline.as_ref().map_or_else(String::new, |b| format!(" --baseline {}", b.display())),
         took.as_secs_f64()
     );
     let _ = writeln!(
@@ -110,7 +133,7 @@ fn render_storms(out: &mut String, outcomes: &[(Config, Outcome)], bare_median: 
          transition | peak RSS |"
     );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
-    for config in Config::ALL {
+    for config in measured_configs(outcomes) {
         let runs: Vec<&Outcome> =
             outcomes.iter().filter(|(c, _)| *c == config).map(|(_, o)| o).collect();
         let mut rates: Vec<f64> = runs.iter().map(|o| o.rate()).collect();
@@ -206,8 +229,7 @@ fn render_costs(
     bare_median: f64,
     per_connection: f64,
 ) {
-    let costs: Vec<String> = Config::ALL
-        .into_iter()
+    let costs: Vec<String> = measured_configs(outcomes)
         .filter(|c| *c != Config::Bare)
         .map(|config| {
             let mut rates: Vec<f64> =

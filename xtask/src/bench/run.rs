@@ -28,6 +28,8 @@ const TCPSTATES: &str = "/usr/sbin/tcpstates";
 
 pub(super) struct Bench<'a> {
     tcpstate: PathBuf,
+    /// The `--baseline` binary.
+    baseline: Option<PathBuf>,
     xtask: PathBuf,
     pub(super) args: &'a BenchArgs,
 }
@@ -74,6 +76,7 @@ impl<'a> Bench<'a> {
     pub(super) fn new(root: &Path, args: &'a BenchArgs) -> anyhow::Result<Self> {
         Ok(Self {
             tcpstate: root.join("target/release/tcpstate"),
+            baseline: args.baseline.clone(),
             xtask: std::env::current_exe().context("the xtask binary")?,
             args,
         })
@@ -108,8 +111,13 @@ impl Bench<'_> {
 
     /// `tcpstate run ARGS` on a free loopback port, started and settled.
     pub(super) fn daemon(&self, args: &[&str]) -> anyhow::Result<(Tracer, SocketAddr)> {
+        self.daemon_of(&self.tcpstate, args)
+    }
+
+    /// `run ARGS` of the tcpstate binary `tcpstate`.
+    fn daemon_of(&self, tcpstate: &Path, args: &[&str]) -> anyhow::Result<(Tracer, SocketAddr)> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let mut command = Command::new(&self.tcpstate);
+        let mut command = Command::new(tcpstate);
         command.args(["run", "--listen", &addr.to_string()]).args(args);
         command.env("TCPSTATE_LOG", "info");
         let tracer = Tracer::start(command, |t| t.stderr_contains("serving http://"))?;
@@ -154,8 +162,12 @@ impl Bench<'_> {
                 (outcome.prog, outcome.standby) = deltas(floor.prog_stats()?, prog_before);
                 floor.stop()?;
             }
-            Config::Daemon => {
-                let (tracer, addr) = self.daemon(&[])?;
+            Config::Daemon | Config::Baseline => {
+                let tcpstate = match config {
+                    Config::Baseline => self.baseline.as_deref().context("--baseline")?,
+                    _ => &self.tcpstate,
+                };
+                let (tracer, addr) = self.daemon_of(tcpstate, &[])?;
                 let retransmits_before = tracer.prog_stats_named("tcp_retransmit_")?;
                 let cpu_before = measure::cpu_seconds(tracer.pid())?;
                 let prog_before = tracer.prog_stats()?;
