@@ -154,19 +154,50 @@ fn check_programs(report: &mut Report) -> bool {
 }
 
 fn check_sock_diag(report: &mut Report) {
-    match sockdiag::dump_tcp() {
-        Ok(sockets) => report.add(
+    match sockdiag::dump_tcp(false) {
+        Ok(dump) => report.add(
             "sock_diag",
             Verdict::Ok,
-            format!("dumps this namespace ({} TCP sockets)", sockets.len()),
+            format!("dumps this namespace ({} TCP sockets)", dump.sockets.len()),
         ),
-        Err(error) => report.add(
-            "sock_diag",
+        Err(error) => {
+            report.add(
+                "sock_diag",
+                Verdict::Degraded,
+                format!(
+                    "{error}: gauges count only sockets seen changing state, TIME_WAIT is not \
+                     counted and leaks of sockets older than tcpstate are missed; modprobe tcp_diag"
+                ),
+            );
+            return;
+        }
+    }
+    match sockdiag::tcp_info_size() {
+        Ok(size) if size >= sockdiag::TCP_INFO_FOR_STALLS => report.add(
+            "stall check",
+            Verdict::Ok,
+            format!("tcp_info of {size} bytes: stalled readers and writers, and why writers stall"),
+        ),
+        Ok(size) if size >= sockdiag::TCP_INFO_FOR_PROGRESS => report.add(
+            "stall check",
+            Verdict::Ok,
+            format!(
+                "tcp_info of {size} bytes, without tcpi_snd_wnd (Linux 5.4): stalled readers \
+                 and writers; a writer's zero window is seen only while the kernel probes it"
+            ),
+        ),
+        Ok(size) => report.add(
+            "stall check",
             Verdict::Degraded,
             format!(
-                "{error}: gauges count only sockets seen changing state, TIME_WAIT is not \
-                 counted and leaks of sockets older than tcpstate are missed; modprobe tcp_diag"
+                "tcp_info of {size} bytes has no tcpi_bytes_received and tcpi_bytes_acked \
+                 (Linux 4.1): stalled sockets are not found on this kernel"
             ),
+        ),
+        Err(error) => report.add(
+            "stall check",
+            Verdict::Degraded,
+            format!("{error}: stalled sockets are not found; modprobe tcp_diag"),
         ),
     }
 }

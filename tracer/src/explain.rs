@@ -35,13 +35,17 @@ pub(crate) const EXPLANATIONS: [Explanation; 12] = [
         leaves: "FIN_WAIT1 when this side calls close() or shutdown(); CLOSE_WAIT when the peer's \
                  FIN arrives; CLOSE on a reset",
         pile_up: "many open connections: normal for busy servers and connection pools, a \
-                  problem when the count only grows (a client that never reuses or closes \
-                  connections) or nears the process's file descriptor limit",
-        check: "which processes hold them (`ss -tnp state established`, tcpstate_sockets by \
-                port) and whether the count follows the load or only grows",
-        settings: &["net.ipv4.tcp_keepalive_time", "ulimit -n (RLIMIT_NOFILE) of the process"],
+                  problem when the count only grows or nears the file descriptor limit. An \
+                  open connection can also stall: its process stopped reading (Recv-Q holds \
+                  data that does not shrink), or its peer stopped reading (zero window) or is \
+                  gone (retransmits), and Send-Q does not drain",
+        check: "who holds them (`ss -tnp state established`) and whether the count follows the \
+                load; for stalls, `tcpstate leaks` names the process and sockets (one `ss` \
+                cannot tell a stall from a busy transfer)",
+        settings: &["net.ipv4.tcp_keepalive_time", "ulimit -n of the process", "TCP_USER_TIMEOUT"],
         in_tcpstate: "tcpstate_sockets{state=\"ESTABLISHED\"}; /api/sockets?state=ESTABLISHED; \
-                      data lost on the way: tcpstate_retransmits_total{state=\"ESTABLISHED\"}",
+                      tcpstate_retransmits_total{state=\"ESTABLISHED\"}; stalls: \
+                      tcpstate_stalled_sockets{kind,reason} (--stall-threshold)",
     },
     Explanation {
         state: TcpState::SYN_SENT,

@@ -13,10 +13,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::sockdiag::{DiagSocket, ListenQueue, dump_listen_queues, dump_tcp};
+use crate::sockdiag::{
+    DiagSocket, ListenQueue, QueuedSocket, TcpDump, dump_listen_queues, dump_tcp,
+};
 
 /// A `sock_diag` dump of the calling thread's namespace.
-pub(crate) type Dumper = fn() -> io::Result<Vec<DiagSocket>>;
+pub(crate) type Dumper = fn() -> io::Result<TcpDump>;
 
 /// A network namespace, by the inode the kernel program reports (`net->ns.inum`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +71,7 @@ pub(crate) fn enumerate() -> Vec<Namespace> {
 
 #[cfg(test)]
 /// Runs `dump` inside `namespace`.
-pub(crate) fn dump_in_with(namespace: &Namespace, dump: Dumper) -> io::Result<Vec<DiagSocket>> {
+pub(crate) fn dump_in_with(namespace: &Namespace, dump: Dumper) -> io::Result<TcpDump> {
     inside(namespace, dump)
 }
 
@@ -109,10 +111,14 @@ fn local_port_range() -> Option<(u16, u16)> {
 }
 
 /// A dump of one namespace.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct NamespaceDump {
     pub inode: u32,
     pub sockets: Vec<DiagSocket>,
+    /// Its sockets with queued data, when the dump asked for them (see `sockdiag::dump_tcp`).
+    pub queued: Vec<QueuedSocket>,
+    /// Sockets with queued data past `sockdiag::MAX_QUEUED`, not kept.
+    pub queued_unkept: usize,
     /// Its `net.ipv4.ip_local_port_range`, when readable.
     pub port_range: Option<(u16, u16)>,
 }
@@ -129,15 +135,17 @@ impl AllDumps {
     /// Memory the dumped sockets take.
     pub(crate) fn bytes(&self) -> usize {
         let sockets: usize = self.dumps.iter().map(|dump| dump.sockets.capacity()).sum();
-        sockets * std::mem::size_of::<DiagSocket>()
+        let queued: usize = self.dumps.iter().map(|dump| dump.queued.capacity()).sum();
+        sockets * size_of::<DiagSocket>() + queued * size_of::<QueuedSocket>()
     }
 }
 
 /// Dumps every namespace; the caller treats only the dumped ones as known. A namespace that
 /// vanished meanwhile is skipped quietly (debug); one refused for lack of privilege is
-/// counted, and the first refusal is a warning naming the capability.
-pub(crate) fn dump_all() -> AllDumps {
-    dump_all_with(dump_tcp)
+/// counted, and the first refusal is a warning naming the capability. With `queues`, the
+/// dumps keep what the stall check needs of sockets with queued data.
+pub(crate) fn dump_all(queues: bool) -> AllDumps {
+    if queues { dump_all_with(|| dump_tcp(true)) } else { dump_all_with(|| dump_tcp(false)) }
 }
 
 /// Runs `dump` in every namespace.
@@ -147,8 +155,8 @@ pub(crate) fn dump_all_with(dump: Dumper) -> AllDumps {
     let dumps = enumerate()
         .into_iter()
         .filter_map(|ns| match inside(&ns, || Ok((dump()?, local_port_range()))) {
-            Ok((sockets, port_range)) => {
-                Some(NamespaceDump { inode: ns.inode, sockets, port_range })
+            Ok((TcpDump { sockets, queued, queued_unkept }, port_range)) => {
+                Some(NamespaceDump { inode: ns.inode, sockets, queued, queued_unkept, port_range })
             }
             Err(error) if Some(ns.inode) == own => {
                 // Not a namespace that vanished: sock_diag does not work on this host.
@@ -244,8 +252,8 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let own = own().unwrap();
-        let dump = dump_in_with(&own, dump_tcp).unwrap();
-        let found = dump.iter().find(|s| s.local() == addr).expect("listener in dump");
+        let dump = dump_in_with(&own, || dump_tcp(false)).unwrap();
+        let found = dump.sockets.iter().find(|s| s.local() == addr).expect("listener in dump");
         assert_eq!(found.state, tracer_common::TcpState::LISTEN);
         assert_ne!(found.inode, 0);
         assert!(enumerate().first().is_some_and(|ns| ns.inode == own.inode));

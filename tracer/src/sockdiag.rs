@@ -74,52 +74,193 @@ fn open() -> io::Result<Socket> {
     Ok(socket)
 }
 
-/// Dumps every TCP socket of the current network namespace, IPv4 then IPv6. CLOSE_WAIT
-/// sockets come with `since_last_ack_ms`; asking it of every socket would make a dump of a
-/// busy host several times larger.
-pub(crate) fn dump_tcp() -> io::Result<Vec<DiagSocket>> {
-    let socket = open()?;
-    let mut sockets = Vec::new();
-    let mut close_wait = Vec::new();
-    let others = all_states().difference(StateFlags::CLOSE_WAIT);
-    for family in [AF_INET, AF_INET6] {
-        let mut keep = |response: &InetResponse| sockets.push(diag_socket(response));
-        dump_family(&socket, family, others.clone(), ExtensionFlags::empty(), &mut keep)?;
-        let mut keep = |response: &InetResponse| close_wait.push(diag_socket(response));
-        dump_family(&socket, family, StateFlags::CLOSE_WAIT, ExtensionFlags::INFO, &mut keep)?;
-    }
-    drop_listed_again(&mut sockets, &close_wait);
-    sockets.append(&mut close_wait);
-    Ok(sockets)
+/// One namespace's TCP sockets, and what a stall check needs of those with queued data.
+#[derive(Debug, Default)]
+pub(crate) struct TcpDump {
+    pub sockets: Vec<DiagSocket>,
+    /// ESTABLISHED and CLOSE_WAIT sockets with bytes in a queue, when the dump asked
+    /// `tcp_info` of them; at most `MAX_QUEUED`.
+    pub queued: Vec<QueuedSocket>,
+    /// Sockets with queued data past `MAX_QUEUED`: listed, not kept for the stall check.
+    pub queued_unkept: usize,
 }
 
-/// A socket that moved to CLOSE_WAIT between the two requests is in both answers, and the
-/// CLOSE_WAIT one is newer: the earlier listing goes. Kept, it made a reconciliation add
-/// the socket a second time and the next one remove it again (on a slow host, several
-/// times a second under churn). Only the states a socket enters CLOSE_WAIT from are looked
-/// up, and only when there is a CLOSE_WAIT socket at all.
-fn drop_listed_again(earlier: &mut Vec<DiagSocket>, close_wait: &[DiagSocket]) {
+/// Most sockets with queued data one namespace's dump keeps for the stall check: bounds its
+/// memory (about 100 bytes each) on a host where every socket holds data.
+pub(crate) const MAX_QUEUED: usize = 100_000;
+
+/// Dumps every TCP socket of the current network namespace, IPv4 then IPv6. CLOSE_WAIT
+/// sockets come with `since_last_ack_ms`; asking `tcp_info` of every socket would make a dump
+/// of a busy host several times larger. With `queues`, ESTABLISHED sockets come with it too,
+/// and those with bytes queued are kept as `QueuedSocket`s for the stall check.
+pub(crate) fn dump_tcp(queues: bool) -> io::Result<TcpDump> {
+    let socket = open()?;
+    let mut dump = TcpDump::default();
+    let mut later = Vec::new();
+    let with_info = if queues {
+        StateFlags::ESTABLISHED | StateFlags::CLOSE_WAIT
+    } else {
+        StateFlags::CLOSE_WAIT
+    };
+    let others = all_states().difference(with_info.clone());
+    for family in [AF_INET, AF_INET6] {
+        let mut keep = |response: &InetResponse| dump.sockets.push(diag_socket(response));
+        dump_family(&socket, family, others.clone(), ExtensionFlags::empty(), &mut keep)?;
+        let mut keep = |response: &InetResponse| {
+            let socket = diag_socket(response);
+            if queues && let Some(queued) = QueuedSocket::from_response(&socket, response) {
+                if dump.queued.len() < MAX_QUEUED {
+                    dump.queued.push(queued);
+                } else {
+                    dump.queued_unkept += 1;
+                }
+            }
+            later.push(socket);
+        };
+        dump_family(&socket, family, with_info.clone(), ExtensionFlags::INFO, &mut keep)?;
+    }
+    drop_listed_again(&mut dump.sockets, &later);
+    dump.sockets.append(&mut later);
+    Ok(dump)
+}
+
+/// What a stall check needs of an ESTABLISHED or CLOSE_WAIT socket with queued data, from
+/// the dump's header and its `tcp_info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct QueuedSocket {
+    pub socket: DiagSocket,
+    /// Bytes received and not read by the application, as `ss` shows Recv-Q (a CLOSE_WAIT
+    /// socket's count includes the peer's FIN until the application reads the end).
+    pub recv_queue: u32,
+    /// Bytes written and not yet acknowledged by the peer, sent or not (`ss`'s Send-Q).
+    pub send_queue: u32,
+    /// Bytes the application has read: `tcpi_bytes_received` less the receive queue.
+    /// `None` where the kernel's `tcp_info` is too short to hold it (before Linux 4.1).
+    pub consumed: Option<u64>,
+    /// `tcpi_bytes_acked`: bytes the peer acknowledged. `None` before Linux 4.1.
+    pub acked: Option<u64>,
+    /// The peer advertises a zero window: the kernel probes it (its zero-window timer runs)
+    /// or `tcpi_snd_wnd` (Linux 5.4) is 0.
+    pub peer_window_zero: bool,
+    /// The kernel is sending unacknowledged data again: its retransmit timer fired at
+    /// least once for the data now outstanding.
+    pub retransmitting: bool,
+}
+
+impl QueuedSocket {
+    /// Unread application data: the receive queue without a FIN it holds.
+    pub(crate) fn unread(&self) -> u32 {
+        let fin = u32::from(self.socket.state == TcpState::CLOSE_WAIT);
+        self.recv_queue.saturating_sub(fin)
+    }
+
+    fn from_response(socket: &DiagSocket, response: &InetResponse) -> Option<Self> {
+        let header = &response.header;
+        let (recv_queue, send_queue) = (header.recv_queue, header.send_queue);
+        if recv_queue == 0 && send_queue == 0 {
+            return None;
+        }
+        let info = response.nlas.iter().find_map(|nla| match nla {
+            Nla::TcpInfo(info) => Some(info.as_slice()),
+            _ => None,
+        })?;
+        let consumed = tcp_info::u64_at(info, tcp_info::BYTES_RECEIVED)
+            .map(|received| received.saturating_sub(u64::from(recv_queue)));
+        let (probing, retransmit_timer) = match header.timer {
+            Some(Timer::Probe(_)) => (true, false),
+            Some(Timer::Retransmit(_, retransmits)) => (false, retransmits > 0),
+            _ => (false, false),
+        };
+        let window_zero = tcp_info::u32_at(info, tcp_info::SND_WND) == Some(0);
+        let retransmits = info.get(tcp_info::RETRANSMITS).is_some_and(|&n| n > 0);
+        Some(Self {
+            socket: socket.clone(),
+            recv_queue,
+            send_queue,
+            consumed,
+            acked: tcp_info::u64_at(info, tcp_info::BYTES_ACKED),
+            peer_window_zero: probing || window_zero,
+            retransmitting: retransmit_timer || retransmits,
+        })
+    }
+}
+
+/// Bytes of a `tcp_info` that holds what a stall check needs to tell progress: the bytes
+/// received and acknowledged (Linux 4.1).
+pub(crate) const TCP_INFO_FOR_PROGRESS: usize = tcp_info::BYTES_RECEIVED + 8;
+/// Bytes of a `tcp_info` that also holds the peer's window (Linux 5.4).
+pub(crate) const TCP_INFO_FOR_STALLS: usize = tcp_info::SND_WND + 4;
+
+/// The size of this kernel's `tcp_info`, from a dump of a loopback connection made for it.
+pub(crate) fn tcp_info_size() -> io::Result<usize> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let client = std::net::TcpStream::connect(listener.local_addr()?)?;
+    let local = client.local_addr()?;
+    let socket = open()?;
+    let mut size = None;
+    let mut keep = |response: &InetResponse| {
+        if diag_socket(response).local() == local {
+            size = response.nlas.iter().find_map(|nla| match nla {
+                Nla::TcpInfo(info) => Some(info.len()),
+                _ => None,
+            });
+        }
+    };
+    dump_family(&socket, AF_INET, StateFlags::ESTABLISHED, ExtensionFlags::INFO, &mut keep)?;
+    size.ok_or_else(|| io::Error::other("the dump listed no tcp_info for a loopback connection"))
+}
+
+/// Offsets in the kernel's `struct tcp_info` (stable uAPI: fields are only ever appended, so
+/// an older kernel's is shorter, never different).
+mod tcp_info {
+    /// `tcpi_retransmits` (u8): retransmits of the data now outstanding.
+    pub(super) const RETRANSMITS: usize = 2;
+    /// `tcpi_last_ack_recv` (u32, ms), since Linux 2.6.
+    pub(super) const LAST_ACK_RECV: usize = 56;
+    /// `tcpi_bytes_acked` (u64), since Linux 4.1.
+    pub(super) const BYTES_ACKED: usize = 120;
+    /// `tcpi_bytes_received` (u64), since Linux 4.1.
+    pub(super) const BYTES_RECEIVED: usize = 128;
+    /// `tcpi_snd_wnd` (u32): the peer's advertised window, since Linux 5.4.
+    pub(super) const SND_WND: usize = 228;
+
+    pub(super) fn u32_at(info: &[u8], offset: usize) -> Option<u32> {
+        Some(u32::from_ne_bytes(info.get(offset..offset + 4)?.try_into().ok()?))
+    }
+
+    pub(super) fn u64_at(info: &[u8], offset: usize) -> Option<u64> {
+        Some(u64::from_ne_bytes(info.get(offset..offset + 8)?.try_into().ok()?))
+    }
+}
+
+/// A socket that moved on between the two requests (to CLOSE_WAIT; to ESTABLISHED when
+/// the second request lists it) is in both answers, and the second is newer: the earlier
+/// listing goes. Kept, it made a reconciliation add the socket a second time and the next
+/// one remove it again (on a slow host, several times a second under churn). Only the states
+/// a socket enters those from are looked up, and only when the second answer has any socket.
+fn drop_listed_again(earlier: &mut Vec<DiagSocket>, later: &[DiagSocket]) {
     type Tuple = (u16, [u8; 16], u16, [u8; 16], u16);
     let tuple = |s: &DiagSocket| -> Tuple { (s.family, s.saddr, s.sport, s.daddr, s.dport) };
-    if close_wait.is_empty() {
+    if later.is_empty() {
         return;
     }
-    let later: HashSet<Tuple> = close_wait.iter().map(tuple).collect();
+    let later: HashSet<Tuple> = later.iter().map(tuple).collect();
     earlier.retain(|socket| {
-        let precedes = matches!(socket.state, TcpState::ESTABLISHED | TcpState::SYN_RECV);
+        let precedes =
+            matches!(socket.state, TcpState::SYN_SENT | TcpState::SYN_RECV | TcpState::ESTABLISHED);
         !(precedes && !socket.timewait && later.contains(&tuple(socket)))
     });
 }
 
 /// Dumps the CLOSE_WAIT sockets of the current network namespace only.
-pub(crate) fn dump_close_wait() -> io::Result<Vec<DiagSocket>> {
+pub(crate) fn dump_close_wait() -> io::Result<TcpDump> {
     let socket = open()?;
     let mut sockets = Vec::new();
     let mut keep = |response: &InetResponse| sockets.push(diag_socket(response));
     for family in [AF_INET, AF_INET6] {
         dump_family(&socket, family, StateFlags::CLOSE_WAIT, ExtensionFlags::INFO, &mut keep)?;
     }
-    Ok(sockets)
+    Ok(TcpDump { sockets, ..TcpDump::default() })
 }
 
 /// A listening socket's accept queue, as `ss -ltn` shows it (Recv-Q, Send-Q).
@@ -154,11 +295,14 @@ pub(crate) fn dump_listen_queues() -> io::Result<Vec<ListenQueue>> {
 }
 
 fn diag_socket(response: &InetResponse) -> DiagSocket {
+    let header = &response.header;
+    let state = TcpState::from_kernel(header.state);
     let since_last_ack_ms = response.nlas.iter().find_map(|nla| match nla {
-        Nla::TcpInfo(info) => last_ack_recv_ms(info),
+        Nla::TcpInfo(info) if state == TcpState::CLOSE_WAIT => {
+            tcp_info::u32_at(info, tcp_info::LAST_ACK_RECV)
+        }
         _ => None,
     });
-    let header = &response.header;
     let id = &header.socket_id;
     let (family, saddr, daddr) = unmap_ipv4(
         u16::from(header.family),
@@ -167,7 +311,7 @@ fn diag_socket(response: &InetResponse) -> DiagSocket {
     );
     DiagSocket {
         family,
-        state: TcpState::from_kernel(header.state),
+        state,
         timewait: header.timer == Some(Timer::TimeWait),
         sport: id.source_port,
         dport: id.destination_port,
@@ -176,13 +320,6 @@ fn diag_socket(response: &InetResponse) -> DiagSocket {
         inode: header.inode,
         last_ack_ms: since_last_ack_ms.unwrap_or(DiagSocket::NO_ACK_TIME),
     }
-}
-
-/// `tcpi_last_ack_recv` from a raw `struct tcp_info` (offset 56 since Linux 2.6; stable uAPI).
-fn last_ack_recv_ms(tcp_info: &[u8]) -> Option<u32> {
-    const OFFSET: usize = 56;
-    let bytes = tcp_info.get(OFFSET..OFFSET + 4)?;
-    Some(u32::from_ne_bytes(bytes.try_into().ok()?))
 }
 
 fn dump_family(
@@ -291,11 +428,11 @@ mod tests {
         thread::sleep(Duration::from_millis(300));
         let local = server.local_addr().unwrap();
         let dump = dump_close_wait().unwrap();
-        let ours = dump.iter().find(|s| s.local() == local).expect("our CLOSE_WAIT socket");
+        let ours = dump.sockets.iter().find(|s| s.local() == local).expect("our CLOSE_WAIT socket");
         assert_eq!(ours.state, TcpState::CLOSE_WAIT);
         let silent = ours.since_last_ack_ms().expect("tcp_info");
         assert!((300..5_000).contains(&silent), "{silent} ms since the FIN");
-        let all = dump_tcp().unwrap();
+        let all = dump_tcp(false).unwrap().sockets;
         assert!(all.iter().any(|s| s.local() == local && s.since_last_ack_ms().is_some()));
         assert!(all.iter().any(
             |s| s.local() == listener.local_addr().unwrap() && s.since_last_ack_ms().is_none()

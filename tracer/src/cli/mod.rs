@@ -18,7 +18,7 @@ mod values;
 use self::values::{
     parse_cgroup_path, parse_churn_lifetime, parse_churn_rate, parse_container_id, parse_count,
     parse_listen, parse_max_sockets, parse_pod, parse_port, parse_reconcile_interval,
-    parse_ring_bytes, parse_threshold, parse_watch_duration,
+    parse_ring_bytes, parse_stall_threshold, parse_threshold, parse_watch_duration,
 };
 use crate::{
     client::{DaemonTls, DaemonUrl},
@@ -194,6 +194,12 @@ pub struct RunArgs {
     /// s/m/h. Queues are looked at every 2 seconds.
     #[arg(long, env = "TCPSTATE_LISTEN_QUEUE_THRESHOLD", default_value = "30", value_parser = parse_threshold, value_name = "SECS")]
     pub(crate) listen_queue_threshold: Duration,
+
+    /// An ESTABLISHED or CLOSE_WAIT socket whose queued data does not move for longer than
+    /// this is stalled: its process stopped reading, or its peer stopped reading or is gone.
+    /// Seconds (1 to 604800), or with s/m/h; looked at on each reconciliation; 0 turns it off.
+    #[arg(long, env = "TCPSTATE_STALL_THRESHOLD", default_value = "60", value_parser = parse_stall_threshold, value_name = "SECS")]
+    pub(crate) stall_threshold: Duration,
 
     /// A destination (or a local service) that gets at least this many new connections per
     /// second over the last minute, living a median of less than --churn-lifetime, is
@@ -390,6 +396,7 @@ impl RunArgs {
             reconcile_interval: self.reconcile_interval,
             close_wait_threshold: self.close_wait_threshold,
             listen_queue_threshold: self.listen_queue_threshold,
+            stall_threshold: (!self.stall_threshold.is_zero()).then_some(self.stall_threshold),
             churn: daemon::ChurnThresholds { rate: self.churn_rate, lifetime: self.churn_lifetime },
             web_config: self.web_config,
             cmdline: self.cmdline,

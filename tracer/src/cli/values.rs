@@ -128,6 +128,14 @@ pub(super) fn parse_threshold(value: &str) -> Result<Duration, String> {
     seconds_in(value, 0.1, 604_800.0)
 }
 
+/// `0` (off, as `Duration::ZERO`) or a threshold of 1 s to a week.
+pub(super) fn parse_stall_threshold(value: &str) -> Result<Duration, String> {
+    if value.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    seconds_in(value, 1.0, 604_800.0).map_err(|error| format!("{error} (or 0 to turn it off)"))
+}
+
 pub(super) fn parse_churn_lifetime(value: &str) -> Result<Duration, String> {
     seconds_in(value, 0.001, 3600.0)
 }

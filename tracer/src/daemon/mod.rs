@@ -57,6 +57,9 @@ pub struct Config {
     pub(crate) close_wait_threshold: Duration,
     /// A listener whose accept queue stays full for longer than this is stuck.
     pub(crate) listen_queue_threshold: Duration,
+    /// A socket whose queued data does not move for longer than this is stalled; `None`:
+    /// stalls are not looked for (the dumps ask no `tcp_info` of ESTABLISHED sockets).
+    pub(crate) stall_threshold: Option<Duration>,
     /// When a destination's short connections count as churn.
     pub(crate) churn: collectors::ChurnThresholds,
     /// Local ports that get a `port` label of their own.
@@ -208,7 +211,7 @@ async fn seed(
         status.map_memory = probe.map_memory().to_vec();
     });
     shared.aggregator().begin_dump();
-    let (dumps, started, finished) = dump_namespaces().await?;
+    let (dumps, started, finished) = dump_namespaces(diagnoses.need_queued_sockets()).await?;
     shared.update_status(|status| status.netns_refused = dumps.refused);
     let tls = config.web_config.as_ref().is_some_and(|w| w.tls.is_some());
     let scheme = if tls { "https" } else { "http" };

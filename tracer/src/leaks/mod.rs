@@ -7,7 +7,7 @@ pub(crate) mod stuck_listeners;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -120,6 +120,25 @@ pub(crate) struct Finding {
     /// fix (connection churn) is shown without.
     #[serde(default)]
     pub stuck: bool,
+    /// The sockets it concerns, where a diagnosis names them one by one (stalls).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sockets: Vec<FindingSocket>,
+}
+
+/// One socket behind a finding.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct FindingSocket {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub state: String,
+    /// Bytes waiting in the queue the finding is about (`ss`'s Recv-Q or Send-Q).
+    #[serde(default)]
+    pub queued_bytes: Option<u64>,
+    /// The finding's reason for this socket, as its metric's `reason` label says it.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// How long it has been so, in seconds.
+    pub for_seconds: f64,
 }
 
 impl Finding {
@@ -139,6 +158,7 @@ impl Finding {
             details: vec!["no connection is reused: pool them".into()],
             advice: "`tcpstate explain TIME_WAIT` says what churn costs.".into(),
             stuck: false,
+            sockets: Vec::new(),
         }
     }
 }

@@ -24,6 +24,7 @@ mod pressure;
 mod privileges;
 mod probe;
 mod retransmits;
+mod stalls;
 mod top;
 mod watch;
 

@@ -548,6 +548,7 @@ fn churn_finding(
                  says what churn costs."
             .into(),
         stuck: false,
+        sockets: Vec::new(),
     }
 }
 

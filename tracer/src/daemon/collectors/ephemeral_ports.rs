@@ -171,7 +171,12 @@ mod tests {
         // Outside the range, or a listener: not ephemeral ports in use.
         sockets.push(socket(TcpState::ESTABLISHED, "10.0.0.1:5000", "10.0.0.9:443"));
         sockets.push(socket(TcpState::LISTEN, "0.0.0.0:40050", "0.0.0.0:0"));
-        let dump = NamespaceDump { inode: 1, sockets, port_range: Some((40_000, 40_099)) };
+        let dump = NamespaceDump {
+            inode: 1,
+            sockets,
+            port_range: Some((40_000, 40_099)),
+            ..NamespaceDump::default()
+        };
         let (top, max) = usage(&[dump]);
         assert_eq!(max, 0.8);
         assert_eq!(top.len(), 2);
@@ -180,7 +185,12 @@ mod tests {
             ("10.0.0.9".into(), 443, 0.8)
         );
         assert_eq!(top[1].ratio, 0.01);
-        let unknown = NamespaceDump { inode: 2, sockets: Vec::new(), port_range: None };
+        let unknown = NamespaceDump {
+            inode: 2,
+            sockets: Vec::new(),
+            port_range: None,
+            ..NamespaceDump::default()
+        };
         assert_eq!(usage(&[unknown]), (Vec::new(), 0.0));
     }
 
@@ -201,8 +211,18 @@ mod tests {
         let second: Vec<DiagSocket> = to(5, 90).collect();
         let range = Some((40_000, 40_099));
         let dumps = [
-            NamespaceDump { inode: 1, sockets: first, port_range: range },
-            NamespaceDump { inode: 2, sockets: second, port_range: range },
+            NamespaceDump {
+                inode: 1,
+                sockets: first,
+                port_range: range,
+                ..NamespaceDump::default()
+            },
+            NamespaceDump {
+                inode: 2,
+                sockets: second,
+                port_range: range,
+                ..NamespaceDump::default()
+            },
         ];
         let (top, max) = usage(&dumps);
         assert_eq!(max, 0.9);

@@ -1,7 +1,7 @@
 //! The diagnoses, one module each: who leaks CLOSE_WAIT sockets, which listener stopped
 //! accepting, where connects fail and segments are sent again, how long handshakes take, which
 //! destinations use up the ephemeral ports, what closed connections carried and which
-//! destinations churn through short ones. Each implements the core's `Diagnosis`: it declares
+//! destinations churn through short ones, which sockets stopped moving data. Each implements the core's `Diagnosis`: it declares
 //! what it consumes, keeps its own state, and writes its own metric families, API sections and
 //! findings. Adding one is a module here and a line in [`all`].
 
@@ -12,6 +12,7 @@ mod failures;
 mod handshakes;
 mod listen_queues;
 mod retransmits;
+mod stalled_sockets;
 
 use std::sync::Arc;
 
@@ -56,6 +57,11 @@ fn with(
             config.cmdline,
             config.group_by,
             kernel_sockets,
+        )),
+        Arc::new(stalled_sockets::StalledSockets::new(
+            config.stall_threshold,
+            config.cmdline,
+            config.group_by,
         )),
     ])
 }

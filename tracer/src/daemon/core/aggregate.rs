@@ -54,6 +54,8 @@ pub(crate) struct Aggregator {
     namespaces: usize,
     /// Reconciliations completed since start (not the seeding).
     reconciliations: u64,
+    /// How long the last one took, from the start of its dump to the end of its last slice.
+    last_reconcile_ns: u64,
     /// Records stamped before this came from sockets a dump may already have listed.
     dedupe_until_ns: u64,
     /// From the start of a dump to the end of its reconciliation: keys of sockets that
@@ -120,6 +122,7 @@ impl Aggregator {
             corrections: 0,
             namespaces: 0,
             reconciliations: 0,
+            last_reconcile_ns: 0,
             dedupe_until_ns: 0,
             changed_during_dump: None,
             saturated: false,
@@ -174,6 +177,14 @@ impl Aggregator {
 
     pub(crate) fn reconciliations(&self) -> u64 {
         self.reconciliations
+    }
+
+    pub(crate) fn last_reconcile_ns(&self) -> u64 {
+        self.last_reconcile_ns
+    }
+
+    pub(crate) fn set_last_reconcile_ns(&mut self, ns: u64) {
+        self.last_reconcile_ns = ns;
     }
 
     pub(crate) fn transitions(&self, label: usize, old: TcpState, new: TcpState) -> u64 {
@@ -404,7 +415,7 @@ pub(crate) mod tests {
     }
 
     pub(super) fn dump(sockets: Vec<DiagSocket>) -> Vec<NamespaceDump> {
-        vec![NamespaceDump { inode: NETNS, sockets, port_range: None }]
+        vec![NamespaceDump { inode: NETNS, sockets, port_range: None, ..NamespaceDump::default() }]
     }
 
     pub(super) const A: u64 = 0xffff_8880_0000_1000;

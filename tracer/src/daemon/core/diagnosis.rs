@@ -28,6 +28,12 @@ pub(crate) trait Diagnosis: Send + Sync {
     /// dump's thread (low priority, off the reader's way).
     fn sockets_dumped(&self, _dumps: &[NamespaceDump]) {}
 
+    /// Whether the dumps should keep what a stall check needs of sockets with queued data
+    /// (their `tcp_info`, which makes a dump of a busy host larger): `NamespaceDump::queued`.
+    fn needs_queued_sockets(&self) -> bool {
+        false
+    }
+
     /// Every namespace's listeners, every 2 s, on a blocking thread (a /proc walk may follow).
     fn listeners_dumped(&self, _listeners: &[NamespaceListeners], _now: Instant) {}
 
@@ -77,6 +83,11 @@ impl Diagnoses {
         for diagnosis in self.iter() {
             diagnosis.findings(report);
         }
+    }
+
+    /// Whether any diagnosis needs the dumps' queued sockets.
+    pub(crate) fn need_queued_sockets(&self) -> bool {
+        self.iter().any(Diagnosis::needs_queued_sockets)
     }
 
     /// The unit a diagnosis declares for the family `name` (without `tcpstate_`).

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::daemon::{
     export::family::{
-        PortSeries, Scrape, bool_label, counter, escape_label_value, gauge, histogram,
+        PortSeries, Scrape, bool_label, counter, escape_label_value, gauge, gauge_f64, histogram,
     },
     status::Status,
 };
@@ -270,6 +270,13 @@ fn table(encoder: &mut DescriptorEncoder, agg: &Aggregator, status: &Status) -> 
         "tcpstate_reconciliations",
         "sock_diag reconciliations completed since start (the seeding dump not included)",
         agg.reconciliations(),
+    )?;
+    gauge_f64(
+        encoder,
+        "tcpstate_reconcile_duration_seconds",
+        "How long the last reconciliation took: the sock_diag dump of every network namespace \
+         and the table compared with it (0 before the first)",
+        agg.last_reconcile_ns() as f64 / 1e9,
     )?;
     counter(
         encoder,

@@ -27,9 +27,11 @@ const LISTEN_INTERVAL: Duration = Duration::from_secs(2);
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Dumps every network namespace off the async workers; returns when it started and ended.
-pub(crate) async fn dump_namespaces() -> anyhow::Result<(AllDumps, u64, u64)> {
+pub(crate) async fn dump_namespaces(queues: bool) -> anyhow::Result<(AllDumps, u64, u64)> {
     let started = monotonic_ns();
-    let dumps = tokio::task::spawn_blocking(netns::dump_all).await.context("sock_diag dump")?;
+    let dumps = tokio::task::spawn_blocking(move || netns::dump_all(queues))
+        .await
+        .context("sock_diag dump")?;
     Ok((dumps, started, monotonic_ns()))
 }
 
@@ -42,6 +44,7 @@ fn reconcile(
     diagnoses: &Diagnoses,
     flush: &tokio::sync::mpsc::Sender<Flush>,
 ) -> ReconcileOutcome {
+    let began = monotonic_ns();
     let labels = shared.aggregator().labels().clone();
     shared.aggregator().begin_dump();
     let diagnoses = diagnoses.clone();
@@ -50,7 +53,7 @@ fn reconcile(
         .spawn(move || {
             lower_this_threads_priority();
             let started = monotonic_ns();
-            let dumps = netns::dump_all();
+            let dumps = netns::dump_all(diagnoses.need_queued_sockets());
             let finished = monotonic_ns();
             log::debug!(
                 "sock_diag dump of {} namespaces took {:?}",
@@ -77,6 +80,7 @@ fn reconcile(
     }
     shared.update_status(|status| status.netns_refused = refused);
     let outcome = aggregate::reconcile_in_slices(|| shared.aggregator(), index);
+    shared.aggregator().set_last_reconcile_ns(monotonic_ns().saturating_sub(began));
     // Built on other threads (their own malloc arenas): returned once freed, or every dump
     // of a large host leaves its size behind.
     if bytes > LARGE_ALLOCATION {

@@ -588,7 +588,7 @@ mod tests {
                     diag(state, first_port + i - u16::from(i % 10 == 9))
                 })
                 .collect();
-            NamespaceDump { inode, sockets, port_range: None }
+            NamespaceDump { inode, sockets, port_range: None, ..NamespaceDump::default() }
         };
         let dumps = vec![namespace(1, 1000), namespace(2, 1000), namespace(3, 5000)];
         let listed: Vec<(SocketKey, TcpState)> = dumps
