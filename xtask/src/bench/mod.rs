@@ -53,7 +53,13 @@ pub struct BenchArgs {
     /// one table.
     #[arg(long, value_name = "TCPSTATE")]
     pub baseline: Option<std::path::PathBuf>,
+    /// What the `--baseline` binary is, for its row: "without the closing totals".
+    #[arg(long, value_name = "TEXT", requires = "baseline")]
+    pub baseline_label: Option<String>,
 }
+
+/// The `--baseline` row's label, set once from the arguments.
+static BASELINE_LABEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Config {
@@ -99,7 +105,9 @@ impl Config {
             Self::RecordFloor64 => "a 64-byte ring record per firing, nothing else",
             Self::RecordFloor32 => "a 32-byte ring record per firing, nothing else",
             Self::Daemon => "`tcpstate run` (scraped 1/s)",
-            Self::Baseline => "`tcpstate run` of the `--baseline` binary (scraped 1/s)",
+            Self::Baseline => BASELINE_LABEL
+                .get()
+                .map_or("`tcpstate run` of the `--baseline` binary (scraped 1/s)", String::as_str),
             Self::Watch => "`tcpstate watch --json`",
             Self::Tcpstates => "libbpf-tools `tcpstates`",
         }
@@ -190,6 +198,9 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             "--baseline {}: no such file; give a tcpstate binary, e.g. one built with `cargo build --release -p tracer` in a worktree of another commit",
             baseline.display()
         );
+    }
+    if let Some(label) = &args.baseline_label {
+        let _ = BASELINE_LABEL.set(format!("`tcpstate run` {label} (scraped 1/s)"));
     }
     let bench = Bench::new(root, args)?;
     let _stats = BpfStats::enable()?;

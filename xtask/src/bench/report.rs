@@ -111,7 +111,11 @@ fn render_header(out: &mut String, args: &BenchArgs, per_connection: f64, took: 
         args.seconds,
         args.clients,
         args.hold,
-        args.baseline.as_ref().map_or_else(String::new, |b| format!(" --baseline {}", b.display())),
+        match (&args.baseline, &args.baseline_label) {
+            (None, _) => String::new(),
+            (Some(_), Some(label)) => format!(" --baseline TCPSTATE --baseline-label '{label}'"),
+            (Some(path), None) => format!(" --baseline {}", path.display()),
+        },
         took.as_secs_f64()
     );
     let _ = writeln!(
@@ -321,6 +325,30 @@ fn render_scale(out: &mut String, run: &ScaleRun) {
             mib(p.rss_during_listing),
             mib(p.rss_after_listing),
             mib(p.kernel_map),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nWhat the stall check costs a reconciliation: a second daemon with the same flags and \
+         `--stall-threshold 0` (its dumps ask no `tcp_info` of ESTABLISHED sockets) ran beside \
+         over the same held sockets; the last reconciliation's time \
+         (`tcpstate_reconcile_duration_seconds`, the two daemons' reconciliations competing for \
+         the CPUs) and the highest RSS over the same window:\n\n\
+         | connections | tracked sockets | with the stall check: reconciliation | highest RSS | \
+         without (`--stall-threshold 0`): reconciliation | highest RSS |\n\
+         |---|---|---|---|---|---|"
+    );
+    for p in points {
+        let [(with, with_rss), (without, without_rss)] = p.stall_check;
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.2} s | {} | {:.2} s | {} |",
+            p.connections,
+            p.tracked,
+            with.as_secs_f64(),
+            mib(with_rss),
+            without.as_secs_f64(),
+            mib(without_rss),
         );
     }
     for (p, parallel) in points.iter().filter_map(|p| Some((p, p.parallel.as_ref()?))) {

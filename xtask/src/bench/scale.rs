@@ -42,6 +42,10 @@ pub struct ScalePoint {
     pub(super) kernel_map: u64,
     /// Measured at the first point only.
     pub(super) parallel: Option<ParallelListings>,
+    /// The last reconciliation's time (`tcpstate_reconcile_duration_seconds`) and the highest
+    /// RSS over the window: this daemon's, with the stall check, and a second one's beside it
+    /// with `--stall-threshold 0`.
+    pub(super) stall_check: [(Duration, u64); 2],
 }
 
 /// The scale run: its points, and what closing every held connection left in the stay
@@ -170,16 +174,25 @@ pub(super) const RSS_WINDOW: Duration = Duration::from_secs(RECONCILE_INTERVAL.a
 /// How often RSS is sampled within the window.
 pub(super) const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(50);
 
-/// (lowest, highest) RSS sampled every `RSS_SAMPLE_EVERY` for `RSS_WINDOW`.
-fn rss_range(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let (mut low, mut high) = (u64::MAX, 0);
+/// (lowest, highest) RSS of each process, sampled every `RSS_SAMPLE_EVERY` for `RSS_WINDOW`.
+fn rss_ranges<const N: usize>(pids: [u32; N]) -> anyhow::Result<[(u64, u64); N]> {
+    let mut ranges = [(u64::MAX, 0); N];
     let deadline = Instant::now() + RSS_WINDOW;
     while Instant::now() < deadline {
-        let rss = measure::memory(pid)?.1;
-        (low, high) = (low.min(rss), high.max(rss));
+        for (pid, (low, high)) in pids.iter().zip(&mut ranges) {
+            let rss = measure::memory(*pid)?.1;
+            (*low, *high) = ((*low).min(rss), (*high).max(rss));
+        }
         thread::sleep(RSS_SAMPLE_EVERY);
     }
-    Ok((low, high))
+    Ok(ranges)
+}
+
+/// The last reconciliation's time, as the daemon at `addr` serves it.
+fn reconcile_duration(addr: SocketAddr) -> anyhow::Result<Duration> {
+    let (metrics, _) = measure::http_get(addr, "/metrics")?;
+    let seconds = measure::metric(&metrics, "tcpstate_reconcile_duration_seconds", &[]);
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// Connections held at the scale run's first point (at most half the full hold).
@@ -244,14 +257,16 @@ impl Bench<'_> {
         let sockets = 2 * self.args.hold + 10_000;
         let max_sockets = sockets.max(1_000_000).to_string();
         // With the most expensive scrape: --group-by passes over the whole table.
-        let (tracer, addr) = self.daemon(&[
+        let interval = RECONCILE_INTERVAL.as_secs().to_string();
+        let flags = [
             "--group-by",
             "container",
             "--reconcile-interval",
-            &RECONCILE_INTERVAL.as_secs().to_string(),
+            &interval,
             "--max-sockets",
             &max_sockets,
-        ])?;
+        ];
+        let (tracer, addr) = self.daemon(&flags)?;
         let idle_rss = measure::memory(tracer.pid())?.1;
         // `...; kernel map: 262144 sockets (...)` in the startup line.
         let kernel_slots = tracer
@@ -263,6 +278,9 @@ impl Bench<'_> {
             .context("the daemon's startup line gives no kernel map size")?;
         eprintln!("bench: scale run: a storm with no connection held");
         let empty = self.storm_beside(&tracer, 0)?;
+        // What the stall check costs a reconciliation: the same daemon without it, beside.
+        let (unchecked, unchecked_addr) =
+            self.daemon(&[&flags[..], &["--stall-threshold", "0"]].concat())?;
         let mut points = Vec::new();
         let mut holders = Holders::new();
         // The first point as the issue that set the listing targets measured them (100,000
@@ -272,6 +290,7 @@ impl Bench<'_> {
             eprintln!("bench: scale run: holding {target} connections");
             holders.hold(self, target)?;
             settle(addr, 2 * holders.held);
+            settle(unchecked_addr, 2 * holders.held);
             let (metrics, _) = measure::http_get(addr, "/metrics")?;
             let tracked = measure::metric(&metrics, "tcpstate_tracked_sockets", &[]) as u64;
             let kernel_map =
@@ -281,7 +300,12 @@ impl Bench<'_> {
                 .map(|_| measure::http_get(addr, "/metrics").map(|(_, t)| t))
                 .collect::<Result<_, _>>()?;
             metrics_times.sort();
-            let (rss_steady, rss_reconciling) = rss_range(tracer.pid())?;
+            let [(rss_steady, rss_reconciling), (_, rss_unchecked)] =
+                rss_ranges([tracer.pid(), unchecked.pid()])?;
+            let stall_check = [
+                (reconcile_duration(addr)?, rss_reconciling),
+                (reconcile_duration(unchecked_addr)?, rss_unchecked),
+            ];
             let during = PeakRss::start(tracer.pid())?;
             let (listing, listing_time) =
                 measure::http_get(addr, "/api/sockets?state=ESTABLISHED&limit=10000000")?;
@@ -311,8 +335,10 @@ impl Bench<'_> {
                 rss_after_listing,
                 kernel_map,
                 parallel,
+                stall_check,
             });
         }
+        unchecked.stop()?;
         eprintln!("bench: scale run: a storm beside {} held connections", holders.held);
         let full = self.storm_beside(&tracer, 2 * holders.held)?;
         let closing = close_all(addr, holders)?;
