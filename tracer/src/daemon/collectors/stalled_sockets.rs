@@ -352,7 +352,7 @@ impl State {
                     .container_description()
                     .map_or_else(String::new, |c| format!("; in {c}"));
                 log::warn!(
-                    "stalled {}: {} {}; {}{container}; cmdline: {cmdline}",
+                    "stalled {}: {}: {}; {}{container}; cmdline: {cmdline}",
                     group.stall.kind(),
                     group.process.owner_line(),
                     finding.summary,
