@@ -7,12 +7,15 @@
 use std::{collections::HashSet, io, net::SocketAddr};
 
 use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, Parseable as _,
 };
 use netlink_packet_sock_diag::{
     SockDiagMessage,
     constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, Timer, nlas::Nla},
+    inet::{
+        ExtensionFlags, InetRequest, InetResponseBuffer, InetResponseHeader, SocketId, StateFlags,
+        Timer,
+    },
 };
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
 use tracer_common::{TcpState, ip_from_raw, ip_to_raw, unmap_ipv4};
@@ -104,11 +107,11 @@ pub(crate) fn dump_tcp(queues: bool) -> io::Result<TcpDump> {
     };
     let others = all_states().difference(with_info.clone());
     for family in [AF_INET, AF_INET6] {
-        let mut keep = |response: &InetResponse| dump.sockets.push(diag_socket(response));
+        let mut keep = |answer: &Answer| dump.sockets.push(diag_socket(answer));
         dump_family(&socket, family, others.clone(), ExtensionFlags::empty(), &mut keep)?;
-        let mut keep = |response: &InetResponse| {
-            let socket = diag_socket(response);
-            if queues && let Some(queued) = QueuedSocket::from_response(&socket, response) {
+        let mut keep = |answer: &Answer| {
+            let socket = diag_socket(answer);
+            if queues && let Some(queued) = QueuedSocket::from_answer(&socket, answer) {
                 if dump.queued.len() < MAX_QUEUED {
                     dump.queued.push(queued);
                 } else {
@@ -154,16 +157,13 @@ impl QueuedSocket {
         self.recv_queue.saturating_sub(fin)
     }
 
-    fn from_response(socket: &DiagSocket, response: &InetResponse) -> Option<Self> {
-        let header = &response.header;
+    fn from_answer(socket: &DiagSocket, answer: &Answer) -> Option<Self> {
+        let header = &answer.header;
         let (recv_queue, send_queue) = (header.recv_queue, header.send_queue);
         if recv_queue == 0 && send_queue == 0 {
             return None;
         }
-        let info = response.nlas.iter().find_map(|nla| match nla {
-            Nla::TcpInfo(info) => Some(info.as_slice()),
-            _ => None,
-        })?;
+        let info = answer.tcp_info?;
         let consumed = tcp_info::u64_at(info, tcp_info::BYTES_RECEIVED)
             .map(|received| received.saturating_sub(u64::from(recv_queue)));
         let (probing, retransmit_timer) = match header.timer {
@@ -198,12 +198,9 @@ pub(crate) fn tcp_info_size() -> io::Result<usize> {
     let local = client.local_addr()?;
     let socket = open()?;
     let mut size = None;
-    let mut keep = |response: &InetResponse| {
-        if diag_socket(response).local() == local {
-            size = response.nlas.iter().find_map(|nla| match nla {
-                Nla::TcpInfo(info) => Some(info.len()),
-                _ => None,
-            });
+    let mut keep = |answer: &Answer| {
+        if diag_socket(answer).local() == local {
+            size = answer.tcp_info.map(<[u8]>::len);
         }
     };
     dump_family(&socket, AF_INET, StateFlags::ESTABLISHED, ExtensionFlags::INFO, &mut keep)?;
@@ -256,7 +253,7 @@ fn drop_listed_again(earlier: &mut Vec<DiagSocket>, later: &[DiagSocket]) {
 pub(crate) fn dump_close_wait() -> io::Result<TcpDump> {
     let socket = open()?;
     let mut sockets = Vec::new();
-    let mut keep = |response: &InetResponse| sockets.push(diag_socket(response));
+    let mut keep = |answer: &Answer| sockets.push(diag_socket(answer));
     for family in [AF_INET, AF_INET6] {
         dump_family(&socket, family, StateFlags::CLOSE_WAIT, ExtensionFlags::INFO, &mut keep)?;
     }
@@ -281,11 +278,11 @@ pub(crate) struct ListenQueue {
 pub(crate) fn dump_listen_queues() -> io::Result<Vec<ListenQueue>> {
     let socket = open()?;
     let mut queues = Vec::new();
-    let mut keep = |response: &InetResponse| {
-        let socket = diag_socket(response);
+    let mut keep = |answer: &Answer| {
+        let socket = diag_socket(answer);
         // For a listener the kernel reports the accept queue in the receive queue field
         // and its limit in the send queue field.
-        let (length, limit) = (response.header.recv_queue, response.header.send_queue);
+        let (length, limit) = (answer.header.recv_queue, answer.header.send_queue);
         queues.push(ListenQueue { local: socket.local(), length, limit, inode: socket.inode });
     };
     for family in [AF_INET, AF_INET6] {
@@ -294,15 +291,13 @@ pub(crate) fn dump_listen_queues() -> io::Result<Vec<ListenQueue>> {
     Ok(queues)
 }
 
-fn diag_socket(response: &InetResponse) -> DiagSocket {
-    let header = &response.header;
+fn diag_socket(answer: &Answer) -> DiagSocket {
+    let header = &answer.header;
     let state = TcpState::from_kernel(header.state);
-    let since_last_ack_ms = response.nlas.iter().find_map(|nla| match nla {
-        Nla::TcpInfo(info) if state == TcpState::CLOSE_WAIT => {
-            tcp_info::u32_at(info, tcp_info::LAST_ACK_RECV)
-        }
-        _ => None,
-    });
+    let since_last_ack_ms = answer
+        .tcp_info
+        .filter(|_| state == TcpState::CLOSE_WAIT)
+        .and_then(|info| tcp_info::u32_at(info, tcp_info::LAST_ACK_RECV));
     let id = &header.socket_id;
     let (family, saddr, daddr) = unmap_ipv4(
         u16::from(header.family),
@@ -327,7 +322,7 @@ fn dump_family(
     family: u8,
     states: StateFlags,
     extensions: ExtensionFlags,
-    each: &mut impl FnMut(&InetResponse),
+    each: &mut impl FnMut(&Answer),
 ) -> io::Result<()> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
@@ -350,25 +345,72 @@ fn dump_family(
     let mut receive = vec![0u8; 1 << 16];
     loop {
         let size = socket.recv(&mut &mut receive[..], 0)?;
-        let mut offset = 0;
-        while offset < size {
-            let message = NetlinkMessage::<SockDiagMessage>::deserialize(&receive[offset..size])
-                .map_err(|e| io::Error::other(format!("malformed sock_diag reply: {e}")))?;
-            let length = message.header.length as usize;
-            match message.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                    each(&response);
+        let mut messages = &receive[..size];
+        while messages.len() >= NLMSG_HDRLEN {
+            let length = u32::from_ne_bytes(messages[..4].try_into().expect("4 bytes")) as usize;
+            let kind = u16::from_ne_bytes(messages[4..6].try_into().expect("2 bytes"));
+            if !(NLMSG_HDRLEN..=messages.len()).contains(&length) {
+                return Err(malformed(format!("a message of {length} bytes")));
+            }
+            let payload = &messages[NLMSG_HDRLEN..length];
+            match kind {
+                NLMSG_DONE => return Ok(()),
+                NLMSG_ERROR => {
+                    let code =
+                        payload.get(..4).map(|b| i32::from_ne_bytes(b.try_into().expect("4")));
+                    match code {
+                        Some(0) => {}
+                        Some(code) => return Err(io::Error::from_raw_os_error(-code)),
+                        None => return Err(malformed("a short error message".into())),
+                    }
                 }
-                NetlinkPayload::Done(_) => return Ok(()),
-                NetlinkPayload::Error(error) => return Err(error.to_io()),
+                SOCK_DIAG_BY_FAMILY => {
+                    let header = InetResponseHeader::parse(payload)
+                        .map_err(|error| malformed(error.to_string()))?;
+                    let attributes = payload.get(size_of::<InetResponseBuffer>()..).unwrap_or(&[]);
+                    each(&Answer { header, tcp_info: attribute(attributes, INET_DIAG_INFO) });
+                }
                 _ => {}
             }
-            if length == 0 {
-                break;
-            }
-            offset += length;
+            messages = messages.get(length.next_multiple_of(4)..).unwrap_or(&[]);
         }
     }
+}
+
+/// One socket of a dump's answer: its `inet_diag_msg`, and its `tcp_info` when asked for.
+/// Read in place from the receive buffer: a dump of a million sockets allocates nothing per
+/// socket.
+struct Answer<'a> {
+    header: InetResponseHeader,
+    tcp_info: Option<&'a [u8]>,
+}
+
+/// `struct nlmsghdr`'s size, and the message types a dump's answer holds.
+const NLMSG_HDRLEN: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+/// The attribute that carries `struct tcp_info`.
+const INET_DIAG_INFO: u16 = 2;
+
+/// The value of the attribute `kind` among netlink attributes (`struct nlattr`, 4-aligned).
+fn attribute(mut attributes: &[u8], kind: u16) -> Option<&[u8]> {
+    while attributes.len() >= 4 {
+        let length = usize::from(u16::from_ne_bytes([attributes[0], attributes[1]]));
+        let this = u16::from_ne_bytes([attributes[2], attributes[3]]) & 0x3fff;
+        if length < 4 || length > attributes.len() {
+            return None;
+        }
+        if this == kind {
+            return Some(&attributes[4..length]);
+        }
+        attributes = attributes.get(length.next_multiple_of(4)..).unwrap_or(&[]);
+    }
+    None
+}
+
+fn malformed(what: String) -> io::Error {
+    io::Error::other(format!("malformed sock_diag reply: {what}"))
 }
 
 #[cfg(test)]
@@ -381,6 +423,26 @@ mod tests {
     };
 
     use super::*;
+
+    /// Attributes are found by type among 4-aligned ones (flag bits masked); a length past
+    /// the buffer ends the search instead of reading beyond it.
+    #[test]
+    fn attributes_are_read_in_place() {
+        let mut buffer = Vec::new();
+        for (kind, value) in [(8u16, &[1u8, 2, 3][..]), (INET_DIAG_INFO | 0x8000, &[9u8; 8][..])] {
+            let length = 4 + value.len() as u16;
+            buffer.extend(length.to_ne_bytes());
+            buffer.extend(kind.to_ne_bytes());
+            buffer.extend(value);
+            buffer.resize(buffer.len().next_multiple_of(4), 0);
+        }
+        assert_eq!(attribute(&buffer, INET_DIAG_INFO), Some(&[9u8; 8][..]));
+        assert_eq!(attribute(&buffer, 8), Some(&[1u8, 2, 3][..]));
+        assert_eq!(attribute(&buffer, 5), None);
+        let mut truncated = buffer.clone();
+        truncated[8..10].copy_from_slice(&200u16.to_ne_bytes());
+        assert_eq!(attribute(&truncated, INET_DIAG_INFO), None);
+    }
 
     /// A reconciliation holds one per socket of the host: a million at the documented scale.
     #[test]
