@@ -287,23 +287,44 @@ fn closed_connections_over_a_veth_pair_carry_exact_bytes_lifetimes_and_rtt() {
 
 /// Hundreds of connections a second that each live a millisecond, to one server: connection
 /// churn, named with this process for both the destination and the local service, in
-/// `/api/leaks` and the log; a connection that lives is not.
+/// `/api/leaks` and the log. As many connections to another server, 50 at a time, that each
+/// live 250 ms (past --churn-lifetime) are not.
 #[test]
 #[parallel]
 fn connection_churn_is_found_and_named() {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     let target = listener.local_addr().unwrap();
+    let lasting = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let lasting_target = lasting.local_addr().unwrap();
     let mut daemon = Daemon::start(&["--churn-rate", "10"]);
     let started = Instant::now();
-    let mut opened = 0;
-    // 1,000 connections in about 4 s: over 10 per second over any minute that holds them.
-    while opened < 1000 {
-        common::one_connection(&listener, IpAddr::V4(Ipv4Addr::LOCALHOST), common::Closer::Client);
-        opened += 1;
-        if opened % 250 == 0 {
-            thread::sleep(Duration::from_secs(1));
+    thread::scope(|scope| {
+        scope.spawn(|| {
+            for _ in 0..20 {
+                let held: Vec<(TcpStream, TcpStream)> = (0..50)
+                    .map(|_| {
+                        let client = TcpStream::connect(lasting_target).unwrap();
+                        (client, lasting.accept().unwrap().0)
+                    })
+                    .collect();
+                thread::sleep(Duration::from_millis(250));
+                drop(held);
+            }
+        });
+        let mut opened = 0;
+        // 1,000 connections in about 4 s: over 10 per second over any minute that holds them.
+        while opened < 1000 {
+            common::one_connection(
+                &listener,
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                common::Closer::Client,
+            );
+            opened += 1;
+            if opened % 250 == 0 {
+                thread::sleep(Duration::from_secs(1));
+            }
         }
-    }
+    });
     let findings = common::eventually(Duration::from_secs(15), || {
         let report = daemon.get("/api/leaks").json();
         let churn: Vec<Value> = report["findings"]
@@ -338,4 +359,19 @@ fn connection_churn_is_found_and_named() {
         .process
         .wait_for_stderr(&format!("connections/s to {target}"), Duration::from_secs(5));
     assert!(logged.contains("connection churn: PID"), "{logged}");
+    // 1,000 lasting connections closed too, at the same rate: not churn.
+    let report = daemon.get("/api/leaks").json();
+    let lasting_named =
+        report["findings"].as_array().into_iter().flatten().any(|f| {
+            f["summary"].as_str().is_some_and(|s| s.contains(&lasting_target.to_string()))
+        });
+    assert!(!lasting_named, "{report:#}");
+    let closed = daemon.get("/api/destinations").json();
+    let lasting_closed = closed["closed_connections"].as_array().into_iter().flatten().find(|d| {
+        d["port"].as_u64() == Some(u64::from(lasting_target.port())) && d["role"] == "client"
+    });
+    let lasting_closed = lasting_closed.unwrap_or_else(|| panic!("{closed:#}"));
+    assert_eq!(lasting_closed["connections"].as_u64(), Some(1000), "{lasting_closed}");
+    let median = lasting_closed["median_lifetime_seconds"].as_f64().unwrap();
+    assert!(median >= 0.1, "{lasting_closed}");
 }
