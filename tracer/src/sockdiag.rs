@@ -99,7 +99,6 @@ pub(crate) const MAX_QUEUED: usize = 100_000;
 pub(crate) fn dump_tcp(queues: bool) -> io::Result<TcpDump> {
     let socket = open()?;
     let mut dump = TcpDump::default();
-    let mut later = Vec::new();
     let with_info = if queues {
         StateFlags::ESTABLISHED | StateFlags::CLOSE_WAIT
     } else {
@@ -109,6 +108,11 @@ pub(crate) fn dump_tcp(queues: bool) -> io::Result<TcpDump> {
     for family in [AF_INET, AF_INET6] {
         let mut keep = |answer: &Answer| dump.sockets.push(diag_socket(answer));
         dump_family(&socket, family, others.clone(), ExtensionFlags::empty(), &mut keep)?;
+    }
+    // The second request's sockets follow the first's in the same list: a million
+    // ESTABLISHED sockets are not held twice while the lists are joined.
+    let later = dump.sockets.len();
+    for family in [AF_INET, AF_INET6] {
         let mut keep = |answer: &Answer| {
             let socket = diag_socket(answer);
             if queues && let Some(queued) = QueuedSocket::from_answer(&socket, answer) {
@@ -118,12 +122,11 @@ pub(crate) fn dump_tcp(queues: bool) -> io::Result<TcpDump> {
                     dump.queued_unkept += 1;
                 }
             }
-            later.push(socket);
+            dump.sockets.push(socket);
         };
         dump_family(&socket, family, with_info.clone(), ExtensionFlags::INFO, &mut keep)?;
     }
-    drop_listed_again(&mut dump.sockets, &later);
-    dump.sockets.append(&mut later);
+    drop_listed_again(&mut dump.sockets, later);
     Ok(dump)
 }
 
@@ -231,21 +234,39 @@ mod tcp_info {
 }
 
 /// A socket that moved on between the two requests (to CLOSE_WAIT; to ESTABLISHED when
-/// the second request lists it) is in both answers, and the second is newer: the earlier
-/// listing goes. Kept, it made a reconciliation add the socket a second time and the next
-/// one remove it again (on a slow host, several times a second under churn). Only the states
-/// a socket enters those from are looked up, and only when the second answer has any socket.
-fn drop_listed_again(earlier: &mut Vec<DiagSocket>, later: &[DiagSocket]) {
+/// the second request lists it) is in both answers, `sockets[..later]` and `sockets[later..]`,
+/// and the second is newer: the earlier listing goes. Kept, it made a reconciliation add the
+/// socket a second time and the next one remove it again (on a slow host, several times a
+/// second under churn). Only the states a socket enters those from are looked up, and the
+/// smaller side is the one hashed: the second answer holds a million ESTABLISHED sockets when
+/// the stall check asks for them, the first when it does not.
+fn drop_listed_again(sockets: &mut Vec<DiagSocket>, later: usize) {
     type Tuple = (u16, [u8; 16], u16, [u8; 16], u16);
     let tuple = |s: &DiagSocket| -> Tuple { (s.family, s.saddr, s.sport, s.daddr, s.dport) };
-    if later.is_empty() {
+    let precedes = |s: &DiagSocket| {
+        !s.timewait
+            && matches!(s.state, TcpState::SYN_SENT | TcpState::SYN_RECV | TcpState::ESTABLISHED)
+    };
+    let (first, second) = sockets.split_at(later);
+    let candidates = first.iter().filter(|s| precedes(s)).count();
+    if candidates == 0 || second.is_empty() {
         return;
     }
-    let later: HashSet<Tuple> = later.iter().map(tuple).collect();
-    earlier.retain(|socket| {
-        let precedes =
-            matches!(socket.state, TcpState::SYN_SENT | TcpState::SYN_RECV | TcpState::ESTABLISHED);
-        !(precedes && !socket.timewait && later.contains(&tuple(socket)))
+    let listed_again: HashSet<Tuple> = if second.len() <= candidates {
+        let second: HashSet<Tuple> = second.iter().map(tuple).collect();
+        first.iter().filter(|s| precedes(s)).map(tuple).filter(|t| second.contains(t)).collect()
+    } else {
+        let first: HashSet<Tuple> = first.iter().filter(|s| precedes(s)).map(tuple).collect();
+        second.iter().map(tuple).filter(|t| first.contains(t)).collect()
+    };
+    if listed_again.is_empty() {
+        return;
+    }
+    let mut position = 0;
+    sockets.retain(|socket| {
+        let earlier = position < later;
+        position += 1;
+        !(earlier && precedes(socket) && listed_again.contains(&tuple(socket)))
     });
 }
 
@@ -466,17 +487,28 @@ mod tests {
             inode: 0,
             last_ack_ms: DiagSocket::NO_ACK_TIME,
         };
-        let moved = socket(TcpState::ESTABLISHED, AF_INET, 8080);
-        let mut earlier = vec![
-            moved.clone(),
+        // The second answer the smaller (CLOSE_WAIT only)...
+        let mut sockets = vec![
+            socket(TcpState::ESTABLISHED, AF_INET, 8080),
             socket(TcpState::ESTABLISHED, AF_INET, 8081),
             socket(TcpState::ESTABLISHED, AF_INET6, 8080),
             socket(TcpState::LISTEN, AF_INET, 8080),
+            socket(TcpState::CLOSE_WAIT, AF_INET, 8080),
         ];
-        let kept = earlier[1..].to_vec();
-        let close_wait = vec![socket(TcpState::CLOSE_WAIT, AF_INET, 8080)];
-        drop_listed_again(&mut earlier, &close_wait);
-        assert_eq!(earlier, kept);
+        let kept = sockets[1..].to_vec();
+        drop_listed_again(&mut sockets, 4);
+        assert_eq!(sockets, kept);
+        // ...or the larger (ESTABLISHED and CLOSE_WAIT, for the stall check).
+        let mut sockets = vec![
+            socket(TcpState::SYN_SENT, AF_INET, 8080),
+            socket(TcpState::LISTEN, AF_INET, 8080),
+            socket(TcpState::ESTABLISHED, AF_INET, 8080),
+            socket(TcpState::ESTABLISHED, AF_INET, 8081),
+            socket(TcpState::ESTABLISHED, AF_INET6, 8080),
+        ];
+        let kept = sockets[1..].to_vec();
+        drop_listed_again(&mut sockets, 2);
+        assert_eq!(sockets, kept);
     }
 
     /// A real CLOSE_WAIT socket: its dump entry says how long since the peer's FIN.
