@@ -219,12 +219,13 @@ fn a_bulk_transfer_and_idle_connections_are_never_stalled() {
     let (receiver, _) = listener.accept().unwrap();
     let done = &AtomicBool::new(false);
     let (sent, received, flagged) = thread::scope(|scope| {
-        // As fast as loopback takes it, for six seconds (three thresholds), read as it comes.
+        // As fast as loopback takes it, for six seconds (three thresholds) and 200 MB at
+        // least (an emulated guest is slower), read as it comes.
         let send = scope.spawn(|| {
             let chunk = vec![5u8; 1 << 20];
             let started = Instant::now();
             let mut sent = 0u64;
-            while started.elapsed() < Duration::from_secs(6) {
+            while started.elapsed() < Duration::from_secs(6) || sent < AT_LEAST {
                 (&sender).write_all(&chunk).unwrap();
                 sent += chunk.len() as u64;
             }
@@ -262,7 +263,6 @@ fn a_bulk_transfer_and_idle_connections_are_never_stalled() {
         (sent, received, watch.join().unwrap())
     });
     assert_eq!(received, sent);
-    assert!(sent >= AT_LEAST, "only {sent} bytes in 6 s");
     assert!(flagged.is_empty(), "flagged: {flagged:#?}");
     drop(idle);
 }

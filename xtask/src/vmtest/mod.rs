@@ -47,7 +47,7 @@ pub struct VmtestArgs {
 /// `deploy` module: the shipped files; `http`: connection handling; `containers`: podman,
 /// which the VMs do not have; `top`: a terminal UI over the daemon's endpoints): they run on
 /// the host only.
-const HOST_ONLY_TESTS: [&str; 11] = [
+const HOST_ONLY_TESTS: [&str; 12] = [
     "containers::",
     "deploy::",
     "http::",
@@ -57,6 +57,7 @@ const HOST_ONLY_TESTS: [&str; 11] = [
     "a_moved_tracepoint_field_is_refused_by_name",
     "alert_rules_pass_promtool",
     "the_listen_queue_alert_fires_on_a_queue_that_stays_full",
+    "the_stall_alert_fires_on_sockets_that_stay_stalled",
     "without_privileges_the_error_says_what_is_missing",
     "http_endpoint_answers_errors_in_json",
 ];
