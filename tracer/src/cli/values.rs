@@ -192,6 +192,18 @@ mod tests {
     }
 
     #[test]
+    fn a_stall_threshold_is_off_at_zero_and_a_second_or_more_otherwise() {
+        assert_eq!(parse_stall_threshold("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_stall_threshold("2m"), Ok(Duration::from_secs(120)));
+        let error = parse_stall_threshold("0.5").unwrap_err();
+        assert!(
+            error.contains("from 1 to 604800") && error.contains("0 to turn it off"),
+            "{error}"
+        );
+        assert!(parse_stall_threshold("soon").is_err());
+    }
+
+    #[test]
     fn seconds_parse_plain_and_suffixed() {
         assert_eq!(parse_seconds("90"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_seconds("2m"), Ok(Duration::from_secs(120)));

@@ -213,6 +213,7 @@ fn bad_flags_are_usage_errors_naming_the_flag() {
         (vec!["watch", "--cgroup", "relative/path"], "starting with /"),
         (vec!["watch", "--pod", "no-slash"], "NAMESPACE/NAME"),
         (vec!["run", "--group-by", "node"], "container, pod"),
+        (vec!["run", "--stall-threshold", "0.5"], "0 to turn it off"),
         (vec!["explain", "BOGUS"], "CLOSE_WAIT, LAST_ACK"),
     ] {
         let finished = run_tcpstate(&args);
